@@ -1,0 +1,29 @@
+"""Entry point of `ray-cai`: registers the command groups of each layer."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="ray-cai",
+    help="Ray clusters on Cloudera AI Workbench (CML) applications.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _register() -> None:
+    # Each layer's commands live in their own module; import here so `--help` lists them all.
+    from ray_serve_cai.cli import workspace as workspace_cmds
+
+    app.add_typer(workspace_cmds.app, name="workspace")
+
+
+def main() -> None:
+    _register()
+    app()
+
+
+if __name__ == "__main__":
+    main()

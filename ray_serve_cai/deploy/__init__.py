@@ -1,0 +1,1 @@
+"""The deploy orchestrator: project, chained jobs, fingerprints, run-and-follow."""
