@@ -1,1 +1,97 @@
-"""The CML API v2 client: typed objects, pagination, errors, retries, redaction of secrets."""
+"""The CML API v2 client: typed objects, pagination, errors, retries, redaction of secrets.
+
+```python
+from ray_serve_cai.cml import CMLClient, CMLSettings
+
+with CMLClient(CMLSettings.from_env()) as client:
+    project = client.find_project_by_name("ray-demo")
+    apps = client.list_applications(project.id)
+```
+"""
+
+from ._client import PAGE_SIZE, CMLClient
+from ._errors import (
+    AmbiguousName,
+    BadRequest,
+    CMLAPIError,
+    CMLConnectionError,
+    CMLError,
+    CMLSettingsError,
+    Conflict,
+    CreateOutcomeUnknown,
+    Forbidden,
+    NotFound,
+    RateLimited,
+    ServerError,
+    Unauthorized,
+)
+from ._models import (
+    ACTIVE_RUN_STATUSES,
+    APPLICATION_FAILED,
+    APPLICATION_RUNNING,
+    APPLICATION_STARTING,
+    APPLICATION_STOPPED,
+    APPLICATION_STOPPING,
+    ENGINE_FAILED,
+    ENGINE_RUNNING,
+    ENGINE_SCHEDULING,
+    ENGINE_STARTING,
+    ENGINE_STOPPED,
+    ENGINE_STOPPING,
+    ENGINE_SUCCEEDED,
+    ENGINE_TIMEDOUT,
+    ENGINE_UNKNOWN,
+    TERMINAL_RUN_STATUSES,
+    Application,
+    CreateApplication,
+    CreateJob,
+    Job,
+    JobRun,
+    Project,
+    Runtime,
+)
+from ._retry import RetryPolicy
+from ._settings import CMLSettings
+
+__all__ = [
+    "ACTIVE_RUN_STATUSES",
+    "APPLICATION_FAILED",
+    "APPLICATION_RUNNING",
+    "APPLICATION_STARTING",
+    "APPLICATION_STOPPED",
+    "APPLICATION_STOPPING",
+    "ENGINE_FAILED",
+    "ENGINE_RUNNING",
+    "ENGINE_SCHEDULING",
+    "ENGINE_STARTING",
+    "ENGINE_STOPPED",
+    "ENGINE_STOPPING",
+    "ENGINE_SUCCEEDED",
+    "ENGINE_TIMEDOUT",
+    "ENGINE_UNKNOWN",
+    "PAGE_SIZE",
+    "TERMINAL_RUN_STATUSES",
+    "AmbiguousName",
+    "Application",
+    "BadRequest",
+    "CMLAPIError",
+    "CMLClient",
+    "CMLConnectionError",
+    "CMLError",
+    "CMLSettings",
+    "CMLSettingsError",
+    "Conflict",
+    "CreateApplication",
+    "CreateJob",
+    "CreateOutcomeUnknown",
+    "Forbidden",
+    "Job",
+    "JobRun",
+    "NotFound",
+    "Project",
+    "RateLimited",
+    "RetryPolicy",
+    "Runtime",
+    "ServerError",
+    "Unauthorized",
+]

@@ -1,0 +1,597 @@
+"""``CMLClient``: the CML API v2 calls this project needs, with pagination, retries and typed results."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+import ssl
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import httpx
+from pydantic import BaseModel
+
+from ._errors import (
+    AmbiguousName,
+    CMLConnectionError,
+    CMLError,
+    CMLSettingsError,
+    CreateOutcomeUnknown,
+    error_from_response,
+    request_id_of,
+)
+from ._models import (
+    Application,
+    CreateApplication,
+    CreateJob,
+    Job,
+    JobRun,
+    Project,
+    Runtime,
+    environment_json,
+)
+from ._retry import RETRY_STATUSES, RetryPolicy, is_action_path, parse_retry_after, request_never_sent
+from ._settings import CMLSettings
+from ._transport import LoopbackTransport
+
+__all__ = ["PAGE_SIZE", "CMLClient"]
+
+log = logging.getLogger("ray_serve_cai.cml")
+
+#: Items per list call. CML's default is 10 (reference §11.5); larger pages keep polls to one call.
+PAGE_SIZE = 100
+
+_USER_AGENT = "ray-serve-cai-cml/0.1"
+
+# Fields CML accepts in PATCH bodies (reference §3, §5, §7). CML silently drops unknown names, so an
+# unknown name here is a bug in the caller and raises before anything is sent.
+_PROJECT_PATCH = frozenset(
+    {"name", "description", "visibility", "default_project_engine_type", "shared_memory_limit", "environment"}
+)
+_JOB_PATCH = frozenset(
+    {
+        "name", "script", "schedule", "timezone", "parent_id", "timeout", "kill_on_timeout", "cpu",
+        "memory", "nvidia_gpu", "environment", "arguments", "runtime_identifier",
+        "runtime_addon_identifiers", "kernel", "paused", "description",
+    }
+)  # fmt: skip
+_APPLICATION_PATCH = frozenset(
+    {
+        "name", "subdomain", "description", "script", "bypass_authentication", "kernel", "cpu",
+        "memory", "nvidia_gpu", "environment", "runtime_identifier", "runtime_addon_identifiers",
+    }
+)  # fmt: skip
+
+T = TypeVar("T", bound=BaseModel)
+
+
+def _seg(value: str) -> str:
+    """One URL path segment (ids are opaque strings)."""
+    if not value:
+        raise ValueError("an id must be a non-empty string")
+    return quote(str(value), safe="")
+
+
+def _ssl_verify(verify: bool | str) -> ssl.SSLContext | bool:
+    if isinstance(verify, bool):
+        return verify
+    if os.path.isdir(verify):
+        return ssl.create_default_context(capath=verify)
+    if os.path.isfile(verify):
+        return ssl.create_default_context(cafile=verify)
+    raise CMLSettingsError(f"CA bundle {verify!r} does not exist; fix CML_CA_BUNDLE / REQUESTS_CA_BUNDLE")
+
+
+def _patch_body(kind: str, allowed: frozenset[str], fields: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(fields) - allowed)
+    if unknown:
+        name = unknown[0]
+        close = difflib.get_close_matches(name, sorted(allowed), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; allowed: {', '.join(sorted(allowed))}"
+        raise TypeError(f"update_{kind}() got unknown field {name!r}{hint}")
+    body = dict(fields)
+    if "environment" in body and body["environment"] is not None:
+        body["environment"] = environment_json(body["environment"])
+    return body
+
+
+def _create_body(cls: type[T], request: T | None, fields: Mapping[str, Any]) -> dict[str, Any]:
+    given = {k: v for k, v in fields.items() if v is not None}
+    if request is None:
+        request = cls(**given)
+    elif given:
+        raise TypeError(f"pass either a {cls.__name__} or keyword fields, not both ({', '.join(given)})")
+    return request.body()  # type: ignore[attr-defined]
+
+
+def _filter_param(search_filter: Mapping[str, Any] | str | None) -> str | None:
+    if search_filter is None:
+        return None
+    return search_filter if isinstance(search_filter, str) else json.dumps(dict(search_filter))
+
+
+class CMLClient:
+    """A synchronous client for one CML workspace's API v2.
+
+    Lists are transparently paginated. GET, PATCH, DELETE and the ``:stop``/``:restart`` actions are
+    retried on 429, 502, 503, 504 and connection failures (full-jitter backoff, ``Retry-After`` honoured,
+    bounded by ``settings.retry_deadline``). A POST that creates something is only retried when it
+    provably did not reach CML (connect failure, 429); otherwise the error has ``maybe_applied=True``
+    (:class:`CreateOutcomeUnknown` for a lost answer) and the caller must list before creating again.
+    Thread-safe: one client may serve many threads.
+    """
+
+    def __init__(
+        self,
+        settings: CMLSettings | None = None,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        retry: RetryPolicy | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings if settings is not None else CMLSettings.from_env()
+        self._retry = retry if retry is not None else RetryPolicy(deadline=self.settings.retry_deadline)
+        self._sleep = sleep
+        self._clock = clock
+        verify = _ssl_verify(self.settings.verify)
+        timeout = httpx.Timeout(self.settings.timeout)
+        self._key = self.settings.api_key.get_secret_value()
+        headers = {"Authorization": f"Bearer {self._key}", "User-Agent": _USER_AGENT}
+
+        def make(base_url: str) -> httpx.Client:
+            inner = transport if transport is not None else httpx.HTTPTransport(verify=verify)
+            return httpx.Client(
+                base_url=base_url,
+                headers=headers,
+                timeout=timeout,
+                verify=verify,
+                transport=LoopbackTransport(inner),
+                follow_redirects=False,
+            )
+
+        self._http = make(self.settings.api_url)
+        self._apps = make("")
+
+    def __repr__(self) -> str:
+        return f"CMLClient(host={self.settings.host!r})"
+
+    def __enter__(self) -> CMLClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection pools."""
+        self._http.close()
+        self._apps.close()
+
+    # -- transport -----------------------------------------------------------------------------
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        body: Any = None,
+        creates: bool = False,
+    ) -> Any:
+        """One API call with retries; returns the decoded JSON body (``{}`` when empty)."""
+        query = {k: v for k, v in (params or {}).items() if v is not None}
+        full_path = f"/api/v2{path}"
+        idempotent = not creates and (method != "POST" or is_action_path(path))
+        start = self._clock()
+        attempt = 0
+        while True:
+            attempt += 1
+            sent_at = self._clock()
+            try:
+                response = self._http.request(method, path, params=query or None, json=body)
+            except httpx.TransportError as exc:
+                elapsed = self._clock() - start
+                log.debug(
+                    "%s %s failed: %s (attempt %d, %.2fs)",
+                    method,
+                    full_path,
+                    type(exc).__name__,
+                    attempt,
+                    elapsed,
+                )
+                if not (idempotent or request_never_sent(exc)):
+                    raise CreateOutcomeUnknown(
+                        f"the connection to CML broke during {method} {full_path} ({self._describe(exc)}); "
+                        "the object may or may not have been created: list before creating it again"
+                    ) from exc
+                delay = self._retry.backoff(attempt)
+                if not self._retry.fits(elapsed, delay):
+                    raise CMLConnectionError(
+                        f"cannot reach CML at {self.settings.host} ({method} {full_path}): "
+                        f"{self._describe(exc)}; gave up after {attempt} attempt(s) in {elapsed:.1f}s"
+                        f"{self._connection_hint(exc)}"
+                    ) from exc
+                self._sleep(delay)
+                continue
+
+            status = response.status_code
+            log.debug(
+                "%s %s -> %d [request id %s] (attempt %d, %.2fs)",
+                method,
+                full_path,
+                status,
+                request_id_of(response) or "-",
+                attempt,
+                self._clock() - sent_at,
+            )
+            if response.is_success:
+                return self._decode(response, method, full_path)
+            if method == "DELETE" and status == 404 and attempt > 1:
+                return {}  # an earlier attempt deleted it and its answer was lost
+            retryable = status in RETRY_STATUSES and (idempotent or status == 429)
+            if retryable:
+                elapsed = self._clock() - start
+                delay = self._retry.backoff(attempt, _retry_after(response))
+                if self._retry.fits(elapsed, delay):
+                    response.close()
+                    self._sleep(delay)
+                    continue
+                raise error_from_response(
+                    response,
+                    method=method,
+                    path=full_path,
+                    secret=self._key,
+                    note=f"gave up after {attempt} attempt(s) in {elapsed:.1f}s",
+                )
+            maybe_applied = creates and status >= 500
+            raise error_from_response(
+                response,
+                method=method,
+                path=full_path,
+                secret=self._key,
+                maybe_applied=maybe_applied,
+                note="the object may have been created: list before creating it again"
+                if maybe_applied
+                else "",
+            )
+
+    def _decode(self, response: httpx.Response, method: str, path: str) -> Any:
+        if not response.content:
+            return {}
+        try:
+            return response.json()
+        except ValueError:
+            kind = response.headers.get("content-type", "unknown content type").split(";")[0]
+            raise CMLError(
+                f"CML answered {method} {path} with {kind}, not JSON; is CML_HOST ({self.settings.host}) "
+                "the workspace URL?"
+            ) from None
+
+    def _describe(self, exc: httpx.TransportError) -> str:
+        text = str(exc).replace(self._key, "[redacted]") or type(exc).__name__
+        if isinstance(exc, httpx.TimeoutException):
+            return f"no answer within {self.settings.timeout:g}s ({type(exc).__name__})"
+        return " ".join(text.split())
+
+    @staticmethod
+    def _connection_hint(exc: httpx.TransportError) -> str:
+        if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+            return "; set CML_CA_BUNDLE to the CA bundle that signed the workspace certificate"
+        if isinstance(exc, httpx.ConnectError):
+            return "; check CML_HOST and your network or proxy"
+        return ""
+
+    def _paginate(
+        self, path: str, key: str, params: Mapping[str, Any] | None = None, *, limit: int | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Every item of a list endpoint, following ``next_page_token`` until it is empty."""
+        query = dict(params or {})
+        query["page_size"] = min(PAGE_SIZE, limit) if limit else PAGE_SIZE
+        seen: set[str] = set()
+        count = 0
+        while True:
+            page = self._request("GET", path, params=query)
+            for item in page.get(key) or []:
+                yield item
+                count += 1
+                if limit is not None and count >= limit:
+                    return
+            token = page.get("next_page_token") or ""
+            if not token:
+                return
+            if token in seen:
+                raise CMLError(f"CML repeated page token on GET /api/v2{path}; stopping to avoid a loop")
+            seen.add(token)
+            query["page_token"] = token
+
+    # -- projects ------------------------------------------------------------------------------
+    def list_projects(
+        self,
+        search_filter: Mapping[str, Any] | str | None = None,
+        sort: str | None = None,
+        *,
+        include_public_projects: bool = False,
+    ) -> list[Project]:
+        """Projects visible to the key's user (all pages). ``search_filter`` matches substrings."""
+        params = {
+            "search_filter": _filter_param(search_filter),
+            "sort": sort,
+            "include_public_projects": "true" if include_public_projects else None,
+        }
+        return [Project.model_validate(p) for p in self._paginate("/projects", "projects", params)]
+
+    def find_project_by_name(self, name: str) -> Project | None:
+        """The project named exactly ``name`` (CML's search is a substring match), or None.
+
+        Raises :class:`AmbiguousName` if several projects have that exact name.
+        """
+        return _exactly_one("project", name, self.list_projects(search_filter={"name": name}))
+
+    def create_project(
+        self,
+        name: str,
+        *,
+        template: str | None = None,
+        git_url: str | None = None,
+        description: str | None = None,
+        visibility: str = "private",
+        default_project_engine_type: str | None = None,
+        environment: Mapping[str, str] | None = None,
+    ) -> Project:
+        """Create a project; ``template`` defaults to ``git`` with a ``git_url``, else ``blank``.
+
+        A git clone is asynchronous: poll :meth:`get_project` until ``creation_status`` settles.
+        """
+        body: dict[str, Any] = {
+            "name": name,
+            "template": template or ("git" if git_url else "blank"),
+            "visibility": visibility,
+        }
+        optional = {
+            "git_url": git_url,
+            "description": description,
+            "default_project_engine_type": default_project_engine_type,
+            "environment": dict(environment) if environment is not None else None,
+        }
+        body.update({k: v for k, v in optional.items() if v is not None})
+        return Project.model_validate(self._request("POST", "/projects", body=body, creates=True))
+
+    def get_project(self, project_id: str) -> Project:
+        return Project.model_validate(self._request("GET", f"/projects/{_seg(project_id)}"))
+
+    def update_project(self, project_id: str, **fields: Any) -> Project:
+        """PATCH a project. ``environment`` (a dict) REPLACES the whole map; it is sent as a JSON string."""
+        body = _patch_body("project", _PROJECT_PATCH, fields)
+        return Project.model_validate(self._request("PATCH", f"/projects/{_seg(project_id)}", body=body))
+
+    def delete_project(self, project_id: str) -> None:
+        self._request("DELETE", f"/projects/{_seg(project_id)}")
+
+    # -- runtimes ------------------------------------------------------------------------------
+    def list_runtimes(self, search_filter: Mapping[str, Any] | str | None = None) -> list[Runtime]:
+        """ML Runtimes (all pages); e.g. ``search_filter={"kernel": "Python 3.11"}``."""
+        params = {"search_filter": _filter_param(search_filter)}
+        return [Runtime.model_validate(r) for r in self._paginate("/runtimes", "runtimes", params)]
+
+    # -- jobs ----------------------------------------------------------------------------------
+    def list_jobs(self, project_id: str, search_filter: Mapping[str, Any] | str | None = None) -> list[Job]:
+        params = {"search_filter": _filter_param(search_filter)}
+        return [
+            Job.model_validate(j)
+            for j in self._paginate(f"/projects/{_seg(project_id)}/jobs", "jobs", params)
+        ]
+
+    def find_job_by_name(self, project_id: str, name: str) -> Job | None:
+        """The job named exactly ``name`` in the project, or None (:class:`AmbiguousName` if several)."""
+        return _exactly_one("job", name, self.list_jobs(project_id, search_filter={"name": name}))
+
+    def create_job(
+        self,
+        project_id: str,
+        request: CreateJob | None = None,
+        *,
+        name: str | None = None,
+        script: str | None = None,
+        cpu: float | None = None,
+        memory: float | None = None,
+        nvidia_gpu: int | None = None,
+        parent_job_id: str | None = None,
+        environment: Mapping[str, str] | None = None,
+        arguments: str | None = None,
+        timeout: int | None = None,
+        kill_on_timeout: bool | None = None,
+        runtime_identifier: str | None = None,
+        kernel: str | None = None,
+        description: str | None = None,
+    ) -> Job:
+        """Create a job (it does not run). Pass a :class:`CreateJob` or the same fields as keywords."""
+        body = _create_body(
+            CreateJob,
+            request,
+            {
+                "name": name,
+                "script": script,
+                "cpu": cpu,
+                "memory": memory,
+                "nvidia_gpu": nvidia_gpu,
+                "parent_job_id": parent_job_id,
+                "environment": dict(environment) if environment is not None else None,
+                "arguments": arguments,
+                "timeout": timeout,
+                "kill_on_timeout": kill_on_timeout,
+                "runtime_identifier": runtime_identifier,
+                "kernel": kernel,
+                "description": description,
+            },
+        )
+        data = self._request("POST", f"/projects/{_seg(project_id)}/jobs", body=body, creates=True)
+        return Job.model_validate(data)
+
+    def get_job(self, project_id: str, job_id: str) -> Job:
+        return Job.model_validate(self._request("GET", self._job_path(project_id, job_id)))
+
+    def update_job(self, project_id: str, job_id: str, **fields: Any) -> Job:
+        """PATCH a job; the parent is ``parent_id`` here; ``environment`` replaces the whole map."""
+        body = _patch_body("job", _JOB_PATCH, fields)
+        return Job.model_validate(self._request("PATCH", self._job_path(project_id, job_id), body=body))
+
+    def delete_job(self, project_id: str, job_id: str) -> None:
+        """Delete a job (its dependent jobs are not deleted)."""
+        self._request("DELETE", self._job_path(project_id, job_id))
+
+    @staticmethod
+    def _job_path(project_id: str, job_id: str) -> str:
+        return f"/projects/{_seg(project_id)}/jobs/{_seg(job_id)}"
+
+    # -- job runs ------------------------------------------------------------------------------
+    def list_job_runs(self, project_id: str, job_id: str, limit: int | None = None) -> list[JobRun]:
+        """Runs of a job, newest first (``sort=-created_at``); at most ``limit`` of them."""
+        path = f"{self._job_path(project_id, job_id)}/runs"
+        items = self._paginate(path, "job_runs", {"sort": "-created_at"}, limit=limit)
+        return [JobRun.model_validate(r) for r in items]
+
+    def latest_job_run(self, project_id: str, job_id: str) -> JobRun | None:
+        """The newest run of a job, or None if it never ran."""
+        runs = self.list_job_runs(project_id, job_id, limit=1)
+        return runs[0] if runs else None
+
+    def create_job_run(
+        self,
+        project_id: str,
+        job_id: str,
+        environment: Mapping[str, str] | None = None,
+        arguments: str | None = None,
+    ) -> JobRun:
+        """Start a run of a job (its dependent jobs follow on success, server-side). Never retried."""
+        body: dict[str, Any] = {}
+        if environment is not None:
+            body["environment"] = dict(environment)
+        if arguments is not None:
+            body["arguments"] = arguments
+        data = self._request("POST", f"{self._job_path(project_id, job_id)}/runs", body=body, creates=True)
+        return JobRun.model_validate(data)
+
+    def get_job_run(self, project_id: str, job_id: str, run_id: str) -> JobRun:
+        return JobRun.model_validate(
+            self._request("GET", f"{self._job_path(project_id, job_id)}/runs/{_seg(run_id)}")
+        )
+
+    def stop_job_run(self, project_id: str, job_id: str, run_id: str) -> JobRun | None:
+        """Stop a run; returns the run if CML answers with it."""
+        data = self._request("POST", f"{self._job_path(project_id, job_id)}/runs/{_seg(run_id)}:stop")
+        return JobRun.model_validate(data) if data.get("id") else None
+
+    # -- applications --------------------------------------------------------------------------
+    def list_applications(
+        self, project_id: str, search_filter: Mapping[str, Any] | str | None = None
+    ) -> list[Application]:
+        """Applications of a project (all pages)."""
+        params = {"search_filter": _filter_param(search_filter)}
+        path = f"/projects/{_seg(project_id)}/applications"
+        return [Application.model_validate(a) for a in self._paginate(path, "applications", params)]
+
+    def create_application(
+        self,
+        project_id: str,
+        request: CreateApplication | None = None,
+        *,
+        name: str | None = None,
+        subdomain: str | None = None,
+        script: str | None = None,
+        cpu: float | None = None,
+        memory: float | None = None,
+        nvidia_gpu: int | None = None,
+        environment: Mapping[str, str] | None = None,
+        runtime_identifier: str | None = None,
+        description: str | None = None,
+        bypass_authentication: bool | None = None,
+        kernel: str | None = None,
+    ) -> Application:
+        """Create AND start an application. Pass a :class:`CreateApplication` or the fields as keywords."""
+        body = _create_body(
+            CreateApplication,
+            request,
+            {
+                "name": name,
+                "subdomain": subdomain,
+                "script": script,
+                "cpu": cpu,
+                "memory": memory,
+                "nvidia_gpu": nvidia_gpu,
+                "environment": dict(environment) if environment is not None else None,
+                "runtime_identifier": runtime_identifier,
+                "description": description,
+                "bypass_authentication": bypass_authentication,
+                "kernel": kernel,
+            },
+        )
+        data = self._request("POST", f"/projects/{_seg(project_id)}/applications", body=body, creates=True)
+        return Application.model_validate(data)
+
+    def get_application(self, project_id: str, application_id: str) -> Application:
+        return Application.model_validate(self._request("GET", self._app_path(project_id, application_id)))
+
+    def update_application(self, project_id: str, application_id: str, **fields: Any) -> Application:
+        """PATCH an application. It keeps running the old settings until :meth:`restart_application`."""
+        body = _patch_body("application", _APPLICATION_PATCH, fields)
+        data = self._request("PATCH", self._app_path(project_id, application_id), body=body)
+        return Application.model_validate(data)
+
+    def delete_application(self, project_id: str, application_id: str) -> None:
+        self._request("DELETE", self._app_path(project_id, application_id))
+
+    def stop_application(self, project_id: str, application_id: str) -> Application | None:
+        """``:stop``; returns the application if CML answers with it."""
+        data = self._request("POST", f"{self._app_path(project_id, application_id)}:stop")
+        return Application.model_validate(data) if data.get("id") else None
+
+    def restart_application(self, project_id: str, application_id: str) -> Application | None:
+        """``:restart`` — also how a stopped application is started again."""
+        data = self._request("POST", f"{self._app_path(project_id, application_id)}:restart")
+        return Application.model_validate(data) if data.get("id") else None
+
+    @staticmethod
+    def _app_path(project_id: str, application_id: str) -> str:
+        return f"/projects/{_seg(project_id)}/applications/{_seg(application_id)}"
+
+    # -- application HTTP ----------------------------------------------------------------------
+    def app_url(self, app: Application | str) -> str:
+        """``<scheme>://<subdomain>.<domain>``, built as CML builds it (API v2 has no URL field)."""
+        subdomain = app if isinstance(app, str) else (app.subdomain or app.name)
+        if not subdomain:
+            raise ValueError("an application subdomain is required")
+        return f"{self.settings.scheme}://{subdomain}.{self.settings.domain}"
+
+    def app_request(
+        self, app: Application | str, method: str, path: str = "/", **kwargs: Any
+    ) -> httpx.Response:
+        """Send one HTTP request to an application with ``Authorization: Bearer <key>``.
+
+        ``kwargs`` go to :meth:`httpx.Client.request`. Any status is returned as is; a connection failure
+        raises :class:`CMLConnectionError`. Not retried: callers poll.
+        """
+        url = self.app_url(app) + ("" if path.startswith("/") else "/") + path
+        headers = dict(kwargs.pop("headers", None) or {})
+        if not any(k.lower() == "authorization" for k in headers):
+            headers["Authorization"] = f"Bearer {self._key}"
+        try:
+            response = self._apps.request(method, url, headers=headers, **kwargs)
+        except httpx.TransportError as exc:
+            raise CMLConnectionError(f"cannot reach application at {url}: {self._describe(exc)}") from exc
+        log.debug("%s %s -> %d", method, url, response.status_code)
+        return response
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    return parse_retry_after(response.headers.get("retry-after"))
+
+
+def _exactly_one(kind: str, name: str, candidates: list[Any]) -> Any:
+    exact = [c for c in candidates if c.name == name]
+    if len(exact) > 1:
+        ids = ", ".join(c.id for c in exact)
+        raise AmbiguousName(f"{len(exact)} {kind}s are named {name!r} (ids {ids}); use the id instead")
+    return exact[0] if exact else None
