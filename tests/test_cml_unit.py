@@ -319,18 +319,20 @@ def test_500_and_400_are_not_retried() -> None:
         assert len(calls) == 1
 
 
-def test_create_is_not_retried_on_503_and_flags_maybe_applied() -> None:
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+def test_create_answered_5xx_is_outcome_unknown_and_not_retried(status: int) -> None:
     calls: list[httpx.Request] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
         calls.append(request)
-        return httpx.Response(503, json={"message": "unavailable"})
+        return httpx.Response(status, json={"message": "unavailable"}, headers={"x-request-id": "r1"})
 
     client, _ = scripted(handler)
-    with pytest.raises(ServerError) as info:
+    with pytest.raises(CreateOutcomeUnknown) as info:
         client.create_project("x")
     assert len(calls) == 1
-    assert info.value.maybe_applied
+    assert info.value.maybe_applied and info.value.status_code == status
+    assert info.value.request_id == "r1"
     assert "list before creating" in str(info.value)
 
 
@@ -513,3 +515,21 @@ def test_app_url() -> None:
         assert client.app_url(app) == "https://sub.ml.example.com:8443"
     finally:
         client.close()
+
+
+def test_app_request_dials_loopback_and_keeps_host() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"ok": True})
+
+    settings = CMLSettings(host="http://localhost:4321", api_key=KEY)
+    with CMLClient(settings, transport=httpx.MockTransport(handler)) as client:
+        assert client.app_url("ray-x-head") == "http://ray-x-head.localhost:4321"
+        response = client.app_request("ray-x-head", "GET", "/ray-cai/status")
+    assert response.json() == {"ok": True}
+    request = seen[0]
+    assert (request.url.host, request.url.port, request.url.path) == ("127.0.0.1", 4321, "/ray-cai/status")
+    assert request.headers["host"] == "ray-x-head.localhost:4321"
+    assert request.headers["authorization"] == f"Bearer {KEY}"

@@ -120,8 +120,8 @@ class CMLClient:
     Lists are transparently paginated. GET, PATCH, DELETE and the ``:stop``/``:restart`` actions are
     retried on 429, 502, 503, 504 and connection failures (full-jitter backoff, ``Retry-After`` honoured,
     bounded by ``settings.retry_deadline``). A POST that creates something is only retried when it
-    provably did not reach CML (connect failure, 429); otherwise the error has ``maybe_applied=True``
-    (:class:`CreateOutcomeUnknown` for a lost answer) and the caller must list before creating again.
+    provably was not acted on (connect failure, 429); a lost answer or a 5xx raises
+    :class:`CreateOutcomeUnknown` (``maybe_applied=True``): the caller must list before creating again.
     Thread-safe: one client may serve many threads.
     """
 
@@ -246,17 +246,17 @@ class CMLClient:
                     secret=self._key,
                     note=f"gave up after {attempt} attempt(s) in {elapsed:.1f}s",
                 )
-            maybe_applied = creates and status >= 500
-            raise error_from_response(
-                response,
-                method=method,
-                path=full_path,
-                secret=self._key,
-                maybe_applied=maybe_applied,
-                note="the object may have been created: list before creating it again"
-                if maybe_applied
-                else "",
-            )
+            if creates and status >= 500:
+                # A gateway or server failure after the request arrived: CML may have created it.
+                request_id = request_id_of(response)
+                raise CreateOutcomeUnknown(
+                    f"CML answered {status} {response.reason_phrase} to {method} {full_path}; the object "
+                    "may or may not have been created: list before creating it again"
+                    + (f" [request id {request_id}]" if request_id else ""),
+                    status_code=status,
+                    request_id=request_id,
+                )
+            raise error_from_response(response, method=method, path=full_path, secret=self._key)
 
     def _decode(self, response: httpx.Response, method: str, path: str) -> Any:
         if not response.content:

@@ -58,10 +58,19 @@ class CMLConnectionError(CMLError):
 
 
 class CreateOutcomeUnknown(CMLConnectionError):
-    """A create request was sent but its answer was lost; the object may exist. Not retried."""
+    """A create request reached CML but its answer was lost; the object may exist. Never retried.
 
-    def __init__(self, message: str) -> None:
+    Raised when the connection broke after the request was sent (``status_code`` None) or a gateway
+    answered 5xx (``status_code`` set) — in both cases CML may have created the object. List, then
+    create again only if it is missing.
+    """
+
+    def __init__(
+        self, message: str, *, status_code: int | None = None, request_id: str | None = None
+    ) -> None:
         super().__init__(message, maybe_applied=True)
+        self.status_code = status_code
+        self.request_id = request_id
 
 
 class CMLAPIError(CMLError):
@@ -78,7 +87,6 @@ class CMLAPIError(CMLError):
         *,
         method: str = "",
         path: str = "",
-        maybe_applied: bool = False,
         note: str = "",
     ) -> None:
         self.status_code = status_code
@@ -86,7 +94,6 @@ class CMLAPIError(CMLError):
         self.request_id = request_id
         self.method = method
         self.path = path
-        self.maybe_applied = maybe_applied
         super().__init__(self._line(note))
 
     def _line(self, note: str) -> str:
@@ -185,7 +192,6 @@ def error_from_response(
     method: str = "",
     path: str = "",
     secret: str | None = None,
-    maybe_applied: bool = False,
     note: str = "",
 ) -> CMLAPIError:
     """Map an error response to its exception class; ``secret`` is scrubbed out of the server text."""
@@ -200,6 +206,5 @@ def error_from_response(
         request_id_of(response),
         method=method,
         path=path,
-        maybe_applied=maybe_applied,
         note=note,
     )
