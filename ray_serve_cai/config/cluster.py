@@ -1,0 +1,759 @@
+"""The cluster spec: `ray_cluster_config.yaml` + env overrides → ClusterSpec → one NodeSpec per app.
+
+Two models describe a cluster. The *file* models (`ClusterFile`) are the YAML format as users write
+it (the seed's flat `num_workers`/`worker_cpu`/... keys or `worker_groups`); they give the JSON
+Schema and the type/range checks with file paths. `ClusterSpec` is the normalized form the other
+layers use. Cross-field rules (names, ports, runtimes, env) run on the normalized form and report
+in file paths, so a user always sees where to edit.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
+
+from ray_serve_cai.config._common import (
+    DNS_LABEL,
+    MAX_APP_NAME,
+    env_int,
+    env_value,
+    environment_problems,
+    format_number,
+    is_relative_script,
+    load_yaml,
+    python_version_of,
+    spec_digest,
+)
+from ray_serve_cai.config.errors import ConfigError, Problem, format_path, problems_from_validation, suggest
+
+DEFAULT_CLUSTER_FILE = "ray_cluster_config.yaml"
+_HASH_VERSION = 1  # bump when the meaning of a node's environment changes, to replace old apps
+
+_STRICT = ConfigDict(strict=True, extra="forbid")
+Cpu = Annotated[float, Field(gt=0, description="vCPU cores of the application")]
+MemoryGiB = Annotated[float, Field(gt=0, description="memory of the application in GiB")]
+Gpus = Annotated[int, Field(ge=0, description="NVIDIA GPUs of the application")]
+Port = Annotated[int, Field(ge=0, le=65535)]
+Seconds = Annotated[float, Field(gt=0)]
+Environment = dict[str, str]
+
+
+# --------------------------------------------------------------------------- normalized spec
+
+
+class HeadSpec(BaseModel):
+    """Resources and runtime of the head application."""
+
+    model_config = _STRICT
+
+    cpu: Cpu = 2
+    memory: MemoryGiB = 8
+    gpus: Gpus = 0
+    runtime_identifier: str | None = None
+    ray_cpus: Annotated[float, Field(ge=0)] | None = Field(
+        default=None, description="CPUs Ray advertises on the head (None = cpu; 0 keeps tasks off the head)"
+    )
+
+
+class WorkerGroupSpec(BaseModel):
+    """A set of identical worker applications."""
+
+    model_config = _STRICT
+
+    name: str
+    replicas: Annotated[int, Field(ge=0)]
+    cpu: Cpu
+    memory: MemoryGiB
+    gpus: Gpus = 0
+    runtime_identifier: str | None = None
+
+
+class RayPorts(BaseModel):
+    """Head ports; 0 = pick a free port when the head starts and publish it in the rendezvous."""
+
+    model_config = _STRICT
+
+    gcs: Port = 6379
+    client: Port = 10001
+    dashboard: Port = 8265
+
+
+class ClusterSpec(BaseModel):
+    """A whole Ray cluster: one head and any number of worker groups."""
+
+    model_config = _STRICT
+
+    name: str = "default"
+    head: HeadSpec = Field(default_factory=HeadSpec)
+    worker_groups: list[WorkerGroupSpec] = Field(default_factory=list)
+    runtime_identifier: str | None = None
+    ports: RayPorts = Field(default_factory=RayPorts)
+    auth_token: bool = True
+    startup_timeout: Seconds = 600
+    join_timeout: Seconds = 600
+    head_script: str = "cai_integration/ray_head.py"
+    worker_script: str = "cai_integration/ray_worker.py"
+    environment: Environment = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self, info: ValidationInfo) -> ClusterSpec:
+        if info.context and info.context.get("skip_cross_field"):
+            return self
+        problems = cluster_problems(self)
+        if problems:
+            raise ValueError("; ".join(f"{p.field}: {p.message}" for p in problems))
+        return self
+
+    def group(self, name: str) -> WorkerGroupSpec:
+        """The worker group called ``name``; KeyError if there is none."""
+        for group in self.worker_groups:
+            if group.name == name:
+                return group
+        known = ", ".join(g.name for g in self.worker_groups) or "none"
+        raise KeyError(f"no worker group {name!r} in cluster {self.name!r} (groups: {known})")
+
+    def with_replicas(self, replicas: int, group: str | None = None) -> ClusterSpec:
+        """A validated copy with ``replicas`` workers in ``group`` (None = the only group).
+
+        Raises ConfigError when the group is ambiguous or unknown or the result is invalid.
+        """
+        source = f"cluster {self.name!r}"
+        if group is None:
+            if len(self.worker_groups) != 1:
+                names = ", ".join(g.name for g in self.worker_groups) or "none"
+                raise ConfigError(
+                    [Problem("group", f"name the worker group to scale; this cluster has: {names}")], source
+                )
+            group = self.worker_groups[0].name
+        names = [g.name for g in self.worker_groups]
+        if group not in names:
+            raise ConfigError(
+                [Problem("group", f"no worker group {group!r}{suggest(group, names)} (groups: {names})")],
+                source,
+            )
+        data = self.model_dump()
+        index = names.index(group)
+        data["worker_groups"][index]["replicas"] = replicas
+        return validate_cluster_spec(data, source=source)
+
+    @property
+    def total_workers(self) -> int:
+        return sum(g.replicas for g in self.worker_groups)
+
+    def runtime_of(self, group: str | None = None) -> str | None:
+        """The runtime the head (group None) or a worker group runs: its own, else the cluster's."""
+        own = self.head.runtime_identifier if group is None else self.group(group).runtime_identifier
+        return own if own is not None else self.runtime_identifier
+
+
+def validate_cluster_spec(data: Any, *, source: str = "cluster spec") -> ClusterSpec:
+    """Validate a ClusterSpec-shaped mapping (not the YAML format); every problem in one ConfigError."""
+    try:
+        spec = ClusterSpec.model_validate(data, context={"skip_cross_field": True})
+    except ValidationError as exc:
+        raise ConfigError(problems_from_validation(exc, ClusterSpec), source) from None
+    problems = cluster_problems(spec)
+    if problems:
+        raise ConfigError(problems, source)
+    return spec
+
+
+class NodeSpec(BaseModel):
+    """One application of the cluster, as the reconciler creates it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str  # = app name = subdomain
+    role: Literal["head", "worker"]
+    group: str  # "head" for the head
+    index: int
+    cpu: float
+    memory: float
+    gpus: int
+    runtime_identifier: str | None
+    script: str
+    spec_hash: str
+    environment: dict[str, str]  # the RAY_CAI_* variables, then the cluster's `environment`
+
+
+def head_app_name(cluster: str) -> str:
+    return f"ray-{cluster}-head"
+
+
+def worker_app_name(cluster: str, group: str, index: int) -> str:
+    return f"ray-{cluster}-{group}-{index}"
+
+
+def head_spec_hash(spec: ClusterSpec) -> str:
+    """Hash of everything that shapes the head app; worker counts are not part of it."""
+    return spec_digest(
+        {
+            "v": _HASH_VERSION,
+            "role": "head",
+            "cluster": spec.name,
+            "cpu": spec.head.cpu,
+            "memory": spec.head.memory,
+            "gpus": spec.head.gpus,
+            "ray_cpus": spec.head.ray_cpus,
+            "runtime": spec.runtime_of(None),
+            "ports": spec.ports,
+            "auth": spec.auth_token,
+            "script": spec.head_script,
+            "environment": spec.environment,
+        }
+    )
+
+
+def worker_spec_hash(spec: ClusterSpec, group: str) -> str:
+    """Hash of everything that shapes one worker app of ``group``; replicas and index excluded."""
+    g = spec.group(group)
+    return spec_digest(
+        {
+            "v": _HASH_VERSION,
+            "role": "worker",
+            "cluster": spec.name,
+            "group": g.name,
+            "cpu": g.cpu,
+            "memory": g.memory,
+            "gpus": g.gpus,
+            "runtime": spec.runtime_of(g.name),
+            "script": spec.worker_script,
+            "auth": spec.auth_token,
+            "join_timeout": spec.join_timeout,
+            "environment": spec.environment,
+        }
+    )
+
+
+def desired_nodes(spec: ClusterSpec) -> list[NodeSpec]:
+    """Every app the cluster should have: head first, then each group's workers, index 0..replicas-1."""
+    auth = "token" if spec.auth_token else "disabled"
+    head_name = head_app_name(spec.name)
+    head_hash = head_spec_hash(spec)
+    head_cpus = spec.head.ray_cpus if spec.head.ray_cpus is not None else spec.head.cpu
+    nodes = [
+        NodeSpec(
+            name=head_name,
+            role="head",
+            group="head",
+            index=0,
+            cpu=spec.head.cpu,
+            memory=spec.head.memory,
+            gpus=spec.head.gpus,
+            runtime_identifier=spec.runtime_of(None),
+            script=spec.head_script,
+            spec_hash=head_hash,
+            environment={
+                "RAY_CAI_CLUSTER": spec.name,
+                "RAY_CAI_SPEC_HASH": head_hash,
+                "RAY_CAI_ROLE": "head",
+                "RAY_CAI_GROUP": "head",
+                "RAY_CAI_NODE_NAME": head_name,
+                "RAY_CAI_NUM_CPUS": format_number(head_cpus),
+                "RAY_CAI_NUM_GPUS": str(spec.head.gpus),
+                "RAY_CAI_MEMORY_GB": format_number(spec.head.memory),
+                "RAY_CAI_GCS_PORT": str(spec.ports.gcs),
+                "RAY_CAI_CLIENT_PORT": str(spec.ports.client),
+                "RAY_CAI_DASHBOARD_PORT": str(spec.ports.dashboard),
+                "RAY_CAI_AUTH": auth,
+                **spec.environment,
+            },
+        )
+    ]
+    for group in spec.worker_groups:
+        group_hash = worker_spec_hash(spec, group.name)
+        for index in range(group.replicas):
+            name = worker_app_name(spec.name, group.name, index)
+            nodes.append(
+                NodeSpec(
+                    name=name,
+                    role="worker",
+                    group=group.name,
+                    index=index,
+                    cpu=group.cpu,
+                    memory=group.memory,
+                    gpus=group.gpus,
+                    runtime_identifier=spec.runtime_of(group.name),
+                    script=spec.worker_script,
+                    spec_hash=group_hash,
+                    environment={
+                        "RAY_CAI_CLUSTER": spec.name,
+                        "RAY_CAI_SPEC_HASH": group_hash,
+                        "RAY_CAI_ROLE": "worker",
+                        "RAY_CAI_GROUP": group.name,
+                        "RAY_CAI_NODE_NAME": name,
+                        "RAY_CAI_NUM_CPUS": format_number(group.cpu),
+                        "RAY_CAI_NUM_GPUS": str(group.gpus),
+                        "RAY_CAI_MEMORY_GB": format_number(group.memory),
+                        "RAY_CAI_AUTH": auth,
+                        "RAY_CAI_JOIN_TIMEOUT": format_number(spec.join_timeout),
+                        **spec.environment,
+                    },
+                )
+            )
+    return nodes
+
+
+_NAME_RULE = "must be lowercase letters, digits and single hyphens, starting and ending with a letter/digit"
+
+
+def cluster_problems(spec: ClusterSpec, where: Callable[[str], str] = lambda p: p) -> list[Problem]:
+    """Cross-field rules of a field-valid spec. ``where`` maps spec paths to the paths users edit."""
+    problems: list[Problem] = []
+
+    def add(path: str, message: str) -> None:
+        problems.append(Problem(where(path), message))
+
+    name_ok = bool(DNS_LABEL.match(spec.name))
+    if not name_ok:
+        add("name", f"{_NAME_RULE} (it becomes part of every app name and subdomain), got {spec.name!r}")
+    elif len(head_app_name(spec.name)) > MAX_APP_NAME:
+        add("name", f"app name {head_app_name(spec.name)!r} is longer than {MAX_APP_NAME} characters")
+
+    seen: dict[str, int] = {}
+    for i, group in enumerate(spec.worker_groups):
+        path = f"worker_groups[{i}]"
+        if not DNS_LABEL.match(group.name):
+            add(f"{path}.name", f"{_NAME_RULE}, got {group.name!r}")
+            continue
+        if group.name == "head":
+            add(f"{path}.name", "'head' is reserved for the head node; pick another group name")
+        if group.name in seen:
+            first = where(f"worker_groups[{seen[group.name]}].name")
+            add(f"{path}.name", f"duplicate group name {group.name!r} (also {first})")
+        seen.setdefault(group.name, i)
+        if name_ok:
+            longest = worker_app_name(spec.name, group.name, max(group.replicas - 1, 0))
+            if len(longest) > MAX_APP_NAME:
+                add(
+                    f"{path}.name",
+                    f"app name {longest!r} is {len(longest)} characters; the limit is {MAX_APP_NAME} "
+                    "(shorten the cluster or group name)",
+                )
+
+    used: dict[int, str] = {}
+    for port_name in ("gcs", "client", "dashboard"):
+        port = getattr(spec.ports, port_name)
+        if port == 0:
+            continue
+        if port in used:
+            add(f"ports.{port_name}", f"port {port} is also the {used[port]} port; ports must be distinct")
+        else:
+            used[port] = port_name
+
+    # Head and workers share the project's venv, so one Python version for all of them.
+    versions: list[tuple[str, str, str]] = []  # (path, identifier, version)
+    head_runtime = spec.runtime_of(None)
+    head_own = spec.head.runtime_identifier is not None
+    head_path = "head.runtime_identifier" if head_own else "runtime_identifier"
+    if head_runtime and python_version_of(head_runtime):
+        versions.append((head_path, head_runtime, python_version_of(head_runtime) or ""))
+    for i, group in enumerate(spec.worker_groups):
+        own = group.runtime_identifier  # not runtime_of(): group names may repeat in an invalid spec
+        runtime = own if own is not None else spec.runtime_identifier
+        version = python_version_of(runtime)
+        if runtime and version:
+            path = (
+                f"worker_groups[{i}].runtime_identifier"
+                if group.runtime_identifier is not None
+                else "runtime_identifier"
+            )
+            versions.append((path, runtime, version))
+    if versions:
+        first_path, _, first_version = versions[0]
+        reported: set[str] = set()
+        for path, runtime, version in versions[1:]:
+            if version != first_version and path not in reported:
+                reported.add(path)
+                add(
+                    path,
+                    f"runtime {runtime!r} has Python {version} but {where(first_path)} has Python "
+                    f"{first_version}; head and workers share one venv and must use one Python version",
+                )
+
+    for script_field in ("head_script", "worker_script"):
+        why = is_relative_script(getattr(spec, script_field))
+        if why:
+            add(script_field, why)
+    for problem in environment_problems(spec.environment, "environment"):
+        add(problem.field, problem.message)
+    return problems
+
+
+# --------------------------------------------------------------------------- the YAML file format
+
+_FILE = ConfigDict(strict=True, extra="forbid")
+
+
+class PortsFile(BaseModel):
+    """`ray_cluster.ports`: head ports (0 = pick a free one at start)."""
+
+    model_config = _FILE
+
+    gcs: Port = Field(6379, description="GCS port (`ray start --port`)")
+    client: Port = Field(10001, description="Ray Client server port")
+    dashboard: Port = Field(8265, description="dashboard port, served through the head app")
+
+
+class AuthFile(BaseModel):
+    """`ray_cluster.auth`."""
+
+    model_config = _FILE
+
+    token: bool = Field(True, description="Ray token authentication (RAY_AUTH_MODE=token); on by default")
+
+
+class WorkerGroupFile(BaseModel):
+    """One entry of `ray_cluster.worker_groups`."""
+
+    model_config = _FILE
+
+    name: str = Field(description="group name; part of the app names ray-<cluster>-<group>-<index>")
+    replicas: Annotated[int, Field(ge=0)] = Field(description="number of worker apps")
+    cpu: Cpu
+    memory: MemoryGiB
+    gpus: Gpus = 0
+    runtime_identifier: str | None = Field(None, description="ML Runtime image; default: runtime_identifier")
+
+
+class RayClusterFile(BaseModel):
+    """`ray_cluster:` — the seed's flat keys define one worker group named `worker`;
+    use `worker_groups` instead for heterogeneous clusters."""
+
+    model_config = _FILE
+
+    name: str = Field("default", description="cluster name; apps are ray-<name>-head, ray-<name>-<group>-<i>")
+    runtime_identifier: str | None = Field(
+        None, description="ML Runtime image for head and workers (env RUNTIME_IDENTIFIER overrides)"
+    )
+    head_cpu: Cpu = 2
+    head_memory: MemoryGiB = 8
+    head_gpus: Gpus = 0
+    head_ray_cpus: Annotated[float, Field(ge=0)] | None = Field(
+        None, description="CPUs Ray advertises on the head (default head_cpu; 0 keeps tasks off the head)"
+    )
+    head_runtime_identifier: str | None = None
+    num_workers: Annotated[int, Field(ge=0)] = Field(
+        1, description="workers of the single group `worker` (env RAY_NUM_WORKERS overrides)"
+    )
+    worker_cpu: Cpu = 2
+    worker_memory: MemoryGiB = 8
+    worker_gpus: Gpus = Field(0, description="GPUs per worker (env RAY_WORKER_GPUS overrides)")
+    worker_runtime_identifier: str | None = None
+    worker_groups: list[WorkerGroupFile] | None = Field(
+        None, description="heterogeneous worker groups; excludes num_workers and the worker_* keys"
+    )
+    ports: PortsFile = Field(default_factory=PortsFile)
+    auth: AuthFile = Field(default_factory=AuthFile)
+    startup_timeout: Seconds = Field(600, description="seconds `up` waits for the apps and Ray")
+    join_timeout: Seconds = Field(600, description="seconds a worker waits for the head's rendezvous")
+    head_script: str = Field("cai_integration/ray_head.py", description="project-relative head launcher")
+    worker_script: str = Field("cai_integration/ray_worker.py", description="project-relative launcher")
+    environment: Environment = Field(
+        default_factory=dict, description="extra non-secret environment variables for every node"
+    )
+
+
+class ClusterFile(BaseModel):
+    """`ray_cluster_config.yaml`."""
+
+    model_config = ConfigDict(
+        strict=True, extra="forbid", title="ray-serve-cai cluster config (ray_cluster_config.yaml)"
+    )
+
+    ray_cluster: RayClusterFile = Field(default_factory=RayClusterFile)
+
+
+_FLAT_WORKER_KEYS = (
+    "num_workers",
+    "worker_cpu",
+    "worker_memory",
+    "worker_gpus",
+    "worker_runtime_identifier",
+)
+_FLAT_PATHS = {
+    "replicas": "num_workers",
+    "cpu": "worker_cpu",
+    "memory": "worker_memory",
+    "gpus": "worker_gpus",
+    "runtime_identifier": "worker_runtime_identifier",
+    "name": "name",  # the group `worker` is fixed; only the cluster name can shorten its app names
+}
+_HEAD_PATHS = {f: f"head_{f}" for f in ("cpu", "memory", "gpus", "ray_cpus", "runtime_identifier")}
+
+
+def cluster_json_schema() -> dict[str, Any]:
+    """JSON Schema of `ray_cluster_config.yaml` (for editors and `ray-cai config schema`)."""
+    schema = ClusterFile.model_json_schema()
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
+
+
+def _apply_env(
+    data: Any, env: Mapping[str, str], problems: list[Problem], overridden: dict[str, str]
+) -> None:
+    """Env overrides, applied to the raw YAML data in place (before validation)."""
+    if not isinstance(data, dict):
+        return
+    section = data.setdefault("ray_cluster", {})
+    if section is None:
+        section = data["ray_cluster"] = {}
+    if not isinstance(section, dict):
+        return
+
+    def put(target: dict[str, Any], key: str, value: Any, path: str, variable: str) -> None:
+        target[key] = value
+        overridden[path] = variable
+
+    if (name := env_value(env, "RAY_CLUSTER_NAME")) is not None:
+        put(section, "name", name, "ray_cluster.name", "RAY_CLUSTER_NAME")
+    if (runtime := env_value(env, "RUNTIME_IDENTIFIER")) is not None:
+        put(section, "runtime_identifier", runtime, "ray_cluster.runtime_identifier", "RUNTIME_IDENTIFIER")
+    groups = section.get("worker_groups")
+    replicas = env_int(env, "RAY_NUM_WORKERS", problems)
+    if replicas is not None:
+        if groups is None:
+            put(section, "num_workers", replicas, "ray_cluster.num_workers", "RAY_NUM_WORKERS")
+        elif isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict):
+            put(groups[0], "replicas", replicas, "ray_cluster.worker_groups[0].replicas", "RAY_NUM_WORKERS")
+        elif isinstance(groups, list):
+            problems.append(
+                Problem(
+                    "RAY_NUM_WORKERS",
+                    f"sets the size of the only worker group, but this cluster has {len(groups)} groups; "
+                    "set replicas per group in the file instead",
+                )
+            )
+    gpus = env_int(env, "RAY_WORKER_GPUS", problems)
+    if gpus is not None:
+        if groups is None:
+            put(section, "worker_gpus", gpus, "ray_cluster.worker_gpus", "RAY_WORKER_GPUS")
+        elif isinstance(groups, list):
+            for i, group in enumerate(groups):
+                if isinstance(group, dict):
+                    put(group, "gpus", gpus, f"ray_cluster.worker_groups[{i}].gpus", "RAY_WORKER_GPUS")
+
+
+class _Dropped:
+    """Marks a list item removed for the lenient pass (survives deepcopy as itself)."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Dropped:
+        return self
+
+
+_DROPPED = _Dropped()
+
+
+# A bad or missing required value of a worker group is replaced by a stand-in for the lenient pass,
+# so the group's other fields (name, runtime) are still checked.
+_GROUP_STAND_INS: dict[str, Any] = {"replicas": 0, "cpu": 1.0, "memory": 1.0}
+
+
+def _drop(data: Any, loc: tuple[Any, ...]) -> bool:
+    """Remove the value at ``loc`` so a second, lenient pass can check the rest. False if impossible."""
+    if loc and loc[-1] == "[key]":
+        loc = loc[:-1]
+    if len(loc) == 4 and loc[:2] == ("ray_cluster", "worker_groups") and loc[3] in _GROUP_STAND_INS:
+        groups = data.get("ray_cluster", {}).get("worker_groups")
+        if isinstance(groups, list) and isinstance(groups[loc[2]], dict):
+            groups[loc[2]][loc[3]] = _GROUP_STAND_INS[loc[3]]
+            return True
+    if len(loc) == 4 and loc[:2] == ("ray_cluster", "worker_groups") and loc[3] == "name":
+        loc = loc[:3]  # a group without a usable name cannot be checked further
+    if len(loc) < 2:  # the whole file or the whole `ray_cluster` section is unusable
+        return False
+    parent = data
+    for part in loc[:-1]:
+        try:
+            parent = parent[part]
+        except (KeyError, IndexError, TypeError):
+            return True  # already gone
+    last = loc[-1]
+    if isinstance(parent, dict):
+        parent.pop(last, None)
+    elif isinstance(parent, list) and isinstance(last, int) and last < len(parent):
+        parent[last] = _DROPPED
+    return True
+
+
+def _structure_problems(data: Any) -> list[Problem]:
+    if data is None:
+        return [Problem("", "the file is empty; expected a mapping with a `ray_cluster:` section")]
+    if not isinstance(data, dict):
+        return [Problem("", f"expected a mapping with a `ray_cluster:` section, got {type(data).__name__}")]
+    problems = []
+    section = data.get("ray_cluster")
+    if isinstance(section, dict) and "worker_groups" in section:
+        for key in _FLAT_WORKER_KEYS:
+            if key in section:
+                problems.append(
+                    Problem(
+                        f"ray_cluster.{key}",
+                        "cannot be combined with worker_groups; set it on each group instead",
+                    )
+                )
+    return problems
+
+
+def _normalize(file: ClusterFile, group_index: list[int]) -> tuple[dict[str, Any], Callable[[str], str]]:
+    """The ClusterSpec-shaped data of a validated file, and a map from spec paths to file paths."""
+    rc = file.ray_cluster
+    flat = rc.worker_groups is None
+    if flat:
+        groups = [
+            {
+                "name": "worker",
+                "replicas": rc.num_workers,
+                "cpu": rc.worker_cpu,
+                "memory": rc.worker_memory,
+                "gpus": rc.worker_gpus,
+                "runtime_identifier": rc.worker_runtime_identifier,
+            }
+        ]
+    else:
+        groups = [g.model_dump() for g in rc.worker_groups or []]
+    data = {
+        "name": rc.name,
+        "head": {
+            "cpu": rc.head_cpu,
+            "memory": rc.head_memory,
+            "gpus": rc.head_gpus,
+            "runtime_identifier": rc.head_runtime_identifier,
+            "ray_cpus": rc.head_ray_cpus,
+        },
+        "worker_groups": groups,
+        "runtime_identifier": rc.runtime_identifier,
+        "ports": rc.ports.model_dump(),
+        "auth_token": rc.auth.token,
+        "startup_timeout": rc.startup_timeout,
+        "join_timeout": rc.join_timeout,
+        "head_script": rc.head_script,
+        "worker_script": rc.worker_script,
+        "environment": dict(rc.environment),
+    }
+
+    def where(path: str) -> str:
+        if path.startswith("worker_groups["):
+            index_text, _, rest = path[len("worker_groups[") :].partition("].")
+            if flat:
+                return f"ray_cluster.{_FLAT_PATHS.get(rest, rest)}"
+            return f"ray_cluster.worker_groups[{group_index[int(index_text)]}].{rest}"
+        if path.startswith("head."):
+            return f"ray_cluster.{_HEAD_PATHS.get(path[5:], path[5:])}"
+        if path == "auth_token":
+            return "ray_cluster.auth.token"
+        return f"ray_cluster.{path}" if path else "ray_cluster"
+
+    return data, where
+
+
+def parse_cluster_spec(
+    data: Any, *, env: Mapping[str, str] | None = None, source: str = DEFAULT_CLUSTER_FILE
+) -> ClusterSpec:
+    """Validate loaded YAML data (with env overrides applied first) into a ClusterSpec.
+
+    ``env`` None means ``os.environ``; pass ``{}`` for no overrides. Raises ConfigError listing
+    every problem, each with the path to edit (or the variable to fix).
+    """
+    env = os.environ if env is None else env
+    data = copy.deepcopy(data)
+    problems = _structure_problems(data)
+    if data is None or not isinstance(data, dict):
+        raise ConfigError(problems, source)
+    overridden: dict[str, str] = {}
+    _apply_env(data, env, problems, overridden)
+
+    try:
+        file = ClusterFile.model_validate(data)
+    except ValidationError as exc:
+        problems += problems_from_validation(exc, ClusterFile)
+        file = _lenient(data, exc)
+
+    spec: ClusterSpec | None = None
+    if file is not None:
+        section = data.get("ray_cluster") or {}
+        raw_groups = section.get("worker_groups") if isinstance(section, dict) else None
+        group_index = (
+            [i for i, g in enumerate(raw_groups) if g is not _DROPPED] if isinstance(raw_groups, list) else []
+        )
+        normalized, where = _normalize(file, group_index)
+        try:
+            spec = ClusterSpec.model_validate(normalized, context={"skip_cross_field": True})
+        except ValidationError as exc:  # pragma: no cover - the file model has the same field rules
+            found = problems_from_validation(exc, ClusterSpec)
+            problems += [Problem(where(p.field), p.message) for p in found]
+        else:
+            problems += cluster_problems(spec, where)
+
+    if problems:
+        raise ConfigError(_dedupe(_rename_overridden(problems, overridden)), source)
+    assert spec is not None
+    return spec
+
+
+def _lenient(data: dict[str, Any], first: ValidationError) -> ClusterFile | None:
+    """Drop what failed and validate again, so cross-field rules can still check the rest.
+
+    Dropped list items stay in ``data`` as a marker so group indices keep meaning the user's indices.
+    """
+    errors = [tuple(e["loc"]) for e in first.errors()]
+    for _ in range(5):
+        for loc in errors:
+            if not _drop(data, loc):
+                return None
+        candidate = copy.deepcopy(data)
+        section = candidate.get("ray_cluster")
+        index_map: list[int] = []
+        if isinstance(section, dict) and isinstance(section.get("worker_groups"), list):
+            index_map = [i for i, g in enumerate(section["worker_groups"]) if g is not _DROPPED]
+            section["worker_groups"] = [g for g in section["worker_groups"] if g is not _DROPPED]
+        try:
+            return ClusterFile.model_validate(candidate)
+        except ValidationError as exc:
+            errors = []
+            for err in exc.errors():
+                loc = tuple(err["loc"])
+                if loc[:2] == ("ray_cluster", "worker_groups") and len(loc) > 2 and isinstance(loc[2], int):
+                    loc = (*loc[:2], index_map[loc[2]], *loc[3:])
+                errors.append(loc)
+    return None
+
+
+def _rename_overridden(problems: list[Problem], overridden: dict[str, str]) -> list[Problem]:
+    return [Problem(overridden.get(p.field, p.field), p.message) for p in problems]
+
+
+def _dedupe(problems: list[Problem]) -> list[Problem]:
+    return list(dict.fromkeys(problems))
+
+
+def load_cluster_spec(path: str | Path | None = None, *, env: Mapping[str, str] | None = None) -> ClusterSpec:
+    """Read and validate a cluster config file (default ``./ray_cluster_config.yaml``)."""
+    file_path = Path(path) if path is not None else Path(DEFAULT_CLUSTER_FILE)
+    source = str(path) if path is not None else DEFAULT_CLUSTER_FILE
+    return parse_cluster_spec(load_yaml(file_path, source), env=env, source=source)
+
+
+__all__ = [
+    "ClusterFile",
+    "ClusterSpec",
+    "HeadSpec",
+    "NodeSpec",
+    "RayPorts",
+    "WorkerGroupSpec",
+    "cluster_json_schema",
+    "cluster_problems",
+    "desired_nodes",
+    "format_path",
+    "head_app_name",
+    "head_spec_hash",
+    "load_cluster_spec",
+    "parse_cluster_spec",
+    "validate_cluster_spec",
+    "worker_app_name",
+    "worker_spec_hash",
+]

@@ -1,0 +1,289 @@
+"""The deployment spec: `cai_integration/jobs_config.yaml` + env overrides → DeploySpec.
+
+A project (name, git source, runtime, environment) and a tree of CML jobs chained by
+`parent_job_key`: exactly one root, parents before children.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ray_serve_cai.config._common import env_value, environment_problems, is_relative_script, load_yaml
+from ray_serve_cai.config.errors import ConfigError, Problem, problems_from_validation, suggest
+
+DEFAULT_JOBS_FILE = "cai_integration/jobs_config.yaml"
+DEFAULT_DESCRIPTION = "Ray cluster on Cloudera AI Workbench, deployed by ray-serve-cai"
+_JOB_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+_GITHUB_REPOSITORY = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
+_GIT_URL = re.compile(r"^(https?://|ssh://|git@)[^\s]+$")
+_CREDENTIALS_IN_URL = re.compile(r"^[a-z+]+://[^/@\s]+@")
+
+_STRICT = ConfigDict(strict=True, extra="forbid")
+Positive = Annotated[float, Field(gt=0)]
+
+
+class ProjectSpec(BaseModel):
+    """The CML project the cluster lives in."""
+
+    model_config = _STRICT
+
+    name: str = Field("ray-serve-cai", description="CML project name (env CML_PROJECT_NAME overrides)")
+    description: str = DEFAULT_DESCRIPTION
+    git_url: str | None = Field(
+        None, description="repository to clone; default from env GITHUB_REPOSITORY (owner/repo)"
+    )
+    branch: str | None = Field(None, description="branch to sync; None = the repository's default")
+    runtime_identifier: str | None = Field(
+        None, description="ML Runtime image for the jobs (env RUNTIME_IDENTIFIER overrides)"
+    )
+    environment: dict[str, str] = Field(default_factory=dict, description="non-secret project env vars")
+    visibility: Literal["private", "public", "organization"] = "private"
+
+
+class _JobFields(BaseModel):
+    model_config = _STRICT
+
+    name: str = Field(description="CML job name (unique)")
+    script: str = Field(description="project-relative path of the script")
+    cpu: Positive = 1
+    memory: Positive = Field(2, description="GiB")
+    nvidia_gpu: Annotated[int, Field(ge=0)] = 0
+    timeout: Annotated[int, Field(gt=0)] = Field(3600, description="seconds")
+    runtime_identifier: str | None = Field(None, description="default: project.runtime_identifier")
+    environment: dict[str, str] = Field(default_factory=dict)
+    arguments: str = ""
+    parent_job_key: str | None = Field(None, description="key of the job that triggers this one")
+    kernel: str | None = None
+
+
+class JobFile(_JobFields):
+    """One entry of `jobs:` (its key is the mapping key)."""
+
+
+class JobSpec(_JobFields):
+    """A CML job of the deployment chain."""
+
+    key: str
+
+
+class DeploySpec(BaseModel):
+    """Project + jobs, the jobs ordered so every parent comes before its children."""
+
+    model_config = _STRICT
+
+    project: ProjectSpec = Field(default_factory=ProjectSpec)
+    jobs: dict[str, JobSpec]
+
+    def root_job(self) -> JobSpec:
+        """The one job without a parent (the chain's start)."""
+        return next(job for job in self.jobs.values() if job.parent_job_key is None)
+
+    def children(self, key: str) -> list[JobSpec]:
+        """Jobs triggered by ``key``, in file order."""
+        return [job for job in self.jobs.values() if job.parent_job_key == key]
+
+    def chain_order(self) -> list[JobSpec]:
+        """Every job, depth first from the root, children in file order (= the order of ``jobs``)."""
+        return list(self.jobs.values())
+
+    def runtime_of(self, key: str) -> str | None:
+        """The runtime a job runs on: its own, else the project's."""
+        job = self.jobs[key]
+        own = job.runtime_identifier
+        return own if own is not None else self.project.runtime_identifier
+
+
+class DeployFile(BaseModel):
+    """`cai_integration/jobs_config.yaml`."""
+
+    model_config = ConfigDict(
+        strict=True, extra="forbid", title="ray-serve-cai deployment (cai_integration/jobs_config.yaml)"
+    )
+
+    project: ProjectSpec = Field(default_factory=ProjectSpec)
+    jobs: dict[str, JobFile]
+
+
+def jobs_json_schema() -> dict[str, Any]:
+    """JSON Schema of `cai_integration/jobs_config.yaml`."""
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **DeployFile.model_json_schema()}
+
+
+def _apply_env(data: dict[str, Any], env: Mapping[str, str], problems: list[Problem]) -> dict[str, str]:
+    overridden: dict[str, str] = {}
+    project = data.get("project")
+    if project is None:
+        project = data["project"] = {}
+    if not isinstance(project, dict):
+        return overridden
+    if (name := env_value(env, "CML_PROJECT_NAME")) is not None:
+        project["name"] = name
+        overridden["project.name"] = "CML_PROJECT_NAME"
+    if (runtime := env_value(env, "RUNTIME_IDENTIFIER")) is not None:
+        project["runtime_identifier"] = runtime
+        overridden["project.runtime_identifier"] = "RUNTIME_IDENTIFIER"
+    repository = env_value(env, "GITHUB_REPOSITORY")
+    if repository is not None and not project.get("git_url"):
+        if _GITHUB_REPOSITORY.match(repository):
+            project["git_url"] = f"https://github.com/{repository}.git"
+            overridden["project.git_url"] = "GITHUB_REPOSITORY"
+        else:
+            problems.append(Problem("GITHUB_REPOSITORY", f"must look like owner/repo, got {repository!r}"))
+    return overridden
+
+
+def _lenient(data: dict[str, Any], first: ValidationError) -> tuple[DeployFile | None, set[str]]:
+    """Drop what failed and validate again; also returns the keys of jobs dropped whole."""
+    dropped: set[str] = set()
+    error = first
+    for _ in range(5):
+        for err in error.errors():
+            loc = tuple(err["loc"])
+            if err["type"] == "missing":
+                loc = loc[:-1]
+            if loc and loc[-1] == "[key]":
+                loc = loc[:-1]
+            if len(loc) < 2:
+                return None, dropped
+            parent: Any = data
+            for part in loc[:-1]:
+                parent = parent.get(part) if isinstance(parent, dict) else None
+            if isinstance(parent, dict):
+                parent.pop(loc[-1], None)
+                if loc[0] == "jobs" and len(loc) == 2:
+                    dropped.add(str(loc[1]))
+        try:
+            return DeployFile.model_validate(data), dropped
+        except ValidationError as exc:
+            error = exc
+    return None, dropped
+
+
+def _cross_field(file: DeployFile, dropped: set[str]) -> tuple[list[Problem], list[str]]:
+    """Rules across jobs; returns problems and the job keys in chain order (when valid)."""
+    problems: list[Problem] = []
+    project = file.project
+    if not project.name.strip():
+        problems.append(Problem("project.name", "must not be empty"))
+    if project.git_url is not None:
+        if _CREDENTIALS_IN_URL.match(project.git_url):
+            problems.append(
+                Problem("project.git_url", "must not contain credentials; pass GH_PAT as a secret instead")
+            )
+        elif not _GIT_URL.match(project.git_url):
+            message = f"must be an https://, ssh:// or git@ URL, got {project.git_url!r}"
+            problems.append(Problem("project.git_url", message))
+    if project.branch is not None and (not project.branch.strip() or " " in project.branch):
+        problems.append(Problem("project.branch", f"not a valid branch name: {project.branch!r}"))
+    problems += environment_problems(project.environment, "project.environment")
+
+    jobs = file.jobs
+    if not jobs and not dropped:
+        problems.append(Problem("jobs", "at least one job is required"))
+    names: dict[str, str] = {}
+    for key, job in jobs.items():
+        path = f"jobs.{key}"
+        if not _JOB_KEY.match(key):
+            problems.append(Problem(path, "job keys are letters, digits, _ and -, starting with a letter"))
+        if not job.name.strip():
+            problems.append(Problem(f"{path}.name", "must not be empty"))
+        elif job.name in names:
+            problems.append(
+                Problem(f"{path}.name", f"duplicate job name {job.name!r} (also jobs.{names[job.name]})")
+            )
+        else:
+            names[job.name] = key
+        why = is_relative_script(job.script)
+        if why:
+            problems.append(Problem(f"{path}.script", why))
+        problems += environment_problems(job.environment, f"{path}.environment")
+        parent = job.parent_job_key
+        if parent is not None and parent not in jobs and parent not in dropped:
+            hint = suggest(parent, jobs)
+            problems.append(Problem(f"{path}.parent_job_key", f"no job with key {parent!r}{hint}"))
+
+    # Cycles: follow parents from every job; a revisit means a loop.
+    in_cycle: set[str] = set()
+    for start in jobs:
+        trail: list[str] = []
+        key: str | None = start
+        while key is not None and key in jobs and key not in trail and key not in in_cycle:
+            trail.append(key)
+            key = jobs[key].parent_job_key
+        if key is not None and key in trail:
+            loop = trail[trail.index(key) :]
+            in_cycle.update(loop)
+            shown = " → ".join([*reversed(loop), loop[-1]])
+            problems.append(Problem(f"jobs.{loop[0]}.parent_job_key", f"jobs form a cycle: {shown}"))
+
+    roots = [key for key, job in jobs.items() if job.parent_job_key is None]
+    if jobs and not dropped:
+        if not roots and not in_cycle:
+            problems.append(Problem("jobs", "no root job: exactly one job must have no parent_job_key"))
+        elif len(roots) > 1:
+            problems.append(
+                Problem(
+                    "jobs",
+                    f"exactly one root job (without parent_job_key) is allowed, found {len(roots)}: "
+                    + ", ".join(roots),
+                )
+            )
+
+    order: list[str] = []
+    if len(roots) == 1:
+        stack = [roots[0]]
+        while stack:
+            key = stack.pop()
+            order.append(key)
+            stack.extend(reversed([k for k, j in jobs.items() if j.parent_job_key == key]))
+    return problems, order
+
+
+def parse_deploy_spec(
+    data: Any, *, env: Mapping[str, str] | None = None, source: str = DEFAULT_JOBS_FILE
+) -> DeploySpec:
+    """Validate loaded YAML data (env overrides applied first) into a DeploySpec.
+
+    ``env`` None means ``os.environ``; pass ``{}`` for no overrides. Raises ConfigError with every problem.
+    """
+    env = os.environ if env is None else env
+    if data is None:
+        raise ConfigError([Problem("", "the file is empty; expected `project:` and `jobs:`")], source)
+    if not isinstance(data, dict):
+        raise ConfigError(
+            [Problem("", f"expected a mapping with `project:` and `jobs:`, got {type(data).__name__}")],
+            source,
+        )
+    data = copy.deepcopy(data)
+    problems: list[Problem] = []
+    overridden = _apply_env(data, env, problems)
+    dropped: set[str] = set()
+    try:
+        file: DeployFile | None = DeployFile.model_validate(data)
+    except ValidationError as exc:
+        problems += problems_from_validation(exc, DeployFile)
+        file, dropped = _lenient(data, exc)
+    order: list[str] = []
+    if file is not None:
+        more, order = _cross_field(file, dropped)
+        problems += more
+    if problems:
+        renamed = [Problem(overridden.get(p.field, p.field), p.message) for p in problems]
+        raise ConfigError(list(dict.fromkeys(renamed)), source)
+    assert file is not None
+    jobs = {key: JobSpec(key=key, **file.jobs[key].model_dump()) for key in order}
+    return DeploySpec(project=file.project, jobs=jobs)
+
+
+def load_deploy_spec(path: str | Path | None = None, *, env: Mapping[str, str] | None = None) -> DeploySpec:
+    """Read and validate a jobs file (default ``cai_integration/jobs_config.yaml``)."""
+    file_path = Path(path) if path is not None else Path(DEFAULT_JOBS_FILE)
+    source = str(path) if path is not None else DEFAULT_JOBS_FILE
+    return parse_deploy_spec(load_yaml(file_path, source), env=env, source=source)

@@ -1,0 +1,160 @@
+"""Problems found in a config file, and the one exception that carries all of them."""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
+
+from pydantic import BaseModel, ValidationError
+
+
+class Problem(NamedTuple):
+    """One thing wrong with a config: where (a field path such as ``ray_cluster.worker_groups[1].gpus``,
+    an environment variable name, or ``line 3`` for YAML syntax) and what."""
+
+    field: str
+    message: str
+
+
+class ConfigError(ValueError):
+    """Invalid configuration. Carries every problem found, not just the first one.
+
+    ``str()`` gives one line per problem: ``<source>: <field>: <message>``.
+    """
+
+    def __init__(self, problems: Sequence[Problem], source: str) -> None:
+        self.problems: list[Problem] = list(problems)
+        self.source = source
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        return "\n".join(
+            f"{self.source}: {p.field}: {p.message}" if p.field else f"{self.source}: {p.message}"
+            for p in self.problems
+        )
+
+    def __str__(self) -> str:
+        return self._render()
+
+    def lines(self) -> list[str]:
+        """One line per problem, as printed by the CLI."""
+        return self._render().splitlines()
+
+
+def format_path(loc: Iterable[Any]) -> str:
+    """``("ray_cluster", "worker_groups", 1, "gpus")`` → ``ray_cluster.worker_groups[1].gpus``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part == "[key]":
+            continue  # pydantic's marker for "the key itself"; the key is already in the path
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def suggest(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for a close match, else ``""``."""
+    close = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    found: list[type[BaseModel]] = []
+    for arg in typing.get_args(annotation):
+        found.extend(_models_in(arg))
+    return found
+
+
+def _known_keys(model: type[BaseModel], loc: Sequence[Any]) -> set[str] | None:
+    """The field names of the model that sits at ``loc`` (the mapping holding an unknown key)."""
+    annotation: Any = model
+    for part in loc:
+        origin = typing.get_origin(annotation)
+        if origin in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(annotation) if a is not type(None)]
+            if len(args) != 1:
+                return None
+            annotation = args[0]
+            origin = typing.get_origin(annotation)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            field = annotation.model_fields.get(str(part))
+            if field is None:
+                return None
+            annotation = field.annotation
+        elif origin in (list, dict):
+            annotation = typing.get_args(annotation)[-1]
+        else:
+            return None
+    models = _models_in(annotation)
+    return set(models[0].model_fields) if len(models) == 1 else None
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+def _number(value: Any) -> str:
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+_MESSAGES = {
+    "int_type": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "float_type": "must be a number",
+    "string_type": "must be a string",
+    "bool_type": "must be true or false",
+    "dict_type": "must be a mapping",
+    "model_type": "must be a mapping",
+    "list_type": "must be a list",
+    "missing": "is required",
+}
+
+
+def problems_from_validation(
+    error: ValidationError, model: type[BaseModel], prefix: Sequence[Any] = ()
+) -> list[Problem]:
+    """Turn pydantic's errors into problems with readable paths and messages."""
+    problems: list[Problem] = []
+    for err in error.errors(include_url=False):
+        loc = tuple(prefix) + tuple(err["loc"])
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            known = _known_keys(model, err["loc"][:-1])
+            hint = suggest(str(err["loc"][-1]), known) if known else ""
+            if known and not hint:
+                hint = "; known keys: " + ", ".join(sorted(known))
+            problems.append(Problem(format_path(loc), f"unknown key{hint}"))
+            continue
+        if kind == "missing":
+            problems.append(Problem(format_path(loc), "is required"))
+            continue
+        if kind == "value_error":
+            message = str(err["msg"]).removeprefix("Value error, ")
+        elif kind in _MESSAGES:
+            message = _MESSAGES[kind]
+        elif kind == "greater_than":
+            message = f"must be greater than {_number(err['ctx']['gt'])}"
+        elif kind == "greater_than_equal":
+            message = f"must be {_number(err['ctx']['ge'])} or more"
+        elif kind == "less_than_equal":
+            message = f"must be {_number(err['ctx']['le'])} or less"
+        elif kind == "literal_error":
+            message = f"must be one of {err['ctx']['expected']}"
+        else:
+            message = str(err["msg"])
+        if loc and loc[-1] == "[key]" and kind == "string_type":
+            message = "key must be a string"
+        if kind != "value_error":
+            message += f", got {_describe(err['input'])}"
+        problems.append(Problem(format_path(loc), message))
+    return problems
