@@ -1,0 +1,170 @@
+"""Test controls of the workspace (not part of CML): request counters, injected faults, injected latency.
+
+Served under `/_workspace/` (see docs/architecture.md). Faults use a seeded RNG so a test run is
+reproducible; they never apply to `/_workspace/` itself.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray_serve_cai.workspace.errors import invalid_argument
+
+FAULT_STATUSES_DEFAULT = (500, 502, 503, 429)
+
+
+class RequestCounters:
+    """Counts `/api/v2/...` requests by `METHOD <route template>`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+
+    def record(self, method: str, route_template: str) -> None:
+        with self._lock:
+            self._counts[f"{method} {route_template}"] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            counts = dict(sorted(self._counts.items()))
+        return {"counts": counts, "total": sum(counts.values())}
+
+    def reset(self) -> None:
+        with self._lock:
+            self._counts.clear()
+
+
+@dataclass
+class FaultPlan:
+    """What to break, how often. Rates are probabilities per request in [0, 1]."""
+
+    error_rate: float = 0.0
+    statuses: list[int] = field(default_factory=lambda: list(FAULT_STATUSES_DEFAULT))
+    reset_rate: float = 0.0
+    drop_create_response_rate: float = 0.0
+    drop_mode: str = "502"  # "502": answer 502 instead; "reset": abort the connection
+    retry_after_seconds: int = 1
+    seed: int | None = None
+    paths: str = "/api/v2/"
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> FaultPlan:
+        plan = cls()
+        for rate_name in ("error_rate", "reset_rate", "drop_create_response_rate"):
+            value = body.get(rate_name, 0.0)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise invalid_argument(f"{rate_name} must be a number between 0 and 1")
+            setattr(plan, rate_name, float(value))
+        statuses = body.get("statuses", list(FAULT_STATUSES_DEFAULT))
+        if (
+            not isinstance(statuses, list)
+            or not statuses
+            or not all(isinstance(s, int) and 400 <= s <= 599 for s in statuses)
+        ):
+            raise invalid_argument("statuses must be a non-empty list of HTTP error statuses (400-599)")
+        plan.statuses = statuses
+        drop_mode = body.get("drop_mode", "502")
+        if drop_mode not in ("502", "reset"):
+            raise invalid_argument('drop_mode must be "502" or "reset"')
+        plan.drop_mode = drop_mode
+        retry_after = body.get("retry_after_seconds", 1)
+        if not isinstance(retry_after, int) or retry_after < 0:
+            raise invalid_argument("retry_after_seconds must be a non-negative integer")
+        plan.retry_after_seconds = retry_after
+        seed = body.get("seed")
+        if seed is not None and not isinstance(seed, int):
+            raise invalid_argument("seed must be an integer")
+        plan.seed = seed
+        paths = body.get("paths", "/api/v2/")
+        if not isinstance(paths, str) or not paths.startswith("/") or paths.startswith("/_workspace"):
+            raise invalid_argument("paths must be a path prefix outside /_workspace/")
+        plan.paths = paths
+        return plan
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "error_rate": self.error_rate,
+            "statuses": list(self.statuses),
+            "reset_rate": self.reset_rate,
+            "drop_create_response_rate": self.drop_create_response_rate,
+            "drop_mode": self.drop_mode,
+            "retry_after_seconds": self.retry_after_seconds,
+            "seed": self.seed,
+            "paths": self.paths,
+        }
+
+
+@dataclass
+class FaultDecision:
+    """What to do with one request: nothing, answer an error, abort, or drop the response of a create."""
+
+    error_status: int | None = None
+    reset: bool = False
+    drop_response: bool = False
+
+
+class FaultInjector:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.plan: FaultPlan | None = None
+        self._rng = random.Random()
+        self.injected: Counter[str] = Counter()
+
+    def configure(self, plan: FaultPlan) -> None:
+        with self._lock:
+            self.plan = plan
+            self._rng = random.Random(plan.seed)
+            self.injected.clear()
+
+    def clear(self) -> None:
+        with self._lock:
+            self.plan = None
+            self.injected.clear()
+
+    def decide(self, path: str, *, is_create: bool) -> FaultDecision:
+        with self._lock:
+            plan = self.plan
+            if plan is None or path.startswith("/_workspace") or not path.startswith(plan.paths):
+                return FaultDecision()
+            draw = self._rng.random()
+            if draw < plan.reset_rate:
+                self.injected["reset"] += 1
+                return FaultDecision(reset=True)
+            if draw < plan.reset_rate + plan.error_rate:
+                status = self._rng.choice(plan.statuses)
+                self.injected[f"error {status}"] += 1
+                return FaultDecision(error_status=status)
+            if is_create and self._rng.random() < plan.drop_create_response_rate:
+                self.injected["dropped create response"] += 1
+                return FaultDecision(drop_response=True)
+            return FaultDecision()
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "plan": self.plan.to_dict() if self.plan else None,
+                "injected": dict(self.injected),
+            }
+
+
+@dataclass
+class Latency:
+    """Injected delays: before an application's process starts, before a job run's process starts."""
+
+    app_start_seconds: float = 0.0
+    job_start_seconds: float = 0.0
+
+    def update(self, body: dict[str, Any]) -> None:
+        for name in ("app_start_seconds", "job_start_seconds"):
+            if name in body:
+                value = body[name]
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                    raise invalid_argument(f"{name} must be a non-negative number")
+                setattr(self, name, float(value))
+
+    def to_dict(self) -> dict[str, float]:
+        return {"app_start_seconds": self.app_start_seconds, "job_start_seconds": self.job_start_seconds}

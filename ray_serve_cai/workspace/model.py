@@ -1,0 +1,361 @@
+"""Records the workspace keeps (projects, jobs, job runs, applications) and how they render as CML objects.
+
+Records live in memory in the server process; `to_api()` renders the CML v2 JSON shape
+(`environment` as a JSON string, unset timestamps as `null`). Non-CML extras are documented
+where they are added (`log_path` on job runs and applications).
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import re
+import secrets
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from ray_serve_cai.workspace.errors import invalid_argument
+
+SUBDOMAIN_PATTERN = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+SUBDOMAIN_MAX_LENGTH = 63
+PROJECT_TEMPLATES = ("Python", "R", "PySpark", "Scala", "Churn Predictor", "local", "git", "blank")
+ENGINE_TYPES = ("ml_runtime", "legacy_engine")
+VISIBILITIES = ("private", "organization", "public")
+
+RUN_ACTIVE_STATUSES = frozenset({"ENGINE_SCHEDULING", "ENGINE_STARTING", "ENGINE_RUNNING", "ENGINE_STOPPING"})
+APP_ACTIVE_STATUSES = frozenset({"APPLICATION_STARTING", "APPLICATION_RUNNING", "APPLICATION_STOPPING"})
+
+_ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+_clock_lock = threading.Lock()
+_last_timestamp = datetime.min.replace(tzinfo=timezone.utc)
+
+
+def new_id() -> str:
+    """An id shaped like CML's public identifiers (`abcd-1234-efgh-5678`)."""
+    return "-".join("".join(secrets.choice(_ID_ALPHABET) for _ in range(4)) for _ in range(4))
+
+
+def now_timestamp() -> str:
+    """RFC 3339 UTC, strictly increasing within the process so sorting by time is total."""
+    global _last_timestamp
+    with _clock_lock:
+        moment = datetime.now(timezone.utc)
+        if moment <= _last_timestamp:
+            moment = _last_timestamp + timedelta(microseconds=1)
+        _last_timestamp = moment
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def current_user() -> dict[str, str]:
+    try:
+        username = getpass.getuser()
+    except (KeyError, OSError):
+        username = "cdsw"
+    return {"username": username, "name": username, "email": f"{username}@localhost"}
+
+
+# ---------------------------------------------------------------- request body validation
+
+
+def require_string(body: dict[str, Any], name: str) -> str:
+    value = body.get(name)
+    if value is None or (isinstance(value, str) and value.strip() == ""):
+        raise invalid_argument(f"{name} is required")
+    if not isinstance(value, str):
+        raise invalid_argument(f"{name} must be a string")
+    return value
+
+
+def optional_string(body: dict[str, Any], name: str, default: str = "") -> str:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise invalid_argument(f"{name} must be a string")
+    return value
+
+
+def optional_number(body: dict[str, Any], name: str, default: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise invalid_argument(f"{name} must be a number")
+    if value < 0:
+        raise invalid_argument(f"{name} must not be negative")
+    return float(value)
+
+
+def optional_int(body: dict[str, Any], name: str, default: int) -> int:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)  # grpc-gateway accepts int64 as strings
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid_argument(f"{name} must be an integer")
+    if value < 0:
+        raise invalid_argument(f"{name} must not be negative")
+    return value
+
+
+def optional_bool(body: dict[str, Any], name: str, default: bool) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise invalid_argument(f"{name} must be a boolean")
+    return value
+
+
+def _check_env_map(name: str, value: dict[Any, Any]) -> dict[str, str]:
+    for key, item in value.items():
+        if not isinstance(key, str) or not isinstance(item, str):
+            raise invalid_argument(f"{name} must map strings to strings (bad entry {key!r})")
+    return dict(value)
+
+
+def environment_on_create(body: dict[str, Any], name: str = "environment") -> dict[str, str]:
+    """On create CML takes `environment` as a JSON object of strings."""
+    value = body.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise invalid_argument(f"{name} must be a JSON object of strings on create")
+    return _check_env_map(name, value)
+
+
+def environment_on_update(body: dict[str, Any], name: str = "environment") -> dict[str, str]:
+    """On update CML takes `environment` as a JSON *string* holding an object; it replaces the map."""
+    value = body[name]
+    if not isinstance(value, str):
+        raise invalid_argument(f"{name} must be a JSON string on update (e.g. json.dumps of a dict)")
+    if value.strip() == "":
+        return {}
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        raise invalid_argument(f"{name} is not valid JSON") from None
+    if not isinstance(parsed, dict):
+        raise invalid_argument(f"{name} must encode a JSON object")
+    return _check_env_map(name, parsed)
+
+
+def validate_subdomain(subdomain: str) -> None:
+    if len(subdomain) > SUBDOMAIN_MAX_LENGTH:
+        raise invalid_argument(f"Problem with field Subdomain: longer than {SUBDOMAIN_MAX_LENGTH} characters")
+    if not SUBDOMAIN_PATTERN.match(subdomain):
+        raise invalid_argument("Problem with field Subdomain: invalid pattern (^[a-z0-9]+(-[a-z0-9]+)*$)")
+
+
+def validate_script_path(script: str) -> None:
+    path = Path(script)
+    if path.is_absolute() or ".." in path.parts:
+        raise invalid_argument("script must be a path relative to the project root")
+
+
+# ---------------------------------------------------------------- records
+
+
+@dataclass
+class Project:
+    id: str
+    name: str
+    description: str
+    visibility: str
+    default_engine_type: str
+    template: str
+    directory: Path
+    environment: dict[str, str] = field(default_factory=dict)
+    shared_memory_limit: int = 64
+    creation_status: str = "creating"
+    error_message: str = ""
+    owner: dict[str, str] = field(default_factory=current_user)
+    created_at: str = field(default_factory=now_timestamp)
+    updated_at: str = ""
+
+    def __post_init__(self) -> None:
+        self.updated_at = self.updated_at or self.created_at
+
+    def to_api(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "description": self.description,
+            "owner": dict(self.owner),
+            "creator": dict(self.owner),
+            "visibility": self.visibility,
+            "default_engine_type": self.default_engine_type,
+            "creation_status": self.creation_status,
+            "error_message": self.error_message,
+            "permissions": {"admin": True, "inherit": False, "read": True, "write": True},
+            "shared_memory_limit": self.shared_memory_limit,
+            "environment": json.dumps(self.environment),
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
+
+
+@dataclass
+class Job:
+    id: str
+    project_id: str
+    name: str
+    script: str
+    cpu: float = 1.0
+    memory: float = 1.0
+    nvidia_gpu: int = 0
+    environment: dict[str, str] = field(default_factory=dict)
+    arguments: str = ""
+    timeout: int = 0
+    kill_on_timeout: bool = True
+    parent_id: str = ""
+    schedule: str = ""
+    timezone: str = ""
+    paused: bool = False
+    kernel: str = ""
+    runtime_identifier: str = ""
+    runtime_addon_identifiers: list[str] = field(default_factory=list)
+    description: str = ""
+    creator: dict[str, str] = field(default_factory=current_user)
+    created_at: str = field(default_factory=now_timestamp)
+    updated_at: str = ""
+
+    def __post_init__(self) -> None:
+        self.updated_at = self.updated_at or self.created_at
+
+    def to_api(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "project_id": self.project_id,
+            "name": self.name,
+            "script": self.script,
+            "cpu": self.cpu,
+            "memory": self.memory,
+            "nvidia_gpu": self.nvidia_gpu,
+            "environment": json.dumps(self.environment),
+            "arguments": self.arguments,
+            "timeout": self.timeout,
+            "kill_on_timeout": self.kill_on_timeout,
+            "parent_id": self.parent_id,
+            "schedule": self.schedule,
+            "timezone": self.timezone,
+            "paused": self.paused,
+            "kernel": self.kernel,
+            "runtime_identifier": self.runtime_identifier,
+            "runtime_addon_identifiers": list(self.runtime_addon_identifiers),
+            "description": self.description,
+            "creator": dict(self.creator),
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
+
+
+@dataclass
+class JobRun:
+    id: str
+    project_id: str
+    job_id: str
+    arguments: str
+    environment: dict[str, str]
+    job_snapshot: dict[str, Any]
+    log_path: Path
+    status: str = "ENGINE_SCHEDULING"
+    failure_reason: str = ""
+    exit_code: int | None = None
+    created_at: str = field(default_factory=now_timestamp)
+    scheduling_at: str | None = None
+    starting_at: str | None = None
+    running_at: str | None = None
+    finished_at: str | None = None
+    stop_requested: bool = False
+
+    @property
+    def active(self) -> bool:
+        return self.status in RUN_ACTIVE_STATUSES
+
+    def to_api(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "project_id": self.project_id,
+            "job_id": self.job_id,
+            "status": self.status,
+            "failure_reason": self.failure_reason,
+            "exit_code": self.exit_code,
+            "arguments": self.arguments,
+            "environment": json.dumps(self.environment),
+            "cpu": self.job_snapshot.get("cpu"),
+            "memory": self.job_snapshot.get("memory"),
+            "nvidia_gpu": self.job_snapshot.get("nvidia_gpu"),
+            "kernel": self.job_snapshot.get("kernel", ""),
+            "runtime_identifier": self.job_snapshot.get("runtime_identifier", ""),
+            "creator": self.job_snapshot.get("creator", {}),
+            "created_at": self.created_at,
+            "scheduling_at": self.scheduling_at,
+            "starting_at": self.starting_at,
+            "running_at": self.running_at,
+            "finished_at": self.finished_at,
+            # Not a CML field: where this run's combined stdout/stderr is kept.
+            "log_path": str(self.log_path),
+        }
+
+
+@dataclass
+class Application:
+    id: str
+    project_id: str
+    name: str
+    subdomain: str
+    script: str
+    log_path: Path
+    description: str = ""
+    cpu: float = 1.0
+    memory: float = 1.0
+    nvidia_gpu: int = 0
+    kernel: str = ""
+    runtime_identifier: str = ""
+    runtime_addon_identifiers: list[str] = field(default_factory=list)
+    bypass_authentication: bool = False
+    environment: dict[str, str] = field(default_factory=dict)
+    status: str = "APPLICATION_STARTING"
+    creator: dict[str, str] = field(default_factory=current_user)
+    created_at: str = field(default_factory=now_timestamp)
+    updated_at: str = ""
+    running_at: str | None = None
+    stopped_at: str | None = None
+    started_at: str | None = None
+    app_port: int | None = None
+    readonly_port: int | None = None
+
+    def __post_init__(self) -> None:
+        self.updated_at = self.updated_at or self.created_at
+
+    def to_api(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "project_id": self.project_id,
+            "name": self.name,
+            "subdomain": self.subdomain,
+            "description": self.description,
+            "script": self.script,
+            "status": self.status,
+            "cpu": self.cpu,
+            "memory": self.memory,
+            "nvidia_gpu": self.nvidia_gpu,
+            "kernel": self.kernel,
+            "runtime_identifier": self.runtime_identifier,
+            "runtime_addon_identifiers": list(self.runtime_addon_identifiers),
+            "bypass_authentication": self.bypass_authentication,
+            "environment": json.dumps(self.environment),
+            "creator": dict(self.creator),
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "running_at": self.running_at,
+            "stopped_at": self.stopped_at,
+            "started_at": self.started_at,
+            # Not a CML field: where this application's stdout/stderr go (appended across restarts).
+            "log_path": str(self.log_path),
+        }

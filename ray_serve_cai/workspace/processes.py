@@ -1,0 +1,142 @@
+"""Workload processes: start each one in its own session with marker variables, and end whole trees.
+
+A workload (job run or application start) is a process tree, not a process: Ray daemons and other
+grandchildren may leave the process group (`setsid`) or be re-parented to init. Every workload
+process therefore carries `RAY_CAI_WORKLOAD_ID=<id>` and `RAY_CAI_WORKSPACE_TAG=<tag of this
+workspace>` in its environment, which its descendants inherit; ending a workload kills its process
+group, its live descendants and every process carrying its marker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import psutil
+
+WORKLOAD_MARKER = "RAY_CAI_WORKLOAD_ID"
+WORKSPACE_MARKER = "RAY_CAI_WORKSPACE_TAG"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def spawn_workload(
+    command: Sequence[str], *, cwd: Path, env: Mapping[str, str], log_path: Path
+) -> subprocess.Popen[bytes]:
+    """Start `command` in a new session, stdout and stderr appended to `log_path`."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log_file:
+        return subprocess.Popen(
+            list(command),
+            cwd=str(cwd),
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+        )
+
+
+def processes_with_marker(name: str, value: str) -> list[psutil.Process]:
+    """Live processes whose (initial) environment has `name=value`; unreadable ones are skipped."""
+    found: list[psutil.Process] = []
+    own_pid = os.getpid()
+    for process in psutil.process_iter():
+        if process.pid == own_pid:
+            continue
+        try:
+            if process.environ().get(name) == value:
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
+            continue
+    return found
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return []
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
+
+
+def _signal_all(processes: Iterable[psutil.Process], signum: int) -> None:
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
+            process.send_signal(signum)
+
+
+def _alive(processes: Iterable[psutil.Process]) -> list[psutil.Process]:
+    alive = []
+    for process in processes:
+        try:
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(process)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return alive
+
+
+def end_process_tree(
+    leader: subprocess.Popen[bytes] | None,
+    *,
+    marker_value: str | None,
+    grace_seconds: float,
+    marker_name: str = WORKLOAD_MARKER,
+) -> None:
+    """SIGTERM the workload's group, descendants and marked processes; SIGKILL what is left after the grace.
+
+    Blocking; call it from a worker thread. The leader is reaped so no zombie remains.
+    """
+    targets: dict[int, psutil.Process] = {}
+    pgid: int | None = None
+    if leader is not None and leader.poll() is None:
+        pgid = leader.pid  # start_new_session=True makes the leader its own group leader
+        targets.update({p.pid: p for p in _descendants(leader.pid)})
+    if marker_value:
+        targets.update({p.pid: p for p in processes_with_marker(marker_name, marker_value)})
+
+    if pgid is not None:
+        _signal_group(pgid, signal.SIGTERM)
+    _signal_all(targets.values(), signal.SIGTERM)
+
+    deadline = time.monotonic() + max(grace_seconds, 0.0)
+    while time.monotonic() < deadline:
+        if leader is not None:
+            leader.poll()
+        if not _alive(targets.values()):
+            break
+        time.sleep(0.05)
+
+    # Anything still alive, plus anything started with the marker while we waited.
+    if marker_value:
+        targets.update({p.pid: p for p in processes_with_marker(marker_name, marker_value)})
+    remaining = _alive(targets.values())
+    if pgid is not None:
+        _signal_group(pgid, signal.SIGKILL)
+    _signal_all(remaining, signal.SIGKILL)
+    psutil.wait_procs(remaining, timeout=5)
+    if leader is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            leader.wait(timeout=5)
+
+
+def live_marked_pids(marker_name: str, marker_value: str) -> list[int]:
+    return sorted(p.pid for p in _alive(processes_with_marker(marker_name, marker_value)))

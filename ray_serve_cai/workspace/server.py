@@ -1,0 +1,560 @@
+"""The workspace HTTP server: CML API v2 routes, bearer auth, app routing by `Host`, test controls.
+
+`create_server()` builds the ASGI app; `serve()` binds 127.0.0.1, records `state.json` and runs uvicorn
+until SIGTERM/SIGINT, then ends every workload it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+from starlette.types import Message, Receive, Scope, Send
+
+from ray_serve_cai.workspace.controls import FaultInjector, FaultPlan, Latency, RequestCounters
+from ray_serve_cai.workspace.errors import (
+    GRPC_CODE_OF_HTTP_STATUS,
+    GrpcCode,
+    WorkspaceAPIError,
+    error_body,
+    invalid_argument,
+)
+from ray_serve_cai.workspace.listing import list_page
+from ray_serve_cai.workspace.runtimes import load_runtimes
+from ray_serve_cai.workspace.service import WorkspaceService
+from ray_serve_cai.workspace.statefile import ensure_api_key, read_state, write_state
+from ray_serve_cai.workspace.supervisor import Supervisor
+
+logger = logging.getLogger(__name__)
+
+API_PREFIX = "/api/v2"
+CONTROL_PREFIX = "/_workspace"
+DEFAULT_STOP_GRACE_SECONDS = 10.0
+# POSTs to these routes create a resource; `drop_create_response_rate` applies to them.
+CREATE_ROUTES = frozenset(
+    {
+        f"{API_PREFIX}/projects",
+        f"{API_PREFIX}/projects/{{project_id}}/jobs",
+        f"{API_PREFIX}/projects/{{project_id}}/jobs/{{job_id}}/runs",
+        f"{API_PREFIX}/projects/{{project_id}}/applications",
+    }
+)
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+
+@dataclass
+class ServerConfig:
+    home: Path
+    api_key: str
+    port: int
+    stop_grace_seconds: float = DEFAULT_STOP_GRACE_SECONDS
+
+    @property
+    def url(self) -> str:
+        return f"http://localhost:{self.port}"
+
+    @property
+    def domain(self) -> str:
+        return f"localhost:{self.port}"
+
+    def __repr__(self) -> str:  # keep the key out of any log line
+        return f"ServerConfig(home={self.home!s}, port={self.port})"
+
+
+def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def _read_body(request: Request, *, allow_empty: bool = True) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw.strip():
+        if allow_empty:
+            return {}
+        raise invalid_argument("request body is required")
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise invalid_argument("request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise invalid_argument("request body must be a JSON object")
+    return body
+
+
+def _list_response(request: Request, items: list[dict[str, Any]], key: str) -> JSONResponse:
+    query = request.query_params
+    return _json(
+        200,
+        list_page(
+            items,
+            key,
+            search_filter=query.get("search_filter"),
+            sort=query.get("sort"),
+            page_size=query.get("page_size"),
+            page_token=query.get("page_token"),
+        ),
+    )
+
+
+def build_api(service: WorkspaceService, controls: dict[str, Any], config: ServerConfig) -> FastAPI:
+    """The FastAPI app with the CML routes and the `/_workspace/` controls (auth is in the gateway)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        logger.info("shutting down: ending every workload")
+        await service.shutdown()
+
+    api = FastAPI(docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+
+    @api.exception_handler(WorkspaceAPIError)
+    async def on_api_error(_: Request, exc: WorkspaceAPIError) -> JSONResponse:
+        return _json(exc.http_status, exc.body())
+
+    @api.exception_handler(StarletteHTTPException)
+    async def on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = GRPC_CODE_OF_HTTP_STATUS.get(exc.status_code, GrpcCode.INTERNAL)
+        message = "no such API route" if exc.status_code == 404 else str(exc.detail)
+        return _json(exc.status_code, error_body(code, message))
+
+    @api.exception_handler(Exception)
+    async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unexpected error", exc_info=exc)
+        return _json(500, error_body(GrpcCode.INTERNAL, "internal workspace error"))
+
+    p = API_PREFIX
+
+    # --- projects
+    @api.get(f"{p}/projects")
+    async def list_projects(request: Request) -> JSONResponse:
+        return _list_response(request, service.list_projects(), "projects")
+
+    @api.post(f"{p}/projects")
+    async def create_project(request: Request) -> JSONResponse:
+        return _json(200, service.create_project(await _read_body(request, allow_empty=False)).to_api())
+
+    @api.get(f"{p}/projects/{{project_id}}")
+    async def get_project(project_id: str) -> JSONResponse:
+        return _json(200, service.get_project(project_id).to_api())
+
+    @api.patch(f"{p}/projects/{{project_id}}")
+    async def update_project(project_id: str, request: Request) -> JSONResponse:
+        return _json(200, service.update_project(project_id, await _read_body(request)).to_api())
+
+    @api.delete(f"{p}/projects/{{project_id}}")
+    async def delete_project(project_id: str) -> JSONResponse:
+        await service.delete_project(project_id)
+        return _json(200, {})
+
+    # --- runtimes
+    @api.get(f"{p}/runtimes")
+    async def list_runtimes(request: Request) -> JSONResponse:
+        return _list_response(request, service.list_runtimes(), "runtimes")
+
+    # --- jobs
+    @api.get(f"{p}/projects/{{project_id}}/jobs")
+    async def list_jobs(project_id: str, request: Request) -> JSONResponse:
+        return _list_response(request, service.list_jobs(project_id), "jobs")
+
+    @api.post(f"{p}/projects/{{project_id}}/jobs")
+    async def create_job(project_id: str, request: Request) -> JSONResponse:
+        body = await _read_body(request, allow_empty=False)
+        return _json(200, service.create_job(project_id, body).to_api())
+
+    @api.get(f"{p}/projects/{{project_id}}/jobs/{{job_id}}")
+    async def get_job(project_id: str, job_id: str) -> JSONResponse:
+        return _json(200, service.get_job(project_id, job_id).to_api())
+
+    @api.patch(f"{p}/projects/{{project_id}}/jobs/{{job_id}}")
+    async def update_job(project_id: str, job_id: str, request: Request) -> JSONResponse:
+        return _json(200, service.update_job(project_id, job_id, await _read_body(request)).to_api())
+
+    @api.delete(f"{p}/projects/{{project_id}}/jobs/{{job_id}}")
+    async def delete_job(project_id: str, job_id: str) -> JSONResponse:
+        await service.delete_job(project_id, job_id)
+        return _json(200, {})
+
+    # --- job runs (the `:stop` action is declared before the plain run route)
+    @api.post(f"{p}/projects/{{project_id}}/jobs/{{job_id}}/runs/{{run_id}}:stop")
+    async def stop_run(project_id: str, job_id: str, run_id: str) -> JSONResponse:
+        return _json(200, service.stop_run(project_id, job_id, run_id).to_api())
+
+    @api.get(f"{p}/projects/{{project_id}}/jobs/{{job_id}}/runs")
+    async def list_runs(project_id: str, job_id: str, request: Request) -> JSONResponse:
+        return _list_response(request, service.list_runs(project_id, job_id), "job_runs")
+
+    @api.post(f"{p}/projects/{{project_id}}/jobs/{{job_id}}/runs")
+    async def create_run(project_id: str, job_id: str, request: Request) -> JSONResponse:
+        return _json(200, service.create_run(project_id, job_id, await _read_body(request)).to_api())
+
+    @api.get(f"{p}/projects/{{project_id}}/jobs/{{job_id}}/runs/{{run_id}}")
+    async def get_run(project_id: str, job_id: str, run_id: str) -> JSONResponse:
+        return _json(200, service.get_run(project_id, job_id, run_id).to_api())
+
+    # --- applications
+    @api.post(f"{p}/projects/{{project_id}}/applications/{{application_id}}:stop")
+    async def stop_app(project_id: str, application_id: str) -> JSONResponse:
+        return _json(200, service.stop_app(project_id, application_id).to_api())
+
+    @api.post(f"{p}/projects/{{project_id}}/applications/{{application_id}}:restart")
+    async def restart_app(project_id: str, application_id: str) -> JSONResponse:
+        return _json(200, service.restart_app(project_id, application_id).to_api())
+
+    @api.get(f"{p}/projects/{{project_id}}/applications")
+    async def list_apps(project_id: str, request: Request) -> JSONResponse:
+        return _list_response(request, service.list_apps(project_id), "applications")
+
+    @api.post(f"{p}/projects/{{project_id}}/applications")
+    async def create_app(project_id: str, request: Request) -> JSONResponse:
+        body = await _read_body(request, allow_empty=False)
+        return _json(200, service.create_app(project_id, body).to_api())
+
+    @api.get(f"{p}/projects/{{project_id}}/applications/{{application_id}}")
+    async def get_app(project_id: str, application_id: str) -> JSONResponse:
+        return _json(200, service.get_app(project_id, application_id).to_api())
+
+    @api.patch(f"{p}/projects/{{project_id}}/applications/{{application_id}}")
+    async def update_app(project_id: str, application_id: str, request: Request) -> JSONResponse:
+        body = await _read_body(request)
+        return _json(200, service.update_app(project_id, application_id, body).to_api())
+
+    @api.delete(f"{p}/projects/{{project_id}}/applications/{{application_id}}")
+    async def delete_app(project_id: str, application_id: str) -> JSONResponse:
+        await service.delete_app(project_id, application_id)
+        return _json(200, {})
+
+    # --- test controls
+    counters: RequestCounters = controls["counters"]
+    faults: FaultInjector = controls["faults"]
+    latency: Latency = controls["latency"]
+    c = CONTROL_PREFIX
+
+    @api.get(f"{c}/health")
+    async def health() -> JSONResponse:
+        return _json(200, {"status": "ok", "pid": os.getpid(), "url": config.url, "home": str(config.home)})
+
+    @api.get(f"{c}/counters")
+    async def get_counters() -> JSONResponse:
+        return _json(200, counters.snapshot())
+
+    @api.post(f"{c}/counters:reset")
+    async def reset_counters() -> JSONResponse:
+        counters.reset()
+        return _json(200, counters.snapshot())
+
+    @api.get(f"{c}/faults")
+    async def get_faults() -> JSONResponse:
+        return _json(200, faults.snapshot())
+
+    @api.put(f"{c}/faults")
+    async def put_faults(request: Request) -> JSONResponse:
+        faults.configure(FaultPlan.from_body(await _read_body(request)))
+        return _json(200, faults.snapshot())
+
+    @api.delete(f"{c}/faults")
+    async def delete_faults() -> JSONResponse:
+        faults.clear()
+        return _json(200, faults.snapshot())
+
+    @api.get(f"{c}/latency")
+    async def get_latency() -> JSONResponse:
+        return _json(200, latency.to_dict())
+
+    @api.put(f"{c}/latency")
+    async def put_latency(request: Request) -> JSONResponse:
+        body = await _read_body(request)
+        replacement = Latency()
+        replacement.update(body)
+        latency.update(replacement.to_dict())
+        return _json(200, latency.to_dict())
+
+    @api.get(f"{c}/processes")
+    async def list_processes() -> JSONResponse:
+        found = await asyncio.to_thread(service.supervisor.live_workload_processes)
+        return _json(200, {"processes": found, "pids": sorted(int(str(p["pid"])) for p in found)})
+
+    return api
+
+
+class WorkspaceGateway:
+    """Outermost ASGI layer: request ids, bearer auth, app routing by Host, counters and faults."""
+
+    def __init__(
+        self,
+        api: FastAPI,
+        service: WorkspaceService,
+        config: ServerConfig,
+        counters: RequestCounters,
+        faults: FaultInjector,
+    ) -> None:
+        self.api = api
+        self.service = service
+        self.config = config
+        self.counters = counters
+        self.faults = faults
+        self._proxy_client = httpx.AsyncClient(
+            timeout=httpx.Timeout(300.0, connect=5.0), trust_env=False, follow_redirects=False
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.api(scope, receive, send)
+            return
+        request_id = uuid.uuid4().hex
+
+        async def send_with_request_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                headers.append((b"x-request-id", request_id.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        authorized = self._authorized(headers.get("authorization", ""))
+        subdomain = self._subdomain_of(headers.get("host", ""))
+        if subdomain is not None:
+            if not authorized:
+                await self._send_json(send_with_request_id, 401, error_body(16, "authentication required"))
+                return
+            await self._proxy_to_app(subdomain, scope, receive, send_with_request_id)
+            return
+
+        path: str = scope["path"]
+        method: str = scope["method"]
+        template = self._route_template(scope) if path.startswith(API_PREFIX) else None
+        if template is not None:
+            self.counters.record(method, template)
+        if not authorized:
+            await self._send_json(
+                send_with_request_id, 401, error_body(16, "missing or invalid API key (Bearer)")
+            )
+            return
+        if template is None:
+            await self.api(scope, receive, send_with_request_id)
+            return
+
+        decision = self.faults.decide(path, is_create=method == "POST" and template in CREATE_ROUTES)
+        if decision.reset:
+            await self._abort_connection(send)
+            return
+        if decision.error_status is not None:
+            extra = {}
+            if decision.error_status == 429:
+                plan = self.faults.plan
+                extra["Retry-After"] = str(plan.retry_after_seconds if plan else 1)
+            code = GRPC_CODE_OF_HTTP_STATUS.get(decision.error_status, GrpcCode.INTERNAL)
+            await self._send_json(
+                send_with_request_id,
+                decision.error_status,
+                error_body(code, f"injected fault: HTTP {decision.error_status}"),
+                extra,
+            )
+            return
+        if decision.drop_response:
+
+            async def discard(_: Message) -> None:
+                return None
+
+            await self.api(scope, receive, discard)
+            plan = self.faults.plan
+            if plan is not None and plan.drop_mode == "reset":
+                await self._abort_connection(send)
+            else:
+                await self._send_json(
+                    send_with_request_id, 502, error_body(14, "injected fault: create response lost")
+                )
+            return
+        await self.api(scope, receive, send_with_request_id)
+
+    def _authorized(self, authorization: str) -> bool:
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return False
+        return hmac.compare_digest(token.strip().encode(), self.config.api_key.encode())
+
+    @staticmethod
+    def _subdomain_of(host: str) -> str | None:
+        hostname = host.rsplit(":", 1)[0].lower() if ":" in host else host.lower()
+        if hostname.endswith(".localhost"):
+            label = hostname[: -len(".localhost")]
+            return label or None
+        return None
+
+    def _route_template(self, scope: Scope) -> str:
+        partial: str | None = None
+        for route in self.api.router.routes:
+            match, _ = route.matches(scope)
+            if match == Match.FULL:
+                return str(getattr(route, "path", scope["path"]))
+            if match == Match.PARTIAL and partial is None:
+                partial = str(getattr(route, "path", scope["path"]))
+        return partial or scope["path"]
+
+    @staticmethod
+    async def _send_json(
+        send: Send, status: int, body: Any, extra_headers: dict[str, str] | None = None
+    ) -> None:
+        payload = json.dumps(body).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+        headers += [(k.lower().encode(), v.encode()) for k, v in (extra_headers or {}).items()]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": payload, "more_body": False})
+
+    @staticmethod
+    async def _abort_connection(send: Send) -> None:
+        """Drop the TCP connection without any response (uvicorn keeps the transport on its cycle)."""
+        cycle = getattr(send, "__self__", None)
+        transport = getattr(cycle, "transport", None)
+        if transport is not None:
+            transport.abort()
+            with contextlib.suppress(Exception):
+                cycle.disconnected = True  # type: ignore[union-attr]
+            await asyncio.sleep(0)
+            return
+        # Fallback: promise a body and never send it.
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"1024")]})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _proxy_to_app(self, subdomain: str, scope: Scope, receive: Receive, send: Send) -> None:
+        app = self.service.app_by_subdomain(subdomain)
+        if app is None:
+            await self._send_json(send, 404, error_body(5, f"no application with subdomain {subdomain!r}"))
+            return
+        if app.status != "APPLICATION_RUNNING" or app.app_port is None:
+            await self._send_json(
+                send, 503, error_body(14, f"application {subdomain!r} is not running (status {app.status})")
+            )
+            return
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        request_headers = [
+            (k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope.get("headers", [])
+        ]
+        original_host = next((v for k, v in request_headers if k == "host"), "")
+        forwarded_headers = [
+            (k, v)
+            for k, v in request_headers
+            if k not in ("authorization", "host", "content-length") and k not in _HOP_BY_HOP
+        ]
+        forwarded_headers += [("x-forwarded-host", original_host), ("x-forwarded-proto", "http")]
+        raw_path = scope.get("raw_path") or scope["path"].encode()
+        target = f"http://127.0.0.1:{app.app_port}{raw_path.decode('latin-1')}"
+        query = scope.get("query_string", b"").decode("latin-1")
+        if query:
+            target = f"{target}?{query}"
+        request = self._proxy_client.build_request(
+            scope["method"], target, headers=forwarded_headers, content=bytes(body)
+        )
+        try:
+            response = await self._proxy_client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            await self._send_json(
+                send, 502, error_body(14, f"application {subdomain!r} did not answer: {type(exc).__name__}")
+            )
+            return
+        try:
+            headers = [
+                (k.lower().encode("latin-1"), v.encode("latin-1"))
+                for k, v in response.headers.multi_items()
+                if k.lower() not in _HOP_BY_HOP
+            ]
+            await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+            async for chunk in response.aiter_raw():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            await response.aclose()
+
+
+def create_server(config: ServerConfig, workspace_tag: str | None = None) -> WorkspaceGateway:
+    """The whole ASGI application of a workspace rooted at `config.home`."""
+    latency = Latency()
+    counters = RequestCounters()
+    faults = FaultInjector()
+    supervisor = Supervisor(
+        domain=config.domain,
+        api_url=config.url,
+        api_key=config.api_key,
+        workspace_tag=workspace_tag or f"{config.port}-{secrets.token_hex(6)}",
+        latency=latency,
+        stop_grace_seconds=config.stop_grace_seconds,
+    )
+    service = WorkspaceService(config.home, supervisor, load_runtimes(config.home))
+    api = build_api(service, {"counters": counters, "faults": faults, "latency": latency}, config)
+    return WorkspaceGateway(api, service, config, counters, faults)
+
+
+def serve(home: Path, port: int = 0, stop_grace_seconds: float = DEFAULT_STOP_GRACE_SECONDS) -> None:
+    """Run the workspace server in the foreground until SIGTERM/SIGINT."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "projects").mkdir(exist_ok=True)
+    api_key = ensure_api_key(home)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(512)
+    config = ServerConfig(home=home, api_key=api_key, port=int(sock.getsockname()[1]),
+                          stop_grace_seconds=stop_grace_seconds)  # fmt: skip
+    workspace_tag = f"{config.port}-{secrets.token_hex(6)}"
+    gateway = create_server(config, workspace_tag)
+    state = read_state(home)
+    state.update(
+        {
+            "url": config.url,
+            "api_key": api_key,
+            "pid": os.getpid(),
+            "home": str(home),
+            "port": config.port,
+            "workspace_tag": workspace_tag,
+        }
+    )
+    write_state(home, state)
+    logger.info("workspace serving %s (home %s)", config.url, home)
+    uvicorn_config = uvicorn.Config(
+        gateway,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+    )
+    try:
+        uvicorn.Server(uvicorn_config).run(sockets=[sock])
+    finally:
+        state = read_state(home)
+        if state.get("pid") == os.getpid():
+            state["pid"] = None
+            write_state(home, state)
