@@ -40,6 +40,7 @@ from ray_serve_cai.cml import (
 )
 from ray_serve_cai.cml._errors import error_from_response
 from ray_serve_cai.cml._retry import is_action_path, parse_retry_after
+from ray_serve_cai.cml._transport import LoopbackTransport
 
 KEY = "sk-unit-test-0123456789abcdef"
 
@@ -533,3 +534,18 @@ def test_app_request_dials_loopback_and_keeps_host() -> None:
     assert (request.url.host, request.url.port, request.url.path) == ("127.0.0.1", 4321, "/ray-cai/status")
     assert request.headers["host"] == "ray-x-head.localhost:4321"
     assert request.headers["authorization"] == f"Bearer {KEY}"
+
+
+def test_loopback_bypasses_environment_proxies_and_others_use_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.invalid:3128")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    with CMLClient(CMLSettings(host="http://localhost:4321", api_key=KEY)) as client:
+        # httpx's transport selection (private, stable since 0.18) shows where each URL would go.
+        pick = client._apps._transport_for_url
+        for url in ("http://app.localhost:4321/", "http://localhost:4321/", "http://127.0.0.1:4321/"):
+            assert isinstance(pick(httpx.URL(url)), LoopbackTransport), url
+        proxied = pick(httpx.URL("https://app.ml.example.com/"))
+        assert not isinstance(proxied, LoopbackTransport)
+        assert proxied is not client._apps._transport  # the environment proxy's transport

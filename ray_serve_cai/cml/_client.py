@@ -66,6 +66,8 @@ _APPLICATION_PATCH = frozenset(
     }
 )  # fmt: skip
 
+_LOOPBACK_PATTERNS = ("all://localhost", "all://*.localhost", "all://127.0.0.1")
+
 T = TypeVar("T", bound=BaseModel)
 
 
@@ -144,13 +146,17 @@ class CMLClient:
         headers = {"Authorization": f"Bearer {self._key}", "User-Agent": _USER_AGENT}
 
         def make(base_url: str) -> httpx.Client:
-            inner = transport if transport is not None else httpx.HTTPTransport(verify=verify)
+            # Loopback names (the local workspace) are dialled directly, never through an environment
+            # proxy; everything else gets httpx's default transport, which honours HTTP(S)_PROXY.
+            # A transport passed in (tests) is used for everything, as httpx does.
+            loopback = LoopbackTransport(transport or httpx.HTTPTransport(verify=verify))
             return httpx.Client(
                 base_url=base_url,
                 headers=headers,
                 timeout=timeout,
                 verify=verify,
-                transport=LoopbackTransport(inner),
+                transport=loopback if transport is not None else None,
+                mounts={pattern: loopback for pattern in _LOOPBACK_PATTERNS},
                 follow_redirects=False,
             )
 
