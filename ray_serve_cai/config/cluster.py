@@ -313,6 +313,7 @@ def cluster_problems(spec: ClusterSpec, where: Callable[[str], str] = lambda p: 
     if not name_ok:
         add("name", f"{_NAME_RULE} (it becomes part of every app name and subdomain), got {spec.name!r}")
     elif len(head_app_name(spec.name)) > MAX_APP_NAME:
+        name_ok = False  # every worker app name is longer still; one problem is enough
         add("name", f"app name {head_app_name(spec.name)!r} is longer than {MAX_APP_NAME} characters")
 
     seen: dict[str, int] = {}

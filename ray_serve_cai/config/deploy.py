@@ -166,8 +166,12 @@ def _lenient(data: dict[str, Any], first: ValidationError) -> tuple[DeployFile |
     return None, dropped
 
 
-def _cross_field(file: DeployFile, dropped: set[str]) -> tuple[list[Problem], list[str]]:
-    """Rules across jobs; returns problems and the job keys in chain order (when valid)."""
+def _cross_field(file: DeployFile, dropped: set[str], tainted: set[str]) -> tuple[list[Problem], list[str]]:
+    """Rules across jobs; returns problems and the job keys in chain order (when valid).
+
+    ``dropped``: jobs left out after field errors; ``tainted``: jobs with any field error (their
+    parent_job_key may have been lost, so the root count is not checked).
+    """
     problems: list[Problem] = []
     project = file.project
     if not project.name.strip():
@@ -220,11 +224,11 @@ def _cross_field(file: DeployFile, dropped: set[str]) -> tuple[list[Problem], li
         if key is not None and key in trail:
             loop = trail[trail.index(key) :]
             in_cycle.update(loop)
-            shown = " → ".join([*reversed(loop), loop[-1]])
-            problems.append(Problem(f"jobs.{loop[0]}.parent_job_key", f"jobs form a cycle: {shown}"))
+            shown = " → ".join([*loop, loop[0]])
+            problems.append(Problem(f"jobs.{loop[0]}.parent_job_key", f"parent_job_key forms a cycle: {shown}"))
 
     roots = [key for key, job in jobs.items() if job.parent_job_key is None]
-    if jobs and not dropped:
+    if jobs and not dropped and not tainted:
         if not roots and not in_cycle:
             problems.append(Problem("jobs", "no root job: exactly one job must have no parent_job_key"))
         elif len(roots) > 1:
@@ -265,14 +269,16 @@ def parse_deploy_spec(
     problems: list[Problem] = []
     overridden = _apply_env(data, env, problems)
     dropped: set[str] = set()
+    tainted: set[str] = set()
     try:
         file: DeployFile | None = DeployFile.model_validate(data)
     except ValidationError as exc:
         problems += problems_from_validation(exc, DeployFile)
+        tainted = {str(e["loc"][1]) for e in exc.errors() if e["loc"][0] == "jobs" and len(e["loc"]) > 1}
         file, dropped = _lenient(data, exc)
     order: list[str] = []
     if file is not None:
-        more, order = _cross_field(file, dropped)
+        more, order = _cross_field(file, dropped, tainted)
         problems += more
     if problems:
         renamed = [Problem(overridden.get(p.field, p.field), p.message) for p in problems]
