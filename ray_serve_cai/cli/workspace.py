@@ -1,0 +1,104 @@
+"""`ray-cai workspace`: start, inspect and stop the local CML workspace daemon.
+
+`env` is the one command that prints the API key, on purpose, for `eval "$(ray-cai workspace env)"`.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ray_serve_cai.workspace.daemon import (
+    WorkspaceError,
+    WorkspaceInfo,
+    start_workspace,
+    stop_workspace,
+    workspace_info,
+)
+from ray_serve_cai.workspace.server import DEFAULT_STOP_GRACE_SECONDS
+from ray_serve_cai.workspace.statefile import resolve_home
+
+EXIT_OK = 0
+EXIT_NOT_RUNNING = 1
+
+app = typer.Typer(
+    help="The local CML workspace: CML API v2 on loopback, jobs and applications as local processes.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+HomeOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--home", help="Workspace home (default: $RAY_CAI_WORKSPACE_HOME or the user data directory)."
+    ),
+]
+
+
+def _describe(info: WorkspaceInfo) -> dict[str, object]:
+    return {"running": True, "url": info.url, "domain": info.domain, "pid": info.pid, "home": str(info.home)}
+
+
+@app.command("start")
+def start(
+    port: Annotated[int, typer.Option("--port", help="Port on 127.0.0.1 (default: a free one).")] = 0,
+    home: HomeOption = None,
+    stop_grace_seconds: Annotated[
+        float, typer.Option("--stop-grace-seconds", help="SIGTERM→SIGKILL grace when stopping workloads.")
+    ] = DEFAULT_STOP_GRACE_SECONDS,
+) -> None:
+    """Start the workspace in the background (does nothing when it already runs) and wait until it answers."""
+    running = workspace_info(home)
+    if running is not None:
+        typer.echo(f"workspace already running at {running.url} (pid {running.pid}, home {running.home})")
+        raise typer.Exit(EXIT_OK)
+    try:
+        info = start_workspace(home, port, stop_grace_seconds=stop_grace_seconds)
+    except WorkspaceError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_NOT_RUNNING) from None
+    typer.echo(f"workspace running at {info.url} (pid {info.pid}, home {info.home})")
+    typer.echo('use it with: eval "$(ray-cai workspace env)"')
+
+
+@app.command("env")
+def env(home: HomeOption = None) -> None:
+    """Print `export CML_HOST=...` and `export CML_API_KEY=...` for the running workspace (for eval)."""
+    info = workspace_info(home)
+    if info is None:
+        typer.echo("error: the workspace is not running (ray-cai workspace start)", err=True)
+        raise typer.Exit(EXIT_NOT_RUNNING)
+    typer.echo(f"export CML_HOST={shlex.quote(info.url)}")
+    typer.echo(f"export CML_API_KEY={shlex.quote(info.api_key)}")
+
+
+@app.command("status")
+def status(
+    home: HomeOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+) -> None:
+    """Show whether the workspace runs, where, and its home; exit 1 when it does not run."""
+    info = workspace_info(home)
+    if info is None:
+        if as_json:
+            typer.echo(json.dumps({"running": False, "home": str(resolve_home(home))}))
+        else:
+            typer.echo(f"workspace not running (home {resolve_home(home)})")
+        raise typer.Exit(EXIT_NOT_RUNNING)
+    if as_json:
+        typer.echo(json.dumps(_describe(info)))
+    else:
+        typer.echo(f"workspace running at {info.url} (pid {info.pid}, home {info.home})")
+
+
+@app.command("stop")
+def stop(home: HomeOption = None) -> None:
+    """Stop every job run and application the workspace started, then the server."""
+    if stop_workspace(home):
+        typer.echo("workspace stopped")
+    else:
+        typer.echo("workspace was not running")

@@ -1,0 +1,43 @@
+"""Shared fixtures: a real local CML workspace daemon for the whole test session.
+
+* `workspace` (session): a `WorkspaceHandle` with `.url`, `.api_key`, `.home`, `.api(method, path, **kw)`,
+  `.counters()`, `.reset_counters()`, `.set_faults(**kw)`, `.clear_faults()`, `.set_latency(**kw)` and
+  waiting helpers. Tests stop every workload they start and reset the controls they change.
+* `workspace_env` (function): `CML_HOST` / `CML_API_KEY` pointing at that workspace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ray_serve_cai.workspace.daemon import start_workspace, stop_workspace
+from ray_serve_cai.workspace.testing import WorkspaceHandle
+
+TEST_APPS_DIR = Path(__file__).parent / "apps"
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkspaceHandle]:
+    home = tmp_path_factory.mktemp("workspace-home")
+    info = start_workspace(home)
+    handle = WorkspaceHandle(info)
+    try:
+        yield handle
+    finally:
+        handle.close()
+        stop_workspace(home)
+
+
+@pytest.fixture
+def workspace_env(workspace: WorkspaceHandle, monkeypatch: pytest.MonkeyPatch) -> WorkspaceHandle:
+    monkeypatch.setenv("CML_HOST", workspace.url)
+    monkeypatch.setenv("CML_API_KEY", workspace.api_key)
+    return workspace
+
+
+@pytest.fixture
+def test_apps_dir() -> Path:
+    return TEST_APPS_DIR
