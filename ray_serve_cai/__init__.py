@@ -4,3 +4,6 @@ The public Python API (what a notebook uses) is re-exported here as the layers l
 """
 
 __version__ = "0.1.0"
+
+# The one Ray minor version this release is tested with (the `ray` extra pins it).
+RAY_MINOR = "2.60"

@@ -1,0 +1,300 @@
+"""`ray-cai plan / up / status / scale / down / connect`: thin commands over `RayCluster`."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from ray_serve_cai.cli.common import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_OK,
+    ConfigOption,
+    JsonOption,
+    LocalOption,
+    ProjectOption,
+    err_console,
+    fail,
+    open_target,
+    out_console,
+    print_json,
+    run_command,
+    settings_for,
+)
+from ray_serve_cai.cluster import ClusterError, ClusterStatus, RayCluster, connect_info, write_cluster_info
+from ray_serve_cai.cluster.plan import Plan
+from ray_serve_cai.cml import CMLClient
+from ray_serve_cai.config import load_cluster_spec
+
+
+class Progress:
+    """Live progress while waiting: a line each time the picture changes (works with or without a TTY)."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.last = ""
+        self.started = time.monotonic()
+
+    def __call__(self, status: ClusterStatus) -> None:
+        if not self.enabled:
+            return
+        total = len(status.nodes)
+        running = sum(1 for n in status.nodes if n.app_status == "APPLICATION_RUNNING")
+        in_ray = sum(1 for n in status.nodes if n.in_ray)
+        line = f"{status.state}: {running}/{total} apps running, {in_ray}/{total} nodes alive in Ray"
+        if status.surplus:
+            line += f", {len(status.surplus)} surplus"
+        if line != self.last:
+            elapsed = time.monotonic() - self.started
+            err_console.print(f"[dim]{elapsed:6.1f}s[/] {line}")
+            self.last = line
+
+
+def _plan_table(plan: Plan) -> Table:
+    table = Table(title="Plan", show_lines=False)
+    table.add_column("action")
+    table.add_column("application")
+    table.add_column("why")
+    for action in plan.actions:
+        table.add_row(action.kind.value, action.name, action.reason)
+    for name in plan.unchanged:
+        table.add_row("[dim]keep[/]", name, "[dim]up to date[/]")
+    for conflict in plan.conflicts:
+        table.add_row("[red]conflict[/]", conflict.name, conflict.describe())
+    return table
+
+
+def _status_table(status: ClusterStatus) -> Table:
+    table = Table(title=f"Ray cluster {status.cluster!r}: {status.state}")
+    for col in ("node", "role", "group", "application", "status", "in Ray"):
+        table.add_column(col)
+    for n in status.nodes:
+        app_status = (n.app_status or "missing").removeprefix("APPLICATION_").lower()
+        if not n.spec_current and n.app_id:
+            app_status += " (outdated)"
+        table.add_row(n.name, n.role, n.group, n.app_id or "-", app_status, "yes" if n.in_ray else "no")
+    for name in status.surplus:
+        table.add_row(name, "-", "-", "-", "surplus", "-")
+    return table
+
+
+def _plan_json(plan: Plan) -> dict[str, object]:
+    return {
+        "actions": [{"action": a.kind.value, "name": a.name, "reason": a.reason} for a in plan.actions],
+        "unchanged": list(plan.unchanged),
+        "conflicts": [c.describe() for c in plan.conflicts],
+        "summary": plan.summary(),
+    }
+
+
+def _print_ready(status: ClusterStatus, info_path: Path | None) -> None:
+    connect = connect_info(status)
+    out_console.print(_status_table(status))
+    out_console.print(f"dashboard: {status.dashboard_url}")
+    if connect["address"]:
+        out_console.print(f"connect:   ray.init(address={connect['address']!r})  (see `ray-cai connect`)")
+    if info_path:
+        out_console.print(f"cluster info written to {info_path}")
+
+
+def plan(
+    config: Path = ConfigOption,
+    local: bool = LocalOption,
+    project: str | None = ProjectOption,
+    json_out: bool = JsonOption,
+) -> None:
+    """Show what `up` would change. Writes nothing."""
+
+    def run() -> None:
+        spec = load_cluster_spec(config)
+        with open_target(local, project) as target:
+            result = RayCluster(target.client, target.project_id, spec).plan()
+        if json_out:
+            print_json(_plan_json(result))
+        else:
+            out_console.print(_plan_table(result))
+            out_console.print("nothing to do" if result.is_noop else f"summary: {result.summary()}")
+        if result.conflicts:
+            raise typer.Exit(EXIT_FAILED)
+
+    run_command(run)
+
+
+def _converge(
+    config: Path,
+    local: bool,
+    project: str | None,
+    json_out: bool,
+    wait: bool,
+    timeout: float | None,
+    info_file: Path,
+    replicas: int | None = None,
+    group: str | None = None,
+) -> None:
+    def run() -> None:
+        spec = load_cluster_spec(config)
+        if replicas is not None:
+            spec = spec.with_replicas(replicas, group)  # validated before any API call
+        with open_target(local, project) as target:
+            cluster = RayCluster(target.client, target.project_id, spec)
+            progress = Progress(enabled=True)
+            try:
+                plan_done, status = cluster.up(wait=wait, timeout=timeout, on_progress=progress)
+            except ClusterError as err:
+                fail(str(err), EXIT_FAILED)
+        info_path = write_cluster_info(status, info_file) if status.ready else None
+        if json_out:
+            print_json({"plan": _plan_json(plan_done), "status": status.as_dict(), "info_file": info_path})
+        elif status.ready:
+            _print_ready(status, info_path)
+        else:
+            out_console.print(_status_table(status))
+        if wait and not status.ready:
+            raise typer.Exit(EXIT_FAILED)
+
+    run_command(run)
+
+
+WaitOption = typer.Option(True, "--wait/--no-wait", help="Wait until Ray reports every node alive.")
+TimeoutOption = typer.Option(None, "--timeout", help="Seconds to wait (default: startup_timeout).")
+InfoOption = typer.Option(
+    Path("ray_cluster_info.json"), "--info-file", help="Where to write the cluster info."
+)
+
+
+def up(
+    config: Path = ConfigOption,
+    local: bool = LocalOption,
+    project: str | None = ProjectOption,
+    json_out: bool = JsonOption,
+    wait: bool = WaitOption,
+    timeout: float | None = TimeoutOption,
+    info_file: Path = InfoOption,
+) -> None:
+    """Create or converge the cluster, then wait until Ray reports every node alive."""
+    _converge(config, local, project, json_out, wait, timeout, info_file)
+
+
+def scale(
+    replicas: int = typer.Argument(..., help="Number of workers (in the group)."),
+    group: str | None = typer.Option(None, "--group", "-g", help="Worker group (needed with several)."),
+    config: Path = ConfigOption,
+    local: bool = LocalOption,
+    project: str | None = ProjectOption,
+    json_out: bool = JsonOption,
+    wait: bool = WaitOption,
+    timeout: float | None = TimeoutOption,
+    info_file: Path = InfoOption,
+) -> None:
+    """Set the number of workers of a group; unchanged nodes are not touched."""
+    if replicas < 0:
+        fail("REPLICAS: must be 0 or more", EXIT_BAD_INPUT)
+    _converge(config, local, project, json_out, wait, timeout, info_file, replicas, group)
+
+
+def status(
+    config: Path = ConfigOption,
+    local: bool = LocalOption,
+    project: str | None = ProjectOption,
+    json_out: bool = JsonOption,
+) -> None:
+    """Apps plus Ray's own view. Exit 0 only when the cluster is ready."""
+
+    def run() -> None:
+        spec = load_cluster_spec(config)
+        with open_target(local, project) as target:
+            result = RayCluster(target.client, target.project_id, spec).status()
+        if json_out:
+            print_json(result.as_dict())
+        else:
+            out_console.print(_status_table(result))
+            if result.dashboard_url:
+                out_console.print(f"dashboard: {result.dashboard_url}")
+            for problem in result.problems:
+                err_console.print(f"[yellow]{problem}[/]")
+        raise typer.Exit(EXIT_OK if result.ready else EXIT_FAILED)
+
+    run_command(run)
+
+
+def down(
+    config: Path = ConfigOption,
+    local: bool = LocalOption,
+    project: str | None = ProjectOption,
+    json_out: bool = JsonOption,
+) -> None:
+    """Stop and delete the cluster's applications (nodes first copy their Ray logs into the project)."""
+
+    def run() -> None:
+        spec = load_cluster_spec(config)
+        with open_target(local, project) as target:
+            try:
+                removed = RayCluster(target.client, target.project_id, spec).down()
+            except ClusterError as err:
+                fail(str(err), EXIT_FAILED)
+        if json_out:
+            print_json({"removed": removed})
+        else:
+            out_console.print(f"removed {len(removed)} application(s): {', '.join(removed) or '-'}")
+            out_console.print(f"node logs: .ray-cai/{spec.name}/logs/ in the project")
+
+    run_command(run)
+
+
+def connect(
+    config: Path = ConfigOption,
+    local: bool = LocalOption,
+    project: str | None = ProjectOption,
+    json_out: bool = JsonOption,
+) -> None:
+    """Print the address and environment a Ray client in the same project needs."""
+
+    def run() -> None:
+        spec = load_cluster_spec(config)
+        with open_target(local, project) as target:
+            result = RayCluster(target.client, target.project_id, spec).status()
+        info = connect_info(result)
+        if json_out:
+            print_json(info)
+        elif not info["address"]:
+            fail(f"cluster {spec.name!r} is {result.state}: no head to connect to (run `ray-cai up`)")
+        else:
+            for key, value in info["env"].items():
+                sys.stdout.write(f"export {key}={value}\n")
+            err_console.print("# then: python -c 'import ray; ray.init(); print(ray.cluster_resources())'")
+        if not info["address"]:
+            raise typer.Exit(EXIT_FAILED)
+
+    run_command(run)
+
+
+def register(app: typer.Typer) -> None:
+    for fn in (plan, up, status, scale, down, connect, check):
+        app.command(fn.__name__)(fn)
+
+
+__all__ = ["EXIT_BAD_INPUT", "register"]
+
+
+def check(local: bool = LocalOption, json_out: bool = JsonOption) -> None:
+    """Test the connection and the API key with one API call (lists the runtimes)."""
+
+    def run() -> None:
+        settings = settings_for(local)
+        with CMLClient(settings) as client:
+            runtimes = client.list_runtimes()
+        enabled = [r for r in runtimes if r.is_enabled]
+        if json_out:
+            print_json(
+                {"host": settings.host, "ok": True, "runtimes": len(runtimes), "enabled": len(enabled)}
+            )
+        else:
+            out_console.print(
+                f"connected to {settings.host}: API key accepted, {len(enabled)} runtimes enabled"
+            )
+
+    run_command(run)

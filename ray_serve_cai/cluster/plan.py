@@ -1,0 +1,145 @@
+"""The pure core of the reconciler: desired nodes + observed applications → a plan of actions.
+
+No I/O here. `plan_changes` is a function of its arguments only, so it is tested as a table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+from ray_serve_cai.config import NodeSpec
+
+CLUSTER_MARKER = "RAY_CAI_CLUSTER"
+SPEC_HASH_MARKER = "RAY_CAI_SPEC_HASH"
+
+# Application statuses (see the CML reference, §7). Anything else is treated as "in progress".
+RUNNING = "APPLICATION_RUNNING"
+STARTING = "APPLICATION_STARTING"
+STOPPING = "APPLICATION_STOPPING"
+STOPPED = "APPLICATION_STOPPED"
+FAILED = "APPLICATION_FAILED"
+DEAD_STATUSES = frozenset({STOPPED, FAILED})
+
+
+@dataclass(frozen=True)
+class ObservedApp:
+    """What the reconciler needs to know of one application, read from one list call."""
+
+    id: str
+    name: str
+    subdomain: str
+    status: str
+    environment: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def cluster(self) -> str | None:
+        return self.environment.get(CLUSTER_MARKER)
+
+    @property
+    def spec_hash(self) -> str | None:
+        return self.environment.get(SPEC_HASH_MARKER)
+
+    def owned_by(self, cluster: str) -> bool:
+        return self.cluster == cluster
+
+
+class ActionKind(str, Enum):
+    CREATE = "create"  # no application of that name: create (and so start) it
+    UPDATE = "update"  # spec drift: PATCH the application's fields, then restart it
+    RESTART = "restart"  # stopped or failed with the right spec: restart it
+    DELETE = "delete"  # owned but no longer desired: stop and delete it
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: ActionKind
+    name: str
+    node: NodeSpec | None = None  # the desired node (create/update/restart)
+    app: ObservedApp | None = None  # the observed app (update/restart/delete)
+    reason: str = ""
+
+    def describe(self) -> str:
+        return f"{self.kind.value:8} {self.name}" + (f"  ({self.reason})" if self.reason else "")
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """A desired name taken by an application this cluster does not own; it is never touched."""
+
+    name: str
+    app_id: str
+    owner: str | None
+
+    def describe(self) -> str:
+        owner = f"cluster {self.owner!r}" if self.owner else "no ray-cai cluster"
+        return (
+            f"application {self.name!r} (id {self.app_id}) already exists and belongs to {owner}; "
+            "rename the cluster or remove that application"
+        )
+
+
+@dataclass(frozen=True)
+class Plan:
+    actions: tuple[Action, ...]
+    unchanged: tuple[str, ...]
+    conflicts: tuple[Conflict, ...] = ()
+
+    @property
+    def is_noop(self) -> bool:
+        return not self.actions and not self.conflicts
+
+    def of_kind(self, kind: ActionKind) -> list[Action]:
+        return [a for a in self.actions if a.kind is kind]
+
+    def summary(self) -> dict[str, int]:
+        counts = {kind.value: len(self.of_kind(kind)) for kind in ActionKind}
+        counts["unchanged"] = len(self.unchanged)
+        return counts
+
+
+def owned_apps(cluster: str, apps: Iterable[ObservedApp]) -> list[ObservedApp]:
+    """The applications carrying this cluster's marker: the only ones the reconciler may touch."""
+    return [app for app in apps if app.owned_by(cluster)]
+
+
+def plan_changes(cluster: str, desired: Sequence[NodeSpec], observed: Iterable[ObservedApp]) -> Plan:
+    """Compare the desired nodes with the observed applications and list what must change.
+
+    - a desired node without an application is created;
+    - an owned application whose spec hash differs is updated in place (PATCH + restart), so a
+      scale change never touches unchanged nodes;
+    - an owned application that stopped or failed is restarted;
+    - an owned application that is no longer desired is deleted;
+    - an application without this cluster's marker is never touched; if it holds a desired name,
+      that is reported as a conflict.
+    """
+    by_name: dict[str, ObservedApp] = {}
+    for app in observed:
+        by_name[app.subdomain or app.name] = app
+    desired_names = {node.name for node in desired}
+
+    actions: list[Action] = []
+    unchanged: list[str] = []
+    conflicts: list[Conflict] = []
+    for node in desired:
+        app = by_name.get(node.name)
+        if app is None:
+            actions.append(Action(ActionKind.CREATE, node.name, node=node, reason="missing"))
+        elif not app.owned_by(cluster):
+            conflicts.append(Conflict(node.name, app.id, app.cluster))
+        elif app.spec_hash != node.spec_hash:
+            reason = f"spec changed ({app.spec_hash} → {node.spec_hash})"
+            actions.append(Action(ActionKind.UPDATE, node.name, node=node, app=app, reason=reason))
+        elif app.status in DEAD_STATUSES:
+            reason = app.status.removeprefix("APPLICATION_").lower()
+            actions.append(Action(ActionKind.RESTART, node.name, node=node, app=app, reason=reason))
+        else:
+            unchanged.append(node.name)
+
+    for app in owned_apps(cluster, by_name.values()):
+        if (app.subdomain or app.name) not in desired_names:
+            actions.append(Action(ActionKind.DELETE, app.name, app=app, reason="not desired"))
+
+    return Plan(actions=tuple(actions), unchanged=tuple(unchanged), conflicts=tuple(conflicts))

@@ -1,0 +1,364 @@
+"""The I/O shell of the reconciler: observe → plan → apply → wait → verify against a CML project.
+
+`RayCluster` reads like a provisioner (SkyPilot's verbs): `plan`, `up`, `status`, `scale`, `down`,
+`connect_info`. One list call observes every application of the project; creates run in parallel
+with bounded concurrency; waits poll once per interval whatever the cluster size.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray_serve_cai.cluster.plan import (
+    FAILED,
+    RUNNING,
+    Action,
+    ActionKind,
+    ObservedApp,
+    Plan,
+    owned_apps,
+    plan_changes,
+)
+from ray_serve_cai.cml import Application, CMLAPIError, CMLClient, CMLError, NotFound
+from ray_serve_cai.config import ClusterSpec, NodeSpec, desired_nodes, head_app_name
+
+log = logging.getLogger("ray_serve_cai.cluster")
+
+STATUS_PATH = "/ray-cai/status"
+CREATE_ATTEMPTS = 4
+# A create refused for these reasons will be refused again: report it at once (400 bad input, 401/403 auth,
+# 404 no such project). 409 and 5xx may mean "it happened": observe before deciding.
+PERMANENT_STATUSES = frozenset({400, 401, 403, 404})
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not be brought to the desired state; the message says what and where."""
+
+
+@dataclass
+class NodeStatus:
+    name: str
+    role: str
+    group: str
+    app_id: str | None = None
+    app_status: str | None = None
+    spec_current: bool = False
+    in_ray: bool = False
+    log_hint: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "role": self.role,
+            "group": self.group,
+            "app_id": self.app_id,
+            "app_status": self.app_status,
+            "spec_current": self.spec_current,
+            "in_ray": self.in_ray,
+        }
+
+
+@dataclass
+class ClusterStatus:
+    """Apps plus Ray's own view. `state` is `ready` only when every owned app runs with the
+    desired spec, nothing surplus remains, and Ray reports every node alive."""
+
+    cluster: str
+    project_id: str
+    state: str
+    nodes: list[NodeStatus]
+    surplus: list[str] = field(default_factory=list)
+    ray: dict[str, Any] = field(default_factory=dict)
+    dashboard_url: str | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "cluster": self.cluster,
+            "project_id": self.project_id,
+            "state": self.state,
+            "nodes": [n.as_dict() for n in self.nodes],
+            "surplus": self.surplus,
+            "ray": self.ray,
+            "dashboard_url": self.dashboard_url,
+            "problems": self.problems,
+        }
+
+
+ProgressCallback = Callable[[ClusterStatus], None]
+
+
+def _observed(app: Application) -> ObservedApp:
+    return ObservedApp(
+        id=app.id,
+        name=app.name,
+        subdomain=app.subdomain or app.name,
+        status=app.status or "",
+        environment=dict(app.environment or {}),
+    )
+
+
+def _log_hint(app: Application | None) -> str:
+    if app is None:
+        return ""
+    local_log = getattr(app, "log_path", None) or (app.model_extra or {}).get("log_path")
+    if local_log:
+        return f"logs: {local_log}"
+    return f"logs: CML UI → Applications → {app.name} → Logs"
+
+
+class RayCluster:
+    """A Ray cluster whose head and workers are CML applications of one project."""
+
+    def __init__(
+        self,
+        client: CMLClient,
+        project_id: str,
+        spec: ClusterSpec,
+        *,
+        poll_interval: float = 2.0,
+        max_parallel: int = 16,
+    ) -> None:
+        self.client = client
+        self.project_id = project_id
+        self.spec = spec
+        self.poll_interval = poll_interval
+        self.max_parallel = max_parallel
+
+    # -- observe ---------------------------------------------------------------------------
+    def observe(self) -> list[Application]:
+        """Every application of the project, in one paginated list call."""
+        return self.client.list_applications(self.project_id)
+
+    # -- plan ------------------------------------------------------------------------------
+    def plan(self, apps: Sequence[Application] | None = None) -> Plan:
+        apps = self.observe() if apps is None else apps
+        return plan_changes(self.spec.name, desired_nodes(self.spec), [_observed(a) for a in apps])
+
+    # -- apply -----------------------------------------------------------------------------
+    def apply(self, plan: Plan) -> None:
+        """Carry out a plan: deletes, then creates/updates/restarts, each batch in parallel."""
+        if plan.conflicts:
+            raise ClusterError("; ".join(c.describe() for c in plan.conflicts))
+        deletes = plan.of_kind(ActionKind.DELETE)
+        others = [a for a in plan.actions if a.kind is not ActionKind.DELETE]
+        self._run_parallel(self._delete, deletes)
+        self._run_parallel(self._apply_one, others)
+
+    def _run_parallel(self, fn: Callable[[Action], None], actions: Sequence[Action]) -> None:
+        if not actions:
+            return
+        with ThreadPoolExecutor(max_workers=min(self.max_parallel, len(actions))) as pool:
+            errors = [f.exception() for f in [pool.submit(fn, a) for a in actions]]
+        failures = [e for e in errors if e is not None]
+        if failures:
+            raise ClusterError("; ".join(str(e) for e in failures)) from failures[0]
+
+    def _apply_one(self, action: Action) -> None:
+        assert action.node is not None
+        if action.kind is ActionKind.CREATE:
+            self._create(action.node)
+        elif action.kind is ActionKind.UPDATE:
+            assert action.app is not None
+            log.info("updating %s (%s)", action.name, action.reason)
+            self.client.update_application(self.project_id, action.app.id, **self._app_fields(action.node))
+            self.client.restart_application(self.project_id, action.app.id)
+        elif action.kind is ActionKind.RESTART:
+            assert action.app is not None
+            log.info("restarting %s (%s)", action.name, action.reason)
+            self.client.restart_application(self.project_id, action.app.id)
+
+    def _app_fields(self, node: NodeSpec) -> dict[str, Any]:
+        fields: dict[str, Any] = {
+            "script": node.script,
+            "cpu": node.cpu,
+            "memory": node.memory,
+            "nvidia_gpu": node.gpus,
+            "environment": dict(node.environment),
+        }
+        if node.runtime_identifier:
+            fields["runtime_identifier"] = node.runtime_identifier
+        return fields
+
+    def _find_app(self, name: str) -> Application | None:
+        return next((a for a in self.observe() if (a.subdomain or a.name) == name), None)
+
+    def _create(self, node: NodeSpec) -> None:
+        """Create one node's application; a create whose outcome is unknown is observed, not repeated."""
+        description = f"Ray {node.role} of ray-cai cluster {self.spec.name!r} (group {node.group})"
+        for attempt in range(1, CREATE_ATTEMPTS + 1):
+            try:
+                self.client.create_application(
+                    self.project_id,
+                    name=node.name,
+                    subdomain=node.name,
+                    description=description,
+                    **self._app_fields(node),
+                )
+                log.info("created %s", node.name)
+                return
+            except CMLError as err:
+                if isinstance(err, CMLAPIError) and err.status_code in PERMANENT_STATUSES:
+                    raise ClusterError(f"could not create application {node.name!r}: {err}") from None
+                # The create may have happened (lost response, 409 after a retry elsewhere): look.
+                existing = self._find_app(node.name)
+                if existing is not None and _observed(existing).owned_by(self.spec.name):
+                    log.info("created %s (confirmed by observing after: %s)", node.name, err)
+                    return
+                if existing is not None:
+                    raise ClusterError(
+                        f"application {node.name!r} is taken by an app this cluster does not own"
+                    ) from None
+                if attempt == CREATE_ATTEMPTS:
+                    raise ClusterError(f"could not create application {node.name!r}: {err}") from err
+                time.sleep(min(2.0, 0.25 * 2**attempt))
+
+    def _delete(self, action: Action) -> None:
+        assert action.app is not None
+        log.info("deleting %s", action.name)
+        for call in (self.client.stop_application, self.client.delete_application):
+            try:
+                call(self.project_id, action.app.id)
+            except NotFound:
+                return  # already gone: that is the desired state
+
+    # -- wait + verify ---------------------------------------------------------------------
+    def status(self, apps: Sequence[Application] | None = None) -> ClusterStatus:
+        """Apps (one list call) plus Ray's own view from the head's status endpoint."""
+        apps = self.observe() if apps is None else apps
+        desired = desired_nodes(self.spec)
+        by_name = {(a.subdomain or a.name): a for a in apps}
+        mine = {o.subdomain: o for o in owned_apps(self.spec.name, [_observed(a) for a in apps])}
+        nodes: list[NodeStatus] = []
+        for node in desired:
+            app = by_name.get(node.name) if node.name in mine else None
+            nodes.append(
+                NodeStatus(
+                    name=node.name,
+                    role=node.role,
+                    group=node.group,
+                    app_id=app.id if app else None,
+                    app_status=app.status if app else None,
+                    spec_current=bool(app) and mine[node.name].spec_hash == node.spec_hash,
+                    log_hint=_log_hint(app),
+                )
+            )
+        desired_names = {n.name for n in desired}
+        surplus = sorted(name for name in mine if name not in desired_names)
+
+        head_name = head_app_name(self.spec.name)
+        head = by_name.get(head_name) if head_name in mine else None
+        ray_view: dict[str, Any] = {}
+        problems: list[str] = []
+        if head is not None and head.status == RUNNING:
+            ray_view, problem = self._ray_view(head_name)
+            if problem:
+                problems.append(problem)
+        alive_names = {n.get("node_name") for n in ray_view.get("nodes", []) if n.get("alive")}
+        for status in nodes:
+            status.in_ray = status.name in alive_names
+
+        if not mine:
+            state = "absent"
+        elif any(n.app_status == FAILED for n in nodes):
+            state = "failed"
+        elif (
+            not surplus
+            and all(n.app_status == RUNNING and n.spec_current and n.in_ray for n in nodes)
+            and ray_view.get("alive_nodes") == len(nodes)
+        ):
+            state = "ready"
+        else:
+            state = "pending"
+        for n in nodes:
+            if n.app_status == FAILED:
+                problems.append(f"{n.name}: {n.app_status}; {n.log_hint}")
+        return ClusterStatus(
+            cluster=self.spec.name,
+            project_id=self.project_id,
+            state=state,
+            nodes=nodes,
+            surplus=surplus,
+            ray=ray_view,
+            dashboard_url=self.client.app_url(head_name) + "/" if head is not None else None,
+            problems=problems,
+        )
+
+    def _ray_view(self, head_name: str) -> tuple[dict[str, Any], str | None]:
+        try:
+            response = self.client.app_request(head_name, "GET", STATUS_PATH)
+        except CMLError as err:
+            return {}, f"head status endpoint unreachable: {err}"
+        if response.status_code != 200:
+            return {}, f"head status endpoint answered HTTP {response.status_code}"
+        try:
+            return dict(response.json()), None
+        except ValueError:
+            return {}, "head status endpoint answered with non-JSON"
+
+    def wait_until_ready(
+        self, timeout: float | None = None, on_progress: ProgressCallback | None = None
+    ) -> ClusterStatus:
+        """Poll (one list call per interval) until `ready`; fail fast on a failed app; deadline."""
+        deadline = time.monotonic() + (timeout if timeout is not None else self.spec.startup_timeout)
+        while True:
+            status = self.status()
+            if on_progress:
+                on_progress(status)
+            if status.ready:
+                return status
+            if status.state == "failed":
+                raise ClusterError(_describe_failure("an application failed", status))
+            if time.monotonic() >= deadline:
+                raise ClusterError(_describe_failure("timed out waiting for the cluster", status))
+            time.sleep(self.poll_interval)
+
+    # -- verbs -----------------------------------------------------------------------------
+    def up(
+        self, *, wait: bool = True, timeout: float | None = None, on_progress: ProgressCallback | None = None
+    ) -> tuple[Plan, ClusterStatus]:
+        """Converge: plan, apply, then (by default) wait until Ray reports every node alive."""
+        plan = self.plan()
+        self.apply(plan)
+        status = self.wait_until_ready(timeout, on_progress) if wait else self.status()
+        return plan, status
+
+    def scale(
+        self,
+        replicas: int,
+        group: str | None = None,
+        *,
+        wait: bool = True,
+        timeout: float | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> tuple[Plan, ClusterStatus]:
+        self.spec = self.spec.with_replicas(replicas, group)
+        return self.up(wait=wait, timeout=timeout, on_progress=on_progress)
+
+    def down(self) -> list[str]:
+        """Stop and delete every application this cluster owns (nodes copy their logs on stop)."""
+        mine = owned_apps(self.spec.name, [_observed(a) for a in self.observe()])
+        actions = [Action(ActionKind.DELETE, app.subdomain, app=app, reason="down") for app in mine]
+        self._run_parallel(self._delete, actions)
+        return [a.name for a in actions]
+
+
+def _describe_failure(headline: str, status: ClusterStatus) -> str:
+    lines = [f"{headline} (cluster {status.cluster!r}, state {status.state}):"]
+    for node in status.nodes:
+        if node.app_status == RUNNING and node.in_ray:
+            continue
+        where = "not in Ray yet" if node.app_status == RUNNING else (node.app_status or "no application")
+        hint = f"; {node.log_hint}" if node.log_hint else ""
+        lines.append(f"  {node.name}: {where}{hint}")
+    lines.extend(f"  {p}" for p in status.problems if "logs:" not in p)
+    return "\n".join(lines)

@@ -1,0 +1,237 @@
+"""The chained CML jobs: create or update them by exact name, decide which must run, run and follow.
+
+Only the top-most stale job of a chain is started; CML starts each child by itself when its
+parent's run succeeds (reference §5.1), so the orchestrator finds each child's new run and follows
+it until the last job ends. A job that already has an active run is followed, never started twice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from ray_serve_cai.cml import AmbiguousName, CMLClient, Job, JobRun
+from ray_serve_cai.config import DeploySpec, JobSpec
+
+FINGERPRINT_VAR = "RAY_CAI_FINGERPRINT"
+JOB_KEY_VAR = "RAY_CAI_JOB_KEY"
+
+# How long a child may take to appear after its parent succeeded before we call it missing.
+CHILD_APPEAR_TIMEOUT = 120.0
+
+
+class JobChainError(RuntimeError):
+    """A job of the chain failed or could not be followed; the message names it and its log."""
+
+
+@dataclass
+class DesiredJob:
+    """A job as it must exist in CML, with the fingerprint of its inputs."""
+
+    spec: JobSpec
+    fields: dict[str, Any]  # create/patch fields except the parent
+    fingerprint: str
+
+
+@dataclass
+class JobOutcome:
+    key: str
+    name: str
+    job_id: str
+    action: str = "skipped"  # skipped | ran | not run
+    status: str = ""
+    run_id: str | None = None
+    duration: float | None = None
+    log_hint: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "name": self.name,
+            "job_id": self.job_id,
+            "action": self.action,
+            "status": self.status,
+            "run_id": self.run_id,
+            "duration_seconds": None if self.duration is None else round(self.duration, 1),
+            "log": self.log_hint,
+        }
+
+
+@dataclass
+class ChainState:
+    jobs: dict[str, Job] = field(default_factory=dict)  # key → CML job
+    created: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    stale: set[str] = field(default_factory=set)
+
+
+def _timestamp(value: Any) -> datetime | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+
+
+def _drifted(job: Job, fields: Mapping[str, Any], parent_id: str | None) -> dict[str, Any]:
+    """The fields (and parent) whose CML value differs from the desired one."""
+    patch: dict[str, Any] = {}
+    for name, want in fields.items():
+        have = getattr(job, name, None)
+        if name in {"cpu", "memory"} and have is not None and want is not None:
+            same = abs(float(have) - float(want)) < 1e-9
+        elif name == "arguments":
+            same = (have or "") == (want or "")
+        else:
+            same = have == want
+        if not same:
+            patch[name] = want
+    if (job.parent_id or None) != parent_id:
+        patch["parent_id"] = parent_id or ""
+    return patch
+
+
+def ensure_jobs(
+    client: CMLClient, project_id: str, spec: DeploySpec, desired: Mapping[str, DesiredJob], *, force: bool
+) -> ChainState:
+    """Create missing jobs and update drifted ones (parents first); mark the jobs that must run."""
+    state = ChainState()
+    existing: dict[str, list[Job]] = {}
+    for job in client.list_jobs(project_id):
+        existing.setdefault(job.name, []).append(job)
+    for job_spec in spec.chain_order():
+        want = desired[job_spec.key]
+        parent_id = state.jobs[job_spec.parent_job_key].id if job_spec.parent_job_key else None
+        matches = existing.get(job_spec.name, [])
+        if len(matches) > 1:
+            ids = ", ".join(j.id for j in matches)
+            raise AmbiguousName(f"several jobs are named {job_spec.name!r} ({ids}); delete the extra ones")
+        if not matches:
+            job = client.create_job(project_id, parent_job_id=parent_id, **want.fields)
+            state.created.append(job_spec.key)
+            state.stale.add(job_spec.key)
+        else:
+            job = matches[0]
+            old_fingerprint = job.environment.get(FINGERPRINT_VAR)
+            patch = _drifted(job, want.fields, parent_id)
+            if patch:
+                job = client.update_job(project_id, job.id, **patch)
+                state.updated.append(job_spec.key)
+            if (
+                force
+                or old_fingerprint != want.fingerprint
+                or not _latest_run_current(client, project_id, job)
+            ):
+                state.stale.add(job_spec.key)
+        state.jobs[job_spec.key] = job
+    return state
+
+
+def _latest_run_current(client: CMLClient, project_id: str, job: Job) -> bool:
+    """The job's newest run succeeded and started after the job's definition last changed."""
+    run = client.latest_job_run(project_id, job.id)
+    if run is None or not run.succeeded:
+        return False
+    run_at, updated_at = _timestamp(run.created_at), _timestamp(job.updated_at)
+    return run_at is None or updated_at is None or run_at >= updated_at
+
+
+def runs_to_start(spec: DeploySpec, stale: set[str]) -> list[JobSpec]:
+    """The top-most stale jobs: their descendants run by themselves when they succeed."""
+    return [j for j in spec.chain_order() if j.key in stale and j.parent_job_key not in stale]
+
+
+ProgressFn = Callable[[str], None]
+
+
+def _log_hint(run: JobRun | None, job: Job) -> str:
+    local_log = (run.model_extra or {}).get("log_path") if run is not None else None
+    if local_log:
+        return f"log: {local_log}"
+    return f"log: CML UI → Jobs → {job.name} → History → latest run"
+
+
+def run_and_follow(
+    client: CMLClient,
+    project_id: str,
+    spec: DeploySpec,
+    state: ChainState,
+    *,
+    timeout: float,
+    poll_interval: float = 2.0,
+    progress: ProgressFn | None = None,
+) -> dict[str, JobOutcome]:
+    """Start the top-most stale jobs and follow the chain to its end. Never raises for a failed job:
+    the outcomes say what happened; `JobChainError` only when following itself is impossible."""
+    say = progress or (lambda _msg: None)
+    outcomes = {
+        j.key: JobOutcome(key=j.key, name=j.name, job_id=state.jobs[j.key].id) for j in spec.chain_order()
+    }
+    deadline = time.monotonic() + timeout
+    # key → (run being followed, monotonic start)
+    following: dict[str, tuple[JobRun, float]] = {}
+    for job_spec in runs_to_start(spec, state.stale):
+        job = state.jobs[job_spec.key]
+        active = client.latest_job_run(project_id, job.id)
+        if active is not None and active.is_active:
+            say(f"{job_spec.name}: following the run already in progress ({active.id})")
+            run = active
+        else:
+            run = client.create_job_run(project_id, job.id)
+            say(f"{job_spec.name}: started run {run.id}")
+        following[job_spec.key] = (run, time.monotonic())
+    # children expected to start by themselves: key → (parent run creation time, parent's end)
+    awaited: dict[str, tuple[datetime | None, float]] = {}
+
+    while following or awaited:
+        if time.monotonic() > deadline:
+            names = ", ".join(outcomes[k].name for k in [*following, *awaited])
+            raise JobChainError(f"deploy timed out after {timeout:.0f}s while waiting for: {names}")
+        time.sleep(poll_interval)
+        for key, (run, started) in list(following.items()):
+            job = state.jobs[key]
+            run = client.get_job_run(project_id, job.id, run.id)
+            following[key] = (run, started)
+            if not run.is_terminal:
+                continue
+            del following[key]
+            outcome = outcomes[key]
+            outcome.action, outcome.status, outcome.run_id = "ran", run.status, run.id
+            outcome.duration = _run_duration(run) or time.monotonic() - started
+            outcome.log_hint = _log_hint(run, job)
+            say(f"{outcome.name}: {run.status.removeprefix('ENGINE_').lower()} after {outcome.duration:.0f}s")
+            if run.succeeded:
+                for child in spec.children(key):
+                    awaited[child.key] = (_timestamp(run.created_at), time.monotonic())
+        for key, (parent_created, parent_end) in list(awaited.items()):
+            job = state.jobs[key]
+            run = client.latest_job_run(project_id, job.id)
+            run_created = _timestamp(run.created_at) if run else None
+            if run is not None and (
+                parent_created is None or run_created is None or run_created >= parent_created
+            ):
+                del awaited[key]
+                following[key] = (run, time.monotonic())
+                say(f"{outcomes[key].name}: started by CML after its parent ({run.id})")
+            elif time.monotonic() - parent_end > CHILD_APPEAR_TIMEOUT:
+                raise JobChainError(
+                    f"job {job.name!r} did not start within {CHILD_APPEAR_TIMEOUT:.0f}s after its parent "
+                    "succeeded; check that its parent is set in CML (Jobs → Settings → Dependency)"
+                )
+    for key, outcome in outcomes.items():
+        if outcome.action == "skipped" and key in state.stale:
+            outcome.action = "not run"
+        if outcome.action == "skipped":
+            outcome.status = "up to date"
+    return outcomes
+
+
+def _run_duration(run: JobRun) -> float | None:
+    start = _timestamp(run.running_at) or _timestamp(run.starting_at) or _timestamp(run.created_at)
+    end = _timestamp(run.finished_at)
+    if start is None or end is None:
+        return None
+    return max(0.0, (end - start).total_seconds())

@@ -1,0 +1,190 @@
+"""The bodies of the three deployment jobs, run inside the CML project (cwd = the project directory).
+
+`git_sync` and `setup_environment` run on the runtime's own Python, before this package's
+dependencies exist, so this module imports only the standard library at the top.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from ray_serve_cai import RAY_MINOR
+
+VENV_DIR = ".venv"
+DEPS_MARKER = ".ray-cai-deps"
+
+
+class StepError(RuntimeError):
+    """A job step failed; the message is the one line the job log ends with."""
+
+
+def _project_dir() -> Path:
+    return Path(os.environ.get("RAY_CAI_PROJECT_DIR") or os.getcwd())
+
+
+def _run(cmd: list[str], *, cwd: Path, env: dict[str, str] | None = None) -> str:
+    printable = " ".join(cmd)
+    print(f"$ {printable}", flush=True)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.stdout.strip():
+        print(proc.stdout.rstrip(), flush=True)
+    if proc.returncode != 0:
+        if proc.stderr.strip():
+            print(proc.stderr.rstrip(), file=sys.stderr, flush=True)
+        raise StepError(f"`{printable}` exited with {proc.returncode}")
+    return proc.stdout.strip()
+
+
+def strip_credentials(url: str) -> str:
+    """The URL without user:password@ (what may be stored in .git/config)."""
+    parts = urlsplit(url)
+    if not parts.username and not parts.password:
+        return url
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _git_env(token: str | None) -> dict[str, str]:
+    """Environment for git: a token, when given, travels as an HTTP header set through the
+    environment — never in argv, never in a URL stored on disk."""
+    env = dict(os.environ)
+    env["GIT_TERMINAL_PROMPT"] = "0"
+    if token:
+        import base64
+
+        basic = base64.b64encode(f"x-access-token:{token}".encode()).decode()
+        env["GIT_CONFIG_COUNT"] = "1"
+        env["GIT_CONFIG_KEY_0"] = "http.extraHeader"
+        env["GIT_CONFIG_VALUE_0"] = f"Authorization: Basic {basic}"
+    return env
+
+
+def git_sync() -> str:
+    """Bring the project to the deployed ref: fetch + hard reset. Idempotent. Returns the commit."""
+    project = _project_dir()
+    url = os.environ.get("RAY_CAI_GIT_URL", "").strip()
+    branch = os.environ.get("RAY_CAI_GIT_BRANCH", "").strip()
+    env = _git_env(os.environ.get("GH_PAT") or None)
+    if not (project / ".git").exists():
+        if not url:
+            raise StepError("the project is not a git checkout and RAY_CAI_GIT_URL is not set")
+        _run(["git", "init", "-q"], cwd=project, env=env)
+        _run(["git", "remote", "add", "origin", strip_credentials(url)], cwd=project, env=env)
+    else:
+        current = _run(["git", "remote", "get-url", "origin"], cwd=project, env=env)
+        clean = strip_credentials(url or current)
+        if current != clean:
+            # The clone CML made may carry a token in its remote URL: keep only the clean URL on disk.
+            _run(["git", "remote", "set-url", "origin", clean], cwd=project, env=env)
+    _run(["git", "fetch", "--quiet", "origin", branch or "HEAD"], cwd=project, env=env)
+    _run(["git", "reset", "--hard", "--quiet", "FETCH_HEAD"], cwd=project, env=env)
+    commit = _run(["git", "rev-parse", "HEAD"], cwd=project, env=env)
+    print(f"project is at {commit}", flush=True)
+    return commit
+
+
+def _venv_python(project: Path) -> Path:
+    return project / VENV_DIR / "bin" / "python"
+
+
+def setup_environment() -> bool:
+    """Create `.venv` with this package and its `ray` extra; skip when the marker matches.
+
+    Returns True when something was installed, False when it was already up to date.
+    """
+    project = _project_dir()
+    digest = os.environ.get("RAY_CAI_DEPS_DIGEST", "").strip() or "unversioned"
+    python = _venv_python(project)
+    marker = project / VENV_DIR / DEPS_MARKER
+    check = f"import ray, ray_serve_cai; assert ray.__version__.startswith('{RAY_MINOR}.'), ray.__version__"
+    if marker.exists() and marker.read_text().strip() == digest and python.exists():
+        try:
+            _run([str(python), "-c", check], cwd=project)
+            print(f"environment up to date (dependency digest {digest}): nothing to install", flush=True)
+            return False
+        except StepError:
+            print("marker matches but the environment is broken: reinstalling", flush=True)
+    if not python.exists():
+        # System site packages: a runtime that already ships Ray (or the local workspace) is reused.
+        _run([sys.executable, "-m", "venv", "--system-site-packages", VENV_DIR], cwd=project)
+    _run(
+        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-e", ".[ray]"],
+        cwd=project,
+    )
+    version = _run([str(python), "-c", f"{check}; print(ray.__version__)"], cwd=project)
+    marker.write_text(digest + "\n")
+    print(f"Ray {version.splitlines()[-1]} installed in {project / VENV_DIR}", flush=True)
+    return True
+
+
+def launch_ray_cluster() -> int:
+    """Run the reconciler from inside the project and wait until Ray reports every node."""
+    from ray_serve_cai.cluster import ClusterError, RayCluster, write_cluster_info
+    from ray_serve_cai.cml import CMLClient, CMLError, CMLSettings
+    from ray_serve_cai.config import ClusterSpec, ConfigError, load_cluster_spec
+
+    project = _project_dir()
+    spec_json = os.environ.get("RAY_CAI_CLUSTER_SPEC", "").strip()
+    try:
+        spec = (
+            ClusterSpec.model_validate_json(spec_json)
+            if spec_json
+            else load_cluster_spec(project / "ray_cluster_config.yaml")
+        )
+        settings = CMLSettings.from_env()
+    except (ConfigError, CMLError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    if not settings.project_id:
+        print("error: CDSW_PROJECT_ID is not set: this job must run inside a CML project", file=sys.stderr)
+        return 2
+    last = [""]
+
+    def progress(status: object) -> None:
+        nodes = getattr(status, "nodes", [])
+        line = (
+            f"{getattr(status, 'state', '?')}: "
+            f"{sum(1 for n in nodes if n.app_status == 'APPLICATION_RUNNING')}/{len(nodes)} apps running, "
+            f"{sum(1 for n in nodes if n.in_ray)}/{len(nodes)} in Ray"
+        )
+        if line != last[0]:
+            print(line, flush=True)
+            last[0] = line
+
+    try:
+        with CMLClient(settings) as client:
+            plan, status = RayCluster(client, settings.project_id, spec).up(on_progress=progress)
+    except (ClusterError, CMLError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
+    print(f"plan: {plan.summary()}", flush=True)
+    path = write_cluster_info(status, project / "ray_cluster_info.json")
+    print(
+        f"cluster {spec.name!r} ready: {status.ray.get('alive_nodes')} nodes alive; info in {path}",
+        flush=True,
+    )
+    print(f"dashboard: {status.dashboard_url}", flush=True)
+    return 0
+
+
+def main(step: str) -> int:
+    try:
+        if step == "git_sync":
+            git_sync()
+        elif step == "setup_environment":
+            setup_environment()
+        elif step == "launch_ray_cluster":
+            return launch_ray_cluster()
+        else:
+            print(f"error: unknown step {step!r}", file=sys.stderr)
+            return 2
+    except StepError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
+    return 0
