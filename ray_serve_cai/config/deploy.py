@@ -225,7 +225,7 @@ def _cross_field(file: DeployFile, dropped: set[str], tainted: set[str]) -> tupl
             loop = trail[trail.index(key) :]
             in_cycle.update(loop)
             shown = " → ".join([*loop, loop[0]])
-            problems.append(Problem(f"jobs.{loop[0]}.parent_job_key", f"parent_job_key forms a cycle: {shown}"))
+            problems.append(Problem(f"jobs.{loop[0]}.parent_job_key", f"parents form a cycle: {shown}"))
 
     roots = [key for key, job in jobs.items() if job.parent_job_key is None]
     if jobs and not dropped and not tainted:
