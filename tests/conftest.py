@@ -38,6 +38,6 @@ def workspace_env(workspace: WorkspaceHandle, monkeypatch: pytest.MonkeyPatch) -
     return workspace
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def test_apps_dir() -> Path:
     return TEST_APPS_DIR
