@@ -1,4 +1,4 @@
-"""Jobs and job runs in the workspace: real processes, statuses, env, chaining, one active run, timeout, stop."""
+"""Jobs and job runs: real processes, statuses, env, chaining, one active run, timeout, stop."""
 
 from __future__ import annotations
 
