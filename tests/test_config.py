@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -266,6 +267,8 @@ def test_config_error_format() -> None:
     assert str(error) == "f.yaml: a.b: is wrong\nf.yaml: c: too"
     assert isinstance(error, ValueError)
     assert error.source == "f.yaml"
+    copy = pickle.loads(pickle.dumps(error))
+    assert (copy.problems, copy.source, str(copy)) == (error.problems, error.source, str(error))
 
 
 def test_load_missing_file_names_it(tmp_path: Path) -> None:

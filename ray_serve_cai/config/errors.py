@@ -39,6 +39,9 @@ class ConfigError(ValueError):
     def __str__(self) -> str:
         return self._render()
 
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable across processes despite the custom __init__
+        return (type(self), (self.problems, self.source))
+
     def lines(self) -> list[str]:
         """One line per problem, as printed by the CLI."""
         return self._render().splitlines()
