@@ -25,7 +25,7 @@ from ray_serve_cai.cli.common import (
     run_command,
     settings_for,
 )
-from ray_serve_cai.cluster import ClusterError, ClusterStatus, RayCluster, connect_info, write_cluster_info
+from ray_serve_cai.cluster import ClusterStatus, RayCluster, connect_info, write_cluster_info
 from ray_serve_cai.cluster.plan import Plan
 from ray_serve_cai.cml import CMLClient
 from ray_serve_cai.config import load_cluster_spec
@@ -139,13 +139,9 @@ def _converge(
         spec = load_cluster_spec(config)
         if replicas is not None:
             spec = spec.with_replicas(replicas, group)  # validated before any API call
-        with open_target(local, project) as target:
+        with open_target(local, project, create=True) as target:
             cluster = RayCluster(target.client, target.project_id, spec)
-            progress = Progress(enabled=True)
-            try:
-                plan_done, status = cluster.up(wait=wait, timeout=timeout, on_progress=progress)
-            except ClusterError as err:
-                fail(str(err), EXIT_FAILED)
+            plan_done, status = cluster.up(wait=wait, timeout=timeout, on_progress=Progress())
         info_path = write_cluster_info(status, info_file) if status.ready else None
         if json_out:
             print_json({"plan": _plan_json(plan_done), "status": status.as_dict(), "info_file": info_path})
@@ -232,10 +228,7 @@ def down(
     def run() -> None:
         spec = load_cluster_spec(config)
         with open_target(local, project) as target:
-            try:
-                removed = RayCluster(target.client, target.project_id, spec).down()
-            except ClusterError as err:
-                fail(str(err), EXIT_FAILED)
+            removed = RayCluster(target.client, target.project_id, spec).down()
         if json_out:
             print_json({"removed": removed})
         else:

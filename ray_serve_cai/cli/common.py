@@ -15,8 +15,13 @@ from typing import Any, NoReturn, TypeVar
 import typer
 from rich.console import Console
 
+from ray_serve_cai.cluster import ClusterError
+from ray_serve_cai.cluster.runtimes import RuntimeChoiceError
 from ray_serve_cai.cml import CMLClient, CMLError, CMLSettings, CMLSettingsError, NotFound
 from ray_serve_cai.config import ConfigError
+from ray_serve_cai.deploy.fingerprint import RepoError
+from ray_serve_cai.deploy.jobs import JobChainError
+from ray_serve_cai.deploy.project import ProjectError
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -60,7 +65,7 @@ def errors_to_exit_codes() -> Iterator[None]:
         yield
     except (ConfigError, CMLSettingsError) as err:
         fail(str(err), EXIT_BAD_INPUT)
-    except CMLError as err:
+    except (CMLError, ClusterError, ProjectError, JobChainError, RepoError, RuntimeChoiceError) as err:
         fail(str(err), EXIT_FAILED)
     except KeyboardInterrupt:
         fail("interrupted", 130)
@@ -107,8 +112,10 @@ def git_toplevel(path: Path | None = None) -> Path | None:
     return Path(out.stdout.strip())
 
 
-def resolve_project(client: CMLClient, project: str | None, *, local: bool) -> tuple[str, str]:
-    """Find the project by id or exact name; with --local, create it from this git repo if missing."""
+def resolve_project(
+    client: CMLClient, project: str | None, *, local: bool, create: bool = False
+) -> tuple[str, str]:
+    """Find the project by id or exact name; with --local and `create`, clone this git repo if missing."""
     settings = client.settings
     if project is None and settings.project_id and not local:
         return settings.project_id, settings.project_id
@@ -127,8 +134,9 @@ def resolve_project(client: CMLClient, project: str | None, *, local: bool) -> t
         return by_id.id, by_id.name
     except NotFound:
         pass
-    if not local:
-        fail(f"project {name!r} not found in {settings.host} (as a name or an id)", EXIT_FAILED)
+    if not (local and create):
+        hint = " (`ray-cai up --local` creates it from this checkout)" if local else ""
+        fail(f"project {name!r} not found in {settings.host} (as a name or an id){hint}", EXIT_FAILED)
     return _create_local_project(client, name), name
 
 
@@ -156,10 +164,10 @@ def _create_local_project(client: CMLClient, name: str) -> str:
 
 
 @contextmanager
-def open_target(local: bool, project: str | None) -> Iterator[Target]:
+def open_target(local: bool, project: str | None, *, create: bool = False) -> Iterator[Target]:
     settings = settings_for(local)
     with CMLClient(settings) as client:
-        project_id, project_name = resolve_project(client, project, local=local)
+        project_id, project_name = resolve_project(client, project, local=local, create=create)
         yield Target(client=client, project_id=project_id, project_name=project_name, local=local)
 
 

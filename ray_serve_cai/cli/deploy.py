@@ -27,9 +27,7 @@ from ray_serve_cai.cluster import connect_info
 from ray_serve_cai.cml import CMLClient
 from ray_serve_cai.config import load_cluster_spec, load_deploy_spec
 from ray_serve_cai.deploy.fingerprint import RepoError, current_branch, repo_root
-from ray_serve_cai.deploy.jobs import JobChainError
 from ray_serve_cai.deploy.orchestrator import DeployOptions, DeployResult, deploy, summary_markdown
-from ray_serve_cai.deploy.project import ProjectError
 
 
 def _results_table(result: DeployResult) -> Table:
@@ -101,10 +99,7 @@ def deploy_command(
                 err_console.print(f"[dim]{time.monotonic() - started:6.1f}s[/] {message}")
 
         with CMLClient(settings) as client:
-            try:
-                result = deploy(client, spec, cluster, options, progress=progress)
-            except (ProjectError, JobChainError) as err:
-                fail(str(err), EXIT_FAILED)
+            result = deploy(client, spec, cluster, options, progress=progress)
         _write_step_summary(result)
         if json_out:
             print_json({**result.as_dict(), "seconds": round(time.monotonic() - started, 1)})

@@ -24,6 +24,7 @@ from ray_serve_cai.cluster.plan import (
     owned_apps,
     plan_changes,
 )
+from ray_serve_cai.cluster.runtimes import RuntimeChoiceError, needs_runtime, with_runtimes
 from ray_serve_cai.cml import Application, CMLAPIError, CMLClient, CMLError, NotFound
 from ray_serve_cai.config import ClusterSpec, NodeSpec, desired_nodes, head_app_name
 
@@ -133,6 +134,19 @@ class RayCluster:
         self.spec = spec
         self.poll_interval = poll_interval
         self.max_parallel = max_parallel
+        self._effective: ClusterSpec | None = None
+
+    def effective_spec(self) -> ClusterSpec:
+        """The spec with a runtime chosen (one list call, once) wherever the config names none."""
+        if self._effective is None:
+            spec = self.spec
+            if needs_runtime(spec):
+                try:
+                    spec = with_runtimes(spec, self.client.list_runtimes())
+                except RuntimeChoiceError as err:
+                    raise ClusterError(str(err)) from None
+            self._effective = spec
+        return self._effective
 
     # -- observe ---------------------------------------------------------------------------
     def observe(self) -> list[Application]:
@@ -142,7 +156,9 @@ class RayCluster:
     # -- plan ------------------------------------------------------------------------------
     def plan(self, apps: Sequence[Application] | None = None) -> Plan:
         apps = self.observe() if apps is None else apps
-        return plan_changes(self.spec.name, desired_nodes(self.spec), [_observed(a) for a in apps])
+        return plan_changes(
+            self.spec.name, desired_nodes(self.effective_spec()), [_observed(a) for a in apps]
+        )
 
     # -- apply -----------------------------------------------------------------------------
     def apply(self, plan: Plan) -> None:
@@ -235,7 +251,7 @@ class RayCluster:
     def status(self, apps: Sequence[Application] | None = None) -> ClusterStatus:
         """Apps (one list call) plus Ray's own view from the head's status endpoint."""
         apps = self.observe() if apps is None else apps
-        desired = desired_nodes(self.spec)
+        desired = desired_nodes(self.effective_spec())
         by_name = {(a.subdomain or a.name): a for a in apps}
         mine = {o.subdomain: o for o in owned_apps(self.spec.name, [_observed(a) for a in apps])}
         nodes: list[NodeStatus] = []
@@ -342,6 +358,7 @@ class RayCluster:
         on_progress: ProgressCallback | None = None,
     ) -> tuple[Plan, ClusterStatus]:
         self.spec = self.spec.with_replicas(replicas, group)
+        self._effective = None
         return self.up(wait=wait, timeout=timeout, on_progress=on_progress)
 
     def down(self) -> list[str]:

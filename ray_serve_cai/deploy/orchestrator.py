@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ray_serve_cai.cluster import ClusterStatus, RayCluster, connect_info
+from ray_serve_cai.cluster.runtimes import choose_runtime
 from ray_serve_cai.cml import CMLClient
 from ray_serve_cai.config import ClusterSpec, DeploySpec, JobSpec
 from ray_serve_cai.deploy.fingerprint import (
@@ -99,6 +100,7 @@ def desired_jobs(
     commit: str,
     git_url: str | None,
     branch: str | None,
+    default_runtime: str | None = None,
 ) -> dict[str, DesiredJob]:
     """Every job's CML fields and the fingerprint of its inputs."""
     code = tree_digest(repo, commit)
@@ -122,14 +124,16 @@ def desired_jobs(
             env[CLUSTER_SPEC_VAR] = cluster_json
         else:
             inputs = code
-        fields = _job_fields(job, spec, env)
+        fields = _job_fields(job, spec, env, default_runtime)
         fingerprint = job_fingerprint(fields, inputs)
         fields["environment"] = {**env, FINGERPRINT_VAR: fingerprint}
         result[job.key] = DesiredJob(spec=job, fields=fields, fingerprint=fingerprint)
     return result
 
 
-def _job_fields(job: JobSpec, spec: DeploySpec, env: dict[str, str]) -> dict[str, Any]:
+def _job_fields(
+    job: JobSpec, spec: DeploySpec, env: dict[str, str], default_runtime: str | None
+) -> dict[str, Any]:
     fields: dict[str, Any] = {
         "name": job.name,
         "script": job.script,
@@ -140,7 +144,7 @@ def _job_fields(job: JobSpec, spec: DeploySpec, env: dict[str, str]) -> dict[str
         "arguments": job.arguments,
         "environment": dict(env),
     }
-    runtime = job.runtime_identifier or spec.project.runtime_identifier
+    runtime = job.runtime_identifier or spec.project.runtime_identifier or default_runtime
     if runtime:
         fields["runtime_identifier"] = runtime
     if job.kernel:
@@ -181,7 +185,18 @@ def deploy(
     )
     say(f"project {project.name!r} ({project.id}) {'created from git' if created else 'found'}")
 
-    desired = desired_jobs(spec, cluster, repo=options.repo, commit=commit, git_url=git_url, branch=branch)
+    default_runtime = None
+    if any(not (j.runtime_identifier or spec.project.runtime_identifier) for j in spec.chain_order()):
+        default_runtime = choose_runtime(client.list_runtimes(), gpu=False)
+    desired = desired_jobs(
+        spec,
+        cluster,
+        repo=options.repo,
+        commit=commit,
+        git_url=git_url,
+        branch=branch,
+        default_runtime=default_runtime,
+    )
     state = ensure_jobs(client, project.id, spec, desired, force=options.force)
     if state.created or state.updated:
         say(f"jobs created: {state.created or '-'}; updated: {state.updated or '-'}")
