@@ -85,7 +85,7 @@ ray-cai check "${where[@]}" || die "cannot reach the workspace: see the message 
 
 say ""
 say "4. Cluster size (environment overrides of ray_cluster_config.yaml)"
-ask workers "Number of Ray workers" "${RAY_NUM_WORKERS:-$(ray-cai config validate --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["workers"])')}"
+ask workers "Number of Ray workers" "${RAY_NUM_WORKERS:-$(ray-cai config validate --json | python3 -c 'import json,sys; print(sum(g["replicas"] for g in json.load(sys.stdin)["cluster"]["worker_groups"]))')}"
 case "$workers" in
     ''|*[!0-9]*) die "the number of workers must be a whole number, not '$workers'" 2 ;;
 esac
