@@ -549,3 +549,18 @@ def test_loopback_bypasses_environment_proxies_and_others_use_them(monkeypatch: 
         proxied = pick(httpx.URL("https://app.ml.example.com/"))
         assert not isinstance(proxied, LoopbackTransport)
         assert proxied is not client._apps._transport  # the environment proxy's transport
+
+
+def test_errors_survive_pickling() -> None:
+    import pickle
+
+    errors: list[CMLError] = [
+        error_from_response(httpx.Response(404, json={"message": "gone"}), method="GET", path="/api/v2/p"),
+        CMLConnectionError("cannot reach", maybe_applied=False),
+        CreateOutcomeUnknown("lost", status_code=502, request_id="r"),
+        CMLSettingsError("set CML_HOST"),
+    ]
+    for err in errors:
+        copy = pickle.loads(pickle.dumps(err))
+        assert type(copy) is type(err) and str(copy) == str(err)
+        assert copy.__dict__ == err.__dict__

@@ -294,6 +294,8 @@ class CMLClient:
         self, path: str, key: str, params: Mapping[str, Any] | None = None, *, limit: int | None = None
     ) -> Iterator[dict[str, Any]]:
         """Every item of a list endpoint, following ``next_page_token`` until it is empty."""
+        if limit is not None and limit <= 0:
+            return
         query = dict(params or {})
         query["page_size"] = min(PAGE_SIZE, limit) if limit else PAGE_SIZE
         seen: set[str] = set()

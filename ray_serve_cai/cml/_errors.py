@@ -56,6 +56,9 @@ class CMLConnectionError(CMLError):
         super().__init__(message)
         self.maybe_applied = maybe_applied
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
 
 class CreateOutcomeUnknown(CMLConnectionError):
     """A create request reached CML but its answer was lost; the object may exist. Never retried.
@@ -71,6 +74,9 @@ class CreateOutcomeUnknown(CMLConnectionError):
         super().__init__(message, maybe_applied=True)
         self.status_code = status_code
         self.request_id = request_id
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.args, self.__dict__))
 
 
 class CMLAPIError(CMLError):
@@ -95,6 +101,9 @@ class CMLAPIError(CMLError):
         self.method = method
         self.path = path
         super().__init__(self._line(note))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.args, self.__dict__))
 
     def _line(self, note: str) -> str:
         where = f" on {self.method} {self.path}" if self.method else ""
@@ -152,6 +161,14 @@ class ServerError(CMLAPIError):
     """5xx: CML (or a gateway in front of it) failed."""
 
     summary = "CML server error"
+
+
+def _rebuild(cls: type[CMLError], args: tuple[Any, ...], state: dict[str, Any]) -> CMLError:
+    """Unpickle an error without re-running its constructor (errors cross process boundaries)."""
+    err = cls.__new__(cls)
+    err.args = args
+    err.__dict__.update(state)
+    return err
 
 
 _BY_STATUS: dict[int, type[CMLAPIError]] = {
