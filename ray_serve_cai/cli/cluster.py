@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -134,6 +137,7 @@ def _converge(
     info_file: Path,
     replicas: int | None = None,
     group: str | None = None,
+    watch_interval: float | None = None,
 ) -> None:
     def run() -> None:
         spec = load_cluster_spec(config)
@@ -142,6 +146,11 @@ def _converge(
         with open_target(local, project, create=True) as target:
             cluster = RayCluster(target.client, target.project_id, spec)
             plan_done, status = cluster.up(wait=wait, timeout=timeout, on_progress=Progress())
+            if watch_interval is not None:
+                if status.ready:
+                    write_cluster_info(status, info_file)
+                _watch(cluster, watch_interval)
+                return
         info_path = write_cluster_info(status, info_file) if status.ready else None
         if json_out:
             print_json({"plan": _plan_json(plan_done), "status": status.as_dict(), "info_file": info_path})
@@ -153,6 +162,22 @@ def _converge(
             raise typer.Exit(EXIT_FAILED)
 
     run_command(run)
+
+
+def _watch(cluster: RayCluster, interval: float) -> None:
+    """Reconcile every `interval` seconds until Ctrl-C or SIGTERM; one line per pass that acted."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    err_console.print(f"watching cluster {cluster.spec.name!r} every {interval:g}s (Ctrl-C to stop)")
+
+    def on_pass(plan: Plan, status: ClusterStatus) -> None:
+        if plan.actions:
+            err_console.print(f"healed: {', '.join(a.describe().strip() for a in plan.actions)}")
+        Progress()(status)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        cluster.watch(interval=interval, on_pass=on_pass, should_stop=stop.is_set)
+    err_console.print("stopped watching")
 
 
 WaitOption = typer.Option(True, "--wait/--no-wait", help="Wait until Ray reports every node alive.")
@@ -170,9 +195,17 @@ def up(
     wait: bool = WaitOption,
     timeout: float | None = TimeoutOption,
     info_file: Path = InfoOption,
+    watch: bool = typer.Option(
+        False, "--watch", help="Keep reconciling afterwards: replace dead or stuck apps (Ctrl-C stops)."
+    ),
+    interval: float = typer.Option(30.0, "--interval", help="Seconds between passes with --watch."),
 ) -> None:
     """Create or converge the cluster, then wait until Ray reports every node alive."""
-    _converge(config, local, project, json_out, wait, timeout, info_file)
+    if interval <= 0:
+        fail("--interval: must be more than 0 seconds", EXIT_BAD_INPUT)
+    _converge(
+        config, local, project, json_out, wait, timeout, info_file, watch_interval=interval if watch else None
+    )
 
 
 def scale(

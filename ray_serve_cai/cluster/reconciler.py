@@ -11,12 +11,15 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ray_serve_cai.cluster.errors import ClusterError
+from ray_serve_cai.cluster.lock import cluster_lock
 from ray_serve_cai.cluster.plan import (
     FAILED,
     RUNNING,
+    STARTING,
     Action,
     ActionKind,
     ObservedApp,
@@ -35,10 +38,6 @@ CREATE_ATTEMPTS = 4
 # A create refused for these reasons will be refused again: report it at once (400 bad input, 401/403 auth,
 # 404 no such project). 409 and 5xx may mean "it happened": observe before deciding.
 PERMANENT_STATUSES = frozenset({400, 401, 403, 404})
-
-
-class ClusterError(RuntimeError):
-    """The cluster could not be brought to the desired state; the message says what and where."""
 
 
 @dataclass
@@ -128,6 +127,7 @@ class RayCluster:
         *,
         poll_interval: float = 2.0,
         max_parallel: int = 16,
+        lock_wait: float = 120.0,
     ) -> None:
         self.client = client
         self.project_id = project_id
@@ -135,6 +135,9 @@ class RayCluster:
         self.poll_interval = poll_interval
         self.max_parallel = max_parallel
         self._effective: ClusterSpec | None = None
+        self.lock_wait = lock_wait
+        # A lock outlives a crashed run by at most this long.
+        self.lock_ttl = 300.0
 
     def effective_spec(self) -> ClusterSpec:
         """The spec with a runtime chosen (one list call, once) wherever the config names none."""
@@ -339,14 +342,78 @@ class RayCluster:
             time.sleep(self.poll_interval)
 
     # -- verbs -----------------------------------------------------------------------------
+    def converge(self, extra: Callable[[list[Application]], list[Action]] | None = None) -> Plan:
+        """One reconcile pass: observe and plan; when something must change, take the cluster lock,
+        plan again under it (another run may have acted meanwhile) and apply."""
+        apps = self.observe()
+        plan = self.plan(apps)
+        if plan.is_noop and not (extra and extra(apps)):
+            return plan
+        with cluster_lock(
+            self.client, self.project_id, self.spec.name, ttl=self.lock_ttl, wait=self.lock_wait
+        ):
+            apps = self.observe()
+            plan = self.plan(apps)
+            if extra:
+                busy = {a.name for a in plan.actions}
+                more = tuple(a for a in extra(apps) if a.name not in busy)
+                plan = replace(plan, actions=plan.actions + more)
+            self.apply(plan)
+        return plan
+
     def up(
         self, *, wait: bool = True, timeout: float | None = None, on_progress: ProgressCallback | None = None
     ) -> tuple[Plan, ClusterStatus]:
         """Converge: plan, apply, then (by default) wait until Ray reports every node alive."""
-        plan = self.plan()
-        self.apply(plan)
+        plan = self.converge()
         status = self.wait_until_ready(timeout, on_progress) if wait else self.status()
         return plan, status
+
+    def watch(
+        self,
+        *,
+        interval: float = 30.0,
+        on_pass: Callable[[Plan, ClusterStatus], None] | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
+        max_passes: int | None = None,
+    ) -> None:
+        """Keep reconciling every `interval` seconds: dead apps are restarted, missing ones created,
+        and an app stuck in STARTING past `startup_timeout` is restarted."""
+        starting_since: dict[str, float] = {}
+
+        def stuck_apps(apps: list[Application]) -> list[Action]:
+            now = time.monotonic()
+            nodes = {n.name: n for n in desired_nodes(self.effective_spec())}
+            current = {a.id for a in apps if a.status == STARTING}
+            for app_id in list(starting_since):
+                if app_id not in current:
+                    del starting_since[app_id]
+            actions = []
+            for app in apps:
+                name = app.subdomain or app.name
+                if app.status != STARTING or name not in nodes:
+                    continue
+                since = starting_since.setdefault(app.id, now)
+                if now - since > self.spec.startup_timeout:
+                    reason = f"stuck in STARTING for {now - since:.0f}s"
+                    actions.append(
+                        Action(ActionKind.RESTART, name, node=nodes[name], app=_observed(app), reason=reason)
+                    )
+                    starting_since[app.id] = now
+            return actions
+
+        passes = 0
+        while not should_stop():
+            plan = self.converge(extra=stuck_apps)
+            status = self.status()
+            if on_pass:
+                on_pass(plan, status)
+            passes += 1
+            if max_passes is not None and passes >= max_passes:
+                return
+            end = time.monotonic() + interval
+            while time.monotonic() < end and not should_stop():
+                time.sleep(min(0.5, interval))
 
     def scale(
         self,
@@ -364,8 +431,14 @@ class RayCluster:
     def down(self) -> list[str]:
         """Stop and delete every application this cluster owns (nodes copy their logs on stop)."""
         mine = owned_apps(self.spec.name, [_observed(a) for a in self.observe()])
-        actions = [Action(ActionKind.DELETE, app.subdomain, app=app, reason="down") for app in mine]
-        self._run_parallel(self._delete, actions)
+        if not mine:
+            return []
+        with cluster_lock(
+            self.client, self.project_id, self.spec.name, ttl=self.lock_ttl, wait=self.lock_wait
+        ):
+            mine = owned_apps(self.spec.name, [_observed(a) for a in self.observe()])
+            actions = [Action(ActionKind.DELETE, app.subdomain, app=app, reason="down") for app in mine]
+            self._run_parallel(self._delete, actions)
         return [a.name for a in actions]
 
 
