@@ -134,14 +134,17 @@ def runtime_id(client: CMLClient) -> str:
 
 
 @pytest.fixture
-def project(client: CMLClient, workspace: Any) -> Project:
+def project(client: CMLClient, workspace: Any) -> Iterator[Project]:
     created = client.create_project(unique("cml-test"))
     created = wait_for(lambda: (p := client.get_project(created.id)).creation_status != "creating" and p)
     assert created.creation_status == "success"
     directory = project_dir(workspace, created)
     (directory / "app.py").write_text(APP_SCRIPT)
     (directory / "job.py").write_text(JOB_SCRIPT)
-    return created
+    yield created
+    client.delete_project(created.id)
+    with pytest.raises(NotFound):
+        client.get_project(created.id)
 
 
 @pytest.fixture
