@@ -1,0 +1,388 @@
+"""Real Ray: `RayCluster.up()` on the local workspace versus starting the same nodes by hand.
+
+Run by hand (not collected by pytest), from a checkout whose node layer is committed:
+
+    python benchmarks/bench_ray.py                # --sizes 2,4 --repeat 2
+
+For each size (1 head + N workers), in the same run:
+
+* ray-cai: a local workspace (temporary home) with a project created from git (`git_url` = this
+  repository, so the committed `cai_integration/ray_head.py` / `ray_worker.py` run); `up` runs in a
+  child process so its own peak RSS (`ru_maxrss`) is measured alone; the time is from the call of
+  `RayCluster.up()` to its return, i.e. until the head's `/ray-cai/status` reports every node alive.
+  Then `down`.
+* by hand: `ray start --head` then one `ray start --address …` per worker, one after another (each
+  returns once its node runs), every node with its own free ports, then the dashboard polled every
+  0.25 s until it lists every node ALIVE. Same token authentication as ray-cai. Every `ray start`
+  runs in its own session; afterwards each session's process group is killed (and any process
+  carrying this run's marker variable), never `ray stop`, so another Ray on the machine is untouched.
+
+Target: ray-cai <= 0.8 x the hand start. Prints a table and writes the raw figures as JSON (`--out`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import resource
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+DEFAULT_OUT = HERE / "results" / "bench_ray.json"
+NODE_FILES = ("cai_integration/ray_head.py", "cai_integration/ray_worker.py")
+HAND_MARKER = "RAY_CAI_BENCH_HAND"
+API_KEY_VARIABLE = "RAY_CAI_BENCH_API_KEY"  # the child gets the key in its environment, never in argv
+HAND_POLL_SECONDS = 0.25
+
+
+@dataclass
+class Run:
+    tool: str  # "ray-cai" or "hand"
+    workers: int
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- ray-cai (child process)
+
+
+def cluster_data(workers: int) -> dict[str, Any]:
+    return {
+        "ray_cluster": {
+            "name": "rbench",
+            "num_workers": workers,
+            "head_cpu": 1,
+            "head_memory": 2,
+            "worker_cpu": 1,
+            "worker_memory": 2,
+            # 0 = free ports picked at start: never collide with another Ray on this machine.
+            "ports": {"gcs": 0, "client": 0, "dashboard": 0},
+            "startup_timeout": 300,
+            "join_timeout": 300,
+        }
+    }
+
+
+def child_up(url: str, project_id: str, workers: int, poll_interval: float) -> dict[str, Any]:
+    """Runs in the child: import, then time `up` alone; report its peak RSS."""
+    from ray_serve_cai.cluster import RayCluster
+    from ray_serve_cai.cml import CMLClient, CMLSettings
+    from ray_serve_cai.config import parse_cluster_spec
+
+    spec = parse_cluster_spec(cluster_data(workers), env={})
+    settings = CMLSettings(host=url, api_key=os.environ[API_KEY_VARIABLE])
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    polls = 0
+
+    def count(_: object) -> None:
+        nonlocal polls
+        polls += 1
+
+    with CMLClient(settings) as client:
+        cluster = RayCluster(client, project_id, spec, poll_interval=poll_interval)
+        start = time.perf_counter()
+        _, status = cluster.up(on_progress=count)
+        seconds = time.perf_counter() - start
+    return {
+        "seconds": seconds,
+        "ready": status.ready,
+        "alive_nodes": status.ray.get("alive_nodes"),
+        "polls": polls,
+        "peak_rss_mib_before_up": round(rss_before / 1024, 1),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
+def run_ray_cai(handle: Any, project_id: str, workers: int, poll_interval: float) -> Run:
+    from ray_serve_cai.cluster import RayCluster
+    from ray_serve_cai.cml import CMLClient, CMLSettings
+    from ray_serve_cai.config import parse_cluster_spec
+
+    handle.reset_counters()
+    command = [
+        sys.executable, str(Path(__file__).resolve()), "--child-up",
+        "--url", handle.url, "--project-id", project_id,
+        "--workers", str(workers), "--poll-interval", str(poll_interval),
+    ]  # fmt: skip
+    env = {**os.environ, API_KEY_VARIABLE: handle.api_key}
+    child = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, check=False)
+    counters = handle.counters()
+    if child.returncode != 0:
+        raise RuntimeError(f"ray-cai up of {workers} workers failed:\n{child.stderr[-4000:]}")
+    result = json.loads(child.stdout.strip().splitlines()[-1])
+    if not result["ready"]:
+        raise RuntimeError(f"ray-cai up of {workers} workers returned without a ready cluster: {result}")
+    run = Run("ray-cai", workers, result.pop("seconds"), result)
+    run.extra["api_calls"] = counters["total"]
+
+    settings = CMLSettings(host=handle.url, api_key=handle.api_key)
+    with CMLClient(settings) as client:
+        start = time.perf_counter()
+        RayCluster(client, project_id, parse_cluster_spec(cluster_data(workers), env={})).down()
+        run.extra["down_seconds"] = round(time.perf_counter() - start, 2)
+    run.extra["left_processes"] = len(handle.processes())
+    return run
+
+
+# --------------------------------------------------------------------------- by hand
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def node_ports() -> list[str]:
+    """Every per-node port Ray would otherwise take at a fixed default, so nodes can share a host."""
+    return [
+        "--node-manager-port", str(free_port()),
+        "--object-manager-port", str(free_port()),
+        "--dashboard-agent-listen-port", str(free_port()),
+        "--dashboard-agent-grpc-port", str(free_port()),
+        "--metrics-export-port", str(free_port()),
+        "--runtime-env-agent-port", str(free_port()),
+    ]  # fmt: skip
+
+
+class HandCluster:
+    """Nodes started with `ray start`, each in its own session; ended by killing those groups."""
+
+    def __init__(self) -> None:
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="rbh-", dir="/tmp"))  # short: Ray's socket paths
+        token_path = self.temp_dir / "auth_token"
+        token_path.write_text(secrets.token_hex(32))
+        token_path.chmod(0o600)
+        self.token = token_path.read_text()
+        self.marker = uuid.uuid4().hex
+        self.env = {
+            **os.environ,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(token_path),
+            HAND_MARKER: self.marker,
+        }
+        self.groups: list[int] = []
+        self.gcs_port = free_port()
+        self.dashboard_port = free_port()
+
+    def _ray_start(self, arguments: list[str]) -> None:
+        process = subprocess.Popen(
+            ["ray", "start", "--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats",
+             *node_ports(), *arguments],
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        self.groups.append(process.pid)
+        output, _ = process.communicate(timeout=300)
+        if process.returncode != 0:
+            raise RuntimeError(f"ray start {' '.join(arguments[:2])} failed:\n{output.decode()[-3000:]}")
+
+    def start(self, workers: int) -> None:
+        self._ray_start(
+            ["--head", "--port", str(self.gcs_port), "--dashboard-host", "127.0.0.1",
+             "--dashboard-port", str(self.dashboard_port), "--ray-client-server-port", str(free_port()),
+             "--temp-dir", str(self.temp_dir)]
+        )  # fmt: skip
+        for _ in range(workers):
+            self._ray_start(["--address", f"127.0.0.1:{self.gcs_port}"])
+
+    def alive_nodes(self, client: httpx.Client) -> int:
+        try:
+            response = client.get(f"http://127.0.0.1:{self.dashboard_port}/nodes?view=summary", timeout=5)
+            summary = response.json()["data"]["summary"]
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return 0
+        return sum(1 for node in summary if node.get("raylet", {}).get("state") == "ALIVE")
+
+    def wait_alive(self, nodes: int, timeout: float = 300) -> None:
+        headers = {"X-Ray-Authorization": f"Bearer {self.token}"}
+        deadline = time.monotonic() + timeout
+        with httpx.Client(trust_env=False, headers=headers) as client:
+            while self.alive_nodes(client) < nodes:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the hand-started cluster did not reach {nodes} alive nodes")
+                time.sleep(HAND_POLL_SECONDS)
+
+    def marked_processes(self) -> list[psutil.Process]:
+        found = []
+        for process in psutil.process_iter():
+            with contextlib.suppress(psutil.Error, OSError):
+                if process.environ().get(HAND_MARKER) == self.marker:
+                    found.append(process)
+        return found
+
+    def stop(self) -> int:
+        """Kill every group we started, then anything else carrying our marker; return survivors."""
+        marked = self.marked_processes()
+        for group in self.groups:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(group, signal.SIGKILL)
+        for process in marked:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        psutil.wait_procs(marked, timeout=10)
+        left = len([p for p in self.marked_processes() if p.status() != psutil.STATUS_ZOMBIE])
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        return left
+
+
+def run_hand(workers: int) -> Run:
+    cluster = HandCluster()
+    try:
+        start = time.perf_counter()
+        cluster.start(workers)
+        started = time.perf_counter() - start
+        cluster.wait_alive(workers + 1)
+        seconds = time.perf_counter() - start
+    finally:
+        left = cluster.stop()
+    return Run("hand", workers, seconds, {"ray_start_seconds": round(started, 2), "left_processes": left})
+
+
+# --------------------------------------------------------------------------- main
+
+
+def node_layer_committed(repo: Path) -> list[str]:
+    """The node launcher files missing from the repository's HEAD (a git project clones HEAD)."""
+    missing = []
+    for path in NODE_FILES:
+        found = subprocess.run(
+            ["git", "-C", str(repo), "cat-file", "-e", f"HEAD:{path}"], capture_output=True, check=False
+        )
+        if found.returncode != 0:
+            missing.append(path)
+    return missing
+
+
+def machine() -> dict[str, Any]:
+    import ray
+
+    return {
+        "nproc": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "ray": ray.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def print_table(runs: list[Run]) -> list[tuple[int, float, float, bool]]:
+    sizes = sorted({r.workers for r in runs})
+    header = (
+        f"{'nodes':>12} | {'ray-cai s (median)':>18} | {'hand s (median)':>15} | {'ratio':>6} | target <= 0.8"
+    )
+    print("\n" + header)
+    print("-" * len(header))
+    verdicts = []
+    for workers in sizes:
+        ours = statistics.median(r.seconds for r in runs if r.tool == "ray-cai" and r.workers == workers)
+        hand = statistics.median(r.seconds for r in runs if r.tool == "hand" and r.workers == workers)
+        ratio = ours / hand
+        verdicts.append((workers, ours, hand, ratio <= 0.8))
+        label = f"1 + {workers}"
+        print(
+            f"{label:>12} | {ours:18.2f} | {hand:15.2f} | {ratio:6.2f} | {'PASS' if ratio <= 0.8 else 'FAIL'}"
+        )
+    return verdicts
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="2,4", help="worker counts, comma-separated")
+    parser.add_argument("--repeat", type=int, default=2, help="runs per size and tool (median reported)")
+    parser.add_argument("--poll-interval", type=float, default=2.0, help="RayCluster's poll interval, s")
+    parser.add_argument("--repo", type=Path, default=REPO, help="git repository the project is cloned from")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write the raw JSON")
+    parser.add_argument("--child-up", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--project-id", help=argparse.SUPPRESS)
+    parser.add_argument("--workers", type=int, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child_up:
+        print(json.dumps(child_up(args.url, args.project_id, args.workers, args.poll_interval)))
+        return 0
+
+    from ray_serve_cai.workspace.daemon import start_workspace, stop_workspace
+    from ray_serve_cai.workspace.testing import WorkspaceHandle
+
+    missing = node_layer_committed(args.repo)
+    if missing:
+        print(f"the node layer is not committed yet in {args.repo} (missing at HEAD: {', '.join(missing)})")
+        return 3
+    sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()})
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
+    home = Path(tempfile.mkdtemp(prefix="ray-cai-bench-ray-"))
+    runs: list[Run] = []
+    try:
+        info = start_workspace(home / "workspace")
+        handle = WorkspaceHandle(info)
+        try:
+            project = handle.create_project("bench-ray", template="git", git_url=str(args.repo), timeout=300)
+            if project["creation_status"] != "success":
+                raise RuntimeError(f"project from git: {project.get('error_message')}")
+            for _ in range(args.repeat):
+                for workers in sizes:
+                    for tool in ("ray-cai", "hand"):
+                        if tool == "ray-cai":
+                            run = run_ray_cai(handle, project["id"], workers, args.poll_interval)
+                        else:
+                            run = run_hand(workers)
+                        runs.append(run)
+                        print(
+                            f"  {run.tool:8} 1 + {workers} workers: {run.seconds:6.2f} s  {run.extra}",
+                            flush=True,
+                        )
+        finally:
+            handle.close()
+            stop_workspace(home / "workspace")
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+    verdicts = print_table(runs)
+    rss = [r.extra["peak_rss_mib"] for r in runs if r.tool == "ray-cai"]
+    print(f"\nray-cai peak RSS during up (child process): max {max(rss)} MiB")
+    report = {
+        "started_at": started_at,
+        "machine": machine(),
+        "settings": {"sizes": sizes, "repeat": args.repeat, "poll_interval_s": args.poll_interval},
+        "runs": [asdict(r) for r in runs],
+        "targets": [
+            {"workers": w, "ray_cai_s": o, "hand_s": h, "ratio": o / h, "passed": ok}
+            for w, o, h, ok in verdicts
+        ],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"raw figures: {args.out}")
+    return 0 if all(ok for *_, ok in verdicts) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
