@@ -50,6 +50,10 @@ class FaultPlan:
     retry_after_seconds: int = 1
     seed: int | None = None
     paths: str = "/api/v2/"
+    # Deterministic kill points: the N-th matching request (1-based, counted from `configure`) is held
+    # for `hang_seconds` before it is served as usual, so a test can kill the client while it waits.
+    hang_on_request: int | None = None
+    hang_seconds: float = 0.0
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> FaultPlan:
@@ -83,6 +87,14 @@ class FaultPlan:
         if not isinstance(paths, str) or not paths.startswith("/") or paths.startswith("/_workspace"):
             raise invalid_argument("paths must be a path prefix outside /_workspace/")
         plan.paths = paths
+        hang_on = body.get("hang_on_request")
+        if hang_on is not None and (isinstance(hang_on, bool) or not isinstance(hang_on, int) or hang_on < 1):
+            raise invalid_argument("hang_on_request must be a positive integer (1 = the first request)")
+        plan.hang_on_request = hang_on
+        hang_seconds = body.get("hang_seconds", 0.0)
+        if isinstance(hang_seconds, bool) or not isinstance(hang_seconds, (int, float)) or hang_seconds < 0:
+            raise invalid_argument("hang_seconds must be a non-negative number")
+        plan.hang_seconds = float(hang_seconds)
         return plan
 
     def to_dict(self) -> dict[str, Any]:
@@ -95,6 +107,8 @@ class FaultPlan:
             "retry_after_seconds": self.retry_after_seconds,
             "seed": self.seed,
             "paths": self.paths,
+            "hang_on_request": self.hang_on_request,
+            "hang_seconds": self.hang_seconds,
         }
 
 
@@ -105,6 +119,7 @@ class FaultDecision:
     error_status: int | None = None
     reset: bool = False
     drop_response: bool = False
+    hang_seconds: float = 0.0  # hold the request this long first, then decide as usual
 
 
 class FaultInjector:
@@ -113,41 +128,50 @@ class FaultInjector:
         self.plan: FaultPlan | None = None
         self._rng = random.Random()
         self.injected: Counter[str] = Counter()
+        self._matched = 0  # requests the plan applied to since `configure`
 
     def configure(self, plan: FaultPlan) -> None:
         with self._lock:
             self.plan = plan
             self._rng = random.Random(plan.seed)
             self.injected.clear()
+            self._matched = 0
 
     def clear(self) -> None:
         with self._lock:
             self.plan = None
             self.injected.clear()
+            self._matched = 0
 
     def decide(self, path: str, *, is_create: bool) -> FaultDecision:
         with self._lock:
             plan = self.plan
             if plan is None or path.startswith("/_workspace") or not path.startswith(plan.paths):
                 return FaultDecision()
+            self._matched += 1
+            hang = 0.0
+            if plan.hang_on_request is not None and self._matched == plan.hang_on_request:
+                self.injected["hang"] += 1
+                hang = plan.hang_seconds
             draw = self._rng.random()
             if draw < plan.reset_rate:
                 self.injected["reset"] += 1
-                return FaultDecision(reset=True)
+                return FaultDecision(reset=True, hang_seconds=hang)
             if draw < plan.reset_rate + plan.error_rate:
                 status = self._rng.choice(plan.statuses)
                 self.injected[f"error {status}"] += 1
-                return FaultDecision(error_status=status)
+                return FaultDecision(error_status=status, hang_seconds=hang)
             if is_create and self._rng.random() < plan.drop_create_response_rate:
                 self.injected["dropped create response"] += 1
-                return FaultDecision(drop_response=True)
-            return FaultDecision()
+                return FaultDecision(drop_response=True, hang_seconds=hang)
+            return FaultDecision(hang_seconds=hang)
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return {
                 "plan": self.plan.to_dict() if self.plan else None,
                 "injected": dict(self.injected),
+                "matched_requests": self._matched,
             }
 
 

@@ -362,6 +362,11 @@ class WorkspaceGateway:
             return
 
         decision = self.faults.decide(path, is_create=method == "POST" and template in CREATE_ROUTES)
+        if decision.hang_seconds:
+            # A kill point for tests: the body is read first, so the request is served after the pause
+            # even when its client was killed meanwhile (the request reached CML, the answer is lost).
+            receive = await self._buffered(receive)
+            await asyncio.sleep(decision.hang_seconds)
         if decision.reset:
             await self._abort_connection(send)
             return
@@ -393,6 +398,28 @@ class WorkspaceGateway:
                 )
             return
         await self.api(scope, receive, send_with_request_id)
+
+    @staticmethod
+    async def _buffered(receive: Receive) -> Receive:
+        """Read the whole request body now; the returned `receive` replays it."""
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        return replay
 
     def _authorized(self, authorization: str) -> bool:
         scheme, _, token = authorization.partition(" ")

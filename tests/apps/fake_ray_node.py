@@ -1,0 +1,129 @@
+"""Test application: a Ray node without Ray, for tests where Ray is not the point.
+
+Serves HTTP on 127.0.0.1:$CDSW_APP_PORT: `/` (200), `/ray-cai/health`, and on the head
+(`RAY_CAI_ROLE=head`) `/ray-cai/status`, shaped like the real head's. Every node writes a heartbeat
+file `.ray-cai/<cluster>/fake/<RAY_CAI_NODE_NAME>` (pid + time) in the project directory (the working
+directory) every second and removes it on SIGTERM; the head reports as alive the nodes whose
+heartbeat is fresh and whose process still exists, so a killed node drops out at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import signal
+import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+HEARTBEAT_SECONDS = 1.0
+FRESH_SECONDS = 3.0
+
+CLUSTER = os.environ.get("RAY_CAI_CLUSTER", "default")
+NODE_NAME = os.environ.get("RAY_CAI_NODE_NAME", f"fake-{os.getpid()}")
+ROLE = os.environ.get("RAY_CAI_ROLE", "worker")
+HEAD_ID = uuid.uuid4().hex
+HEARTBEATS = Path(os.environ.get("RAY_CAI_PROJECT_DIR", ".")) / ".ray-cai" / CLUSTER / "fake"
+MY_HEARTBEAT = HEARTBEATS / NODE_NAME
+
+
+def write_heartbeat() -> None:
+    HEARTBEATS.mkdir(parents=True, exist_ok=True)
+    temporary = HEARTBEATS / f".{NODE_NAME}.{os.getpid()}.tmp"
+    temporary.write_text(json.dumps({"pid": os.getpid(), "time": time.time(), "role": ROLE}))
+    os.replace(temporary, MY_HEARTBEAT)
+
+
+def heartbeat_forever() -> None:
+    while True:
+        with contextlib.suppress(OSError):  # the project directory may be going away
+            write_heartbeat()
+        time.sleep(HEARTBEAT_SECONDS)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def alive_nodes() -> list[dict[str, Any]]:
+    nodes = []
+    now = time.time()
+    for path in sorted(HEARTBEATS.glob("*")):
+        if path.name.startswith("."):
+            continue
+        try:
+            beat = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if now - float(beat.get("time", 0)) <= FRESH_SECONDS and pid_alive(int(beat.get("pid", 0))):
+            nodes.append(
+                {"node_id": f"fake-{beat['pid']}", "node_name": path.name, "alive": True, "resources": {}}
+            )
+    return nodes
+
+
+class Handler(BaseHTTPRequestHandler):
+    def _json(self, status: int, body: dict[str, Any]) -> None:
+        payload = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path == "/ray-cai/health":
+            self._json(200, {"role": ROLE, "node_name": NODE_NAME, "ray_running": True, "head_id": HEAD_ID})
+        elif path == "/ray-cai/status" and ROLE == "head":
+            nodes = alive_nodes()
+            self._json(
+                200,
+                {
+                    "head_id": HEAD_ID,
+                    "ray_version": "fake",
+                    "python_version": platform.python_version(),
+                    "alive_nodes": len(nodes),
+                    "nodes": nodes,
+                    "resources": {},
+                },
+            )
+        elif path == "/":
+            self._json(200, {"fake_ray_node": NODE_NAME})
+        else:
+            self._json(404, {"error": f"no route {path}"})
+
+    def log_message(self, *args: object) -> None:
+        return None
+
+
+def on_sigterm(*_: object) -> None:
+    with contextlib.suppress(OSError):
+        MY_HEARTBEAT.unlink()
+    os._exit(0)
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, on_sigterm)
+    server = ThreadingHTTPServer(("127.0.0.1", int(os.environ["CDSW_APP_PORT"])), Handler)
+    write_heartbeat()
+    threading.Thread(target=heartbeat_forever, daemon=True).start()
+    sys.stdout.write(f"fake ray {ROLE} {NODE_NAME} serving on {server.server_address}\n")
+    sys.stdout.flush()
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
