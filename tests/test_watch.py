@@ -1,0 +1,235 @@
+"""Self-healing: `RayCluster.watch` (and `ray-cai up --watch`) restarts a dead worker, a dead head and an
+app stuck in STARTING past `startup_timeout`, within about one interval."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fakes import (
+    RAY_CAI,
+    cli_env,
+    client_for,
+    fake_cluster_spec,
+    fake_cluster_yaml,
+    fake_project,
+    list_apps,
+    write_fake_project_files,
+)
+
+from ray_serve_cai.cluster import RayCluster
+from ray_serve_cai.workspace.testing import WorkspaceHandle
+
+INTERVAL = 1.0
+# One interval to notice, plus the restart itself (stop, spawn, first HTTP answer) on a busy 2-core box.
+HEAL_WITHIN = INTERVAL + 4.0
+RESTART_ROUTE = "POST /api/v2/projects/{project_id}/applications/{application_id}:restart"
+
+
+@pytest.fixture
+def controls(workspace: WorkspaceHandle) -> Iterator[WorkspaceHandle]:
+    workspace.reset_controls()
+    try:
+        yield workspace
+    finally:
+        workspace.reset_controls()
+
+
+@pytest.fixture(scope="module")
+def project_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_fake_project_files(tmp_path_factory.mktemp("watch-files"))
+
+
+def app_by_name(workspace: WorkspaceHandle, project_id: str, name: str) -> dict[str, Any]:
+    return next(a for a in list_apps(workspace, project_id) if a["subdomain"] == name)
+
+
+def pids_of(workspace: WorkspaceHandle, app_id: str) -> list[int]:
+    processes = workspace.api_ok("GET", "/_workspace/processes")["processes"]
+    return [int(p["pid"]) for p in processes if p["workload_id"] == app_id]
+
+
+def wait_running_again(
+    workspace: WorkspaceHandle, project_id: str, name: str, old_pids: list[int], since: float
+) -> float:
+    """Seconds from `since` until the app runs again with a new process."""
+
+    def healed() -> bool:
+        app = app_by_name(workspace, project_id, name)
+        pids = pids_of(workspace, app["id"])
+        return app["status"] == "APPLICATION_RUNNING" and bool(pids) and not set(pids) & set(old_pids)
+
+    workspace.wait_for(lambda: healed(), bool, timeout=30, interval=0.1, what=f"{name} to run again")
+    return time.monotonic() - since
+
+
+class Watcher:
+    """`RayCluster.watch` in a thread, stopped by `close()`."""
+
+    def __init__(self, rc: RayCluster) -> None:
+        self.stop = threading.Event()
+        self.passes = 0
+        self.actions: list[str] = []
+        self.errors: list[BaseException] = []
+
+        def on_pass(plan: Any, _status: Any) -> None:
+            self.passes += 1
+            self.actions += [a.describe() for a in plan.actions]
+
+        def run() -> None:
+            try:
+                rc.watch(interval=INTERVAL, on_pass=on_pass, should_stop=self.stop.is_set)
+            except BaseException as err:  # reported by the test
+                self.errors.append(err)
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=30)
+        assert not self.thread.is_alive(), "watch did not stop"
+        assert not self.errors, f"watch raised: {self.errors!r}"
+
+
+def test_watch_restarts_a_killed_worker_a_stopped_worker_and_a_killed_head(
+    controls: WorkspaceHandle, project_files: Path
+) -> None:
+    with fake_project(controls, "watch-heal", project_files) as project, client_for(controls) as client:
+        pid = project["id"]
+        spec = fake_cluster_spec("wheal", 2)
+        _, status = RayCluster(client, pid, spec, poll_interval=0.2).up(timeout=30)
+        assert status.ready
+        with client_for(controls) as watch_client:
+            watcher = Watcher(RayCluster(watch_client, pid, spec, poll_interval=0.2))
+            try:
+                timings: dict[str, float] = {}
+                # 1. a worker's process is killed
+                worker = app_by_name(controls, pid, "ray-wheal-worker-0")
+                old = pids_of(controls, worker["id"])
+                for process_id in old:
+                    os.kill(process_id, signal.SIGKILL)
+                timings["killed worker"] = wait_running_again(
+                    controls, pid, worker["subdomain"], old, time.monotonic()
+                )
+                # 2. a worker is stopped through the API
+                worker = app_by_name(controls, pid, "ray-wheal-worker-1")
+                old = pids_of(controls, worker["id"])
+                controls.api_ok("POST", f"/api/v2/projects/{pid}/applications/{worker['id']}:stop")
+                timings["stopped worker"] = wait_running_again(
+                    controls, pid, worker["subdomain"], old, time.monotonic()
+                )
+                # 3. the head's process is killed
+                head = app_by_name(controls, pid, "ray-wheal-head")
+                old = pids_of(controls, head["id"])
+                for process_id in old:
+                    os.kill(process_id, signal.SIGKILL)
+                timings["killed head"] = wait_running_again(
+                    controls, pid, head["subdomain"], old, time.monotonic()
+                )
+            finally:
+                watcher.close()
+        print(
+            f"\nwatch healing times (interval {INTERVAL:g}s): "
+            + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items())
+        )
+        assert all(t <= HEAL_WITHIN for t in timings.values()), timings
+        assert any("restart" in a for a in watcher.actions), watcher.actions
+        _, status = RayCluster(client, pid, spec, poll_interval=0.2).up(timeout=30)
+        assert status.ready and status.ray["alive_nodes"] == 3
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: RayCluster.converge (ray_serve_cai/cluster/reconciler.py) calls watch's stuck_apps twice "
+    "per pass; the first call (the no-op check) resets the app's STARTING timer, so the call under the lock "
+    "finds nothing stuck and a stuck app is never restarted",
+)
+def test_watch_restarts_an_app_stuck_in_starting(controls: WorkspaceHandle, project_files: Path) -> None:
+    with fake_project(controls, "watch-stuck", project_files) as project, client_for(controls) as client:
+        pid = project["id"]
+        spec = fake_cluster_spec("wstuck", 1, startup_timeout=1.5)
+        _, status = RayCluster(client, pid, spec, poll_interval=0.2).up(timeout=30)
+        assert status.ready
+        worker = app_by_name(controls, pid, "ray-wstuck-worker-0")
+        controls.set_latency(app_start_seconds=30)  # every start now hangs in STARTING
+        controls.api_ok("POST", f"/api/v2/projects/{pid}/applications/{worker['id']}:restart")
+        controls.reset_counters()
+        started = time.monotonic()
+        with client_for(controls) as watch_client:
+            watcher = Watcher(RayCluster(watch_client, pid, spec, poll_interval=0.2))
+            try:
+                controls.wait_for(
+                    lambda: controls.counters()["counts"].get(RESTART_ROUTE, 0),
+                    lambda n: n >= 1,
+                    timeout=spec.startup_timeout + 2 * INTERVAL + 3,
+                    interval=0.1,
+                    what=f"watch to restart the stuck app (actions so far: {watcher.actions})",
+                )
+                restarted_after = time.monotonic() - started
+                controls.set_latency(app_start_seconds=0)
+                controls.api_ok("POST", f"/api/v2/projects/{pid}/applications/{worker['id']}:restart")
+                controls.wait_for_app(pid, worker["id"], ["APPLICATION_RUNNING"], timeout=30)
+            finally:
+                watcher.close()
+        print(f"\nstuck app restarted {restarted_after:.1f}s after it got stuck (startup_timeout 1.5s)")
+        assert any("stuck in STARTING" in a for a in watcher.actions), watcher.actions
+        assert restarted_after <= spec.startup_timeout + 2 * INTERVAL + 4
+
+
+def test_up_watch_cli_heals_a_killed_worker_and_stops_on_sigterm(
+    controls: WorkspaceHandle, project_files: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "c.yaml").write_text(fake_cluster_yaml("wcli", 1))
+    with fake_project(controls, "watch-cli", project_files) as project:
+        pid = project["id"]
+        args = [
+            "up",
+            "--project",
+            project["name"],
+            "-c",
+            "c.yaml",
+            "--watch",
+            "--interval",
+            "1",
+            "--timeout",
+            "30",
+        ]
+        log = tmp_path / "watch.err"
+        with open(log, "w") as err_file:
+            process = subprocess.Popen(
+                [*RAY_CAI, *args],
+                cwd=tmp_path,
+                env=cli_env(controls),
+                stdout=subprocess.DEVNULL,
+                stderr=err_file,
+            )
+        try:
+            # Kill only once `up` is done and watching: a failure during `up`'s own wait fails `up`.
+            controls.wait_for(
+                lambda: log.read_text(), lambda text: "watching cluster" in text, timeout=30, what="watching"
+            )
+            worker = app_by_name(controls, pid, "ray-wcli-worker-0")
+            old = pids_of(controls, worker["id"])
+            for process_id in old:
+                os.kill(process_id, signal.SIGKILL)
+            seconds = wait_running_again(controls, pid, worker["subdomain"], old, time.monotonic())
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        stderr = log.read_text()
+        print(f"\n`ray-cai up --watch --interval 1` healed a killed worker in {seconds:.1f}s")
+        assert seconds <= HEAL_WITHIN
+        assert process.returncode == 0, stderr
+        assert "healed" in stderr and "stopped watching" in stderr
+        assert "Traceback" not in stderr
