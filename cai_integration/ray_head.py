@@ -1,0 +1,11 @@
+"""CML application script of a Ray head: see ray_serve_cai.node.launcher.run_head."""
+
+import sys
+
+from _bootstrap import use_project_code
+
+use_project_code(venv=True)
+
+from ray_serve_cai.node import main  # noqa: E402
+
+sys.exit(main(["head"]))
