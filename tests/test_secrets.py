@@ -1,0 +1,152 @@
+"""Secrets stay secret through the whole local flow: `deploy --local`, `status`, `connect`, `down`.
+
+A workspace in its own home with a recognisable API key (set in its state file before it starts), a
+recognisable GH_PAT in the environment, and the Ray token read from `.ray-cai/<cluster>/auth_token`.
+None may appear in any stdout/stderr, any file under the workspace's logs, `ray_cluster_info.json`,
+any job or application `environment` the API returns, or an error message; the token file is 0600.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from fakes import RAY_CAI, REPO_ROOT
+
+from ray_serve_cai.workspace.daemon import start_workspace, stop_workspace
+from ray_serve_cai.workspace.statefile import write_state
+from ray_serve_cai.workspace.testing import WorkspaceHandle
+
+pytestmark = pytest.mark.ray
+
+CLUSTER = "secretsc"
+PROJECT = "ray-cai-secrets"
+CLUSTER_CONFIG = f"""\
+ray_cluster:
+  name: {CLUSTER}
+  num_workers: 1
+  head_cpu: 1
+  head_memory: 1
+  worker_cpu: 1
+  worker_memory: 1
+  ports: {{gcs: 0, client: 0, dashboard: 0}}
+  startup_timeout: 300
+  join_timeout: 240
+"""
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True).stdout
+
+
+def environments(handle: WorkspaceHandle, project_id: str) -> list[str]:
+    """The raw `environment` of every job and application, as the API returns them."""
+    found = []
+    base = f"/api/v2/projects/{project_id}"
+    for kind in ("jobs", "applications"):
+        for item in handle.api_ok("GET", f"{base}/{kind}", params={"page_size": 1000})[kind]:
+            found.append(json.dumps(item.get("environment")))
+    return found
+
+
+def test_no_secret_leaks_through_the_local_flow(tmp_path: Path) -> None:
+    api_key = f"APIKEY-{secrets.token_hex(12)}-MARK"
+    gh_pat = f"ghp_PATMARK{secrets.token_hex(12)}"
+    home = tmp_path / "ws-home"
+    write_state(home, {"api_key": api_key, "home": str(home)})  # the workspace keeps a key it finds
+    repo = tmp_path / "repo"
+    subprocess.run(["git", "clone", "-q", str(REPO_ROOT), str(repo)], check=True)
+    git(repo, "config", "user.email", "secrets@example.invalid")
+    git(repo, "config", "user.name", "secrets")
+    (repo / "ray_cluster_config.yaml").write_text(CLUSTER_CONFIG)
+    git(repo, "commit", "-qam", "secrets test: small cluster")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CML_", "CDSW_", "RAY_", "GITHUB_"))}
+    env.update(
+        RAY_CAI_WORKSPACE_HOME=str(home),
+        CML_PROJECT_NAME=PROJECT,
+        GH_PAT=gh_pat,
+        FORCE_REBUILD="false",
+        COLUMNS="200",
+    )
+
+    info = start_workspace(home)
+    handle = WorkspaceHandle(info)
+    outputs: list[str] = []
+    token = ""
+    try:
+        assert info.api_key == api_key
+        # Legacy-engine project: the cluster lock app has no runtime (bug reported, see test_faults).
+        project = handle.api_ok(
+            "POST",
+            "/api/v2/projects",
+            json={
+                "name": PROJECT,
+                "template": "git",
+                "git_url": str(repo),
+                "default_project_engine_type": "legacy_engine",
+            },
+        )
+        handle.wait_for(
+            lambda: handle.api_ok("GET", f"/api/v2/projects/{project['id']}"),
+            lambda p: p["creation_status"] != "creating",
+            timeout=120,
+            what="project clone",
+        )
+        project_dir = handle.project_dir(project["id"])
+
+        def ray_cai(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+            proc = subprocess.run(
+                [*RAY_CAI, *args], cwd=repo, env=env, capture_output=True, text=True, timeout=timeout
+            )
+            outputs.extend([proc.stdout, proc.stderr])
+            return proc
+
+        started = time.monotonic()
+        deployed = ray_cai("deploy", "--local", "--json")
+        assert deployed.returncode == 0, f"deploy failed:\n{deployed.stderr}\n{deployed.stdout}"
+        print(f"\nsecrets: deploy took {time.monotonic() - started:.0f}s")
+        token_path = project_dir / ".ray-cai" / CLUSTER / "auth_token"
+        token = token_path.read_text().strip()
+        assert len(token) >= 16
+        assert stat.S_IMODE(token_path.stat().st_mode) == 0o600
+        for args in (("status", "--local"), ("status", "--local", "--json")):
+            proc = ray_cai(*args, "-p", PROJECT, "-c", "ray_cluster_config.yaml")
+            assert proc.returncode == 0, f"{args}: {proc.stderr}"
+        for args in (("connect", "--local"), ("connect", "--local", "--json")):
+            # Its output is checked below; its exit code is not asserted here: `connect` answers "no head
+            # to connect to" on a ready cluster (bug reported: connect_info reads fields the head's status
+            # does not publish).
+            ray_cai(*args, "-p", PROJECT, "-c", "ray_cluster_config.yaml")
+        env_texts = environments(handle, project["id"])
+        bad = ray_cai("up", "--local", "-p", PROJECT, "-c", "missing.yaml")  # an error message too
+        assert bad.returncode == 2
+        down = ray_cai("down", "--local", "-p", PROJECT, "-c", "ray_cluster_config.yaml")
+        assert down.returncode == 0, down.stderr
+        env_texts += environments(handle, project["id"])
+
+        places: dict[str, str] = {f"output {i}": text for i, text in enumerate(outputs)}
+        places |= {f"environment {i}": text for i, text in enumerate(env_texts)}
+        for log in [*sorted((home / "logs").rglob("*")), home / "server.log"]:
+            if log.is_file():
+                places[str(log)] = log.read_text(errors="replace")
+        places["ray_cluster_info.json"] = (project_dir / "ray_cluster_info.json").read_text()
+        for log in sorted((project_dir / ".ray-cai").rglob("*")):
+            if log.is_file() and log.name != "auth_token" and log.stat().st_size < 5_000_000:
+                places[str(log)] = log.read_text(errors="replace")
+        found = [
+            f"{name} in {where}"
+            for where, text in places.items()
+            for name, secret in (("API key", api_key), ("GH_PAT", gh_pat), ("Ray token", token))
+            if secret in text
+        ]
+        print(f"secrets: checked {len(places)} places, {len(found)} secrets found")
+        assert not found, found
+    finally:
+        handle.close()
+        stop_workspace(home)
