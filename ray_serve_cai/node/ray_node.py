@@ -17,8 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 from ray_serve_cai.node.ports import WorkerPortBlock, pick_free_ports, reserve_worker_port_block
-from ray_serve_cai.node.process_tree import NODE_TAG_VARIABLE, end_node, node_processes
+from ray_serve_cai.node.process_tree import NODE_TAG_VARIABLE, end_node, node_processes, processes_in_group
 from ray_serve_cai.node.settings import NodeSettings
 
 NODE_NAME_LABEL = "ray-cai.node-name"
@@ -42,15 +44,15 @@ def _die_with_parent() -> None:
         _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def node_tag(settings: NodeSettings) -> str:
+def node_tag(project_dir: Path | str, cluster: str, node_name: str) -> str:
     """Stable per (project, cluster, node): marks every process of this node, across restarts."""
-    key = f"{settings.project_dir}|{settings.cluster}|{settings.node_name}"
+    key = f"{Path(project_dir).resolve()}|{cluster}|{node_name}"
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def node_temp_dir(settings: NodeSettings) -> Path:
+def node_temp_dir(project_dir: Path | str, cluster: str, node_name: str) -> Path:
     """Per-node Ray temp dir. Short on purpose: Ray's unix sockets live under it (108-byte limit)."""
-    return Path(tempfile.gettempdir()) / f"ray-cai-{node_tag(settings)[:12]}"
+    return Path(tempfile.gettempdir()) / f"ray-cai-{node_tag(project_dir, cluster, node_name)[:12]}"
 
 
 @dataclass
@@ -111,11 +113,16 @@ class RayNode:
 
     @property
     def tag(self) -> str:
-        return node_tag(self.settings)
+        return node_tag(self.settings.project_dir, self.settings.cluster, self.settings.node_name)
 
     @property
     def temp_dir(self) -> Path:
-        return node_temp_dir(self.settings)
+        return node_temp_dir(self.settings.project_dir, self.settings.cluster, self.settings.node_name)
+
+    @property
+    def group_file(self) -> Path:
+        """Remembers the process group of the last `ray start`, for a launcher that restarts."""
+        return self.temp_dir / "ray-cai-process-group"
 
     def environment(self) -> dict[str, str]:
         env = {key: value for key, value in os.environ.items() if key not in SCRUBBED_VARIABLES}
@@ -192,11 +199,24 @@ class RayNode:
         return None if self.process is None else self.process.poll()
 
     def end_leftovers(self) -> int:
-        """Kill processes of this node left by an earlier launcher (e.g. one that was SIGKILLed)."""
+        """Kill processes of this node left by an earlier launcher (e.g. one that was SIGKILLed).
+
+        Tagged processes are found by environment; Ray's agents rewrite their process title (and
+        with it the readable environment), so members of the last `ray start` group whose name
+        says Ray are taken too.
+        """
         leftovers = node_processes(None, self.tag)
-        if leftovers:
-            return end_node(None, self.tag, grace_seconds=0)
-        return 0
+        with contextlib.suppress(OSError, ValueError):
+            old_group = int(self.group_file.read_text().strip())
+            members = processes_in_group(old_group)
+            # A reused pid could lead another node's group: never touch a group tagged otherwise.
+            if not any(_tag_of(process) not in (None, self.tag) for process in members):
+                leftovers += [process for process in members if _looks_like_ray(process)]
+        for process in leftovers:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        psutil.wait_procs(leftovers, timeout=3)
+        return len(leftovers)
 
     def stop(self, grace_seconds: float = 4.0) -> None:
         """End the node's whole process tree, however it got there."""
@@ -230,6 +250,20 @@ class RayNode:
             )
         (destination / "SESSION").write_text(f"{session.name}\n")
         return destination
+
+
+def _looks_like_ray(process: psutil.Process) -> bool:
+    try:
+        return process.name().startswith(("ray", "gcs_server")) or "ray" in " ".join(process.cmdline())
+    except psutil.Error:
+        return False
+
+
+def _tag_of(process: psutil.Process) -> str | None:
+    try:
+        return process.environ().get(NODE_TAG_VARIABLE)
+    except (psutil.Error, OSError):
+        return None
 
 
 def gcs_port_open(address: str, timeout: float = 1.0) -> bool:

@@ -1,0 +1,154 @@
+"""ray_serve_cai.node without Ray processes: settings from env, token, rendezvous, client env."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from ray_serve_cai.node import (
+    Rendezvous,
+    RendezvousNotFound,
+    client_env,
+    ensure_token,
+    read_rendezvous,
+    read_token,
+    rendezvous_path,
+)
+from ray_serve_cai.node.files import remove_rendezvous, write_rendezvous
+from ray_serve_cai.node.http_app import summarize_nodes
+from ray_serve_cai.node.ports import pick_free_ports, reserve_worker_port_block
+from ray_serve_cai.node.settings import NodeSettings, SettingsError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sample_rendezvous(head_id: str = "a" * 32, auth: str = "token") -> Rendezvous:
+    return Rendezvous(
+        ip="10.0.0.5",
+        gcs_port=6379,
+        client_port=10001,
+        dashboard_port=8265,
+        ray_version="2.60.0",
+        python_version="3.11.7",
+        head_id=head_id,
+        started_at="2026-01-01T00:00:00+00:00",
+        auth=auth,
+    )
+
+
+def test_token_is_created_once_with_mode_0600_even_when_racing(tmp_path: Path) -> None:
+    with ThreadPoolExecutor(8) as pool:
+        paths = list(pool.map(lambda _: ensure_token(tmp_path, "demo"), range(16)))
+    assert len(set(paths)) == 1
+    path = paths[0]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    token = read_token(tmp_path, "demo")
+    assert len(token) == 64 and int(token, 16) >= 0
+    assert ensure_token(tmp_path, "demo") == path and read_token(tmp_path, "demo") == token
+
+
+def test_rendezvous_round_trip_atomic_write_and_guarded_remove(tmp_path: Path) -> None:
+    assert read_rendezvous(tmp_path, "demo") is None
+    write_rendezvous(tmp_path, "demo", sample_rendezvous())
+    assert read_rendezvous(tmp_path, "demo") == sample_rendezvous()
+    assert [p.name for p in rendezvous_path(tmp_path, "demo").parent.iterdir()] == ["head.json"]
+    assert not remove_rendezvous(tmp_path, "demo", head_id="b" * 32)
+    assert remove_rendezvous(tmp_path, "demo", head_id="a" * 32)
+    assert read_rendezvous(tmp_path, "demo") is None
+
+
+def test_client_env_names_address_and_token_path_never_the_token(tmp_path: Path) -> None:
+    with pytest.raises(RendezvousNotFound):
+        client_env(tmp_path, "demo")
+    token_file = ensure_token(tmp_path, "demo")
+    write_rendezvous(tmp_path, "demo", sample_rendezvous())
+    env = client_env(tmp_path, "demo")
+    assert env == {
+        "RAY_ADDRESS": "ray://10.0.0.5:10001",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token_file),
+    }
+    assert read_token(tmp_path, "demo") not in repr(env)
+    write_rendezvous(tmp_path, "demo", sample_rendezvous(auth="disabled"))
+    assert client_env(tmp_path, "demo") == {
+        "RAY_ADDRESS": "ray://10.0.0.5:10001",
+        "RAY_AUTH_MODE": "disabled",
+    }
+
+
+def base_env(tmp_path: Path) -> dict[str, str]:
+    return {
+        "RAY_CAI_CLUSTER": "demo",
+        "RAY_CAI_NODE_NAME": "ray-demo-cpu-0",
+        "CDSW_IP_ADDRESS": "127.0.0.1",
+        "CDSW_APP_PORT": "8100",
+        "RAY_CAI_PROJECT_DIR": str(tmp_path),
+    }
+
+
+def test_settings_defaults_and_every_problem_reported(tmp_path: Path) -> None:
+    settings = NodeSettings.from_env("worker", base_env(tmp_path) | {"RAY_CAI_MEMORY_GB": "2"})
+    assert settings.role == "worker" and settings.auth == "token" and settings.num_gpus == 0
+    assert settings.memory_bytes == 2 * 1024**3 and settings.gcs_port == 6379
+    bad = base_env(tmp_path) | {
+        "RAY_CAI_NUM_CPUS": "many",
+        "RAY_CAI_AUTH": "maybe",
+        "RAY_CAI_GCS_PORT": "70000",
+    }
+    del bad["CDSW_APP_PORT"]
+    with pytest.raises(SettingsError) as error:
+        NodeSettings.from_env("worker", bad)
+    for name in ("RAY_CAI_NUM_CPUS", "RAY_CAI_AUTH", "RAY_CAI_GCS_PORT", "CDSW_APP_PORT"):
+        assert name in str(error.value)
+    with pytest.raises(SettingsError, match="RAY_CAI_NODE_NAME"):
+        NodeSettings.from_env("worker", base_env(tmp_path) | {"RAY_CAI_NODE_NAME": "../etc"})
+
+
+def test_bad_environment_exits_2_with_one_clear_line(tmp_path: Path) -> None:
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_CAI_", "CDSW_"))}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "cai_integration" / "ray_worker.py")],
+        cwd=tmp_path,
+        env=env | {"RAY_CAI_CLUSTER": "demo"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "RAY_CAI_NODE_NAME" in lines[0] and "CDSW_IP_ADDRESS" in lines[0]
+
+
+def test_port_choice_is_distinct_and_worker_blocks_are_exclusive(tmp_path: Path) -> None:
+    ports = pick_free_ports(12)
+    assert len(set(ports)) == 12
+    first = reserve_worker_port_block(tmp_path)
+    second = reserve_worker_port_block(tmp_path)
+    assert first is not None and second is not None
+    assert first.last < second.first or second.last < first.first
+    first.release()
+    again = reserve_worker_port_block(tmp_path)
+    assert again is not None and again.first == first.first
+    again.release()
+    second.release()
+
+
+def test_status_summary_counts_alive_nodes_and_sums_their_resources() -> None:
+    rows = [
+        {"node_id": "h", "node_ip": "10.0.0.5", "state": "ALIVE", "is_head_node": True,
+         "node_name": "x", "labels": {"ray-cai.node-name": "ray-demo-head"},
+         "resources_total": {"CPU": 1.0, "node:10.0.0.5": 1.0}},
+        {"node_id": "w", "node_ip": "10.0.0.6", "state": "ALIVE", "node_name": "ray-demo-cpu-0",
+         "resources_total": {"CPU": 2.0, "GPU": 1.0}},
+        {"node_id": "d", "node_ip": "10.0.0.7", "state": "DEAD", "resources_total": {"CPU": 8.0}},
+    ]  # fmt: skip
+    summary = summarize_nodes(rows)
+    assert summary["alive_nodes"] == 2
+    assert summary["resources"] == {"CPU": 3.0, "GPU": 1.0}
+    assert [node["node_name"] for node in summary["nodes"]] == ["ray-demo-head", "ray-demo-cpu-0", None]
