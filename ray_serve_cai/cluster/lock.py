@@ -28,6 +28,8 @@ LOCK_SCRIPT = "cai_integration/ray_lock.py"
 LOCK_MARKER = "RAY_CAI_LOCK_CLUSTER"
 LOCK_OWNER = "RAY_CAI_LOCK_OWNER"
 LOCK_EXPIRES = "RAY_CAI_LOCK_EXPIRES"
+LOCK_HOST = "RAY_CAI_LOCK_HOST"
+LOCK_PID = "RAY_CAI_LOCK_PID"
 
 
 @dataclass(frozen=True)
@@ -35,10 +37,29 @@ class LockInfo:
     app_id: str
     owner: str
     expires_at: float
+    host: str = ""
+    pid: int = 0
 
     @property
     def expired(self) -> bool:
         return time.time() >= self.expires_at
+
+    @property
+    def holder_gone(self) -> bool:
+        """The holder ran on this machine and its process no longer exists (it was killed)."""
+        if not self.pid or self.host != _hostname():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    @property
+    def stale(self) -> bool:
+        return self.expired or self.holder_gone
 
     def describe(self) -> str:
         left = self.expires_at - time.time()
@@ -49,21 +70,32 @@ def lock_app_name(cluster: str) -> str:
     return f"ray-{cluster}-lock"
 
 
+def _hostname() -> str:
+    return os.environ.get("CDSW_ENGINE_ID") or socket.gethostname()
+
+
 def default_owner() -> str:
     try:
         user = getpass.getuser()
     except (KeyError, OSError):
         user = "unknown"
-    where = os.environ.get("CDSW_ENGINE_ID") or socket.gethostname()
-    return f"{user}@{where} pid {os.getpid()} ({secrets.token_hex(3)})"
+    return f"{user}@{_hostname()} pid {os.getpid()} ({secrets.token_hex(3)})"
 
 
 def _lock_info(app: Application) -> LockInfo:
+    env = app.environment
     try:
-        expires = float(app.environment.get(LOCK_EXPIRES, "0"))
+        expires = float(env.get(LOCK_EXPIRES, "0"))
+        pid = int(env.get(LOCK_PID, "0"))
     except ValueError:
-        expires = 0.0
-    return LockInfo(app_id=app.id, owner=app.environment.get(LOCK_OWNER, "unknown"), expires_at=expires)
+        expires, pid = 0.0, 0
+    return LockInfo(
+        app_id=app.id,
+        owner=env.get(LOCK_OWNER, "unknown"),
+        expires_at=expires,
+        host=env.get(LOCK_HOST, ""),
+        pid=pid,
+    )
 
 
 def find_lock(client: CMLClient, project_id: str, cluster: str) -> LockInfo | None:
@@ -82,16 +114,27 @@ def cluster_lock(
     *,
     ttl: float,
     wait: float = 0.0,
+    runtime_identifier: str | None = None,
     owner: str | None = None,
     on_wait: Callable[[LockInfo], None] | None = None,
 ) -> Iterator[LockInfo]:
-    """Hold the cluster's lock for the block; wait up to `wait` seconds for another holder."""
+    """Hold the cluster's lock for the block; wait up to `wait` seconds for another holder.
+
+    A lock past its expiry, or held by a process of this machine that no longer exists, is taken
+    over. `runtime_identifier` is needed in ML Runtime projects (every application names one)."""
     owner = owner or default_owner()
     deadline = time.monotonic() + wait
     name = lock_app_name(cluster)
     held: LockInfo | None = None
     while held is None:
         expires = time.time() + ttl
+        environment = {
+            LOCK_MARKER: cluster,
+            LOCK_OWNER: owner,
+            LOCK_EXPIRES: f"{expires:.0f}",
+            LOCK_HOST: _hostname(),
+            LOCK_PID: str(os.getpid()),
+        }
         try:
             app = client.create_application(
                 project_id,
@@ -101,7 +144,8 @@ def cluster_lock(
                 description=f"ray-cai lock of cluster {cluster!r} (deleted when released)",
                 cpu=0.5,
                 memory=0.5,
-                environment={LOCK_MARKER: cluster, LOCK_OWNER: owner, LOCK_EXPIRES: f"{expires:.0f}"},
+                environment=environment,
+                runtime_identifier=runtime_identifier,
             )
             held = LockInfo(app_id=app.id, owner=owner, expires_at=expires)
             break
@@ -110,12 +154,14 @@ def cluster_lock(
                 raise
             current = find_lock(client, project_id, cluster)
             if current is None:
+                time.sleep(0.2)
                 continue  # released meanwhile, or our create failed without effect: try again
             if current.owner == owner:
                 held = current  # our own create went through; its answer was lost
                 break
-            if current.expired:
-                log.warning("taking over the expired lock of cluster %s held by %s", cluster, current.owner)
+            if current.stale:
+                why = "expired" if current.expired else "its process is gone"
+                log.warning("taking over the lock of cluster %s held by %s (%s)", cluster, current.owner, why)
                 _delete(client, project_id, current.app_id)
                 continue
             if time.monotonic() >= deadline:
@@ -134,5 +180,10 @@ def cluster_lock(
 
 
 def _delete(client: CMLClient, project_id: str, app_id: str) -> None:
-    with suppress(NotFound):
-        client.delete_application(project_id, app_id)
+    """Delete the lock application (the client retries a failed DELETE within its deadline); a lock
+    already gone is fine, and one that cannot be deleted expires by itself."""
+    try:
+        with suppress(NotFound):
+            client.delete_application(project_id, app_id)
+    except CMLError as err:
+        log.warning("could not release the cluster lock %s (it expires by itself): %s", app_id, err)

@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -28,16 +29,12 @@ from ray_serve_cai.cluster.plan import (
     plan_changes,
 )
 from ray_serve_cai.cluster.runtimes import RuntimeChoiceError, needs_runtime, with_runtimes
-from ray_serve_cai.cml import Application, CMLAPIError, CMLClient, CMLError, NotFound
+from ray_serve_cai.cml import Application, CMLClient, CMLError, NotFound, create_or_find
 from ray_serve_cai.config import ClusterSpec, NodeSpec, desired_nodes, head_app_name
 
 log = logging.getLogger("ray_serve_cai.cluster")
 
 STATUS_PATH = "/ray-cai/status"
-CREATE_ATTEMPTS = 4
-# A create refused for these reasons will be refused again: report it at once (400 bad input, 401/403 auth,
-# 404 no such project). 409 and 5xx may mean "it happened": observe before deciding.
-PERMANENT_STATUSES = frozenset({400, 401, 403, 404})
 
 
 @dataclass
@@ -136,8 +133,9 @@ class RayCluster:
         self.max_parallel = max_parallel
         self._effective: ClusterSpec | None = None
         self.lock_wait = lock_wait
-        # A lock outlives a crashed run by at most this long.
-        self.lock_ttl = 300.0
+        # A lock outlives a run killed on another machine by at most this long (one on this
+        # machine is taken over at once); a pass holds it only while it plans and applies.
+        self.lock_ttl = 120.0
 
     def effective_spec(self) -> ClusterSpec:
         """The spec with a runtime chosen (one list call, once) wherever the config names none."""
@@ -214,32 +212,28 @@ class RayCluster:
     def _create(self, node: NodeSpec) -> None:
         """Create one node's application; a create whose outcome is unknown is observed, not repeated."""
         description = f"Ray {node.role} of ray-cai cluster {self.spec.name!r} (group {node.group})"
-        for attempt in range(1, CREATE_ATTEMPTS + 1):
-            try:
-                self.client.create_application(
+
+        def find() -> Application | None:
+            existing = self._find_app(node.name)
+            if existing is not None and not _observed(existing).owned_by(self.spec.name):
+                raise ClusterError(f"application {node.name!r} is taken by an app this cluster does not own")
+            return existing
+
+        try:
+            create_or_find(
+                lambda: self.client.create_application(
                     self.project_id,
                     name=node.name,
                     subdomain=node.name,
                     description=description,
                     **self._app_fields(node),
-                )
-                log.info("created %s", node.name)
-                return
-            except CMLError as err:
-                if isinstance(err, CMLAPIError) and err.status_code in PERMANENT_STATUSES:
-                    raise ClusterError(f"could not create application {node.name!r}: {err}") from None
-                # The create may have happened (lost response, 409 after a retry elsewhere): look.
-                existing = self._find_app(node.name)
-                if existing is not None and _observed(existing).owned_by(self.spec.name):
-                    log.info("created %s (confirmed by observing after: %s)", node.name, err)
-                    return
-                if existing is not None:
-                    raise ClusterError(
-                        f"application {node.name!r} is taken by an app this cluster does not own"
-                    ) from None
-                if attempt == CREATE_ATTEMPTS:
-                    raise ClusterError(f"could not create application {node.name!r}: {err}") from err
-                time.sleep(min(2.0, 0.25 * 2**attempt))
+                ),
+                find,
+                what=f"application {node.name}",
+            )
+        except CMLError as err:
+            raise ClusterError(f"could not create application {node.name!r}: {err}") from None
+        log.info("created %s", node.name)
 
     def _delete(self, action: Action) -> None:
         assert action.app is not None
@@ -341,6 +335,17 @@ class RayCluster:
                 raise ClusterError(_describe_failure("timed out waiting for the cluster", status))
             time.sleep(self.poll_interval)
 
+    def _lock(self) -> AbstractContextManager[object]:
+        runtime = desired_nodes(self.effective_spec())[0].runtime_identifier
+        return cluster_lock(
+            self.client,
+            self.project_id,
+            self.spec.name,
+            ttl=self.lock_ttl,
+            wait=self.lock_wait,
+            runtime_identifier=runtime,
+        )
+
     # -- verbs -----------------------------------------------------------------------------
     def converge(self, extra: Callable[[list[Application]], list[Action]] | None = None) -> Plan:
         """One reconcile pass: observe and plan; when something must change, take the cluster lock,
@@ -349,9 +354,7 @@ class RayCluster:
         plan = self.plan(apps)
         if plan.is_noop and not (extra and extra(apps)):
             return plan
-        with cluster_lock(
-            self.client, self.project_id, self.spec.name, ttl=self.lock_ttl, wait=self.lock_wait
-        ):
+        with self._lock():
             apps = self.observe()
             plan = self.plan(apps)
             if extra:
@@ -433,9 +436,7 @@ class RayCluster:
         mine = owned_apps(self.spec.name, [_observed(a) for a in self.observe()])
         if not mine:
             return []
-        with cluster_lock(
-            self.client, self.project_id, self.spec.name, ttl=self.lock_ttl, wait=self.lock_wait
-        ):
+        with self._lock():
             mine = owned_apps(self.spec.name, [_observed(a) for a in self.observe()])
             actions = [Action(ActionKind.DELETE, app.subdomain, app=app, reason="down") for app in mine]
             self._run_parallel(self._delete, actions)

@@ -50,6 +50,7 @@ from ._models import (
     Project,
     Runtime,
 )
+from ._observe import create_or_find, is_permanent
 from ._retry import RetryPolicy
 from ._settings import CMLSettings
 
@@ -94,4 +95,6 @@ __all__ = [
     "Runtime",
     "ServerError",
     "Unauthorized",
+    "create_or_find",
+    "is_permanent",
 ]

@@ -120,7 +120,7 @@ class CMLClient:
     """A synchronous client for one CML workspace's API v2.
 
     Lists are transparently paginated. GET, PATCH, DELETE and the ``:stop``/``:restart`` actions are
-    retried on 429, 502, 503, 504 and connection failures (full-jitter backoff, ``Retry-After`` honoured,
+    retried on 429, 500, 502, 503, 504 and connection failures (full-jitter backoff, ``Retry-After`` honoured,
     bounded by ``settings.retry_deadline``). A POST that creates something is only retried when it
     provably was not acted on (connect failure, 429); a lost answer or a 5xx raises
     :class:`CreateOutcomeUnknown` (``maybe_applied=True``): the caller must list before creating again.
@@ -237,7 +237,10 @@ class CMLClient:
                 return self._decode(response, method, full_path)
             if method == "DELETE" and status == 404 and attempt > 1:
                 return {}  # an earlier attempt deleted it and its answer was lost
-            retryable = status in RETRY_STATUSES and (idempotent or status == 429)
+            # A 500 is retried only where repeating cannot do harm: reads, PATCH, DELETE, :stop/:restart.
+            retryable = (status in RETRY_STATUSES and (idempotent or status == 429)) or (
+                status == 500 and idempotent
+            )
             if retryable:
                 elapsed = self._clock() - start
                 delay = self._retry.backoff(attempt, _retry_after(response))

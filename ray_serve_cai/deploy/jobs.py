@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from ray_serve_cai.cml import AmbiguousName, CMLClient, Job, JobRun
+from ray_serve_cai.cml import AmbiguousName, CMLClient, Job, JobRun, create_or_find
 from ray_serve_cai.config import DeploySpec, JobSpec
 
 FINGERPRINT_VAR = "RAY_CAI_FINGERPRINT"
@@ -110,7 +110,13 @@ def ensure_jobs(
             ids = ", ".join(j.id for j in matches)
             raise AmbiguousName(f"several jobs are named {job_spec.name!r} ({ids}); delete the extra ones")
         if not matches:
-            job = client.create_job(project_id, parent_job_id=parent_id, **want.fields)
+            job = create_or_find(
+                lambda want=want, parent_id=parent_id: client.create_job(
+                    project_id, parent_job_id=parent_id, **want.fields
+                ),
+                lambda name=job_spec.name: client.find_job_by_name(project_id, name),
+                what=f"job {job_spec.name!r}",
+            )
             state.created.append(job_spec.key)
             state.stale.add(job_spec.key)
         else:
@@ -175,12 +181,16 @@ def run_and_follow(
     following: dict[str, tuple[JobRun, float]] = {}
     for job_spec in runs_to_start(spec, state.stale):
         job = state.jobs[job_spec.key]
-        active = client.latest_job_run(project_id, job.id)
-        if active is not None and active.is_active:
-            say(f"{job_spec.name}: following the run already in progress ({active.id})")
-            run = active
+        previous = client.latest_job_run(project_id, job.id)
+        if previous is not None and previous.is_active:
+            say(f"{job_spec.name}: following the run already in progress ({previous.id})")
+            run = previous
         else:
-            run = client.create_job_run(project_id, job.id)
+            run = create_or_find(
+                lambda job=job: client.create_job_run(project_id, job.id),
+                lambda job=job, previous=previous: _newer_run(client, project_id, job.id, previous),
+                what=f"run of job {job_spec.name!r}",
+            )
             say(f"{job_spec.name}: started run {run.id}")
         following[job_spec.key] = (run, time.monotonic())
     # children expected to start by themselves: key → (parent run creation time, parent's end)
@@ -227,6 +237,14 @@ def run_and_follow(
         if outcome.action == "skipped":
             outcome.status = "up to date"
     return outcomes
+
+
+def _newer_run(client: CMLClient, project_id: str, job_id: str, previous: JobRun | None) -> JobRun | None:
+    """The job's latest run if it is not `previous` (a run our lost create started)."""
+    latest = client.latest_job_run(project_id, job_id)
+    if latest is None or (previous is not None and latest.id == previous.id):
+        return None
+    return latest
 
 
 def _run_duration(run: JobRun) -> float | None:

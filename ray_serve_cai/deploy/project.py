@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from ray_serve_cai.cml import CMLClient, CMLError, Project
+from ray_serve_cai.cml import CMLClient, CMLError, Project, create_or_find
 
 # `creation_status` values are not confirmed by any public source (reference §3, §12): treat the
 # known terminal ones as such and anything else as "still creating" until the deadline.
@@ -84,8 +84,12 @@ def ensure_project(
             "set GITHUB_REPOSITORY=owner/repo or pass --git-url"
         )
     try:
-        created = client.create_project(
-            name, template="git", git_url=with_token(git_url, gh_pat), description=description
+        created = create_or_find(
+            lambda: client.create_project(
+                name, template="git", git_url=with_token(git_url, gh_pat), description=description
+            ),
+            lambda: client.find_project_by_name(name),
+            what=f"project {name!r}",
         )
     except CMLError as err:
         # The server may echo the clone URL: never let the token travel on in an error.
