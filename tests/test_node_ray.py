@@ -311,6 +311,22 @@ def test_worker_stop_copies_logs_and_leaves_no_process(cluster: Cluster) -> None
     assert (logs / "raylet.out").exists()
 
 
+def test_head_exits_nonzero_when_ray_dies_and_leaves_no_process(cluster: Cluster) -> None:
+    head = cluster.head
+    assert head is not None
+    head.remember_tree()
+    ray_start = [
+        child
+        for child in psutil.Process(head.process.pid).children()
+        if "ray.scripts.scripts" in " ".join(child.cmdline())
+    ]
+    assert len(ray_start) == 1
+    ray_start[0].kill()
+    assert head.process.wait(timeout=20) == 1
+    wait_for(lambda: not head.alive_seen_pids(), 10, "the dead head's processes to end", 0.5)
+    assert "exited with code" in head.output.read_text()
+
+
 def _tagged(process: psutil.Process, tag: str) -> bool:
     try:
         return process.environ().get("RAY_CAI_NODE_TAG") == tag
@@ -327,5 +343,37 @@ def test_worker_without_rendezvous_fails_after_its_join_timeout(tmp_path: Path) 
         assert time.monotonic() - started < 45
         output = node.output.read_text()
         assert "no head rendezvous" in output and "RAY_CAI_JOIN_TIMEOUT" in output
+    finally:
+        lonely.stop_all()
+
+
+def test_worker_refuses_a_head_with_another_ray_version(tmp_path: Path) -> None:
+    from ray_serve_cai.node.files import Rendezvous, write_rendezvous
+
+    write_rendezvous(
+        tmp_path,
+        CLUSTER,
+        Rendezvous("127.0.0.1", 1, 2, 3, "0.0.1", "3.0.0", "f" * 32, "2026-01-01T00:00:00+00:00"),
+    )
+    lonely = Cluster(tmp_path)
+    try:
+        node = lonely.start("worker", WORKER_NAME)
+        assert node.process.wait(timeout=60) == 1
+        assert "version mismatch" in node.output.read_text()
+    finally:
+        lonely.stop_all()
+
+
+def test_a_sigkilled_launcher_leaves_no_ray_process(tmp_path: Path) -> None:
+    """The workspace SIGKILLs an app that ignores SIGTERM for 10 s: the guardian cleans up."""
+    lonely = Cluster(tmp_path)
+    try:
+        head = lonely.start("head", HEAD_NAME)
+        wait_for(lambda: read_rendezvous(tmp_path, CLUSTER), 120, "the head rendezvous")
+        head.remember_tree()
+        assert len(head.seen_pids) > 5
+        os.killpg(head.process.pid, signal.SIGKILL)
+        head.process.wait(timeout=10)
+        wait_for(lambda: not head.alive_seen_pids(), 15, "Ray processes of the killed launcher to end", 0.5)
     finally:
         lonely.stop_all()

@@ -21,6 +21,7 @@ import psutil
 
 from ray_serve_cai.node.ports import WorkerPortBlock, pick_free_ports, reserve_worker_port_block
 from ray_serve_cai.node.process_tree import NODE_TAG_VARIABLE, end_node, node_processes, processes_in_group
+from ray_serve_cai.node.reaper import release_reaper, start_reaper
 from ray_serve_cai.node.settings import NodeSettings
 
 NODE_NAME_LABEL = "ray-cai.node-name"
@@ -39,7 +40,7 @@ except (OSError, AttributeError):  # not Linux
 
 def _die_with_parent() -> None:
     """Runs in the child before exec: if the launcher is SIGKILLed, `ray start` gets SIGKILL too,
-    and Ray's reaper then ends the rest of the node's process group."""
+    and our guardian (`reaper.py`) ends the rest of the node."""
     if _prctl is not None:
         _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
@@ -108,6 +109,7 @@ class RayNode:
     ports: NodePorts
     auth_env: dict[str, str]
     process: subprocess.Popen[bytes] | None = None
+    reaper: subprocess.Popen[bytes] | None = None
     head_address: str | None = None
     session_dirs: list[Path] = field(default_factory=list)
 
@@ -188,8 +190,10 @@ class RayNode:
             env=self.environment(),
             stdin=subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=_die_with_parent,  # prctl only: no locks are taken between fork and exec
         )
+        self.group_file.write_text(f"{self.process.pid}\n")
+        self.reaper = start_reaper(self.process.pid, self.tag)
         return self.process
 
     def is_running(self) -> bool:
@@ -225,6 +229,8 @@ class RayNode:
         if self.process is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout=2)
+        release_reaper(self.reaper)
+        self.reaper = None
 
     def current_session_dir(self) -> Path | None:
         latest = self.temp_dir / "session_latest"
