@@ -22,6 +22,7 @@ import ray
 
 from ray_serve_cai.node.files import (
     Rendezvous,
+    TokenError,
     ensure_token,
     node_logs_dir,
     ray_auth_env,
@@ -296,4 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as error:
         print(f"ray-cai node: bad environment: {error}", file=sys.stderr)
         return EXIT_BAD_ENV
-    return run_head(settings) if settings.role == "head" else run_worker(settings)
+    try:
+        return run_head(settings) if settings.role == "head" else run_worker(settings)
+    except (TokenError, OSError, RuntimeError) as error:
+        # Setup failures (token file, app port taken, ...): one clear line, not a traceback.
+        print(f"ray-cai node {settings.node_name}: cannot start: {error}", file=sys.stderr)
+        return EXIT_FAILED
