@@ -58,6 +58,8 @@ class NodeStatus:
     dashboard_port: int | None = None
     ray_running: Callable[[], bool] = lambda: False
     dashboard_token: Callable[[], str | None] = lambda: None
+    # Head only, once published: gcs_address, client_address, auth_mode, token_path (a path, never the token).
+    connect: dict[str, Any] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def health(self) -> dict[str, Any]:
@@ -120,6 +122,7 @@ def create_app(status: NodeStatus) -> Starlette:
             "ray_version": status.ray_version,
             "python_version": status.python_version,
             "ray_running": status.ray_running(),
+            **status.connect,
         }
         url = dashboard_url("/api/v0/nodes?limit=10000&detail=false")
         if url is None or not status.ray_running():

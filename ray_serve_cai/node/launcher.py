@@ -174,6 +174,16 @@ def _run_head(launcher: Launcher, head_id: str) -> int:
     )
     launcher.status.head_id = head_id
     path = write_rendezvous(settings.project_dir, settings.cluster, rendezvous)
+    launcher.status.connect = {
+        "gcs_address": rendezvous.gcs_address,
+        "client_address": rendezvous.client_address,
+        "auth_mode": settings.auth,
+        **(
+            {"token_path": launcher.auth_env["RAY_AUTH_TOKEN_PATH"]}
+            if "RAY_AUTH_TOKEN_PATH" in launcher.auth_env
+            else {}
+        ),
+    }
     logger.info("head %s ready at %s; rendezvous %s", head_id, address, path)
     while True:
         launcher.sleep(SUPERVISE_INTERVAL_SECONDS)
