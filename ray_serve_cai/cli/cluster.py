@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -32,6 +33,7 @@ from ray_serve_cai.cluster import ClusterStatus, RayCluster, connect_info, write
 from ray_serve_cai.cluster.plan import Plan
 from ray_serve_cai.cml import CMLClient
 from ray_serve_cai.config import load_cluster_spec
+from ray_serve_cai.config.edit import save_replicas
 
 
 class Progress:
@@ -146,6 +148,8 @@ def _converge(
         with open_target(local, project, create=True) as target:
             cluster = RayCluster(target.client, target.project_id, spec)
             plan_done, status = cluster.up(wait=wait, timeout=timeout, on_progress=Progress())
+            if replicas is not None:
+                _save_size(config, replicas, group)
             if watch_interval is not None:
                 if status.ready:
                     write_cluster_info(status, info_file)
@@ -162,6 +166,16 @@ def _converge(
             raise typer.Exit(EXIT_FAILED)
 
     run_command(run)
+
+
+def _save_size(config: Path, replicas: int, group: str | None) -> None:
+    """Keep the config file the source of truth: `status` and the next `up` want the new size too."""
+    saved = save_replicas(config, replicas, group)
+    err_console.print(
+        f"saved {saved} = {replicas} in {config} (commit it: a deploy from git uses the committed size)"
+    )
+    if os.environ.get("RAY_NUM_WORKERS"):
+        err_console.print("[yellow]note: RAY_NUM_WORKERS is set in the environment and overrides the file[/]")
 
 
 def _watch(cluster: RayCluster, interval: float) -> None:

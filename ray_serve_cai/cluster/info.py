@@ -14,16 +14,24 @@ from ray_serve_cai.cluster.reconciler import ClusterStatus
 INFO_FILE = "ray_cluster_info.json"
 
 
+def _ray_url(address: object) -> str | None:
+    """`ray://host:port` whether the head reports the scheme or not."""
+    if not address:
+        return None
+    text = str(address)
+    return text if text.startswith("ray://") else f"ray://{text}"
+
+
 def connect_info(status: ClusterStatus) -> dict[str, Any]:
     """The address and environment a Ray client in the same project needs.
 
     The token itself is never included: clients read it from its 0600 file in the project.
     """
     ray = status.ray
-    client_address = ray.get("client_address")
+    client_address = _ray_url(ray.get("client_address"))
     env: dict[str, str] = {}
     if client_address:
-        env["RAY_ADDRESS"] = f"ray://{client_address}"
+        env["RAY_ADDRESS"] = client_address
     if ray.get("auth_mode", "token") == "token" and ray.get("token_path"):
         env["RAY_AUTH_MODE"] = "token"
         env["RAY_AUTH_TOKEN_PATH"] = str(ray["token_path"])
@@ -50,7 +58,7 @@ def cluster_info(status: ClusterStatus) -> dict[str, Any]:
         "project_id": status.project_id,
         "state": status.state,
         "head_address": ray.get("gcs_address"),
-        "client_address": f"ray://{ray['client_address']}" if ray.get("client_address") else None,
+        "client_address": _ray_url(ray.get("client_address")),
         "dashboard_url": status.dashboard_url,
         "head_app_id": head.app_id if head else None,
         "app_ids": {n.name: n.app_id for n in status.nodes},
