@@ -41,11 +41,11 @@ from ray_serve_cai.workspace.testing import WorkspaceHandle
 
 HANG_SECONDS = 1.5
 RESUME_TIMEOUT = 60.0
-# Known design issue (see test_resume_takes_over_the_lock_of_a_killed_run): a run killed while it holds
-# the cluster lock leaves it for lock_ttl (300 s); a resumed run that must change something waits
-# lock_wait (120 s) and then fails. While that stands, the test removes such a lock the way the LockHeld
-# message tells a user to, and counts it. Set to False once the resumed run takes over a dead holder's lock.
-KNOWN_STALE_LOCK = True
+# A run killed while it holds the cluster lock leaves the lock app behind; the resumed run must take it
+# over because its holder's process is gone (test_resume_takes_over_the_lock_of_a_killed_run). With True
+# the test removes such a lock by hand first (as the LockHeld message tells a user to); with False (now)
+# the resumed run has to deal with it. Either way it is counted.
+KNOWN_STALE_LOCK = False
 
 JOBS_YAML = """\
 project:
@@ -68,7 +68,7 @@ JOB_NAMES = ["Crash First", "Crash Second", "Crash Launch"]
 class Figures:
     kill_points: list[str] = field(default_factory=list)
     survived: list[str] = field(default_factory=list)
-    stale_locks: list[str] = field(default_factory=list)
+    stale_locks: list[str] = field(default_factory=list)  # lock apps left by a killed run
 
 
 FIGURES = Figures()
@@ -79,7 +79,9 @@ def figures() -> Iterator[Figures]:
     yield FIGURES
     print(
         f"\ncrash summary: kill_points={len(FIGURES.kill_points)} survived={len(FIGURES.survived)} "
-        f"stale_locks_removed_by_hand={len(FIGURES.stale_locks)} {FIGURES.stale_locks}"
+        f"stale_locks_left_by_killed_runs={len(FIGURES.stale_locks)} "
+        f"({'removed by hand' if KNOWN_STALE_LOCK else 'taken over by the resumed run'}) "
+        f"{FIGURES.stale_locks}"
     )
 
 
@@ -150,6 +152,10 @@ def kill_at(
     return output
 
 
+def lock_left(workspace: WorkspaceHandle, project_id: str, cluster: str) -> bool:
+    return f"ray-{cluster}-lock" in {a["subdomain"] for a in list_apps(workspace, project_id)}
+
+
 def remove_stale_lock(
     workspace: WorkspaceHandle, project_id: str, cluster: str, figures: Figures, what: str
 ) -> None:
@@ -194,7 +200,21 @@ DOWN_KILL_POINTS = {3: "lock create", 5: "stopping", 8: "deleting", 11: "lock re
 DEPLOY_KILL_POINTS = {3: "job create", 6: "run create", 8: "following the chain"}
 
 
-@pytest.mark.parametrize("nth", sorted(UP_KILL_POINTS))
+NOOP_RESUME_KEEPS_STALE_LOCK = pytest.mark.xfail(
+    strict=True,
+    reason="bug: the killed run had done all the work, so the resumed run is a no-op and never takes "
+    "the lock (RayCluster.converge/down in ray_serve_cai/cluster/reconciler.py return before "
+    "cluster_lock); the dead run's ray-<cluster>-lock app stays in the project",
+)
+
+
+def kill_points(points: dict[int, str], noop_resume: set[int]) -> list[Any]:
+    return [
+        pytest.param(n, marks=NOOP_RESUME_KEEPS_STALE_LOCK) if n in noop_resume else n for n in sorted(points)
+    ]
+
+
+@pytest.mark.parametrize("nth", kill_points(UP_KILL_POINTS, {6}))
 def test_up_killed_then_resumed(
     nth: int, controls: WorkspaceHandle, figures: Figures, project_files: Path, tmp_path: Path
 ) -> None:
@@ -213,7 +233,7 @@ def test_up_killed_then_resumed(
     figures.survived.append(what)
 
 
-@pytest.mark.parametrize("nth", sorted(DOWN_KILL_POINTS))
+@pytest.mark.parametrize("nth", kill_points(DOWN_KILL_POINTS, {11}))
 def test_down_killed_then_resumed(
     nth: int, controls: WorkspaceHandle, figures: Figures, project_files: Path, tmp_path: Path
 ) -> None:
@@ -269,13 +289,6 @@ def test_deploy_killed_then_resumed(
     figures.survived.append(what)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="design issue: a run killed while holding the cluster lock leaves ray-<cluster>-lock for "
-    "lock_ttl=300 s; the resumed run waits lock_wait=120 s and fails with LockHeld instead of seeing "
-    "that the holder is gone (ray_serve_cai/cluster/lock.py cluster_lock). When fixed: remove this "
-    "mark and set KNOWN_STALE_LOCK = False above.",
-)
 def test_resume_takes_over_the_lock_of_a_killed_run(
     controls: WorkspaceHandle, project_files: Path, tmp_path: Path
 ) -> None:
@@ -285,6 +298,7 @@ def test_resume_takes_over_the_lock_of_a_killed_run(
         args = ["up", "--project", project["name"], "-c", "c.yaml", "--timeout", "30"]
         env = cli_env(controls)
         kill_at(controls, args, cwd=tmp_path, env=env, prefix="/api/v2/", nth=5)  # lock held, observing
+        assert lock_left(controls, project["id"], cluster), "the kill point should leave the lock behind"
         try:
             result = run_cli(args, cwd=tmp_path, env=env, timeout=15)
         except subprocess.TimeoutExpired:

@@ -39,11 +39,11 @@ from ray_serve_cai.workspace.testing import WorkspaceHandle
 CLUSTER_SEEDS = range(1, 7)  # 6 seeds x (up, scale up, scale down, down) = 24 runs
 DEPLOY_SEEDS = range(1, 5)  # 4 seeds x (first deploy, forced re-deploy) = 8 runs
 MAX_ATTEMPTS = 8
-# Known bug (see test_lock_is_released_when_its_delete_fails): a run whose lock release fails leaves
-# the lock app behind for `lock_ttl` (300 s). While it is open, a left lock is counted and removed the way
-# the LockHeld message tells a user to, so the other properties are still measured. Set to False once
-# fixed: then a left lock fails the run's check.
-KNOWN_LOCK_LEAK = True
+# A run whose lock release failed used to leave the lock app behind for `lock_ttl` (see
+# test_lock_is_released_when_its_delete_fails_once). With True, a left lock is counted and removed the
+# way the LockHeld message tells a user to, so the other properties are still measured; with False
+# (now) a left lock fails the run's check.
+KNOWN_LOCK_LEAK = False
 
 
 @dataclass
@@ -230,12 +230,8 @@ def test_deploy_converges_under_faults(
             check_apps(controls, tally, project["id"], f"dpl{seed}", [], what)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: cluster_lock (ray_serve_cai/cluster/lock.py) creates the lock app without "
-    "runtime_identifier; ML Runtime projects answer 400, so every `up` that changes something fails",
-)
 def test_up_in_an_ml_runtime_project(controls: WorkspaceHandle, project_files: Path) -> None:
+    """Every app of an ML Runtime project needs a runtime: the lock app too (it had none once)."""
     with (
         fake_project(controls, "faults-ml-runtime", project_files, engine="ml_runtime") as project,
         client_for(controls) as client,
@@ -246,25 +242,29 @@ def test_up_in_an_ml_runtime_project(controls: WorkspaceHandle, project_files: P
         rc.down()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: cluster_lock (ray_serve_cai/cluster/lock.py) releases the lock with one DELETE; a 500 "
-    "(not retried by the client) leaves the lock app for lock_ttl=300 s and the next changing run fails "
-    "with LockHeld. When fixed: remove this mark and set KNOWN_LOCK_LEAK = False above.",
-)
-def test_lock_is_released_when_its_delete_fails(controls: WorkspaceHandle, project_files: Path) -> None:
+def test_lock_is_released_when_its_delete_fails_once(controls: WorkspaceHandle, project_files: Path) -> None:
+    """A release that fails once (a 500 is not retried by the client) must not leave the lock behind:
+    the next run that changes something would be locked out until the lock expires."""
     with (
         fake_project(controls, "faults-lock-release", project_files) as project,
         client_for(controls) as client,
     ):
         pid = project["id"]
-        with pytest.raises(ServerError), cluster_lock(client, pid, "rel", ttl=300):
-            lock = next(a for a in list_apps(controls, pid) if a["subdomain"] == lock_app_name("rel"))
-            # Exactly the release DELETE of the lock app answers 500 once.
-            controls.set_faults(
-                error_rate=1.0, statuses=[500], paths=f"/api/v2/projects/{pid}/applications/{lock['id']}"
-            )
-        controls.clear_faults()
+        try:
+            with cluster_lock(client, pid, "rel", ttl=300):
+                lock = next(a for a in list_apps(controls, pid) if a["subdomain"] == lock_app_name("rel"))
+                # Exactly one 500, on the release DELETE of the lock app.
+                controls.set_faults(
+                    error_rate=1.0,
+                    statuses=[500],
+                    max_faults=1,
+                    paths=f"/api/v2/projects/{pid}/applications/{lock['id']}",
+                )
+        except ServerError as err:
+            pytest.fail(f"the lock release gave up after one 500: {err}")
+        finally:
+            controls.clear_faults()
+        assert lock_app_name("rel") not in {a["subdomain"] for a in list_apps(controls, pid)}
         try:
             rc = RayCluster(client, pid, fake_cluster_spec("rel", 0), poll_interval=0.2, lock_wait=3)
             rc.up(timeout=20)

@@ -54,6 +54,7 @@ class FaultPlan:
     # for `hang_seconds` before it is served as usual, so a test can kill the client while it waits.
     hang_on_request: int | None = None
     hang_seconds: float = 0.0
+    max_faults: int | None = None  # stop injecting errors, resets and drops after this many (None: never)
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> FaultPlan:
@@ -95,6 +96,12 @@ class FaultPlan:
         if isinstance(hang_seconds, bool) or not isinstance(hang_seconds, (int, float)) or hang_seconds < 0:
             raise invalid_argument("hang_seconds must be a non-negative number")
         plan.hang_seconds = float(hang_seconds)
+        max_faults = body.get("max_faults")
+        if max_faults is not None and (
+            isinstance(max_faults, bool) or not isinstance(max_faults, int) or max_faults < 0
+        ):
+            raise invalid_argument("max_faults must be a non-negative integer")
+        plan.max_faults = max_faults
         return plan
 
     def to_dict(self) -> dict[str, Any]:
@@ -109,6 +116,7 @@ class FaultPlan:
             "paths": self.paths,
             "hang_on_request": self.hang_on_request,
             "hang_seconds": self.hang_seconds,
+            "max_faults": self.max_faults,
         }
 
 
@@ -153,6 +161,9 @@ class FaultInjector:
             if plan.hang_on_request is not None and self._matched == plan.hang_on_request:
                 self.injected["hang"] += 1
                 hang = plan.hang_seconds
+            faults_so_far = sum(n for kind, n in self.injected.items() if kind != "hang")
+            if plan.max_faults is not None and faults_so_far >= plan.max_faults:
+                return FaultDecision(hang_seconds=hang)
             draw = self._rng.random()
             if draw < plan.reset_rate:
                 self.injected["reset"] += 1
