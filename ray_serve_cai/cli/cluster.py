@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ray_serve_cai.cli.common import (
@@ -55,7 +56,7 @@ class Progress:
             line += f", {len(status.surplus)} surplus"
         if line != self.last:
             elapsed = time.monotonic() - self.started
-            err_console.print(f"[dim]{elapsed:6.1f}s[/] {line}")
+            err_console.print(f"[dim]{elapsed:6.1f}s[/] {escape(line)}")
             self.last = line
 
 
@@ -186,7 +187,8 @@ def _watch(cluster: RayCluster, interval: float) -> None:
 
     def on_pass(plan: Plan, status: ClusterStatus) -> None:
         if plan.actions:
-            err_console.print(f"healed: {', '.join(a.describe().strip() for a in plan.actions)}")
+            healed = ", ".join(a.describe().strip() for a in plan.actions)
+            err_console.print(f"healed: {escape(healed)}")
         Progress()(status)
 
     with contextlib.suppress(KeyboardInterrupt):
@@ -258,7 +260,7 @@ def status(
             if result.dashboard_url:
                 out_console.print(f"dashboard: {result.dashboard_url}")
             for problem in result.problems:
-                err_console.print(f"[yellow]{problem}[/]")
+                err_console.print(f"[yellow]{escape(problem)}[/]")
         raise typer.Exit(EXIT_OK if result.ready else EXIT_FAILED)
 
     run_command(run)

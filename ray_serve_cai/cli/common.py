@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ from typing import Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ray_serve_cai.cluster import ClusterError
 from ray_serve_cai.cluster.runtimes import RuntimeChoiceError
@@ -54,7 +56,7 @@ JsonOption = typer.Option(False, "--json", help="Print machine-readable JSON on 
 
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
     """Print one clear line (or a few) on stderr and exit with `code`; never a traceback."""
-    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -88,9 +90,19 @@ class Target:
 
 def local_settings() -> CMLSettings:
     """Settings for the local workspace, starting it when it is not running."""
-    from ray_serve_cai.workspace.daemon import ensure_workspace
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        fail(
+            f"--local needs the local workspace's server packages ({', '.join(missing)} missing): "
+            "pip install 'ray-serve-cai[workspace]'",
+            EXIT_BAD_INPUT,
+        )
+    from ray_serve_cai.workspace.daemon import WorkspaceError, ensure_workspace
 
-    info = ensure_workspace()
+    try:
+        info = ensure_workspace()
+    except WorkspaceError as err:
+        fail(f"could not start the local workspace: {err}")
     return CMLSettings(host=info.url, api_key=info.api_key)
 
 

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ray_serve_cai.cli.common import (
@@ -96,7 +97,7 @@ def deploy_command(
 
         def progress(message: str) -> None:
             if not json_out or err_console.is_terminal:
-                err_console.print(f"[dim]{time.monotonic() - started:6.1f}s[/] {message}")
+                err_console.print(f"[dim]{time.monotonic() - started:6.1f}s[/] {escape(message)}")
 
         with CMLClient(settings) as client:
             result = deploy(client, spec, cluster, options, progress=progress)

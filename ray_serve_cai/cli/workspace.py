@@ -19,7 +19,7 @@ from ray_serve_cai.workspace.daemon import (
     stop_workspace,
     workspace_info,
 )
-from ray_serve_cai.workspace.server import DEFAULT_STOP_GRACE_SECONDS
+from ray_serve_cai.workspace.processes import DEFAULT_STOP_GRACE_SECONDS
 from ray_serve_cai.workspace.statefile import resolve_home
 
 EXIT_OK = 0

@@ -6,7 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from ray_serve_cai.workspace.server import DEFAULT_STOP_GRACE_SECONDS, serve
+from ray_serve_cai.workspace.processes import DEFAULT_STOP_GRACE_SECONDS
+from ray_serve_cai.workspace.server import serve
 from ray_serve_cai.workspace.statefile import resolve_home
 
 

@@ -24,8 +24,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from ray_serve_cai.workspace.processes import WORKSPACE_MARKER, end_process_tree
-from ray_serve_cai.workspace.server import DEFAULT_STOP_GRACE_SECONDS
+from ray_serve_cai.workspace.processes import DEFAULT_STOP_GRACE_SECONDS, WORKSPACE_MARKER, end_process_tree
 from ray_serve_cai.workspace.statefile import ensure_api_key, read_state, resolve_home
 
 START_TIMEOUT_SECONDS = 30.0

@@ -20,6 +20,9 @@ from pathlib import Path
 
 import psutil
 
+# How long a stopped workload gets between SIGTERM and SIGKILL (launchers copy their logs meanwhile).
+DEFAULT_STOP_GRACE_SECONDS = 10.0
+
 WORKLOAD_MARKER = "RAY_CAI_WORKLOAD_ID"
 WORKSPACE_MARKER = "RAY_CAI_WORKSPACE_TAG"
 

@@ -37,6 +37,7 @@ from ray_serve_cai.workspace.errors import (
     invalid_argument,
 )
 from ray_serve_cai.workspace.listing import list_page
+from ray_serve_cai.workspace.processes import DEFAULT_STOP_GRACE_SECONDS
 from ray_serve_cai.workspace.runtimes import load_runtimes
 from ray_serve_cai.workspace.service import WorkspaceService
 from ray_serve_cai.workspace.statefile import ensure_api_key, read_state, write_state
@@ -46,7 +47,6 @@ logger = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v2"
 CONTROL_PREFIX = "/_workspace"
-DEFAULT_STOP_GRACE_SECONDS = 10.0
 # POSTs to these routes create a resource; `drop_create_response_rate` applies to them.
 CREATE_ROUTES = frozenset(
     {
