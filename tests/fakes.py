@@ -179,10 +179,9 @@ def delete_project(workspace: WorkspaceHandle, project_id: str) -> None:
     workspace.api("DELETE", f"/api/v2/projects/{project_id}", timeout=120)
 
 
-# The cluster lock app is created without a runtime (bug reported: `cluster_lock` in
-# ray_serve_cai/cluster/lock.py), which ML Runtime projects refuse; until it is fixed the reliability
-# tests use legacy-engine projects, where a runtime is optional. `test_up_in_an_ml_runtime_project`
-# tracks the bug.
+# Legacy-engine projects (a runtime is optional) keep these tests independent of runtime choice; the
+# lock app once lacked a runtime, which ML Runtime projects refuse: `test_up_in_an_ml_runtime_project`
+# covers that case.
 DEFAULT_ENGINE = "legacy_engine"
 
 

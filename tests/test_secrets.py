@@ -81,7 +81,7 @@ def test_no_secret_leaks_through_the_local_flow(tmp_path: Path) -> None:
     token = ""
     try:
         assert info.api_key == api_key
-        # Legacy-engine project: the cluster lock app has no runtime (bug reported, see test_faults).
+        # The project exists before `deploy` (it finds it by name), created from this clone.
         project = handle.api_ok(
             "POST",
             "/api/v2/projects",
