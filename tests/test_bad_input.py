@@ -209,12 +209,6 @@ def test_operational_failure_exits_1_with_one_actionable_line(
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a refused connection is retried for the whole retry_deadline (60 s) before `ray-cai` "
-    "reports it (ray_serve_cai/cml/_client.py CMLClient._request retries request_never_sent errors; "
-    "no option or env variable shortens it)",
-)
 def test_unreachable_host_fails_fast(workspace: WorkspaceHandle, tmp_path: Path) -> None:
     env = cli_env(workspace, CML_HOST=f"http://127.0.0.1:{closed_port()}")
     try:

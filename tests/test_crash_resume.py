@@ -200,21 +200,11 @@ DOWN_KILL_POINTS = {3: "lock create", 5: "stopping", 8: "deleting", 11: "lock re
 DEPLOY_KILL_POINTS = {3: "job create", 6: "run create", 8: "following the chain"}
 
 
-NOOP_RESUME_KEEPS_STALE_LOCK = pytest.mark.xfail(
-    strict=True,
-    reason="bug: the killed run had done all the work, so the resumed run is a no-op and never takes "
-    "the lock (RayCluster.converge/down in ray_serve_cai/cluster/reconciler.py return before "
-    "cluster_lock); the dead run's ray-<cluster>-lock app stays in the project",
-)
+def kill_points(points: dict[int, str]) -> list[int]:
+    return sorted(points)
 
 
-def kill_points(points: dict[int, str], noop_resume: set[int]) -> list[Any]:
-    return [
-        pytest.param(n, marks=NOOP_RESUME_KEEPS_STALE_LOCK) if n in noop_resume else n for n in sorted(points)
-    ]
-
-
-@pytest.mark.parametrize("nth", kill_points(UP_KILL_POINTS, {6}))
+@pytest.mark.parametrize("nth", kill_points(UP_KILL_POINTS))
 def test_up_killed_then_resumed(
     nth: int, controls: WorkspaceHandle, figures: Figures, project_files: Path, tmp_path: Path
 ) -> None:
@@ -233,7 +223,7 @@ def test_up_killed_then_resumed(
     figures.survived.append(what)
 
 
-@pytest.mark.parametrize("nth", kill_points(DOWN_KILL_POINTS, {11}))
+@pytest.mark.parametrize("nth", kill_points(DOWN_KILL_POINTS))
 def test_down_killed_then_resumed(
     nth: int, controls: WorkspaceHandle, figures: Figures, project_files: Path, tmp_path: Path
 ) -> None:

@@ -146,12 +146,6 @@ def test_watch_restarts_a_killed_worker_a_stopped_worker_and_a_killed_head(
         assert status.ready and status.ray["alive_nodes"] == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: RayCluster.converge (ray_serve_cai/cluster/reconciler.py) calls watch's stuck_apps twice "
-    "per pass; the first call (the no-op check) resets the app's STARTING timer, so the call under the lock "
-    "finds nothing stuck and a stuck app is never restarted",
-)
 def test_watch_restarts_an_app_stuck_in_starting(controls: WorkspaceHandle, project_files: Path) -> None:
     with fake_project(controls, "watch-stuck", project_files) as project, client_for(controls) as client:
         pid = project["id"]

@@ -15,7 +15,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
@@ -96,6 +96,19 @@ def _lock_info(app: Application) -> LockInfo:
         host=env.get(LOCK_HOST, ""),
         pid=pid,
     )
+
+
+def remove_stale_lock(client: CMLClient, project_id: str, cluster: str, apps: Iterable[Application]) -> bool:
+    """Delete the cluster's lock if the observed apps show one that is stale (expired, or its holder's
+    process on this machine is gone): a run that had nothing left to do still cleans up after a
+    killed one. Returns True when a stale lock was removed."""
+    name = lock_app_name(cluster)
+    for app in apps:
+        if (app.subdomain or app.name) == name and _lock_info(app).stale:
+            log.warning("removing the stale lock of cluster %s held by %s", cluster, _lock_info(app).owner)
+            _delete(client, project_id, app.id)
+            return True
+    return False
 
 
 def find_lock(client: CMLClient, project_id: str, cluster: str) -> LockInfo | None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ray_serve_cai.cluster.errors import ClusterError
-from ray_serve_cai.cluster.lock import cluster_lock
+from ray_serve_cai.cluster.lock import cluster_lock, remove_stale_lock
 from ray_serve_cai.cluster.plan import (
     FAILED,
     RUNNING,
@@ -349,18 +349,19 @@ class RayCluster:
     # -- verbs -----------------------------------------------------------------------------
     def converge(self, extra: Callable[[list[Application]], list[Action]] | None = None) -> Plan:
         """One reconcile pass: observe and plan; when something must change, take the cluster lock,
-        plan again under it (another run may have acted meanwhile) and apply."""
+        plan again under it (another run may have acted meanwhile) and apply. `extra` adds actions
+        the planner cannot see from one observation (e.g. apps stuck in STARTING); it runs once."""
         apps = self.observe()
+        remove_stale_lock(self.client, self.project_id, self.spec.name, apps)
         plan = self.plan(apps)
-        if plan.is_noop and not (extra and extra(apps)):
+        extra_actions = extra(apps) if extra else []
+        if plan.is_noop and not extra_actions:
             return plan
         with self._lock():
-            apps = self.observe()
-            plan = self.plan(apps)
-            if extra:
-                busy = {a.name for a in plan.actions}
-                more = tuple(a for a in extra(apps) if a.name not in busy)
-                plan = replace(plan, actions=plan.actions + more)
+            plan = self.plan()
+            busy = {a.name for a in plan.actions}
+            more = tuple(a for a in extra_actions if a.name not in busy)
+            plan = replace(plan, actions=plan.actions + more)
             self.apply(plan)
         return plan
 
@@ -433,7 +434,9 @@ class RayCluster:
 
     def down(self) -> list[str]:
         """Stop and delete every application this cluster owns (nodes copy their logs on stop)."""
-        mine = owned_apps(self.spec.name, [_observed(a) for a in self.observe()])
+        apps = self.observe()
+        remove_stale_lock(self.client, self.project_id, self.spec.name, apps)
+        mine = owned_apps(self.spec.name, [_observed(a) for a in apps])
         if not mine:
             return []
         with self._lock():

@@ -44,6 +44,9 @@ log = logging.getLogger("ray_serve_cai.cml")
 
 #: Items per list call. CML's default is 10 (reference §11.5); larger pages keep polls to one call.
 PAGE_SIZE = 100
+# Seconds a host this client has never reached is retried (a restart of the workspace's ingress
+# heals in that time; a wrong URL or closed port should be reported, not waited on for a minute).
+FIRST_CONTACT_DEADLINE = 10.0
 
 _USER_AGENT = "ray-serve-cai-cml/0.1"
 
@@ -138,6 +141,7 @@ class CMLClient:
     ) -> None:
         self.settings = settings if settings is not None else CMLSettings.from_env()
         self._retry = retry if retry is not None else RetryPolicy(deadline=self.settings.retry_deadline)
+        self._reached = False  # set once CML has answered anything: later connection errors are transient
         self._sleep = sleep
         self._clock = clock
         verify = _ssl_verify(self.settings.verify)
@@ -214,7 +218,7 @@ class CMLClient:
                         "the object may or may not have been created: list before creating it again"
                     ) from exc
                 delay = self._retry.backoff(attempt)
-                if not self._retry.fits(elapsed, delay):
+                if not self._retry.fits(elapsed, delay, self._connect_deadline(exc)):
                     raise CMLConnectionError(
                         f"cannot reach CML at {self.settings.host} ({method} {full_path}): "
                         f"{self._describe(exc)}; gave up after {attempt} attempt(s) in {elapsed:.1f}s"
@@ -223,6 +227,7 @@ class CMLClient:
                 self._sleep(delay)
                 continue
 
+            self._reached = True
             status = response.status_code
             log.debug(
                 "%s %s -> %d [request id %s] (attempt %d, %.2fs)",
@@ -284,6 +289,16 @@ class CMLClient:
         if isinstance(exc, httpx.TimeoutException):
             return f"no answer within {self.settings.timeout:g}s ({type(exc).__name__})"
         return " ".join(text.split())
+
+    def _connect_deadline(self, exc: httpx.TransportError) -> float | None:
+        """How long to keep retrying a transport failure. A certificate failure never heals; a host
+        this client has never reached (wrong URL, closed port, unknown name) gets a short grace, not
+        the whole retry deadline; once CML has answered, a broken connection is retried fully."""
+        if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+            return 0.0
+        if not self._reached:
+            return min(self._retry.deadline, FIRST_CONTACT_DEADLINE)
+        return None
 
     @staticmethod
     def _connection_hint(exc: httpx.TransportError) -> str:

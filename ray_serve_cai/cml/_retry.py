@@ -65,6 +65,7 @@ class RetryPolicy:
         ceiling = min(self.cap, self.base * (2 ** max(0, attempt - 1)))
         return self.rng.uniform(0.0, ceiling)
 
-    def fits(self, elapsed: float, delay: float) -> bool:
-        """Whether sleeping ``delay`` more seconds still starts the next attempt before the deadline."""
-        return elapsed + delay < self.deadline
+    def fits(self, elapsed: float, delay: float, deadline: float | None = None) -> bool:
+        """Whether sleeping ``delay`` more seconds still starts the next attempt before the deadline
+        (``deadline`` overrides the policy's own, e.g. a shorter one before first contact)."""
+        return elapsed + delay < (self.deadline if deadline is None else deadline)
