@@ -27,9 +27,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -378,9 +380,22 @@ def check_targets(results: list[Measurement], poll_interval: float) -> list[Targ
     return targets
 
 
-def machine() -> dict[str, Any]:
-    import os
+def code_state() -> dict[str, Any]:
+    """The commit measured, and library files with uncommitted edits (others work in this checkout)."""
 
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=False)
+        return done.stdout.strip()
+
+    return {
+        "commit": git("rev-parse", "--short", "HEAD"),
+        "uncommitted_library_files": git(
+            "status", "--porcelain", "--", "ray_serve_cai", "cai_integration"
+        ).splitlines(),
+    }
+
+
+def machine() -> dict[str, Any]:
     import psutil
 
     try:
@@ -440,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     shutil.copy2(REPO / LOCK_SCRIPT, files / LOCK_SCRIPT)
     results: list[Measurement] = []
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
+    load_at_start = round(os.getloadavg()[0], 2)
+    code = code_state()  # at the start: the library is imported now, others may edit it meanwhile
     try:
         info = start_workspace(home / "workspace")
         handle = WorkspaceHandle(info)
@@ -472,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "started_at": started_at,
         "machine": machine(),
+        "code": code,
+        "load_1min": {"start": load_at_start, "end": round(os.getloadavg()[0], 2)},
         "settings": {
             "latency_s": args.latency,
             "poll_interval_s": args.poll_interval,

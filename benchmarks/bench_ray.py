@@ -2,7 +2,7 @@
 
 Run by hand (not collected by pytest), from a checkout whose node layer is committed:
 
-    python benchmarks/bench_ray.py                # --sizes 2,4 --repeat 2
+    python benchmarks/bench_ray.py                # --sizes 2,4 --repeat 3
 
 For each size (1 head + N workers), in the same run:
 
@@ -63,6 +63,23 @@ class Run:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def cpu_seconds(variable: str, value: str) -> float:
+    """CPU time (user + system, plus that of reaped children) of every live process whose
+    environment has `variable=value`: the work a cluster's processes did so far. Processes that
+    already exited un-reaped by a marked parent are missed, so this is a lower bound."""
+    total = 0.0
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if process.environ().get(variable) == value:
+                times = process.cpu_times()
+                total += times.user + times.system + times.children_user + times.children_system
+    return round(total, 2)
+
+
+def load_average() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
 # --------------------------------------------------------------------------- ray-cai (child process)
 
 
@@ -100,11 +117,13 @@ def child_up(url: str, project_id: str, workers: int, poll_interval: float) -> d
 
     with CMLClient(settings) as client:
         cluster = RayCluster(client, project_id, spec, poll_interval=poll_interval)
+        started_epoch = time.time()
         start = time.perf_counter()
         _, status = cluster.up(on_progress=count)
         seconds = time.perf_counter() - start
     return {
         "seconds": seconds,
+        "started_epoch": started_epoch,
         "ready": status.ready,
         "alive_nodes": status.ray.get("alive_nodes"),
         "polls": polls,
@@ -119,6 +138,7 @@ def run_ray_cai(handle: Any, project_id: str, workers: int, poll_interval: float
     from ray_serve_cai.config import parse_cluster_spec
 
     handle.reset_counters()
+    load_before = load_average()
     command = [
         sys.executable, str(Path(__file__).resolve()), "--child-up",
         "--url", handle.url, "--project-id", project_id,
@@ -127,21 +147,51 @@ def run_ray_cai(handle: Any, project_id: str, workers: int, poll_interval: float
     env = {**os.environ, API_KEY_VARIABLE: handle.api_key}
     child = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, check=False)
     counters = handle.counters()
+    cluster_cpu = cpu_seconds("RAY_CAI_CLUSTER", "rbench")
     if child.returncode != 0:
         raise RuntimeError(f"ray-cai up of {workers} workers failed:\n{child.stderr[-4000:]}")
     result = json.loads(child.stdout.strip().splitlines()[-1])
     if not result["ready"]:
         raise RuntimeError(f"ray-cai up of {workers} workers returned without a ready cluster: {result}")
+    started_epoch = result.pop("started_epoch")
     run = Run("ray-cai", workers, result.pop("seconds"), result)
     run.extra["api_calls"] = counters["total"]
+    run.extra["poll_interval_s"] = poll_interval
+    run.extra["cluster_cpu_s"] = cluster_cpu
+    run.extra["load_1min_before"] = load_before
 
     settings = CMLSettings(host=handle.url, api_key=handle.api_key)
     with CMLClient(settings) as client:
+        run.extra["timeline"] = timeline(client, handle, project_id, started_epoch)
         start = time.perf_counter()
         RayCluster(client, project_id, parse_cluster_spec(cluster_data(workers), env={})).down()
         run.extra["down_seconds"] = round(time.perf_counter() - start, 2)
     run.extra["left_processes"] = len(handle.processes())
     return run
+
+
+def timeline(client: Any, handle: Any, project_id: str, started_epoch: float) -> dict[str, float]:
+    """Seconds after the call of `up`: apps created, head RUNNING, rendezvous published (head.json
+    mtime: the head's GCS is healthy), last worker app RUNNING. Read after the counters (not counted)."""
+    marks: dict[str, float] = {}
+    apps = [
+        a for a in client.list_applications(project_id) if a.environment.get("RAY_CAI_CLUSTER") == "rbench"
+    ]
+    created = [a.created_at.timestamp() for a in apps if isinstance(a.created_at, datetime)]
+    if created:
+        marks["apps_created_by_s"] = max(created) - started_epoch
+    for app in apps:
+        if not isinstance(app.running_at, datetime):
+            continue
+        at = app.running_at.timestamp() - started_epoch
+        if app.environment.get("RAY_CAI_ROLE") == "head":
+            marks["head_app_running_s"] = at
+        else:
+            marks["last_worker_app_running_s"] = max(at, marks.get("last_worker_app_running_s", 0.0))
+    rendezvous = handle.project_dir(project_id) / ".ray-cai" / "rbench" / "head.json"
+    if rendezvous.exists():
+        marks["rendezvous_published_s"] = rendezvous.stat().st_mtime - started_epoch
+    return {k: round(v, 2) for k, v in marks.items()}
 
 
 # --------------------------------------------------------------------------- by hand
@@ -187,7 +237,8 @@ class HandCluster:
 
     def _ray_start(self, arguments: list[str]) -> None:
         process = subprocess.Popen(
-            ["ray", "start", "--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats",
+            ["ray", "start", "--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--memory", str(2 * 2**30),
+             "--disable-usage-stats",
              *node_ports(), *arguments],
             env=self.env,
             stdin=subprocess.DEVNULL,
@@ -251,15 +302,27 @@ class HandCluster:
 
 def run_hand(workers: int) -> Run:
     cluster = HandCluster()
+    load_before = load_average()
     try:
+        reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         cluster.start(workers)
         started = time.perf_counter() - start
         cluster.wait_alive(workers + 1)
         seconds = time.perf_counter() - start
+        # The `ray start` commands themselves exited and were reaped here: add their CPU time.
+        now = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cli_cpu = (now.ru_utime - reaped.ru_utime) + (now.ru_stime - reaped.ru_stime)
+        cluster_cpu = round(cpu_seconds(HAND_MARKER, cluster.marker) + cli_cpu, 2)
     finally:
         left = cluster.stop()
-    return Run("hand", workers, seconds, {"ray_start_seconds": round(started, 2), "left_processes": left})
+    extra = {
+        "ray_start_seconds": round(started, 2),
+        "cluster_cpu_s": cluster_cpu,
+        "load_1min_before": load_before,
+        "left_processes": left,
+    }
+    return Run("hand", workers, seconds, extra)
 
 
 # --------------------------------------------------------------------------- main
@@ -277,6 +340,21 @@ def node_layer_committed(repo: Path) -> list[str]:
     return missing
 
 
+def code_state() -> dict[str, Any]:
+    """The commit measured, and library files with uncommitted edits (others work in this checkout)."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=False)
+        return done.stdout.strip()
+
+    return {
+        "commit": git("rev-parse", "--short", "HEAD"),
+        "uncommitted_library_files": git(
+            "status", "--porcelain", "--", "ray_serve_cai", "cai_integration"
+        ).splitlines(),
+    }
+
+
 def machine() -> dict[str, Any]:
     import ray
 
@@ -292,19 +370,24 @@ def machine() -> dict[str, Any]:
 def print_table(runs: list[Run]) -> list[tuple[int, float, float, bool]]:
     sizes = sorted({r.workers for r in runs})
     header = (
-        f"{'nodes':>12} | {'ray-cai s (median)':>18} | {'hand s (median)':>15} | {'ratio':>6} | target <= 0.8"
+        f"{'nodes':>7} | {'ray-cai s':>9} {'cpu s':>6} | {'hand s':>7} {'cpu s':>6} | ratio | target <= 0.8"
     )
-    print("\n" + header)
+    print("\n" + header + "   (medians; cpu s = CPU time of the cluster's processes when ready)")
     print("-" * len(header))
     verdicts = []
     for workers in sizes:
-        ours = statistics.median(r.seconds for r in runs if r.tool == "ray-cai" and r.workers == workers)
-        hand = statistics.median(r.seconds for r in runs if r.tool == "hand" and r.workers == workers)
+
+        def median(tool: str, key: str | None = None, workers: int = workers) -> float:
+            chosen = [r for r in runs if r.tool == tool and r.workers == workers]
+            return statistics.median(r.seconds if key is None else r.extra[key] for r in chosen)
+
+        ours, hand = median("ray-cai"), median("hand")
         ratio = ours / hand
         verdicts.append((workers, ours, hand, ratio <= 0.8))
-        label = f"1 + {workers}"
         print(
-            f"{label:>12} | {ours:18.2f} | {hand:15.2f} | {ratio:6.2f} | {'PASS' if ratio <= 0.8 else 'FAIL'}"
+            f"{'1 + ' + str(workers):>7} | {ours:9.2f} {median('ray-cai', 'cluster_cpu_s'):6.1f} | "
+            f"{hand:7.2f} {median('hand', 'cluster_cpu_s'):6.1f} | {ratio:5.2f} | "
+            f"{'PASS' if ratio <= 0.8 else 'FAIL'}"
         )
     return verdicts
 
@@ -312,8 +395,14 @@ def print_table(runs: list[Run]) -> list[tuple[int, float, float, bool]]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="2,4", help="worker counts, comma-separated")
-    parser.add_argument("--repeat", type=int, default=2, help="runs per size and tool (median reported)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per size and tool (median reported)")
     parser.add_argument("--poll-interval", type=float, default=2.0, help="RayCluster's poll interval, s")
+    parser.add_argument(
+        "--diagnostic-poll",
+        type=float,
+        default=0.25,
+        help="extra ray-cai run per size at this poll (0: none)",
+    )
     parser.add_argument("--repo", type=Path, default=REPO, help="git repository the project is cloned from")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write the raw JSON")
     parser.add_argument("--child-up", action="store_true", help=argparse.SUPPRESS)
@@ -338,8 +427,10 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()})
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
+    code = code_state()  # at the start: the library is imported now, others may edit it meanwhile
     home = Path(tempfile.mkdtemp(prefix="ray-cai-bench-ray-"))
     runs: list[Run] = []
+    diagnostics: list[Run] = []
     try:
         info = start_workspace(home / "workspace")
         handle = WorkspaceHandle(info)
@@ -347,6 +438,13 @@ def main(argv: list[str] | None = None) -> int:
             project = handle.create_project("bench-ray", template="git", git_url=str(args.repo), timeout=300)
             if project["creation_status"] != "success":
                 raise RuntimeError(f"project from git: {project.get('error_message')}")
+            for workers in sizes if args.diagnostic_poll else []:
+                # Not a target: the same up polled every --diagnostic-poll s shows when Ray was
+                # complete, apart from the rounding up to the next 2 s poll.
+                run = run_ray_cai(handle, project["id"], workers, args.diagnostic_poll)
+                run.tool = "ray-cai-fastpoll"
+                diagnostics.append(run)
+                print(f"  {run.tool} 1 + {workers} workers: {run.seconds:6.2f} s  {run.extra}", flush=True)
             for _ in range(args.repeat):
                 for workers in sizes:
                     for tool in ("ray-cai", "hand"):
@@ -366,13 +464,24 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(home, ignore_errors=True)
 
     verdicts = print_table(runs)
+    print("\nray-cai timeline, s after the call of up (apps created / head RUNNING / rendezvous / returned):")
+    for run in [*diagnostics, *runs]:
+        if run.tool.startswith("ray-cai"):
+            t = run.extra.get("timeline", {})
+            print(
+                f"  1 + {run.workers} poll {run.extra['poll_interval_s']} s: {t.get('apps_created_by_s')} / "
+                f"{t.get('head_app_running_s')} / {t.get('rendezvous_published_s')} / {run.seconds:.2f}"
+                f"  ({run.extra['polls']} polls, {run.extra['api_calls']} API calls)"
+            )
     rss = [r.extra["peak_rss_mib"] for r in runs if r.tool == "ray-cai"]
     print(f"\nray-cai peak RSS during up (child process): max {max(rss)} MiB")
     report = {
         "started_at": started_at,
         "machine": machine(),
+        "code": code,
         "settings": {"sizes": sizes, "repeat": args.repeat, "poll_interval_s": args.poll_interval},
         "runs": [asdict(r) for r in runs],
+        "diagnostics": [asdict(r) for r in diagnostics],
         "targets": [
             {"workers": w, "ray_cai_s": o, "hand_s": h, "ratio": o / h, "passed": ok}
             for w, o, h, ok in verdicts
