@@ -35,6 +35,8 @@ from ray_serve_cai.config import ClusterSpec, NodeSpec, desired_nodes, head_app_
 log = logging.getLogger("ray_serve_cai.cluster")
 
 STATUS_PATH = "/ray-cai/status"
+# How often the head's status endpoint is asked while only Ray's view is missing (not an API call).
+RAY_POLL_SECONDS = 0.25
 
 
 @dataclass
@@ -319,12 +321,23 @@ class RayCluster:
             return {}, "head status endpoint answered with non-JSON"
 
     def wait_until_ready(
-        self, timeout: float | None = None, on_progress: ProgressCallback | None = None
+        self,
+        timeout: float | None = None,
+        on_progress: ProgressCallback | None = None,
+        *,
+        apps: Sequence[Application] | None = None,
     ) -> ClusterStatus:
-        """Poll (one list call per interval) until `ready`; fail fast on a failed app; deadline."""
+        """Poll until `ready`; fail fast on a failed app; deadline.
+
+        One list call per poll interval whatever the cluster size. Once every app runs and only
+        Ray's view is missing, the head's status endpoint (not an API call) is asked every
+        `RAY_POLL_SECONDS` in between, so readiness is seen when it happens, not at the next poll.
+        `apps` is a fresh observation to start from (saves one list call)."""
         deadline = time.monotonic() + (timeout if timeout is not None else self.spec.startup_timeout)
         while True:
-            status = self.status()
+            observed = self.observe() if apps is None else apps
+            apps = None
+            status = self.status(observed)
             if on_progress:
                 on_progress(status)
             if status.ready:
@@ -333,7 +346,23 @@ class RayCluster:
                 raise ClusterError(_describe_failure("an application failed", status))
             if time.monotonic() >= deadline:
                 raise ClusterError(_describe_failure("timed out waiting for the cluster", status))
-            time.sleep(self.poll_interval)
+            next_list = min(deadline, time.monotonic() + self.poll_interval)
+            apps_settled = not status.surplus and all(
+                n.app_status == RUNNING and n.spec_current for n in status.nodes
+            )
+            while time.monotonic() < next_list:
+                time.sleep(min(RAY_POLL_SECONDS, max(0.0, next_list - time.monotonic())))
+                if apps_settled and self._ray_reports_all(status):
+                    status = self.status(observed)  # same observation, fresh Ray view: no API call
+                    if status.ready:
+                        if on_progress:
+                            on_progress(status)
+                        return status
+
+    def _ray_reports_all(self, status: ClusterStatus) -> bool:
+        view, _problem = self._ray_view(head_app_name(self.spec.name))
+        alive = {n.get("node_name") for n in view.get("nodes", []) if n.get("alive")}
+        return all(n.name in alive for n in status.nodes)
 
     def _lock(self) -> AbstractContextManager[object]:
         runtime = desired_nodes(self.effective_spec())[0].runtime_identifier
@@ -351,26 +380,33 @@ class RayCluster:
         """One reconcile pass: observe and plan; when something must change, take the cluster lock,
         plan again under it (another run may have acted meanwhile) and apply. `extra` adds actions
         the planner cannot see from one observation (e.g. apps stuck in STARTING); it runs once."""
+        return self._converge(extra)[0]
+
+    def _converge(
+        self, extra: Callable[[list[Application]], list[Action]] | None = None
+    ) -> tuple[Plan, list[Application] | None]:
+        """`converge`, also returning the observation when nothing was changed (still current)."""
         apps = self.observe()
-        remove_stale_lock(self.client, self.project_id, self.spec.name, apps)
+        if remove_stale_lock(self.client, self.project_id, self.spec.name, apps):
+            apps = self.observe()
         plan = self.plan(apps)
         extra_actions = extra(apps) if extra else []
         if plan.is_noop and not extra_actions:
-            return plan
+            return plan, apps
         with self._lock():
             plan = self.plan()
             busy = {a.name for a in plan.actions}
             more = tuple(a for a in extra_actions if a.name not in busy)
             plan = replace(plan, actions=plan.actions + more)
             self.apply(plan)
-        return plan
+        return plan, None
 
     def up(
         self, *, wait: bool = True, timeout: float | None = None, on_progress: ProgressCallback | None = None
     ) -> tuple[Plan, ClusterStatus]:
         """Converge: plan, apply, then (by default) wait until Ray reports every node alive."""
-        plan = self.converge()
-        status = self.wait_until_ready(timeout, on_progress) if wait else self.status()
+        plan, apps = self._converge()
+        status = self.wait_until_ready(timeout, on_progress, apps=apps) if wait else self.status(apps)
         return plan, status
 
     def watch(
