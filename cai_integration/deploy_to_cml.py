@@ -1,4 +1,4 @@
-"""The Deploy Orchestrator: `python cai_integration/deploy_to_cml.py [OPTIONS]` runs `ray-cai deploy [OPTIONS]`."""
+"""Deploy Orchestrator: `python cai_integration/deploy_to_cml.py [OPTIONS]` = `ray-cai deploy [OPTIONS]`."""
 
 import sys
 
