@@ -38,6 +38,24 @@ def workspace_env(workspace: WorkspaceHandle, monkeypatch: pytest.MonkeyPatch) -
     return workspace
 
 
+@pytest.fixture
+def controls(workspace: WorkspaceHandle) -> Iterator[WorkspaceHandle]:
+    """The shared workspace with its test controls (faults, latency) reset before and after."""
+    workspace.reset_controls()
+    try:
+        yield workspace
+    finally:
+        workspace.reset_controls()
+
+
+@pytest.fixture(scope="module")
+def project_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Files to copy into a project: the fake Ray node app, the lock script, trivial job scripts."""
+    from fakes import write_fake_project_files
+
+    return write_fake_project_files(tmp_path_factory.mktemp("fake-files"))
+
+
 @pytest.fixture(scope="session")
 def test_apps_dir() -> Path:
     return TEST_APPS_DIR

@@ -32,7 +32,6 @@ from fakes import (
     list_apps,
     run_cli,
     wait_until,
-    write_fake_project_files,
 )
 
 from ray_serve_cai.cluster import RayCluster
@@ -83,20 +82,6 @@ def figures() -> Iterator[Figures]:
         f"({'removed by hand' if KNOWN_STALE_LOCK else 'taken over by the resumed run'}) "
         f"{FIGURES.stale_locks}"
     )
-
-
-@pytest.fixture
-def controls(workspace: WorkspaceHandle) -> Iterator[WorkspaceHandle]:
-    workspace.reset_controls()
-    try:
-        yield workspace
-    finally:
-        workspace.reset_controls()
-
-
-@pytest.fixture(scope="module")
-def project_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_fake_project_files(tmp_path_factory.mktemp("crash-files"))
 
 
 def git_repo(path: Path, project: str, cluster: str) -> Path:

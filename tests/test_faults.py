@@ -25,7 +25,6 @@ from fakes import (
     inventory,
     job_duplicates,
     list_apps,
-    write_fake_project_files,
 )
 
 from ray_serve_cai.cluster import RayCluster
@@ -75,20 +74,6 @@ def tally() -> Iterator[Tally]:
     yield TALLY
     print("\n" + TALLY.line())
     print("errors that made a run fail (then re-run):", dict(TALLY.errors.most_common()))
-
-
-@pytest.fixture
-def controls(workspace: WorkspaceHandle) -> Iterator[WorkspaceHandle]:
-    workspace.reset_controls()
-    try:
-        yield workspace
-    finally:
-        workspace.reset_controls()
-
-
-@pytest.fixture(scope="module")
-def project_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_fake_project_files(tmp_path_factory.mktemp("fake-files"))
 
 
 def run_under_faults(

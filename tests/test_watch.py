@@ -8,11 +8,9 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from fakes import (
     RAY_CAI,
     cli_env,
@@ -21,7 +19,6 @@ from fakes import (
     fake_cluster_yaml,
     fake_project,
     list_apps,
-    write_fake_project_files,
 )
 
 from ray_serve_cai.cluster import RayCluster
@@ -31,20 +28,6 @@ INTERVAL = 1.0
 # One interval to notice, plus the restart itself (stop, spawn, first HTTP answer) on a busy 2-core box.
 HEAL_WITHIN = INTERVAL + 4.0
 RESTART_ROUTE = "POST /api/v2/projects/{project_id}/applications/{application_id}:restart"
-
-
-@pytest.fixture
-def controls(workspace: WorkspaceHandle) -> Iterator[WorkspaceHandle]:
-    workspace.reset_controls()
-    try:
-        yield workspace
-    finally:
-        workspace.reset_controls()
-
-
-@pytest.fixture(scope="module")
-def project_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_fake_project_files(tmp_path_factory.mktemp("watch-files"))
 
 
 def app_by_name(workspace: WorkspaceHandle, project_id: str, name: str) -> dict[str, Any]:

@@ -3,19 +3,11 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from ray_serve_cai.workspace.testing import WorkspaceHandle
-
-
-@pytest.fixture
-def controls(workspace: WorkspaceHandle) -> Iterator[WorkspaceHandle]:
-    workspace.reset_controls()
-    yield workspace
-    workspace.reset_controls()
 
 
 def test_counters_count_api_requests_by_route_template(controls: WorkspaceHandle) -> None:

@@ -8,6 +8,8 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -107,6 +109,25 @@ def _print_ready(status: ClusterStatus, info_path: Path | None) -> None:
         out_console.print(f"cluster info written to {info_path}")
 
 
+@contextmanager
+def open_cluster(
+    config: Path,
+    local: bool,
+    project: str | None,
+    *,
+    replicas: int | None = None,
+    group: str | None = None,
+    create: bool = False,
+) -> Iterator[RayCluster]:
+    """The cluster of the config file in the target project. The config (and a new size) is
+    validated before any API call."""
+    spec = load_cluster_spec(config)
+    if replicas is not None:
+        spec = spec.with_replicas(replicas, group)
+    with open_target(local, project, create=create) as target:
+        yield RayCluster(target.client, target.project_id, spec)
+
+
 def plan(
     config: Path = ConfigOption,
     local: bool = LocalOption,
@@ -116,9 +137,8 @@ def plan(
     """Show what `up` would change. Writes nothing."""
 
     def run() -> None:
-        spec = load_cluster_spec(config)
-        with open_target(local, project) as target:
-            result = RayCluster(target.client, target.project_id, spec).plan()
+        with open_cluster(config, local, project) as cluster:
+            result = cluster.plan()
         if json_out:
             print_json(_plan_json(result))
         else:
@@ -143,11 +163,7 @@ def _converge(
     watch_interval: float | None = None,
 ) -> None:
     def run() -> None:
-        spec = load_cluster_spec(config)
-        if replicas is not None:
-            spec = spec.with_replicas(replicas, group)  # validated before any API call
-        with open_target(local, project, create=True) as target:
-            cluster = RayCluster(target.client, target.project_id, spec)
+        with open_cluster(config, local, project, replicas=replicas, group=group, create=True) as cluster:
             plan_done, status = cluster.up(wait=wait, timeout=timeout, on_progress=Progress())
             if replicas is not None:
                 _save_size(config, replicas, group)
@@ -250,9 +266,8 @@ def status(
     """Apps plus Ray's own view. Exit 0 only when the cluster is ready."""
 
     def run() -> None:
-        spec = load_cluster_spec(config)
-        with open_target(local, project) as target:
-            result = RayCluster(target.client, target.project_id, spec).status()
+        with open_cluster(config, local, project) as cluster:
+            result = cluster.status()
         if json_out:
             print_json(result.as_dict())
         else:
@@ -275,14 +290,13 @@ def down(
     """Stop and delete the cluster's applications (nodes first copy their Ray logs into the project)."""
 
     def run() -> None:
-        spec = load_cluster_spec(config)
-        with open_target(local, project) as target:
-            removed = RayCluster(target.client, target.project_id, spec).down()
+        with open_cluster(config, local, project) as cluster:
+            removed = cluster.down()
         if json_out:
             print_json({"removed": removed})
         else:
             out_console.print(f"removed {len(removed)} application(s): {', '.join(removed) or '-'}")
-            out_console.print(f"node logs: .ray-cai/{spec.name}/logs/ in the project")
+            out_console.print(f"node logs: .ray-cai/{cluster.spec.name}/logs/ in the project")
 
     run_command(run)
 
@@ -296,14 +310,13 @@ def connect(
     """Print the address and environment a Ray client in the same project needs."""
 
     def run() -> None:
-        spec = load_cluster_spec(config)
-        with open_target(local, project) as target:
-            result = RayCluster(target.client, target.project_id, spec).status()
+        with open_cluster(config, local, project) as cluster:
+            result = cluster.status()
         info = connect_info(result)
         if json_out:
             print_json(info)
         elif not info["address"]:
-            fail(f"cluster {spec.name!r} is {result.state}: no head to connect to (run `ray-cai up`)")
+            fail(f"cluster {result.cluster!r} is {result.state}: no head to connect to (run `ray-cai up`)")
         else:
             for key, value in info["env"].items():
                 sys.stdout.write(f"export {key}={value}\n")
