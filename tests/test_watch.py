@@ -19,14 +19,18 @@ from fakes import (
     fake_cluster_yaml,
     fake_project,
     list_apps,
+    wait_until,
 )
 
 from ray_serve_cai.cluster import RayCluster
+from ray_serve_cai.config import parse_deploy_spec
+from ray_serve_cai.deploy.orchestrator import DeployOptions, deploy
 from ray_serve_cai.workspace.testing import WorkspaceHandle
 
 INTERVAL = 1.0
 # One interval to notice, plus the restart itself (stop, spawn, first HTTP answer) on a busy 2-core box.
 HEAL_WITHIN = INTERVAL + 4.0
+RUNS_ROUTE = "POST /api/v2/projects/{project_id}/jobs/{job_id}/runs"
 RESTART_ROUTE = "POST /api/v2/projects/{project_id}/applications/{application_id}:restart"
 
 
@@ -210,3 +214,52 @@ def test_up_watch_cli_heals_a_killed_worker_and_stops_on_sigterm(
         assert process.returncode == 0, stderr
         assert "healed" in stderr and "stopped watching" in stderr
         assert "Traceback" not in stderr
+
+
+def test_a_launch_job_with_watch_keeps_supervising(
+    controls: WorkspaceHandle, project_files: Path, tmp_path: Path
+) -> None:
+    """`arguments: --watch N` on the launch job: deploy reports it SUPERVISING once the cluster is
+    ready, the run keeps healing the cluster, and a deploy with nothing changed starts no new run."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "-C", str(repo), "init", "-q", "-b", "main"], check=True)
+    subprocess.run(
+        ["git", "-C", str(repo), "-c", "user.name=w", "-c", "user.email=w@example.invalid", "commit", "-q",
+         "--allow-empty", "-m", "x"],
+        check=True,
+    )  # fmt: skip
+    (project_files / "launch.py").write_text(
+        "import sys\nfrom ray_serve_cai.deploy.steps import main\nsys.exit(main('launch_ray_cluster'))\n"
+    )
+    launch = {"name": "Launch Supervising", "script": "launch.py", "arguments": "--watch 1", "timeout": 600}
+    spec = parse_deploy_spec(
+        {"project": {"name": "watch-supervise"}, "jobs": {"launch_ray_cluster": launch}}, env={}
+    )
+    cluster = fake_cluster_spec("wsup", 1)
+    options = DeployOptions(repo=repo, poll_interval=0.5, project_timeout=30, chain_timeout=120)
+    with fake_project(controls, "watch-supervise", project_files) as project, client_for(controls) as client:
+        pid = project["id"]
+        first = deploy(client, spec, cluster, options)
+        assert first.succeeded and first.jobs[0].status == "SUPERVISING", first.as_dict()
+        job_id, run_id = first.jobs[0].job_id, first.jobs[0].run_id
+        try:
+            worker = app_by_name(controls, pid, "ray-wsup-worker-0")
+            controls.api_ok("POST", f"/api/v2/projects/{pid}/applications/{worker['id']}:stop")
+            wait_until(
+                lambda: app_by_name(controls, pid, "ray-wsup-worker-0")["status"] == "APPLICATION_STOPPED",
+                timeout=30,
+                what="the worker to stop",
+            )
+            wait_until(
+                lambda: RayCluster(client, pid, cluster).status().ready,
+                timeout=HEAL_WITHIN + 10,
+                what="the supervising launch job to heal the stopped worker",
+            )
+            before = controls.counters()["counts"].get(RUNS_ROUTE, 0)
+            second = deploy(client, spec, cluster, options)
+            assert second.succeeded and second.jobs[0].run_id == run_id
+            assert controls.counters()["counts"].get(RUNS_ROUTE, 0) == before
+        finally:
+            controls.api_ok("POST", f"/api/v2/projects/{pid}/jobs/{job_id}/runs/{run_id}:stop")
+            RayCluster(client, pid, cluster).down()

@@ -19,6 +19,9 @@ from ray_serve_cai.config import DeploySpec, JobSpec
 FINGERPRINT_VAR = "RAY_CAI_FINGERPRINT"
 JOB_KEY_VAR = "RAY_CAI_JOB_KEY"
 
+# Outcome status of a job whose work is done while its run stays to supervise the cluster.
+SUPERVISING = "SUPERVISING"
+
 # How long a child may take to appear after its parent succeeded before we call it missing.
 CHILD_APPEAR_TIMEOUT = 120.0
 
@@ -65,7 +68,8 @@ class ChainState:
     jobs: dict[str, Job] = field(default_factory=dict)  # key → CML job
     created: list[str] = field(default_factory=list)
     updated: list[str] = field(default_factory=list)
-    stale: set[str] = field(default_factory=set)
+    stale: set[str] = field(default_factory=set)  # must run: changed, or its latest run did not succeed
+    changed: set[str] = field(default_factory=set)  # inputs changed (or forced): a running run is outdated
 
 
 def _timestamp(value: Any) -> datetime | None:
@@ -119,6 +123,7 @@ def ensure_jobs(
             )
             state.created.append(job_spec.key)
             state.stale.add(job_spec.key)
+            state.changed.add(job_spec.key)
         else:
             job = matches[0]
             old_fingerprint = job.environment.get(FINGERPRINT_VAR)
@@ -169,9 +174,14 @@ def run_and_follow(
     timeout: float,
     poll_interval: float = 2.0,
     progress: ProgressFn | None = None,
+    done_while_running: Mapping[str, Callable[[], bool]] | None = None,
 ) -> dict[str, JobOutcome]:
     """Start the top-most stale jobs and follow the chain to its end. Never raises for a failed job:
-    the outcomes say what happened; `JobChainError` only when following itself is impossible."""
+    the outcomes say what happened; `JobChainError` only when following itself is impossible.
+
+    A run still in progress whose inputs changed is stopped first (CML allows one active run per job).
+    `done_while_running[key]()` marks a job done while its run keeps going (a launch job that stays
+    to supervise the cluster): its outcome is `SUPERVISING`."""
     say = progress or (lambda _msg: None)
     outcomes = {
         j.key: JobOutcome(key=j.key, name=j.name, job_id=state.jobs[j.key].id) for j in spec.chain_order()
@@ -179,9 +189,26 @@ def run_and_follow(
     deadline = time.monotonic() + timeout
     # key → (run being followed, monotonic start)
     following: dict[str, tuple[JobRun, float]] = {}
-    for job_spec in runs_to_start(spec, state.stale):
+    early = dict(done_while_running or {})
+    top_most = {j.key for j in runs_to_start(spec, state.stale)}
+    latest: dict[str, JobRun | None] = {}
+    for job_spec in spec.chain_order():
+        if job_spec.key not in state.stale:
+            continue
         job = state.jobs[job_spec.key]
-        previous = client.latest_job_run(project_id, job.id)
+        previous = latest[job_spec.key] = client.latest_job_run(project_id, job.id)
+        if (
+            previous is not None
+            and previous.is_active
+            and (job_spec.key in state.changed or job_spec.key not in top_most)
+        ):
+            say(f"{job_spec.name}: stopping run {previous.id} (outdated: the chain runs it again)")
+            latest[job_spec.key] = _stop_and_wait(client, project_id, job.id, previous, deadline)
+    for job_spec in spec.chain_order():
+        if job_spec.key not in top_most:
+            continue
+        job = state.jobs[job_spec.key]
+        previous = latest[job_spec.key]
         if previous is not None and previous.is_active:
             say(f"{job_spec.name}: following the run already in progress ({previous.id})")
             run = previous
@@ -205,6 +232,14 @@ def run_and_follow(
             job = state.jobs[key]
             run = client.get_job_run(project_id, job.id, run.id)
             following[key] = (run, started)
+            if not run.is_terminal and key in early and early[key]():
+                del following[key]
+                outcome = outcomes[key]
+                outcome.action, outcome.status, outcome.run_id = "ran", SUPERVISING, run.id
+                outcome.duration = time.monotonic() - started
+                outcome.log_hint = _log_hint(run, job)
+                say(f"{outcome.name}: its work is done; the run stays to supervise the cluster ({run.id})")
+                continue
             if not run.is_terminal:
                 continue
             del following[key]
@@ -237,6 +272,17 @@ def run_and_follow(
         if outcome.action == "skipped":
             outcome.status = "up to date"
     return outcomes
+
+
+def _stop_and_wait(client: CMLClient, project_id: str, job_id: str, run: JobRun, deadline: float) -> JobRun:
+    """Stop a run and wait until it has ended."""
+    client.stop_job_run(project_id, job_id, run.id)
+    while time.monotonic() < deadline:
+        run = client.get_job_run(project_id, job_id, run.id)
+        if run.is_terminal:
+            return run
+        time.sleep(1.0)
+    raise JobChainError(f"run {run.id} of job {job_id} did not stop; stop it in the CML UI and deploy again")
 
 
 def _newer_run(client: CMLClient, project_id: str, job_id: str, previous: JobRun | None) -> JobRun | None:

@@ -26,6 +26,7 @@ from ray_serve_cai.deploy.fingerprint import (
 from ray_serve_cai.deploy.jobs import (
     FINGERPRINT_VAR,
     JOB_KEY_VAR,
+    SUPERVISING,
     DesiredJob,
     JobOutcome,
     ensure_jobs,
@@ -40,6 +41,7 @@ DEPS_DIGEST_VAR = "RAY_CAI_DEPS_DIGEST"
 CLUSTER_SPEC_VAR = "RAY_CAI_CLUSTER_SPEC"
 
 GIT_SYNC, SETUP, LAUNCH = "git_sync", "setup_environment", "launch_ray_cluster"
+OK_STATUSES = frozenset({"ENGINE_SUCCEEDED", SUPERVISING})
 
 
 @dataclass
@@ -67,11 +69,11 @@ class DeployResult:
 
     @property
     def succeeded(self) -> bool:
-        return all(j.action == "skipped" or j.status == "ENGINE_SUCCEEDED" for j in self.jobs)
+        return all(j.action == "skipped" or j.status in OK_STATUSES for j in self.jobs)
 
     @property
     def failed_job(self) -> JobOutcome | None:
-        return next((j for j in self.jobs if j.action == "ran" and j.status != "ENGINE_SUCCEEDED"), None)
+        return next((j for j in self.jobs if j.action != "skipped" and j.status not in OK_STATUSES), None)
 
     @property
     def runs_started(self) -> int:
@@ -203,6 +205,11 @@ def deploy(
     if not state.stale:
         say("every job is up to date: nothing to run")
     started = time.monotonic()
+    done_while_running: dict[str, Callable[[], bool]] = {}
+    launch = spec.jobs.get(LAUNCH)
+    if launch is not None and supervises(launch.arguments):
+        # The launch job stays to supervise: its work is done once the cluster is ready.
+        done_while_running[LAUNCH] = lambda: RayCluster(client, project.id, cluster).status().ready
     outcomes = run_and_follow(
         client,
         project.id,
@@ -211,6 +218,7 @@ def deploy(
         timeout=options.chain_timeout,
         poll_interval=options.poll_interval,
         progress=say,
+        done_while_running=done_while_running,
     )
     say(f"job chain finished in {time.monotonic() - started:.0f}s")
     result = DeployResult(
@@ -225,6 +233,11 @@ def deploy(
     if result.succeeded:
         result.cluster = RayCluster(client, project.id, cluster).status()
     return result
+
+
+def supervises(arguments: str) -> bool:
+    """Whether a launch job's arguments ask it to keep supervising (`--watch [SECONDS]`)."""
+    return "--watch" in arguments.split()
 
 
 def summary_markdown(result: DeployResult) -> str:

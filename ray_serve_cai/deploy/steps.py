@@ -10,9 +10,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 from ray_serve_cai import RAY_MINOR
+
+if TYPE_CHECKING:  # only for annotations: the first two steps run before any dependency exists
+    from ray_serve_cai.cluster import ClusterStatus, Plan, RayCluster
 
 VENV_DIR = ".venv"
 DEPS_MARKER = ".ray-cai-deps"
@@ -123,8 +127,21 @@ def setup_environment() -> bool:
     return True
 
 
-def launch_ray_cluster() -> int:
-    """Run the reconciler from inside the project and wait until Ray reports every node."""
+def watch_interval(args: list[str]) -> float | None:
+    """`--watch [SECONDS]` among the job's arguments (default 30 s), else None."""
+    if "--watch" not in args:
+        return None
+    following = args[args.index("--watch") + 1 :]
+    try:
+        return float(following[0]) if following else 30.0
+    except ValueError:
+        return 30.0
+
+
+def launch_ray_cluster(args: list[str] | None = None) -> int:
+    """Run the reconciler from inside the project and wait until Ray reports every node; with
+    `--watch [SECONDS]` the job then stays, reconciling at that interval (dead or stuck apps are
+    replaced) until the run is stopped."""
     from ray_serve_cai.cluster import ClusterError, RayCluster, write_cluster_info
     from ray_serve_cai.cml import CMLClient, CMLError, CMLSettings
     from ray_serve_cai.config import ClusterSpec, ConfigError, load_cluster_spec
@@ -146,31 +163,62 @@ def launch_ray_cluster() -> int:
         return 2
     last = [""]
 
-    def progress(status: object) -> None:
-        nodes = getattr(status, "nodes", [])
-        line = (
-            f"{getattr(status, 'state', '?')}: "
-            f"{sum(1 for n in nodes if n.app_status == 'APPLICATION_RUNNING')}/{len(nodes)} apps running, "
-            f"{sum(1 for n in nodes if n.in_ray)}/{len(nodes)} in Ray"
-        )
+    def progress(status: ClusterStatus) -> None:
+        total = len(status.nodes)
+        running = sum(1 for n in status.nodes if n.app_status == "APPLICATION_RUNNING")
+        in_ray = sum(1 for n in status.nodes if n.in_ray)
+        line = f"{status.state}: {running}/{total} apps running, {in_ray}/{total} in Ray"
         if line != last[0]:
             print(line, flush=True)
             last[0] = line
 
+    interval = watch_interval(sys.argv[1:] if args is None else args)
+    info_file = project / "ray_cluster_info.json"
     try:
         with CMLClient(settings) as client:
-            plan, status = RayCluster(client, settings.project_id, spec).up(on_progress=progress)
+            cluster = RayCluster(client, settings.project_id, spec)
+            if interval is not None:
+                _supervise(cluster, interval, info_file)
+                return 0
+            plan, status = cluster.up(on_progress=progress)
     except (ClusterError, CMLError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
     print(f"plan: {plan.summary()}", flush=True)
-    path = write_cluster_info(status, project / "ray_cluster_info.json")
-    print(
-        f"cluster {spec.name!r} ready: {status.ray.get('alive_nodes')} nodes alive; info in {path}",
-        flush=True,
-    )
-    print(f"dashboard: {status.dashboard_url}", flush=True)
+    _report_ready(status, write_cluster_info(status, info_file))
     return 0
+
+
+def _report_ready(status: ClusterStatus, info: Path) -> None:
+    alive = status.ray.get("alive_nodes")
+    print(f"cluster {status.cluster!r} ready: {alive} nodes alive; info in {info}", flush=True)
+    print(f"dashboard: {status.dashboard_url}", flush=True)
+
+
+def _supervise(cluster: RayCluster, interval: float, info_file: Path) -> None:
+    """Reconcile every `interval` seconds until the run is stopped (SIGTERM): the cluster is brought
+    up and then kept up (dead or stuck apps replaced); the cluster info is written when it is ready."""
+    import signal
+    import threading
+
+    from ray_serve_cai.cluster import write_cluster_info
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    print(f"supervising: reconciling every {interval:g}s until this run is stopped", flush=True)
+    was_ready = [False]
+
+    def on_pass(plan: Plan, status: ClusterStatus) -> None:
+        if plan.actions:
+            print(f"acted: {', '.join(a.describe().strip() for a in plan.actions)}", flush=True)
+        if status.ready and not was_ready[0]:
+            _report_ready(status, write_cluster_info(status, info_file))
+        elif not status.ready and was_ready[0]:
+            print(f"cluster {status.cluster!r} is {status.state}: healing", flush=True)
+        was_ready[0] = status.ready
+
+    cluster.watch(interval=interval, on_pass=on_pass, should_stop=stop.is_set)
+    print("supervision stopped", flush=True)
 
 
 def main(step: str) -> int:
