@@ -32,8 +32,9 @@ EXIT_BAD_INPUT = 2
 LOCAL_PROJECT_NAME = "ray-serve-cai"
 JOBS_FILE = "cai_integration/jobs_config.yaml"
 
-err_console = Console(stderr=True, highlight=False)
-out_console = Console(highlight=False)
+# soft_wrap: long lines (paths, URLs, export lines) stay whole when the output is not a terminal.
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+out_console = Console(highlight=False, soft_wrap=True)
 
 T = TypeVar("T")
 

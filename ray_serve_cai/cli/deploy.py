@@ -114,7 +114,7 @@ def deploy_command(
                 EXIT_FAILED,
             )
         if not json_out:
-            _print_next_steps(result, time.monotonic() - started)
+            _print_next_steps(result, time.monotonic() - started, " --local" if local else "")
         if result.cluster is not None and not result.cluster.ready:
             fail(f"the job chain succeeded but cluster {result.cluster.cluster!r} is {result.cluster.state}")
 
@@ -128,7 +128,7 @@ def _write_step_summary(result: DeployResult) -> None:
             fh.write(summary_markdown(result))
 
 
-def _print_next_steps(result: DeployResult, seconds: float) -> None:
+def _print_next_steps(result: DeployResult, seconds: float, where: str) -> None:
     out_console.print(
         f"deployed commit {result.commit[:12]} in {seconds:.0f}s ({result.runs_started} job runs)"
     )
@@ -141,7 +141,9 @@ def _print_next_steps(result: DeployResult, seconds: float) -> None:
         out_console.print(f"connect from the project: ray.init(address={info['address']!r}) after")
         for key, value in info["env"].items():
             out_console.print(f"  export {key}={value}")
-    out_console.print("status: ray-cai status  |  scale: ray-cai scale N  |  tear down: ray-cai down")
+    out_console.print(
+        f"status: ray-cai status{where}  |  scale: ray-cai scale N{where}  |  tear down: ray-cai down{where}"
+    )
 
 
 __all__ = ["EXIT_FAILED", "deploy_command"]
