@@ -55,7 +55,9 @@ class _JobFields(BaseModel):
     cpu: Positive = 1
     memory: Positive = Field(2, description="GiB")
     nvidia_gpu: Annotated[int, Field(ge=0)] = 0
-    timeout: Annotated[int, Field(gt=0)] = Field(3600, description="seconds")
+    timeout: Annotated[int, Field(ge=0)] = Field(
+        3600, description="seconds; 0 = no limit (a supervising launch job)"
+    )
     runtime_identifier: str | None = Field(None, description="default: project.runtime_identifier")
     environment: dict[str, str] = Field(default_factory=dict)
     arguments: str = ""
