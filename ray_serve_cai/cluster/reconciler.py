@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -29,7 +29,15 @@ from ray_serve_cai.cluster.plan import (
     plan_changes,
 )
 from ray_serve_cai.cluster.runtimes import RuntimeChoiceError, needs_runtime, with_runtimes
-from ray_serve_cai.cml import Application, CMLClient, CMLError, NotFound, create_or_find
+from ray_serve_cai.cml import (
+    Application,
+    BadRequest,
+    CMLClient,
+    CMLError,
+    Conflict,
+    NotFound,
+    create_or_find,
+)
 from ray_serve_cai.config import ClusterSpec, NodeSpec, desired_nodes, head_app_name
 
 log = logging.getLogger("ray_serve_cai.cluster")
@@ -238,13 +246,19 @@ class RayCluster:
         log.info("created %s", node.name)
 
     def _delete(self, action: Action) -> None:
+        """Delete an application. Official Cloudera code deletes running applications directly
+        (reference §7); should a workspace refuse to delete a running one, stop it first."""
         assert action.app is not None
         log.info("deleting %s", action.name)
-        for call in (self.client.stop_application, self.client.delete_application):
-            try:
-                call(self.project_id, action.app.id)
-            except NotFound:
-                return  # already gone: that is the desired state
+        app_id = action.app.id
+        try:
+            self.client.delete_application(self.project_id, app_id)
+        except NotFound:
+            return  # already gone: that is the desired state
+        except (BadRequest, Conflict):
+            with suppress(NotFound):
+                self.client.stop_application(self.project_id, app_id)
+                self.client.delete_application(self.project_id, app_id)
 
     # -- wait + verify ---------------------------------------------------------------------
     def status(self, apps: Sequence[Application] | None = None) -> ClusterStatus:
@@ -329,10 +343,10 @@ class RayCluster:
     ) -> ClusterStatus:
         """Poll until `ready`; fail fast on a failed app; deadline.
 
-        One list call per poll interval whatever the cluster size. Once every app runs and only
-        Ray's view is missing, the head's status endpoint (not an API call) is asked every
-        `RAY_POLL_SECONDS` in between, so readiness is seen when it happens, not at the next poll.
-        `apps` is a fresh observation to start from (saves one list call)."""
+        At most one list call per poll interval whatever the cluster size. In between, once every
+        app exists, the head's status endpoint (not an API call) is asked every `RAY_POLL_SECONDS`;
+        when Ray sees every node, one list call confirms at once, so readiness is seen when it
+        happens, not at the next poll. `apps` is a fresh observation to start from."""
         deadline = time.monotonic() + (timeout if timeout is not None else self.spec.startup_timeout)
         while True:
             observed = self.observe() if apps is None else apps
@@ -347,17 +361,13 @@ class RayCluster:
             if time.monotonic() >= deadline:
                 raise ClusterError(_describe_failure("timed out waiting for the cluster", status))
             next_list = min(deadline, time.monotonic() + self.poll_interval)
-            apps_settled = not status.surplus and all(
-                n.app_status == RUNNING and n.spec_current for n in status.nodes
-            )
+            all_created = not status.surplus and all(n.app_id and n.spec_current for n in status.nodes)
             while time.monotonic() < next_list:
                 time.sleep(min(RAY_POLL_SECONDS, max(0.0, next_list - time.monotonic())))
-                if apps_settled and self._ray_reports_all(status):
-                    status = self.status(observed)  # same observation, fresh Ray view: no API call
-                    if status.ready:
-                        if on_progress:
-                            on_progress(status)
-                        return status
+                if all_created and self._ray_reports_all(status):
+                    # Ray sees every node: confirm with one list call now instead of at the next poll.
+                    apps = self.observe()
+                    break
 
     def _ray_reports_all(self, status: ClusterStatus) -> bool:
         view, _problem = self._ray_view(head_app_name(self.spec.name))

@@ -19,6 +19,9 @@ from typing import IO
 WORKER_PORT_FIRST = 20000
 WORKER_PORT_LAST = 31999  # below Linux's default ephemeral range (32768-60999)
 WORKER_PORT_BLOCK = 500
+# Ray Client's proxier starts one server per client on a fixed range (ray.util.client.server.proxier
+# MIN/MAX_SPECIFIC_SERVER_PORT): a worker port block there makes `ray.init("ray://…")` fail at random.
+RAY_CLIENT_SERVER_PORTS = range(23000, 24000)
 
 
 def pick_free_ports(count: int, exclude: set[int] | None = None) -> list[int]:
@@ -70,6 +73,8 @@ def reserve_worker_port_block(lock_dir: Path | None = None) -> WorkerPortBlock |
     directory.mkdir(parents=True, exist_ok=True)
     for first in range(WORKER_PORT_FIRST, WORKER_PORT_LAST + 1, WORKER_PORT_BLOCK):
         last = min(first + WORKER_PORT_BLOCK - 1, WORKER_PORT_LAST)
+        if first < RAY_CLIENT_SERVER_PORTS.stop and last >= RAY_CLIENT_SERVER_PORTS.start:
+            continue
         lock_file = open(directory / f"block-{first}.lock", "ab")  # noqa: SIM115 - held until release
         try:
             fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -14,7 +14,9 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -27,11 +29,21 @@ WORKLOAD_MARKER = "RAY_CAI_WORKLOAD_ID"
 WORKSPACE_MARKER = "RAY_CAI_WORKSPACE_TAG"
 
 
+_recent_ports: deque[int] = deque(maxlen=4096)
+_ports_lock = threading.Lock()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on 127.0.0.1 that is free right now and was not handed out recently: apps start
+    in parallel, and the kernel may offer a port again before the app that got it has bound it."""
+    with _ports_lock:
+        while True:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = int(sock.getsockname()[1])
+            if port not in _recent_ports:
+                _recent_ports.append(port)
+                return port
 
 
 def spawn_workload(
@@ -52,19 +64,64 @@ def spawn_workload(
         )
 
 
-def processes_with_marker(name: str, value: str) -> list[psutil.Process]:
-    """Live processes whose (initial) environment has `name=value`; unreadable ones are skipped."""
-    found: list[psutil.Process] = []
+def _scan_markers(name: str) -> dict[str, list[psutil.Process]]:
+    """Every live process (but this one) by the value of `name` in its environment."""
+    found: dict[str, list[psutil.Process]] = {}
     own_pid = os.getpid()
     for process in psutil.process_iter():
         if process.pid == own_pid:
             continue
         try:
-            if process.environ().get(name) == value:
-                found.append(process)
+            value = process.environ().get(name)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
             continue
+        if value is not None:
+            found.setdefault(value, []).append(process)
     return found
+
+
+class _SharedScan:
+    """One scan of the machine's processes serves every caller that asked before it started.
+
+    Reading every process's environment is the expensive part of stopping a workload; when many
+    workloads stop at once (a 64-node `down`), they share scans instead of each doing its own, and
+    each caller still gets a scan that started after its call, so no process is missed."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._scanning = False
+        self._results: dict[str, tuple[float, dict[str, list[psutil.Process]]]] = {}
+
+    def get(self, name: str) -> dict[str, list[psutil.Process]]:
+        asked = time.monotonic()
+        with self._cond:
+            while True:
+                started, result = self._results.get(name, (-1.0, {}))
+                if started >= asked:
+                    return result
+                if not self._scanning:
+                    self._scanning = True
+                    break
+                self._cond.wait()
+        started = time.monotonic()
+        scanned: dict[str, list[psutil.Process]] | None = None
+        try:
+            scanned = _scan_markers(name)
+            return scanned
+        finally:
+            with self._cond:
+                self._scanning = False
+                if scanned is not None:
+                    self._results[name] = (started, scanned)
+                self._cond.notify_all()
+
+
+_shared_scan = _SharedScan()
+
+
+def processes_with_marker(name: str, value: str) -> list[psutil.Process]:
+    """Live processes whose (initial) environment has `name=value`; unreadable ones are skipped."""
+    return list(_shared_scan.get(name).get(value, []))
 
 
 def _descendants(pid: int) -> list[psutil.Process]:

@@ -16,6 +16,7 @@ import secrets
 import socket
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,11 +125,19 @@ def _list_response(request: Request, items: list[dict[str, Any]], key: str) -> J
     )
 
 
+WORKER_THREADS = 64
+
+
 def build_api(service: WorkspaceService, controls: dict[str, Any], config: ServerConfig) -> FastAPI:
     """The FastAPI app with the CML routes and the `/_workspace/` controls (auth is in the gateway)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # Workloads start and stop in worker threads (process scans, grace waits): a pool as wide as
+        # a large cluster keeps 64 parallel stops from queueing behind the default handful of threads.
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="workspace")
+        )
         yield
         logger.info("shutting down: ending every workload")
         await service.shutdown()
