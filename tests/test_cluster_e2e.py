@@ -175,13 +175,18 @@ def test_a_task_pinned_to_each_worker_runs_there_and_a_client_without_token_is_r
     workers = [n["node_id"] for n in status["ray"]["nodes"] if n["node_name"] in (W0, W1)]
     connect = cluster.cli_json("connect")
     client_env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "CDSW_"))}
-    run = subprocess.run(
-        [sys.executable, "-c", CLIENT_SCRIPT, "pinned", *workers],
-        env={**client_env, **connect["env"]},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    for _attempt in range(2):
+        run = subprocess.run(
+            [sys.executable, "-c", CLIENT_SCRIPT, "pinned", *workers],
+            env={**client_env, **connect["env"]},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        # Ray Client's proxier now and then loses the per-client server it just spawned on this busy
+        # 2-core machine ("Starting Ray client server failed"); a user would simply connect again.
+        if run.returncode == 0 or "Starting Ray client server failed" not in run.stderr + run.stdout:
+            break
     assert run.returncode == 0, run.stderr[-3000:]
     ran_on = json.loads(run.stdout.strip().splitlines()[-1])
     assert ran_on == {w: w for w in workers}
