@@ -184,8 +184,9 @@ def test_a_task_pinned_to_each_worker_runs_there_and_a_client_without_token_is_r
             timeout=300,
         )
         # Ray Client's proxier now and then loses the per-client server it just spawned on this busy
-        # 2-core machine ("Starting Ray client server failed"); a user would simply connect again.
-        if run.returncode == 0 or "Starting Ray client server failed" not in run.stderr + run.stdout:
+        # 2-core machine (it fails to start or dies at once); a user would simply connect again.
+        lost_server = ("Starting Ray client server failed", "ZombieProcess")
+        if run.returncode == 0 or not any(sign in run.stderr for sign in lost_server):
             break
     assert run.returncode == 0, run.stderr[-3000:]
     ran_on = json.loads(run.stdout.strip().splitlines()[-1])
