@@ -332,7 +332,7 @@ def register(app: typer.Typer) -> None:
         app.command(fn.__name__)(fn)
 
 
-__all__ = ["EXIT_BAD_INPUT", "register"]
+__all__ = ["open_cluster", "register"]
 
 
 def check(local: bool = LocalOption, json_out: bool = JsonOption) -> None:

@@ -146,4 +146,4 @@ def _print_next_steps(result: DeployResult, seconds: float, where: str) -> None:
     )
 
 
-__all__ = ["EXIT_FAILED", "deploy_command"]
+__all__ = ["deploy_command"]
