@@ -50,12 +50,7 @@ class Progress:
     def __call__(self, status: ClusterStatus) -> None:
         if not self.enabled:
             return
-        total = len(status.nodes)
-        running = sum(1 for n in status.nodes if n.app_status == "APPLICATION_RUNNING")
-        in_ray = sum(1 for n in status.nodes if n.in_ray)
-        line = f"{status.state}: {running}/{total} apps running, {in_ray}/{total} nodes alive in Ray"
-        if status.surplus:
-            line += f", {len(status.surplus)} surplus"
+        line = status.progress_line()
         if line != self.last:
             elapsed = time.monotonic() - self.started
             err_console.print(f"[dim]{elapsed:6.1f}s[/] {escape(line)}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,7 +20,7 @@ from ray_serve_cai.cluster import ClusterError
 from ray_serve_cai.cluster.runtimes import RuntimeChoiceError
 from ray_serve_cai.cml import CMLClient, CMLError, CMLSettings, CMLSettingsError, NotFound
 from ray_serve_cai.config import ConfigError
-from ray_serve_cai.deploy.fingerprint import RepoError
+from ray_serve_cai.deploy.fingerprint import RepoError, repo_root
 from ray_serve_cai.deploy.jobs import JobChainError
 from ray_serve_cai.deploy.project import ProjectError
 
@@ -111,20 +110,6 @@ def settings_for(local: bool) -> CMLSettings:
     return local_settings() if local else CMLSettings.from_env()
 
 
-def git_toplevel(path: Path | None = None) -> Path | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--show-toplevel"],
-            cwd=path or Path.cwd(),
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return Path(out.stdout.strip())
-
-
 def resolve_project(
     client: CMLClient, project: str | None, *, local: bool, create: bool = False
 ) -> tuple[str, str]:
@@ -167,8 +152,9 @@ def default_project_name() -> str | None:
 def _create_local_project(client: CMLClient, name: str) -> str:
     from ray_serve_cai.deploy.project import wait_for_project
 
-    repo = git_toplevel()
-    if repo is None:
+    try:
+        repo = repo_root(Path.cwd())
+    except RepoError:
         fail("--local needs to run inside a git checkout of the project (it is cloned into the workspace)")
     err_console.print(f"creating local project {name!r} from {repo}")
     created = client.create_project(name, template="git", git_url=str(repo))

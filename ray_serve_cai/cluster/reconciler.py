@@ -88,6 +88,14 @@ class ClusterStatus:
     def ready(self) -> bool:
         return self.state == "ready"
 
+    def progress_line(self) -> str:
+        """One line for progress displays: `<state>: a/n apps running, b/n nodes alive in Ray`."""
+        total = len(self.nodes)
+        running = sum(1 for n in self.nodes if n.app_status == RUNNING)
+        in_ray = sum(1 for n in self.nodes if n.in_ray)
+        line = f"{self.state}: {running}/{total} apps running, {in_ray}/{total} nodes alive in Ray"
+        return line + (f", {len(self.surplus)} surplus" if self.surplus else "")
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "cluster": self.cluster,

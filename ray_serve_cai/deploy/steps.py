@@ -164,10 +164,7 @@ def launch_ray_cluster(args: list[str] | None = None) -> int:
     last = [""]
 
     def progress(status: ClusterStatus) -> None:
-        total = len(status.nodes)
-        running = sum(1 for n in status.nodes if n.app_status == "APPLICATION_RUNNING")
-        in_ray = sum(1 for n in status.nodes if n.in_ray)
-        line = f"{status.state}: {running}/{total} apps running, {in_ray}/{total} in Ray"
+        line = status.progress_line()
         if line != last[0]:
             print(line, flush=True)
             last[0] = line
