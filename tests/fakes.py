@@ -226,3 +226,34 @@ def wait_until(predicate: Any, timeout: float, interval: float = 0.05, what: str
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+SMALL_CLUSTER_YAML = """\
+ray_cluster:
+  name: {name}
+  num_workers: {workers}
+  head_cpu: 1
+  head_memory: 1
+  worker_cpu: 1
+  worker_memory: 1
+  ports: {{gcs: 0, client: 0, dashboard: 0}}
+  startup_timeout: 300
+  join_timeout: 240
+"""
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(repo), *args], check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+def clone_with_small_cluster(repo: Path, cluster: str, workers: int) -> Path:
+    """A clone of this project's committed files whose config is a small real-Ray cluster (1 CPU, 1 GiB
+    nodes, free ports), committed — what the end-to-end deploys clone into the workspace."""
+    subprocess.run(["git", "clone", "-q", str(REPO_ROOT), str(repo)], check=True)
+    git(repo, "config", "user.email", "e2e@example.invalid")
+    git(repo, "config", "user.name", "e2e")
+    (repo / "ray_cluster_config.yaml").write_text(SMALL_CLUSTER_YAML.format(name=cluster, workers=workers))
+    git(repo, "commit", "-qam", "e2e: small cluster")
+    return repo

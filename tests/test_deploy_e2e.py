@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fakes import SMALL_CLUSTER_YAML, clone_with_small_cluster, git
 
 from ray_serve_cai.workspace.testing import WorkspaceHandle
 
@@ -26,35 +27,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 RAY_CAI = [sys.executable, "-m", "ray_serve_cai.cli.main"]
 RUNS_ROUTE = "POST /api/v2/projects/{project_id}/jobs/{job_id}/runs"
 
-CLUSTER_CONFIG = """\
-ray_cluster:
-  name: {name}
-  num_workers: {workers}
-  head_cpu: 1
-  head_memory: 1
-  worker_cpu: 1
-  worker_memory: 1
-  ports: {{gcs: 0, client: 0, dashboard: 0}}
-  startup_timeout: 300
-  join_timeout: 240
-"""
-
-
-def git(repo: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", "-C", str(repo), *args], check=True, capture_output=True, text=True
-    ).stdout.strip()
-
 
 def make_repo(tmp: Path, name: str, cluster: str, workers: int) -> Path:
-    """A git repository with this project's committed files and a small cluster config."""
-    repo = tmp / name
-    subprocess.run(["git", "clone", "-q", str(REPO_ROOT), str(repo)], check=True)
-    git(repo, "config", "user.email", "e2e@example.invalid")
-    git(repo, "config", "user.name", "e2e")
-    (repo / "ray_cluster_config.yaml").write_text(CLUSTER_CONFIG.format(name=cluster, workers=workers))
-    git(repo, "commit", "-qam", "e2e: small cluster")
-    return repo
+    return clone_with_small_cluster(tmp / name, cluster, workers)
 
 
 def clean_env(workspace: WorkspaceHandle, project: str) -> dict[str, str]:
@@ -160,7 +135,7 @@ def test_config_change_reruns_only_the_launch(
     deployed: tuple[Path, dict[str, str], dict[str, Any], float], workspace: WorkspaceHandle
 ) -> None:
     repo, env, _first, _ = deployed
-    (repo / "ray_cluster_config.yaml").write_text(CLUSTER_CONFIG.format(name="e2edeploy", workers=2))
+    (repo / "ray_cluster_config.yaml").write_text(SMALL_CLUSTER_YAML.format(name="e2edeploy", workers=2))
     git(repo, "commit", "-qam", "two workers")
     before = run_posts(workspace)
     result = deploy_ok(repo, env)

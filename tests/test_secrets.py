@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fakes import RAY_CAI, REPO_ROOT
+from fakes import RAY_CAI, clone_with_small_cluster
 
 from ray_serve_cai.workspace.daemon import start_workspace, stop_workspace
 from ray_serve_cai.workspace.statefile import write_state
@@ -27,22 +27,6 @@ pytestmark = pytest.mark.ray
 
 CLUSTER = "secretsc"
 PROJECT = "ray-cai-secrets"
-CLUSTER_CONFIG = f"""\
-ray_cluster:
-  name: {CLUSTER}
-  num_workers: 1
-  head_cpu: 1
-  head_memory: 1
-  worker_cpu: 1
-  worker_memory: 1
-  ports: {{gcs: 0, client: 0, dashboard: 0}}
-  startup_timeout: 300
-  join_timeout: 240
-"""
-
-
-def git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True).stdout
 
 
 def environments(handle: WorkspaceHandle, project_id: str) -> list[str]:
@@ -60,12 +44,7 @@ def test_no_secret_leaks_through_the_local_flow(tmp_path: Path) -> None:
     gh_pat = f"ghp_PATMARK{secrets.token_hex(12)}"
     home = tmp_path / "ws-home"
     write_state(home, {"api_key": api_key, "home": str(home)})  # the workspace keeps a key it finds
-    repo = tmp_path / "repo"
-    subprocess.run(["git", "clone", "-q", str(REPO_ROOT), str(repo)], check=True)
-    git(repo, "config", "user.email", "secrets@example.invalid")
-    git(repo, "config", "user.name", "secrets")
-    (repo / "ray_cluster_config.yaml").write_text(CLUSTER_CONFIG)
-    git(repo, "commit", "-qam", "secrets test: small cluster")
+    repo = clone_with_small_cluster(tmp_path / "repo", CLUSTER, workers=1)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CML_", "CDSW_", "RAY_", "GITHUB_"))}
     env.update(
         RAY_CAI_WORKSPACE_HOME=str(home),
