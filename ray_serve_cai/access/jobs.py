@@ -376,8 +376,8 @@ class JobsClient:
             status = err.response.status_code
             if status == 404:
                 raise JobNotFound(f"no job {submission_id!r} on the cluster") from None
-            if status in (401, 403):
-                raise AccessError(f"{self.endpoint.url} refused the API key (HTTP {status})") from None
+            # Anything else (a 403 from a gateway that refuses upgrades, a 500 from a proxy that drops
+            # them) means no stream here; the polling fallback reports a truly refused key itself.
             raise LogStreamUnavailable(f"the log stream answered HTTP {status}") from None
         except (OSError, WebSocketException, TimeoutError) as err:
             raise LogStreamUnavailable(f"the log stream could not be opened ({type(err).__name__})") from None

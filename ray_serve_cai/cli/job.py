@@ -21,7 +21,6 @@ from typing import Any, TypeVar
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from ray_serve_cai.access.head import AppEndpoint, head_endpoint
 from ray_serve_cai.access.jobs import (
@@ -287,10 +286,11 @@ def submit(
     _run(run)
 
 
-def _when(millis: int | None) -> str:
+def _when(millis: int | None, *, short: bool = False) -> str:
     if not millis:
         return "-"
-    return datetime.fromtimestamp(millis / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    moment = datetime.fromtimestamp(millis / 1000, tz=timezone.utc)
+    return moment.strftime("%m-%d %H:%M" if short else "%Y-%m-%d %H:%M:%S UTC")
 
 
 @app.command("status")
@@ -385,21 +385,25 @@ def list_jobs(
     """Every job on the cluster: submitted jobs and the drivers of `ray.init` clients, oldest first."""
 
     def run() -> None:
-        with _head(config, local, project) as (endpoint, cluster), JobsClient(endpoint) as jobs:
+        with _head(config, local, project) as (endpoint, _), JobsClient(endpoint) as jobs:
             found = sorted(jobs.list(), key=lambda j: j.start_time or 0)
         if json_out:
             print_json([job.as_dict() for job in found])
             return
-        table = Table(title=f"Jobs on cluster {cluster!r}")
-        for column in ("id", "type", "status", "started", "duration", "entrypoint"):
-            table.add_column(column)
+        rows = [("ID", "STATUS", "STARTED", "TOOK", "ENTRYPOINT")]
         for job in found:
-            took = f"{job.duration:.1f}s" if job.duration is not None else "-"
-            entry = job.entrypoint if len(job.entrypoint) <= 60 else job.entrypoint[:57] + "..."
-            table.add_row(
-                escape(job.id), job.type.lower(), job.status, _when(job.start_time), took, escape(entry)
-            )
-        out_console.print(table)
+            entry = " ".join(job.entrypoint.split())
+            if job.type != "SUBMISSION":
+                entry = f"({job.type.lower()}) {entry}"
+            took = f"{job.duration:.0f}s" if job.duration is not None else "-"
+            rows.append((job.id, job.status, _when(job.start_time, short=True), took, entry))
+        # Plain aligned columns (like kubectl): ids stay whole, the entrypoint is cut to the width.
+        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        room = max(20, out_console.width - sum(widths) - 8)
+        for row in rows:
+            cells = [cell.ljust(width) for cell, width in zip(row[:4], widths, strict=False)]
+            entry = row[4] if len(row[4]) <= room else row[4][: room - 3] + "..."
+            sys.stdout.write("  ".join([*cells, entry]).rstrip() + "\n")
         if not found:
             out_console.print("no jobs yet (`ray-cai job submit -- python -c 'print(1)'` runs one)")
 
