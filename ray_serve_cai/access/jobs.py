@@ -367,7 +367,10 @@ class JobsClient:
         Raises `LogStreamUnavailable` when the upgrade is refused (nothing was yielded) and
         `JobNotFound` for an unknown id.
         """
-        from websockets.exceptions import ConnectionClosedOK, InvalidStatus, WebSocketException
+        try:
+            from websockets.exceptions import ConnectionClosedOK, InvalidStatus, WebSocketException
+        except ImportError:
+            raise LogStreamUnavailable("the websockets package is not installed") from None
 
         path = TAIL_PATH.format(id=quote(submission_id, safe=""))
         try:
