@@ -204,13 +204,20 @@ def _print_final(final: JobInfo, json_out: bool) -> None:
     err_console.print(f"[{style}]{escape(final.summary())}[/]")
 
 
+def entrypoint_command(args: list[str]) -> str:
+    """The shell command Ray runs: several words are quoted as given (`-- python -c "print(1)"`, as
+    `ray job submit` does); a single word is taken as a whole command line (`-- "make data && python
+    train.py"`), so pipes and `&&` work."""
+    return args[0] if len(args) == 1 else shlex.join(args)
+
+
 @app.command("submit", context_settings={"allow_interspersed_args": False})
 def submit(
     entrypoint: list[str] = typer.Argument(
         ...,
         metavar="ENTRYPOINT",
-        help="The command to run, after `--` (e.g. -- python train.py --epochs 3). It runs in the "
-        "project directory, where the code deployed from git is.",
+        help="The command to run, after `--` (e.g. -- python train.py --epochs 3; one quoted word is a "
+        "whole shell command line). It runs in the project directory, where the code deployed from git is.",
     ),
     wait: bool = typer.Option(
         True, "--wait/--no-wait", help="Follow the logs until the job ends (default), or print its id."
@@ -252,7 +259,7 @@ def submit(
     def run() -> None:
         env = load_runtime_env(runtime_env) if runtime_env is not None else None
         request = JobSubmission(
-            entrypoint=shlex.join(entrypoint),
+            entrypoint=entrypoint_command(entrypoint),
             submission_id=submission_id,
             runtime_env=env,
             metadata=_parse_metadata(metadata),
