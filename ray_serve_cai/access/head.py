@@ -8,7 +8,6 @@ workspace's app listeners let through). The key never appears in a URL, a messag
 
 from __future__ import annotations
 
-import socket
 import ssl
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,16 +27,6 @@ USER_AGENT = "ray-serve-cai-access"
 
 class AccessError(OperationFailed):
     """The cluster could not be reached through its application URL (exit code 1)."""
-
-
-class _LoopbackNames(httpx.HTTPTransport):
-    """Dials `localhost` and `*.localhost` at 127.0.0.1: those names resolve in browsers and curl but
-    not through the system resolver. `Host` keeps the original name (the local workspace routes by it)."""
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        if is_loopback_name(request.url.host):
-            request.url = request.url.copy_with(host="127.0.0.1")
-        return super().handle_request(request)
 
 
 @dataclass(frozen=True)
@@ -75,17 +64,14 @@ class AppEndpoint:
         Streaming readers pass their own `read_timeout` (None: no limit on a silent stretch)."""
         read = self.timeout if read_timeout == "default" else read_timeout
         timeout = httpx.Timeout(self.timeout, read=read)  # type: ignore[arg-type]
-        verify = self.ssl_context()
-        if self.is_loopback:
-            return httpx.Client(
-                base_url=self.url,
-                headers=self.headers,
-                timeout=timeout,
-                transport=_LoopbackNames(verify=verify),
-                follow_redirects=False,
-            )
+        # Loopback (the local workspace) is dialled directly, never through an environment proxy.
         return httpx.Client(
-            base_url=self.url, headers=self.headers, timeout=timeout, verify=verify, follow_redirects=False
+            base_url=self.url,
+            headers=self.headers,
+            timeout=timeout,
+            verify=self.ssl_context(),
+            follow_redirects=False,
+            trust_env=not self.is_loopback,
         )
 
     def websocket_url(self, path: str) -> str:
@@ -112,8 +98,7 @@ class AppEndpoint:
                 context.verify_mode = ssl.CERT_NONE
             options["ssl"] = context if isinstance(context, ssl.SSLContext) else ssl.create_default_context()
         if self.is_loopback:
-            port = urlsplit(self.url).port or (443 if url.startswith("wss://") else 80)
-            options["sock"] = socket.create_connection(("127.0.0.1", port), timeout=self.timeout)
+            options["proxy"] = None
         return connect(url, **options)
 
 
