@@ -461,10 +461,11 @@ def check_local_packages(runtime_env: Mapping[str, Any]) -> list[str]:
         try:
             from ray.dashboard.modules.dashboard_sdk import SubmissionClient  # noqa: F401
         except ImportError:
+            local = ", ".join(repr(p) for p in paths)
             raise JobInputError(
-                f"--runtime-env: the local {'/'.join(PACKAGE_FIELDS)} {', '.join(paths)} is uploaded with "
-                "Ray's own packaging and Ray is not installed here: pip install 'ray[default]==2.60.*', "
-                "or commit and deploy the code (jobs run in the project directory)"
+                f"--runtime-env: working_dir/py_modules {local} is a local path, uploaded with Ray's own "
+                "packaging, and Ray is not installed here: pip install 'ray[default]==2.60.*' (or commit "
+                "and deploy the code: jobs run in the project directory)"
             ) from None
     return paths
 
