@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -384,3 +385,35 @@ def test_node_logs_list_read_and_follow(cluster: Cluster) -> None:
         follower.kill()
     reader.join(5)
     assert last - first >= 3, "the lines arrived together: the log was not streamed"
+
+
+def documented_blocks() -> list[tuple[str, str]]:
+    """The (language, code) of the two fenced blocks after the `tested:` marker in DEPLOYMENT_GUIDE.md."""
+    text = (REPO_ROOT / "DEPLOYMENT_GUIDE.md").read_text()
+    after = text[text.index("<!-- tested: tests/test_jobs_e2e.py") :]
+    blocks = re.findall(r"```(\w+)\n(.*?)```", after, flags=re.S)
+    return [(lang, code) for lang, code in blocks[:2]]
+
+
+def test_the_documented_commands_run(cluster: Cluster, tmp_path: Path) -> None:
+    """The guide's block of commands, as a user runs them after `eval "$(ray-cai workspace env)"`."""
+    (bash_lang, commands), (python_lang, program) = documented_blocks()
+    assert (bash_lang, python_lang) == ("bash", "python")
+    (tmp_path / "ray_cluster_config.yaml").write_text(cluster.config.read_text())
+    env = {
+        **cluster.env,
+        "CML_HOST": cluster.workspace.url,
+        "CML_API_KEY": cluster.workspace.api_key,
+        "CML_PROJECT_NAME": PROJECT,
+        "HOME": str(tmp_path),  # the curl header file goes here, not into the real home
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    script = f"set -euo pipefail\n{commands}\npython - <<'PYTHON'\n{program}PYTHON\n"
+    run = subprocess.run(
+        ["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    assert "'CPU': 2.0" in run.stdout and "done" in run.stdout  # ray-cai's two jobs
+    assert "raylet" in run.stdout and "SUCCEEDED" in run.stdout and "42" in run.stdout
+    assert '"submission_id": "docs-demo"' in run.stdout  # curl
+    assert "succeeded" in run.stdout + run.stderr  # Ray's CLI
