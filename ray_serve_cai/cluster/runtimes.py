@@ -7,11 +7,12 @@ from collections.abc import Sequence
 
 from ray_serve_cai.cml import Runtime
 from ray_serve_cai.config import ClusterSpec
+from ray_serve_cai.errors import OperationFailed
 
 EDITOR_PREFERENCE = ("PBJ Workbench", "JupyterLab", "Workbench")
 
 
-class RuntimeChoiceError(RuntimeError):
+class RuntimeChoiceError(OperationFailed, RuntimeError):
     """No enabled runtime fits; the message says how to name one."""
 
 

@@ -10,6 +10,8 @@ from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ValidationError
 
+from ray_serve_cai.errors import BadInput
+
 
 class Problem(NamedTuple):
     """One thing wrong with a config: where (a field path such as ``ray_cluster.worker_groups[1].gpus``,
@@ -19,8 +21,8 @@ class Problem(NamedTuple):
     message: str
 
 
-class ConfigError(ValueError):
-    """Invalid configuration. Carries every problem found, not just the first one.
+class ConfigError(BadInput, ValueError):
+    """Invalid configuration (bad input, exit 2). Carries every problem found, not just the first one.
 
     ``str()`` gives one line per problem: ``<source>: <field>: <message>``.
     """

@@ -15,6 +15,7 @@ from typing import Any
 
 from ray_serve_cai.cml import AmbiguousName, CMLClient, Job, JobRun, create_or_find
 from ray_serve_cai.config import DeploySpec, JobSpec
+from ray_serve_cai.errors import OperationFailed
 
 FINGERPRINT_VAR = "RAY_CAI_FINGERPRINT"
 JOB_KEY_VAR = "RAY_CAI_JOB_KEY"
@@ -26,7 +27,7 @@ SUPERVISING = "SUPERVISING"
 CHILD_APPEAR_TIMEOUT = 120.0
 
 
-class JobChainError(RuntimeError):
+class JobChainError(OperationFailed, RuntimeError):
     """A job of the chain failed or could not be followed; the message names it and its log."""
 
 
