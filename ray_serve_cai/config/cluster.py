@@ -29,7 +29,15 @@ from ray_serve_cai.config._common import (
     python_version_of,
     spec_digest,
 )
-from ray_serve_cai.config.errors import ConfigError, Problem, format_path, problems_from_validation, suggest
+from ray_serve_cai.config.errors import (
+    REMOVED,
+    ConfigError,
+    Problem,
+    format_path,
+    lenient_validate,
+    problems_from_validation,
+    suggest,
+)
 
 DEFAULT_CLUSTER_FILE = "ray_cluster_config.yaml"
 _HASH_VERSION = 1  # bump when the meaning of a node's environment changes, to replace old apps
@@ -539,46 +547,9 @@ def _apply_env(
                     put(group, "gpus", gpus, f"ray_cluster.worker_groups[{i}].gpus", "RAY_WORKER_GPUS")
 
 
-class _Dropped:
-    """Marks a list item removed for the lenient pass (survives deepcopy as itself)."""
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> _Dropped:
-        return self
-
-
-_DROPPED = _Dropped()
-
-
 # A bad or missing required value of a worker group is replaced by a stand-in for the lenient pass,
 # so the group's other fields (name, runtime) are still checked.
 _GROUP_STAND_INS: dict[str, Any] = {"replicas": 0, "cpu": 1.0, "memory": 1.0}
-
-
-def _drop(data: Any, loc: tuple[Any, ...]) -> bool:
-    """Remove the value at ``loc`` so a second, lenient pass can check the rest. False if impossible."""
-    if loc and loc[-1] == "[key]":
-        loc = loc[:-1]
-    if len(loc) == 4 and loc[:2] == ("ray_cluster", "worker_groups") and loc[3] in _GROUP_STAND_INS:
-        groups = data.get("ray_cluster", {}).get("worker_groups")
-        if isinstance(groups, list) and isinstance(groups[loc[2]], dict):
-            groups[loc[2]][loc[3]] = _GROUP_STAND_INS[loc[3]]
-            return True
-    if len(loc) == 4 and loc[:2] == ("ray_cluster", "worker_groups") and loc[3] == "name":
-        loc = loc[:3]  # a group without a usable name cannot be checked further
-    if len(loc) < 2:  # the whole file or the whole `ray_cluster` section is unusable
-        return False
-    parent = data
-    for part in loc[:-1]:
-        try:
-            parent = parent[part]
-        except (KeyError, IndexError, TypeError):
-            return True  # already gone
-    last = loc[-1]
-    if isinstance(parent, dict):
-        parent.pop(last, None)
-    elif isinstance(parent, list) and isinstance(last, int) and last < len(parent):
-        parent[last] = _DROPPED
-    return True
 
 
 def _structure_problems(data: Any) -> list[Problem]:
@@ -672,14 +643,14 @@ def parse_cluster_spec(
         file = ClusterFile.model_validate(data)
     except ValidationError as exc:
         problems += problems_from_validation(exc, ClusterFile)
-        file = _lenient(data, exc)
+        file = lenient_validate(ClusterFile, data, exc, _GROUP_STAND_INS)
 
     spec: ClusterSpec | None = None
     if file is not None:
         section = data.get("ray_cluster") or {}
         raw_groups = section.get("worker_groups") if isinstance(section, dict) else None
         group_index = (
-            [i for i, g in enumerate(raw_groups) if g is not _DROPPED] if isinstance(raw_groups, list) else []
+            [i for i, g in enumerate(raw_groups) if g is not REMOVED] if isinstance(raw_groups, list) else []
         )
         normalized, where = _normalize(file, group_index)
         try:
@@ -694,34 +665,6 @@ def parse_cluster_spec(
         raise ConfigError(_dedupe(_rename_overridden(problems, overridden)), source)
     assert spec is not None
     return spec
-
-
-def _lenient(data: dict[str, Any], first: ValidationError) -> ClusterFile | None:
-    """Drop what failed and validate again, so cross-field rules can still check the rest.
-
-    Dropped list items stay in ``data`` as a marker so group indices keep meaning the user's indices.
-    """
-    errors = [tuple(e["loc"]) for e in first.errors()]
-    for _ in range(5):
-        for loc in errors:
-            if not _drop(data, loc):
-                return None
-        candidate = copy.deepcopy(data)
-        section = candidate.get("ray_cluster")
-        index_map: list[int] = []
-        if isinstance(section, dict) and isinstance(section.get("worker_groups"), list):
-            index_map = [i for i, g in enumerate(section["worker_groups"]) if g is not _DROPPED]
-            section["worker_groups"] = [g for g in section["worker_groups"] if g is not _DROPPED]
-        try:
-            return ClusterFile.model_validate(candidate)
-        except ValidationError as exc:
-            errors = []
-            for err in exc.errors():
-                loc = tuple(err["loc"])
-                if loc[:2] == ("ray_cluster", "worker_groups") and len(loc) > 2 and isinstance(loc[2], int):
-                    loc = (*loc[:2], index_map[loc[2]], *loc[3:])
-                errors.append(loc)
-    return None
 
 
 def _rename_overridden(problems: list[Problem], overridden: dict[str, str]) -> list[Problem]:

@@ -16,7 +16,13 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ray_serve_cai.config._common import env_value, environment_problems, is_relative_script, load_yaml
-from ray_serve_cai.config.errors import ConfigError, Problem, problems_from_validation, suggest
+from ray_serve_cai.config.errors import (
+    ConfigError,
+    Problem,
+    lenient_validate,
+    problems_from_validation,
+    suggest,
+)
 
 DEFAULT_JOBS_FILE = "cai_integration/jobs_config.yaml"
 DEFAULT_DESCRIPTION = "Ray cluster on Cloudera AI Workbench, deployed by ray-serve-cai"
@@ -141,33 +147,6 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str], problems: list[Prob
     return overridden
 
 
-def _lenient(data: dict[str, Any], first: ValidationError) -> tuple[DeployFile | None, set[str]]:
-    """Drop what failed and validate again; also returns the keys of jobs dropped whole."""
-    dropped: set[str] = set()
-    error = first
-    for _ in range(5):
-        for err in error.errors():
-            loc = tuple(err["loc"])
-            if err["type"] == "missing":
-                loc = loc[:-1]
-            if loc and loc[-1] == "[key]":
-                loc = loc[:-1]
-            if len(loc) < 2:
-                return None, dropped
-            parent: Any = data
-            for part in loc[:-1]:
-                parent = parent.get(part) if isinstance(parent, dict) else None
-            if isinstance(parent, dict):
-                parent.pop(loc[-1], None)
-                if loc[0] == "jobs" and len(loc) == 2:
-                    dropped.add(str(loc[1]))
-        try:
-            return DeployFile.model_validate(data), dropped
-        except ValidationError as exc:
-            error = exc
-    return None, dropped
-
-
 def _cross_field(file: DeployFile, dropped: set[str], tainted: set[str]) -> tuple[list[Problem], list[str]]:
     """Rules across jobs; returns problems and the job keys in chain order (when valid).
 
@@ -277,7 +256,9 @@ def parse_deploy_spec(
     except ValidationError as exc:
         problems += problems_from_validation(exc, DeployFile)
         tainted = {str(e["loc"][1]) for e in exc.errors() if e["loc"][0] == "jobs" and len(e["loc"]) > 1}
-        file, dropped = _lenient(data, exc)
+        given = {str(key) for key in data["jobs"]} if isinstance(data.get("jobs"), dict) else set()
+        file = lenient_validate(DeployFile, data, exc, {})
+        dropped = given - set(file.jobs) if file is not None else set()
     order: list[str] = []
     if file is not None:
         more, order = _cross_field(file, dropped, tainted)
