@@ -201,6 +201,13 @@ _MESSAGES = {
 }
 
 
+_BOUNDS = {
+    "greater_than": ("gt", "must be greater than {}"),
+    "greater_than_equal": ("ge", "must be {} or more"),
+    "less_than_equal": ("le", "must be {} or less"),
+}
+
+
 def problems_from_validation(
     error: ValidationError, model: type[BaseModel], prefix: Sequence[Any] = ()
 ) -> list[Problem]:
@@ -208,34 +215,33 @@ def problems_from_validation(
     problems: list[Problem] = []
     for err in error.errors(include_url=False):
         loc = tuple(prefix) + tuple(err["loc"])
-        kind = err["type"]
-        if kind == "extra_forbidden":
+        if err["type"] == "extra_forbidden":
             known = _known_keys(model, err["loc"][:-1])
             hint = suggest(str(err["loc"][-1]), known) if known else ""
             if known and not hint:
                 hint = "; known keys: " + ", ".join(sorted(known))
             problems.append(Problem(format_path(loc), f"unknown key{hint}"))
-            continue
-        if kind == "missing":
-            problems.append(Problem(format_path(loc), "is required"))
-            continue
-        if kind == "value_error":
-            message = str(err["msg"]).removeprefix("Value error, ")
-        elif kind in _MESSAGES:
-            message = _MESSAGES[kind]
-        elif kind == "greater_than":
-            message = f"must be greater than {_number(err['ctx']['gt'])}"
-        elif kind == "greater_than_equal":
-            message = f"must be {_number(err['ctx']['ge'])} or more"
-        elif kind == "less_than_equal":
-            message = f"must be {_number(err['ctx']['le'])} or less"
-        elif kind == "literal_error":
-            message = f"must be one of {err['ctx']['expected']}"
         else:
-            message = str(err["msg"])
-        if loc and loc[-1] == "[key]" and kind == "string_type":
-            message = "key must be a string"
-        if kind != "value_error":
-            message += f", got {_describe(err['input'])}"
-        problems.append(Problem(format_path(loc), message))
+            problems.append(Problem(format_path(loc), _message(err, loc)))
     return problems
+
+
+def _message(err: Any, loc: tuple[Any, ...]) -> str:
+    """What is wrong with one value, then what it was (except for our own value errors)."""
+    kind = err["type"]
+    if kind == "missing":
+        return "is required"
+    if kind == "value_error":
+        return str(err["msg"]).removeprefix("Value error, ")
+    if loc and loc[-1] == "[key]" and kind == "string_type":
+        message = "key must be a string"
+    elif kind in _MESSAGES:
+        message = _MESSAGES[kind]
+    elif kind in _BOUNDS:
+        bound, text = _BOUNDS[kind]
+        message = text.format(_number(err["ctx"][bound]))
+    elif kind == "literal_error":
+        message = f"must be one of {err['ctx']['expected']}"
+    else:
+        message = str(err["msg"])
+    return f"{message}, got {_describe(err['input'])}"
