@@ -14,13 +14,11 @@ from ray_serve_cai.cli.common import (
     LocalOption,
     ProjectOption,
     err_console,
-    fail,
     open_target,
     print_json,
     run_command,
 )
 from ray_serve_cai.config import load_cluster_spec
-from ray_serve_cai.errors import RayCaiError
 
 __all__ = ["dashboard_command"]
 
@@ -44,11 +42,8 @@ def dashboard_command(
     def run() -> None:
         spec = load_cluster_spec(config)  # validated before any API call
         with open_target(local, project) as target:
-            try:
-                head = find_head_application(target.client, target.project_id, spec.name)
-                url = dashboard_url(target.client, head)
-            except RayCaiError as error:
-                fail(str(error), error.exit_code)
+            head = find_head_application(target.client, target.project_id, spec.name)
+            url = dashboard_url(target.client, head)
         if not head.is_running:
             status = (head.status or "unknown").removeprefix("APPLICATION_").lower()
             err_console.print(
