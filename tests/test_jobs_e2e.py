@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from fakes import RAY_CAI, REPO_ROOT
+from ruamel.yaml import YAML
 
 from ray_serve_cai.cml import CMLClient, CMLSettings
 from ray_serve_cai.workspace.testing import WorkspaceHandle
@@ -259,7 +259,9 @@ def test_uncommitted_code_ships_with_a_local_working_dir(cluster: Cluster, tmp_p
     code.mkdir()
     (code / "not_in_git.py").write_text("print('shipped from the laptop')\n")
     env_file = tmp_path / "runtime_env.yaml"
-    env_file.write_text(yaml.safe_dump({"working_dir": str(code), "env_vars": {"GREETING": "hi"}}))
+    env_file.write_text(
+        json.dumps({"working_dir": str(code), "env_vars": {"GREETING": "hi"}})
+    )  # JSON is YAML
     proc = cluster.submit("--runtime-env", str(env_file), "--", "python not_in_git.py && printenv GREETING")
     assert proc.returncode == 0, proc.stderr
     assert "shipped from the laptop\nhi" in proc.stdout
@@ -269,7 +271,7 @@ def test_uncommitted_code_ships_with_a_local_working_dir(cluster: Cluster, tmp_p
 def test_the_workflow_smoke_step_reaches_every_node(cluster: Cluster, tmp_path: Path) -> None:
     """The step of `.github/workflows/deploy-ray-cluster.yml` as the runner runs it (bash, ray-cai on
     PATH, CML_HOST/CML_API_KEY/CML_PROJECT_NAME), against the local cluster."""
-    workflow = yaml.safe_load(WORKFLOW.read_text())
+    workflow = YAML(typ="safe", pure=True).load(WORKFLOW.read_text())
     step = next(s for s in workflow["jobs"]["deploy"]["steps"] if s.get("name") == "Smoke job on every node")
     (tmp_path / "ray_cluster_config.yaml").write_text(cluster.config.read_text())
     summary = tmp_path / "summary.md"

@@ -15,12 +15,11 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from ray_serve_cai.cml import CMLClient, CMLError
+from ray_serve_cai.access.dashboard import DashboardError, find_head_application
+from ray_serve_cai.cml import Application, CMLClient, CMLError
 from ray_serve_cai.cml._settings import is_loopback_name
-from ray_serve_cai.config import head_app_name
 from ray_serve_cai.errors import OperationFailed
 
-CLUSTER_MARKER = "RAY_CAI_CLUSTER"
 RUNNING = "APPLICATION_RUNNING"
 USER_AGENT = "ray-serve-cai-access"
 
@@ -102,24 +101,19 @@ class AppEndpoint:
         return connect(url, **options)
 
 
-def find_head(client: CMLClient, project_id: str, cluster: str) -> Any:
+def find_head(client: CMLClient, project_id: str, cluster: str) -> Application:
     """The cluster's running head application (one list call); `AccessError` names what is wrong."""
-    name = head_app_name(cluster)
     try:
-        apps = client.list_applications(project_id)
+        head = find_head_application(client, project_id, cluster)
     except CMLError as err:
         raise AccessError(f"cannot list the applications of project {project_id}: {err}") from None
-    heads = [
-        app
-        for app in apps
-        if (app.subdomain or app.name) == name and app.environment.get(CLUSTER_MARKER) == cluster
-    ]
-    if not heads:
-        raise AccessError(f"cluster {cluster!r} has no head application {name!r} (run `ray-cai up`)")
-    head = heads[0]
+    except DashboardError as err:
+        raise AccessError(str(err)) from None
     if head.status != RUNNING:
         status = (head.status or "unknown").removeprefix("APPLICATION_").lower()
-        raise AccessError(f"the head application {name!r} is {status}, not running (see `ray-cai status`)")
+        raise AccessError(
+            f"the head application {head.name!r} is {status}, not running (see `ray-cai status`)"
+        )
     return head
 
 

@@ -29,7 +29,7 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
-import yaml
+from ruamel.yaml import YAML, YAMLError
 
 from ray_serve_cai.access.head import AccessError, AppEndpoint
 from ray_serve_cai.errors import BadInput, OperationFailed, WaitTimeout
@@ -75,8 +75,8 @@ def load_runtime_env(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as err:
         raise JobInputError(f"--runtime-env: {path}: cannot read it ({type(err).__name__})") from None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
+        data = YAML(typ="safe", pure=True).load(text)
+    except YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
         raise JobInputError(f"--runtime-env: {path}: not valid YAML or JSON{where}") from None

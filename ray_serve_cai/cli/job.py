@@ -13,11 +13,11 @@ import json
 import shlex
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import typer
 from rich.markup import escape
@@ -38,6 +38,7 @@ from ray_serve_cai.cli.cluster import open_cluster
 from ray_serve_cai.cli.common import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
+    EXIT_INTERRUPTED,
     EXIT_OK,
     ConfigOption,
     JsonOption,
@@ -51,9 +52,6 @@ from ray_serve_cai.cli.common import (
 )
 from ray_serve_cai.errors import RayCaiError, WaitTimeout
 
-EXIT_INTERRUPTED = 130
-T = TypeVar("T")
-
 app = typer.Typer(
     no_args_is_help=True,
     help="Ray jobs on the cluster through the head's application URL (Ray's Jobs REST API).",
@@ -63,18 +61,6 @@ JobIdArgument = typer.Argument(..., metavar="ID", help="The job's submission id 
 FollowTimeoutOption = typer.Option(
     None, "--timeout", help="Stop following after this many seconds (default: until the job ends)."
 )
-
-
-def _run(fn: Callable[[], T]) -> T:
-    """The cluster commands' error mapping, plus this layer's errors: bad input 2, failures 1."""
-
-    def guarded() -> T:
-        try:
-            return fn()
-        except RayCaiError as err:
-            fail(str(err), err.exit_code)
-
-    return run_command(guarded)
 
 
 @contextmanager
@@ -290,7 +276,7 @@ def submit(
                     return
                 _follow_and_exit(jobs, job_id, timeout=timeout, json_out=json_out, hint=hint)
 
-    _run(run)
+    run_command(run)
 
 
 def _when(millis: int | None, *, short: bool = False) -> str:
@@ -326,7 +312,7 @@ def status(
         if info.message:
             out_console.print(f"  message:    {escape(info.message.strip().splitlines()[0])}")
 
-    _run(run)
+    run_command(run)
 
 
 @app.command("logs")
@@ -352,7 +338,7 @@ def job_logs(
             sys.stdout.write(jobs.logs(submission_id))
             sys.stdout.flush()
 
-    _run(run)
+    run_command(run)
 
 
 @app.command("stop")
@@ -379,7 +365,7 @@ def stop(
         else:
             out_console.print(f"job {escape(submission_id)} had already ended ({info.status})")
 
-    _run(run)
+    run_command(run)
 
 
 @app.command("list")
@@ -414,7 +400,7 @@ def list_jobs(
         if not found:
             out_console.print("no jobs yet (`ray-cai job submit -- python -c 'print(1)'` runs one)")
 
-    _run(run)
+    run_command(run)
 
 
 def node_logs(
@@ -463,7 +449,7 @@ def node_logs(
                 sys.stdout.write(text)
                 sys.stdout.flush()
 
-    _run(run)
+    run_command(run)
 
 
 def _follow_node(logs: NodeLogs, node: Any, file: str, tail: int, timeout: float | None) -> None:
