@@ -23,7 +23,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -298,7 +298,7 @@ class JobsClient:
         connection leaves an id to check (`get`) instead of a job that may or may not exist."""
         submission.validate()
         if submission.submission_id is None:
-            submission = JobSubmission(**{**submission.__dict__, "submission_id": new_submission_id()})
+            submission = replace(submission, submission_id=new_submission_id())
         assert submission.submission_id is not None
         try:
             response = self._http.post("/api/jobs/", json=submission.body())

@@ -15,6 +15,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -261,9 +262,7 @@ def submit(
                 err_console.print(
                     f"uploading {', '.join(packages)} (Ray's package upload, through {endpoint.url})"
                 )
-                request = JobSubmission(
-                    **{**request.__dict__, "runtime_env": upload_local_packages(endpoint, env or {})}
-                )
+                request = replace(request, runtime_env=upload_local_packages(endpoint, env or {}))
             with JobsClient(endpoint) as jobs:
                 job_id = jobs.submit(request)
                 err_console.print(f"submitted job {job_id} to cluster {cluster!r} ({endpoint.url})")
