@@ -65,6 +65,7 @@ JOB = (
 
 def follow(base: str, headers: dict[str, str], lines: int, interval: float) -> dict[str, Any]:
     """Submit the stamping job at `base` and follow it over the WebSocket tail."""
+    from websockets.exceptions import ConnectionClosedOK
     from websockets.sync.client import connect
 
     job_id = f"bench-{uuid.uuid4().hex[:8]}"
@@ -79,9 +80,15 @@ def follow(base: str, headers: dict[str, str], lines: int, interval: float) -> d
     first_line_after = None
     buffer = ""
     ws_url = base.replace("http://", "ws://", 1) + f"/api/jobs/{job_id}/logs/tail"
-    with connect(ws_url, additional_headers=headers, proxy=None, max_size=None) as ws:
+    with connect(ws_url, additional_headers=headers, proxy=None, max_size=None, compression=None) as ws:
         while len(latencies) < lines:
-            chunk = ws.recv(timeout=120)
+            try:
+                chunk = ws.recv(timeout=120)
+            except ConnectionClosedOK:
+                with httpx.Client(base_url=base, headers=headers, timeout=30, trust_env=False) as http:
+                    job = http.get(f"/api/jobs/{job_id}").json()
+                    logs = http.get(f"/api/jobs/{job_id}/logs").json()["logs"]
+                raise RuntimeError(f"{len(latencies)} lines, job {job['status']}: {job['message']}\n{logs}")
             arrived = time.time()
             buffer += chunk if isinstance(chunk, str) else chunk.decode()
             *complete, buffer = buffer.split("\n")

@@ -87,6 +87,9 @@ class AppEndpoint:
             "additional_headers": self.headers,
             "open_timeout": open_timeout or self.timeout,
             "max_size": None,  # log chunks can be large; Ray sends each as one message
+            # Ray 2.60's dashboard (aiohttp) fails to send permessage-deflate frames ("Cannot write
+            # to closing transport") and closes the tail at once: never offer compression.
+            "compression": None,
             "user_agent_header": USER_AGENT,
         }
         if url.startswith("wss://"):
