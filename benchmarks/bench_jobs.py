@@ -88,7 +88,8 @@ def follow(base: str, headers: dict[str, str], lines: int, interval: float) -> d
                 with httpx.Client(base_url=base, headers=headers, timeout=30, trust_env=False) as http:
                     job = http.get(f"/api/jobs/{job_id}").json()
                     logs = http.get(f"/api/jobs/{job_id}/logs").json()["logs"]
-                raise RuntimeError(f"{len(latencies)} lines, job {job['status']}: {job['message']}\n{logs}")
+                seen = f"{len(latencies)} lines, job {job['status']}: {job['message']}"
+                raise RuntimeError(f"the tail closed early: {seen}\n{logs}") from None
             arrived = time.time()
             buffer += chunk if isinstance(chunk, str) else chunk.decode()
             *complete, buffer = buffer.split("\n")
