@@ -155,7 +155,7 @@ def test_load_deployment_project_flag_wins(tmp_path: Path) -> None:
     config = tmp_path / "cluster.yaml"
     config.write_text("ray_cluster: {name: c}\n")
     spec, cluster = load_deployment(jobs, config, env={"CML_PROJECT_NAME": "from-env"})
-    assert spec.project.name == "from-env" and cluster.name == "c"
+    assert spec.project.name == "from-env" and cluster.spec.name == "c"
     spec, _ = load_deployment(jobs, config, project="from-flag", env={"CML_PROJECT_NAME": "from-env"})
     assert spec.project.name == "from-flag"
 

@@ -15,12 +15,11 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from ray_serve_cai.cluster.applied import ClusterRequest, load_cluster_request
 from ray_serve_cai.config import (
     DEFAULT_CLUSTER_FILE,
     DEFAULT_JOBS_FILE,
-    ClusterSpec,
     DeploySpec,
-    load_cluster_spec,
     load_deploy_spec,
 )
 from ray_serve_cai.deploy.fingerprint import RepoError, current_branch, repo_root
@@ -55,13 +54,16 @@ def load_deployment(
     *,
     project: str | None = None,
     env: Mapping[str, str] | None = None,
-) -> tuple[DeploySpec, ClusterSpec]:
-    """Both specs, with the environment's overrides; `project` wins over `CML_PROJECT_NAME` and the
-    file. Raises ConfigError (bad input) before anything is sent."""
+) -> tuple[DeploySpec, ClusterRequest]:
+    """Both specs, with the environment's overrides (the cluster's as a `ClusterRequest`, which
+    keeps the config without them, so the launch job records both); `project` wins over
+    `CML_PROJECT_NAME` and the file. Raises ConfigError (bad input) before anything is sent."""
     merged = dict(os.environ if env is None else env)
     if project:
         merged["CML_PROJECT_NAME"] = project
-    return load_deploy_spec(jobs_file, env=merged), load_cluster_spec(cluster_file, env=merged)
+    return load_deploy_spec(jobs_file, env=merged), load_cluster_request(
+        cluster_file, env=merged, source="deploy"
+    )
 
 
 def checkout_root(path: str | Path | None = None) -> Path:
