@@ -1,6 +1,8 @@
 """Records the workspace keeps (projects, jobs, job runs, applications) and how they render as CML objects.
 
-Records live in memory in the server process; `to_api()` renders the CML v2 JSON shape
+Records live in memory in the server process and are written through to SQLite (`store.py`): setting
+any attribute of a record reports it to the change hook (`set_change_hook`), so every field, including
+one added later, is durable without further code. `to_api()` renders the CML v2 JSON shape
 (`environment` as a JSON string, unset timestamps as `null`). Non-CML extras are documented
 where they are added (`log_path` on job runs and applications).
 """
@@ -12,10 +14,11 @@ import json
 import re
 import secrets
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ray_serve_cai.workspace.errors import invalid_argument
 
@@ -31,6 +34,47 @@ APP_ACTIVE_STATUSES = frozenset({"APPLICATION_STARTING", "APPLICATION_RUNNING", 
 _ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 _clock_lock = threading.Lock()
 _last_timestamp = datetime.min.replace(tzinfo=timezone.utc)
+
+
+ChangeHook = Callable[[str, str], None]
+_change_hook: ChangeHook | None = None
+
+
+def set_change_hook(hook: ChangeHook | None) -> None:
+    """`hook(kind, id)` is called whenever an attribute of a record is set (the store marks it dirty)."""
+    global _change_hook
+    _change_hook = hook
+
+
+def restore_clock(last_timestamp: str | None) -> None:
+    """Timestamps made after a restart sort after every stored one (the clock is strictly increasing)."""
+    global _last_timestamp
+    if not last_timestamp:
+        return
+    try:
+        moment = datetime.strptime(last_timestamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+    except ValueError:
+        return
+    with _clock_lock:
+        _last_timestamp = max(_last_timestamp, moment)
+
+
+def last_timestamp() -> str:
+    with _clock_lock:
+        return _last_timestamp.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class Record:
+    """Base of the stored records: reports every attribute change to the change hook."""
+
+    KIND: ClassVar[str] = ""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        hook = _change_hook
+        record_id = self.__dict__.get("id")
+        if hook is not None and record_id is not None:
+            hook(self.KIND, record_id)
 
 
 def new_id() -> str:
@@ -161,7 +205,9 @@ def validate_script_path(script: str) -> None:
 
 
 @dataclass
-class Project:
+class Project(Record):
+    KIND: ClassVar[str] = "project"
+
     id: str
     name: str
     description: str
@@ -200,7 +246,9 @@ class Project:
 
 
 @dataclass
-class Job:
+class Job(Record):
+    KIND: ClassVar[str] = "job"
+
     id: str
     project_id: str
     name: str
@@ -255,7 +303,9 @@ class Job:
 
 
 @dataclass
-class JobRun:
+class JobRun(Record):
+    KIND: ClassVar[str] = "run"
+
     id: str
     project_id: str
     job_id: str
@@ -272,6 +322,9 @@ class JobRun:
     running_at: str | None = None
     finished_at: str | None = None
     stop_requested: bool = False
+    # Not in the API: the run's process (group leader) and its start time, to re-adopt it after a restart.
+    pid: int | None = None
+    process_started: float | None = None
 
     @property
     def active(self) -> bool:
@@ -304,7 +357,9 @@ class JobRun:
 
 
 @dataclass
-class Application:
+class Application(Record):
+    KIND: ClassVar[str] = "app"
+
     id: str
     project_id: str
     name: str
@@ -329,6 +384,11 @@ class Application:
     started_at: str | None = None
     app_port: int | None = None
     readonly_port: int | None = None
+    # Not in the API: the app's process (group leader) and its start time, to re-adopt it after a
+    # restart; automatic restarts used since the last start by a user.
+    pid: int | None = None
+    process_started: float | None = None
+    restart_attempts: int = 0
 
     def __post_init__(self) -> None:
         self.updated_at = self.updated_at or self.created_at

@@ -7,12 +7,15 @@ unconfirmed are documented in `ray_serve_cai/workspace/README.md`.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
+from ray_serve_cai.waiting import apoll_until
 from ray_serve_cai.workspace.errors import (
     already_exists,
     failed_precondition,
@@ -20,6 +23,7 @@ from ray_serve_cai.workspace.errors import (
     not_found,
 )
 from ray_serve_cai.workspace.model import (
+    APP_ACTIVE_STATUSES,
     ENGINE_TYPES,
     PROJECT_TEMPLATES,
     VISIBILITIES,
@@ -29,6 +33,7 @@ from ray_serve_cai.workspace.model import (
     Project,
     environment_on_create,
     environment_on_update,
+    last_timestamp,
     new_id,
     now_timestamp,
     optional_bool,
@@ -36,10 +41,19 @@ from ray_serve_cai.workspace.model import (
     optional_number,
     optional_string,
     require_string,
+    restore_clock,
+    set_change_hook,
     validate_script_path,
     validate_subdomain,
 )
+from ray_serve_cai.workspace.processes import AdoptedProcess, Leader, exit_file_of, read_exit_code
+from ray_serve_cai.workspace.store import FLUSH_INTERVAL_SECONDS, Store, db_path
 from ray_serve_cai.workspace.supervisor import Supervisor, WorkloadContext
+
+logger = logging.getLogger(__name__)
+R = TypeVar("R")
+# How long deleting a job waits for its active runs to end (their stop grace plus margin).
+RUN_STOP_TIMEOUT_SECONDS = 120.0
 
 GIT_CLONE_TIMEOUT_SECONDS = 600
 _CREDENTIALS_IN_URL = re.compile(r"(://)[^/@\s]+@")
@@ -49,16 +63,160 @@ def redact_url_credentials(text: str) -> str:
     return _CREDENTIALS_IN_URL.sub(r"\1***@", text)
 
 
+class _Tracked(dict[str, R], Generic[R]):
+    """The service's records of one kind: adding or removing one marks it for the store."""
+
+    def __init__(self, kind: str, mark: Callable[[str, str], None]) -> None:
+        super().__init__()
+        self._kind, self._mark = kind, mark
+
+    def __setitem__(self, key: str, value: R) -> None:
+        super().__setitem__(key, value)
+        self._mark(self._kind, key)
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key)
+        self._mark(self._kind, key)
+
+    def pop(self, key: str, *default: Any) -> Any:  # type: ignore[override]
+        if key in self:
+            self._mark(self._kind, key)
+        return super().pop(key, *default)
+
+
 class WorkspaceService:
-    def __init__(self, home: Path, supervisor: Supervisor, runtimes: list[dict[str, Any]]) -> None:
+    """The records (in memory, written through to `store`) and the API semantics on them.
+
+    `await start()` once the event loop runs: it re-adopts the workloads an earlier server left
+    running, then flushes background changes every `FLUSH_INTERVAL_SECONDS`. `flush()` writes every
+    change now (the server calls it before each answer leaves)."""
+
+    def __init__(
+        self, home: Path, supervisor: Supervisor, runtimes: list[dict[str, Any]], store: Store | None = None
+    ) -> None:
         self.home = home
         self.supervisor = supervisor
-        self.runtimes = runtimes
-        self.projects: dict[str, Project] = {}
-        self.jobs: dict[str, Job] = {}
-        self.runs: dict[str, JobRun] = {}
-        self.apps: dict[str, Application] = {}
+        self.store = store if store is not None else Store(db_path(home))
+        mark = self.store.mark
+        self.projects: _Tracked[Project] = _Tracked("project", mark)
+        self.jobs: _Tracked[Job] = _Tracked("job", mark)
+        self.runs: _Tracked[JobRun] = _Tracked("run", mark)
+        self.apps: _Tracked[Application] = _Tracked("app", mark)
         self._background: set[asyncio.Task[None]] = set()
+        self._flusher: asyncio.Task[None] | None = None
+        self._load()
+        in_use = [r for r in self.store.runtimes_in_use() if r["image_identifier"] not in
+                  {x["image_identifier"] for x in runtimes}]  # fmt: skip
+        self.runtimes = [*runtimes, *in_use]
+        set_change_hook(mark)
+        supervisor.on_process_change = self.flush
+
+    def _load(self) -> None:
+        restore_clock(self.store.get_meta("last_timestamp"))
+        for table, kind, cls in (
+            (self.projects, "project", Project),
+            (self.jobs, "job", Job),
+            (self.runs, "run", JobRun),
+            (self.apps, "app", Application),
+        ):
+            for record in self.store.load(kind, cls):
+                dict.__setitem__(table, record.id, record)  # loaded: nothing to write back
+        for project in self.projects.values():
+            if project.creation_status == "creating":
+                self._mark_created(project, "error", "creation interrupted by a restart of the workspace")
+
+    def _lookup(self, kind: str, record_id: str) -> Any | None:
+        table = {"project": self.projects, "job": self.jobs, "run": self.runs, "app": self.apps}[kind]
+        return table.get(record_id)
+
+    def flush(self) -> None:
+        """Commit every change made so far (records and the clock) to the store."""
+        self.store.flush(self._lookup, meta=[("last_timestamp", last_timestamp())])
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL_SECONDS)
+            try:
+                self.flush()
+            except Exception:  # keep flushing; the next answer's flush reports it
+                logger.exception("cannot write the workspace database")
+
+    # ------------------------------------------------------------ start: re-adoption
+
+    async def start(self) -> list[Application]:
+        """Re-adopt the workloads an earlier server left (live ones are supervised again, dead ones are
+        marked as CML would, tagged processes nobody can adopt are ended), then start flushing.
+
+        Returns the applications active afterwards: the gateway reopens their listeners (their
+        ports, `app_port` and any listener field, are the stored ones)."""
+        adoptable: dict[str, Leader] = {}
+        for workload in [*self.runs.values(), *self.apps.values()]:
+            if workload.pid is None:
+                continue
+            active = (
+                workload.active if isinstance(workload, JobRun) else workload.status in APP_ACTIVE_STATUSES
+            )
+            process = AdoptedProcess.find(
+                workload.pid, workload.process_started, exit_file_of(workload.log_path)
+            )
+            if active and process is not None:
+                adoptable[workload.id] = process
+        # Before anything new starts: end every tagged process that belongs to no adoptable workload.
+        await asyncio.to_thread(self.supervisor.end_unadoptable, set(adoptable))
+        for run in list(self.runs.values()):
+            if run.active:
+                self._readopt_run(run, adoptable.get(run.id))
+        for app in list(self.apps.values()):
+            if app.status in APP_ACTIVE_STATUSES:
+                self._readopt_app(app, adoptable.get(app.id))
+        self.flush()
+        if self._flusher is None:
+            self._flusher = asyncio.ensure_future(self._flush_loop())
+        if adoptable:
+            logger.info("re-adopted %d workload(s) of an earlier server", len(adoptable))
+        return self.live_apps()
+
+    def live_apps(self) -> list[Application]:
+        """Applications that are starting, running or stopping (the ones with a process to route to)."""
+        return [a for a in self.apps.values() if a.status in APP_ACTIVE_STATUSES]
+
+    def _readopt_run(self, run: JobRun, process: Leader | None) -> None:
+        job = self.jobs.get(run.job_id)
+        project = self.projects.get(run.project_id)
+        timeout = int(run.job_snapshot.get("timeout") or 0)
+        kill_on_timeout = bool(run.job_snapshot.get("kill_on_timeout", True))
+        if process is not None:
+            self.supervisor.adopt_run(run, process, timeout, kill_on_timeout, self._start_dependent_runs)
+        elif run.pid is not None:
+            self.supervisor.fail_lost_run(run, read_exit_code(exit_file_of(run.log_path)))
+            if run.status == "ENGINE_SUCCEEDED":
+                self._start_dependent_runs(run)
+        elif run.status == "ENGINE_STOPPING" or job is None or project is None:
+            self.supervisor.fail_lost_run(run, None)
+            if run.status == "ENGINE_STOPPING":
+                run.status = "ENGINE_STOPPED"
+        else:  # accepted but never started: start it now
+            run.status = "ENGINE_SCHEDULING"
+            context = self._context(project, {**project.environment, **job.environment})
+            self.supervisor.start_run(
+                run, context, job.script, timeout, kill_on_timeout, self._start_dependent_runs
+            )
+
+    def _readopt_app(self, app: Application, process: Leader | None) -> None:
+        project = self.projects.get(app.project_id)
+        if project is None:
+            return
+        context = self._context(project, {})
+        if process is not None:
+            self.supervisor.adopt_app(app, context, process)
+        elif app.pid is not None:
+            self.supervisor.fail_lost_app(app, context, read_exit_code(exit_file_of(app.log_path)))
+        elif app.status == "APPLICATION_STOPPING":
+            app.status, app.stopped_at = "APPLICATION_STOPPED", now_timestamp()
+        else:  # accepted (STARTING) but its process never started: start it now
+            attempts = app.restart_attempts
+            self.supervisor.start_app(app, context)
+            app.restart_attempts = attempts
 
     # ------------------------------------------------------------ helpers
 
@@ -96,12 +254,13 @@ class WorkspaceService:
                     "runtime image must be specified: runtime_identifier is required in ML Runtime projects"
                 )
             return
-        known = {r["image_identifier"] for r in self.runtimes}
-        if runtime_identifier not in known:
+        runtime = next((r for r in self.runtimes if r["image_identifier"] == runtime_identifier), None)
+        if runtime is None:
             raise invalid_argument(
                 f"runtime_identifier {runtime_identifier!r} is not a runtime of this workspace "
                 "(see GET /api/v2/runtimes)"
             )
+        self.store.keep_runtime(runtime)  # offered for as long as the workspace lives
 
     @staticmethod
     def _require_ready(project: Project) -> None:
@@ -243,7 +402,8 @@ class WorkspaceService:
             self.jobs.pop(job.id, None)
         for app in apps:
             self.apps.pop(app.id, None)
-        self.runs = {k: r for k, r in self.runs.items() if r.project_id != project_id}
+        for run_id in [k for k, r in self.runs.items() if r.project_id == project_id]:
+            self.runs.pop(run_id, None)
         self.projects.pop(project_id, None)
         await asyncio.to_thread(shutil.rmtree, project.directory, True)
 
@@ -349,14 +509,19 @@ class WorkspaceService:
     async def _stop_active_runs(self, job: Job) -> None:
         for run in [r for r in self.runs.values() if r.job_id == job.id and r.active]:
             self.supervisor.request_run_stop(run)
-        while any(r.job_id == job.id and r.active for r in self.runs.values()):
-            await asyncio.sleep(0.05)
+        await apoll_until(
+            lambda: not any(r.job_id == job.id and r.active for r in self.runs.values()),
+            timeout=RUN_STOP_TIMEOUT_SECONDS + self.supervisor.stop_grace_seconds,
+            interval=0.05,
+            what=f"the active runs of job {job.id} to stop",
+        )
 
     async def delete_job(self, project_id: str, job_id: str) -> None:
         job = self._job(project_id, job_id)
         await self._stop_active_runs(job)
         self.jobs.pop(job_id, None)
-        self.runs = {k: r for k, r in self.runs.items() if r.job_id != job_id}
+        for run_id in [k for k, r in self.runs.items() if r.job_id == job_id]:
+            self.runs.pop(run_id, None)
         for child in self.jobs.values():
             if child.parent_id == job_id:
                 child.parent_id = ""  # dependent jobs are kept, detached
@@ -525,6 +690,13 @@ class WorkspaceService:
     # ------------------------------------------------------------ shutdown
 
     async def shutdown(self) -> None:
+        """End every workload (their records say STOPPED), commit, close the store."""
         await self.supervisor.shutdown(list(self.apps.values()), [r for r in self.runs.values() if r.active])
         for task in list(self._background):
             task.cancel()
+        if self._flusher is not None:
+            self._flusher.cancel()
+            self._flusher = None
+        self.flush()
+        set_change_hook(None)
+        self.store.close()
