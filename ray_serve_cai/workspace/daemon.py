@@ -196,14 +196,18 @@ def stop_workspace(home: Path | str | None = None, *, timeout: float = 60.0) -> 
         stopped = False
         if isinstance(pid, int) and _pid_alive(pid) and _is_workspace_server(pid):
             os.kill(pid, signal.SIGTERM)
+            # Not `psutil.wait`: the server may be another process's child, a zombie until reaped.
             try:
-                psutil.Process(pid).wait(timeout=timeout)
-            except psutil.TimeoutExpired:
-                os.kill(pid, signal.SIGKILL)
-                with contextlib.suppress(psutil.NoSuchProcess, psutil.TimeoutExpired):
-                    psutil.Process(pid).wait(timeout=5)
-            except psutil.NoSuchProcess:
-                pass
+                poll_until(
+                    lambda: not _pid_alive(pid), timeout=timeout, interval=0.05, what="the server to end"
+                )
+            except WaitTimeout:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(WaitTimeout):
+                    poll_until(
+                        lambda: not _pid_alive(pid), timeout=5, interval=0.05, what="the server to end"
+                    )
             stopped = True
         if isinstance(tag, str) and tag:
             # Safety net: anything the server could not end (e.g. it was killed) still carries its tag.
