@@ -43,12 +43,13 @@ STOP_GRACE = 2.0
 
 
 class Crashable:
-    """A private workspace that a test may SIGKILL and start again."""
+    """A private workspace that a test may SIGKILL and start again. Started by `ray-cai workspace
+    start`, as a user does: the server is then nobody's child here (init reaps it)."""
 
-    def __init__(self, home: Path, **options: Any) -> None:
+    def __init__(self, home: Path, *options: str) -> None:
         self.home = home
-        self.options = {"stop_grace_seconds": STOP_GRACE, **options}
-        self.handle = WorkspaceHandle(start_workspace(home, **self.options))
+        self.options = ["--stop-grace-seconds", str(STOP_GRACE), *options]
+        self.handle = self.start()
 
     def kill(self) -> None:
         """SIGKILL the server (its workloads keep running) and wait until it is gone."""
@@ -57,8 +58,17 @@ class Crashable:
         wait_until(lambda: not _alive(pid), timeout=10, what="the killed server to be gone")
         self.handle.close()
 
-    def start(self, **options: Any) -> WorkspaceHandle:
-        self.handle = WorkspaceHandle(start_workspace(self.home, **{**self.options, **options}))
+    def start(self) -> WorkspaceHandle:
+        started = subprocess.run(
+            [*RAY_CAI, "workspace", "start", "--home", str(self.home), *self.options],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert started.returncode == 0, started.stderr
+        info = workspace_info(self.home)
+        assert info is not None
+        self.handle = WorkspaceHandle(info)
         return self.handle
 
     def stop(self) -> None:
@@ -75,7 +85,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.fixture
 def crashable(tmp_path: Path) -> Iterator[Crashable]:
-    workspace = Crashable(tmp_path / "home", app_restart=False)
+    workspace = Crashable(tmp_path / "home", "--no-app-restart")
     try:
         yield workspace
     finally:
@@ -275,7 +285,7 @@ def test_a_damaged_or_newer_database_is_refused_not_replaced(tmp_path: Path) -> 
 def test_a_failed_app_is_restarted_by_the_workspace_as_cml_does(tmp_path: Path, test_apps_dir: Path) -> None:
     """CML's restart policy with a short delay: a killed app is restarted once; when the attempts are
     used up it stays failed. Also after a crash: an app that died meanwhile is restarted."""
-    workspace = Crashable(tmp_path / "home", app_restart_attempts=1, app_restart_delay=0.5)
+    workspace = Crashable(tmp_path / "home", "--app-restart-attempts", "1", "--app-restart-delay", "0.5")
     try:
         ws = workspace.handle
         project = ws.create_project("restarts", files_from=test_apps_dir)

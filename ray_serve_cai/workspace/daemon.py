@@ -196,18 +196,15 @@ def stop_workspace(home: Path | str | None = None, *, timeout: float = 60.0) -> 
         stopped = False
         if isinstance(pid, int) and _pid_alive(pid) and _is_workspace_server(pid):
             os.kill(pid, signal.SIGTERM)
-            # Not `psutil.wait`: the server may be another process's child, a zombie until reaped.
             try:
                 poll_until(
-                    lambda: not _pid_alive(pid), timeout=timeout, interval=0.05, what="the server to end"
+                    lambda: _server_gone(pid), timeout=timeout, interval=0.05, what="the server to end"
                 )
             except WaitTimeout:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                 with contextlib.suppress(WaitTimeout):
-                    poll_until(
-                        lambda: not _pid_alive(pid), timeout=5, interval=0.05, what="the server to end"
-                    )
+                    poll_until(lambda: _server_gone(pid), timeout=5, interval=0.05, what="the server to end")
             stopped = True
         if isinstance(tag, str) and tag:
             # Safety net: anything the server could not end (e.g. it was killed) still carries its tag.
@@ -261,6 +258,22 @@ def reset_workspace(home: Path | str | None = None) -> Path:
             state.pop("workspace_tag", None)
             write_state(resolved, state)
     return resolved
+
+
+def _server_gone(pid: int) -> bool:
+    """The server's process no longer exists. A zombie counts as gone only when it is this process's
+    child (then it is reaped here); another parent (init) reaps it soon, so its children are gone too."""
+    try:
+        process = psutil.Process(pid)
+        if process.status() != psutil.STATUS_ZOMBIE:
+            return False
+        if process.ppid() != os.getpid():
+            return False
+    except psutil.NoSuchProcess:
+        return True
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    return True
 
 
 def _is_workspace_server(pid: int) -> bool:
