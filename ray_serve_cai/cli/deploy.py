@@ -25,8 +25,9 @@ from ray_serve_cai.cli.common import (
     settings_for,
 )
 from ray_serve_cai.cluster import connect_info
+from ray_serve_cai.cluster.applied import load_cluster_request
 from ray_serve_cai.cml import CMLClient
-from ray_serve_cai.config import load_cluster_spec, load_deploy_spec
+from ray_serve_cai.config import load_deploy_spec
 from ray_serve_cai.deploy.fingerprint import RepoError, current_branch, repo_root
 from ray_serve_cai.deploy.orchestrator import DeployOptions, DeployResult, deploy, summary_markdown
 
@@ -76,7 +77,7 @@ def deploy_command(
             env["CML_PROJECT_NAME"] = project
         # Bad input first, before any API call.
         spec = load_deploy_spec(jobs_file, env=env)
-        cluster = load_cluster_spec(config, env=env)
+        cluster = load_cluster_request(config, env=env, source="deploy")
         try:
             repo = repo_root(Path.cwd())
         except RepoError as err:

@@ -494,6 +494,16 @@ def cluster_json_schema() -> dict[str, Any]:
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
 
 
+# The environment variables that override `ray_cluster_config.yaml` (see `_apply_env`).
+CLUSTER_OVERRIDE_VARIABLES = ("RAY_CLUSTER_NAME", "RUNTIME_IDENTIFIER", "RAY_NUM_WORKERS", "RAY_WORKER_GPUS")
+
+
+def cluster_overrides(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The override variables set (non-empty) in ``env`` (default ``os.environ``), by name."""
+    env = os.environ if env is None else env
+    return {name: value for name in CLUSTER_OVERRIDE_VARIABLES if (value := env_value(env, name)) is not None}
+
+
 def _apply_env(
     data: Any, env: Mapping[str, str], problems: list[Problem], overridden: dict[str, str]
 ) -> None:
@@ -740,6 +750,7 @@ def load_cluster_spec(path: str | Path | None = None, *, env: Mapping[str, str] 
 
 
 __all__ = [
+    "CLUSTER_OVERRIDE_VARIABLES",
     "ClusterFile",
     "ClusterSpec",
     "HeadSpec",
@@ -747,6 +758,7 @@ __all__ = [
     "RayPorts",
     "WorkerGroupSpec",
     "cluster_json_schema",
+    "cluster_overrides",
     "cluster_problems",
     "desired_nodes",
     "format_path",

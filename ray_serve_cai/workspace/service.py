@@ -47,6 +47,7 @@ from ray_serve_cai.workspace.model import (
     validate_subdomain,
 )
 from ray_serve_cai.workspace.processes import AdoptedProcess, Leader, exit_file_of, read_exit_code
+from ray_serve_cai.workspace.runtimes import load_runtimes
 from ray_serve_cai.workspace.store import FLUSH_INTERVAL_SECONDS, Store, db_path
 from ray_serve_cai.workspace.supervisor import Supervisor, WorkloadContext
 
@@ -102,12 +103,13 @@ class WorkspaceService:
         self.jobs: _Tracked[Job] = _Tracked("job", mark)
         self.runs: _Tracked[JobRun] = _Tracked("run", mark)
         self.apps: _Tracked[Application] = _Tracked("app", mark)
+        self._runtimes = runtimes
+        self._runtimes_mtime = self._runtimes_file_mtime()
+        # Runtimes a job or app names stay offered even when runtimes.json drops them later.
+        self._in_use = {r["image_identifier"]: r for r in self.store.runtimes_in_use()}
         self._background: set[asyncio.Task[None]] = set()
         self._flusher: asyncio.Task[None] | None = None
         self._load()
-        in_use = [r for r in self.store.runtimes_in_use() if r["image_identifier"] not in
-                  {x["image_identifier"] for x in runtimes}]  # fmt: skip
-        self.runtimes = [*runtimes, *in_use]
         set_change_hook(mark)
         supervisor.on_process_change = self.flush
 
@@ -220,6 +222,20 @@ class WorkspaceService:
 
     # ------------------------------------------------------------ helpers
 
+    def _runtimes_file_mtime(self) -> float | None:
+        path = self.home / "runtimes.json"
+        return path.stat().st_mtime if path.is_file() else None
+
+    @property
+    def runtimes(self) -> list[dict[str, Any]]:
+        """The runtimes offered; a changed `runtimes.json` in the home is read again, so a test can
+        publish a newer runtime while the workspace runs (as Cloudera does)."""
+        mtime = self._runtimes_file_mtime()
+        if mtime != self._runtimes_mtime:  # changed, added or removed (back to the default list)
+            self._runtimes, self._runtimes_mtime = load_runtimes(self.home), mtime
+        offered = {r["image_identifier"] for r in self._runtimes}
+        return [*self._runtimes, *(r for i, r in self._in_use.items() if i not in offered)]
+
     def _project(self, project_id: str) -> Project:
         project = self.projects.get(project_id)
         if project is None:
@@ -260,7 +276,9 @@ class WorkspaceService:
                 f"runtime_identifier {runtime_identifier!r} is not a runtime of this workspace "
                 "(see GET /api/v2/runtimes)"
             )
-        self.store.keep_runtime(runtime)  # offered for as long as the workspace lives
+        if runtime_identifier not in self._in_use:
+            self._in_use[runtime_identifier] = runtime
+            self.store.keep_runtime(runtime)  # offered for as long as the workspace lives
 
     @staticmethod
     def _require_ready(project: Project) -> None:
