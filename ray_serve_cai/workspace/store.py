@@ -91,7 +91,8 @@ class Store:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._dirty: set[tuple[str, str]] = set()
+        # Insertion-ordered: a record's first mark is its creation, so new rows get `seq` in creation order.
+        self._dirty: dict[tuple[str, str], None] = {}
         self._seq: dict[str, int] = {}
         self._next_seq = 1
         try:
@@ -185,7 +186,7 @@ class Store:
     def mark(self, kind: str, record_id: str) -> None:
         """Record `kind`/`record_id` as changed (created, modified or removed); `flush` writes it."""
         with self._lock:
-            self._dirty.add((kind, record_id))
+            self._dirty.setdefault((kind, record_id))
 
     @property
     def dirty(self) -> bool:
@@ -197,10 +198,10 @@ class Store:
         with self._lock:
             if not self._dirty:
                 return 0
-            dirty, self._dirty = self._dirty, set()
+            dirty, self._dirty = self._dirty, {}
             try:
                 with self._transaction():
-                    for kind, record_id in sorted(dirty):
+                    for kind, record_id in dirty:
                         table = TABLES[kind]
                         record = lookup(kind, record_id)
                         if record is None:
@@ -223,7 +224,7 @@ class Store:
                             (key, value),
                         )
             except BaseException:
-                self._dirty |= dirty  # nothing was written: try again next time
+                self._dirty = {**dirty, **self._dirty}  # nothing was written: try again next time
                 raise
             return len(dirty)
 
