@@ -166,12 +166,14 @@ def wait_running(server: Server, project_id: str, count: int, timeout: float = 1
     raise RuntimeError(f"apps not running within {timeout} s")
 
 
-def routed(server: Server, subdomain: str) -> bool:
+def routed(server: Server, app: dict[str, Any]) -> bool:
+    """A request reaches the app: at its own URL when it has one, else routed by Host."""
     port = int(str(server.api.base_url).rsplit(":", 1)[1].rstrip("/"))
+    target, headers = f"http://127.0.0.1:{port}/", {"Host": f"{app['subdomain']}.localhost:{port}"}
+    if app.get("url"):
+        target, headers = f"{app['url']}/", {}
     try:
-        response = server.api.get(
-            f"http://127.0.0.1:{port}/", headers={"Host": f"{subdomain}.localhost:{port}"}
-        )
+        response = server.api.get(target, headers=headers)
     except httpx.HTTPError:
         return False
     return response.status_code == 200
@@ -190,9 +192,9 @@ def bench_readoption(tree: Path, size: int) -> dict[str, float]:
             answered = server.start()
             wait_running(server, project_id, size)
             listed = time.monotonic() - started
-            pending = {a["subdomain"] for a in apps}
+            pending = list(apps)
             while pending:
-                pending = {s for s in pending if not routed(server, s)}
+                pending = [a for a in pending if not routed(server, a)]
             all_routed = time.monotonic() - started
             pids_after = {p.pid for p in psutil.process_iter() if _tagged(p, tag)}
             if pids_after != pids_before:

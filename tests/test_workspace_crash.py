@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 import pytest
 from fakes import (
@@ -102,6 +103,16 @@ def app_path(project: dict[str, Any], app: dict[str, Any], suffix: str = "") -> 
     return f"/api/v2/projects/{project['id']}/applications/{app['id']}{suffix}"
 
 
+def app_call(ws: WorkspaceHandle, app: dict[str, Any], path: str) -> httpx.Response:
+    """A request to the app with the bearer key: at its own URL (`url`, one listener per app) when
+    the workspace gives one, else routed by `Host: <subdomain>.localhost`."""
+    headers = {"Authorization": f"Bearer {ws.api_key}"}
+    if app.get("url"):
+        return httpx.get(f"{app['url']}{path}", headers=headers, timeout=30, trust_env=False)
+    headers["Host"] = f"{app['subdomain']}.{ws.domain}"
+    return httpx.get(f"http://127.0.0.1:{ws.port}{path}", headers=headers, timeout=30, trust_env=False)
+
+
 def workload_pids(ws: WorkspaceHandle) -> dict[str, set[int]]:
     """Live tagged processes of the workspace, by workload id."""
     found: dict[str, set[int]] = {}
@@ -165,10 +176,10 @@ def test_running_apps_are_readopted_after_a_crash(crashable: Crashable, test_app
     assert doomed["id"] not in live
 
     # Routing reaches the adopted app's port; its environment is the one it was started with.
-    echoed = ws.app_request(echo["subdomain"], "GET", "/hello").json()
+    echoed = app_call(ws, echo, "/hello").json()
     assert echoed["path"] == "/hello" and echoed["env"]["APP_VAR"] == "kept"
     # An adopted app's end is still seen: it exits 3 → APPLICATION_FAILED.
-    ws.app_request(echo["subdomain"], "GET", "/exit?code=3")
+    app_call(ws, echo, "/exit?code=3")
     ws.wait_for_app(project["id"], echo["id"], {"APPLICATION_FAILED"})
     # Stop of an adopted app ends its whole tree, including the grandchild that left its session.
     ws.api_ok("POST", app_path(project, tree, ":stop"))
