@@ -133,7 +133,8 @@ class WorkspaceService:
 
     def flush(self) -> None:
         """Commit every change made so far (records and the clock) to the store."""
-        self.store.flush(self._lookup, meta=[("last_timestamp", last_timestamp())])
+        if self.store.dirty:  # the common case of a read: nothing to do, no lock taken
+            self.store.flush(self._lookup, meta=[("last_timestamp", last_timestamp())])
 
     async def _flush_loop(self) -> None:
         while True:
