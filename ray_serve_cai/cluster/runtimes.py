@@ -8,13 +8,14 @@ from collections.abc import Callable, Mapping, Sequence
 
 from ray_serve_cai.cml import Runtime
 from ray_serve_cai.config import ClusterSpec
+from ray_serve_cai.errors import OperationFailed
 
 HEAD = "head"  # the key of the head's runtime (group names never equal it)
 
 EDITOR_PREFERENCE = ("PBJ Workbench", "JupyterLab", "Workbench")
 
 
-class RuntimeChoiceError(RuntimeError):
+class RuntimeChoiceError(OperationFailed, RuntimeError):
     """No enabled runtime fits; the message says how to name one."""
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 from ray_serve_cai import RAY_MINOR
+from ray_serve_cai.errors import OperationFailed
 
 if TYPE_CHECKING:  # only for annotations: the first two steps run before any dependency exists
     from ray_serve_cai.cluster import ClusterStatus, Plan, RayCluster
@@ -22,7 +23,7 @@ VENV_DIR = ".venv"
 DEPS_MARKER = ".ray-cai-deps"
 
 
-class StepError(RuntimeError):
+class StepError(OperationFailed, RuntimeError):
     """A job step failed; the message is the one line the job log ends with."""
 
 
