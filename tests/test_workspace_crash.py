@@ -369,7 +369,9 @@ def test_a_failed_app_is_restarted_by_the_workspace_as_cml_does(tmp_path: Path, 
             in Path(ws.api_ok("GET", app_path(project, app))["log_path"]).read_text()
         )
         # The policy can be switched off while it runs; unknown keys are refused.
-        assert ws.api_ok("PUT", "/_workspace/restart-policy", json={"enabled": False})["enabled"] is False
+        assert ws.set_restart_policy(enabled=False, delay_seconds=9)["enabled"] is False
+        back = ws.api_ok("DELETE", "/_workspace/restart-policy")  # the start options again
+        assert (back["enabled"], back["max_attempts"], back["delay_seconds"]) == (True, 1, 0.5)
         typo = ws.api("PUT", "/_workspace/restart-policy", json={"max_attempt": 2})
         assert typo.status_code == 400 and "max_attempt" in typo.json()["message"]
     finally:

@@ -38,6 +38,13 @@ _recent_ports: deque[int] = deque(maxlen=4096)
 _ports_lock = threading.Lock()
 
 
+def reserve_ports(ports: Iterable[int]) -> None:
+    """Ports recorded for apps (e.g. loaded after a restart) that `free_port` must not hand out."""
+    with _ports_lock:
+        known = set(_recent_ports)
+        _recent_ports.extend(p for p in dict.fromkeys(ports) if p not in known)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free right now and was not handed out recently: apps start
     in parallel, and the kernel may offer a port again before the app that got it has bound it."""

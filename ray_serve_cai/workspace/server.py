@@ -562,7 +562,8 @@ class FlushBeforeAnswer:
 
 
 def restart_policy_router(service: WorkspaceService) -> APIRouter:
-    """`GET/PUT /_workspace/restart-policy`: CML's automatic restart of failed applications."""
+    """`GET/PUT/DELETE /_workspace/restart-policy`: CML's automatic restart of failed applications
+    (DELETE: back to the server's start options)."""
     router = APIRouter()
     supervisor = service.supervisor
 
@@ -575,6 +576,13 @@ def restart_policy_router(service: WorkspaceService) -> APIRouter:
         replacement = RestartPolicy(**supervisor.restart_policy.to_dict())
         replacement.update(await _read_body(request))
         supervisor.restart_policy.update(replacement.to_dict())
+        return _json(200, supervisor.restart_state(list(service.apps.values())))
+
+    initial = supervisor.restart_policy.to_dict()  # the start options
+
+    @router.delete(f"{CONTROL_PREFIX}/restart-policy")
+    async def reset_restart_policy() -> JSONResponse:
+        supervisor.restart_policy.update(initial)
         return _json(200, supervisor.restart_state(list(service.apps.values())))
 
     return router

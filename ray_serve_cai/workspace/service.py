@@ -46,7 +46,13 @@ from ray_serve_cai.workspace.model import (
     validate_script_path,
     validate_subdomain,
 )
-from ray_serve_cai.workspace.processes import AdoptedProcess, Leader, exit_file_of, read_exit_code
+from ray_serve_cai.workspace.processes import (
+    AdoptedProcess,
+    Leader,
+    exit_file_of,
+    read_exit_code,
+    reserve_ports,
+)
 from ray_serve_cai.workspace.runtimes import load_runtimes
 from ray_serve_cai.workspace.store import FLUSH_INTERVAL_SECONDS, Store, db_path
 from ray_serve_cai.workspace.supervisor import Supervisor, WorkloadContext
@@ -123,6 +129,13 @@ class WorkspaceService:
         ):
             for record in self.store.load(kind, cls):
                 dict.__setitem__(table, record.id, record)  # loaded: nothing to write back
+        # Every port an app holds (`app_port`, `readonly_port`, a listener's `*_port`) stays its own.
+        reserve_ports(
+            value
+            for app in self.apps.values()
+            for name, value in vars(app).items()
+            if name.endswith("_port") and isinstance(value, int)
+        )
         for project in self.projects.values():
             if project.creation_status == "creating":
                 self._mark_created(project, "error", "creation interrupted by a restart of the workspace")
