@@ -16,6 +16,16 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from ray_serve_cai.waiting import apoll_until
+from ray_serve_cai.workspace.bodies import (
+    AppCreate,
+    AppUpdate,
+    JobCreate,
+    JobUpdate,
+    ProjectCreate,
+    ProjectUpdate,
+    RunCreate,
+    parse_body,
+)
 from ray_serve_cai.workspace.errors import (
     already_exists,
     failed_precondition,
@@ -24,27 +34,15 @@ from ray_serve_cai.workspace.errors import (
 )
 from ray_serve_cai.workspace.model import (
     APP_ACTIVE_STATUSES,
-    ENGINE_TYPES,
-    PROJECT_TEMPLATES,
-    VISIBILITIES,
     Application,
     Job,
     JobRun,
     Project,
-    environment_on_create,
-    environment_on_update,
     last_timestamp,
     new_id,
     now_timestamp,
-    optional_bool,
-    optional_int,
-    optional_number,
-    optional_string,
-    require_string,
     restore_clock,
     set_change_hook,
-    validate_script_path,
-    validate_subdomain,
 )
 from ray_serve_cai.workspace.processes import (
     AdoptedProcess,
@@ -63,6 +61,14 @@ R = TypeVar("R")
 RUN_STOP_TIMEOUT_SECONDS = 120.0
 
 GIT_CLONE_TIMEOUT_SECONDS = 600
+_ENGINE_KEY = ("default_project_engine_type",)
+
+
+def _without_empty(body: dict[str, Any], *keys: str) -> dict[str, Any]:
+    """`body` without these keys when they are empty: an empty choice means the default (or no change)."""
+    return {k: v for k, v in body.items() if not (k in keys and v == "")}
+
+
 _CREDENTIALS_IN_URL = re.compile(r"(://)[^/@\s]+@")
 
 
@@ -320,36 +326,26 @@ class WorkspaceService:
         return [p.to_api() for p in self.projects.values()]
 
     def create_project(self, body: dict[str, Any]) -> Project:
-        name = require_string(body, "name")
-        git_url = optional_string(body, "git_url")
-        template = optional_string(body, "template") or ("git" if git_url else "blank")
-        if template not in PROJECT_TEMPLATES:
-            raise invalid_argument(f"template must be one of {', '.join(PROJECT_TEMPLATES)}")
-        if template == "git" and not git_url:
+        request = parse_body(ProjectCreate, _without_empty(body, "template", "visibility", *_ENGINE_KEY))
+        template = request.template or ("git" if request.git_url else "blank")
+        if template == "git" and not request.git_url:
             raise invalid_argument("git_url is required when template is git")
-        visibility = optional_string(body, "visibility") or "private"
-        if visibility not in VISIBILITIES:
-            raise invalid_argument(f"visibility must be one of {', '.join(VISIBILITIES)}")
-        engine_type = optional_string(body, "default_project_engine_type") or "ml_runtime"
-        if engine_type not in ENGINE_TYPES:
-            raise invalid_argument(f"default_project_engine_type must be one of {', '.join(ENGINE_TYPES)}")
-        environment = environment_on_create(body)
-        if any(p.name == name for p in self.projects.values()):
-            raise already_exists(f"project with name {name!r} already exists")
+        if any(p.name == request.name for p in self.projects.values()):
+            raise already_exists(f"project with name {request.name!r} already exists")
         project_id = new_id()
         project = Project(
             id=project_id,
-            name=name,
-            description=optional_string(body, "description"),
-            visibility=visibility,
-            default_engine_type=engine_type,
+            name=request.name,
+            description=request.description,
+            visibility=request.visibility,
+            default_engine_type=request.default_project_engine_type,
             template=template,
             directory=self.home / "projects" / project_id,
-            environment=environment,
-            shared_memory_limit=optional_int(body, "shared_memory_limit", 64),
+            environment=dict(request.environment),
+            shared_memory_limit=request.shared_memory_limit,
         )
         self.projects[project_id] = project
-        self._spawn(self._populate_project(project, git_url if template == "git" else ""))
+        self._spawn(self._populate_project(project, request.git_url if template == "git" else ""))
         return project
 
     async def _populate_project(self, project: Project, git_url: str) -> None:
@@ -395,31 +391,18 @@ class WorkspaceService:
 
     def update_project(self, project_id: str, body: dict[str, Any]) -> Project:
         project = self._project(project_id)
-        changes: dict[str, Any] = {}
-        if "name" in body:
-            name = require_string(body, "name")
-            if any(p.name == name and p.id != project_id for p in self.projects.values()):
-                raise already_exists(f"project with name {name!r} already exists")
-            changes["name"] = name
-        if "description" in body:
-            changes["description"] = optional_string(body, "description")
-        for key in ("visibility", "project_visibility"):
-            if body.get(key):
-                visibility = optional_string(body, key)
-                if visibility not in VISIBILITIES:
-                    raise invalid_argument(f"{key} must be one of {', '.join(VISIBILITIES)}")
-                changes["visibility"] = visibility
-        if body.get("default_project_engine_type"):
-            engine_type = optional_string(body, "default_project_engine_type")
-            if engine_type not in ENGINE_TYPES:
-                raise invalid_argument(
-                    f"default_project_engine_type must be one of {', '.join(ENGINE_TYPES)}"
-                )
-            changes["default_engine_type"] = engine_type
-        if "shared_memory_limit" in body:
-            changes["shared_memory_limit"] = optional_int(body, "shared_memory_limit", 64)
-        if "environment" in body:
-            changes["environment"] = environment_on_update(body)
+        request = parse_body(
+            ProjectUpdate, _without_empty(body, "visibility", "project_visibility", *_ENGINE_KEY)
+        )
+        changes = request.changes()
+        if "name" in changes and any(
+            p.name == request.name and p.id != project_id for p in self.projects.values()
+        ):
+            raise already_exists(f"project with name {request.name!r} already exists")
+        if "project_visibility" in changes:
+            changes["visibility"] = changes.pop("project_visibility")
+        if "default_project_engine_type" in changes:
+            changes["default_engine_type"] = changes.pop("default_project_engine_type")
         for key, value in changes.items():
             setattr(project, key, value)
         project.updated_at = now_timestamp()
@@ -464,40 +447,13 @@ class WorkspaceService:
 
     def create_job(self, project_id: str, body: dict[str, Any]) -> Job:
         project = self._project(project_id)
-        name = require_string(body, "name")
-        script = require_string(body, "script")
-        validate_script_path(script)
-        runtime_identifier = optional_string(body, "runtime_identifier")
-        self._check_runtime(project, runtime_identifier)
-        parent_id = optional_string(body, "parent_job_id")
-        schedule = optional_string(body, "schedule")
-        if parent_id and schedule:
+        request = parse_body(JobCreate, body)
+        self._check_runtime(project, request.runtime_identifier)
+        if request.parent_job_id and request.schedule:
             raise invalid_argument("parent_job_id cannot be used alongside schedule")
-        self._check_parent(project_id, None, parent_id, "parent_job_id")
-        addons = body.get("runtime_addon_identifiers") or []
-        if not isinstance(addons, list) or not all(isinstance(a, str) for a in addons):
-            raise invalid_argument("runtime_addon_identifiers must be a list of strings")
-        job = Job(
-            id=new_id(),
-            project_id=project_id,
-            name=name,
-            script=script,
-            cpu=optional_number(body, "cpu", 1.0),
-            memory=optional_number(body, "memory", 1.0),
-            nvidia_gpu=optional_int(body, "nvidia_gpu", 0),
-            environment=environment_on_create(body),
-            arguments=optional_string(body, "arguments"),
-            timeout=optional_int(body, "timeout", 0),
-            kill_on_timeout=optional_bool(body, "kill_on_timeout", True),
-            parent_id=parent_id,
-            schedule=schedule,
-            timezone=optional_string(body, "timezone"),
-            paused=optional_bool(body, "paused", False),
-            kernel=optional_string(body, "kernel"),
-            runtime_identifier=runtime_identifier,
-            runtime_addon_identifiers=addons,
-            description=optional_string(body, "description"),
-        )
+        self._check_parent(project_id, None, request.parent_job_id, "parent_job_id")
+        fields = request.model_dump(exclude={"parent_job_id"})
+        job = Job(id=new_id(), project_id=project_id, parent_id=request.parent_job_id, **fields)
         self.jobs[job.id] = job
         return job
 
@@ -507,32 +463,11 @@ class WorkspaceService:
     def update_job(self, project_id: str, job_id: str, body: dict[str, Any]) -> Job:
         job = self._job(project_id, job_id)
         project = self._project(project_id)
-        changes: dict[str, Any] = {}
-        if "name" in body:
-            changes["name"] = require_string(body, "name")
-        if "script" in body:
-            changes["script"] = require_string(body, "script")
-            validate_script_path(changes["script"])
-        for key in ("cpu", "memory"):
-            if key in body:
-                changes[key] = optional_number(body, key, 1.0)
-        for key in ("nvidia_gpu", "timeout"):
-            if key in body:
-                changes[key] = optional_int(body, key, 0)
-        for key in ("kill_on_timeout", "paused"):
-            if key in body:
-                changes[key] = optional_bool(body, key, False)
-        for key in ("arguments", "schedule", "timezone", "kernel", "description"):
-            if key in body:
-                changes[key] = optional_string(body, key)
-        if "runtime_identifier" in body:
-            changes["runtime_identifier"] = optional_string(body, "runtime_identifier")
+        changes = parse_body(JobUpdate, body).changes()
+        if "runtime_identifier" in changes:
             self._check_runtime(project, changes["runtime_identifier"])
-        if "parent_id" in body:
-            changes["parent_id"] = optional_string(body, "parent_id")
+        if "parent_id" in changes:
             self._check_parent(project_id, job_id, changes["parent_id"], "parent_id")
-        if "environment" in body:
-            changes["environment"] = environment_on_update(body)
         for key, value in changes.items():
             setattr(job, key, value)
         job.updated_at = now_timestamp()
@@ -568,9 +503,8 @@ class WorkspaceService:
         job = self._job(project_id, job_id)
         project = self._project(project_id)
         self._require_ready(project)
-        environment = environment_on_create(body)
-        arguments = optional_string(body, "arguments") if body.get("arguments") else job.arguments
-        return self._start_run(project, job, environment, arguments)
+        request = parse_body(RunCreate, body)
+        return self._start_run(project, job, dict(request.environment), request.arguments or job.arguments)
 
     def _start_run(self, project: Project, job: Job, environment: dict[str, str], arguments: str) -> JobRun:
         if any(r.job_id == job.id and r.active for r in self.runs.values()):
@@ -623,42 +557,24 @@ class WorkspaceService:
         return [a.to_api() for a in self.apps.values() if a.project_id == project_id]
 
     def _check_subdomain_free(self, subdomain: str, app_id: str | None) -> None:
-        validate_subdomain(subdomain)
         if any(a.subdomain == subdomain and a.id != app_id for a in self.apps.values()):
             raise already_exists(f"subdomain {subdomain!r} is already used by another application")
 
     def create_app(self, project_id: str, body: dict[str, Any]) -> Application:
         project = self._project(project_id)
-        name = require_string(body, "name")
-        subdomain = require_string(body, "subdomain")
-        script = require_string(body, "script")
-        validate_script_path(script)
-        runtime_identifier = optional_string(body, "runtime_identifier")
-        self._check_runtime(project, runtime_identifier)
-        self._check_subdomain_free(subdomain, None)
-        own_environment = environment_on_create(body)
+        request = parse_body(AppCreate, body)
+        self._check_runtime(project, request.runtime_identifier)
+        self._check_subdomain_free(request.subdomain, None)
         self._require_ready(project)
-        addons = body.get("runtime_addon_identifiers") or []
-        if not isinstance(addons, list) or not all(isinstance(a, str) for a in addons):
-            raise invalid_argument("runtime_addon_identifiers must be a list of strings")
         app_id = new_id()
+        fields = request.model_dump(exclude={"environment"})
         app = Application(
             id=app_id,
             project_id=project_id,
-            name=name,
-            subdomain=subdomain,
-            script=script,
             log_path=self.home / "logs" / "apps" / f"{app_id}.log",
-            description=optional_string(body, "description"),
-            cpu=optional_number(body, "cpu", 1.0),
-            memory=optional_number(body, "memory", 1.0),
-            nvidia_gpu=optional_int(body, "nvidia_gpu", 0),
-            kernel=optional_string(body, "kernel"),
-            runtime_identifier=runtime_identifier,
-            runtime_addon_identifiers=addons,
-            bypass_authentication=optional_bool(body, "bypass_authentication", False),
             # As on CML, the project's environment is copied into the app's own at creation.
-            environment={**project.environment, **own_environment},
+            environment={**project.environment, **request.environment},
+            **fields,
         )
         self.apps[app_id] = app
         self.supervisor.start_app(app, self._context(project, {}))
@@ -673,30 +589,11 @@ class WorkspaceService:
     def update_app(self, project_id: str, app_id: str, body: dict[str, Any]) -> Application:
         app = self._app(project_id, app_id)
         project = self._project(project_id)
-        changes: dict[str, Any] = {}
-        for key in ("name", "script"):
-            if key in body:
-                changes[key] = require_string(body, key)
-        if "script" in changes:
-            validate_script_path(changes["script"])
-        if "subdomain" in body:
-            changes["subdomain"] = require_string(body, "subdomain")
+        changes = parse_body(AppUpdate, body).changes()
+        if "subdomain" in changes:
             self._check_subdomain_free(changes["subdomain"], app_id)
-        for key in ("description", "kernel"):
-            if key in body:
-                changes[key] = optional_string(body, key)
-        for key in ("cpu", "memory"):
-            if key in body:
-                changes[key] = optional_number(body, key, 1.0)
-        if "nvidia_gpu" in body:
-            changes["nvidia_gpu"] = optional_int(body, "nvidia_gpu", 0)
-        if "bypass_authentication" in body:
-            changes["bypass_authentication"] = optional_bool(body, "bypass_authentication", False)
-        if "runtime_identifier" in body:
-            changes["runtime_identifier"] = optional_string(body, "runtime_identifier")
+        if "runtime_identifier" in changes:
             self._check_runtime(project, changes["runtime_identifier"])
-        if "environment" in body:
-            changes["environment"] = environment_on_update(body)
         for key, value in changes.items():
             setattr(app, key, value)
         app.updated_at = now_timestamp()
