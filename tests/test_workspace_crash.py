@@ -34,7 +34,13 @@ from fakes import (
     write_fake_project_files,
 )
 
-from ray_serve_cai.workspace.daemon import WorkspaceError, start_workspace, stop_workspace, workspace_info
+from ray_serve_cai.workspace.daemon import (
+    WorkspaceError,
+    reset_workspace,
+    start_workspace,
+    stop_workspace,
+    workspace_info,
+)
 from ray_serve_cai.workspace.processes import WORKLOAD_MARKER, WORKSPACE_MARKER
 from ray_serve_cai.workspace.statefile import read_state
 from ray_serve_cai.workspace.store import SCHEMA_VERSION, db_path
@@ -321,6 +327,15 @@ def test_a_damaged_or_newer_database_is_refused_not_replaced(tmp_path: Path) -> 
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     with pytest.raises(WorkspaceError, match=f"schema version {SCHEMA_VERSION + 1}, newer"):
         start_workspace(home, stop_grace_seconds=STOP_GRACE)
+    # `stop` still works, and `reset` is the way out.
+    assert stop_workspace(home) is False
+    reset_workspace(home)
+    assert not db_path(home).exists()
+    info = start_workspace(home, stop_grace_seconds=STOP_GRACE)
+    try:
+        assert WorkspaceHandle(info).api_ok("GET", "/api/v2/projects")["projects"] == []
+    finally:
+        stop_workspace(home)
 
 
 def test_a_failed_app_is_restarted_by_the_workspace_as_cml_does(tmp_path: Path, test_apps_dir: Path) -> None:

@@ -34,7 +34,7 @@ from ray_serve_cai.workspace.controls import DEFAULT_RESTART_ATTEMPTS, DEFAULT_R
 from ray_serve_cai.workspace.model import APP_ACTIVE_STATUSES, Application, JobRun, now_timestamp
 from ray_serve_cai.workspace.processes import DEFAULT_STOP_GRACE_SECONDS, WORKSPACE_MARKER, end_process_tree
 from ray_serve_cai.workspace.statefile import ensure_api_key, read_state, resolve_home, write_state
-from ray_serve_cai.workspace.store import DB_FILE_NAME, Store, db_path
+from ray_serve_cai.workspace.store import DB_FILE_NAME, Store, StoreError, db_path
 
 START_TIMEOUT_SECONDS = 30.0
 SERVER_LOG_NAME = "server.log"
@@ -218,7 +218,10 @@ def _mark_stopped_offline(home: Path) -> None:
     """With no server (it was killed), `stop` ended the workloads itself: record them as stopped."""
     if not db_path(home).is_file():
         return
-    store = Store(db_path(home))
+    try:
+        store = Store(db_path(home))
+    except StoreError:  # damaged or newer: left as it is (start says so; reset deletes it)
+        return
     try:
         runs = {r.id: r for r in store.load("run", JobRun)}
         apps = {a.id: a for a in store.load("app", Application)}
