@@ -15,6 +15,7 @@ SIGTERM/SIGINT: end the node's process tree, copy its Ray logs to the project, e
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
 import platform
@@ -25,8 +26,6 @@ import time
 import uuid
 from datetime import datetime, timezone
 from types import FrameType
-
-import ray
 
 from ray_serve_cai.node.files import (
     Rendezvous,
@@ -45,6 +44,9 @@ from ray_serve_cai.node.ray_node import GCS_PROBE, NodePorts, RayNode, wait_for_
 from ray_serve_cai.node.settings import NodeSettings, SettingsError
 
 logger = logging.getLogger("ray_serve_cai.node")
+# Ray itself is imported only once the cluster's auth mode and token path are in this process's
+# environment: Ray reads them at import, and the in-process GCS client must present the token.
+RAY_VERSION = importlib.metadata.version("ray")
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -84,7 +86,7 @@ class Launcher:
             node_name=settings.node_name,
             cluster=settings.cluster,
             group=settings.group,
-            ray_version=ray.__version__,
+            ray_version=RAY_VERSION,
             python_version=platform.python_version(),
             dashboard_port=self.node.ports.dashboard if settings.role == "head" else None,
             ray_running=self.node.has_started,
@@ -233,7 +235,7 @@ def _publish(launcher: Launcher, address: str) -> str:
         gcs_port=ports.gcs,
         client_port=ports.client,
         dashboard_port=ports.dashboard,
-        ray_version=ray.__version__,
+        ray_version=RAY_VERSION,
         python_version=platform.python_version(),
         head_id=uuid.uuid4().hex,
         started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -378,10 +380,10 @@ def _wait_for_rendezvous(launcher: Launcher) -> Rendezvous:
 
 def _check_versions(rendezvous: Rendezvous) -> None:
     python_version = platform.python_version()
-    if rendezvous.ray_version != ray.__version__ or rendezvous.python_version != python_version:
+    if rendezvous.ray_version != RAY_VERSION or rendezvous.python_version != python_version:
         raise NodeFailure(
             f"version mismatch with head {rendezvous.head_id}: head runs Ray {rendezvous.ray_version} on "
-            f"Python {rendezvous.python_version}, this node Ray {ray.__version__} "
+            f"Python {rendezvous.python_version}, this node Ray {RAY_VERSION} "
             f"on Python {python_version}; "
             "use the same runtime image for head and workers"
         )

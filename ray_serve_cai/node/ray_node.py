@@ -139,6 +139,7 @@ class NodePorts:
 # `ray start` prints this once the node runs (then `--block` keeps it in the foreground).
 STARTED_MARKER = "Ray runtime started"
 ERROR_LINE = re.compile(r"error|exception|failed|timed out|address already in use", re.IGNORECASE)
+PORT_CONFLICT = re.compile(r"address already in use|errno 98", re.IGNORECASE)
 # Session log files read for the last error when `ray start` fails (newest line wins per file).
 ERROR_LOG_PATTERNS = (
     "*.err",
@@ -185,9 +186,9 @@ class RayOutput:
 
 
 def last_log_error(logs_dir: Path, since: float = 0.0) -> str | None:
-    """The newest line that reads like an error in this session's Ray logs written after `since`:
-    `<file>: <line>` (e.g. a dashboard agent that died on `Address already in use`)."""
-    best: tuple[float, str] | None = None
+    """The line that best explains a failure in this session's Ray logs written after `since`, as
+    `<file>: <line>`: a port conflict (`Address already in use`) first, else the newest error line."""
+    best: tuple[int, float, str] | None = None
     for pattern in ERROR_LOG_PATTERNS:
         for path in logs_dir.glob(pattern):
             try:
@@ -199,10 +200,15 @@ def last_log_error(logs_dir: Path, since: float = 0.0) -> str | None:
                     lines = handle.read().decode(errors="replace").splitlines()
             except OSError:
                 continue
-            line = next((text.strip() for text in reversed(lines) if ERROR_LINE.search(text)), None)
-            if line and (best is None or modified > best[0]):
-                best = (modified, f"{path.name}: {line[-300:]}")
-    return best[1] if best else None
+            errors = [text.strip() for text in lines if ERROR_LINE.search(text)]
+            if not errors:
+                continue
+            conflicts = [text for text in errors if PORT_CONFLICT.search(text)]
+            line = (conflicts or errors)[-1]
+            candidate = (1 if conflicts else 0, modified, f"{path.name}: {line[-300:]}")
+            if best is None or candidate[:2] > best[:2]:
+                best = candidate
+    return best[2] if best else None
 
 
 @dataclass
