@@ -56,6 +56,7 @@ from ray_serve_cai.config import ClusterSpec, NodeSpec, desired_nodes, head_app_
 log = logging.getLogger("ray_serve_cai.cluster")
 
 STATUS_PATH = "/ray-cai/status"
+HEALTH_PATH = "/ray-cai/health"
 # How often the head's status endpoint is asked while only Ray's view is missing (not an API call).
 RAY_POLL_SECONDS = 0.25
 
@@ -428,7 +429,10 @@ class RayCluster:
         app exists, the head's status endpoint (not an API call) is asked every `RAY_POLL_SECONDS`;
         when Ray sees every node, one list call confirms at once, so readiness is seen when it
         happens, not at the next poll. `apps` is a fresh observation to start from."""
-        deadline = time.monotonic() + (timeout if timeout is not None else self.spec.startup_timeout)
+        wait = timeout if timeout is not None else self.spec.startup_timeout
+        deadline = time.monotonic() + wait
+        outside_since: dict[str, float] = {}
+        replaced: set[str] = set()
         while True:
             observed = self.observe() if apps is None else apps
             apps = None
@@ -439,8 +443,16 @@ class RayCluster:
                 return status
             if status.state == "failed":
                 raise ClusterError(_describe_failure("an application failed", status))
+            outside = _outside_ray(status, outside_since)
             if time.monotonic() >= deadline:
+                status.problems.extend(self._outside_ray_errors(outside))
                 raise ClusterError(_describe_failure("timed out waiting for the cluster", status))
+            # A node running but not in Ray for half the wait is replaced once (e.g. its Ray failed).
+            late = {name: s for name, s in outside.items() if s > wait / 2 and name not in replaced}
+            if late:
+                replaced |= set(late)
+                self.converge(extra=lambda apps, late=late: self._replace_outside_ray(apps, late))
+                continue
             next_list = min(deadline, time.monotonic() + self.poll_interval)
             all_created = not status.surplus and all(n.app_id and n.spec_current for n in status.nodes)
             while time.monotonic() < next_list:
@@ -449,6 +461,39 @@ class RayCluster:
                     # Ray sees every node: confirm with one list call now instead of at the next poll.
                     apps = self.observe()
                     break
+
+    def _node_error(self, name: str) -> str:
+        """The last error a node's own health page reports ('' when it has none or does not answer)."""
+        try:
+            body = self.client.app_request(name, "GET", HEALTH_PATH, timeout=5).json()
+        except (CMLError, ValueError):
+            return ""
+        return str(body.get("last_error") or "") if isinstance(body, dict) else ""
+
+    def _outside_ray_errors(self, outside: dict[str, float]) -> list[str]:
+        problems = []
+        for name, seconds in sorted(outside.items()):
+            error = self._node_error(name)
+            problems.append(
+                f"{name}: running but not in Ray for {seconds:.0f}s; "
+                + (f"last error: {error}" if error else "it reports no error")
+            )
+        return problems
+
+    def _replace_outside_ray(self, apps: Sequence[Application], outside: dict[str, float]) -> list[Action]:
+        """Restart actions for the named nodes that still run (one health request each, for the reason)."""
+        nodes = {n.name: n for n in desired_nodes(self.effective_spec())}
+        actions = []
+        for app in apps:
+            name = app.subdomain or app.name
+            if name in outside and name in nodes and app.status == RUNNING:
+                error = self._node_error(name)
+                reason = f"running but not in Ray for {outside[name]:.0f}s" + (f": {error}" if error else "")
+                log.warning("replacing %s: %s", name, reason)
+                actions.append(
+                    Action(ActionKind.RESTART, name, node=nodes[name], app=_observed(app), reason=reason)
+                )
+        return actions
 
     def _ray_reports_all(self, status: ClusterStatus) -> bool:
         view, _problem = self._ray_view(head_app_name(self.spec.name))
@@ -545,10 +590,18 @@ class RayCluster:
         max_passes: int | None = None,
     ) -> None:
         """Keep reconciling every `interval` seconds: dead apps are restarted, missing ones created,
-        and an app stuck in STARTING past `startup_timeout` is restarted."""
+        and an app stuck in STARTING, or running but not in Ray, past `startup_timeout` is restarted."""
         starting_since: dict[str, float] = {}
+        outside_since: dict[str, float] = {}
 
         def stuck_apps(apps: list[Application]) -> list[Action]:
+            outside = _outside_ray(self.status(apps), outside_since)
+            late = {name: s for name, s in outside.items() if s > self.spec.startup_timeout}
+            for name in late:
+                outside_since[name] = time.monotonic()  # the restart takes a while to show
+            return stuck_in_starting(apps) + self._replace_outside_ray(apps, late)
+
+        def stuck_in_starting(apps: list[Application]) -> list[Action]:
             now = time.monotonic()
             nodes = {n.name: n for n in desired_nodes(self.target(apps).effective)}
             current = {a.id for a in apps if a.status == STARTING}
@@ -596,6 +649,23 @@ class RayCluster:
             actions = [Action(ActionKind.DELETE, app.subdomain, app=app, reason="down") for app in mine]
             self._run_parallel(self._delete, actions)
         return [a.name for a in actions]
+
+
+def _outside_ray(status: ClusterStatus, since: dict[str, float]) -> dict[str, float]:
+    """Seconds each node has been running its current spec but not in Ray, as far as this caller
+    has seen (`since` keeps the first sighting). Workers count only while the head reports Ray's
+    view: without it nothing is known about them."""
+    now = time.monotonic()
+    viewed = "nodes" in status.ray
+    outside = {
+        n.name
+        for n in status.nodes
+        if n.app_status == RUNNING and n.spec_current and not n.in_ray and (viewed or n.role == "head")
+    }
+    for name in list(since):
+        if name not in outside:
+            del since[name]
+    return {name: now - since.setdefault(name, now) for name in sorted(outside)}
 
 
 def _describe_failure(headline: str, status: ClusterStatus) -> str:

@@ -189,6 +189,10 @@ class NodeSpec(BaseModel):
     environment: dict[str, str]  # the RAY_CAI_* variables, then the cluster's `environment`
 
 
+# What CML polls on every node app: fails once the node's Ray has been down past its start grace.
+NODE_POLLING_ENDPOINT = "/ray-cai/healthz"
+
+
 def head_app_name(cluster: str) -> str:
     return f"ray-{cluster}-head"
 
@@ -269,6 +273,7 @@ def desired_nodes(spec: ClusterSpec) -> list[NodeSpec]:
                 "RAY_CAI_CLIENT_PORT": str(spec.ports.client),
                 "RAY_CAI_DASHBOARD_PORT": str(spec.ports.dashboard),
                 "RAY_CAI_AUTH": auth,
+                "CDSW_APP_POLLING_ENDPOINT": NODE_POLLING_ENDPOINT,
                 **spec.environment,
             },
         )
@@ -300,6 +305,7 @@ def desired_nodes(spec: ClusterSpec) -> list[NodeSpec]:
                         "RAY_CAI_MEMORY_GB": format_number(group.memory),
                         "RAY_CAI_AUTH": auth,
                         "RAY_CAI_JOIN_TIMEOUT": format_number(spec.join_timeout),
+                        "CDSW_APP_POLLING_ENDPOINT": NODE_POLLING_ENDPOINT,
                         **spec.environment,
                     },
                 )
