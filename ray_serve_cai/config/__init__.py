@@ -5,20 +5,29 @@ Imports nothing else of the package.
 
 from ray_serve_cai.config._common import spec_digest
 from ray_serve_cai.config.cluster import (
+    APPLIED_SPEC_VARIABLE,
+    AUTOSCALER_VARIABLE,
     DEFAULT_CLUSTER_FILE,
+    NODE_ID_RESOURCE_VARIABLE,
+    AutoscalingSpec,
     ClusterSpec,
     HeadSpec,
     NodeSpec,
     RayPorts,
     WorkerGroupSpec,
     cluster_json_schema,
+    applied_spec_value,
     desired_nodes,
     head_app_name,
+    head_node,
     head_spec_hash,
     load_cluster_spec,
+    node_id_resource,
     parse_cluster_spec,
+    spec_from_applied,
     validate_cluster_spec,
     worker_app_name,
+    worker_node,
     worker_spec_hash,
 )
 from ray_serve_cai.config.deploy import (
@@ -33,7 +42,11 @@ from ray_serve_cai.config.deploy import (
 from ray_serve_cai.config.errors import ConfigError, Problem
 
 __all__ = [
+    "APPLIED_SPEC_VARIABLE",
+    "AUTOSCALER_VARIABLE",
     "DEFAULT_CLUSTER_FILE",
+    "NODE_ID_RESOURCE_VARIABLE",
+    "AutoscalingSpec",
     "DEFAULT_JOBS_FILE",
     "ClusterSpec",
     "ConfigError",
@@ -46,16 +59,21 @@ __all__ = [
     "RayPorts",
     "WorkerGroupSpec",
     "cluster_json_schema",
+    "applied_spec_value",
     "desired_nodes",
     "head_app_name",
+    "head_node",
     "head_spec_hash",
     "jobs_json_schema",
     "load_cluster_spec",
     "load_deploy_spec",
+    "node_id_resource",
     "parse_cluster_spec",
     "parse_deploy_spec",
     "spec_digest",
+    "spec_from_applied",
     "validate_cluster_spec",
     "worker_app_name",
+    "worker_node",
     "worker_spec_hash",
 ]
