@@ -25,6 +25,8 @@ from ray_serve_cai.cluster.plan import (
     ActionKind,
     ObservedApp,
     Plan,
+    desired_for,
+    group_sizes,
     owned_apps,
     plan_changes,
 )
@@ -83,6 +85,13 @@ class ClusterStatus:
     ray: dict[str, Any] = field(default_factory=dict)
     dashboard_url: str | None = None
     problems: list[str] = field(default_factory=list)
+    # Per worker group: current (apps of the group), desired, min, max (None unless autoscaled).
+    groups: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def autoscaler(self) -> dict[str, Any] | None:
+        """The autoscaler's last decision, as the head's status endpoint reports it."""
+        return self.ray.get("autoscaler") or None
 
     @property
     def ready(self) -> bool:
@@ -106,6 +115,8 @@ class ClusterStatus:
             "ray": self.ray,
             "dashboard_url": self.dashboard_url,
             "problems": self.problems,
+            "groups": self.groups,
+            "autoscaler": self.autoscaler,
         }
 
 
@@ -175,9 +186,8 @@ class RayCluster:
     # -- plan ------------------------------------------------------------------------------
     def plan(self, apps: Sequence[Application] | None = None) -> Plan:
         apps = self.observe() if apps is None else apps
-        return plan_changes(
-            self.spec.name, desired_nodes(self.effective_spec()), [_observed(a) for a in apps]
-        )
+        observed = [_observed(a) for a in apps]
+        return plan_changes(self.spec.name, desired_for(self.effective_spec(), observed), observed)
 
     # -- apply -----------------------------------------------------------------------------
     def apply(self, plan: Plan) -> None:
@@ -205,31 +215,18 @@ class RayCluster:
         elif action.kind is ActionKind.UPDATE:
             assert action.app is not None
             log.info("updating %s (%s)", action.name, action.reason)
-            self.client.update_application(self.project_id, action.app.id, **self._app_fields(action.node))
+            self.client.update_application(self.project_id, action.app.id, **action.node.app_fields())
             self.client.restart_application(self.project_id, action.app.id)
         elif action.kind is ActionKind.RESTART:
             assert action.app is not None
             log.info("restarting %s (%s)", action.name, action.reason)
             self.client.restart_application(self.project_id, action.app.id)
 
-    def _app_fields(self, node: NodeSpec) -> dict[str, Any]:
-        fields: dict[str, Any] = {
-            "script": node.script,
-            "cpu": node.cpu,
-            "memory": node.memory,
-            "nvidia_gpu": node.gpus,
-            "environment": dict(node.environment),
-        }
-        if node.runtime_identifier:
-            fields["runtime_identifier"] = node.runtime_identifier
-        return fields
-
     def _find_app(self, name: str) -> Application | None:
         return next((a for a in self.observe() if (a.subdomain or a.name) == name), None)
 
     def _create(self, node: NodeSpec) -> None:
         """Create one node's application; a create whose outcome is unknown is observed, not repeated."""
-        description = f"Ray {node.role} of ray-cai cluster {self.spec.name!r} (group {node.group})"
 
         def find() -> Application | None:
             existing = self._find_app(node.name)
@@ -243,8 +240,8 @@ class RayCluster:
                     self.project_id,
                     name=node.name,
                     subdomain=node.name,
-                    description=description,
-                    **self._app_fields(node),
+                    description=node.description,
+                    **node.app_fields(),
                 ),
                 find,
                 what=f"application {node.name}",
@@ -272,7 +269,7 @@ class RayCluster:
     def status(self, apps: Sequence[Application] | None = None) -> ClusterStatus:
         """Apps (one list call) plus Ray's own view from the head's status endpoint."""
         apps = self.observe() if apps is None else apps
-        desired = desired_nodes(self.effective_spec())
+        desired = desired_for(self.effective_spec(), [_observed(a) for a in apps])
         by_name = {(a.subdomain or a.name): a for a in apps}
         mine = {o.subdomain: o for o in owned_apps(self.spec.name, [_observed(a) for a in apps])}
         nodes: list[NodeStatus] = []
@@ -328,6 +325,7 @@ class RayCluster:
             ray=ray_view,
             dashboard_url=self.client.app_url(head_name) + "/" if head is not None else None,
             problems=problems,
+            groups=group_sizes(self.spec, list(mine.values()), desired),
         )
 
     def _ray_view(self, head_name: str) -> tuple[dict[str, Any], str | None]:
@@ -441,7 +439,7 @@ class RayCluster:
 
         def stuck_apps(apps: list[Application]) -> list[Action]:
             now = time.monotonic()
-            nodes = {n.name: n for n in desired_nodes(self.effective_spec())}
+            nodes = {n.name: n for n in desired_for(self.effective_spec(), [_observed(a) for a in apps])}
             current = {a.id for a in apps if a.status == STARTING}
             for app_id in list(starting_since):
                 if app_id not in current:

@@ -237,7 +237,8 @@ class NodeSpec(BaseModel):
 
     @property
     def description(self) -> str:
-        return f"Ray {self.role} of ray-cai cluster {self.environment.get('RAY_CAI_CLUSTER')!r} (group {self.group})"
+        cluster = self.environment.get("RAY_CAI_CLUSTER")
+        return f"Ray {self.role} of ray-cai cluster {cluster!r} (group {self.group})"
 
 
 def head_app_name(cluster: str) -> str:
@@ -466,6 +467,7 @@ def cluster_problems(spec: ClusterSpec, where: Callable[[str], str] = lambda p: 
             first = where(f"worker_groups[{seen[group.name]}].name")
             add(f"{path}.name", f"duplicate group name {group.name!r} (also {first})")
         seen.setdefault(group.name, i)
+
         def named(field: str, path: str = path) -> str:  # the key as the user wrote it (flat or group form)
             return where(f"{path}.{field}").rpartition(".")[2]
 
@@ -941,16 +943,16 @@ __all__ = [
     "NodeSpec",
     "RayPorts",
     "WorkerGroupSpec",
+    "applied_spec_value",
     "cluster_json_schema",
     "cluster_problems",
     "desired_nodes",
-    "applied_spec_value",
     "format_path",
     "head_app_name",
     "head_node",
     "head_spec_hash",
-    "node_id_resource",
     "load_cluster_spec",
+    "node_id_resource",
     "parse_cluster_spec",
     "spec_from_applied",
     "validate_cluster_spec",
