@@ -27,6 +27,7 @@ from ray_serve_cai.config.cluster import (
     spec_from_applied,
     validate_cluster_spec,
     worker_app_name,
+    worker_index_of,
     worker_node,
     worker_spec_hash,
 )
@@ -74,6 +75,7 @@ __all__ = [
     "spec_from_applied",
     "validate_cluster_spec",
     "worker_app_name",
+    "worker_index_of",
     "worker_node",
     "worker_spec_hash",
 ]

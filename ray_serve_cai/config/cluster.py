@@ -281,6 +281,15 @@ def spec_from_applied(value: str | None) -> ClusterSpec | None:
         return None
 
 
+def worker_index_of(cluster: str, group: str, app_name: str) -> int | None:
+    """The index in `ray-<cluster>-<group>-<index>`, or None when ``app_name`` is not such a name."""
+    prefix = worker_app_name(cluster, group, 0)[:-1]
+    suffix = app_name[len(prefix) :] if app_name.startswith(prefix) else ""
+    if not suffix.isdigit() or worker_app_name(cluster, group, int(suffix)) != app_name:
+        return None
+    return int(suffix)
+
+
 def head_spec_hash(spec: ClusterSpec) -> str:
     """Hash of everything that shapes the head app; worker counts are not part of it."""
     return spec_digest(
@@ -957,6 +966,7 @@ __all__ = [
     "spec_from_applied",
     "validate_cluster_spec",
     "worker_app_name",
+    "worker_index_of",
     "worker_node",
     "worker_spec_hash",
 ]

@@ -58,6 +58,7 @@ class NodeStatus:
     dashboard_port: int | None = None
     ray_running: Callable[[], bool] = lambda: False
     dashboard_token: Callable[[], str | None] = lambda: None
+    autoscaler: Callable[[], dict[str, Any] | None] = lambda: None  # the autoscaler's last decision
     # Head only, once published: gcs_address, client_address, auth_mode, token_path (a path, never the token).
     connect: dict[str, Any] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -124,6 +125,8 @@ def create_app(status: NodeStatus) -> Starlette:
             "ray_running": status.ray_running(),
             **status.connect,
         }
+        if (decision := status.autoscaler()) is not None:
+            body["autoscaler"] = decision
         url = dashboard_url("/api/v0/nodes?limit=10000&detail=false")
         if url is None or not status.ray_running():
             return JSONResponse(

@@ -20,6 +20,7 @@ from types import FrameType
 
 import ray
 
+from ray_serve_cai.node.autoscaling import autoscaler_state, autoscaling_start
 from ray_serve_cai.node.files import (
     Rendezvous,
     TokenError,
@@ -67,6 +68,7 @@ class Launcher:
         self.auth_env = ray_auth_env(settings.auth, token_file)
         self.ports = NodePorts.choose(settings)
         self.node = RayNode(settings, self.ports, self.auth_env)
+        self.node.extra_args, self.node.extra_env = autoscaling_start(settings)
         self.status = NodeStatus(
             role=settings.role,
             node_name=settings.node_name,
@@ -77,6 +79,7 @@ class Launcher:
             dashboard_port=self.ports.dashboard if settings.role == "head" else None,
             ray_running=self.node.is_running,
             dashboard_token=self._dashboard_token,
+            autoscaler=lambda: autoscaler_state(settings),
         )
         self.http = AppServer(self.status, settings.app_port)
 
