@@ -152,7 +152,10 @@ class CMLNodeProvider(BatchingNodeProvider):
         self._clock = clock
         self._lock = threading.RLock()
         self._tombstones: dict[str, _Tombstone] = {}  # app id -> deletion requested
-        self._pending: dict[str, float] = {}  # app name -> reserved until (monotonic)
+        # app name -> (reserved until (monotonic), created for sure). A name whose create had an
+        # unknown outcome is freed by the next list that does not show it; a created one is kept
+        # until the list shows it or the grace period passes (a list may lag behind a create).
+        self._pending: dict[str, tuple[float, bool]] = {}
         self._backoff: dict[str, _Backoff] = {}  # group -> create backoff
         self._apps: dict[str, Application] = {}  # app id -> last observation (this cluster's)
         self._spec: ClusterSpec | None = spec_from_applied(os.environ.get(APPLIED_SPEC_VARIABLE))
@@ -178,8 +181,8 @@ class CMLNodeProvider(BatchingNodeProvider):
             self._settle_tombstones(mine)
             listed_names = {a.subdomain or a.name for a in mine.values()}
             now = self._clock()
-            for name in list(self._pending):
-                if name in listed_names or self._pending[name] <= now:
+            for name, (until, created) in list(self._pending.items()):
+                if name in listed_names or until <= now or not created:
                     del self._pending[name]
             return self._node_data(mine)
 
@@ -288,7 +291,7 @@ class CMLNodeProvider(BatchingNodeProvider):
                     continue
                 for _ in range(missing):
                     name, error = self._create(spec, group_name)
-                    if name:
+                    if name and not error:
                         created.append(name)
                     if error:
                         errors.append(error)
@@ -318,17 +321,14 @@ class CMLNodeProvider(BatchingNodeProvider):
     def _create(self, spec: ClusterSpec, group: str) -> tuple[str | None, str | None]:
         """Create one worker app; returns (name created or reserved, error)."""
         node = worker_node(spec, group, self._free_index(group))
-        self._pending[node.name] = self._clock() + PENDING_GRACE_SECONDS  # reserved before we ask
+        self._pending[node.name] = (self._clock() + PENDING_GRACE_SECONDS, False)  # reserved before we ask
 
         def find() -> Application | None:
-            return next(
-                (
-                    a
-                    for a in self.client.list_applications(self.project_id)
-                    if (a.subdomain or a.name) == node.name
-                ),
-                None,
-            )
+            apps = self.client.list_applications(self.project_id)
+            found = next((a for a in apps if (a.subdomain or a.name) == node.name), None)
+            if found is not None and (found.environment or {}).get(CLUSTER_MARKER) != self.cluster:
+                raise CMLError(f"application {node.name!r} is taken by an app this cluster does not own")
+            return found
 
         try:
             create_or_find(
@@ -354,6 +354,7 @@ class CMLNodeProvider(BatchingNodeProvider):
             log.warning("create of %s failed (%s); backing off %.0fs", node.name, err, delay)
             return (node.name if unknown else None), f"{node.name}: {err}"
         self._backoff.pop(group, None)
+        self._pending[node.name] = (self._clock() + PENDING_GRACE_SECONDS, True)
         log.info("created %s (group %s)", node.name, group)
         return node.name, None
 
