@@ -33,9 +33,9 @@ from ray_serve_cai.cli.common import (
     settings_for,
 )
 from ray_serve_cai.cluster import ClusterStatus, RayCluster, connect_info, write_cluster_info
+from ray_serve_cai.cluster.applied import load_cluster_request
 from ray_serve_cai.cluster.plan import Plan
 from ray_serve_cai.cml import CMLClient
-from ray_serve_cai.config import load_cluster_spec
 from ray_serve_cai.config.edit import save_replicas
 
 
@@ -120,6 +120,14 @@ def _print_groups(status: ClusterStatus) -> None:
         out_console.print(escape(line))
 
 
+def _print_differences(differences: list[str]) -> None:
+    """What this caller's config asks for that is not what is deployed (and where that came from)."""
+    if differences:
+        err_console.print("[yellow]your config differs from what is deployed:[/]")
+        for line in differences:
+            err_console.print(f"  {escape(line)}")
+
+
 def _plan_json(plan: Plan) -> dict[str, object]:
     return {
         "actions": [{"action": a.kind.value, "name": a.name, "reason": a.reason} for a in plan.actions],
@@ -151,12 +159,13 @@ def open_cluster(
     create: bool = False,
 ) -> Iterator[RayCluster]:
     """The cluster of the config file in the target project. The config (and a new size) is
-    validated before any API call."""
-    spec = load_cluster_spec(config)
+    validated before any API call. What the caller asks for is merged onto what is deployed (see
+    `ray_serve_cai.cluster.applied`): only fields it changes, overrides it sets and flags count."""
+    request = load_cluster_request(config, source="scale" if replicas is not None else "up")
     if replicas is not None:
-        spec = spec.with_replicas(replicas, group)
+        request = request.with_replicas(replicas, group)
     with open_target(local, project, create=create) as target:
-        yield RayCluster(target.client, target.project_id, spec)
+        yield RayCluster(target.client, target.project_id, request)
 
 
 def plan(
@@ -169,10 +178,13 @@ def plan(
 
     def run() -> None:
         with open_cluster(config, local, project) as cluster:
-            result = cluster.plan()
+            apps = cluster.observe()
+            result = cluster.plan(apps)
+            differences = cluster.differences(apps)
         if json_out:
-            print_json(_plan_json(result))
+            print_json({**_plan_json(result), "differences": differences})
         else:
+            _print_differences(differences)
             out_console.print(_plan_table(result))
             out_console.print("nothing to do" if result.is_noop else f"summary: {result.summary()}")
         if result.conflicts:
@@ -232,11 +244,13 @@ def _watch(cluster: RayCluster, interval: float) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     err_console.print(f"watching cluster {cluster.spec.name!r} every {interval:g}s (Ctrl-C to stop)")
 
+    progress = Progress()  # one for the whole watch: repeated lines are suppressed, elapsed counts on
+
     def on_pass(plan: Plan, status: ClusterStatus) -> None:
         if plan.actions:
             healed = ", ".join(a.describe().strip() for a in plan.actions)
             err_console.print(f"healed: {escape(healed)}")
-        Progress()(status)
+        progress(status)
 
     with contextlib.suppress(KeyboardInterrupt):
         cluster.watch(interval=interval, on_pass=on_pass, should_stop=stop.is_set)
@@ -309,6 +323,14 @@ def status(
             _print_groups(result)
             if result.dashboard_url:
                 out_console.print(f"dashboard: {result.dashboard_url}")
+            if result.applied:
+                origin = result.applied["origin"]
+                sizes = ", ".join(f"{g}: {n}" for g, n in result.applied["workers"].items()) or "no workers"
+                out_console.print(
+                    f"deployed: {escape(sizes)} (by {escape(origin.get('by') or '?')} at {origin.get('at')},"
+                    f" {origin.get('source')})"
+                )
+            _print_differences(result.differences)
             for problem in result.problems:
                 err_console.print(f"[yellow]{escape(problem)}[/]")
         raise typer.Exit(EXIT_OK if result.ready else EXIT_FAILED)

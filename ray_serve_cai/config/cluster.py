@@ -13,7 +13,7 @@ import copy
 import hashlib
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -31,7 +31,15 @@ from ray_serve_cai.config._common import (
     python_version_of,
     spec_digest,
 )
-from ray_serve_cai.config.errors import ConfigError, Problem, format_path, problems_from_validation, suggest
+from ray_serve_cai.config.errors import (
+    REMOVED,
+    ConfigError,
+    Problem,
+    format_path,
+    lenient_validate,
+    problems_from_validation,
+    suggest,
+)
 
 DEFAULT_CLUSTER_FILE = "ray_cluster_config.yaml"
 _HASH_VERSION = 1  # bump when the meaning of a node's environment changes, to replace old apps
@@ -263,22 +271,25 @@ def node_id_resource(app_name: str) -> int:
     return int(hashlib.sha256(app_name.encode()).hexdigest()[:7], 16) + 1
 
 
-def applied_spec_value(spec: ClusterSpec, source: str = "up") -> str:
-    """The compact JSON of `RAY_CAI_APPLIED_SPEC` for ``spec`` (no secrets: the spec has none)."""
-    body = {"spec": spec.model_dump(mode="json"), "origin": {"source": source}}
-    return json.dumps(body, separators=(",", ":"), sort_keys=True)
-
-
 def spec_from_applied(value: str | None) -> ClusterSpec | None:
-    """The ClusterSpec inside a `RAY_CAI_APPLIED_SPEC` value; None when absent or unreadable."""
+    """The effective spec (runtimes filled in) of an applied-spec record (`RAY_CAI_APPLIED_SPEC`:
+    `{"spec": ..., "runtimes": {"head": ..., <group>: ...}, ...}`, see ray_serve_cai.cluster.applied);
+    None when absent or unreadable. The runtimes are filled as the reconciler fills them, so apps
+    created from it hash as `up` would create them."""
     if not value:
         return None
     try:
         body = json.loads(value)
-        data = body.get("spec", body) if isinstance(body, dict) else None
-        return validate_cluster_spec(data, source=APPLIED_SPEC_VARIABLE) if isinstance(data, dict) else None
-    except (ValueError, ConfigError):
+        spec = validate_cluster_spec(body["spec"], source=APPLIED_SPEC_VARIABLE)
+        runtimes = dict(body.get("runtimes") or {})
+    except (ValueError, KeyError, TypeError, ConfigError):
         return None
+    head = spec.head.model_copy(update={"runtime_identifier": spec.runtime_of(None) or runtimes.get("head")})
+    groups = [
+        g.model_copy(update={"runtime_identifier": spec.runtime_of(g.name) or runtimes.get(g.name)})
+        for g in spec.worker_groups
+    ]
+    return spec.model_copy(update={"head": head, "worker_groups": groups})
 
 
 def worker_index_of(cluster: str, group: str, app_name: str) -> int | None:
@@ -342,11 +353,10 @@ def head_node(spec: ClusterSpec) -> NodeSpec:
     head_hash = head_spec_hash(spec)
     head_cpus = spec.head.ray_cpus if spec.head.ray_cpus is not None else spec.head.cpu
     autoscaling: dict[str, str] = {}
-    if spec.autoscaled_groups:
+    if spec.autoscaled_groups:  # the head reads the applied spec the reconciler records on it
         autoscaling = {
             AUTOSCALER_VARIABLE: "1",
             NODE_ID_RESOURCE_VARIABLE: str(node_id_resource(head_name)),
-            APPLIED_SPEC_VARIABLE: applied_spec_value(spec),
         }
     return NodeSpec(
         name=head_name,
@@ -452,91 +462,102 @@ _NAME_RULE = "must be lowercase letters, digits and single hyphens, starting and
 
 def cluster_problems(spec: ClusterSpec, where: Callable[[str], str] = lambda p: p) -> list[Problem]:
     """Cross-field rules of a field-valid spec. ``where`` maps spec paths to the paths users edit."""
-    problems: list[Problem] = []
+    found = [
+        *_name_problems(spec, where),
+        *_autoscaling_problems(spec, where),
+        *_port_problems(spec),
+        *_python_problems(spec, where),
+        *(
+            (field, why)
+            for field in ("head_script", "worker_script")
+            if (why := is_relative_script(getattr(spec, field)))
+        ),
+        *((p.field, p.message) for p in environment_problems(spec.environment, "environment")),
+    ]
+    return [Problem(where(path), message) for path, message in found]
 
-    def add(path: str, message: str) -> None:
-        problems.append(Problem(where(path), message))
 
+def _name_problems(spec: ClusterSpec, where: Callable[[str], str]) -> Iterator[tuple[str, str]]:
+    """App names: the cluster and group names are DNS labels, unique, and short enough."""
     name_ok = bool(DNS_LABEL.match(spec.name))
     if not name_ok:
-        add("name", f"{_NAME_RULE} (it becomes part of every app name and subdomain), got {spec.name!r}")
+        yield "name", f"{_NAME_RULE} (it becomes part of every app name and subdomain), got {spec.name!r}"
     elif len(head_app_name(spec.name)) > MAX_APP_NAME:
         name_ok = False  # every worker app name is longer still; one problem is enough
-        add("name", f"app name {head_app_name(spec.name)!r} is longer than {MAX_APP_NAME} characters")
-
+        yield "name", f"app name {head_app_name(spec.name)!r} is longer than {MAX_APP_NAME} characters"
     seen: dict[str, int] = {}
     for i, group in enumerate(spec.worker_groups):
-        path = f"worker_groups[{i}]"
+        path = f"worker_groups[{i}].name"
         if not DNS_LABEL.match(group.name):
-            add(f"{path}.name", f"{_NAME_RULE}, got {group.name!r}")
+            yield path, f"{_NAME_RULE}, got {group.name!r}"
             continue
         if group.name == "head":
-            add(f"{path}.name", "'head' is reserved for the head node; pick another group name")
+            yield path, "'head' is reserved for the head node; pick another group name"
         if group.name in seen:
             first = where(f"worker_groups[{seen[group.name]}].name")
-            add(f"{path}.name", f"duplicate group name {group.name!r} (also {first})")
+            yield path, f"duplicate group name {group.name!r} (also {first})"
         seen.setdefault(group.name, i)
+        longest = worker_app_name(spec.name, group.name, max(group.most_replicas - 1, 0))
+        if name_ok and len(longest) > MAX_APP_NAME:
+            yield (
+                path,
+                f"app name {longest!r} is {len(longest)} characters; the limit is {MAX_APP_NAME} "
+                "(shorten the cluster or group name)",
+            )
 
-        def named(field: str, path: str = path) -> str:  # the key as the user wrote it (flat or group form)
+
+def _autoscaling_problems(spec: ClusterSpec, where: Callable[[str], str]) -> Iterator[tuple[str, str]]:
+    """Bounds of autoscaled groups, named as the user wrote them (min_workers in the flat form)."""
+    for i, group in enumerate(spec.worker_groups):
+        path = f"worker_groups[{i}]"
+
+        def named(field: str, path: str = path) -> str:
             return where(f"{path}.{field}").rpartition(".")[2]
 
-        problems.extend(Problem(where(f"{path}.{f}"), m) for f, m in _bounds_problems(group, named))
-        if name_ok:
-            longest = worker_app_name(spec.name, group.name, max(group.most_replicas - 1, 0))
-            if len(longest) > MAX_APP_NAME:
-                add(
-                    f"{path}.name",
-                    f"app name {longest!r} is {len(longest)} characters; the limit is {MAX_APP_NAME} "
-                    "(shorten the cluster or group name)",
-                )
+        for field, message in _bounds_problems(group, named):
+            yield f"{path}.{field}", message
 
+
+def _port_problems(spec: ClusterSpec) -> Iterator[tuple[str, str]]:
     used: dict[int, str] = {}
     for port_name in ("gcs", "client", "dashboard"):
         port = getattr(spec.ports, port_name)
-        if port == 0:
-            continue
-        if port in used:
-            add(f"ports.{port_name}", f"port {port} is also the {used[port]} port; ports must be distinct")
-        else:
+        if port != 0 and port in used:
+            yield f"ports.{port_name}", f"port {port} is also the {used[port]} port; ports must be distinct"
+        elif port != 0:
             used[port] = port_name
 
-    # Head and workers share the project's venv, so one Python version for all of them.
-    versions: list[tuple[str, str, str]] = []  # (path, identifier, version)
-    head_runtime = spec.runtime_of(None)
-    head_own = spec.head.runtime_identifier is not None
-    head_path = "head.runtime_identifier" if head_own else "runtime_identifier"
-    if head_runtime and python_version_of(head_runtime):
-        versions.append((head_path, head_runtime, python_version_of(head_runtime) or ""))
-    for i, group in enumerate(spec.worker_groups):
-        own = group.runtime_identifier  # not runtime_of(): group names may repeat in an invalid spec
-        runtime = own if own is not None else spec.runtime_identifier
-        version = python_version_of(runtime)
-        if runtime and version:
-            path = (
-                f"worker_groups[{i}].runtime_identifier"
-                if group.runtime_identifier is not None
-                else "runtime_identifier"
-            )
-            versions.append((path, runtime, version))
-    if versions:
-        first_path, _, first_version = versions[0]
-        reported: set[str] = set()
-        for path, runtime, version in versions[1:]:
-            if version != first_version and path not in reported:
-                reported.add(path)
-                add(
-                    path,
-                    f"runtime {runtime!r} has Python {version} but {where(first_path)} has Python "
-                    f"{first_version}; head and workers share one venv and must use one Python version",
-                )
 
-    for script_field in ("head_script", "worker_script"):
-        why = is_relative_script(getattr(spec, script_field))
-        if why:
-            add(script_field, why)
-    for problem in environment_problems(spec.environment, "environment"):
-        add(problem.field, problem.message)
-    return problems
+def _python_problems(spec: ClusterSpec, where: Callable[[str], str]) -> Iterator[tuple[str, str]]:
+    """Head and workers share the project's venv, so one Python version for all of them."""
+    # (path of the runtime's field, identifier); not runtime_of(): group names may repeat here.
+    runtimes = [
+        (
+            "head.runtime_identifier" if spec.head.runtime_identifier is not None else "runtime_identifier",
+            spec.runtime_of(None),
+        )
+    ]
+    for i, group in enumerate(spec.worker_groups):
+        own = group.runtime_identifier is not None
+        path = f"worker_groups[{i}].runtime_identifier" if own else "runtime_identifier"
+        runtimes.append((path, group.runtime_identifier if own else spec.runtime_identifier))
+    versions = [
+        (path, runtime, python_version_of(runtime))
+        for path, runtime in runtimes
+        if python_version_of(runtime)
+    ]
+    if not versions:
+        return
+    first_path, _, first_version = versions[0]
+    reported: set[str] = set()
+    for path, runtime, version in versions[1:]:
+        if version != first_version and path not in reported:
+            reported.add(path)
+            yield (
+                path,
+                f"runtime {runtime!r} has Python {version} but {where(first_path)} has Python "
+                f"{first_version}; head and workers share one venv and must use one Python version",
+            )
 
 
 # --------------------------------------------------------------------------- the YAML file format
@@ -678,6 +699,16 @@ def cluster_json_schema() -> dict[str, Any]:
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
 
 
+# The environment variables that override `ray_cluster_config.yaml` (see `_apply_env`).
+CLUSTER_OVERRIDE_VARIABLES = ("RAY_CLUSTER_NAME", "RUNTIME_IDENTIFIER", "RAY_NUM_WORKERS", "RAY_WORKER_GPUS")
+
+
+def cluster_overrides(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The override variables set (non-empty) in ``env`` (default ``os.environ``), by name."""
+    env = os.environ if env is None else env
+    return {name: value for name in CLUSTER_OVERRIDE_VARIABLES if (value := env_value(env, name)) is not None}
+
+
 def _apply_env(
     data: Any, env: Mapping[str, str], problems: list[Problem], overridden: dict[str, str]
 ) -> None:
@@ -694,75 +725,42 @@ def _apply_env(
         target[key] = value
         overridden[path] = variable
 
-    if (name := env_value(env, "RAY_CLUSTER_NAME")) is not None:
-        put(section, "name", name, "ray_cluster.name", "RAY_CLUSTER_NAME")
-    if (runtime := env_value(env, "RUNTIME_IDENTIFIER")) is not None:
-        put(section, "runtime_identifier", runtime, "ray_cluster.runtime_identifier", "RUNTIME_IDENTIFIER")
+    for variable, key in (("RAY_CLUSTER_NAME", "name"), ("RUNTIME_IDENTIFIER", "runtime_identifier")):
+        if (value := env_value(env, variable)) is not None:
+            put(section, key, value, f"ray_cluster.{key}", variable)
+    _apply_worker_env(section, env, problems, put)
+
+
+Put = Callable[[dict[str, Any], str, Any, str, str], None]
+
+
+def _apply_worker_env(
+    section: dict[str, Any], env: Mapping[str, str], problems: list[Problem], put: Put
+) -> None:
+    """RAY_NUM_WORKERS (the only group's size) and RAY_WORKER_GPUS (every group's GPUs)."""
     groups = section.get("worker_groups")
-    replicas = env_int(env, "RAY_NUM_WORKERS", problems)
-    if replicas is not None:
+    if (replicas := env_int(env, "RAY_NUM_WORKERS", problems)) is not None:
         if groups is None:
             put(section, "num_workers", replicas, "ray_cluster.num_workers", "RAY_NUM_WORKERS")
         elif isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict):
             put(groups[0], "replicas", replicas, "ray_cluster.worker_groups[0].replicas", "RAY_NUM_WORKERS")
         elif isinstance(groups, list):
-            problems.append(
-                Problem(
-                    "RAY_NUM_WORKERS",
-                    f"sets the size of the only worker group, but this cluster has {len(groups)} groups; "
-                    "set replicas per group in the file instead",
-                )
+            message = (
+                f"sets the size of the only worker group, but this cluster has {len(groups)} groups; "
+                "set replicas per group in the file instead"
             )
-    gpus = env_int(env, "RAY_WORKER_GPUS", problems)
-    if gpus is not None:
+            problems.append(Problem("RAY_NUM_WORKERS", message))
+    if (gpus := env_int(env, "RAY_WORKER_GPUS", problems)) is not None:
         if groups is None:
             put(section, "worker_gpus", gpus, "ray_cluster.worker_gpus", "RAY_WORKER_GPUS")
-        elif isinstance(groups, list):
-            for i, group in enumerate(groups):
-                if isinstance(group, dict):
-                    put(group, "gpus", gpus, f"ray_cluster.worker_groups[{i}].gpus", "RAY_WORKER_GPUS")
-
-
-class _Dropped:
-    """Marks a list item removed for the lenient pass (survives deepcopy as itself)."""
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> _Dropped:
-        return self
-
-
-_DROPPED = _Dropped()
+        for i, group in enumerate(groups if isinstance(groups, list) else []):
+            if isinstance(group, dict):
+                put(group, "gpus", gpus, f"ray_cluster.worker_groups[{i}].gpus", "RAY_WORKER_GPUS")
 
 
 # A bad or missing required value of a worker group is replaced by a stand-in for the lenient pass,
 # so the group's other fields (name, runtime) are still checked.
 _GROUP_STAND_INS: dict[str, Any] = {"replicas": 0, "cpu": 1.0, "memory": 1.0}
-
-
-def _drop(data: Any, loc: tuple[Any, ...]) -> bool:
-    """Remove the value at ``loc`` so a second, lenient pass can check the rest. False if impossible."""
-    if loc and loc[-1] == "[key]":
-        loc = loc[:-1]
-    if len(loc) == 4 and loc[:2] == ("ray_cluster", "worker_groups") and loc[3] in _GROUP_STAND_INS:
-        groups = data.get("ray_cluster", {}).get("worker_groups")
-        if isinstance(groups, list) and isinstance(groups[loc[2]], dict):
-            groups[loc[2]][loc[3]] = _GROUP_STAND_INS[loc[3]]
-            return True
-    if len(loc) == 4 and loc[:2] == ("ray_cluster", "worker_groups") and loc[3] == "name":
-        loc = loc[:3]  # a group without a usable name cannot be checked further
-    if len(loc) < 2:  # the whole file or the whole `ray_cluster` section is unusable
-        return False
-    parent = data
-    for part in loc[:-1]:
-        try:
-            parent = parent[part]
-        except (KeyError, IndexError, TypeError):
-            return True  # already gone
-    last = loc[-1]
-    if isinstance(parent, dict):
-        parent.pop(last, None)
-    elif isinstance(parent, list) and isinstance(last, int) and last < len(parent):
-        parent[last] = _DROPPED
-    return True
 
 
 def _structure_problems(data: Any) -> list[Problem]:
@@ -873,14 +871,14 @@ def parse_cluster_spec(
         file = ClusterFile.model_validate(data)
     except ValidationError as exc:
         problems += problems_from_validation(exc, ClusterFile)
-        file = _lenient(data, exc)
+        file = lenient_validate(ClusterFile, data, exc, _GROUP_STAND_INS)
 
     spec: ClusterSpec | None = None
     if file is not None:
         section = data.get("ray_cluster") or {}
         raw_groups = section.get("worker_groups") if isinstance(section, dict) else None
         group_index = (
-            [i for i, g in enumerate(raw_groups) if g is not _DROPPED] if isinstance(raw_groups, list) else []
+            [i for i, g in enumerate(raw_groups) if g is not REMOVED] if isinstance(raw_groups, list) else []
         )
         normalized, where = _normalize(file, group_index)
         problems += _replicas_problems(file, group_index)
@@ -896,34 +894,6 @@ def parse_cluster_spec(
         raise ConfigError(_dedupe(_rename_overridden(problems, overridden)), source)
     assert spec is not None
     return spec
-
-
-def _lenient(data: dict[str, Any], first: ValidationError) -> ClusterFile | None:
-    """Drop what failed and validate again, so cross-field rules can still check the rest.
-
-    Dropped list items stay in ``data`` as a marker so group indices keep meaning the user's indices.
-    """
-    errors = [tuple(e["loc"]) for e in first.errors()]
-    for _ in range(5):
-        for loc in errors:
-            if not _drop(data, loc):
-                return None
-        candidate = copy.deepcopy(data)
-        section = candidate.get("ray_cluster")
-        index_map: list[int] = []
-        if isinstance(section, dict) and isinstance(section.get("worker_groups"), list):
-            index_map = [i for i, g in enumerate(section["worker_groups"]) if g is not _DROPPED]
-            section["worker_groups"] = [g for g in section["worker_groups"] if g is not _DROPPED]
-        try:
-            return ClusterFile.model_validate(candidate)
-        except ValidationError as exc:
-            errors = []
-            for err in exc.errors():
-                loc = tuple(err["loc"])
-                if loc[:2] == ("ray_cluster", "worker_groups") and len(loc) > 2 and isinstance(loc[2], int):
-                    loc = (*loc[:2], index_map[loc[2]], *loc[3:])
-                errors.append(loc)
-    return None
 
 
 def _rename_overridden(problems: list[Problem], overridden: dict[str, str]) -> list[Problem]:
@@ -944,6 +914,7 @@ def load_cluster_spec(path: str | Path | None = None, *, env: Mapping[str, str] 
 __all__ = [
     "APPLIED_SPEC_VARIABLE",
     "AUTOSCALER_VARIABLE",
+    "CLUSTER_OVERRIDE_VARIABLES",
     "NODE_ID_RESOURCE_VARIABLE",
     "AutoscalingSpec",
     "ClusterFile",
@@ -952,8 +923,8 @@ __all__ = [
     "NodeSpec",
     "RayPorts",
     "WorkerGroupSpec",
-    "applied_spec_value",
     "cluster_json_schema",
+    "cluster_overrides",
     "cluster_problems",
     "desired_nodes",
     "format_path",
