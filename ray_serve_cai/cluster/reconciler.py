@@ -599,8 +599,23 @@ class RayCluster:
         with self._lock(runtime or self.target(apps).runtimes.get("head")):
             mine = owned_apps(self.spec.name, [_observed(a) for a in self.observe()])
             actions = [Action(ActionKind.DELETE, app.subdomain, app=app, reason="down") for app in mine]
-            self._run_parallel(self._delete, actions)
-        return [a.name for a in actions]
+            if not self.spec.autoscaled_groups:
+                self._run_parallel(self._delete, actions)
+                return [a.name for a in actions]
+            # The head first: Ray's autoscaler runs there and could create a worker meanwhile;
+            # one more look removes a worker it created before it stopped.
+            head = head_app_name(self.spec.name)
+            self._run_parallel(self._delete, [a for a in actions if a.name == head])
+            self._run_parallel(self._delete, [a for a in actions if a.name != head])
+            gone = {a.app.id for a in actions if a.app is not None}
+            listed = owned_apps(self.spec.name, [_observed(a) for a in self.observe()])
+            late_actions = [
+                Action(ActionKind.DELETE, app.subdomain, app=app, reason="down")
+                for app in listed
+                if app.id not in gone
+            ]
+            self._run_parallel(self._delete, late_actions)
+        return [a.name for a in actions + late_actions]
 
 
 def _describe_failure(headline: str, status: ClusterStatus) -> str:
