@@ -19,6 +19,7 @@ from ray_serve_cai.cluster.plan import (
     plan_changes,
 )
 from ray_serve_cai.config import (
+    NODE_ID_RESOURCE_VARIABLE,
     ClusterSpec,
     ConfigError,
     desired_nodes,
@@ -114,6 +115,8 @@ def test_fixed_groups_are_planned_as_before_next_to_an_autoscaled_one() -> None:
         "autoscaled": True,
     }
     assert sizes["cpu"]["desired"] == 2 and not sizes["cpu"]["autoscaled"]
+    # Every node advertises NODE_ID_AS_RESOURCE, fixed ones too: Ray's autoscaler counts their capacity.
+    assert all(NODE_ID_RESOURCE_VARIABLE in n.environment for n in desired_for(cluster, observed))
 
 
 def test_a_group_becoming_autoscaled_replaces_its_workers_and_the_head() -> None:

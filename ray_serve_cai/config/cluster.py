@@ -341,7 +341,9 @@ def worker_spec_hash(spec: ClusterSpec, group: str) -> str:
             "auth": spec.auth_token,
             "join_timeout": spec.join_timeout,
             "environment": spec.environment,
-            **({"autoscaled": True} if g.autoscaled else {}),
+            # Every worker of a cluster with autoscaling advertises NODE_ID_AS_RESOURCE (fixed groups
+            # too, so Ray's autoscaler counts their capacity); only present then, as for the head.
+            **({"node_id_resource": True} if spec.autoscaled_groups else {}),
         }
     )
 
@@ -394,7 +396,7 @@ def worker_node(spec: ClusterSpec, group: str, index: int) -> NodeSpec:
     auth = "token" if spec.auth_token else "disabled"
     group_hash = worker_spec_hash(spec, g.name)
     name = worker_app_name(spec.name, g.name, index)
-    autoscaling = {NODE_ID_RESOURCE_VARIABLE: str(node_id_resource(name))} if g.autoscaled else {}
+    autoscaling = {NODE_ID_RESOURCE_VARIABLE: str(node_id_resource(name))} if spec.autoscaled_groups else {}
     return NodeSpec(
         name=name,
         role="worker",
