@@ -232,7 +232,8 @@ def _save_size(config: Path, replicas: int, group: str | None) -> None:
     """Keep the config file the source of truth: `status` and the next `up` want the new size too."""
     saved = save_replicas(config, replicas, group)
     err_console.print(
-        f"saved {saved} = {replicas} in {config} (commit it: a deploy from git uses the committed size)"
+        f"saved {saved} = {replicas} in {config} (`ray-cai deploy` from this checkout sends it as it is; "
+        "commit it for deploys from CI)"
     )
     if os.environ.get("RAY_NUM_WORKERS"):
         err_console.print("[yellow]note: RAY_NUM_WORKERS is set in the environment and overrides the file[/]")
@@ -296,7 +297,8 @@ def scale(
     timeout: float | None = TimeoutOption,
     info_file: Path = InfoOption,
 ) -> None:
-    """Set the number of workers of a group; unchanged nodes are not touched.
+    """Set the number of workers of a group and save it in the config file; unchanged nodes are not
+    touched. `deploy` sends the config of the checkout it runs in, uncommitted edits included.
 
     Refused (exit 2) for an autoscaled group: Ray's autoscaler sets its size between
     min_replicas and max_replicas; change those in the config and run `up` instead."""
