@@ -85,6 +85,41 @@ def _status_table(status: ClusterStatus) -> Table:
     return table
 
 
+def _groups_table(status: ClusterStatus) -> Table | None:
+    """Per group: apps now, wanted, bounds; for autoscaled groups Ray's autoscaler owns the number."""
+    if not any(g["autoscaled"] for g in status.groups):
+        return None
+    table = Table(title="Worker groups")
+    for col in ("group", "current", "desired", "min", "max", "sized by"):
+        table.add_column(col)
+    for g in status.groups:
+        owner = "Ray autoscaler" if g["autoscaled"] else "config (scale)"
+        table.add_row(g["group"], str(g["current"]), str(g["desired"]), str(g["min"]), str(g["max"]), owner)
+    return table
+
+
+def _autoscaler_line(status: ClusterStatus) -> str | None:
+    decision = status.autoscaler
+    if not decision:
+        return None
+    if "at" not in decision:
+        return "autoscaler: no decision yet"
+    parts = [f"wants {decision.get('desired', {})}"]
+    for key in ("created", "deleted", "errors"):
+        if decision.get(key):
+            parts.append(f"{key} {', '.join(decision[key])}")
+    return f"autoscaler (last decision {decision['at']}): " + "; ".join(parts)
+
+
+def _print_groups(status: ClusterStatus) -> None:
+    table = _groups_table(status)
+    if table is not None:
+        out_console.print(table)
+    line = _autoscaler_line(status)
+    if line:
+        out_console.print(escape(line))
+
+
 def _print_differences(differences: list[str]) -> None:
     """What this caller's config asks for that is not what is deployed (and where that came from)."""
     if differences:
@@ -105,6 +140,7 @@ def _plan_json(plan: Plan) -> dict[str, object]:
 def _print_ready(status: ClusterStatus, info_path: Path | None) -> None:
     connect = connect_info(status)
     out_console.print(_status_table(status))
+    _print_groups(status)
     out_console.print(f"dashboard: {status.dashboard_url}")
     if connect["address"]:
         out_console.print(f"connect:   ray.init(address={connect['address']!r})  (see `ray-cai connect`)")
@@ -262,7 +298,10 @@ def scale(
     info_file: Path = InfoOption,
 ) -> None:
     """Set the number of workers of a group and save it in the config file; unchanged nodes are not
-    touched. `deploy` sends the config of the checkout it runs in, uncommitted edits included."""
+    touched. `deploy` sends the config of the checkout it runs in, uncommitted edits included.
+
+    Refused (exit 2) for an autoscaled group: Ray's autoscaler sets its size between
+    min_replicas and max_replicas; change those in the config and run `up` instead."""
     if replicas < 0:
         fail("REPLICAS: must be 0 or more", EXIT_BAD_INPUT)
     _converge(config, local, project, json_out, wait, timeout, info_file, replicas, group)
@@ -283,6 +322,7 @@ def status(
             print_json(result.as_dict())
         else:
             out_console.print(_status_table(result))
+            _print_groups(result)
             if result.dashboard_url:
                 out_console.print(f"dashboard: {result.dashboard_url}")
             if result.applied:

@@ -37,6 +37,8 @@ from ray_serve_cai.cluster.plan import (
     ActionKind,
     ObservedApp,
     Plan,
+    desired_for,
+    group_sizes,
     owned_apps,
     plan_changes,
 )
@@ -51,7 +53,7 @@ from ray_serve_cai.cml import (
     Runtime,
     create_or_find,
 )
-from ray_serve_cai.config import ClusterSpec, NodeSpec, desired_nodes, head_app_name
+from ray_serve_cai.config import ClusterSpec, NodeSpec, head_app_name
 
 log = logging.getLogger("ray_serve_cai.cluster")
 
@@ -100,6 +102,13 @@ class ClusterStatus:
     # What is deployed (the applied spec's summary and origin) and how the caller's config differs.
     applied: dict[str, Any] | None = None
     differences: list[str] = field(default_factory=list)
+    # Per worker group: current (apps of the group), desired, min, max (None unless autoscaled).
+    groups: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def autoscaler(self) -> dict[str, Any] | None:
+        """The autoscaler's last decision, as the head's status endpoint reports it."""
+        return self.ray.get("autoscaler") or None
 
     @property
     def ready(self) -> bool:
@@ -125,6 +134,8 @@ class ClusterStatus:
             "problems": self.problems,
             "applied": self.applied,
             "differences": self.differences,
+            "groups": self.groups,
+            "autoscaler": self.autoscaler,
         }
 
 
@@ -231,7 +242,8 @@ class RayCluster:
         return self._plan(apps, self.target(apps))
 
     def _plan(self, apps: Sequence[Application], target: Target) -> Plan:
-        return plan_changes(self.spec.name, desired_nodes(target.effective), [_observed(a) for a in apps])
+        observed = [_observed(a) for a in apps]
+        return plan_changes(self.spec.name, desired_for(target.effective, observed), observed)
 
     def differences(self, apps: Sequence[Application]) -> list[str]:
         """How this caller's request differs from what is deployed (empty without a record)."""
@@ -282,17 +294,9 @@ class RayCluster:
             self.client.restart_application(self.project_id, action.app.id)
 
     def _app_fields(self, node: NodeSpec) -> dict[str, Any]:
-        fields: dict[str, Any] = {
-            "script": node.script,
-            "cpu": node.cpu,
-            "memory": node.memory,
-            "nvidia_gpu": node.gpus,
-            "environment": dict(node.environment),
-        }
+        fields = node.app_fields()
         if node.role == "head" and self._record_to_write is not None:
             fields["environment"][APPLIED_SPEC_VAR] = self._record_to_write.encode()
-        if node.runtime_identifier:
-            fields["runtime_identifier"] = node.runtime_identifier
         return fields
 
     def _find_app(self, name: str) -> Application | None:
@@ -300,7 +304,6 @@ class RayCluster:
 
     def _create(self, node: NodeSpec) -> None:
         """Create one node's application; a create whose outcome is unknown is observed, not repeated."""
-        description = f"Ray {node.role} of ray-cai cluster {self.spec.name!r} (group {node.group})"
 
         def find() -> Application | None:
             existing = self._find_app(node.name)
@@ -314,7 +317,7 @@ class RayCluster:
                     self.project_id,
                     name=node.name,
                     subdomain=node.name,
-                    description=description,
+                    description=node.description,
                     **self._app_fields(node),
                 ),
                 find,
@@ -344,7 +347,7 @@ class RayCluster:
         """Apps (one list call) plus Ray's own view from the head's status endpoint."""
         apps = self.observe() if apps is None else apps
         target = self.target(apps, deployed=True)  # ready means "as deployed"
-        desired = desired_nodes(target.effective)
+        desired = desired_for(target.effective, [_observed(a) for a in apps])
         by_name = {(a.subdomain or a.name): a for a in apps}
         mine = {o.subdomain: o for o in owned_apps(self.spec.name, [_observed(a) for a in apps])}
         nodes: list[NodeStatus] = []
@@ -402,6 +405,7 @@ class RayCluster:
             problems=problems,
             applied=target.record.summary() if target.record else None,
             differences=self.differences(apps) if target.record else [],
+            groups=group_sizes(target.effective, list(mine.values()), desired),
         )
 
     def _ray_view(self, head_name: str) -> tuple[dict[str, Any], str | None]:
@@ -482,7 +486,7 @@ class RayCluster:
 
     def _replace_outside_ray(self, apps: Sequence[Application], outside: dict[str, float]) -> list[Action]:
         """Restart actions for the named nodes that still run (one health request each, for the reason)."""
-        nodes = {n.name: n for n in desired_nodes(self.effective_spec())}
+        nodes = {n.name: n for n in desired_for(self.target(apps).effective, [_observed(a) for a in apps])}
         actions = []
         for app in apps:
             name = app.subdomain or app.name
@@ -603,7 +607,9 @@ class RayCluster:
 
         def stuck_in_starting(apps: list[Application]) -> list[Action]:
             now = time.monotonic()
-            nodes = {n.name: n for n in desired_nodes(self.target(apps).effective)}
+            nodes = {
+                n.name: n for n in desired_for(self.target(apps).effective, [_observed(a) for a in apps])
+            }
             current = {a.id for a in apps if a.status == STARTING}
             for app_id in list(starting_since):
                 if app_id not in current:
@@ -647,8 +653,23 @@ class RayCluster:
         with self._lock(runtime or self.target(apps).runtimes.get("head")):
             mine = owned_apps(self.spec.name, [_observed(a) for a in self.observe()])
             actions = [Action(ActionKind.DELETE, app.subdomain, app=app, reason="down") for app in mine]
-            self._run_parallel(self._delete, actions)
-        return [a.name for a in actions]
+            if not self.spec.autoscaled_groups:
+                self._run_parallel(self._delete, actions)
+                return [a.name for a in actions]
+            # The head first: Ray's autoscaler runs there and could create a worker meanwhile;
+            # one more look removes a worker it created before it stopped.
+            head = head_app_name(self.spec.name)
+            self._run_parallel(self._delete, [a for a in actions if a.name == head])
+            self._run_parallel(self._delete, [a for a in actions if a.name != head])
+            gone = {a.app.id for a in actions if a.app is not None}
+            listed = owned_apps(self.spec.name, [_observed(a) for a in self.observe()])
+            late_actions = [
+                Action(ActionKind.DELETE, app.subdomain, app=app, reason="down")
+                for app in listed
+                if app.id not in gone
+            ]
+            self._run_parallel(self._delete, late_actions)
+        return [a.name for a in actions + late_actions]
 
 
 def _outside_ray(status: ClusterStatus, since: dict[str, float]) -> dict[str, float]:

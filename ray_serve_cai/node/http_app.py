@@ -55,6 +55,7 @@ class NodeStatus:
     dashboard_port: int | None = None
     ray_running: Callable[[], bool] = lambda: False
     dashboard_token: Callable[[], str | None] = lambda: None
+    autoscaler: Callable[[], dict[str, Any] | None] = lambda: None  # the autoscaler's last decision
     # Head only, once published: gcs_address, client_address, auth_mode, token_path (a path, never the token).
     connect: dict[str, Any] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -179,6 +180,8 @@ def create_app(status: NodeStatus, upstreams: Sequence[PathUpstream] = ()) -> St
             "ray_running": status.ray_running(),
             **status.connect,
         }
+        if (decision := status.autoscaler()) is not None:
+            body["autoscaler"] = decision
         empty = {"alive_nodes": 0, "nodes": [], "resources": {}}
         address, list_nodes = status.gcs_address, status.list_nodes
         if address is None or list_nodes is None or not status.ray_running():

@@ -27,6 +27,7 @@ import uuid
 from datetime import datetime, timezone
 from types import FrameType
 
+from ray_serve_cai.node.autoscaling import autoscaler_state, autoscaling_start
 from ray_serve_cai.node.files import (
     Rendezvous,
     TokenError,
@@ -80,6 +81,7 @@ class Launcher:
         # The in-process GCS client reads the auth mode and token path from this environment.
         os.environ.update(self.auth_env)
         self.node = RayNode(settings, NodePorts.choose(settings), self.auth_env)
+        self.node.extra_args, self.node.extra_env = autoscaling_start(settings)
         self.failed_starts = 0
         self.status = NodeStatus(
             role=settings.role,
@@ -93,6 +95,7 @@ class Launcher:
             dashboard_token=self._dashboard_token,
             start_grace=settings.start_grace,
             list_nodes=GCS_PROBE.alive_nodes,
+            autoscaler=lambda: autoscaler_state(settings),
         )
         self.http = AppServer(self.status, settings.app_port)
 

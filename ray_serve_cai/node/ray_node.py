@@ -225,6 +225,9 @@ class RayNode:
     output: RayOutput | None = None
     started_at: float = 0.0
     burnt_ports: set[int] = field(default_factory=set)
+    # Added by ray_serve_cai.node.autoscaling: `ray start` options and environment of autoscaling.
+    extra_args: list[str] = field(default_factory=list)
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def tag(self) -> str:
@@ -244,6 +247,7 @@ class RayNode:
         env.update(self.auth_env)
         env[NODE_TAG_VARIABLE] = self.tag
         env["RAY_USAGE_STATS_ENABLED"] = "0"
+        env.update(self.extra_env)
         return env
 
     def start_command(self, head_address: str | None = None) -> list[str]:
@@ -291,7 +295,7 @@ class RayNode:
                 f"--min-worker-port={ports.worker_ports.first}",
                 f"--max-worker-port={ports.worker_ports.last}",
             ]
-        return command
+        return command + self.extra_args
 
     def start(self, head_address: str | None = None) -> subprocess.Popen[bytes]:
         """Start `ray start --block` in its own session (its own process group)."""
