@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from ray_serve_cai.cluster.errors import ClusterError
@@ -29,6 +30,7 @@ from ray_serve_cai.cluster.plan import (
     plan_changes,
 )
 from ray_serve_cai.cluster.runtimes import RuntimeChoiceError, needs_runtime, with_runtimes
+from ray_serve_cai.cluster.serve import converge_serve
 from ray_serve_cai.cml import (
     Application,
     BadRequest,
@@ -83,6 +85,8 @@ class ClusterStatus:
     ray: dict[str, Any] = field(default_factory=dict)
     dashboard_url: str | None = None
     problems: list[str] = field(default_factory=list)
+    # Serve's applications (`ray-cai serve status` shape) when the spec has `serve:`; see cluster/serve.py.
+    serve: dict[str, Any] | None = None
 
     @property
     def ready(self) -> bool:
@@ -106,6 +110,7 @@ class ClusterStatus:
             "ray": self.ray,
             "dashboard_url": self.dashboard_url,
             "problems": self.problems,
+            "serve": self.serve,
         }
 
 
@@ -143,6 +148,7 @@ class RayCluster:
         poll_interval: float = 2.0,
         max_parallel: int = 16,
         lock_wait: float = 120.0,
+        project_dir: Path | None = None,
     ) -> None:
         self.client = client
         self.project_id = project_id
@@ -151,6 +157,7 @@ class RayCluster:
         self.max_parallel = max_parallel
         self._effective: ClusterSpec | None = None
         self.lock_wait = lock_wait
+        self.project_dir = project_dir  # where project-relative files (the Serve config) are; None = cwd
         # A lock outlives a run killed on another machine by at most this long (one on this
         # machine is taken over at once); a pass holds it only while it plans and applies.
         self.lock_ttl = 120.0
@@ -425,6 +432,7 @@ class RayCluster:
         """Converge: plan, apply, then (by default) wait until Ray reports every node alive."""
         plan, apps = self._converge()
         status = self.wait_until_ready(timeout, on_progress, apps=apps) if wait else self.status(apps)
+        status = converge_serve(self, status, wait=wait, timeout=timeout, on_progress=on_progress)
         return plan, status
 
     def watch(
@@ -463,7 +471,7 @@ class RayCluster:
         passes = 0
         while not should_stop():
             plan = self.converge(extra=stuck_apps)
-            status = self.status()
+            status = converge_serve(self, self.status(), wait=False)
             if on_pass:
                 on_pass(plan, status)
             passes += 1

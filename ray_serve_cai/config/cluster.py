@@ -83,6 +83,14 @@ class RayPorts(BaseModel):
     dashboard: Port = 8265
 
 
+class ServeSpec(BaseModel):
+    """Serve applications the cluster runs: `config` is a project-relative file in Serve's format."""
+
+    model_config = _STRICT
+
+    config: str
+
+
 class ClusterSpec(BaseModel):
     """A whole Ray cluster: one head and any number of worker groups."""
 
@@ -99,6 +107,7 @@ class ClusterSpec(BaseModel):
     head_script: str = "cai_integration/ray_head.py"
     worker_script: str = "cai_integration/ray_worker.py"
     environment: Environment = Field(default_factory=dict)
+    serve: ServeSpec | None = None  # not part of any node's hash: Serve changes apply in place
 
     @model_validator(mode="after")
     def _cross_field_rules(self, info: ValidationInfo) -> ClusterSpec:
@@ -383,6 +392,8 @@ def cluster_problems(spec: ClusterSpec, where: Callable[[str], str] = lambda p: 
             add(script_field, why)
     for problem in environment_problems(spec.environment, "environment"):
         add(problem.field, problem.message)
+    if spec.serve is not None and (why := is_relative_script(spec.serve.config)):
+        add("serve.config", why)
     return problems
 
 
@@ -407,6 +418,16 @@ class AuthFile(BaseModel):
     model_config = _FILE
 
     token: bool = Field(True, description="Ray token authentication (RAY_AUTH_MODE=token); on by default")
+
+
+class ServeFile(BaseModel):
+    """`ray_cluster.serve`: Serve applications deployed (and kept deployed) on the cluster."""
+
+    model_config = _FILE
+
+    config: str = Field(
+        description="project-relative file in Ray Serve's config format (what `serve build` writes)"
+    )
 
 
 class WorkerGroupFile(BaseModel):
@@ -458,6 +479,7 @@ class RayClusterFile(BaseModel):
     environment: Environment = Field(
         default_factory=dict, description="extra non-secret environment variables for every node"
     )
+    serve: ServeFile | None = Field(None, description="Serve applications to deploy on the cluster")
 
 
 class ClusterFile(BaseModel):
@@ -635,6 +657,7 @@ def _normalize(file: ClusterFile, group_index: list[int]) -> tuple[dict[str, Any
         "head_script": rc.head_script,
         "worker_script": rc.worker_script,
         "environment": dict(rc.environment),
+        "serve": rc.serve.model_dump() if rc.serve is not None else None,
     }
 
     def where(path: str) -> str:
@@ -745,6 +768,7 @@ __all__ = [
     "HeadSpec",
     "NodeSpec",
     "RayPorts",
+    "ServeSpec",
     "WorkerGroupSpec",
     "cluster_json_schema",
     "cluster_problems",

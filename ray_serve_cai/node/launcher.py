@@ -34,6 +34,7 @@ from ray_serve_cai.node.files import (
 )
 from ray_serve_cai.node.http_app import AppServer, NodeStatus
 from ray_serve_cai.node.ray_node import NodePorts, RayNode, wait_for_gcs
+from ray_serve_cai.node.serve_proxy import start_serve_in_background
 from ray_serve_cai.node.settings import NodeSettings, SettingsError
 
 logger = logging.getLogger("ray_serve_cai.node")
@@ -185,6 +186,7 @@ def _run_head(launcher: Launcher, head_id: str) -> int:
         ),
     }
     logger.info("head %s ready at %s; rendezvous %s", head_id, address, path)
+    start_serve_in_background(launcher.status.connect, address, launcher.node.environment())
     while True:
         launcher.sleep(SUPERVISE_INTERVAL_SECONDS)
         exit_code = launcher.node.exit_code()

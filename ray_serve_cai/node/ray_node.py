@@ -22,6 +22,7 @@ import psutil
 from ray_serve_cai.node.ports import WorkerPortBlock, pick_free_ports, reserve_worker_port_block
 from ray_serve_cai.node.process_tree import NODE_TAG_VARIABLE, end_node, node_processes, processes_in_group
 from ray_serve_cai.node.reaper import release_reaper, start_reaper
+from ray_serve_cai.node.serve_proxy import project_pythonpath
 from ray_serve_cai.node.settings import NodeSettings
 
 NODE_NAME_LABEL = "ray-cai.node-name"
@@ -131,6 +132,7 @@ class RayNode:
         env.update(self.auth_env)
         env[NODE_TAG_VARIABLE] = self.tag
         env["RAY_USAGE_STATS_ENABLED"] = "0"
+        env["PYTHONPATH"] = project_pythonpath(env, self.settings.project_dir)  # Serve imports project code
         return env
 
     def start_command(self, head_address: str | None = None) -> list[str]:
