@@ -24,6 +24,7 @@ from ray_serve_cai.cli.common import (
     run_command,
     settings_for,
 )
+from ray_serve_cai.cli.serve import check_serve_config
 from ray_serve_cai.cluster import connect_info
 from ray_serve_cai.cml import CMLClient
 from ray_serve_cai.config import load_cluster_spec, load_deploy_spec
@@ -77,6 +78,7 @@ def deploy_command(
         # Bad input first, before any API call.
         spec = load_deploy_spec(jobs_file, env=env)
         cluster = load_cluster_spec(config, env=env)
+        check_serve_config(cluster)
         try:
             repo = repo_root(Path.cwd())
         except RepoError as err:

@@ -329,6 +329,13 @@ def converge_serve(
         return attach(status, ServeView(url=serve_url(cluster), error=str(err)))
 
 
+def observe_into(cluster: RayCluster, status: ClusterStatus) -> ClusterStatus:
+    """`status` with Serve's view attached (read only: `ray-cai status`); unchanged without `serve:`."""
+    if cluster.spec.serve is None or not status.ray:
+        return status
+    return attach(status, observe(cluster, desired_serve(cluster)))
+
+
 def _wait_for_serve_port(cluster: RayCluster, deadline: float) -> int | None:
     """The head publishes Serve's port once its Serve start finished (a few seconds after Ray)."""
     head = head_app_name(cluster.spec.name)
@@ -357,6 +364,7 @@ __all__ = [
     "decide",
     "desired_serve",
     "observe",
+    "observe_into",
     "serve_url",
     "summarize",
     "wait_settled",
