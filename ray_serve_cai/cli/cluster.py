@@ -204,11 +204,13 @@ def _watch(cluster: RayCluster, interval: float) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     err_console.print(f"watching cluster {cluster.spec.name!r} every {interval:g}s (Ctrl-C to stop)")
 
+    progress = Progress()  # one for the whole watch: repeated lines are suppressed, elapsed counts on
+
     def on_pass(plan: Plan, status: ClusterStatus) -> None:
         if plan.actions:
             healed = ", ".join(a.describe().strip() for a in plan.actions)
             err_console.print(f"healed: {escape(healed)}")
-        Progress()(status)
+        progress(status)
 
     with contextlib.suppress(KeyboardInterrupt):
         cluster.watch(interval=interval, on_pass=on_pass, should_stop=stop.is_set)

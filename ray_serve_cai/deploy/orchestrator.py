@@ -209,7 +209,9 @@ def deploy(
     launch = spec.jobs.get(LAUNCH)
     if launch is not None and supervises(launch.arguments):
         # The launch job stays to supervise: its work is done once the cluster is ready.
-        done_while_running[LAUNCH] = lambda: RayCluster(client, project.id, cluster).status().ready
+        # One RayCluster for every poll, so its runtime choice (a list call) is made once.
+        supervised = RayCluster(client, project.id, cluster)
+        done_while_running[LAUNCH] = lambda: supervised.status().ready
     outcomes = run_and_follow(
         client,
         project.id,

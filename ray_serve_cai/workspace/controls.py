@@ -55,6 +55,7 @@ class FaultPlan:
     hang_on_request: int | None = None
     hang_seconds: float = 0.0
     max_faults: int | None = None  # stop injecting errors, resets and drops after this many (None: never)
+    only_creates: bool = False  # apply only to create requests (POST of a new project/job/run/application)
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> FaultPlan:
@@ -102,6 +103,10 @@ class FaultPlan:
         ):
             raise invalid_argument("max_faults must be a non-negative integer")
         plan.max_faults = max_faults
+        only_creates = body.get("only_creates", False)
+        if not isinstance(only_creates, bool):
+            raise invalid_argument("only_creates must be true or false")
+        plan.only_creates = only_creates
         return plan
 
     def to_dict(self) -> dict[str, Any]:
@@ -117,6 +122,7 @@ class FaultPlan:
             "hang_on_request": self.hang_on_request,
             "hang_seconds": self.hang_seconds,
             "max_faults": self.max_faults,
+            "only_creates": self.only_creates,
         }
 
 
@@ -155,6 +161,8 @@ class FaultInjector:
         with self._lock:
             plan = self.plan
             if plan is None or path.startswith("/_workspace") or not path.startswith(plan.paths):
+                return FaultDecision()
+            if plan.only_creates and not is_create:
                 return FaultDecision()
             self._matched += 1
             hang = 0.0
