@@ -171,19 +171,17 @@ def deploy(
     until every application runs or one fails. Exit 0 only when every application is RUNNING."""
 
     def run() -> None:
+        given = load_serve_config(str(file), project_dir()) if file is not None else None  # before any call
         with _open(config, local, project) as cluster:
-            if file is not None:
-                desired = load_serve_config(str(file), project_dir())
-                named = cluster.spec.serve.config if cluster.spec.serve else None
-                if named != str(file):
-                    err_console.print(
-                        f"[yellow]note: the cluster config names {named or 'no Serve config'}; `up` and the "
-                        f"watch apply that one again. Set ray_cluster.serve.config: {escape(str(file))}[/]"
-                    )
-            else:
-                desired = serve_ops.desired_serve(cluster)
-                if desired is None:
-                    fail("no Serve config: pass FILE or set ray_cluster.serve.config", EXIT_BAD_INPUT)
+            named = cluster.spec.serve.config if cluster.spec.serve else None
+            if given is not None and named != str(file):
+                err_console.print(
+                    f"[yellow]note: the cluster config names {named or 'no Serve config'}; `up` and the "
+                    f"watch apply that one again. Set ray_cluster.serve.config: {escape(str(file))}[/]"
+                )
+            desired = given or serve_ops.desired_serve(cluster)
+            if desired is None:
+                fail("no Serve config: pass FILE or set ray_cluster.serve.config", EXIT_BAD_INPUT)
             status = _ready_head(cluster)
             port = serve_ops.head_serve_port(status)
             if port is None:
