@@ -2,7 +2,7 @@
 
 Records live in memory in the server process; `to_api()` renders the CML v2 JSON shape
 (`environment` as a JSON string, unset timestamps as `null`). Non-CML extras are documented
-where they are added (`log_path` on job runs and applications).
+where they are added (`log_path` on job runs and applications, `url` on applications).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ray_serve_cai.workspace.errors import invalid_argument
+from ray_serve_cai.workspace.processes import free_port
 
 SUBDOMAIN_PATTERN = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 SUBDOMAIN_MAX_LENGTH = 63
@@ -329,6 +330,8 @@ class Application:
     started_at: str | None = None
     app_port: int | None = None
     readonly_port: int | None = None
+    # The port of the app's own loopback listener (its URL), chosen once for the app's whole life.
+    url_port: int = field(default_factory=free_port)
 
     def __post_init__(self) -> None:
         self.updated_at = self.updated_at or self.created_at
@@ -358,4 +361,6 @@ class Application:
             "started_at": self.started_at,
             # Not a CML field: where this application's stdout/stderr go (appended across restarts).
             "log_path": str(self.log_path),
+            # Not a CML field: the application's URL (CML's is https://<subdomain>.<domain>).
+            "url": f"http://127.0.0.1:{self.url_port}",
         }
