@@ -34,7 +34,7 @@ from ray_serve_cai.node.files import (
 )
 from ray_serve_cai.node.http_app import AppServer, NodeStatus
 from ray_serve_cai.node.ray_node import NodePorts, RayNode, wait_for_gcs
-from ray_serve_cai.node.serve_proxy import start_serve_in_background
+from ray_serve_cai.node.serve_proxy import serve_upstreams, start_serve_in_background
 from ray_serve_cai.node.settings import NodeSettings, SettingsError
 
 logger = logging.getLogger("ray_serve_cai.node")
@@ -79,7 +79,7 @@ class Launcher:
             ray_running=self.node.is_running,
             dashboard_token=self._dashboard_token,
         )
-        self.http = AppServer(self.status, settings.app_port)
+        self.http = AppServer(self.status, settings.app_port, upstreams=serve_upstreams(self.status))
 
     def _dashboard_token(self) -> str | None:
         if self.settings.auth != "token":

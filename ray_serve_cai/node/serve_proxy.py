@@ -9,8 +9,9 @@ with `http_options.root_path: /serve`, and the head's HTTP server forwards `/ser
 - `start_serve` (a short-lived Ray driver, `python -m ray_serve_cai.node.serve_proxy`) starts Serve's
   controller and proxy with those options once the head's GCS is up, so whatever deploys later
   (the REST API, `serve.run` from a notebook) finds Serve where the design puts it.
-- `serve_routes` are the head's routes that forward to it; `serve_port` is published in the head's
-  status (`serve_http_port`) once Serve answers, which is when the tool applies the Serve config.
+- `serve_upstreams` mounts it under `/serve` of the head's HTTP server (the streaming proxy of
+  `ray_serve_cai._proxy`); its port is published in the head's status (`serve_http_port`) once Serve
+  answers, which is when the tool applies the Serve config.
 - `project_pythonpath` puts the project directory on every node's PYTHONPATH, so Serve replicas
   import an application committed in the project without a `runtime_env`.
 """
@@ -24,7 +25,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,6 @@ logger = logging.getLogger("ray_serve_cai.node")
 
 SERVE_MOUNT = SERVE_ROOT_PATH
 SERVE_START_TIMEOUT_SECONDS = 180.0
-# Serve's proxy must never see the CML API key (it reaches user code) or a Ray token.
-DROPPED_TO_SERVE = ("authorization", "x-ray-authorization")
 
 
 def project_pythonpath(env: Mapping[str, str], project_dir: Path | str) -> str:
@@ -100,29 +99,20 @@ def start_serve_in_background(
     return thread
 
 
-def serve_routes(port: Callable[[], int | None]) -> list[object]:
-    """The head's routes for `/serve` and `/serve/...`: forwarded to Serve's proxy with the prefix
-    stripped (Serve's root_path puts it back for the application), streaming, WebSockets too."""
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse, Response
-    from starlette.routing import Mount, Route
+def serve_upstreams(status: Any) -> list[Any]:
+    """The head's `/serve` mount: forwarded to Serve's proxy once the head's status (`status.connect`,
+    read per request) has its port, with the prefix stripped (Serve's root_path puts it back for the
+    application); none on a worker."""
+    from ray_serve_cai.node.http_app import PathUpstream
 
-    from ray_serve_cai._proxy import ReverseProxy, drop_and_add
+    if status.role != "head":
+        return []
 
-    async def not_running(_: Request) -> Response:
-        return JSONResponse({"error": "Ray Serve is not running on this cluster (yet)"}, status_code=503)
+    def port() -> int | None:
+        value = status.connect.get(SERVE_PORT_KEY)
+        return int(value) if value else None
 
-    def upstream(_: object) -> str | None:
-        current = port()
-        return f"http://{SERVE_HOST}:{current}" if current else None
-
-    proxy = ReverseProxy(
-        upstream,
-        headers=drop_and_add(DROPPED_TO_SERVE),
-        fallback=not_running,
-        strip_prefix=SERVE_MOUNT,
-    )
-    return [Route(SERVE_MOUNT, proxy), Mount(SERVE_MOUNT, app=proxy)]
+    return [PathUpstream(SERVE_MOUNT, port, strip_prefix=True, name="Ray Serve")]
 
 
 def _start(address: str, port: int) -> int:
