@@ -140,6 +140,7 @@ def status(
 
     def run() -> None:
         with _open(config, local, project) as cluster:
+            cluster.observe()  # one list call: the client learns the head's URL
             view = serve_ops.observe(cluster, serve_ops.desired_serve(cluster))
         _print_view(view, json_out)
         _exit_for(view)
@@ -214,6 +215,7 @@ def delete(
 
     def run() -> None:
         with _open(config, local, project) as cluster:
+            cluster.observe()  # one list call: the client learns the head's URL
             before = serve_ops.observe(cluster)
             serve_ops.api(cluster).delete()
             has_serve = cluster.spec.serve is not None
