@@ -47,6 +47,7 @@ class ServeView:
     applications: dict[str, dict[str, Any]] = field(default_factory=dict)
     desired: list[str] = field(default_factory=list)
     outdated: list[str] = field(default_factory=list)
+    settling: list[str] = field(default_factory=list)  # deployments not yet at their replica target
     error: str | None = None
 
     @property
@@ -63,6 +64,7 @@ class ServeView:
         return (
             self.error is None
             and not self.outdated
+            and not self.settling
             and all(app["status"] == RUNNING for app in self.applications.values())
         )
 
@@ -155,6 +157,7 @@ def summarize(details: dict[str, Any], desired: ServeConfig | None, url: str | N
             },
         }
     outdated: list[str] = []
+    settling: list[str] = []
     desired_names: list[str] = []
     if desired is not None:
         for want in desired.document.get("applications", []):
@@ -171,7 +174,25 @@ def summarize(details: dict[str, Any], desired: ServeConfig | None, url: str | N
                 }
             elif canonical_app(got.get("deployed_app_config") or {}) != canonical_app(want):
                 outdated.append(name)
-    return ServeView(url=url, applications=apps, desired=desired_names, outdated=outdated)
+            elif not _at_target(got, want):
+                settling.append(name)
+    return ServeView(url=url, applications=apps, desired=desired_names, outdated=outdated, settling=settling)
+
+
+def _at_target(deployed: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    """Serve has taken up the config: each deployment's target is the file's `num_replicas` (when it
+    names a number) and that many replicas run. Right after a PUT the old state still shows."""
+    deployments = deployed.get("deployments") or {}
+    for entry in wanted.get("deployments") or []:
+        number = entry.get("num_replicas")
+        got = deployments.get(entry.get("name"))
+        if isinstance(number, int) and got is not None and got.get("target_num_replicas") != number:
+            return False
+    for got in deployments.values():
+        running = sum(1 for r in got.get("replicas") or [] if r.get("state") == RUNNING)
+        if got.get("target_num_replicas") is not None and running != got["target_num_replicas"]:
+            return False
+    return True
 
 
 def _replica_states(replicas: list[dict[str, Any]]) -> dict[str, int]:
