@@ -1,14 +1,14 @@
 """An iris classifier on Ray Serve: scikit-learn trained at start on the data set it ships (no downloads).
 
-- `POST /predict` `{"features": [5.1, 3.5, 1.4, 0.2]}` → `{"species": "setosa", "probability": ..., "batch_size": n}`:
-  concurrent requests are classified together (`@serve.batch`); `batch_size` says how many were.
+- `POST /predict` `{"features": [5.1, 3.5, 1.4, 0.2]}` → `{"species": "setosa", "probability": ...,
+  "batch_size": n}`: concurrent requests are classified together (`@serve.batch`); `batch_size` says
+  how many were.
 - `POST /stream` (same body) streams the answer word by word, like an LLM's tokens.
 - WebSocket `/ws`: send `{"features": [...]}`, receive the prediction, as often as you like.
 
 `serve_config.yaml` beside this file deploys it (two replicas); `ray_cluster.serve.config` names it.
 """
 
-from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
