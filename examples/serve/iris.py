@@ -9,7 +9,6 @@
 `serve_config.yaml` beside this file deploys it (two replicas); `ray_cluster.serve.config` names it.
 """
 
-
 import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
