@@ -274,7 +274,9 @@ def test_lock_gives_up_when_every_create_fails(
         client_for(controls) as client,
     ):
         pid = project["id"]
-        controls.set_faults(error_rate=1.0, statuses=[503], only_creates=True, paths=f"/api/v2/projects/{pid}")
+        controls.set_faults(
+            error_rate=1.0, statuses=[503], only_creates=True, paths=f"/api/v2/projects/{pid}"
+        )
         started = time.monotonic()
         try:
             with pytest.raises(ClusterError) as info, cluster_lock(client, pid, "dl", ttl=60, wait=1.0):

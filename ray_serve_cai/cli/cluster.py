@@ -35,10 +35,10 @@ from ray_serve_cai.cli.common import (
 from ray_serve_cai.cli.serve import check_serve_config, print_serve
 from ray_serve_cai.cli.serve import project_dir as serve_project_dir
 from ray_serve_cai.cluster import ClusterStatus, RayCluster, connect_info, write_cluster_info
+from ray_serve_cai.cluster.applied import load_cluster_request
 from ray_serve_cai.cluster.plan import Plan
 from ray_serve_cai.cluster.serve import observe_into as converge_serve_view
 from ray_serve_cai.cml import CMLClient
-from ray_serve_cai.config import load_cluster_spec
 from ray_serve_cai.config.edit import save_replicas
 
 
@@ -88,6 +88,14 @@ def _status_table(status: ClusterStatus) -> Table:
     return table
 
 
+def _print_differences(differences: list[str]) -> None:
+    """What this caller's config asks for that is not what is deployed (and where that came from)."""
+    if differences:
+        err_console.print("[yellow]your config differs from what is deployed:[/]")
+        for line in differences:
+            err_console.print(f"  {escape(line)}")
+
+
 def _plan_json(plan: Plan) -> dict[str, object]:
     return {
         "actions": [{"action": a.kind.value, "name": a.name, "reason": a.reason} for a in plan.actions],
@@ -119,13 +127,14 @@ def open_cluster(
     create: bool = False,
 ) -> Iterator[RayCluster]:
     """The cluster of the config file in the target project. The config (and a new size) is
-    validated before any API call."""
-    spec = load_cluster_spec(config)
+    validated before any API call. What the caller asks for is merged onto what is deployed (see
+    `ray_serve_cai.cluster.applied`): only fields it changes, overrides it sets and flags count."""
+    request = load_cluster_request(config, source="scale" if replicas is not None else "up")
     if replicas is not None:
-        spec = spec.with_replicas(replicas, group)
-    check_serve_config(spec)  # the Serve config file too, before any API call
+        request = request.with_replicas(replicas, group)
+    check_serve_config(request.spec)  # the Serve config file too, before any API call
     with open_target(local, project, create=create) as target:
-        yield RayCluster(target.client, target.project_id, spec, project_dir=serve_project_dir())
+        yield RayCluster(target.client, target.project_id, request, project_dir=serve_project_dir())
 
 
 def plan(
@@ -138,10 +147,13 @@ def plan(
 
     def run() -> None:
         with open_cluster(config, local, project) as cluster:
-            result = cluster.plan()
+            apps = cluster.observe()
+            result = cluster.plan(apps)
+            differences = cluster.differences(apps)
         if json_out:
-            print_json(_plan_json(result))
+            print_json({**_plan_json(result), "differences": differences})
         else:
+            _print_differences(differences)
             out_console.print(_plan_table(result))
             out_console.print("nothing to do" if result.is_noop else f"summary: {result.summary()}")
         if result.conflicts:
@@ -280,6 +292,14 @@ def status(
             print_serve(result)
             if result.dashboard_url:
                 out_console.print(f"dashboard: {result.dashboard_url}")
+            if result.applied:
+                origin = result.applied["origin"]
+                sizes = ", ".join(f"{g}: {n}" for g, n in result.applied["workers"].items()) or "no workers"
+                out_console.print(
+                    f"deployed: {escape(sizes)} (by {escape(origin.get('by') or '?')} at {origin.get('at')},"
+                    f" {origin.get('source')})"
+                )
+            _print_differences(result.differences)
             for problem in result.problems:
                 err_console.print(f"[yellow]{escape(problem)}[/]")
         raise typer.Exit(EXIT_OK if result.ready else EXIT_FAILED)

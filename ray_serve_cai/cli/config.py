@@ -21,9 +21,7 @@ from ray_serve_cai.config import (
     load_cluster_spec,
     load_deploy_spec,
 )
-
-EXIT_OK = 0
-EXIT_BAD_INPUT = 2
+from ray_serve_cai.errors import EXIT_BAD_INPUT
 
 app = typer.Typer(help="Check the cluster and jobs config files.", no_args_is_help=True, add_completion=False)
 

@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from ray_serve_cai.errors import EXIT_FAILED, EXIT_OK
 from ray_serve_cai.workspace.daemon import (
     WorkspaceError,
     WorkspaceInfo,
@@ -22,8 +23,7 @@ from ray_serve_cai.workspace.daemon import (
 from ray_serve_cai.workspace.processes import DEFAULT_STOP_GRACE_SECONDS
 from ray_serve_cai.workspace.statefile import resolve_home
 
-EXIT_OK = 0
-EXIT_NOT_RUNNING = 1
+EXIT_NOT_RUNNING = EXIT_FAILED
 
 app = typer.Typer(
     help="The local CML workspace: CML API v2 on loopback, jobs and applications as local processes.",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -29,7 +29,15 @@ from ray_serve_cai.config._common import (
     python_version_of,
     spec_digest,
 )
-from ray_serve_cai.config.errors import ConfigError, Problem, format_path, problems_from_validation, suggest
+from ray_serve_cai.config.errors import (
+    REMOVED,
+    ConfigError,
+    Problem,
+    format_path,
+    lenient_validate,
+    problems_from_validation,
+    suggest,
+)
 
 DEFAULT_CLUSTER_FILE = "ray_cluster_config.yaml"
 _HASH_VERSION = 1  # bump when the meaning of a node's environment changes, to replace old apps
@@ -313,88 +321,94 @@ _NAME_RULE = "must be lowercase letters, digits and single hyphens, starting and
 
 def cluster_problems(spec: ClusterSpec, where: Callable[[str], str] = lambda p: p) -> list[Problem]:
     """Cross-field rules of a field-valid spec. ``where`` maps spec paths to the paths users edit."""
-    problems: list[Problem] = []
+    found = [
+        *_name_problems(spec, where),
+        *_port_problems(spec),
+        *_python_problems(spec, where),
+        *(
+            (field, why)
+            for field in ("head_script", "worker_script")
+            if (why := is_relative_script(getattr(spec, field)))
+        ),
+        *((p.field, p.message) for p in environment_problems(spec.environment, "environment")),
+        *(
+            [("serve.config", why)]
+            if spec.serve is not None and (why := is_relative_script(spec.serve.config))
+            else []
+        ),
+    ]
+    return [Problem(where(path), message) for path, message in found]
 
-    def add(path: str, message: str) -> None:
-        problems.append(Problem(where(path), message))
 
+def _name_problems(spec: ClusterSpec, where: Callable[[str], str]) -> Iterator[tuple[str, str]]:
+    """App names: the cluster and group names are DNS labels, unique, and short enough."""
     name_ok = bool(DNS_LABEL.match(spec.name))
     if not name_ok:
-        add("name", f"{_NAME_RULE} (it becomes part of every app name and subdomain), got {spec.name!r}")
+        yield "name", f"{_NAME_RULE} (it becomes part of every app name and subdomain), got {spec.name!r}"
     elif len(head_app_name(spec.name)) > MAX_APP_NAME:
         name_ok = False  # every worker app name is longer still; one problem is enough
-        add("name", f"app name {head_app_name(spec.name)!r} is longer than {MAX_APP_NAME} characters")
-
+        yield "name", f"app name {head_app_name(spec.name)!r} is longer than {MAX_APP_NAME} characters"
     seen: dict[str, int] = {}
     for i, group in enumerate(spec.worker_groups):
-        path = f"worker_groups[{i}]"
+        path = f"worker_groups[{i}].name"
         if not DNS_LABEL.match(group.name):
-            add(f"{path}.name", f"{_NAME_RULE}, got {group.name!r}")
+            yield path, f"{_NAME_RULE}, got {group.name!r}"
             continue
         if group.name == "head":
-            add(f"{path}.name", "'head' is reserved for the head node; pick another group name")
+            yield path, "'head' is reserved for the head node; pick another group name"
         if group.name in seen:
             first = where(f"worker_groups[{seen[group.name]}].name")
-            add(f"{path}.name", f"duplicate group name {group.name!r} (also {first})")
+            yield path, f"duplicate group name {group.name!r} (also {first})"
         seen.setdefault(group.name, i)
-        if name_ok:
-            longest = worker_app_name(spec.name, group.name, max(group.replicas - 1, 0))
-            if len(longest) > MAX_APP_NAME:
-                add(
-                    f"{path}.name",
-                    f"app name {longest!r} is {len(longest)} characters; the limit is {MAX_APP_NAME} "
-                    "(shorten the cluster or group name)",
-                )
+        longest = worker_app_name(spec.name, group.name, max(group.replicas - 1, 0))
+        if name_ok and len(longest) > MAX_APP_NAME:
+            yield (
+                path,
+                f"app name {longest!r} is {len(longest)} characters; the limit is {MAX_APP_NAME} "
+                "(shorten the cluster or group name)",
+            )
 
+
+def _port_problems(spec: ClusterSpec) -> Iterator[tuple[str, str]]:
     used: dict[int, str] = {}
     for port_name in ("gcs", "client", "dashboard"):
         port = getattr(spec.ports, port_name)
-        if port == 0:
-            continue
-        if port in used:
-            add(f"ports.{port_name}", f"port {port} is also the {used[port]} port; ports must be distinct")
-        else:
+        if port != 0 and port in used:
+            yield f"ports.{port_name}", f"port {port} is also the {used[port]} port; ports must be distinct"
+        elif port != 0:
             used[port] = port_name
 
-    # Head and workers share the project's venv, so one Python version for all of them.
-    versions: list[tuple[str, str, str]] = []  # (path, identifier, version)
-    head_runtime = spec.runtime_of(None)
-    head_own = spec.head.runtime_identifier is not None
-    head_path = "head.runtime_identifier" if head_own else "runtime_identifier"
-    if head_runtime and python_version_of(head_runtime):
-        versions.append((head_path, head_runtime, python_version_of(head_runtime) or ""))
-    for i, group in enumerate(spec.worker_groups):
-        own = group.runtime_identifier  # not runtime_of(): group names may repeat in an invalid spec
-        runtime = own if own is not None else spec.runtime_identifier
-        version = python_version_of(runtime)
-        if runtime and version:
-            path = (
-                f"worker_groups[{i}].runtime_identifier"
-                if group.runtime_identifier is not None
-                else "runtime_identifier"
-            )
-            versions.append((path, runtime, version))
-    if versions:
-        first_path, _, first_version = versions[0]
-        reported: set[str] = set()
-        for path, runtime, version in versions[1:]:
-            if version != first_version and path not in reported:
-                reported.add(path)
-                add(
-                    path,
-                    f"runtime {runtime!r} has Python {version} but {where(first_path)} has Python "
-                    f"{first_version}; head and workers share one venv and must use one Python version",
-                )
 
-    for script_field in ("head_script", "worker_script"):
-        why = is_relative_script(getattr(spec, script_field))
-        if why:
-            add(script_field, why)
-    for problem in environment_problems(spec.environment, "environment"):
-        add(problem.field, problem.message)
-    if spec.serve is not None and (why := is_relative_script(spec.serve.config)):
-        add("serve.config", why)
-    return problems
+def _python_problems(spec: ClusterSpec, where: Callable[[str], str]) -> Iterator[tuple[str, str]]:
+    """Head and workers share the project's venv, so one Python version for all of them."""
+    # (path of the runtime's field, identifier); not runtime_of(): group names may repeat here.
+    runtimes = [
+        (
+            "head.runtime_identifier" if spec.head.runtime_identifier is not None else "runtime_identifier",
+            spec.runtime_of(None),
+        )
+    ]
+    for i, group in enumerate(spec.worker_groups):
+        own = group.runtime_identifier is not None
+        path = f"worker_groups[{i}].runtime_identifier" if own else "runtime_identifier"
+        runtimes.append((path, group.runtime_identifier if own else spec.runtime_identifier))
+    versions = [
+        (path, runtime, python_version_of(runtime))
+        for path, runtime in runtimes
+        if python_version_of(runtime)
+    ]
+    if not versions:
+        return
+    first_path, _, first_version = versions[0]
+    reported: set[str] = set()
+    for path, runtime, version in versions[1:]:
+        if version != first_version and path not in reported:
+            reported.add(path)
+            yield (
+                path,
+                f"runtime {runtime!r} has Python {version} but {where(first_path)} has Python "
+                f"{first_version}; head and workers share one venv and must use one Python version",
+            )
 
 
 # --------------------------------------------------------------------------- the YAML file format
@@ -516,6 +530,16 @@ def cluster_json_schema() -> dict[str, Any]:
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
 
 
+# The environment variables that override `ray_cluster_config.yaml` (see `_apply_env`).
+CLUSTER_OVERRIDE_VARIABLES = ("RAY_CLUSTER_NAME", "RUNTIME_IDENTIFIER", "RAY_NUM_WORKERS", "RAY_WORKER_GPUS")
+
+
+def cluster_overrides(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The override variables set (non-empty) in ``env`` (default ``os.environ``), by name."""
+    env = os.environ if env is None else env
+    return {name: value for name in CLUSTER_OVERRIDE_VARIABLES if (value := env_value(env, name)) is not None}
+
+
 def _apply_env(
     data: Any, env: Mapping[str, str], problems: list[Problem], overridden: dict[str, str]
 ) -> None:
@@ -532,75 +556,42 @@ def _apply_env(
         target[key] = value
         overridden[path] = variable
 
-    if (name := env_value(env, "RAY_CLUSTER_NAME")) is not None:
-        put(section, "name", name, "ray_cluster.name", "RAY_CLUSTER_NAME")
-    if (runtime := env_value(env, "RUNTIME_IDENTIFIER")) is not None:
-        put(section, "runtime_identifier", runtime, "ray_cluster.runtime_identifier", "RUNTIME_IDENTIFIER")
+    for variable, key in (("RAY_CLUSTER_NAME", "name"), ("RUNTIME_IDENTIFIER", "runtime_identifier")):
+        if (value := env_value(env, variable)) is not None:
+            put(section, key, value, f"ray_cluster.{key}", variable)
+    _apply_worker_env(section, env, problems, put)
+
+
+Put = Callable[[dict[str, Any], str, Any, str, str], None]
+
+
+def _apply_worker_env(
+    section: dict[str, Any], env: Mapping[str, str], problems: list[Problem], put: Put
+) -> None:
+    """RAY_NUM_WORKERS (the only group's size) and RAY_WORKER_GPUS (every group's GPUs)."""
     groups = section.get("worker_groups")
-    replicas = env_int(env, "RAY_NUM_WORKERS", problems)
-    if replicas is not None:
+    if (replicas := env_int(env, "RAY_NUM_WORKERS", problems)) is not None:
         if groups is None:
             put(section, "num_workers", replicas, "ray_cluster.num_workers", "RAY_NUM_WORKERS")
         elif isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict):
             put(groups[0], "replicas", replicas, "ray_cluster.worker_groups[0].replicas", "RAY_NUM_WORKERS")
         elif isinstance(groups, list):
-            problems.append(
-                Problem(
-                    "RAY_NUM_WORKERS",
-                    f"sets the size of the only worker group, but this cluster has {len(groups)} groups; "
-                    "set replicas per group in the file instead",
-                )
+            message = (
+                f"sets the size of the only worker group, but this cluster has {len(groups)} groups; "
+                "set replicas per group in the file instead"
             )
-    gpus = env_int(env, "RAY_WORKER_GPUS", problems)
-    if gpus is not None:
+            problems.append(Problem("RAY_NUM_WORKERS", message))
+    if (gpus := env_int(env, "RAY_WORKER_GPUS", problems)) is not None:
         if groups is None:
             put(section, "worker_gpus", gpus, "ray_cluster.worker_gpus", "RAY_WORKER_GPUS")
-        elif isinstance(groups, list):
-            for i, group in enumerate(groups):
-                if isinstance(group, dict):
-                    put(group, "gpus", gpus, f"ray_cluster.worker_groups[{i}].gpus", "RAY_WORKER_GPUS")
-
-
-class _Dropped:
-    """Marks a list item removed for the lenient pass (survives deepcopy as itself)."""
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> _Dropped:
-        return self
-
-
-_DROPPED = _Dropped()
+        for i, group in enumerate(groups if isinstance(groups, list) else []):
+            if isinstance(group, dict):
+                put(group, "gpus", gpus, f"ray_cluster.worker_groups[{i}].gpus", "RAY_WORKER_GPUS")
 
 
 # A bad or missing required value of a worker group is replaced by a stand-in for the lenient pass,
 # so the group's other fields (name, runtime) are still checked.
 _GROUP_STAND_INS: dict[str, Any] = {"replicas": 0, "cpu": 1.0, "memory": 1.0}
-
-
-def _drop(data: Any, loc: tuple[Any, ...]) -> bool:
-    """Remove the value at ``loc`` so a second, lenient pass can check the rest. False if impossible."""
-    if loc and loc[-1] == "[key]":
-        loc = loc[:-1]
-    if len(loc) == 4 and loc[:2] == ("ray_cluster", "worker_groups") and loc[3] in _GROUP_STAND_INS:
-        groups = data.get("ray_cluster", {}).get("worker_groups")
-        if isinstance(groups, list) and isinstance(groups[loc[2]], dict):
-            groups[loc[2]][loc[3]] = _GROUP_STAND_INS[loc[3]]
-            return True
-    if len(loc) == 4 and loc[:2] == ("ray_cluster", "worker_groups") and loc[3] == "name":
-        loc = loc[:3]  # a group without a usable name cannot be checked further
-    if len(loc) < 2:  # the whole file or the whole `ray_cluster` section is unusable
-        return False
-    parent = data
-    for part in loc[:-1]:
-        try:
-            parent = parent[part]
-        except (KeyError, IndexError, TypeError):
-            return True  # already gone
-    last = loc[-1]
-    if isinstance(parent, dict):
-        parent.pop(last, None)
-    elif isinstance(parent, list) and isinstance(last, int) and last < len(parent):
-        parent[last] = _DROPPED
-    return True
 
 
 def _structure_problems(data: Any) -> list[Problem]:
@@ -695,14 +686,14 @@ def parse_cluster_spec(
         file = ClusterFile.model_validate(data)
     except ValidationError as exc:
         problems += problems_from_validation(exc, ClusterFile)
-        file = _lenient(data, exc)
+        file = lenient_validate(ClusterFile, data, exc, _GROUP_STAND_INS)
 
     spec: ClusterSpec | None = None
     if file is not None:
         section = data.get("ray_cluster") or {}
         raw_groups = section.get("worker_groups") if isinstance(section, dict) else None
         group_index = (
-            [i for i, g in enumerate(raw_groups) if g is not _DROPPED] if isinstance(raw_groups, list) else []
+            [i for i, g in enumerate(raw_groups) if g is not REMOVED] if isinstance(raw_groups, list) else []
         )
         normalized, where = _normalize(file, group_index)
         try:
@@ -717,34 +708,6 @@ def parse_cluster_spec(
         raise ConfigError(_dedupe(_rename_overridden(problems, overridden)), source)
     assert spec is not None
     return spec
-
-
-def _lenient(data: dict[str, Any], first: ValidationError) -> ClusterFile | None:
-    """Drop what failed and validate again, so cross-field rules can still check the rest.
-
-    Dropped list items stay in ``data`` as a marker so group indices keep meaning the user's indices.
-    """
-    errors = [tuple(e["loc"]) for e in first.errors()]
-    for _ in range(5):
-        for loc in errors:
-            if not _drop(data, loc):
-                return None
-        candidate = copy.deepcopy(data)
-        section = candidate.get("ray_cluster")
-        index_map: list[int] = []
-        if isinstance(section, dict) and isinstance(section.get("worker_groups"), list):
-            index_map = [i for i, g in enumerate(section["worker_groups"]) if g is not _DROPPED]
-            section["worker_groups"] = [g for g in section["worker_groups"] if g is not _DROPPED]
-        try:
-            return ClusterFile.model_validate(candidate)
-        except ValidationError as exc:
-            errors = []
-            for err in exc.errors():
-                loc = tuple(err["loc"])
-                if loc[:2] == ("ray_cluster", "worker_groups") and len(loc) > 2 and isinstance(loc[2], int):
-                    loc = (*loc[:2], index_map[loc[2]], *loc[3:])
-                errors.append(loc)
-    return None
 
 
 def _rename_overridden(problems: list[Problem], overridden: dict[str, str]) -> list[Problem]:
@@ -763,6 +726,7 @@ def load_cluster_spec(path: str | Path | None = None, *, env: Mapping[str, str] 
 
 
 __all__ = [
+    "CLUSTER_OVERRIDE_VARIABLES",
     "ClusterFile",
     "ClusterSpec",
     "HeadSpec",
@@ -771,6 +735,7 @@ __all__ = [
     "ServeSpec",
     "WorkerGroupSpec",
     "cluster_json_schema",
+    "cluster_overrides",
     "cluster_problems",
     "desired_nodes",
     "format_path",

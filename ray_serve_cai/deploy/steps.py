@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 from ray_serve_cai import RAY_MINOR
+from ray_serve_cai.errors import OperationFailed
 
 if TYPE_CHECKING:  # only for annotations: the first two steps run before any dependency exists
     from ray_serve_cai.cluster import ClusterStatus, Plan, RayCluster
@@ -22,7 +23,7 @@ VENV_DIR = ".venv"
 DEPS_MARKER = ".ray-cai-deps"
 
 
-class StepError(RuntimeError):
+class StepError(OperationFailed, RuntimeError):
     """A job step failed; the message is the one line the job log ends with."""
 
 
@@ -143,21 +144,23 @@ def launch_ray_cluster(args: list[str] | None = None) -> int:
     `--watch [SECONDS]` the job then stays, reconciling at that interval (dead or stuck apps are
     replaced) until the run is stopped."""
     from ray_serve_cai.cluster import ClusterError, RayCluster, write_cluster_info
+    from ray_serve_cai.cluster.applied import load_cluster_request
     from ray_serve_cai.cml import CMLClient, CMLError, CMLSettings
-    from ray_serve_cai.config import ClusterSpec, ConfigError, load_cluster_spec
+    from ray_serve_cai.config import ConfigError
+    from ray_serve_cai.deploy.orchestrator import CLUSTER_REQUEST_VAR, CLUSTER_SPEC_VAR, launch_request
 
     project = _project_dir()
-    spec_json = os.environ.get("RAY_CAI_CLUSTER_SPEC", "").strip()
+    spec_json = os.environ.get(CLUSTER_SPEC_VAR, "").strip()
     try:
         spec = (
-            ClusterSpec.model_validate_json(spec_json)
+            launch_request(spec_json, os.environ.get(CLUSTER_REQUEST_VAR, "").strip())
             if spec_json
-            else load_cluster_spec(project / "ray_cluster_config.yaml")
+            else load_cluster_request(project / "ray_cluster_config.yaml", source="deploy")
         )
-        if spec.serve is not None:  # the Serve config file is checked before any API call too
+        if spec.spec.serve is not None:  # the Serve config file is checked before any API call too
             from ray_serve_cai.config.serve import load_serve_config
 
-            load_serve_config(spec.serve.config, project)
+            load_serve_config(spec.spec.serve.config, project)
         settings = CMLSettings.from_env()
     except (ConfigError, CMLError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)

@@ -39,6 +39,7 @@ from ray_serve_cai.workspace.model import (
     validate_script_path,
     validate_subdomain,
 )
+from ray_serve_cai.workspace.runtimes import load_runtimes
 from ray_serve_cai.workspace.supervisor import Supervisor, WorkloadContext
 
 GIT_CLONE_TIMEOUT_SECONDS = 600
@@ -53,7 +54,8 @@ class WorkspaceService:
     def __init__(self, home: Path, supervisor: Supervisor, runtimes: list[dict[str, Any]]) -> None:
         self.home = home
         self.supervisor = supervisor
-        self.runtimes = runtimes
+        self._runtimes = runtimes
+        self._runtimes_mtime = self._runtimes_file_mtime()
         self.projects: dict[str, Project] = {}
         self.jobs: dict[str, Job] = {}
         self.runs: dict[str, JobRun] = {}
@@ -61,6 +63,19 @@ class WorkspaceService:
         self._background: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------ helpers
+
+    def _runtimes_file_mtime(self) -> float | None:
+        path = self.home / "runtimes.json"
+        return path.stat().st_mtime if path.is_file() else None
+
+    @property
+    def runtimes(self) -> list[dict[str, Any]]:
+        """The runtimes offered; a changed `runtimes.json` in the home is read again, so a test can
+        publish a newer runtime while the workspace runs (as Cloudera does)."""
+        mtime = self._runtimes_file_mtime()
+        if mtime != self._runtimes_mtime:  # changed, added or removed (back to the default list)
+            self._runtimes, self._runtimes_mtime = load_runtimes(self.home), mtime
+        return self._runtimes
 
     def _project(self, project_id: str) -> Project:
         project = self.projects.get(project_id)
