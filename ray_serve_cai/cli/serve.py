@@ -135,8 +135,8 @@ def status(
     project: str | None = ProjectOption,
     json_out: bool = JsonOption,
 ) -> None:
-    """Each Serve application's status, route, deployments and Serve's own message. Exit 0 only when
-    every application is RUNNING."""
+    """Each Serve application's status, route, deployments and Serve's own message (the reason when
+    one failed). Exit 0 only when there are applications and every one is RUNNING."""
 
     def run() -> None:
         with _open(config, local, project) as cluster:
