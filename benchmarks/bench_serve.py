@@ -14,7 +14,10 @@ paths see the same machine load:
 * throughput: `--concurrency` clients for `--seconds` per path, twice each, requests per second;
 
 where "URL" is `<head app URL>/serve/hello` with `Authorization: Bearer <key>` (the workspace's app
-listener → the head's HTTP server → Serve's proxy) and "direct" is `127.0.0.1:<serve_http_port>/hello`.
+listener → the head's HTTP server → Serve's proxy), "head" is the head's own HTTP server
+(`127.0.0.1:$CDSW_APP_PORT/serve/hello`, where CML's router hands requests over; the local
+workspace's listener is the stand-in for that router) and "direct" is
+`127.0.0.1:<serve_http_port>/hello`.
 Targets: URL p50 <= 1.25x direct p50, URL throughput >= 0.8x direct. Finally the head is killed while
 `ray-cai up --watch --interval 2` supervises; the outage is the time until the URL answers again.
 Writes the figures as JSON (`--out`).
@@ -23,6 +26,7 @@ Writes the figures as JSON (`--out`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -103,6 +107,20 @@ def head_app(handle: Any, project_id: str) -> dict[str, Any]:
     return next(a for a in apps if a["subdomain"] == f"ray-{CLUSTER}-head")
 
 
+def head_app_port(handle: Any, project_id: str) -> int:
+    """The head's CDSW_APP_PORT, from its launcher's environment (the workspace runs it locally)."""
+    import psutil
+
+    head = head_app(handle, project_id)
+    for process in handle.api_ok("GET", "/_workspace/processes")["processes"]:
+        if process["workload_id"] == head["id"]:
+            with contextlib.suppress(psutil.Error):
+                port = psutil.Process(int(process["pid"])).environ().get("CDSW_APP_PORT")
+                if port:
+                    return int(port)
+    raise RuntimeError("the head's CDSW_APP_PORT was not found")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=400, help="sequential requests per path")
@@ -141,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         port = status["ray"]["serve_http_port"]
         via_url = head_app(handle, project_id)["url"] + "/serve/hello"
         direct = f"http://127.0.0.1:{port}/hello"
+        head_port = head_app_port(handle, project_id)
+        via_head = f"http://127.0.0.1:{head_port}/serve/hello"
         headers = {"Authorization": f"Bearer {info.api_key}"}
 
         def url_client() -> httpx.Client:
@@ -149,18 +169,27 @@ def main(argv: list[str] | None = None) -> int:
         def direct_client() -> httpx.Client:
             return httpx.Client(timeout=30, trust_env=False)
 
-        lat: dict[str, list[float]] = {"url": [], "direct": []}
-        with url_client() as a, direct_client() as b:
-            latencies(a, via_url, 20)  # warm-up: connections, replicas
-            latencies(b, direct, 20)
+        paths = {
+            "url": (url_client, via_url),
+            "head": (direct_client, via_head),
+            "direct": (direct_client, direct),
+        }
+        lat: dict[str, list[float]] = {name: [] for name in paths}
+        clients = {name: make() for name, (make, _) in paths.items()}
+        try:
+            for name, (_, target) in paths.items():
+                latencies(clients[name], target, 20)  # warm-up: connections, replicas
             for _ in range(4):
-                lat["url"] += latencies(a, via_url, args.requests // 4)
-                lat["direct"] += latencies(b, direct, args.requests // 4)
-        rps: dict[str, list[float]] = {"url": [], "direct": []}
+                for name, (_, target) in paths.items():
+                    lat[name] += latencies(clients[name], target, args.requests // 4)
+        finally:
+            for client in clients.values():
+                client.close()
+        rps: dict[str, list[float]] = {name: [] for name in paths}
         for _ in range(2):
-            rps["url"].append(throughput(url_client, via_url, args.concurrency, args.seconds))
-            rps["direct"].append(throughput(direct_client, direct, args.concurrency, args.seconds))
-        for path in ("url", "direct"):
+            for name, (make, target) in paths.items():
+                rps[name].append(throughput(make, target, args.concurrency, args.seconds))
+        for path in paths:
             result[path] = {
                 "p50_ms": round(statistics.median(lat[path]) * 1000, 2),
                 "p99_ms": round(percentile(lat[path], 0.99) * 1000, 2),
@@ -169,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             }
         result["p50_ratio"] = round(result["url"]["p50_ms"] / result["direct"]["p50_ms"], 2)
         result["rps_ratio"] = round(result["url"]["rps"] / result["direct"]["rps"], 2)
+        result["head_p50_ratio"] = round(result["head"]["p50_ms"] / result["direct"]["p50_ms"], 2)
+        result["head_rps_ratio"] = round(result["head"]["rps"] / result["direct"]["rps"], 2)
         result["p50_target_met"] = result["p50_ratio"] <= 1.25
         result["rps_target_met"] = result["rps_ratio"] >= 0.8
 
