@@ -32,9 +32,12 @@ from ray_serve_cai.cli.common import (
     run_command,
     settings_for,
 )
+from ray_serve_cai.cli.serve import check_serve_config, print_serve
+from ray_serve_cai.cli.serve import project_dir as serve_project_dir
 from ray_serve_cai.cluster import ClusterStatus, RayCluster, connect_info, write_cluster_info
 from ray_serve_cai.cluster.applied import load_cluster_request
 from ray_serve_cai.cluster.plan import Plan
+from ray_serve_cai.cluster.serve import observe_into as converge_serve_view
 from ray_serve_cai.cml import CMLClient
 from ray_serve_cai.config.edit import save_replicas
 
@@ -141,6 +144,7 @@ def _print_ready(status: ClusterStatus, info_path: Path | None) -> None:
     connect = connect_info(status)
     out_console.print(_status_table(status))
     _print_groups(status)
+    print_serve(status)
     out_console.print(f"dashboard: {status.dashboard_url}")
     if connect["address"]:
         out_console.print(f"connect:   ray.init(address={connect['address']!r})  (see `ray-cai connect`)")
@@ -164,8 +168,9 @@ def open_cluster(
     request = load_cluster_request(config, source="scale" if replicas is not None else "up")
     if replicas is not None:
         request = request.with_replicas(replicas, group)
+    check_serve_config(request.spec)  # the Serve config file too, before any API call
     with open_target(local, project, create=create) as target:
-        yield RayCluster(target.client, target.project_id, request)
+        yield RayCluster(target.client, target.project_id, request, project_dir=serve_project_dir())
 
 
 def plan(
@@ -222,6 +227,9 @@ def _converge(
             _print_ready(status, info_path)
         else:
             out_console.print(_status_table(status))
+            print_serve(status)
+            for problem in status.problems:
+                err_console.print(f"[yellow]{escape(problem)}[/]")
         if wait and not status.ready:
             raise typer.Exit(EXIT_FAILED)
 
@@ -317,12 +325,13 @@ def status(
 
     def run() -> None:
         with open_cluster(config, local, project) as cluster:
-            result = cluster.status()
+            result = converge_serve_view(cluster, cluster.status())
         if json_out:
             print_json(result.as_dict())
         else:
             out_console.print(_status_table(result))
             _print_groups(result)
+            print_serve(result)
             if result.dashboard_url:
                 out_console.print(f"dashboard: {result.dashboard_url}")
             if result.applied:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from ray_serve_cai.cluster.applied import (
@@ -43,6 +44,7 @@ from ray_serve_cai.cluster.plan import (
     plan_changes,
 )
 from ray_serve_cai.cluster.runtimes import RuntimeChoiceError, resolve_runtimes
+from ray_serve_cai.cluster.serve import converge_serve
 from ray_serve_cai.cml import (
     Application,
     BadRequest,
@@ -110,6 +112,9 @@ class ClusterStatus:
         """The autoscaler's last decision, as the head's status endpoint reports it."""
         return self.ray.get("autoscaler") or None
 
+    # Serve's applications (`ray-cai serve status` shape) when the spec has `serve:`; see cluster/serve.py.
+    serve: dict[str, Any] | None = None
+
     @property
     def ready(self) -> bool:
         return self.state == "ready"
@@ -136,6 +141,7 @@ class ClusterStatus:
             "differences": self.differences,
             "groups": self.groups,
             "autoscaler": self.autoscaler,
+            "serve": self.serve,
         }
 
 
@@ -188,6 +194,7 @@ class RayCluster:
         poll_interval: float = 2.0,
         max_parallel: int = 16,
         lock_wait: float = 120.0,
+        project_dir: Path | None = None,
     ) -> None:
         self.client = client
         self.project_id = project_id
@@ -196,6 +203,7 @@ class RayCluster:
         self.poll_interval = poll_interval
         self.max_parallel = max_parallel
         self.lock_wait = lock_wait
+        self.project_dir = project_dir  # where project-relative files (the Serve config) are; None = cwd
         # A lock outlives a run killed on another machine by at most this long (one on this
         # machine is taken over at once); a pass holds it only while it plans and applies.
         self.lock_ttl = 120.0
@@ -583,6 +591,7 @@ class RayCluster:
         """Converge: plan, apply, then (by default) wait until Ray reports every node alive."""
         plan, apps = self._converge()
         status = self.wait_until_ready(timeout, on_progress, apps=apps) if wait else self.status(apps)
+        status = converge_serve(self, status, wait=wait, timeout=timeout, on_progress=on_progress)
         return plan, status
 
     def watch(
@@ -632,7 +641,7 @@ class RayCluster:
         while not should_stop():
             plan = self.converge(extra=stuck_apps)
             self._heal_only = True  # later passes keep what is deployed, whoever deployed it
-            status = self.status()
+            status = converge_serve(self, self.status(), wait=False)
             if on_pass:
                 on_pass(plan, status)
             passes += 1

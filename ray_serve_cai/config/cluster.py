@@ -114,6 +114,14 @@ class RayPorts(BaseModel):
     dashboard: Port = 8265
 
 
+class ServeSpec(BaseModel):
+    """Serve applications the cluster runs: `config` is a project-relative file in Serve's format."""
+
+    model_config = _STRICT
+
+    config: str
+
+
 class ClusterSpec(BaseModel):
     """A whole Ray cluster: one head and any number of worker groups."""
 
@@ -131,6 +139,7 @@ class ClusterSpec(BaseModel):
     worker_script: str = "cai_integration/ray_worker.py"
     environment: Environment = Field(default_factory=dict)
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
+    serve: ServeSpec | None = None  # not part of any node's hash: Serve changes apply in place
 
     @model_validator(mode="after")
     def _cross_field_rules(self, info: ValidationInfo) -> ClusterSpec:
@@ -481,6 +490,11 @@ def cluster_problems(spec: ClusterSpec, where: Callable[[str], str] = lambda p: 
             if (why := is_relative_script(getattr(spec, field)))
         ),
         *((p.field, p.message) for p in environment_problems(spec.environment, "environment")),
+        *(
+            [("serve.config", why)]
+            if spec.serve is not None and (why := is_relative_script(spec.serve.config))
+            else []
+        ),
     ]
     return [Problem(where(path), message) for path, message in found]
 
@@ -591,6 +605,16 @@ class AuthFile(BaseModel):
     token: bool = Field(True, description="Ray token authentication (RAY_AUTH_MODE=token); on by default")
 
 
+class ServeFile(BaseModel):
+    """`ray_cluster.serve`: Serve applications deployed (and kept deployed) on the cluster."""
+
+    model_config = _FILE
+
+    config: str = Field(
+        description="project-relative file in Ray Serve's config format (what `serve build` writes)"
+    )
+
+
 class WorkerGroupFile(BaseModel):
     """One entry of `ray_cluster.worker_groups`."""
 
@@ -667,6 +691,7 @@ class RayClusterFile(BaseModel):
         default_factory=dict, description="extra non-secret environment variables for every node"
     )
     autoscaling: AutoscalingFile = Field(default_factory=AutoscalingFile)
+    serve: ServeFile | None = Field(None, description="Serve applications to deploy on the cluster")
 
 
 class ClusterFile(BaseModel):
@@ -832,6 +857,7 @@ def _normalize(file: ClusterFile, group_index: list[int]) -> tuple[dict[str, Any
         "worker_script": rc.worker_script,
         "environment": dict(rc.environment),
         "autoscaling": rc.autoscaling.model_dump(),
+        "serve": rc.serve.model_dump() if rc.serve is not None else None,
     }
 
     def where(path: str) -> str:
@@ -930,6 +956,7 @@ __all__ = [
     "HeadSpec",
     "NodeSpec",
     "RayPorts",
+    "ServeSpec",
     "WorkerGroupSpec",
     "cluster_json_schema",
     "cluster_overrides",

@@ -27,6 +27,7 @@ from ray_serve_cai.errors import WaitTimeout
 from ray_serve_cai.node.ports import WorkerPortBlock, pick_free_ports, reserve_worker_port_block
 from ray_serve_cai.node.process_tree import NODE_TAG_VARIABLE, end_node, node_processes, processes_in_group
 from ray_serve_cai.node.reaper import release_reaper, start_reaper
+from ray_serve_cai.node.serve_proxy import project_pythonpath
 from ray_serve_cai.node.settings import NodeSettings
 from ray_serve_cai.waiting import poll_until
 
@@ -248,6 +249,7 @@ class RayNode:
         env[NODE_TAG_VARIABLE] = self.tag
         env["RAY_USAGE_STATS_ENABLED"] = "0"
         env.update(self.extra_env)
+        env["PYTHONPATH"] = project_pythonpath(env, self.settings.project_dir)  # Serve imports project code
         return env
 
     def start_command(self, head_address: str | None = None) -> list[str]:
