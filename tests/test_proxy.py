@@ -325,7 +325,9 @@ def test_a_login_link_works_once_and_its_cookie_opens_only_that_app(
         seen = browser.get(f"{app['url']}/echo").json()  # the cookie now opens the app ...
         assert "ray-cai-app-" not in seen["headers"].get("cookie", "")  # ... and is not passed on
         # ... never the API, even on the same host (browsers share cookies across ports).
-        api = browser.get(f"{workspace.url}/api/v2/projects", cookies=dict(browser.cookies))
+        cookie = "; ".join(f"{c.name}={c.value}" for c in browser.cookies.jar)
+        assert cookie.startswith("ray-cai-app-")
+        api = httpx.get(f"{workspace.url}/api/v2/projects", headers={"Cookie": cookie}, trust_env=False)
         assert api.status_code == 401
     with httpx.Client(trust_env=False) as other_browser:
         reused = other_browser.get(login_url, headers={"Accept": "text/html"})

@@ -321,8 +321,9 @@ class AppListeners:
 
     async def close_all(self) -> None:
         async with self._lock:
-            for app_id in list(self._open):
-                await self._close(app_id)
+            await asyncio.gather(
+                *(self._close(app_id) for app_id in list(self._open)), return_exceptions=True
+            )
         await self._client.aclose()
 
     async def _start(self, app: Application) -> None:
