@@ -1,5 +1,5 @@
 """Secrets stay secret through the whole local flow: `deploy --local`, `status`, `connect`, `dashboard`,
-`down`.
+`job ...`, `logs`, `down`.
 
 A workspace in its own home with a recognisable API key (set in its state file before it starts), a
 recognisable GH_PAT in the environment, and the Ray token read from `.ray-cai/<cluster>/auth_token`.
@@ -116,6 +116,21 @@ def test_no_secret_leaks_through_the_local_flow(tmp_path: Path) -> None:
             login_codes.append(url.split("code=", 1)[1])
             assert api_key not in proc.stdout + proc.stderr and gh_pat not in proc.stdout + proc.stderr
         assert len(login_codes[0]) >= 32 and login_codes[0] != login_codes[1]
+        target = ("--local", "-p", PROJECT, "-c", "ray_cluster_config.yaml")
+        for args, code in (
+            (
+                ("job", "submit", *target, "--submission-id", "secret-job", "--", "python", "-c", "print(1)"),
+                0,
+            ),
+            (("job", "status", "secret-job", *target, "--json"), 0),
+            (("job", "logs", "secret-job", *target), 0),
+            (("job", "list", *target, "--json"), 0),
+            (("job", "status", "no-such-job", *target), 1),
+            (("logs", *target, "--list", "--json"), 0),
+            (("logs", *target, "--tail", "200"), 0),
+        ):
+            proc = ray_cai(*args)
+            assert proc.returncode == code, f"{args}: {proc.stderr}"
         env_texts = environments(handle, project["id"])
         bad = ray_cai("up", "--local", "-p", PROJECT, "-c", "missing.yaml")  # an error message too
         assert bad.returncode == 2
