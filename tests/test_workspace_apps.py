@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,11 @@ def alive(pid: int) -> bool:
         return False
 
 
+def seconds_between(earlier: str, later: str) -> float:
+    """Seconds from one API timestamp (RFC 3339 UTC) to another."""
+    return (datetime.fromisoformat(later) - datetime.fromisoformat(earlier)).total_seconds()
+
+
 def delete_app(workspace: WorkspaceHandle, project: dict[str, Any], app: dict[str, Any]) -> None:
     assert workspace.api_ok("DELETE", app_path(project, app)) == {}
 
@@ -54,10 +59,10 @@ def test_app_starts_runs_routes_and_stops(workspace: WorkspaceHandle, project: d
     app = create_app(workspace, project, environment={"APP_LISTEN_DELAY": "0.8", "APP_VAR": "a"}, cpu=2)
     assert app["status"] == "APPLICATION_STARTING" and app["cpu"] == 2
     assert json.loads(app["environment"]) == {"PROJECT_VAR": "p1", "APP_LISTEN_DELAY": "0.8", "APP_VAR": "a"}
-    time.sleep(0.4)
-    assert workspace.api_ok("GET", app_path(project, app))["status"] == "APPLICATION_STARTING"
     running = workspace.wait_for_app(project["id"], app["id"], {"APPLICATION_RUNNING"})
     assert running["running_at"] and running["started_at"] and Path(running["log_path"]).is_file()
+    # It was STARTING until it answered HTTP, at least the listen delay after its process started.
+    assert seconds_between(running["started_at"], running["running_at"]) >= 0.8
 
     # At the app's own URL, with the bearer key (stripped before it reaches the app).
     assert app["url"].startswith("http://127.0.0.1:") and running["url"] == app["url"]
@@ -194,10 +199,10 @@ def test_app_start_latency_keeps_it_starting(workspace: WorkspaceHandle, project
     workspace.set_latency(app_start_seconds=1.0)
     try:
         app = create_app(workspace, project)
-        time.sleep(0.6)
-        early = workspace.api_ok("GET", app_path(project, app))
-        assert early["status"] == "APPLICATION_STARTING" and early["started_at"] is None
-        assert workspace.wait_for_app(project["id"], app["id"], {"APPLICATION_RUNNING"})["started_at"]
+        assert app["status"] == "APPLICATION_STARTING" and app["started_at"] is None
+        running = workspace.wait_for_app(project["id"], app["id"], {"APPLICATION_RUNNING"})
+        # Its process started only after the injected latency.
+        assert seconds_between(running["created_at"], running["started_at"]) >= 1.0
     finally:
         workspace.set_latency()
     delete_app(workspace, project, app)

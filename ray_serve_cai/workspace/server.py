@@ -23,14 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ray_serve_cai.errors import OperationFailed, WaitTimeout
+from ray_serve_cai.waiting import poll_until
 from ray_serve_cai.workspace.app_urls import AppListeners, AppLogins, login_code_answer
-from ray_serve_cai.workspace.controls import FaultInjector, FaultPlan, Latency, RequestCounters
+from ray_serve_cai.workspace.controls import FaultInjector, FaultPlan, Latency, RequestCounters, RestartPolicy
 from ray_serve_cai.workspace.errors import (
     GRPC_CODE_OF_HTTP_STATUS,
     GrpcCode,
@@ -43,6 +45,7 @@ from ray_serve_cai.workspace.processes import DEFAULT_STOP_GRACE_SECONDS
 from ray_serve_cai.workspace.runtimes import load_runtimes
 from ray_serve_cai.workspace.service import WorkspaceService
 from ray_serve_cai.workspace.statefile import ensure_api_key, read_state, write_state
+from ray_serve_cai.workspace.store import Store, db_path
 from ray_serve_cai.workspace.supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
@@ -140,7 +143,8 @@ def build_api(
         asyncio.get_running_loop().set_default_executor(
             ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="workspace")
         )
-        await sync_listeners()
+        await service.start()  # re-adopts an earlier server's workloads; service.live_apps() lists them
+        await sync_listeners()  # every application (re-adopted ones too) gets its listener back
         yield
         logger.info("shutting down: ending every workload")
         await listeners.close_all()
@@ -484,8 +488,63 @@ class WorkspaceGateway:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-def create_server(config: ServerConfig, workspace_tag: str | None = None) -> WorkspaceGateway:
-    """The whole ASGI application of a workspace rooted at `config.home`."""
+class FlushBeforeAnswer:
+    """ASGI middleware: every change a request made is committed to the store before its answer
+    starts, so an answer a client saw is never lost by a crash of the server."""
+
+    def __init__(self, app: ASGIApp, service: WorkspaceService) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def flushing_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.service.flush()
+            await send(message)
+
+        await self.app(scope, receive, flushing_send)
+
+
+def restart_policy_router(service: WorkspaceService) -> APIRouter:
+    """`GET/PUT/DELETE /_workspace/restart-policy`: CML's automatic restart of failed applications
+    (DELETE: back to the server's start options)."""
+    router = APIRouter()
+    supervisor = service.supervisor
+
+    @router.get(f"{CONTROL_PREFIX}/restart-policy")
+    async def get_restart_policy() -> JSONResponse:
+        return _json(200, supervisor.restart_state(list(service.apps.values())))
+
+    @router.put(f"{CONTROL_PREFIX}/restart-policy")
+    async def put_restart_policy(request: Request) -> JSONResponse:
+        replacement = RestartPolicy(**supervisor.restart_policy.to_dict())
+        replacement.update(await _read_body(request))
+        supervisor.restart_policy.update(replacement.to_dict())
+        return _json(200, supervisor.restart_state(list(service.apps.values())))
+
+    initial = supervisor.restart_policy.to_dict()  # the start options
+
+    @router.delete(f"{CONTROL_PREFIX}/restart-policy")
+    async def reset_restart_policy() -> JSONResponse:
+        supervisor.restart_policy.update(initial)
+        return _json(200, supervisor.restart_state(list(service.apps.values())))
+
+    return router
+
+
+def create_server(
+    config: ServerConfig,
+    workspace_tag: str | None = None,
+    *,
+    store: Store | None = None,
+    restart_policy: RestartPolicy | None = None,
+) -> WorkspaceGateway:
+    """The whole ASGI application of a workspace rooted at `config.home` (its state in `store`,
+    by default `<home>/workspace.db`)."""
     latency = Latency()
     counters = RequestCounters()
     faults = FaultInjector()
@@ -496,29 +555,87 @@ def create_server(config: ServerConfig, workspace_tag: str | None = None) -> Wor
         workspace_tag=workspace_tag or f"{config.port}-{secrets.token_hex(6)}",
         latency=latency,
         stop_grace_seconds=config.stop_grace_seconds,
+        restart_policy=restart_policy,
     )
-    service = WorkspaceService(config.home, supervisor, load_runtimes(config.home))
+    service = WorkspaceService(config.home, supervisor, load_runtimes(config.home), store)
     logins = AppLogins(config.api_key)
     listeners = AppListeners(logins, config.api_key, service.apps.get)
     api = build_api(
         service, {"counters": counters, "faults": faults, "latency": latency}, config, listeners, logins
     )
+    api.include_router(restart_policy_router(service))
+    api.add_middleware(FlushBeforeAnswer, service=service)
     return WorkspaceGateway(api, service, config, counters, faults)
 
 
-def serve(home: Path, port: int = 0, stop_grace_seconds: float = DEFAULT_STOP_GRACE_SECONDS) -> None:
-    """Run the workspace server in the foreground until SIGTERM/SIGINT."""
+PORT_REUSE_TIMEOUT_SECONDS = 5.0
+
+
+def _bind(port: int, *, preferred: bool) -> socket.socket:
+    """A listening socket on 127.0.0.1:`port`. The port of the previous server (`preferred`) is
+    retried for a few seconds, then a free one is taken (with a warning: workloads that hold the old
+    URL in CDSW_API_URL cannot reach the new one)."""
+
+    def attempt(wanted: int) -> socket.socket | None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", wanted))
+        except OSError:
+            sock.close()
+            return None
+        sock.listen(512)
+        return sock
+
+    if not port:
+        sock = attempt(0)
+        assert sock is not None
+        return sock
+    if not preferred:
+        sock = attempt(port)
+        if sock is None:
+            raise OperationFailed(f"cannot listen on 127.0.0.1:{port}: the port is in use")
+        return sock
+    try:
+        return poll_until(
+            lambda: attempt(port),
+            timeout=PORT_REUSE_TIMEOUT_SECONDS,
+            interval=0.2,
+            what=f"port {port} of the previous server to be free",
+        )
+    except WaitTimeout:
+        logger.warning("port %d of the previous server is taken; the workspace URL changes", port)
+        sock = attempt(0)
+        assert sock is not None
+        return sock
+
+
+def serve(
+    home: Path,
+    port: int = 0,
+    stop_grace_seconds: float = DEFAULT_STOP_GRACE_SECONDS,
+    restart_policy: RestartPolicy | None = None,
+) -> None:
+    """Run the workspace server in the foreground until SIGTERM/SIGINT.
+
+    Its state is in `<home>/workspace.db`; a restart keeps the URL (the previous port, unless `port`
+    names another) and the workspace tag, and re-adopts the workloads the previous server left."""
     home.mkdir(parents=True, exist_ok=True)
     (home / "projects").mkdir(exist_ok=True)
     api_key = ensure_api_key(home)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
-    sock.listen(512)
-    config = ServerConfig(home=home, api_key=api_key, port=int(sock.getsockname()[1]),
-                          stop_grace_seconds=stop_grace_seconds)  # fmt: skip
-    workspace_tag = f"{config.port}-{secrets.token_hex(6)}"
-    gateway = create_server(config, workspace_tag)
+    store = Store(db_path(home))
+    try:
+        state = read_state(home)
+        previous_port = state.get("port") if isinstance(state.get("port"), int) else None
+        sock = _bind(port or previous_port or 0, preferred=not port and previous_port is not None)
+        config = ServerConfig(home=home, api_key=api_key, port=int(sock.getsockname()[1]),
+                              stop_grace_seconds=stop_grace_seconds)  # fmt: skip
+        workspace_tag = store.get_meta("workspace_tag") or f"{config.port}-{secrets.token_hex(6)}"
+        store.set_meta("workspace_tag", workspace_tag)
+        gateway = create_server(config, workspace_tag, store=store, restart_policy=restart_policy)
+    except BaseException:
+        store.close()
+        raise
     state = read_state(home)
     state.update(
         {
