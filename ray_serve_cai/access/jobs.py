@@ -217,8 +217,8 @@ def _ray_error_text(response: httpx.Response) -> str:
         return f"HTTP {response.status_code}"
     try:
         body = json.loads(text)
-        if isinstance(body, dict) and body.get("message"):
-            return str(body["message"])
+        if isinstance(body, dict) and (body.get("message") or body.get("error")):
+            return str(body.get("message") or body.get("error"))
     except ValueError:
         pass
     return lines[-1][:500]
