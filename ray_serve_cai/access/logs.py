@@ -106,16 +106,15 @@ class NodeLogs:
         if wanted is None:
             found = [n for n in nodes if n.is_head]
         else:
-            full = wanted if wanted.startswith(f"ray-{cluster}-") else f"ray-{cluster}-{wanted}"
-            found = [n for n in nodes if n.name in (wanted, full)] or [
-                n for n in nodes if n.node_id.startswith(wanted)
-            ]
+            names = {wanted, wanted if wanted.startswith(f"ray-{cluster}-") else f"ray-{cluster}-{wanted}"}
+            found = [n for n in nodes if n.name in names]
+            if not found:
+                found = [n for n in nodes if n.node_id.startswith(wanted)]
+                if len({n.node_id for n in found}) > 1:
+                    raise NodeLogsError(f"{wanted!r} matches {len(found)} node ids; give more of the id")
         if not found:
-            names = ", ".join(sorted({n.name for n in nodes})) or "none"
-            raise NodeLogsError(f"no node {wanted or 'head'!r} in cluster {cluster!r} (nodes: {names})")
-        ids = {n.node_id for n in found if n.alive} or {found[0].node_id}
-        if len(ids) > 1 and wanted is not None and not any(n.name in (wanted, full) for n in found):
-            raise NodeLogsError(f"{wanted!r} matches several node ids; give more of the id")
+            known = ", ".join(sorted({n.name for n in nodes})) or "none"
+            raise NodeLogsError(f"no node {wanted or 'head'!r} in cluster {cluster!r} (nodes: {known})")
         return found[0]
 
     def list_files(self, node: RayNode, glob: str = "*") -> dict[str, list[str]]:
