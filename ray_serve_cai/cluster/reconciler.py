@@ -524,21 +524,35 @@ class RayCluster:
         )
 
     # -- verbs -----------------------------------------------------------------------------
-    def converge(self, extra: Callable[[list[Application]], list[Action]] | None = None) -> Plan:
+    def converge(
+        self,
+        extra: Callable[[list[Application]], list[Action]] | None = None,
+        defer: Callable[[Action], bool] | None = None,
+    ) -> Plan:
         """One reconcile pass: observe and plan; when something must change, take the cluster lock,
         plan again under it (another run may have acted meanwhile) and apply. `extra` adds actions
-        the planner cannot see from one observation (e.g. apps stuck in STARTING); it runs once."""
-        return self._converge(extra)[0]
+        the planner cannot see from one observation (e.g. apps stuck in STARTING); it runs once.
+        `defer` leaves out actions for a later pass (a failed app CML is about to restart)."""
+        return self._converge(extra, defer)[0]
 
     def _converge(
-        self, extra: Callable[[list[Application]], list[Action]] | None = None
+        self,
+        extra: Callable[[list[Application]], list[Action]] | None = None,
+        defer: Callable[[Action], bool] | None = None,
     ) -> tuple[Plan, list[Application] | None]:
         """`converge`, also returning the observation when nothing was changed (still current)."""
+
+        def planned(apps: Sequence[Application], target: Target) -> Plan:
+            plan = self._plan(apps, target)
+            if defer is None:
+                return plan
+            return replace(plan, actions=tuple(a for a in plan.actions if not defer(a)))
+
         apps = self.observe()
         if remove_stale_lock(self.client, self.project_id, self.spec.name, apps):
             apps = self.observe()
         target = self.target(apps)
-        plan = self._plan(apps, target)
+        plan = planned(apps, target)
         extra_actions = extra(apps) if extra else []
         if plan.is_noop and not extra_actions:
             if not target.needs_record:
@@ -548,7 +562,7 @@ class RayCluster:
         with self._lock(target.runtimes.get("head")):
             apps = self.observe()
             target = self.target(apps)
-            plan = self._plan(apps, target)
+            plan = planned(apps, target)
             busy = {a.name for a in plan.actions}
             more = tuple(a for a in extra_actions if a.name not in busy)
             plan = replace(plan, actions=plan.actions + more)
@@ -606,8 +620,22 @@ class RayCluster:
         and an app stuck in STARTING, or running but not in Ray, past `startup_timeout` is restarted."""
         starting_since: dict[str, float] = {}
         outside_since: dict[str, float] = {}
+        failed_since: dict[str, float] = {}
+
+        def left_to_cml(action: Action) -> bool:
+            """CML restarts a failed application by itself (reference §5): observe, then act — the
+            watch restarts it only once it stayed failed for `cml_restart_wait` seconds."""
+            if action.kind is not ActionKind.RESTART or action.app is None or action.app.status != FAILED:
+                return False
+            waited = time.monotonic() - failed_since.setdefault(action.app.id, time.monotonic())
+            if waited < self.spec.cml_restart_wait:
+                log.info("%s failed %.0fs ago: left to CML's automatic restart for now", action.name, waited)
+                return True
+            return False  # its entry goes once the app is no longer failed (see stuck_apps)
 
         def stuck_apps(apps: list[Application]) -> list[Action]:
+            for app_id in [i for i in failed_since if all(a.id != i or a.status != FAILED for a in apps)]:
+                del failed_since[app_id]  # restarted (by CML, or by us) or gone
             outside = _outside_ray(self.status(apps), outside_since)
             late = {name: s for name, s in outside.items() if s > self.spec.startup_timeout}
             for name in late:
@@ -639,7 +667,7 @@ class RayCluster:
 
         passes = 0
         while not should_stop():
-            plan = self.converge(extra=stuck_apps)
+            plan = self.converge(extra=stuck_apps, defer=left_to_cml)
             self._heal_only = True  # later passes keep what is deployed, whoever deployed it
             status = converge_serve(self, self.status(), wait=False)
             if on_pass:
