@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -51,7 +52,8 @@ ray_cluster:
 
 
 @pytest.fixture(scope="module")
-def cli(workspace: WorkspaceHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+def cli(workspace: WorkspaceHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """`ray-cai <command> --local --project --config` for a cluster of 1 head + 1 worker, up."""
     config = tmp_path_factory.mktemp("browser") / "ray_cluster_config.yaml"
     config.write_text(CONFIG)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CML_", "CDSW_", "RAY_"))}
@@ -68,6 +70,9 @@ def cli(workspace: WorkspaceHandle, tmp_path_factory: pytest.TempPathFactory) ->
         )
 
     try:
+        up = run("up", "--json", "--info-file", os.devnull)
+        assert up.returncode == 0, f"up failed:\n{up.stderr}\n{up.stdout}"
+        run.nodes = json.loads(up.stdout)["status"]["nodes"]  # type: ignore[attr-defined]
         yield run
     finally:
         run("down")
@@ -77,14 +82,11 @@ def cli(workspace: WorkspaceHandle, tmp_path_factory: pytest.TempPathFactory) ->
     not Path(CHROMIUM).exists(), reason="needs the system Chromium (apt-get install chromium)"
 )
 def test_the_dashboard_link_opens_the_cluster_page_in_a_browser_and_nothing_else_does(
-    cli: object, workspace: WorkspaceHandle
+    cli: Any,
 ) -> None:
     sync_api = pytest.importorskip("playwright.sync_api")
-    run = cli  # type: ignore[assignment]
-    up = run("up", "--json", "--info-file", os.devnull)  # type: ignore[operator]
-    assert up.returncode == 0, f"up failed:\n{up.stderr}\n{up.stdout}"
-    nodes = json.loads(up.stdout)["status"]["nodes"]
-    printed = run("dashboard")  # type: ignore[operator]
+    nodes = cli.nodes
+    printed = cli("dashboard")
     assert printed.returncode == 0, printed.stderr
     url = printed.stdout.strip().splitlines()[-1]
     head_url = url.split("/_workspace/login", 1)[0]
@@ -114,3 +116,20 @@ def test_the_dashboard_link_opens_the_cluster_page_in_a_browser_and_nothing_else
             assert "not valid" in stranger.content()
         finally:
             browser.close()
+
+
+def test_the_dashboard_rest_api_answers_curl_with_the_api_key(cli: Any, workspace: WorkspaceHandle) -> None:
+    """README's example: the key goes to curl on stdin (`--config -`), never on a command line."""
+    status = cli("status", "--json")
+    url = json.loads(status.stdout)["dashboard_url"]
+    script = (
+        'printf \'header = "Authorization: Bearer %s"\\n\' "$CML_API_KEY"'
+        ' | curl -sf --config - "${url}api/version"'
+    )
+    env = {**os.environ, "CML_API_KEY": workspace.api_key, "url": url}
+    answer = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=30)
+    assert answer.returncode == 0, answer.stderr
+    assert json.loads(answer.stdout)["ray_version"].startswith("2.60")
+    refused = subprocess.run(["curl", "-s", "-o", os.devnull, "-w", "%{http_code}", f"{url}api/version"],
+                             capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert refused.stdout == "401"

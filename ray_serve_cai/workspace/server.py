@@ -16,7 +16,7 @@ import os
 import secrets
 import socket
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +26,7 @@ import uvicorn
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ray_serve_cai.errors import OperationFailed, WaitTimeout
@@ -126,15 +126,13 @@ def build_api(
     listeners: AppListeners | None = None,
     logins: AppLogins | None = None,
 ) -> FastAPI:
-    """The FastAPI app with the CML routes and the `/_workspace/` controls (auth is in the gateway).
+    """The FastAPI app: the CML routes and the `/_workspace/` controls, one router per resource,
+    and the error shapes (auth, counters and faults are middlewares, see `WorkspaceGateway`).
 
     `listeners` follow the applications: `sync` after every call that adds or removes one, and at
     startup (apps re-adopted from a previous run get their listener back on their recorded port)."""
     logins = logins or AppLogins(config.api_key)
     listeners = listeners or AppListeners(logins, config.api_key, service.apps.get)
-
-    async def sync_listeners() -> None:
-        await listeners.sync(service.apps.values())
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -144,14 +142,26 @@ def build_api(
             ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="workspace")
         )
         await service.start()  # re-adopts an earlier server's workloads; service.live_apps() lists them
-        await sync_listeners()  # every application (re-adopted ones too) gets its listener back
+        await listeners.sync(
+            service.apps.values()
+        )  # every application (re-adopted ones too) gets its listener
         yield
         logger.info("shutting down: ending every workload")
         await listeners.close_all()
         await service.shutdown()
 
     api = FastAPI(docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    _add_error_handlers(api)
+    api.include_router(projects_router(service, listeners))
+    api.include_router(runtimes_router(service))
+    api.include_router(jobs_router(service))
+    api.include_router(runs_router(service))
+    api.include_router(applications_router(service, listeners))
+    api.include_router(controls_router(service, controls, config, logins))
+    return api
 
+
+def _add_error_handlers(api: FastAPI) -> None:
     @api.exception_handler(WorkspaceAPIError)
     async def on_api_error(_: Request, exc: WorkspaceAPIError) -> JSONResponse:
         return _json(exc.http_status, exc.body())
@@ -167,153 +177,188 @@ def build_api(
         logger.exception("unexpected error", exc_info=exc)
         return _json(500, error_body(GrpcCode.INTERNAL, "internal workspace error"))
 
-    p = API_PREFIX
 
-    # --- projects
-    @api.get(f"{p}/projects")
+def projects_router(service: WorkspaceService, listeners: AppListeners) -> APIRouter:
+    """`/api/v2/projects[/{project_id}]` (deleting a project closes its applications' listeners)."""
+    router = APIRouter(prefix=f"{API_PREFIX}/projects")
+
+    @router.get("")
     async def list_projects(request: Request) -> JSONResponse:
         return _list_response(request, service.list_projects(), "projects")
 
-    @api.post(f"{p}/projects")
+    @router.post("")
     async def create_project(request: Request) -> JSONResponse:
         return _json(200, service.create_project(await _read_body(request, allow_empty=False)).to_api())
 
-    @api.get(f"{p}/projects/{{project_id}}")
+    @router.get("/{project_id}")
     async def get_project(project_id: str) -> JSONResponse:
         return _json(200, service.get_project(project_id).to_api())
 
-    @api.patch(f"{p}/projects/{{project_id}}")
+    @router.patch("/{project_id}")
     async def update_project(project_id: str, request: Request) -> JSONResponse:
         return _json(200, service.update_project(project_id, await _read_body(request)).to_api())
 
-    @api.delete(f"{p}/projects/{{project_id}}")
+    @router.delete("/{project_id}")
     async def delete_project(project_id: str) -> JSONResponse:
         try:
             await service.delete_project(project_id)
         finally:
-            await sync_listeners()
+            await listeners.sync(service.apps.values())
         return _json(200, {})
 
-    # --- runtimes
-    @api.get(f"{p}/runtimes")
+    return router
+
+
+def runtimes_router(service: WorkspaceService) -> APIRouter:
+    """`/api/v2/runtimes`."""
+    router = APIRouter(prefix=API_PREFIX)
+
+    @router.get("/runtimes")
     async def list_runtimes(request: Request) -> JSONResponse:
         return _list_response(request, service.list_runtimes(), "runtimes")
 
-    # --- jobs
-    @api.get(f"{p}/projects/{{project_id}}/jobs")
+    return router
+
+
+def jobs_router(service: WorkspaceService) -> APIRouter:
+    """`/api/v2/projects/{project_id}/jobs[/{job_id}]`."""
+    router = APIRouter(prefix=f"{API_PREFIX}/projects/{{project_id}}/jobs")
+
+    @router.get("")
     async def list_jobs(project_id: str, request: Request) -> JSONResponse:
         return _list_response(request, service.list_jobs(project_id), "jobs")
 
-    @api.post(f"{p}/projects/{{project_id}}/jobs")
+    @router.post("")
     async def create_job(project_id: str, request: Request) -> JSONResponse:
         body = await _read_body(request, allow_empty=False)
         return _json(200, service.create_job(project_id, body).to_api())
 
-    @api.get(f"{p}/projects/{{project_id}}/jobs/{{job_id}}")
+    @router.get("/{job_id}")
     async def get_job(project_id: str, job_id: str) -> JSONResponse:
         return _json(200, service.get_job(project_id, job_id).to_api())
 
-    @api.patch(f"{p}/projects/{{project_id}}/jobs/{{job_id}}")
+    @router.patch("/{job_id}")
     async def update_job(project_id: str, job_id: str, request: Request) -> JSONResponse:
         return _json(200, service.update_job(project_id, job_id, await _read_body(request)).to_api())
 
-    @api.delete(f"{p}/projects/{{project_id}}/jobs/{{job_id}}")
+    @router.delete("/{job_id}")
     async def delete_job(project_id: str, job_id: str) -> JSONResponse:
         await service.delete_job(project_id, job_id)
         return _json(200, {})
 
-    # --- job runs (the `:stop` action is declared before the plain run route)
-    @api.post(f"{p}/projects/{{project_id}}/jobs/{{job_id}}/runs/{{run_id}}:stop")
+    return router
+
+
+def runs_router(service: WorkspaceService) -> APIRouter:
+    """`/api/v2/projects/{project_id}/jobs/{job_id}/runs[/{run_id}[:stop]]` (the `:stop` action is
+    declared before the plain run route)."""
+    router = APIRouter(prefix=f"{API_PREFIX}/projects/{{project_id}}/jobs/{{job_id}}/runs")
+
+    @router.post("/{run_id}:stop")
     async def stop_run(project_id: str, job_id: str, run_id: str) -> JSONResponse:
         return _json(200, service.stop_run(project_id, job_id, run_id).to_api())
 
-    @api.get(f"{p}/projects/{{project_id}}/jobs/{{job_id}}/runs")
+    @router.get("")
     async def list_runs(project_id: str, job_id: str, request: Request) -> JSONResponse:
         return _list_response(request, service.list_runs(project_id, job_id), "job_runs")
 
-    @api.post(f"{p}/projects/{{project_id}}/jobs/{{job_id}}/runs")
+    @router.post("")
     async def create_run(project_id: str, job_id: str, request: Request) -> JSONResponse:
         return _json(200, service.create_run(project_id, job_id, await _read_body(request)).to_api())
 
-    @api.get(f"{p}/projects/{{project_id}}/jobs/{{job_id}}/runs/{{run_id}}")
+    @router.get("/{run_id}")
     async def get_run(project_id: str, job_id: str, run_id: str) -> JSONResponse:
         return _json(200, service.get_run(project_id, job_id, run_id).to_api())
 
-    # --- applications
-    @api.post(f"{p}/projects/{{project_id}}/applications/{{application_id}}:stop")
+    return router
+
+
+def applications_router(service: WorkspaceService, listeners: AppListeners) -> APIRouter:
+    """`/api/v2/projects/{project_id}/applications[/{application_id}[:stop|:restart]]`; creating or
+    deleting one opens or closes its listener (its URL)."""
+    router = APIRouter(prefix=f"{API_PREFIX}/projects/{{project_id}}/applications")
+
+    @router.post("/{application_id}:stop")
     async def stop_app(project_id: str, application_id: str) -> JSONResponse:
         return _json(200, service.stop_app(project_id, application_id).to_api())
 
-    @api.post(f"{p}/projects/{{project_id}}/applications/{{application_id}}:restart")
+    @router.post("/{application_id}:restart")
     async def restart_app(project_id: str, application_id: str) -> JSONResponse:
         return _json(200, service.restart_app(project_id, application_id).to_api())
 
-    @api.get(f"{p}/projects/{{project_id}}/applications")
+    @router.get("")
     async def list_apps(project_id: str, request: Request) -> JSONResponse:
         return _list_response(request, service.list_apps(project_id), "applications")
 
-    @api.post(f"{p}/projects/{{project_id}}/applications")
+    @router.post("")
     async def create_app(project_id: str, request: Request) -> JSONResponse:
         body = await _read_body(request, allow_empty=False)
         app = service.create_app(project_id, body)
-        await sync_listeners()
+        await listeners.sync(service.apps.values())
         return _json(200, app.to_api())
 
-    @api.get(f"{p}/projects/{{project_id}}/applications/{{application_id}}")
+    @router.get("/{application_id}")
     async def get_app(project_id: str, application_id: str) -> JSONResponse:
         return _json(200, service.get_app(project_id, application_id).to_api())
 
-    @api.patch(f"{p}/projects/{{project_id}}/applications/{{application_id}}")
+    @router.patch("/{application_id}")
     async def update_app(project_id: str, application_id: str, request: Request) -> JSONResponse:
         body = await _read_body(request)
         return _json(200, service.update_app(project_id, application_id, body).to_api())
 
-    @api.delete(f"{p}/projects/{{project_id}}/applications/{{application_id}}")
+    @router.delete("/{application_id}")
     async def delete_app(project_id: str, application_id: str) -> JSONResponse:
         try:
             await service.delete_app(project_id, application_id)
         finally:
-            await sync_listeners()
+            await listeners.sync(service.apps.values())
         return _json(200, {})
 
-    # --- test controls
+    return router
+
+
+def controls_router(
+    service: WorkspaceService, controls: dict[str, Any], config: ServerConfig, logins: AppLogins
+) -> APIRouter:
+    """The test controls under `/_workspace/` (not part of CML): health, counters, faults, latency,
+    login codes, processes."""
     counters: RequestCounters = controls["counters"]
     faults: FaultInjector = controls["faults"]
     latency: Latency = controls["latency"]
-    c = CONTROL_PREFIX
+    router = APIRouter(prefix=CONTROL_PREFIX)
 
-    @api.get(f"{c}/health")
+    @router.get("/health")
     async def health() -> JSONResponse:
         return _json(200, {"status": "ok", "pid": os.getpid(), "url": config.url, "home": str(config.home)})
 
-    @api.get(f"{c}/counters")
+    @router.get("/counters")
     async def get_counters() -> JSONResponse:
         return _json(200, counters.snapshot())
 
-    @api.post(f"{c}/counters:reset")
+    @router.post("/counters:reset")
     async def reset_counters() -> JSONResponse:
         counters.reset()
         return _json(200, counters.snapshot())
 
-    @api.get(f"{c}/faults")
+    @router.get("/faults")
     async def get_faults() -> JSONResponse:
         return _json(200, faults.snapshot())
 
-    @api.put(f"{c}/faults")
+    @router.put("/faults")
     async def put_faults(request: Request) -> JSONResponse:
         faults.configure(FaultPlan.from_body(await _read_body(request)))
         return _json(200, faults.snapshot())
 
-    @api.delete(f"{c}/faults")
+    @router.delete("/faults")
     async def delete_faults() -> JSONResponse:
         faults.clear()
         return _json(200, faults.snapshot())
 
-    @api.get(f"{c}/latency")
+    @router.get("/latency")
     async def get_latency() -> JSONResponse:
         return _json(200, latency.to_dict())
 
-    @api.put(f"{c}/latency")
+    @router.put("/latency")
     async def put_latency(request: Request) -> JSONResponse:
         body = await _read_body(request)
         replacement = Latency()
@@ -321,7 +366,7 @@ def build_api(
         latency.update(replacement.to_dict())
         return _json(200, latency.to_dict())
 
-    @api.post(f"{c}/applications/{{application_id}}/login-code")
+    @router.post("/applications/{application_id}/login-code")
     async def mint_login_code(application_id: str) -> JSONResponse:
         # A one-time browser login link for one application (see app_urls.py); a secret, never logged.
         app = service.apps.get(application_id)
@@ -329,71 +374,140 @@ def build_api(
             return _json(404, error_body(GrpcCode.NOT_FOUND, f"no application with id {application_id!r}"))
         return _json(200, login_code_answer(app, logins), headers={"cache-control": "no-store"})
 
-    @api.get(f"{c}/processes")
+    @router.get("/processes")
     async def list_processes() -> JSONResponse:
         found = await asyncio.to_thread(service.supervisor.live_workload_processes)
         return _json(200, {"processes": found, "pids": sorted(int(str(p["pid"])) for p in found)})
 
-    return api
+    return router
 
 
-class WorkspaceGateway:
-    """Outermost ASGI layer of the API listener: request ids, bearer auth, counters and faults.
+# ------------------------------------------------------------------------------------ middlewares
 
-    Only `Authorization: Bearer <key>` opens it; application login cookies never do."""
+# Where the request-id middleware keeps the server's own `send` (the fault middleware aborts the TCP
+# connection through it).
+_TRANSPORT_SEND = "ray_cai.transport_send"
 
-    def __init__(
-        self,
-        api: FastAPI,
-        service: WorkspaceService,
-        config: ServerConfig,
-        counters: RequestCounters,
-        faults: FaultInjector,
-    ) -> None:
-        self.api = api
-        self.service = service
-        self.config = config
-        self.counters = counters
-        self.faults = faults
+
+async def _send_json(send: Send, status: int, body: Any, extra_headers: dict[str, str] | None = None) -> None:
+    payload = json.dumps(body).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in (extra_headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload, "more_body": False})
+
+
+def route_template(api: FastAPI, scope: Scope) -> str | None:
+    """The route template (`/api/v2/projects/{project_id}`) of a CML API request, None for others."""
+    if not scope["path"].startswith(API_PREFIX):
+        return None
+    partial: str | None = None
+    for route in _flat_routes(api.router.routes):
+        match, _ = route.matches(scope)
+        if match == Match.FULL:
+            return str(getattr(route, "path", scope["path"]))
+        if match == Match.PARTIAL and partial is None:
+            partial = str(getattr(route, "path", scope["path"]))
+    return partial or scope["path"]
+
+
+def _flat_routes(routes: Iterable[BaseRoute]) -> Iterator[BaseRoute]:
+    """The routes themselves: recent FastAPI keeps an included router as one entry (`original_router`)
+    whose routes carry the full path (the router's prefix applied)."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from _flat_routes(inner.routes)
+        else:
+            yield route
+
+
+class RequestIdMiddleware:
+    """Every answer carries a fresh `x-request-id`, as CML's do."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            await self.api(scope, receive, send)
+            await self.app(scope, receive, send)
             return
-        request_id = uuid.uuid4().hex
+        request_id = uuid.uuid4().hex.encode()
 
         async def send_with_request_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
-                headers.append((b"x-request-id", request_id.encode()))
-                message = {**message, "headers": headers}
+                message = {**message, "headers": [*headers, (b"x-request-id", request_id)]}
             await send(message)
 
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        authorized = self._authorized(headers.get("authorization", ""))
+        await self.app({**scope, _TRANSPORT_SEND: send}, receive, send_with_request_id)
 
-        path: str = scope["path"]
-        method: str = scope["method"]
-        template = self._route_template(scope) if path.startswith(API_PREFIX) else None
-        if template is not None:
-            self.counters.record(method, template)
-        if not authorized:
-            await self._send_json(
-                send_with_request_id, 401, error_body(16, "missing or invalid API key (Bearer)")
-            )
+
+class CountersMiddleware:
+    """Counts every CML API request by method and route template (authorized or not)."""
+
+    def __init__(self, app: ASGIApp, api: FastAPI, counters: RequestCounters) -> None:
+        self.app = app
+        self.api = api
+        self.counters = counters
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            template = route_template(self.api, scope)
+            if template is not None:
+                self.counters.record(scope["method"], template)
+        await self.app(scope, receive, send)
+
+
+class BearerAuthMiddleware:
+    """Only `Authorization: Bearer <API key>` opens the API listener (never a login cookie)."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self._key = api_key.encode()
+
+    def __repr__(self) -> str:  # keep the key out of any log line
+        return "BearerAuthMiddleware()"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not self._authorized(scope):
+            await _send_json(send, 401, error_body(16, "missing or invalid API key (Bearer)"))
             return
+        await self.app(scope, receive, send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        authorization = next(
+            (v.decode("latin-1") for k, v in scope.get("headers", []) if k.lower() == b"authorization"), ""
+        )
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return False
+        return hmac.compare_digest(token.strip().encode(), self._key)
+
+
+class FaultsMiddleware:
+    """Injected faults on CML API requests (test controls): hangs, errors, resets, lost answers."""
+
+    def __init__(self, app: ASGIApp, api: FastAPI, faults: FaultInjector) -> None:
+        self.app = app
+        self.api = api
+        self.faults = faults
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        template = route_template(self.api, scope) if scope["type"] == "http" else None
         if template is None:
-            await self.api(scope, receive, send_with_request_id)
+            await self.app(scope, receive, send)
             return
-
-        decision = self.faults.decide(path, is_create=method == "POST" and template in CREATE_ROUTES)
+        is_create = scope["method"] == "POST" and template in CREATE_ROUTES
+        decision = self.faults.decide(scope["path"], is_create=is_create)
+        transport_send: Send = scope.get(_TRANSPORT_SEND, send)
         if decision.hang_seconds:
             # A kill point for tests: the body is read first, so the request is served after the pause
             # even when its client was killed meanwhile (the request reached CML, the answer is lost).
             receive = await self._buffered(receive)
             await asyncio.sleep(decision.hang_seconds)
         if decision.reset:
-            await self._abort_connection(send)
+            await self._abort_connection(transport_send)
             return
         if decision.error_status is not None:
             extra = {}
@@ -401,28 +515,22 @@ class WorkspaceGateway:
                 plan = self.faults.plan
                 extra["Retry-After"] = str(plan.retry_after_seconds if plan else 1)
             code = GRPC_CODE_OF_HTTP_STATUS.get(decision.error_status, GrpcCode.INTERNAL)
-            await self._send_json(
-                send_with_request_id,
-                decision.error_status,
-                error_body(code, f"injected fault: HTTP {decision.error_status}"),
-                extra,
-            )
+            message = f"injected fault: HTTP {decision.error_status}"
+            await _send_json(send, decision.error_status, error_body(code, message), extra)
             return
         if decision.drop_response:
 
             async def discard(_: Message) -> None:
                 return None
 
-            await self.api(scope, receive, discard)
+            await self.app(scope, receive, discard)
             plan = self.faults.plan
             if plan is not None and plan.drop_mode == "reset":
-                await self._abort_connection(send)
+                await self._abort_connection(transport_send)
             else:
-                await self._send_json(
-                    send_with_request_id, 502, error_body(14, "injected fault: create response lost")
-                )
+                await _send_json(send, 502, error_body(14, "injected fault: create response lost"))
             return
-        await self.api(scope, receive, send_with_request_id)
+        await self.app(scope, receive, send)
 
     @staticmethod
     async def _buffered(receive: Receive) -> Receive:
@@ -446,32 +554,6 @@ class WorkspaceGateway:
 
         return replay
 
-    def _authorized(self, authorization: str) -> bool:
-        scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            return False
-        return hmac.compare_digest(token.strip().encode(), self.config.api_key.encode())
-
-    def _route_template(self, scope: Scope) -> str:
-        partial: str | None = None
-        for route in self.api.router.routes:
-            match, _ = route.matches(scope)
-            if match == Match.FULL:
-                return str(getattr(route, "path", scope["path"]))
-            if match == Match.PARTIAL and partial is None:
-                partial = str(getattr(route, "path", scope["path"]))
-        return partial or scope["path"]
-
-    @staticmethod
-    async def _send_json(
-        send: Send, status: int, body: Any, extra_headers: dict[str, str] | None = None
-    ) -> None:
-        payload = json.dumps(body).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
-        headers += [(k.lower().encode(), v.encode()) for k, v in (extra_headers or {}).items()]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": payload, "more_body": False})
-
     @staticmethod
     async def _abort_connection(send: Send) -> None:
         """Drop the TCP connection without any response (uvicorn keeps the transport on its cycle)."""
@@ -486,6 +568,33 @@ class WorkspaceGateway:
         # Fallback: promise a body and never send it.
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"1024")]})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class WorkspaceGateway:
+    """The API listener's ASGI app: the middlewares around the FastAPI app, outermost first —
+    request id, counters, bearer auth, faults. Lifespan and other scopes go straight to the app."""
+
+    def __init__(
+        self,
+        api: FastAPI,
+        service: WorkspaceService,
+        config: ServerConfig,
+        counters: RequestCounters,
+        faults: FaultInjector,
+    ) -> None:
+        self.api = api
+        self.service = service
+        self.config = config
+        app: ASGIApp = FaultsMiddleware(api, api, faults)
+        app = BearerAuthMiddleware(app, config.api_key)
+        app = CountersMiddleware(app, api, counters)
+        self._chain: ASGIApp = RequestIdMiddleware(app)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.api(scope, receive, send)
+            return
+        await self._chain(scope, receive, send)
 
 
 class FlushBeforeAnswer:
