@@ -64,8 +64,9 @@ def test_app_starts_runs_routes_and_stops(workspace: WorkspaceHandle, project: d
     # It was STARTING until it answered HTTP, at least the listen delay after its process started.
     assert seconds_between(running["started_at"], running["running_at"]) >= 0.8
 
-    # Routed by Host, with the bearer key (stripped before it reaches the app).
-    response = workspace.app_request(app["subdomain"], "POST", "/some/path?x=1", content=b"hello")
+    # At the app's own URL, with the bearer key (stripped before it reaches the app).
+    assert app["url"].startswith("http://127.0.0.1:") and running["url"] == app["url"]
+    response = workspace.app_request(app, "POST", "/some/path?x=1", content=b"hello")
     assert response.status_code == 200 and response.headers["x-request-id"]
     echoed = response.json()
     assert (echoed["method"], echoed["path"], echoed["query"], echoed["body"]) == (
@@ -77,17 +78,16 @@ def test_app_starts_runs_routes_and_stops(workspace: WorkspaceHandle, project: d
     assert "authorization" not in echoed["headers"]
     assert echoed["env"]["APP_VAR"] == "a" and echoed["env"]["PROJECT_VAR"] == "p1"
     assert echoed["env"]["CDSW_PROJECT_ID"] == project["id"]
-    unauthenticated = httpx.get(
-        f"http://127.0.0.1:{workspace.port}/", headers={"Host": f"{app['subdomain']}.{workspace.domain}"}
-    )
+    unauthenticated = httpx.get(f"{app['url']}/", trust_env=False)
     assert unauthenticated.status_code == 401 and workspace.api_key not in unauthenticated.text
-    assert workspace.app_request("no-such-app", "GET", "/").status_code == 404
+    wrong_key = httpx.get(f"{app['url']}/", headers={"Authorization": "Bearer nope"}, trust_env=False)
+    assert wrong_key.status_code == 401
 
     stopping = workspace.api_ok("POST", app_path(project, app, ":stop"))
     assert stopping["status"] in ("APPLICATION_STOPPING", "APPLICATION_STOPPED")
     stopped = workspace.wait_for_app(project["id"], app["id"], {"APPLICATION_STOPPED"})
     assert stopped["stopped_at"]
-    not_running = workspace.app_request(app["subdomain"], "GET", "/")
+    not_running = workspace.app_request(app, "GET", "/")
     assert not_running.status_code == 503 and "not running" in not_running.json()["message"]
     assert workspace.processes() == []
     delete_app(workspace, project, app)
@@ -106,7 +106,7 @@ def test_running_app_exit_code_decides_failed_or_stopped(
     for code, expected in ((3, "APPLICATION_FAILED"), (0, "APPLICATION_STOPPED")):
         app = create_app(workspace, project)
         workspace.wait_for_app(project["id"], app["id"], {"APPLICATION_RUNNING"})
-        workspace.app_request(app["subdomain"], "GET", f"/exit?code={code}")
+        workspace.app_request(app, "GET", f"/exit?code={code}")
         assert workspace.wait_for_app(project["id"], app["id"], {expected})["stopped_at"]
         delete_app(workspace, project, app)
 
@@ -154,7 +154,7 @@ def test_restart_patch_and_delete(workspace: WorkspaceHandle, project: dict[str,
     workspace.wait_for(lambda: not any(alive(p) for p in first_pids.values()), bool, what="old tree to end")
     running = workspace.wait_for_app(project["id"], app["id"], {"APPLICATION_RUNNING"})
     assert running["running_at"] > app["created_at"]
-    echoed = workspace.app_request(app["subdomain"], "GET", "/").json()
+    echoed = workspace.app_request(app, "GET", "/").json()
     assert echoed["env"]["APP_VAR"] == "patched" and "PROJECT_VAR" not in echoed["env"]
 
     # Restart of a stopped app starts it again.

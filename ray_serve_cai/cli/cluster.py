@@ -196,7 +196,8 @@ def _save_size(config: Path, replicas: int, group: str | None) -> None:
     """Keep the config file the source of truth: `status` and the next `up` want the new size too."""
     saved = save_replicas(config, replicas, group)
     err_console.print(
-        f"saved {saved} = {replicas} in {config} (commit it: a deploy from git uses the committed size)"
+        f"saved {saved} = {replicas} in {config} (`ray-cai deploy` from this checkout sends it as it is; "
+        "commit it for deploys from CI)"
     )
     if os.environ.get("RAY_NUM_WORKERS"):
         err_console.print("[yellow]note: RAY_NUM_WORKERS is set in the environment and overrides the file[/]")
@@ -260,7 +261,8 @@ def scale(
     timeout: float | None = TimeoutOption,
     info_file: Path = InfoOption,
 ) -> None:
-    """Set the number of workers of a group; unchanged nodes are not touched."""
+    """Set the number of workers of a group and save it in the config file; unchanged nodes are not
+    touched. `deploy` sends the config of the checkout it runs in, uncommitted edits included."""
     if replicas < 0:
         fail("REPLICAS: must be 0 or more", EXIT_BAD_INPUT)
     _converge(config, local, project, json_out, wait, timeout, info_file, replicas, group)

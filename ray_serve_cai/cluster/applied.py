@@ -107,6 +107,7 @@ class ClusterRequest:
     overrides: Mapping[str, str] = field(default_factory=dict)
     explicit: frozenset[tuple[str, ...]] = frozenset()  # e.g. ("worker_groups", "gpu", "replicas")
     source: str = "python"
+    commit: str | None = None  # the commit the request comes from (None: the working directory's)
 
     def forced_paths(self) -> frozenset[tuple[str, ...]]:
         paths = set(self.explicit)
@@ -120,7 +121,7 @@ class ClusterRequest:
         name = group or spec.worker_groups[0].name
         base = self.base.with_replicas(replicas, group) if self.base is not None else None
         explicit = self.explicit | {("worker_groups", name, "replicas")}
-        return ClusterRequest(spec, base, self.overrides, frozenset(explicit), "scale")
+        return ClusterRequest(spec, base, self.overrides, frozenset(explicit), "scale", self.commit)
 
 
 def load_cluster_request(

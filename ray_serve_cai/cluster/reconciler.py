@@ -509,7 +509,8 @@ class RayCluster:
         return plan, None
 
     def _new_record(self, target: Target) -> AppliedRecord:
-        return new_record(target.configured, target.runtimes, self.request, commit=caller_commit())
+        commit = self.request.commit or caller_commit()
+        return new_record(target.configured, target.runtimes, self.request, commit=commit)
 
     def _write_record(
         self, apps: Sequence[Application], target: Target, record: AppliedRecord | None = None

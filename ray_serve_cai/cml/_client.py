@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
@@ -28,7 +29,7 @@ from ._models import (
 )
 from ._retry import FIRST_CONTACT_DEADLINE, Call, Done, Fail, RetryPolicy, classify, describe_transport_error
 from ._settings import CMLSettings
-from ._transport import LoopbackTransport
+from ._transport import LoopbackTransport, application_url
 
 __all__ = ["FIRST_CONTACT_DEADLINE", "PAGE_SIZE", "CMLClient"]
 
@@ -58,7 +59,7 @@ _APPLICATION_PATCH = frozenset(
     }
 )  # fmt: skip
 
-_LOOPBACK_PATTERNS = ("all://localhost", "all://*.localhost", "all://127.0.0.1")
+_LOOPBACK_PATTERNS = ("all://localhost", "all://127.0.0.1")
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -155,6 +156,10 @@ class CMLClient:
 
         self._http = make(self.settings.api_url)
         self._apps = make("")
+        # Application URLs the workspace gave (the local workspace's `url` field), by subdomain and
+        # name, so `app_url(name)` is right after any call that returned the application.
+        self._app_urls: dict[str, str] = {}
+        self._app_urls_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"CMLClient(host={self.settings.host!r})"
@@ -446,7 +451,7 @@ class CMLClient:
         """Applications of a project (all pages)."""
         params = {"search_filter": _filter_param(search_filter)}
         path = f"/projects/{_seg(project_id)}/applications"
-        return [Application.model_validate(a) for a in self._paginate(path, "applications", params)]
+        return [self._application(a) for a in self._paginate(path, "applications", params)]
 
     def create_application(
         self,
@@ -484,16 +489,16 @@ class CMLClient:
             },
         )
         data = self._request("POST", f"/projects/{_seg(project_id)}/applications", body=body, creates=True)
-        return Application.model_validate(data)
+        return self._application(data)
 
     def get_application(self, project_id: str, application_id: str) -> Application:
-        return Application.model_validate(self._request("GET", self._app_path(project_id, application_id)))
+        return self._application(self._request("GET", self._app_path(project_id, application_id)))
 
     def update_application(self, project_id: str, application_id: str, **fields: Any) -> Application:
         """PATCH an application. It keeps running the old settings until :meth:`restart_application`."""
         body = _patch_body("application", _APPLICATION_PATCH, fields)
         data = self._request("PATCH", self._app_path(project_id, application_id), body=body)
-        return Application.model_validate(data)
+        return self._application(data)
 
     def delete_application(self, project_id: str, application_id: str) -> None:
         self._request("DELETE", self._app_path(project_id, application_id))
@@ -501,24 +506,44 @@ class CMLClient:
     def stop_application(self, project_id: str, application_id: str) -> Application | None:
         """``:stop``; returns the application if CML answers with it."""
         data = self._request("POST", f"{self._app_path(project_id, application_id)}:stop")
-        return Application.model_validate(data) if data.get("id") else None
+        return self._application(data) if data.get("id") else None
 
     def restart_application(self, project_id: str, application_id: str) -> Application | None:
         """``:restart`` — also how a stopped application is started again."""
         data = self._request("POST", f"{self._app_path(project_id, application_id)}:restart")
-        return Application.model_validate(data) if data.get("id") else None
+        return self._application(data) if data.get("id") else None
 
     @staticmethod
     def _app_path(project_id: str, application_id: str) -> str:
         return f"/projects/{_seg(project_id)}/applications/{_seg(application_id)}"
 
+    def _application(self, data: Any) -> Application:
+        app = Application.model_validate(data)
+        url = application_url(app)
+        if url is not None:
+            with self._app_urls_lock:
+                for key in {app.subdomain, app.name} - {""}:
+                    self._app_urls[key] = url
+        return app
+
     # -- application HTTP ----------------------------------------------------------------------
     def app_url(self, app: Application | str) -> str:
-        """``<scheme>://<subdomain>.<domain>``, built as CML builds it (API v2 has no URL field)."""
+        """The application's URL, without a trailing ``/``.
+
+        The local workspace says it (its ``url`` field, ``http://127.0.0.1:<port>``); CML's API v2 has
+        no such field, so there it is built as CML builds it: ``https://<subdomain>.<CDSW_DOMAIN>``.
+        A name or subdomain uses the URL this client last saw for that application, else CML's rule.
+        """
+        if not isinstance(app, str):
+            url = application_url(app)
+            if url is not None:
+                return url
         subdomain = app if isinstance(app, str) else (app.subdomain or app.name)
         if not subdomain:
             raise ValueError("an application subdomain is required")
-        return f"{self.settings.scheme}://{subdomain}.{self.settings.domain}"
+        with self._app_urls_lock:
+            known = self._app_urls.get(subdomain)
+        return known or f"{self.settings.scheme}://{subdomain}.{self.settings.domain}"
 
     def app_request(
         self, app: Application | str, method: str, path: str = "/", **kwargs: Any

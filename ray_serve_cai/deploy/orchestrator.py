@@ -40,8 +40,8 @@ GIT_URL_VAR = "RAY_CAI_GIT_URL"
 GIT_BRANCH_VAR = "RAY_CAI_GIT_BRANCH"
 DEPS_DIGEST_VAR = "RAY_CAI_DEPS_DIGEST"
 CLUSTER_SPEC_VAR = "RAY_CAI_CLUSTER_SPEC"
-# The deployer's config without its env overrides, and those overrides (only when there are some):
-# the launch job records them with the applied spec, so a later `up` keeps what was deployed.
+# The deployer's config without its env overrides, those overrides and the deployed commit: the
+# launch job records them with the applied spec, so a later `up` keeps what was deployed.
 CLUSTER_REQUEST_VAR = "RAY_CAI_CLUSTER_REQUEST"
 
 GIT_SYNC, SETUP, LAUNCH = "git_sync", "setup_environment", "launch_ray_cluster"
@@ -129,9 +129,8 @@ def desired_jobs(
         elif job.key == LAUNCH:
             inputs = cluster_json
             env[CLUSTER_SPEC_VAR] = cluster_json
-            if request.overrides:
-                env[CLUSTER_REQUEST_VAR] = launch_request_json(request)
-                inputs += env[CLUSTER_REQUEST_VAR]
+            env[CLUSTER_REQUEST_VAR] = launch_request_json(request, commit)
+            inputs += env[CLUSTER_REQUEST_VAR]
         else:
             inputs = code
         fields = _job_fields(job, spec, env, default_runtime)
@@ -162,11 +161,11 @@ def _job_fields(
     return fields
 
 
-def launch_request_json(request: ClusterRequest) -> str:
+def launch_request_json(request: ClusterRequest, commit: str) -> str:
+    """The deployer's config without overrides, the overrides and the commit, for the launch job."""
     base = request.base if request.base is not None else request.spec
-    return json.dumps(
-        {"base": base.model_dump(mode="json"), "overrides": dict(request.overrides)}, sort_keys=True
-    )
+    data = {"base": base.model_dump(mode="json"), "overrides": dict(request.overrides), "commit": commit}
+    return json.dumps(data, sort_keys=True)
 
 
 def launch_request(spec_json: str, request_json: str) -> ClusterRequest:
@@ -176,7 +175,8 @@ def launch_request(spec_json: str, request_json: str) -> ClusterRequest:
         return ClusterRequest(spec, source="deploy")
     data = json.loads(request_json)
     base = ClusterSpec.model_validate_json(json.dumps(data["base"]))
-    return ClusterRequest(spec, base, dict(data.get("overrides") or {}), source="deploy")
+    overrides = dict(data.get("overrides") or {})
+    return ClusterRequest(spec, base, overrides, source="deploy", commit=data.get("commit"))
 
 
 def deploy(

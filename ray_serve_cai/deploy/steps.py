@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 from ray_serve_cai import RAY_MINOR
-from ray_serve_cai.errors import OperationFailed
+from ray_serve_cai.errors import EXIT_BAD_INPUT, EXIT_OK, OperationFailed
 
 if TYPE_CHECKING:  # only for annotations: the first two steps run before any dependency exists
     from ray_serve_cai.cluster import ClusterStatus, Plan, RayCluster
@@ -231,8 +231,8 @@ def main(step: str) -> int:
             return launch_ray_cluster()
         else:
             print(f"error: unknown step {step!r}", file=sys.stderr)
-            return 2
+            return EXIT_BAD_INPUT
     except StepError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
-        return 1
-    return 0
+        return err.exit_code
+    return EXIT_OK

@@ -4,7 +4,7 @@ Records live in memory in the server process and are written through to SQLite (
 any attribute of a record reports it to the change hook (`set_change_hook`), so every field, including
 one added later, is durable without further code. `to_api()` renders the CML v2 JSON shape
 (`environment` as a JSON string, unset timestamps as `null`). Non-CML extras are documented
-where they are added (`log_path` on job runs and applications).
+where they are added (`log_path` on job runs and applications, `url` on applications).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ray_serve_cai.workspace.errors import invalid_argument
+from ray_serve_cai.workspace.processes import free_port
 
 SUBDOMAIN_PATTERN = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 SUBDOMAIN_MAX_LENGTH = 63
@@ -300,6 +301,8 @@ class Application(Record):
     started_at: str | None = None
     app_port: int | None = None
     readonly_port: int | None = None
+    # The port of the app's own loopback listener (its URL), chosen once for the app's whole life.
+    url_port: int = field(default_factory=free_port)
     # Not in the API: the app's process (group leader) and its start time, to re-adopt it after a
     # restart; automatic restarts used since the last start by a user.
     pid: int | None = None
@@ -334,4 +337,6 @@ class Application(Record):
             "started_at": self.started_at,
             # Not a CML field: where this application's stdout/stderr go (appended across restarts).
             "log_path": str(self.log_path),
+            # Not a CML field: the application's URL (CML's is https://<subdomain>.<domain>).
+            "url": f"http://127.0.0.1:{self.url_port}",
         }

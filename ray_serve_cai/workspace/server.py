@@ -1,7 +1,8 @@
-"""The workspace HTTP server: CML API v2 routes, bearer auth, app routing by `Host`, test controls.
+"""The workspace HTTP server: CML API v2 routes, bearer auth, test controls; application URLs.
 
 `create_server()` builds the ASGI app; `serve()` binds 127.0.0.1, records `state.json` and runs uvicorn
-until SIGTERM/SIGINT, then ends every workload it started.
+until SIGTERM/SIGINT, then ends every workload it started. Each application is served on a loopback
+listener of its own (`app_urls.py`), opened and closed by `AppListeners.sync`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -31,6 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ray_serve_cai.errors import OperationFailed, WaitTimeout
 from ray_serve_cai.waiting import poll_until
+from ray_serve_cai.workspace.app_urls import AppListeners, AppLogins, login_code_answer
 from ray_serve_cai.workspace.controls import FaultInjector, FaultPlan, Latency, RequestCounters, RestartPolicy
 from ray_serve_cai.workspace.errors import (
     GRPC_CODE_OF_HTTP_STATUS,
@@ -58,19 +59,6 @@ CREATE_ROUTES = frozenset(
         f"{API_PREFIX}/projects/{{project_id}}/jobs",
         f"{API_PREFIX}/projects/{{project_id}}/jobs/{{job_id}}/runs",
         f"{API_PREFIX}/projects/{{project_id}}/applications",
-    }
-)
-_HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
     }
 )
 
@@ -131,8 +119,22 @@ def _list_response(request: Request, items: list[dict[str, Any]], key: str) -> J
 WORKER_THREADS = 64
 
 
-def build_api(service: WorkspaceService, controls: dict[str, Any], config: ServerConfig) -> FastAPI:
-    """The FastAPI app with the CML routes and the `/_workspace/` controls (auth is in the gateway)."""
+def build_api(
+    service: WorkspaceService,
+    controls: dict[str, Any],
+    config: ServerConfig,
+    listeners: AppListeners | None = None,
+    logins: AppLogins | None = None,
+) -> FastAPI:
+    """The FastAPI app with the CML routes and the `/_workspace/` controls (auth is in the gateway).
+
+    `listeners` follow the applications: `sync` after every call that adds or removes one, and at
+    startup (apps re-adopted from a previous run get their listener back on their recorded port)."""
+    logins = logins or AppLogins(config.api_key)
+    listeners = listeners or AppListeners(logins, config.api_key, service.apps.get)
+
+    async def sync_listeners() -> None:
+        await listeners.sync(service.apps.values())
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -142,8 +144,10 @@ def build_api(service: WorkspaceService, controls: dict[str, Any], config: Serve
             ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="workspace")
         )
         await service.start()  # re-adopts an earlier server's workloads; service.live_apps() lists them
+        await sync_listeners()  # every application (re-adopted ones too) gets its listener back
         yield
         logger.info("shutting down: ending every workload")
+        await listeners.close_all()
         await service.shutdown()
 
     api = FastAPI(docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
@@ -184,7 +188,10 @@ def build_api(service: WorkspaceService, controls: dict[str, Any], config: Serve
 
     @api.delete(f"{p}/projects/{{project_id}}")
     async def delete_project(project_id: str) -> JSONResponse:
-        await service.delete_project(project_id)
+        try:
+            await service.delete_project(project_id)
+        finally:
+            await sync_listeners()
         return _json(200, {})
 
     # --- runtimes
@@ -248,7 +255,9 @@ def build_api(service: WorkspaceService, controls: dict[str, Any], config: Serve
     @api.post(f"{p}/projects/{{project_id}}/applications")
     async def create_app(project_id: str, request: Request) -> JSONResponse:
         body = await _read_body(request, allow_empty=False)
-        return _json(200, service.create_app(project_id, body).to_api())
+        app = service.create_app(project_id, body)
+        await sync_listeners()
+        return _json(200, app.to_api())
 
     @api.get(f"{p}/projects/{{project_id}}/applications/{{application_id}}")
     async def get_app(project_id: str, application_id: str) -> JSONResponse:
@@ -261,7 +270,10 @@ def build_api(service: WorkspaceService, controls: dict[str, Any], config: Serve
 
     @api.delete(f"{p}/projects/{{project_id}}/applications/{{application_id}}")
     async def delete_app(project_id: str, application_id: str) -> JSONResponse:
-        await service.delete_app(project_id, application_id)
+        try:
+            await service.delete_app(project_id, application_id)
+        finally:
+            await sync_listeners()
         return _json(200, {})
 
     # --- test controls
@@ -309,6 +321,14 @@ def build_api(service: WorkspaceService, controls: dict[str, Any], config: Serve
         latency.update(replacement.to_dict())
         return _json(200, latency.to_dict())
 
+    @api.post(f"{c}/applications/{{application_id}}/login-code")
+    async def mint_login_code(application_id: str) -> JSONResponse:
+        # A one-time browser login link for one application (see app_urls.py); a secret, never logged.
+        app = service.apps.get(application_id)
+        if app is None:
+            return _json(404, error_body(GrpcCode.NOT_FOUND, f"no application with id {application_id!r}"))
+        return _json(200, login_code_answer(app, logins), headers={"cache-control": "no-store"})
+
     @api.get(f"{c}/processes")
     async def list_processes() -> JSONResponse:
         found = await asyncio.to_thread(service.supervisor.live_workload_processes)
@@ -318,7 +338,9 @@ def build_api(service: WorkspaceService, controls: dict[str, Any], config: Serve
 
 
 class WorkspaceGateway:
-    """Outermost ASGI layer: request ids, bearer auth, app routing by Host, counters and faults."""
+    """Outermost ASGI layer of the API listener: request ids, bearer auth, counters and faults.
+
+    Only `Authorization: Bearer <key>` opens it; application login cookies never do."""
 
     def __init__(
         self,
@@ -333,9 +355,6 @@ class WorkspaceGateway:
         self.config = config
         self.counters = counters
         self.faults = faults
-        self._proxy_client = httpx.AsyncClient(
-            timeout=httpx.Timeout(300.0, connect=5.0), trust_env=False, follow_redirects=False
-        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -352,13 +371,6 @@ class WorkspaceGateway:
 
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         authorized = self._authorized(headers.get("authorization", ""))
-        subdomain = self._subdomain_of(headers.get("host", ""))
-        if subdomain is not None:
-            if not authorized:
-                await self._send_json(send_with_request_id, 401, error_body(16, "authentication required"))
-                return
-            await self._proxy_to_app(subdomain, scope, receive, send_with_request_id)
-            return
 
         path: str = scope["path"]
         method: str = scope["method"]
@@ -440,14 +452,6 @@ class WorkspaceGateway:
             return False
         return hmac.compare_digest(token.strip().encode(), self.config.api_key.encode())
 
-    @staticmethod
-    def _subdomain_of(host: str) -> str | None:
-        hostname = host.rsplit(":", 1)[0].lower() if ":" in host else host.lower()
-        if hostname.endswith(".localhost"):
-            label = hostname[: -len(".localhost")]
-            return label or None
-        return None
-
     def _route_template(self, scope: Scope) -> str:
         partial: str | None = None
         for route in self.api.router.routes:
@@ -482,62 +486,6 @@ class WorkspaceGateway:
         # Fallback: promise a body and never send it.
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"1024")]})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-    async def _proxy_to_app(self, subdomain: str, scope: Scope, receive: Receive, send: Send) -> None:
-        app = self.service.app_by_subdomain(subdomain)
-        if app is None:
-            await self._send_json(send, 404, error_body(5, f"no application with subdomain {subdomain!r}"))
-            return
-        if app.status != "APPLICATION_RUNNING" or app.app_port is None:
-            await self._send_json(
-                send, 503, error_body(14, f"application {subdomain!r} is not running (status {app.status})")
-            )
-            return
-        body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if not message.get("more_body", False):
-                break
-        request_headers = [
-            (k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope.get("headers", [])
-        ]
-        original_host = next((v for k, v in request_headers if k == "host"), "")
-        forwarded_headers = [
-            (k, v)
-            for k, v in request_headers
-            if k not in ("authorization", "host", "content-length") and k not in _HOP_BY_HOP
-        ]
-        forwarded_headers += [("x-forwarded-host", original_host), ("x-forwarded-proto", "http")]
-        raw_path = scope.get("raw_path") or scope["path"].encode()
-        target = f"http://127.0.0.1:{app.app_port}{raw_path.decode('latin-1')}"
-        query = scope.get("query_string", b"").decode("latin-1")
-        if query:
-            target = f"{target}?{query}"
-        request = self._proxy_client.build_request(
-            scope["method"], target, headers=forwarded_headers, content=bytes(body)
-        )
-        try:
-            response = await self._proxy_client.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            await self._send_json(
-                send, 502, error_body(14, f"application {subdomain!r} did not answer: {type(exc).__name__}")
-            )
-            return
-        try:
-            headers = [
-                (k.lower().encode("latin-1"), v.encode("latin-1"))
-                for k, v in response.headers.multi_items()
-                if k.lower() not in _HOP_BY_HOP
-            ]
-            await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
-            async for chunk in response.aiter_raw():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
-            await response.aclose()
 
 
 class FlushBeforeAnswer:
@@ -610,7 +558,11 @@ def create_server(
         restart_policy=restart_policy,
     )
     service = WorkspaceService(config.home, supervisor, load_runtimes(config.home), store)
-    api = build_api(service, {"counters": counters, "faults": faults, "latency": latency}, config)
+    logins = AppLogins(config.api_key)
+    listeners = AppListeners(logins, config.api_key, service.apps.get)
+    api = build_api(
+        service, {"counters": counters, "faults": faults, "latency": latency}, config, listeners, logins
+    )
     api.include_router(restart_policy_router(service))
     api.add_middleware(FlushBeforeAnswer, service=service)
     return WorkspaceGateway(api, service, config, counters, faults)

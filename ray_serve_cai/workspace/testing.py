@@ -53,10 +53,9 @@ class WorkspaceHandle:
         assert response.status_code == 200, f"{method} {path} -> {response.status_code}: {response.text}"
         return response.json()
 
-    def app_request(self, subdomain: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        """A request routed to an application by `Host: <subdomain>.localhost:<port>`."""
-        headers = {"Host": f"{subdomain}.{self.domain}", **kwargs.pop("headers", {})}
-        return self._client.request(method, f"http://127.0.0.1:{self.port}{path}", headers=headers, **kwargs)
+    def app_request(self, app: dict[str, Any], method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """A request to an application (its API object) at its own URL, with the bearer key."""
+        return self._client.request(method, f"{app['url']}{path}", **kwargs)
 
     # ------------------------------------------------------------ test controls
 
