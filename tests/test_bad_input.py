@@ -34,6 +34,7 @@ CLUSTER_SAMPLE = [
     "cluster_empty",
     "cluster_env_num_workers_not_int",
     "cluster_duplicate_key",
+    "cluster_autoscale_min_above_max",
 ]
 JOBS_SAMPLE = [
     "jobs_cycle",
@@ -71,6 +72,11 @@ def cases() -> list[Case]:
         Case("scale-float", ["scale", "1.5"], ["replicas", "valid integer"]),
         Case("scale-missing-argument", ["scale"], ["REPLICAS", "Missing argument"]),
         Case("scale-unknown-group", ["scale", "2", "--group", "gpu"], ["group", "no worker group 'gpu'"]),
+        Case(
+            "scale-autoscaled-group",
+            ["scale", "2", "-c", "autoscaled.yaml", "-p", "x"],
+            ["autoscaled", "min_replicas/max_replicas"],
+        ),
         Case("up-interval-zero", ["up", "--watch", "--interval", "0"], ["--interval", "more than 0"]),
         Case("up-interval-negative", ["up", "--interval", "-5"], ["--interval", "more than 0"]),
         Case("up-interval-text", ["up", "--interval", "often"], ["--interval", "valid number"]),
@@ -186,6 +192,7 @@ def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         d = tmp_path_factory.mktemp(f"bad-input-{kind}")
         (d / "ray_cluster_config.yaml").write_text(fake_cluster_yaml("badinput", 1))
         (d / "jobs.yaml").write_text(GOOD_JOBS)
+        (d / "autoscaled.yaml").write_text("ray_cluster:\n  min_workers: 0\n  max_workers: 3\n")
         (d / "adir").mkdir()
         (d / "binary.yaml").write_bytes(b"ray_cluster:\n  name: \xff\xfe\x00bad\n")
         (d / "env_bad.yaml").write_text("pip: [a\n")

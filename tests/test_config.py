@@ -392,6 +392,7 @@ def test_desired_nodes_names_and_environment() -> None:
         "RAY_CAI_CLIENT_PORT": "10001",
         "RAY_CAI_DASHBOARD_PORT": "8265",
         "RAY_CAI_AUTH": "token",
+        "CDSW_APP_POLLING_ENDPOINT": "/ray-cai/healthz",
     }
     assert gpu.environment == {
         "RAY_CAI_CLUSTER": "mixed",
@@ -404,6 +405,7 @@ def test_desired_nodes_names_and_environment() -> None:
         "RAY_CAI_MEMORY_GB": "32",
         "RAY_CAI_AUTH": "token",
         "RAY_CAI_JOIN_TIMEOUT": "600",
+        "CDSW_APP_POLLING_ENDPOINT": "/ray-cai/healthz",
     }
     assert gpu.runtime_identifier == "img-python3.11-cuda:1"
     assert nodes[1].runtime_identifier == "img-python3.11-standard:1"

@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -170,6 +172,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         wait_for(lambda: httpx.get(handle.head.url, timeout=2).status_code == 200, 30, "head app HTTP", 0.2)
         handle.worker = handle.start("worker", WORKER_NAME)
         wait_for(lambda: status_with_alive(handle.head, 2, {HEAD_NAME, WORKER_NAME}), 150, "2 alive nodes")
+        # `ray start` reports the node started just after the head's GCS lists it.
+        worker_health = f"{handle.worker.url}/ray-cai/health"
+        wait_for(lambda: get_json(worker_health)["ray_running"], 30, "the worker to say Ray runs", 0.1)
         yield handle
     finally:
         handle.stop_all()
@@ -248,13 +253,18 @@ CLIENT_SCRIPT = textwrap.dedent(
 
 def run_client(args: list[str], env: dict[str, str], timeout: float = 120) -> dict[str, Any]:
     base = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_", "CDSW_"))}
-    result = subprocess.run(
-        [sys.executable, "-c", CLIENT_SCRIPT, *args],
-        env=base | env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    for _attempt in range(2):
+        result = subprocess.run(
+            [sys.executable, "-c", CLIENT_SCRIPT, *args],
+            env=base | env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        # Ray Client's proxier now and then loses the per-client server it just forked on a busy
+        # 2-core machine (a gRPC fork check fails); a user would simply connect again.
+        if result.returncode == 0 or "Starting Ray client server failed" not in result.stderr:
+            break
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -309,6 +319,57 @@ def test_worker_stop_copies_logs_and_leaves_no_process(cluster: Cluster) -> None
     ]
     logs = node_logs_dir(cluster.project, CLUSTER, WORKER_NAME)
     assert (logs / "raylet.out").exists()
+
+
+def test_a_port_taken_before_ray_binds_it_does_not_keep_the_node_out(cluster: Cluster) -> None:
+    """The race seen on a busy host: another process takes a port between the launcher's choice and
+    Ray's bind (here the metrics export port, as in the bug). That `ray start` fails; the next one
+    uses freshly chosen ports and the node joins; its health page kept the error, and its polling
+    endpoint failed while Ray was down past the start grace (5 s here)."""
+    head = cluster.head
+    assert head is not None
+    name = f"ray-{CLUSTER}-cpu-1"
+    node = cluster.start("worker", name, RAY_CAI_START_GRACE="5")
+    polled: list[tuple[int, dict[str, Any]]] = []
+
+    def joined() -> dict[str, Any] | None:
+        with contextlib.suppress(httpx.HTTPError):
+            answer = httpx.get(f"{node.url}/ray-cai/healthz", timeout=5)
+            polled.append((answer.status_code, answer.json()))
+        return status_with_alive(head, 2, {HEAD_NAME, name})
+
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+
+        def announced_port() -> int | None:
+            found = re.search(r"attempt 1\):.* metrics_export=(\d+)", node.output.read_text(errors="replace"))
+            return int(found.group(1)) if found else None
+
+        port = wait_for(announced_port, 60, "the first attempt's ports", 0.02)
+        holder.bind(("", port))  # fails if Ray was faster: then this test cannot reproduce the race
+        holder.listen()
+        status = wait_for(joined, 180, f"{name} to join", 0.5)
+        assert status["alive_nodes"] == 2
+        failing = [body for code, body in polled if code == 503]
+        assert failing and not failing[-1]["healthy"] and failing[-1]["ray_down_for_s"] > 5, polled[-5:]
+        errors = [body["last_error"] for body in failing if body["last_error"]]
+        assert errors and "Address already in use" in errors[-1], failing[-1]
+        health = wait_for(
+            lambda: (body := get_json(f"{node.url}/ray-cai/health"))["ray_running"] and body,
+            30,
+            "the node to say Ray runs",
+            0.1,
+        )
+        assert health["phase"] == "running" and health["healthy"]
+        assert health["start_attempts"] == 2 and health["last_error"], health
+        output = node.output.read_text(errors="replace")
+        second = re.search(r"attempt 2\):.* metrics_export=(\d+)", output)
+        assert second is not None and int(second.group(1)) != port, output[-3000:]
+        assert httpx.get(f"{node.url}/ray-cai/healthz", timeout=5).status_code == 200
+    finally:
+        holder.close()
+    assert node.terminate() == 0
+    assert not node.alive_seen_pids()
 
 
 def test_head_exits_nonzero_when_ray_dies_and_leaves_no_process(cluster: Cluster) -> None:

@@ -15,10 +15,10 @@ from ray_serve_cai.workspace.store import SCHEMA_VERSION, Store, StoreError, fro
 
 @dataclasses.dataclass
 class ExtendedApp(Application):
-    """An Application with a field another module adds later (as `url_port` was for listeners)."""
+    """An Application with a field another module adds later (e.g. a listener port)."""
 
     KIND: ClassVar[str] = "app"
-    later_port: int | None = None
+    added_later: int | None = None
 
 
 def app(**fields: Any) -> Application:
@@ -30,7 +30,7 @@ def test_every_field_round_trips_including_one_added_later(tmp_path: Path) -> No
     extended = ExtendedApp(
         id="a1", project_id="p1", name="n", subdomain="s", script="x.py", log_path=tmp_path / "a.log"
     )
-    extended.later_port, extended.app_port, extended.environment = 41234, 40000, {"K": "v"}
+    extended.added_later, extended.app_port, extended.environment = 41234, 40000, {"K": "v"}
     store = Store(tmp_path / "w.db")
     store.mark("app", extended.id)
     store.flush(lambda kind, record_id: extended)
@@ -39,9 +39,9 @@ def test_every_field_round_trips_including_one_added_later(tmp_path: Path) -> No
     assert loaded == [extended] and isinstance(loaded[0].log_path, Path)
     # Read by the class without the field: the unknown stored field is ignored, nothing fails.
     plain = from_row(Application, to_row(extended))
-    assert plain.app_port == 40000 and not hasattr(plain, "later_port")
+    assert plain.app_port == 40000 and not hasattr(plain, "added_later")
     # And a row written before the field existed takes its default.
-    assert from_row(ExtendedApp, to_row(app())).later_port is None
+    assert from_row(ExtendedApp, to_row(app())).added_later is None
 
 
 def test_records_keep_creation_order_and_removals_are_written(tmp_path: Path) -> None:

@@ -32,9 +32,12 @@ from ray_serve_cai.cli.common import (
     run_command,
     settings_for,
 )
+from ray_serve_cai.cli.serve import check_serve_config, print_serve
+from ray_serve_cai.cli.serve import project_dir as serve_project_dir
 from ray_serve_cai.cluster import ClusterStatus, RayCluster, connect_info, write_cluster_info
 from ray_serve_cai.cluster.applied import load_cluster_request
 from ray_serve_cai.cluster.plan import Plan
+from ray_serve_cai.cluster.serve import observe_into as converge_serve_view
 from ray_serve_cai.cml import CMLClient
 from ray_serve_cai.config.edit import save_replicas
 
@@ -85,6 +88,41 @@ def _status_table(status: ClusterStatus) -> Table:
     return table
 
 
+def _groups_table(status: ClusterStatus) -> Table | None:
+    """Per group: apps now, wanted, bounds; for autoscaled groups Ray's autoscaler owns the number."""
+    if not any(g["autoscaled"] for g in status.groups):
+        return None
+    table = Table(title="Worker groups")
+    for col in ("group", "current", "desired", "min", "max", "sized by"):
+        table.add_column(col)
+    for g in status.groups:
+        owner = "Ray autoscaler" if g["autoscaled"] else "config (scale)"
+        table.add_row(g["group"], str(g["current"]), str(g["desired"]), str(g["min"]), str(g["max"]), owner)
+    return table
+
+
+def _autoscaler_line(status: ClusterStatus) -> str | None:
+    decision = status.autoscaler
+    if not decision:
+        return None
+    if "at" not in decision:
+        return "autoscaler: no decision yet"
+    parts = [f"wants {decision.get('desired', {})}"]
+    for key in ("created", "deleted", "errors"):
+        if decision.get(key):
+            parts.append(f"{key} {', '.join(decision[key])}")
+    return f"autoscaler (last decision {decision['at']}): " + "; ".join(parts)
+
+
+def _print_groups(status: ClusterStatus) -> None:
+    table = _groups_table(status)
+    if table is not None:
+        out_console.print(table)
+    line = _autoscaler_line(status)
+    if line:
+        out_console.print(escape(line))
+
+
 def _print_differences(differences: list[str]) -> None:
     """What this caller's config asks for that is not what is deployed (and where that came from)."""
     if differences:
@@ -105,6 +143,8 @@ def _plan_json(plan: Plan) -> dict[str, object]:
 def _print_ready(status: ClusterStatus, info_path: Path | None) -> None:
     connect = connect_info(status)
     out_console.print(_status_table(status))
+    _print_groups(status)
+    print_serve(status)
     out_console.print(f"dashboard: {status.dashboard_url}")
     if connect["address"]:
         out_console.print(f"connect:   ray.init(address={connect['address']!r})  (see `ray-cai connect`)")
@@ -128,8 +168,9 @@ def open_cluster(
     request = load_cluster_request(config, source="scale" if replicas is not None else "up")
     if replicas is not None:
         request = request.with_replicas(replicas, group)
+    check_serve_config(request.spec)  # the Serve config file too, before any API call
     with open_target(local, project, create=create) as target:
-        yield RayCluster(target.client, target.project_id, request)
+        yield RayCluster(target.client, target.project_id, request, project_dir=serve_project_dir())
 
 
 def plan(
@@ -186,6 +227,9 @@ def _converge(
             _print_ready(status, info_path)
         else:
             out_console.print(_status_table(status))
+            print_serve(status)
+            for problem in status.problems:
+                err_console.print(f"[yellow]{escape(problem)}[/]")
         if wait and not status.ready:
             raise typer.Exit(EXIT_FAILED)
 
@@ -262,7 +306,10 @@ def scale(
     info_file: Path = InfoOption,
 ) -> None:
     """Set the number of workers of a group and save it in the config file; unchanged nodes are not
-    touched. `deploy` sends the config of the checkout it runs in, uncommitted edits included."""
+    touched. `deploy` sends the config of the checkout it runs in, uncommitted edits included.
+
+    Refused (exit 2) for an autoscaled group: Ray's autoscaler sets its size between
+    min_replicas and max_replicas; change those in the config and run `up` instead."""
     if replicas < 0:
         fail("REPLICAS: must be 0 or more", EXIT_BAD_INPUT)
     _converge(config, local, project, json_out, wait, timeout, info_file, replicas, group)
@@ -278,11 +325,13 @@ def status(
 
     def run() -> None:
         with open_cluster(config, local, project) as cluster:
-            result = cluster.status()
+            result = converge_serve_view(cluster, cluster.status())
         if json_out:
             print_json(result.as_dict())
         else:
             out_console.print(_status_table(result))
+            _print_groups(result)
+            print_serve(result)
             if result.dashboard_url:
                 out_console.print(f"dashboard: {result.dashboard_url}")
             if result.applied:

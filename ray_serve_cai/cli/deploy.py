@@ -24,6 +24,7 @@ from ray_serve_cai.cli.common import (
     run_command,
     settings_for,
 )
+from ray_serve_cai.cli.serve import check_serve_config
 from ray_serve_cai.cluster import connect_info
 from ray_serve_cai.cml import CMLClient
 from ray_serve_cai.config import DEFAULT_JOBS_FILE
@@ -84,6 +85,7 @@ def deploy_command(
     def run() -> None:
         # Bad input first, before any API call: both files, then the checkout.
         spec, cluster = load_deployment(jobs_file, config, project=project)
+        check_serve_config(cluster.spec)
         options = resolve_options(
             spec,
             local=local,

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from ray_serve_cai.cluster.applied import (
@@ -37,10 +38,13 @@ from ray_serve_cai.cluster.plan import (
     ActionKind,
     ObservedApp,
     Plan,
+    desired_for,
+    group_sizes,
     owned_apps,
     plan_changes,
 )
 from ray_serve_cai.cluster.runtimes import RuntimeChoiceError, resolve_runtimes
+from ray_serve_cai.cluster.serve import converge_serve
 from ray_serve_cai.cml import (
     Application,
     BadRequest,
@@ -51,11 +55,12 @@ from ray_serve_cai.cml import (
     Runtime,
     create_or_find,
 )
-from ray_serve_cai.config import ClusterSpec, NodeSpec, desired_nodes, head_app_name
+from ray_serve_cai.config import ClusterSpec, NodeSpec, head_app_name
 
 log = logging.getLogger("ray_serve_cai.cluster")
 
 STATUS_PATH = "/ray-cai/status"
+HEALTH_PATH = "/ray-cai/health"
 # How often the head's status endpoint is asked while only Ray's view is missing (not an API call).
 RAY_POLL_SECONDS = 0.25
 
@@ -99,6 +104,16 @@ class ClusterStatus:
     # What is deployed (the applied spec's summary and origin) and how the caller's config differs.
     applied: dict[str, Any] | None = None
     differences: list[str] = field(default_factory=list)
+    # Per worker group: current (apps of the group), desired, min, max (None unless autoscaled).
+    groups: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def autoscaler(self) -> dict[str, Any] | None:
+        """The autoscaler's last decision, as the head's status endpoint reports it."""
+        return self.ray.get("autoscaler") or None
+
+    # Serve's applications (`ray-cai serve status` shape) when the spec has `serve:`; see cluster/serve.py.
+    serve: dict[str, Any] | None = None
 
     @property
     def ready(self) -> bool:
@@ -124,6 +139,9 @@ class ClusterStatus:
             "problems": self.problems,
             "applied": self.applied,
             "differences": self.differences,
+            "groups": self.groups,
+            "autoscaler": self.autoscaler,
+            "serve": self.serve,
         }
 
 
@@ -176,6 +194,7 @@ class RayCluster:
         poll_interval: float = 2.0,
         max_parallel: int = 16,
         lock_wait: float = 120.0,
+        project_dir: Path | None = None,
     ) -> None:
         self.client = client
         self.project_id = project_id
@@ -184,6 +203,7 @@ class RayCluster:
         self.poll_interval = poll_interval
         self.max_parallel = max_parallel
         self.lock_wait = lock_wait
+        self.project_dir = project_dir  # where project-relative files (the Serve config) are; None = cwd
         # A lock outlives a run killed on another machine by at most this long (one on this
         # machine is taken over at once); a pass holds it only while it plans and applies.
         self.lock_ttl = 120.0
@@ -230,7 +250,8 @@ class RayCluster:
         return self._plan(apps, self.target(apps))
 
     def _plan(self, apps: Sequence[Application], target: Target) -> Plan:
-        return plan_changes(self.spec.name, desired_nodes(target.effective), [_observed(a) for a in apps])
+        observed = [_observed(a) for a in apps]
+        return plan_changes(self.spec.name, desired_for(target.effective, observed), observed)
 
     def differences(self, apps: Sequence[Application]) -> list[str]:
         """How this caller's request differs from what is deployed (empty without a record)."""
@@ -281,17 +302,9 @@ class RayCluster:
             self.client.restart_application(self.project_id, action.app.id)
 
     def _app_fields(self, node: NodeSpec) -> dict[str, Any]:
-        fields: dict[str, Any] = {
-            "script": node.script,
-            "cpu": node.cpu,
-            "memory": node.memory,
-            "nvidia_gpu": node.gpus,
-            "environment": dict(node.environment),
-        }
+        fields = node.app_fields()
         if node.role == "head" and self._record_to_write is not None:
             fields["environment"][APPLIED_SPEC_VAR] = self._record_to_write.encode()
-        if node.runtime_identifier:
-            fields["runtime_identifier"] = node.runtime_identifier
         return fields
 
     def _find_app(self, name: str) -> Application | None:
@@ -299,7 +312,6 @@ class RayCluster:
 
     def _create(self, node: NodeSpec) -> None:
         """Create one node's application; a create whose outcome is unknown is observed, not repeated."""
-        description = f"Ray {node.role} of ray-cai cluster {self.spec.name!r} (group {node.group})"
 
         def find() -> Application | None:
             existing = self._find_app(node.name)
@@ -313,7 +325,7 @@ class RayCluster:
                     self.project_id,
                     name=node.name,
                     subdomain=node.name,
-                    description=description,
+                    description=node.description,
                     **self._app_fields(node),
                 ),
                 find,
@@ -343,7 +355,7 @@ class RayCluster:
         """Apps (one list call) plus Ray's own view from the head's status endpoint."""
         apps = self.observe() if apps is None else apps
         target = self.target(apps, deployed=True)  # ready means "as deployed"
-        desired = desired_nodes(target.effective)
+        desired = desired_for(target.effective, [_observed(a) for a in apps])
         by_name = {(a.subdomain or a.name): a for a in apps}
         mine = {o.subdomain: o for o in owned_apps(self.spec.name, [_observed(a) for a in apps])}
         nodes: list[NodeStatus] = []
@@ -401,6 +413,7 @@ class RayCluster:
             problems=problems,
             applied=target.record.summary() if target.record else None,
             differences=self.differences(apps) if target.record else [],
+            groups=group_sizes(target.effective, list(mine.values()), desired),
         )
 
     def _ray_view(self, head_name: str) -> tuple[dict[str, Any], str | None]:
@@ -428,7 +441,10 @@ class RayCluster:
         app exists, the head's status endpoint (not an API call) is asked every `RAY_POLL_SECONDS`;
         when Ray sees every node, one list call confirms at once, so readiness is seen when it
         happens, not at the next poll. `apps` is a fresh observation to start from."""
-        deadline = time.monotonic() + (timeout if timeout is not None else self.spec.startup_timeout)
+        wait = timeout if timeout is not None else self.spec.startup_timeout
+        deadline = time.monotonic() + wait
+        outside_since: dict[str, float] = {}
+        replaced: set[str] = set()
         while True:
             observed = self.observe() if apps is None else apps
             apps = None
@@ -439,8 +455,16 @@ class RayCluster:
                 return status
             if status.state == "failed":
                 raise ClusterError(_describe_failure("an application failed", status))
+            outside = _outside_ray(status, outside_since)
             if time.monotonic() >= deadline:
+                status.problems.extend(self._outside_ray_errors(outside))
                 raise ClusterError(_describe_failure("timed out waiting for the cluster", status))
+            # A node running but not in Ray for half the wait is replaced once (e.g. its Ray failed).
+            late = {name: s for name, s in outside.items() if s > wait / 2 and name not in replaced}
+            if late:
+                replaced |= set(late)
+                self.converge(extra=lambda apps, late=late: self._replace_outside_ray(apps, late))
+                continue
             next_list = min(deadline, time.monotonic() + self.poll_interval)
             all_created = not status.surplus and all(n.app_id and n.spec_current for n in status.nodes)
             while time.monotonic() < next_list:
@@ -449,6 +473,39 @@ class RayCluster:
                     # Ray sees every node: confirm with one list call now instead of at the next poll.
                     apps = self.observe()
                     break
+
+    def _node_error(self, name: str) -> str:
+        """The last error a node's own health page reports ('' when it has none or does not answer)."""
+        try:
+            body = self.client.app_request(name, "GET", HEALTH_PATH, timeout=5).json()
+        except (CMLError, ValueError):
+            return ""
+        return str(body.get("last_error") or "") if isinstance(body, dict) else ""
+
+    def _outside_ray_errors(self, outside: dict[str, float]) -> list[str]:
+        problems = []
+        for name, seconds in sorted(outside.items()):
+            error = self._node_error(name)
+            problems.append(
+                f"{name}: running but not in Ray for {seconds:.0f}s; "
+                + (f"last error: {error}" if error else "it reports no error")
+            )
+        return problems
+
+    def _replace_outside_ray(self, apps: Sequence[Application], outside: dict[str, float]) -> list[Action]:
+        """Restart actions for the named nodes that still run (one health request each, for the reason)."""
+        nodes = {n.name: n for n in desired_for(self.target(apps).effective, [_observed(a) for a in apps])}
+        actions = []
+        for app in apps:
+            name = app.subdomain or app.name
+            if name in outside and name in nodes and app.status == RUNNING:
+                error = self._node_error(name)
+                reason = f"running but not in Ray for {outside[name]:.0f}s" + (f": {error}" if error else "")
+                log.warning("replacing %s: %s", name, reason)
+                actions.append(
+                    Action(ActionKind.RESTART, name, node=nodes[name], app=_observed(app), reason=reason)
+                )
+        return actions
 
     def _ray_reports_all(self, status: ClusterStatus) -> bool:
         view, _problem = self._ray_view(head_app_name(self.spec.name))
@@ -534,6 +591,7 @@ class RayCluster:
         """Converge: plan, apply, then (by default) wait until Ray reports every node alive."""
         plan, apps = self._converge()
         status = self.wait_until_ready(timeout, on_progress, apps=apps) if wait else self.status(apps)
+        status = converge_serve(self, status, wait=wait, timeout=timeout, on_progress=on_progress)
         return plan, status
 
     def watch(
@@ -545,12 +603,22 @@ class RayCluster:
         max_passes: int | None = None,
     ) -> None:
         """Keep reconciling every `interval` seconds: dead apps are restarted, missing ones created,
-        and an app stuck in STARTING past `startup_timeout` is restarted."""
+        and an app stuck in STARTING, or running but not in Ray, past `startup_timeout` is restarted."""
         starting_since: dict[str, float] = {}
+        outside_since: dict[str, float] = {}
 
         def stuck_apps(apps: list[Application]) -> list[Action]:
+            outside = _outside_ray(self.status(apps), outside_since)
+            late = {name: s for name, s in outside.items() if s > self.spec.startup_timeout}
+            for name in late:
+                outside_since[name] = time.monotonic()  # the restart takes a while to show
+            return stuck_in_starting(apps) + self._replace_outside_ray(apps, late)
+
+        def stuck_in_starting(apps: list[Application]) -> list[Action]:
             now = time.monotonic()
-            nodes = {n.name: n for n in desired_nodes(self.target(apps).effective)}
+            nodes = {
+                n.name: n for n in desired_for(self.target(apps).effective, [_observed(a) for a in apps])
+            }
             current = {a.id for a in apps if a.status == STARTING}
             for app_id in list(starting_since):
                 if app_id not in current:
@@ -573,7 +641,7 @@ class RayCluster:
         while not should_stop():
             plan = self.converge(extra=stuck_apps)
             self._heal_only = True  # later passes keep what is deployed, whoever deployed it
-            status = self.status()
+            status = converge_serve(self, self.status(), wait=False)
             if on_pass:
                 on_pass(plan, status)
             passes += 1
@@ -594,8 +662,40 @@ class RayCluster:
         with self._lock(runtime or self.target(apps).runtimes.get("head")):
             mine = owned_apps(self.spec.name, [_observed(a) for a in self.observe()])
             actions = [Action(ActionKind.DELETE, app.subdomain, app=app, reason="down") for app in mine]
-            self._run_parallel(self._delete, actions)
-        return [a.name for a in actions]
+            if not self.spec.autoscaled_groups:
+                self._run_parallel(self._delete, actions)
+                return [a.name for a in actions]
+            # The head first: Ray's autoscaler runs there and could create a worker meanwhile;
+            # one more look removes a worker it created before it stopped.
+            head = head_app_name(self.spec.name)
+            self._run_parallel(self._delete, [a for a in actions if a.name == head])
+            self._run_parallel(self._delete, [a for a in actions if a.name != head])
+            gone = {a.app.id for a in actions if a.app is not None}
+            listed = owned_apps(self.spec.name, [_observed(a) for a in self.observe()])
+            late_actions = [
+                Action(ActionKind.DELETE, app.subdomain, app=app, reason="down")
+                for app in listed
+                if app.id not in gone
+            ]
+            self._run_parallel(self._delete, late_actions)
+        return [a.name for a in actions + late_actions]
+
+
+def _outside_ray(status: ClusterStatus, since: dict[str, float]) -> dict[str, float]:
+    """Seconds each node has been running its current spec but not in Ray, as far as this caller
+    has seen (`since` keeps the first sighting). Workers count only while the head reports Ray's
+    view: without it nothing is known about them."""
+    now = time.monotonic()
+    viewed = "nodes" in status.ray
+    outside = {
+        n.name
+        for n in status.nodes
+        if n.app_status == RUNNING and n.spec_current and not n.in_ray and (viewed or n.role == "head")
+    }
+    for name in list(since):
+        if name not in outside:
+            del since[name]
+    return {name: now - since.setdefault(name, now) for name in sorted(outside)}
 
 
 def _describe_failure(headline: str, status: ClusterStatus) -> str:

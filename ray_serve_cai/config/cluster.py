@@ -10,6 +10,8 @@ in file paths, so a user always sees where to edit.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -69,7 +71,7 @@ class HeadSpec(BaseModel):
 
 
 class WorkerGroupSpec(BaseModel):
-    """A set of identical worker applications."""
+    """A set of identical worker applications; autoscaled when it has min and max replicas."""
 
     model_config = _STRICT
 
@@ -79,6 +81,27 @@ class WorkerGroupSpec(BaseModel):
     memory: MemoryGiB
     gpus: Gpus = 0
     runtime_identifier: str | None = None
+    min_replicas: Annotated[int, Field(ge=0)] | None = None
+    max_replicas: Annotated[int, Field(ge=0)] | None = None
+
+    @property
+    def autoscaled(self) -> bool:
+        """Ray's autoscaler owns this group's size (between min_replicas and max_replicas)."""
+        return self.min_replicas is not None and self.max_replicas is not None
+
+    @property
+    def most_replicas(self) -> int:
+        """The largest size the group can have: max_replicas when autoscaled, else replicas."""
+        return self.max_replicas if self.max_replicas is not None else self.replicas
+
+
+class AutoscalingSpec(BaseModel):
+    """Settings of Ray's autoscaler for the autoscaled worker groups."""
+
+    model_config = _STRICT
+
+    idle_timeout: Annotated[float, Field(gt=0)] = 60
+    upscaling_speed: Annotated[float, Field(gt=0)] = 1.0
 
 
 class RayPorts(BaseModel):
@@ -89,6 +112,14 @@ class RayPorts(BaseModel):
     gcs: Port = 6379
     client: Port = 10001
     dashboard: Port = 8265
+
+
+class ServeSpec(BaseModel):
+    """Serve applications the cluster runs: `config` is a project-relative file in Serve's format."""
+
+    model_config = _STRICT
+
+    config: str
 
 
 class ClusterSpec(BaseModel):
@@ -107,6 +138,8 @@ class ClusterSpec(BaseModel):
     head_script: str = "cai_integration/ray_head.py"
     worker_script: str = "cai_integration/ray_worker.py"
     environment: Environment = Field(default_factory=dict)
+    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
+    serve: ServeSpec | None = None  # not part of any node's hash: Serve changes apply in place
 
     @model_validator(mode="after")
     def _cross_field_rules(self, info: ValidationInfo) -> ClusterSpec:
@@ -144,14 +177,32 @@ class ClusterSpec(BaseModel):
                 [Problem("group", f"no worker group {group!r}{suggest(group, names)} (groups: {names})")],
                 source,
             )
-        data = self.model_dump()
         index = names.index(group)
+        chosen = self.worker_groups[index]
+        if chosen.autoscaled:
+            raise ConfigError(
+                [
+                    Problem(
+                        "group",
+                        f"worker group {group!r} is autoscaled (min_replicas {chosen.min_replicas}, "
+                        f"max_replicas {chosen.max_replicas}): Ray's autoscaler sets its size; change "
+                        "min_replicas/max_replicas in the config file and run `ray-cai up` instead",
+                    )
+                ],
+                source,
+            )
+        data = self.model_dump()
         data["worker_groups"][index]["replicas"] = replicas
         return validate_cluster_spec(data, source=source)
 
     @property
     def total_workers(self) -> int:
         return sum(g.replicas for g in self.worker_groups)
+
+    @property
+    def autoscaled_groups(self) -> list[WorkerGroupSpec]:
+        """The groups whose size Ray's autoscaler owns."""
+        return [g for g in self.worker_groups if g.autoscaled]
 
     def runtime_of(self, group: str | None = None) -> str | None:
         """The runtime the head (group None) or a worker group runs: its own, else the cluster's."""
@@ -188,6 +239,28 @@ class NodeSpec(BaseModel):
     spec_hash: str
     environment: dict[str, str]  # the RAY_CAI_* variables, then the cluster's `environment`
 
+    def app_fields(self) -> dict[str, Any]:
+        """The CML application fields of this node (create and update), besides name/subdomain."""
+        fields: dict[str, Any] = {
+            "script": self.script,
+            "cpu": self.cpu,
+            "memory": self.memory,
+            "nvidia_gpu": self.gpus,
+            "environment": dict(self.environment),
+        }
+        if self.runtime_identifier:
+            fields["runtime_identifier"] = self.runtime_identifier
+        return fields
+
+    @property
+    def description(self) -> str:
+        cluster = self.environment.get("RAY_CAI_CLUSTER")
+        return f"Ray {self.role} of ray-cai cluster {cluster!r} (group {self.group})"
+
+
+# What CML polls on every node app: fails once the node's Ray has been down past its start grace.
+NODE_POLLING_ENDPOINT = "/ray-cai/healthz"
+
 
 def head_app_name(cluster: str) -> str:
     return f"ray-{cluster}-head"
@@ -195,6 +268,50 @@ def head_app_name(cluster: str) -> str:
 
 def worker_app_name(cluster: str, group: str, index: int) -> str:
     return f"ray-{cluster}-{group}-{index}"
+
+
+# Variables of the autoscaling machinery (see ray_serve_cai.autoscale).
+AUTOSCALER_VARIABLE = "RAY_CAI_AUTOSCALER"  # "1" on the head of a cluster with autoscaled groups
+NODE_ID_RESOURCE_VARIABLE = "RAY_CAI_NODE_ID_RESOURCE"  # Ray's NODE_ID_AS_RESOURCE of the node
+APPLIED_SPEC_VARIABLE = "RAY_CAI_APPLIED_SPEC"  # the spec a pass applied, on the head (CONTRACTS.md)
+
+
+def node_id_resource(app_name: str) -> int:
+    """The integer a node advertises as Ray's `NODE_ID_AS_RESOURCE`: stable per app name, unique
+    within a cluster in practice (28 bits of a hash; names are unique per project). Ray's
+    autoscaler with `use_node_id_as_ip` uses it as the node's "ip", so the provider can match an
+    application to its Ray node without knowing the pod's IP (all local nodes share 127.0.0.1)."""
+    return int(hashlib.sha256(app_name.encode()).hexdigest()[:7], 16) + 1
+
+
+def spec_from_applied(value: str | None) -> ClusterSpec | None:
+    """The effective spec (runtimes filled in) of an applied-spec record (`RAY_CAI_APPLIED_SPEC`:
+    `{"spec": ..., "runtimes": {"head": ..., <group>: ...}, ...}`, see ray_serve_cai.cluster.applied);
+    None when absent or unreadable. The runtimes are filled as the reconciler fills them, so apps
+    created from it hash as `up` would create them."""
+    if not value:
+        return None
+    try:
+        body = json.loads(value)
+        spec = validate_cluster_spec(body["spec"], source=APPLIED_SPEC_VARIABLE)
+        runtimes = dict(body.get("runtimes") or {})
+    except (ValueError, KeyError, TypeError, ConfigError):
+        return None
+    head = spec.head.model_copy(update={"runtime_identifier": spec.runtime_of(None) or runtimes.get("head")})
+    groups = [
+        g.model_copy(update={"runtime_identifier": spec.runtime_of(g.name) or runtimes.get(g.name)})
+        for g in spec.worker_groups
+    ]
+    return spec.model_copy(update={"head": head, "worker_groups": groups})
+
+
+def worker_index_of(cluster: str, group: str, app_name: str) -> int | None:
+    """The index in `ray-<cluster>-<group>-<index>`, or None when ``app_name`` is not such a name."""
+    prefix = worker_app_name(cluster, group, 0)[:-1]
+    suffix = app_name[len(prefix) :] if app_name.startswith(prefix) else ""
+    if not suffix.isdigit() or worker_app_name(cluster, group, int(suffix)) != app_name:
+        return None
+    return int(suffix)
 
 
 def head_spec_hash(spec: ClusterSpec) -> str:
@@ -213,6 +330,9 @@ def head_spec_hash(spec: ClusterSpec) -> str:
             "auth": spec.auth_token,
             "script": spec.head_script,
             "environment": spec.environment,
+            # Only present when true, so hashes of clusters without autoscaling stay as they were.
+            # Bounds and idle timeout are not part of it: the autoscaler re-reads them, no restart.
+            **({"autoscaler": True} if spec.autoscaled_groups else {}),
         }
     )
 
@@ -234,77 +354,124 @@ def worker_spec_hash(spec: ClusterSpec, group: str) -> str:
             "auth": spec.auth_token,
             "join_timeout": spec.join_timeout,
             "environment": spec.environment,
+            # Every worker of a cluster with autoscaling advertises NODE_ID_AS_RESOURCE (fixed groups
+            # too, so Ray's autoscaler counts their capacity); only present then, as for the head.
+            **({"node_id_resource": True} if spec.autoscaled_groups else {}),
         }
     )
 
 
-def desired_nodes(spec: ClusterSpec) -> list[NodeSpec]:
-    """Every app the cluster should have: head first, then each group's workers, index 0..replicas-1."""
+def head_node(spec: ClusterSpec) -> NodeSpec:
+    """The head application of the cluster."""
     auth = "token" if spec.auth_token else "disabled"
     head_name = head_app_name(spec.name)
     head_hash = head_spec_hash(spec)
     head_cpus = spec.head.ray_cpus if spec.head.ray_cpus is not None else spec.head.cpu
-    nodes = [
-        NodeSpec(
-            name=head_name,
-            role="head",
-            group="head",
-            index=0,
-            cpu=spec.head.cpu,
-            memory=spec.head.memory,
-            gpus=spec.head.gpus,
-            runtime_identifier=spec.runtime_of(None),
-            script=spec.head_script,
-            spec_hash=head_hash,
-            environment={
-                "RAY_CAI_CLUSTER": spec.name,
-                "RAY_CAI_SPEC_HASH": head_hash,
-                "RAY_CAI_ROLE": "head",
-                "RAY_CAI_GROUP": "head",
-                "RAY_CAI_NODE_NAME": head_name,
-                "RAY_CAI_NUM_CPUS": format_number(head_cpus),
-                "RAY_CAI_NUM_GPUS": str(spec.head.gpus),
-                "RAY_CAI_MEMORY_GB": format_number(spec.head.memory),
-                "RAY_CAI_GCS_PORT": str(spec.ports.gcs),
-                "RAY_CAI_CLIENT_PORT": str(spec.ports.client),
-                "RAY_CAI_DASHBOARD_PORT": str(spec.ports.dashboard),
-                "RAY_CAI_AUTH": auth,
-                **spec.environment,
-            },
-        )
-    ]
+    autoscaling: dict[str, str] = {}
+    if spec.autoscaled_groups:  # the head reads the applied spec the reconciler records on it
+        autoscaling = {
+            AUTOSCALER_VARIABLE: "1",
+            NODE_ID_RESOURCE_VARIABLE: str(node_id_resource(head_name)),
+        }
+    return NodeSpec(
+        name=head_name,
+        role="head",
+        group="head",
+        index=0,
+        cpu=spec.head.cpu,
+        memory=spec.head.memory,
+        gpus=spec.head.gpus,
+        runtime_identifier=spec.runtime_of(None),
+        script=spec.head_script,
+        spec_hash=head_hash,
+        environment={
+            "RAY_CAI_CLUSTER": spec.name,
+            "RAY_CAI_SPEC_HASH": head_hash,
+            "RAY_CAI_ROLE": "head",
+            "RAY_CAI_GROUP": "head",
+            "RAY_CAI_NODE_NAME": head_name,
+            "RAY_CAI_NUM_CPUS": format_number(head_cpus),
+            "RAY_CAI_NUM_GPUS": str(spec.head.gpus),
+            "RAY_CAI_MEMORY_GB": format_number(spec.head.memory),
+            "RAY_CAI_GCS_PORT": str(spec.ports.gcs),
+            "RAY_CAI_CLIENT_PORT": str(spec.ports.client),
+            "RAY_CAI_DASHBOARD_PORT": str(spec.ports.dashboard),
+            "RAY_CAI_AUTH": auth,
+            "CDSW_APP_POLLING_ENDPOINT": NODE_POLLING_ENDPOINT,
+            **autoscaling,
+            **spec.environment,
+        },
+    )
+
+
+def worker_node(spec: ClusterSpec, group: str, index: int) -> NodeSpec:
+    """Worker ``index`` of ``group``: the application `up` and the autoscaler both create."""
+    g = spec.group(group)
+    auth = "token" if spec.auth_token else "disabled"
+    group_hash = worker_spec_hash(spec, g.name)
+    name = worker_app_name(spec.name, g.name, index)
+    autoscaling = {NODE_ID_RESOURCE_VARIABLE: str(node_id_resource(name))} if spec.autoscaled_groups else {}
+    return NodeSpec(
+        name=name,
+        role="worker",
+        group=g.name,
+        index=index,
+        cpu=g.cpu,
+        memory=g.memory,
+        gpus=g.gpus,
+        runtime_identifier=spec.runtime_of(g.name),
+        script=spec.worker_script,
+        spec_hash=group_hash,
+        environment={
+            "RAY_CAI_CLUSTER": spec.name,
+            "RAY_CAI_SPEC_HASH": group_hash,
+            "RAY_CAI_ROLE": "worker",
+            "RAY_CAI_GROUP": g.name,
+            "RAY_CAI_NODE_NAME": name,
+            "RAY_CAI_NUM_CPUS": format_number(g.cpu),
+            "RAY_CAI_NUM_GPUS": str(g.gpus),
+            "RAY_CAI_MEMORY_GB": format_number(g.memory),
+            "RAY_CAI_AUTH": auth,
+            "RAY_CAI_JOIN_TIMEOUT": format_number(spec.join_timeout),
+            "CDSW_APP_POLLING_ENDPOINT": NODE_POLLING_ENDPOINT,
+            **autoscaling,
+            **spec.environment,
+        },
+    )
+
+
+def desired_nodes(spec: ClusterSpec) -> list[NodeSpec]:
+    """Every app the cluster should have: head first, then each group's workers, index 0..replicas-1.
+
+    For an autoscaled group `replicas` is only the starting size; the planner
+    (`ray_serve_cai.cluster.plan.desired_for`) keeps what the autoscaler chose instead."""
+    nodes = [head_node(spec)]
     for group in spec.worker_groups:
-        group_hash = worker_spec_hash(spec, group.name)
-        for index in range(group.replicas):
-            name = worker_app_name(spec.name, group.name, index)
-            nodes.append(
-                NodeSpec(
-                    name=name,
-                    role="worker",
-                    group=group.name,
-                    index=index,
-                    cpu=group.cpu,
-                    memory=group.memory,
-                    gpus=group.gpus,
-                    runtime_identifier=spec.runtime_of(group.name),
-                    script=spec.worker_script,
-                    spec_hash=group_hash,
-                    environment={
-                        "RAY_CAI_CLUSTER": spec.name,
-                        "RAY_CAI_SPEC_HASH": group_hash,
-                        "RAY_CAI_ROLE": "worker",
-                        "RAY_CAI_GROUP": group.name,
-                        "RAY_CAI_NODE_NAME": name,
-                        "RAY_CAI_NUM_CPUS": format_number(group.cpu),
-                        "RAY_CAI_NUM_GPUS": str(group.gpus),
-                        "RAY_CAI_MEMORY_GB": format_number(group.memory),
-                        "RAY_CAI_AUTH": auth,
-                        "RAY_CAI_JOIN_TIMEOUT": format_number(spec.join_timeout),
-                        **spec.environment,
-                    },
-                )
-            )
+        nodes += [worker_node(spec, group.name, index) for index in range(group.replicas)]
     return nodes
+
+
+def _bounds_problems(group: WorkerGroupSpec, named: Callable[[str], str]) -> list[tuple[str, str]]:
+    """0 <= min_replicas <= replicas <= max_replicas, as (field, message) pairs; `named` gives
+    the key as the user wrote it (min_workers in the flat form)."""
+    low, high = group.min_replicas, group.max_replicas
+    if low is None and high is None:
+        return []
+    if high is None:
+        return [("max_replicas", f"is required with {named('min_replicas')} (autoscaling needs both)")]
+    if low is None:
+        return [("min_replicas", f"is required with {named('max_replicas')} (autoscaling needs both)")]
+    if low > high:
+        return [("min_replicas", f"must be at most {named('max_replicas')} ({high}), got {low}")]
+    if not low <= group.replicas <= high:
+        return [
+            (
+                "replicas",
+                f"the starting size must be between {named('min_replicas')} ({low}) and "
+                f"{named('max_replicas')} ({high}), got {group.replicas}",
+            )
+        ]
+    return []
 
 
 _NAME_RULE = "must be lowercase letters, digits and single hyphens, starting and ending with a letter/digit"
@@ -314,6 +481,7 @@ def cluster_problems(spec: ClusterSpec, where: Callable[[str], str] = lambda p: 
     """Cross-field rules of a field-valid spec. ``where`` maps spec paths to the paths users edit."""
     found = [
         *_name_problems(spec, where),
+        *_autoscaling_problems(spec, where),
         *_port_problems(spec),
         *_python_problems(spec, where),
         *(
@@ -322,6 +490,11 @@ def cluster_problems(spec: ClusterSpec, where: Callable[[str], str] = lambda p: 
             if (why := is_relative_script(getattr(spec, field)))
         ),
         *((p.field, p.message) for p in environment_problems(spec.environment, "environment")),
+        *(
+            [("serve.config", why)]
+            if spec.serve is not None and (why := is_relative_script(spec.serve.config))
+            else []
+        ),
     ]
     return [Problem(where(path), message) for path, message in found]
 
@@ -346,13 +519,25 @@ def _name_problems(spec: ClusterSpec, where: Callable[[str], str]) -> Iterator[t
             first = where(f"worker_groups[{seen[group.name]}].name")
             yield path, f"duplicate group name {group.name!r} (also {first})"
         seen.setdefault(group.name, i)
-        longest = worker_app_name(spec.name, group.name, max(group.replicas - 1, 0))
+        longest = worker_app_name(spec.name, group.name, max(group.most_replicas - 1, 0))
         if name_ok and len(longest) > MAX_APP_NAME:
             yield (
                 path,
                 f"app name {longest!r} is {len(longest)} characters; the limit is {MAX_APP_NAME} "
                 "(shorten the cluster or group name)",
             )
+
+
+def _autoscaling_problems(spec: ClusterSpec, where: Callable[[str], str]) -> Iterator[tuple[str, str]]:
+    """Bounds of autoscaled groups, named as the user wrote them (min_workers in the flat form)."""
+    for i, group in enumerate(spec.worker_groups):
+        path = f"worker_groups[{i}]"
+
+        def named(field: str, path: str = path) -> str:
+            return where(f"{path}.{field}").rpartition(".")[2]
+
+        for field, message in _bounds_problems(group, named):
+            yield f"{path}.{field}", message
 
 
 def _port_problems(spec: ClusterSpec) -> Iterator[tuple[str, str]]:
@@ -420,17 +605,47 @@ class AuthFile(BaseModel):
     token: bool = Field(True, description="Ray token authentication (RAY_AUTH_MODE=token); on by default")
 
 
+class ServeFile(BaseModel):
+    """`ray_cluster.serve`: Serve applications deployed (and kept deployed) on the cluster."""
+
+    model_config = _FILE
+
+    config: str = Field(
+        description="project-relative file in Ray Serve's config format (what `serve build` writes)"
+    )
+
+
 class WorkerGroupFile(BaseModel):
     """One entry of `ray_cluster.worker_groups`."""
 
     model_config = _FILE
 
     name: str = Field(description="group name; part of the app names ray-<cluster>-<group>-<index>")
-    replicas: Annotated[int, Field(ge=0)] = Field(description="number of worker apps")
+    replicas: Annotated[int, Field(ge=0)] | None = Field(
+        None,
+        description="number of worker apps; for an autoscaled group the starting size (default min_replicas)",
+    )
     cpu: Cpu
     memory: MemoryGiB
     gpus: Gpus = 0
     runtime_identifier: str | None = Field(None, description="ML Runtime image; default: runtime_identifier")
+    min_replicas: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="with max_replicas: Ray's autoscaler keeps the group between the two"
+    )
+    max_replicas: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="with min_replicas: the most worker apps the autoscaler may create"
+    )
+
+
+class AutoscalingFile(BaseModel):
+    """`ray_cluster.autoscaling`: Ray's autoscaler, for groups with min/max replicas."""
+
+    model_config = _FILE
+
+    idle_timeout: Seconds = Field(60, description="seconds a worker may be idle before it is removed")
+    upscaling_speed: Annotated[float, Field(gt=0)] = Field(
+        1.0, description="Ray's upscaling_speed: nodes added per update, as a fraction of the group's size"
+    )
 
 
 class RayClusterFile(BaseModel):
@@ -457,6 +672,12 @@ class RayClusterFile(BaseModel):
     worker_memory: MemoryGiB = 8
     worker_gpus: Gpus = Field(0, description="GPUs per worker (env RAY_WORKER_GPUS overrides)")
     worker_runtime_identifier: str | None = None
+    min_workers: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="with max_workers: autoscale the group `worker` (num_workers = starting size)"
+    )
+    max_workers: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="with min_workers: the most workers Ray's autoscaler may add"
+    )
     worker_groups: list[WorkerGroupFile] | None = Field(
         None, description="heterogeneous worker groups; excludes num_workers and the worker_* keys"
     )
@@ -469,6 +690,8 @@ class RayClusterFile(BaseModel):
     environment: Environment = Field(
         default_factory=dict, description="extra non-secret environment variables for every node"
     )
+    autoscaling: AutoscalingFile = Field(default_factory=AutoscalingFile)
+    serve: ServeFile | None = Field(None, description="Serve applications to deploy on the cluster")
 
 
 class ClusterFile(BaseModel):
@@ -487,9 +710,13 @@ _FLAT_WORKER_KEYS = (
     "worker_memory",
     "worker_gpus",
     "worker_runtime_identifier",
+    "min_workers",
+    "max_workers",
 )
 _FLAT_PATHS = {
     "replicas": "num_workers",
+    "min_replicas": "min_workers",
+    "max_replicas": "max_workers",
     "cpu": "worker_cpu",
     "memory": "worker_memory",
     "gpus": "worker_gpus",
@@ -593,18 +820,24 @@ def _normalize(file: ClusterFile, group_index: list[int]) -> tuple[dict[str, Any
     rc = file.ray_cluster
     flat = rc.worker_groups is None
     if flat:
+        explicit = "num_workers" in rc.model_fields_set
         groups = [
             {
                 "name": "worker",
-                "replicas": rc.num_workers,
+                "replicas": rc.num_workers if explicit or rc.min_workers is None else rc.min_workers,
                 "cpu": rc.worker_cpu,
                 "memory": rc.worker_memory,
                 "gpus": rc.worker_gpus,
                 "runtime_identifier": rc.worker_runtime_identifier,
+                "min_replicas": rc.min_workers,
+                "max_replicas": rc.max_workers,
             }
         ]
     else:
         groups = [g.model_dump() for g in rc.worker_groups or []]
+        for group in groups:
+            if group["replicas"] is None:  # a missing `replicas` is reported by _replicas_problems
+                group["replicas"] = group["min_replicas"] if group["min_replicas"] is not None else 0
     data = {
         "name": rc.name,
         "head": {
@@ -623,6 +856,8 @@ def _normalize(file: ClusterFile, group_index: list[int]) -> tuple[dict[str, Any
         "head_script": rc.head_script,
         "worker_script": rc.worker_script,
         "environment": dict(rc.environment),
+        "autoscaling": rc.autoscaling.model_dump(),
+        "serve": rc.serve.model_dump() if rc.serve is not None else None,
     }
 
     def where(path: str) -> str:
@@ -638,6 +873,16 @@ def _normalize(file: ClusterFile, group_index: list[int]) -> tuple[dict[str, Any
         return f"ray_cluster.{path}" if path else "ray_cluster"
 
     return data, where
+
+
+def _replicas_problems(file: ClusterFile, group_index: list[int]) -> list[Problem]:
+    """`replicas` may only be left out of an autoscaled group (it starts at min_replicas)."""
+    problems = []
+    for i, group in enumerate(file.ray_cluster.worker_groups or []):
+        if group.replicas is None and group.min_replicas is None:
+            path = f"ray_cluster.worker_groups[{group_index[i] if i < len(group_index) else i}].replicas"
+            problems.append(Problem(path, "is required (or give min_replicas and max_replicas to autoscale)"))
+    return problems
 
 
 def parse_cluster_spec(
@@ -670,6 +915,7 @@ def parse_cluster_spec(
             [i for i, g in enumerate(raw_groups) if g is not REMOVED] if isinstance(raw_groups, list) else []
         )
         normalized, where = _normalize(file, group_index)
+        problems += _replicas_problems(file, group_index)
         try:
             spec = ClusterSpec.model_validate(normalized, context={"skip_cross_field": True})
         except ValidationError as exc:  # pragma: no cover - the file model has the same field rules
@@ -700,12 +946,17 @@ def load_cluster_spec(path: str | Path | None = None, *, env: Mapping[str, str] 
 
 
 __all__ = [
+    "APPLIED_SPEC_VARIABLE",
+    "AUTOSCALER_VARIABLE",
     "CLUSTER_OVERRIDE_VARIABLES",
+    "NODE_ID_RESOURCE_VARIABLE",
+    "AutoscalingSpec",
     "ClusterFile",
     "ClusterSpec",
     "HeadSpec",
     "NodeSpec",
     "RayPorts",
+    "ServeSpec",
     "WorkerGroupSpec",
     "cluster_json_schema",
     "cluster_overrides",
@@ -713,10 +964,15 @@ __all__ = [
     "desired_nodes",
     "format_path",
     "head_app_name",
+    "head_node",
     "head_spec_hash",
     "load_cluster_spec",
+    "node_id_resource",
     "parse_cluster_spec",
+    "spec_from_applied",
     "validate_cluster_spec",
     "worker_app_name",
+    "worker_index_of",
+    "worker_node",
     "worker_spec_hash",
 ]

@@ -157,6 +157,10 @@ def launch_ray_cluster(args: list[str] | None = None) -> int:
             if spec_json
             else load_cluster_request(project / "ray_cluster_config.yaml", source="deploy")
         )
+        if spec.spec.serve is not None:  # the Serve config file is checked before any API call too
+            from ray_serve_cai.config.serve import load_serve_config
+
+            load_serve_config(spec.spec.serve.config, project)
         settings = CMLSettings.from_env()
     except (ConfigError, CMLError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
@@ -176,7 +180,7 @@ def launch_ray_cluster(args: list[str] | None = None) -> int:
     info_file = project / "ray_cluster_info.json"
     try:
         with CMLClient(settings) as client:
-            cluster = RayCluster(client, settings.project_id, spec)
+            cluster = RayCluster(client, settings.project_id, spec, project_dir=project)
             if interval is not None:
                 _supervise(cluster, interval, info_file)
                 return 0
@@ -184,7 +188,13 @@ def launch_ray_cluster(args: list[str] | None = None) -> int:
     except (ClusterError, CMLError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
+    except ConfigError as err:  # Serve refused the config (HTTP 400)
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
     print(f"plan: {plan.summary()}", flush=True)
+    if not status.ready:  # the nodes are up but a Serve application failed: Serve's message says why
+        print("error: " + "; ".join(status.problems or [status.state]), file=sys.stderr, flush=True)
+        return 1
     _report_ready(status, write_cluster_info(status, info_file))
     return 0
 
@@ -193,6 +203,9 @@ def _report_ready(status: ClusterStatus, info: Path) -> None:
     alive = status.ray.get("alive_nodes")
     print(f"cluster {status.cluster!r} ready: {alive} nodes alive; info in {info}", flush=True)
     print(f"dashboard: {status.dashboard_url}", flush=True)
+    if status.serve is not None:
+        apps = ", ".join(f"{n} {a['status']}" for n, a in status.serve["applications"].items())
+        print(f"serve: {status.serve['url']} ({apps or 'no applications'})", flush=True)
 
 
 def _supervise(cluster: RayCluster, interval: float, info_file: Path) -> None:

@@ -1,13 +1,22 @@
 """HTTP on 127.0.0.1:$CDSW_APP_PORT: health on every node; on the head, cluster status and a
 streaming proxy (HTTP and WebSocket, `ray_serve_cai._proxy`) to the Ray dashboard that adds the
 token header (CML's login already guards the app URL), plus other local servers mounted under a
-path prefix (`PathUpstream`, e.g. Serve under `/serve`)."""
+path prefix (`PathUpstream`, e.g. Serve under `/serve`).
+
+`/ray-cai/health` (every node): what the node is doing, whether Ray runs, the last error from its
+Ray log. `/ray-cai/healthz` (the app's polling endpoint, `CDSW_APP_POLLING_ENDPOINT`): 200 while
+Ray runs or has been down for less than the start grace period, else 503 — so CML sees a node whose
+Ray never starts as failing. `/ray-cai/status` (head): Ray's own view of the cluster, read from the
+GCS in process.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,17 +55,59 @@ class NodeStatus:
     dashboard_port: int | None = None
     ray_running: Callable[[], bool] = lambda: False
     dashboard_token: Callable[[], str | None] = lambda: None
+    autoscaler: Callable[[], dict[str, Any] | None] = lambda: None  # the autoscaler's last decision
     # Head only, once published: gcs_address, client_address, auth_mode, token_path (a path, never the token).
     connect: dict[str, Any] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Seconds Ray may be down (starting, restarting) before /ray-cai/healthz reports the node failing.
+    start_grace: float = 120.0
+    phase: str = "starting"
+    start_attempts: int = 0
+    last_error: str | None = None
+    # monotonic time since which Ray has not been running; None while it runs
+    ray_down_since: float | None = field(default_factory=time.monotonic)
+    # Head: where the GCS is (node rows for /ray-cai/status come from it, in process)
+    gcs_address: str | None = None
+    list_nodes: Callable[[str], list[dict[str, Any]]] | None = None
+
+    def note_running(self) -> None:
+        self.phase, self.ray_down_since = "running", None
+
+    def note_failure(self, error: str) -> None:
+        self.phase, self.last_error = "restarting", error
+        if self.ray_down_since is None:
+            self.ray_down_since = time.monotonic()
+
+    def note_stopped(self) -> None:
+        if self.ray_down_since is None:
+            self.ray_down_since = time.monotonic()
+        if self.phase == "running":
+            self.phase = "restarting"
+
+    def ray_down_for(self) -> float:
+        return 0.0 if self.ray_down_since is None else time.monotonic() - self.ray_down_since
+
+    def healthy(self) -> bool:
+        """Ray runs, or is down for less than `start_grace`, or the node waits for its head (a
+        worker's wait is bounded by its join timeout, and a missing head is the head's failure)."""
+        if self.phase == "running" and self.ray_running():
+            return True
+        return self.phase == "waiting for the head" or self.ray_down_for() <= self.start_grace
 
     def health(self) -> dict[str, Any]:
+        running = self.ray_running()
         return {
             "role": self.role,
             "node_name": self.node_name,
             "cluster": self.cluster,
             "group": self.group,
-            "ray_running": self.ray_running(),
+            "ray_running": running,
+            "phase": self.phase if running or self.phase != "running" else "restarting",
+            "healthy": self.healthy(),
+            "ray_down_for_s": round(self.ray_down_for(), 1),
+            "start_grace_s": self.start_grace,
+            "start_attempts": self.start_attempts,
+            "last_error": self.last_error,
             "head_id": self.head_id,
             "ray_version": self.ray_version,
             "python_version": self.python_version,
@@ -103,7 +154,6 @@ class PathUpstream:
 
 def create_app(status: NodeStatus, upstreams: Sequence[PathUpstream] = ()) -> Starlette:
     """The app HTTP server of one node; on the head, `upstreams` are mounted before the dashboard."""
-    client = httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=3.0), follow_redirects=False)
     forwarder = proxy_client()
 
     def dashboard_headers() -> dict[str, str]:
@@ -118,6 +168,10 @@ def create_app(status: NodeStatus, upstreams: Sequence[PathUpstream] = ()) -> St
     async def health(_: Request) -> JSONResponse:
         return JSONResponse(status.health())
 
+    async def healthz(_: Request) -> JSONResponse:
+        body = status.health()
+        return JSONResponse(body, 200 if body["healthy"] else 503)
+
     async def cluster_status(_: Request) -> JSONResponse:
         body: dict[str, Any] = {
             "head_id": status.head_id,
@@ -126,20 +180,17 @@ def create_app(status: NodeStatus, upstreams: Sequence[PathUpstream] = ()) -> St
             "ray_running": status.ray_running(),
             **status.connect,
         }
-        url = dashboard_url("/api/v0/nodes?limit=10000&detail=false")
-        if url is None or not status.ray_running():
-            return JSONResponse(
-                {**body, "alive_nodes": 0, "nodes": [], "resources": {}, "error": "ray is not running"}, 503
-            )
+        if (decision := status.autoscaler()) is not None:
+            body["autoscaler"] = decision
+        empty = {"alive_nodes": 0, "nodes": [], "resources": {}}
+        address, list_nodes = status.gcs_address, status.list_nodes
+        if address is None or list_nodes is None or not status.ray_running():
+            error = "ray is not running" + (f"; last error: {status.last_error}" if status.last_error else "")
+            return JSONResponse({**body, **empty, "error": error}, 503)
         try:
-            response = await client.get(url, headers=dashboard_headers())
-            response.raise_for_status()
-            rows = response.json()["data"]["result"]["result"]
-        except (httpx.HTTPError, KeyError, TypeError, ValueError) as error:
-            message = f"dashboard not ready: {type(error).__name__}"
-            return JSONResponse(
-                {**body, "alive_nodes": 0, "nodes": [], "resources": {}, "error": message}, 503
-            )
+            rows = await asyncio.to_thread(list_nodes, address)
+        except Exception as error:  # the GCS is going away or overloaded: say so, the caller polls
+            return JSONResponse({**body, **empty, "error": f"GCS not answering: {type(error).__name__}"}, 503)
         return JSONResponse({**body, **summarize_nodes(rows)})
 
     async def dashboard_unreachable(request: Request) -> Response:
@@ -162,19 +213,19 @@ def create_app(status: NodeStatus, upstreams: Sequence[PathUpstream] = ()) -> St
 
     routes = [
         Route("/ray-cai/health", health, methods=["GET"]),
+        Route("/ray-cai/healthz", healthz, methods=["GET"]),
         Route("/ray-cai/status", cluster_status, methods=["GET"]),
     ]
     if status.role == "head":
         routes += [Mount(u.prefix.rstrip("/"), app=_mounted(u, forwarder)) for u in upstreams]
         routes.append(Mount("", app=dashboard))
     else:
-        routes.pop(1)
+        routes = [route for route in routes if route.path != "/ray-cai/status"]
         routes.append(Route("/{path:path}", worker_page))
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette):  # type: ignore[no-untyped-def]
         yield
-        await client.aclose()
         await forwarder.aclose()
 
     return Starlette(routes=routes, lifespan=lifespan)
@@ -227,15 +278,21 @@ class AppServer:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="app-http", daemon=True)
 
-    def start(self, wait_seconds: float = 10.0) -> None:
-        self.thread.start()
-        deadline = threading.Event()
-        for _ in range(int(wait_seconds / 0.05)):
-            if self.server.started or not self.thread.is_alive():
-                break
-            deadline.wait(0.05)
+    def begin(self) -> None:
+        """Start serving in the background; `wait_started` confirms it."""
+        if not self.thread.is_alive() and not self.server.started:
+            self.thread.start()
+
+    def wait_started(self, wait_seconds: float = 10.0) -> None:
+        deadline = time.monotonic() + wait_seconds
+        while not self.server.started and self.thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
         if not self.server.started:
             raise RuntimeError("the app HTTP server did not start (is CDSW_APP_PORT free?)")
+
+    def start(self, wait_seconds: float = 10.0) -> None:
+        self.begin()
+        self.wait_started(wait_seconds)
 
     def stop(self, wait_seconds: float = 2.0) -> None:
         self.server.should_exit = True

@@ -1,14 +1,23 @@
 """Head and worker launchers: the foreground process of a Ray cluster's CML application.
 
-The launcher serves the app HTTP port at once, runs `ray start --block` in its own process group
-and supervises it. Head: publish the rendezvous when the GCS is healthy; exit 1 if Ray exits.
-Worker: wait for the rendezvous, join, and join again by itself when Ray exits or the head changes.
-SIGTERM/SIGINT: copy this node's Ray logs to the project, end the node's process tree, exit 0.
+The launcher serves the app HTTP port while it starts `ray start --block` in its own process group,
+and supervises it. Head: publish the rendezvous when the GCS is healthy (asked in process, no
+`ray health-check` processes); exit 1 if Ray exits. Worker: wait for the rendezvous and a healthy
+GCS, join, and join again by itself when Ray exits or the head changes.
+
+A `ray start` that fails before the node runs (e.g. a port taken by another process between the
+choice and Ray's bind) is retried with freshly chosen ports, never one a failed attempt used, at
+most `MAX_START_ATTEMPTS` times in a row; then the launcher exits 1. The status page says whether
+Ray runs and the last error; `/ray-cai/healthz` (the app's polling endpoint) fails once Ray has not
+been running for the start grace period.
+SIGTERM/SIGINT: end the node's process tree, copy its Ray logs to the project, exit 0.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
+import os
 import platform
 import signal
 import sys
@@ -18,8 +27,7 @@ import uuid
 from datetime import datetime, timezone
 from types import FrameType
 
-import ray
-
+from ray_serve_cai.node.autoscaling import autoscaler_state, autoscaling_start
 from ray_serve_cai.node.files import (
     Rendezvous,
     TokenError,
@@ -33,17 +41,23 @@ from ray_serve_cai.node.files import (
     write_rendezvous,
 )
 from ray_serve_cai.node.http_app import AppServer, NodeStatus
-from ray_serve_cai.node.ray_node import NodePorts, RayNode, wait_for_gcs
+from ray_serve_cai.node.ray_node import GCS_PROBE, NodePorts, RayNode, wait_for_gcs
+from ray_serve_cai.node.serve_proxy import serve_upstreams, start_serve_in_background
 from ray_serve_cai.node.settings import NodeSettings, SettingsError
 
 logger = logging.getLogger("ray_serve_cai.node")
+# Ray itself is imported only once the cluster's auth mode and token path are in this process's
+# environment: Ray reads them at import, and the in-process GCS client must present the token.
+RAY_VERSION = importlib.metadata.version("ray")
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_ENV = 2
 HEAD_START_TIMEOUT_SECONDS = 180.0
 SUPERVISE_INTERVAL_SECONDS = 2.0
-REJOIN_PAUSE_SECONDS = 2.0
+REJOIN_PAUSE_SECONDS = 1.0
+# Consecutive `ray start` attempts that fail before the node runs; then the app fails (exit 1).
+MAX_START_ATTEMPTS = 5
 
 
 class NodeFailure(RuntimeError):
@@ -65,20 +79,60 @@ class Launcher:
         )
         self.token_file = token_file
         self.auth_env = ray_auth_env(settings.auth, token_file)
-        self.ports = NodePorts.choose(settings)
-        self.node = RayNode(settings, self.ports, self.auth_env)
+        # The in-process GCS client reads the auth mode and token path from this environment.
+        os.environ.update(self.auth_env)
+        self.node = RayNode(settings, NodePorts.choose(settings), self.auth_env)
+        self.node.extra_args, self.node.extra_env = autoscaling_start(settings)
+        self.failed_starts = 0
         self.status = NodeStatus(
             role=settings.role,
             node_name=settings.node_name,
             cluster=settings.cluster,
             group=settings.group,
-            ray_version=ray.__version__,
+            ray_version=RAY_VERSION,
             python_version=platform.python_version(),
-            dashboard_port=self.ports.dashboard if settings.role == "head" else None,
-            ray_running=self.node.is_running,
+            dashboard_port=self.node.ports.dashboard if settings.role == "head" else None,
+            ray_running=self.node.has_started,
             dashboard_token=self._dashboard_token,
+            start_grace=settings.start_grace,
+            list_nodes=GCS_PROBE.alive_nodes,
+            autoscaler=lambda: autoscaler_state(settings),
         )
-        self.http = AppServer(self.status, settings.app_port)
+        self.http = AppServer(self.status, settings.app_port, upstreams=serve_upstreams(self.status))
+
+    @property
+    def ports(self) -> NodePorts:
+        return self.node.ports
+
+    def start_ray(self, head_address: str | None = None) -> None:
+        """Start `ray start` while the app HTTP server comes up (both take a while)."""
+        process = self.node.start(head_address)
+        self.status.start_attempts += 1
+        if self.settings.role == "head":
+            self.status.dashboard_port = self.ports.dashboard
+        logger.info("ray start (pid %s, attempt %s): %s", process.pid, self.status.start_attempts,
+                    self.ports.describe())  # fmt: skip
+
+    def start_failed(self) -> None:
+        """`ray start` ended (or hung) before the node ran: keep the reason, end what is left,
+        choose new ports; raise NodeFailure after MAX_START_ATTEMPTS failures in a row."""
+        reason = self.node.failure_reason()
+        self.failed_starts += 1
+        self.status.note_failure(reason)
+        logger.error(
+            "ray start failed (%s of %s in a row): %s", self.failed_starts, MAX_START_ATTEMPTS, reason
+        )
+        self.end_ray()
+        if self.failed_starts >= MAX_START_ATTEMPTS:
+            raise NodeFailure(
+                f"{self.settings.node_name}: ray start failed {self.failed_starts} times in a row; "
+                f"last: {reason}"
+            )
+        self.node.repick_ports()
+
+    def node_runs(self) -> None:
+        self.failed_starts = 0
+        self.status.note_running()
 
     def _dashboard_token(self) -> str | None:
         if self.settings.auth != "token":
@@ -105,9 +159,12 @@ class Launcher:
             logger.info("copied Ray logs to %s", copied)
 
     def end_ray(self, collect_logs: bool = True, grace_seconds: float = 4.0) -> None:
+        """End the node's processes first (their logs are then complete), then copy the logs."""
+        if self.status.ray_down_since is None:
+            self.status.note_stopped()
+        self.node.stop(grace_seconds=grace_seconds)
         if collect_logs:
             self.collect_logs()
-        self.node.stop(grace_seconds=grace_seconds)
 
     def shutdown(self) -> None:
         self.http.stop()
@@ -119,60 +176,79 @@ def run_head(settings: NodeSettings | None = None) -> int:
     settings = settings or NodeSettings.from_env("head")
     launcher = Launcher(settings)
     launcher.install_signal_handlers()
-    launcher.http.start()
-    head_id = uuid.uuid4().hex
+    published: list[str] = []  # head ids this launcher published (one per start that got a GCS)
     # A head.json left by a previous head names a dead GCS: withdraw it so workers wait for us.
     remove_rendezvous(settings.project_dir, settings.cluster)
     try:
-        return _run_head(launcher, head_id)
+        launcher.http.begin()
+        return _run_head(launcher, published)
     except StopRequested:
+        _withdraw(launcher, published)
         launcher.end_ray()
-        remove_rendezvous(settings.project_dir, settings.cluster, head_id=head_id)
         return EXIT_OK
     except NodeFailure as failure:
         logger.error("%s", failure)
+        _withdraw(launcher, published)
         launcher.end_ray()
-        remove_rendezvous(settings.project_dir, settings.cluster, head_id=head_id)
         return EXIT_FAILED
     finally:
         launcher.shutdown()
 
 
-def _run_head(launcher: Launcher, head_id: str) -> int:
-    settings, ports = launcher.settings, launcher.ports
-    process = launcher.node.start()
-    logger.info(
-        "started ray head (pid %s), GCS port %s, dashboard port %s", process.pid, ports.gcs, ports.dashboard
-    )
-    address = f"{settings.node_ip}:{ports.gcs}"
-    deadline = time.monotonic() + HEAD_START_TIMEOUT_SECONDS
-    healthy = wait_for_gcs(
-        address,
-        launcher.auth_env,
-        deadline,
-        keep_waiting=lambda: launcher.node.is_running() and not launcher.stop_event.is_set(),
-    )
-    if launcher.stop_event.is_set():
-        raise StopRequested
-    if not healthy:
+def _withdraw(launcher: Launcher, published: list[str]) -> None:
+    """Workers must not join a GCS that is going away: withdraw our rendezvous first."""
+    for head_id in published:
+        remove_rendezvous(launcher.settings.project_dir, launcher.settings.cluster, head_id=head_id)
+
+
+def _run_head(launcher: Launcher, published: list[str]) -> int:
+    settings = launcher.settings
+    while True:
+        launcher.start_ray()
+        launcher.http.wait_started()
+        address = f"{settings.node_ip}:{launcher.ports.gcs}"
+        deadline = time.monotonic() + HEAD_START_TIMEOUT_SECONDS
+
+        def keep_waiting() -> bool:
+            return launcher.node.is_running() and not launcher.stop_event.is_set()
+
+        healthy = wait_for_gcs(address, deadline, keep_waiting=keep_waiting, sleep=launcher.stop_event.wait)
+        if launcher.stop_event.is_set():
+            raise StopRequested
+        if healthy:
+            # Published as soon as the GCS is healthy: workers join while the head finishes starting.
+            published.append(_publish(launcher, address))
+            if _wait_started(launcher, deadline):
+                break
+            _withdraw(launcher, published)
+        launcher.start_failed()
+    launcher.node_runs()
+    logger.info("head %s runs at %s", launcher.status.head_id, address)
+    start_serve_in_background(launcher.status.connect, address, launcher.node.environment())
+    while True:
+        launcher.sleep(SUPERVISE_INTERVAL_SECONDS)
         exit_code = launcher.node.exit_code()
-        reason = (
-            f"ray start exited with code {exit_code}" if exit_code is not None else "GCS not healthy in time"
-        )
-        raise NodeFailure(f"head {settings.node_name} failed to start: {reason}")
+        if exit_code is not None:
+            raise NodeFailure(f"ray start on head {settings.node_name} exited with code {exit_code}")
+
+
+def _publish(launcher: Launcher, address: str) -> str:
+    """Write the rendezvous (a new head id) and the status page's connect facts; the head id."""
+    settings, ports = launcher.settings, launcher.ports
     rendezvous = Rendezvous(
         ip=settings.node_ip,
         gcs_port=ports.gcs,
         client_port=ports.client,
         dashboard_port=ports.dashboard,
-        ray_version=ray.__version__,
+        ray_version=RAY_VERSION,
         python_version=platform.python_version(),
-        head_id=head_id,
+        head_id=uuid.uuid4().hex,
         started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         auth=settings.auth,
         node_name=settings.node_name,
     )
-    launcher.status.head_id = head_id
+    launcher.status.head_id = rendezvous.head_id
+    launcher.status.gcs_address = address
     path = write_rendezvous(settings.project_dir, settings.cluster, rendezvous)
     launcher.status.connect = {
         "gcs_address": rendezvous.gcs_address,
@@ -184,12 +260,18 @@ def _run_head(launcher: Launcher, head_id: str) -> int:
             else {}
         ),
     }
-    logger.info("head %s ready at %s; rendezvous %s", head_id, address, path)
-    while True:
-        launcher.sleep(SUPERVISE_INTERVAL_SECONDS)
-        exit_code = launcher.node.exit_code()
-        if exit_code is not None:
-            raise NodeFailure(f"ray start on head {settings.node_name} exited with code {exit_code}")
+    logger.info("head %s: GCS healthy at %s; rendezvous %s", rendezvous.head_id, address, path)
+    return rendezvous.head_id
+
+
+def _wait_started(launcher: Launcher, deadline: float) -> bool:
+    """Until `ray start` says the node runs (True), exits, or the deadline passes (False)."""
+    output = launcher.node.output
+    while output is not None and not output.started.is_set():
+        if not launcher.node.is_running() or time.monotonic() >= deadline:
+            return launcher.node.has_started()
+        launcher.sleep(0.1)
+    return launcher.node.is_running()
 
 
 def run_worker(settings: NodeSettings | None = None) -> int:
@@ -197,8 +279,8 @@ def run_worker(settings: NodeSettings | None = None) -> int:
     settings = settings or NodeSettings.from_env("worker")
     launcher = Launcher(settings)
     launcher.install_signal_handlers()
-    launcher.http.start()
     try:
+        launcher.http.begin()
         _run_worker(launcher)
     except StopRequested:
         launcher.end_ray()
@@ -215,15 +297,21 @@ def run_worker(settings: NodeSettings | None = None) -> int:
 def _run_worker(launcher: Launcher) -> None:
     settings = launcher.settings
     while True:
+        launcher.status.phase = "waiting for the head"
         rendezvous = _wait_for_rendezvous(launcher)
+        launcher.http.wait_started()
         _check_versions(rendezvous)
+        launcher.status.phase = "starting"
         deadline = time.monotonic() + max(settings.join_timeout, 10.0)
 
         def same_head(expected: str = rendezvous.head_id) -> bool:
             current = read_rendezvous(settings.project_dir, settings.cluster)
             return current is not None and current.head_id == expected and not launcher.stop_event.is_set()
 
-        if not wait_for_gcs(rendezvous.gcs_address, launcher.auth_env, deadline, keep_waiting=same_head):
+        healthy = wait_for_gcs(
+            rendezvous.gcs_address, deadline, keep_waiting=same_head, sleep=launcher.stop_event.wait
+        )
+        if not healthy:
             if launcher.stop_event.is_set():
                 raise StopRequested
             if not same_head():
@@ -233,31 +321,45 @@ def _run_worker(launcher: Launcher) -> None:
                 f"worker {settings.node_name}: GCS of head {rendezvous.head_id} at {rendezvous.gcs_address} "
                 f"not healthy after {settings.join_timeout:.0f}s"
             )
-        process = launcher.node.start(rendezvous.gcs_address)
+        launcher.start_ray(rendezvous.gcs_address)
         launcher.status.head_id = rendezvous.head_id
-        logger.info(
-            "joining head %s at %s (ray pid %s)", rendezvous.head_id, rendezvous.gcs_address, process.pid
-        )
-        reason = _supervise_worker(launcher, rendezvous.head_id)
-        logger.info("%s: restarting this Ray node", reason)
-        launcher.end_ray()
+        logger.info("joining head %s at %s", rendezvous.head_id, rendezvous.gcs_address)
+        reason, failed = _supervise_worker(launcher, rendezvous.head_id)
+        if failed:
+            launcher.start_failed()
+        else:
+            # The node ran (or the head changed under it): it joins again with the same ports.
+            logger.info("%s: restarting this Ray node", reason)
+            launcher.end_ray()
         launcher.status.head_id = None
         launcher.sleep(REJOIN_PAUSE_SECONDS)
 
 
-def _supervise_worker(launcher: Launcher, head_id: str) -> str:
-    """Block until Ray must be restarted; return why."""
+def _supervise_worker(launcher: Launcher, head_id: str) -> tuple[str, bool]:
+    """Block until Ray must be restarted; return why, and whether `ray start` failed before the
+    node ran (a failed start, retried with other ports) rather than ending after it ran."""
     settings = launcher.settings
+    running = False
     while True:
-        launcher.sleep(SUPERVISE_INTERVAL_SECONDS)
+        output = launcher.node.output
+        # Wake as soon as `ray start` reports the node runs, else every SUPERVISE_INTERVAL_SECONDS.
+        if not running and output is not None and output.started.wait(SUPERVISE_INTERVAL_SECONDS):
+            running = True
+            launcher.node_runs()
+        else:
+            launcher.sleep(SUPERVISE_INTERVAL_SECONDS)
+        if launcher.stop_event.is_set():
+            raise StopRequested
         exit_code = launcher.node.exit_code()
         if exit_code is not None:
-            return f"ray start exited with code {exit_code}"
+            current = read_rendezvous(settings.project_dir, settings.cluster)
+            head_still_there = current is not None and current.head_id == head_id
+            return f"ray start exited with code {exit_code}", not running and head_still_there
         current = read_rendezvous(settings.project_dir, settings.cluster)
         if current is None:
-            return "the head withdrew its rendezvous"
+            return "the head withdrew its rendezvous", False
         if current.head_id != head_id:
-            return f"a new head {current.head_id} replaced {head_id}"
+            return f"a new head {current.head_id} replaced {head_id}", False
 
 
 def _wait_for_rendezvous(launcher: Launcher) -> Rendezvous:
@@ -283,10 +385,10 @@ def _wait_for_rendezvous(launcher: Launcher) -> Rendezvous:
 
 def _check_versions(rendezvous: Rendezvous) -> None:
     python_version = platform.python_version()
-    if rendezvous.ray_version != ray.__version__ or rendezvous.python_version != python_version:
+    if rendezvous.ray_version != RAY_VERSION or rendezvous.python_version != python_version:
         raise NodeFailure(
             f"version mismatch with head {rendezvous.head_id}: head runs Ray {rendezvous.ray_version} on "
-            f"Python {rendezvous.python_version}, this node Ray {ray.__version__} "
+            f"Python {rendezvous.python_version}, this node Ray {RAY_VERSION} "
             f"on Python {python_version}; "
             "use the same runtime image for head and workers"
         )

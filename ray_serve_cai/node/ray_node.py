@@ -2,27 +2,34 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import hashlib
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any
 
 import psutil
 
+from ray_serve_cai.errors import WaitTimeout
 from ray_serve_cai.node.ports import WorkerPortBlock, pick_free_ports, reserve_worker_port_block
 from ray_serve_cai.node.process_tree import NODE_TAG_VARIABLE, end_node, node_processes, processes_in_group
 from ray_serve_cai.node.reaper import release_reaper, start_reaper
+from ray_serve_cai.node.serve_proxy import project_pythonpath
 from ray_serve_cai.node.settings import NodeSettings
+from ray_serve_cai.waiting import poll_until
 
 NODE_NAME_LABEL = "ray-cai.node-name"
 GROUP_LABEL = "ray-cai.group"
@@ -72,7 +79,9 @@ class NodePorts:
     dashboard: int = 0
 
     @classmethod
-    def choose(cls, settings: NodeSettings) -> NodePorts:
+    def choose(cls, settings: NodeSettings, exclude: set[int] | None = None) -> NodePorts:
+        """Fresh ports from the kernel, never one in `exclude` (ports an earlier `ray start` of this
+        node failed with) nor a head port the settings fix."""
         head = settings.role == "head"
         wanted = {
             "gcs": settings.gcs_port,
@@ -80,7 +89,7 @@ class NodePorts:
             "dashboard": settings.dashboard_port,
         }
         fixed = {port for name, port in wanted.items() if head and port}
-        free = iter(pick_free_ports(9, exclude=fixed))
+        free = iter(pick_free_ports(9, exclude=fixed | set(exclude or ())))
         ports = cls(
             node_manager=next(free),
             object_manager=next(free),
@@ -96,9 +105,111 @@ class NodePorts:
             ports.dashboard = settings.dashboard_port or next(free)
         return ports
 
+    def picked(self, settings: NodeSettings) -> set[int]:
+        """The single ports chosen here (not those the settings fix): what a failed start burns."""
+        ports = {
+            self.node_manager,
+            self.object_manager,
+            self.dashboard_agent_listen,
+            self.dashboard_agent_grpc,
+            self.runtime_env_agent,
+            self.metrics_export,
+        }
+        if settings.role == "head":
+            chosen = {
+                "gcs": settings.gcs_port,
+                "client": settings.client_port,
+                "dashboard": settings.dashboard_port,
+            }
+            ports |= {getattr(self, name) for name, fixed in chosen.items() if not fixed}
+        return ports
+
+    def describe(self) -> str:
+        names = ("node_manager", "object_manager", "dashboard_agent_listen", "dashboard_agent_grpc",
+                 "runtime_env_agent", "metrics_export", "gcs", "client", "dashboard")  # fmt: skip
+        text = " ".join(f"{name}={getattr(self, name)}" for name in names if getattr(self, name))
+        if self.worker_ports is not None:
+            text += f" workers={self.worker_ports.first}-{self.worker_ports.last}"
+        return text
+
     def release(self) -> None:
         if self.worker_ports is not None:
             self.worker_ports.release()
+
+
+# `ray start` prints this once the node runs (then `--block` keeps it in the foreground).
+STARTED_MARKER = "Ray runtime started"
+ERROR_LINE = re.compile(r"error|exception|failed|timed out|address already in use", re.IGNORECASE)
+PORT_CONFLICT = re.compile(r"address already in use|errno 98", re.IGNORECASE)
+# Session log files read for the last error when `ray start` fails (newest line wins per file).
+ERROR_LOG_PATTERNS = (
+    "*.err",
+    "dashboard_agent*.log",
+    "raylet.out",
+    "gcs_server.out",
+    "runtime_env_agent*.log",
+)
+
+
+class RayOutput:
+    """Copies `ray start`'s output to the launcher's own (the app log) and keeps its tail: the
+    launcher learns from it that the node started, and why it failed."""
+
+    def __init__(self, stream: IO[bytes], sink: IO[bytes] | None = None, keep: int = 200) -> None:
+        self.tail: collections.deque[str] = collections.deque(maxlen=keep)
+        self.started = threading.Event()
+        self.finished = threading.Event()
+        self._stream = stream
+        self._sink = sink if sink is not None else sys.stdout.buffer
+        self._thread = threading.Thread(target=self._pump, name="ray-output", daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        try:
+            for raw in iter(self._stream.readline, b""):
+                with contextlib.suppress(OSError, ValueError):
+                    self._sink.write(raw)
+                    self._sink.flush()
+                line = raw.decode(errors="replace").rstrip()
+                self.tail.append(line)
+                if STARTED_MARKER in line:
+                    self.started.set()
+        finally:
+            with contextlib.suppress(OSError):
+                self._stream.close()
+            self.finished.set()
+
+    def last_error(self) -> str | None:
+        return next((line.strip() for line in reversed(self.tail) if ERROR_LINE.search(line)), None)
+
+    def wait_finished(self, timeout: float) -> None:
+        self.finished.wait(timeout)
+
+
+def last_log_error(logs_dir: Path, since: float = 0.0) -> str | None:
+    """The line that best explains a failure in this session's Ray logs written after `since`, as
+    `<file>: <line>`: a port conflict (`Address already in use`) first, else the newest error line."""
+    best: tuple[int, float, str] | None = None
+    for pattern in ERROR_LOG_PATTERNS:
+        for path in logs_dir.glob(pattern):
+            try:
+                modified = path.stat().st_mtime
+                if modified < since:
+                    continue
+                with open(path, "rb") as handle:
+                    handle.seek(max(0, path.stat().st_size - 64 * 1024))
+                    lines = handle.read().decode(errors="replace").splitlines()
+            except OSError:
+                continue
+            errors = [text.strip() for text in lines if ERROR_LINE.search(text)]
+            if not errors:
+                continue
+            conflicts = [text for text in errors if PORT_CONFLICT.search(text)]
+            line = (conflicts or errors)[-1]
+            candidate = (1 if conflicts else 0, modified, f"{path.name}: {line[-300:]}")
+            if best is None or candidate[:2] > best[:2]:
+                best = candidate
+    return best[2] if best else None
 
 
 @dataclass
@@ -112,6 +223,12 @@ class RayNode:
     reaper: subprocess.Popen[bytes] | None = None
     head_address: str | None = None
     session_dirs: list[Path] = field(default_factory=list)
+    output: RayOutput | None = None
+    started_at: float = 0.0
+    burnt_ports: set[int] = field(default_factory=set)
+    # Added by ray_serve_cai.node.autoscaling: `ray start` options and environment of autoscaling.
+    extra_args: list[str] = field(default_factory=list)
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def tag(self) -> str:
@@ -131,6 +248,8 @@ class RayNode:
         env.update(self.auth_env)
         env[NODE_TAG_VARIABLE] = self.tag
         env["RAY_USAGE_STATS_ENABLED"] = "0"
+        env.update(self.extra_env)
+        env["PYTHONPATH"] = project_pythonpath(env, self.settings.project_dir)  # Serve imports project code
         return env
 
     def start_command(self, head_address: str | None = None) -> list[str]:
@@ -178,23 +297,56 @@ class RayNode:
                 f"--min-worker-port={ports.worker_ports.first}",
                 f"--max-worker-port={ports.worker_ports.last}",
             ]
-        return command
+        return command + self.extra_args
 
     def start(self, head_address: str | None = None) -> subprocess.Popen[bytes]:
         """Start `ray start --block` in its own session (its own process group)."""
         self.end_leftovers()
         self.temp_dir.mkdir(parents=True, exist_ok=True)
         self.head_address = head_address
+        self.started_at = time.time()
         self.process = subprocess.Popen(
             self.start_command(head_address),
             env=self.environment(),
             stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
             preexec_fn=_die_with_parent,  # prctl only: no locks are taken between fork and exec
         )
+        assert self.process.stdout is not None
+        self.output = RayOutput(self.process.stdout)
         self.group_file.write_text(f"{self.process.pid}\n")
         self.reaper = start_reaper(self.process.pid, self.tag)
         return self.process
+
+    def has_started(self) -> bool:
+        """`ray start` said the node runs, and it still does."""
+        return self.is_running() and self.output is not None and self.output.started.is_set()
+
+    def repick_ports(self) -> None:
+        """After a failed start: burn this attempt's ports and choose new ones (and a new worker
+        port block), so a port another process took cannot make the next start fail the same way."""
+        self.burnt_ports |= self.ports.picked(self.settings)
+        fresh = NodePorts.choose(self.settings, exclude=self.burnt_ports)
+        self.ports.release()  # after the new block is held: the new block is a different one
+        self.ports = fresh
+
+    def failure_reason(self) -> str:
+        """Why the last `ray start` failed, from its output and this session's Ray logs."""
+        exit_code = self.exit_code()
+        parts = [f"ray start exited with code {exit_code}" if exit_code is not None else "ray start hung"]
+        if self.output is not None:
+            self.output.wait_finished(2.0)
+            line = self.output.last_error()
+            if line:
+                parts.append(line[-300:])
+        session = self.current_session_dir()
+        if session is not None:
+            logged = last_log_error(session / "logs", since=self.started_at - 1)
+            if logged:
+                parts.append(logged)
+        return "; ".join(parts)
 
     def is_running(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -231,6 +383,8 @@ class RayNode:
                 self.process.wait(timeout=2)
         release_reaper(self.reaper)
         self.reaper = None
+        if self.output is not None:
+            self.output.wait_finished(1.0)
 
     def current_session_dir(self) -> Path | None:
         latest = self.temp_dir / "session_latest"
@@ -281,38 +435,113 @@ def gcs_port_open(address: str, timeout: float = 1.0) -> bool:
         return False
 
 
-def gcs_healthy(address: str, auth_env: dict[str, str], timeout: float = 30.0) -> bool:
-    """`ray health-check --address <gcs>` with the cluster's auth env (token path, never the token)."""
-    if not gcs_port_open(address):
+class GcsProbe:
+    """Asks a GCS, in this process, what `ray health-check` would (it answers, and the cluster
+    metadata with its Ray version is there), without a new Python process per check.
+
+    One `ray._raylet.GcsClient` per address; it is dropped on any error (a new head on the same
+    address has another cluster id). The process environment must carry the cluster's auth mode
+    and token path (the launcher sets them) before the first client is made.
+    """
+
+    def __init__(self) -> None:
+        self._clients: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def client(self, address: str) -> Any:
+        with self._lock:
+            client = self._clients.get(address)
+        if client is None:
+            from ray._raylet import GcsClient
+
+            # Only once the port accepts connections: against nothing, the constructor blocks ~40 s.
+            client = GcsClient(address=address)
+            with self._lock:
+                self._clients[address] = client
+        return client
+
+    def forget(self, address: str) -> None:
+        with self._lock:
+            self._clients.pop(address, None)
+
+    def healthy(self, address: str, timeout: float = 5.0) -> bool:
+        if not gcs_port_open(address):
+            self.forget(address)
+            return False
+        try:
+            import ray
+            from ray._common.usage import usage_constants
+            from ray._private import ray_constants
+
+            metadata = self.client(address).internal_kv_get(
+                usage_constants.CLUSTER_METADATA_KEY,
+                namespace=ray_constants.KV_NAMESPACE_CLUSTER,
+                timeout=timeout,
+            )
+        except Exception:  # RpcError, a GCS going away mid-call: not healthy (yet)
+            self.forget(address)
+            return False
+        if not metadata:
+            return False  # the head's GCS answers but has not recorded its cluster metadata yet
+        with contextlib.suppress(ValueError, TypeError):
+            import json
+
+            return json.loads(metadata).get("ray_version") == ray.__version__
         return False
-    env = {key: value for key, value in os.environ.items() if key not in SCRUBBED_VARIABLES}
-    env.update(auth_env)
-    try:
-        result = subprocess.run(
-            [*RAY_CLI, "health-check", "--address", address],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            timeout=timeout,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        return False
-    return result.returncode == 0
+
+    def alive_nodes(self, address: str, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """Every node the GCS knows, as rows shaped like the dashboard's `/api/v0/nodes`."""
+        from ray.core.generated import gcs_pb2
+
+        try:
+            infos = self.client(address).get_all_node_info(timeout=timeout)
+        except Exception:
+            self.forget(address)
+            raise
+        rows = []
+        for node_id, info in infos.items():
+            rows.append(
+                {
+                    "node_id": node_id.hex(),
+                    "node_ip": info.node_manager_address,
+                    "node_name": info.node_name,
+                    "state": "ALIVE" if info.state == gcs_pb2.GcsNodeInfo.ALIVE else "DEAD",
+                    "is_head_node": bool(info.is_head_node),
+                    "labels": dict(info.labels),
+                    "resources_total": dict(info.resources_total),
+                }
+            )
+        return rows
+
+
+GCS_PROBE = GcsProbe()
 
 
 def wait_for_gcs(
     address: str,
-    auth_env: dict[str, str],
     deadline: float,
     keep_waiting: Callable[[], bool] = lambda: True,
+    sleep: Callable[[float], object] = time.sleep,
+    probe: GcsProbe = GCS_PROBE,
 ) -> bool:
-    """Poll until the GCS at `address` is healthy, `deadline` (monotonic) passes or `keep_waiting()`
-    turns False."""
-    while time.monotonic() < deadline and keep_waiting():
-        remaining = deadline - time.monotonic()
-        if gcs_healthy(address, auth_env, timeout=max(5.0, min(30.0, remaining))):
-            return True
-        time.sleep(1.0)
-    return False
+    """Poll (in process, with backoff from 0.1 s to 1 s) until the GCS at `address` is healthy,
+    `deadline` (monotonic) passes or `keep_waiting()` turns False. True only when healthy."""
+
+    def check() -> str | None:
+        if not keep_waiting():
+            return "gave up"
+        return "healthy" if probe.healthy(address) else None
+
+    try:
+        outcome = poll_until(
+            check,
+            timeout=max(0.0, deadline - time.monotonic()),
+            interval=0.1,
+            backoff=1.5,
+            max_interval=1.0,
+            what=f"the GCS at {address}",
+            sleep=lambda seconds: sleep(seconds),
+        )
+    except WaitTimeout:
+        return False
+    return outcome == "healthy" and keep_waiting()

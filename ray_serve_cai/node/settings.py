@@ -17,6 +17,7 @@ DEFAULT_GCS_PORT = 6379
 DEFAULT_CLIENT_PORT = 10001
 DEFAULT_DASHBOARD_PORT = 8265
 DEFAULT_JOIN_TIMEOUT_SECONDS = 600.0
+DEFAULT_START_GRACE_SECONDS = 120.0
 
 
 class SettingsError(ValueError):
@@ -39,9 +40,14 @@ class NodeSettings:
     dashboard_port: int
     auth: AuthMode
     join_timeout: float
+    start_grace: float
     node_ip: str
     app_port: int
     project_dir: Path
+    # Autoscaling (ray_serve_cai.node.autoscaling): the head runs Ray's autoscaler; a node's
+    # NODE_ID_AS_RESOURCE, by which the autoscaler matches its application to its Ray node.
+    autoscaler: bool = False
+    node_id_resource: int | None = None
 
     @property
     def memory_bytes(self) -> int | None:
@@ -72,6 +78,7 @@ class NodeSettings:
         client_port = reader.port("RAY_CAI_CLIENT_PORT", DEFAULT_CLIENT_PORT)
         dashboard_port = reader.port("RAY_CAI_DASHBOARD_PORT", DEFAULT_DASHBOARD_PORT)
         join_timeout = reader.number("RAY_CAI_JOIN_TIMEOUT", default=DEFAULT_JOIN_TIMEOUT_SECONDS, minimum=0)
+        start_grace = reader.number("RAY_CAI_START_GRACE", default=DEFAULT_START_GRACE_SECONDS, minimum=0)
         app_port = reader.port("CDSW_APP_PORT", None, allow_zero=False)
         auth = env.get("RAY_CAI_AUTH", "token").strip() or "token"
         if auth not in ("token", "disabled"):
@@ -79,6 +86,8 @@ class NodeSettings:
         node_ip = env.get("CDSW_IP_ADDRESS", "").strip()
         if not node_ip:
             problems.append("CDSW_IP_ADDRESS is not set (the node's IP address)")
+        autoscaler = env.get("RAY_CAI_AUTOSCALER", "").strip() == "1"
+        node_id_resource = reader.integer("RAY_CAI_NODE_ID_RESOURCE", default=None, minimum=1)
         project_dir = Path(env.get("RAY_CAI_PROJECT_DIR", "").strip() or os.getcwd())
         if not project_dir.is_dir():
             problems.append(f"project directory {project_dir} does not exist")
@@ -98,9 +107,12 @@ class NodeSettings:
             dashboard_port=dashboard_port or 0,
             auth=auth,  # type: ignore[arg-type]
             join_timeout=join_timeout if join_timeout is not None else DEFAULT_JOIN_TIMEOUT_SECONDS,
+            start_grace=start_grace if start_grace is not None else DEFAULT_START_GRACE_SECONDS,
             node_ip=node_ip,
             app_port=app_port or 0,
             project_dir=project_dir.resolve(),
+            autoscaler=autoscaler,
+            node_id_resource=node_id_resource,
         )
 
 

@@ -5,6 +5,10 @@ Serves HTTP on 127.0.0.1:$CDSW_APP_PORT: `/` (200), `/ray-cai/health`, and on th
 file `.ray-cai/<cluster>/fake/<RAY_CAI_NODE_NAME>` (pid + time) in the project directory (the working
 directory) every second and removes it on SIGTERM; the head reports as alive the nodes whose
 heartbeat is fresh and whose process still exists, so a killed node drops out at once.
+
+A node started while the file `.ray-cai/<cluster>/fake-never-join/<RAY_CAI_NODE_NAME>` exists never
+joins: it answers HTTP but writes no heartbeat, and its health page says Ray is not running, with
+a last error, as a real node whose `ray start` keeps failing does.
 """
 
 from __future__ import annotations
@@ -31,6 +35,13 @@ ROLE = os.environ.get("RAY_CAI_ROLE", "worker")
 HEAD_ID = uuid.uuid4().hex
 HEARTBEATS = Path(os.environ.get("RAY_CAI_PROJECT_DIR", ".")) / ".ray-cai" / CLUSTER / "fake"
 MY_HEARTBEAT = HEARTBEATS / NODE_NAME
+NEVER_JOIN = HEARTBEATS.parent / "fake-never-join" / NODE_NAME
+JOINS = not NEVER_JOIN.exists()
+LAST_ERROR = (
+    None if JOINS else f"fake ray start failed: OSError: [Errno 98] Address already in use ({NEVER_JOIN})"
+)
+START_GRACE_SECONDS = 5.0  # like a real node's: the polling endpoint fails only after it
+STARTED = time.monotonic()
 
 
 def write_heartbeat() -> None:
@@ -85,8 +96,19 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
+        health = {
+            "role": ROLE,
+            "node_name": NODE_NAME,
+            "ray_running": JOINS,
+            "phase": "running" if JOINS else "restarting",
+            "healthy": JOINS or time.monotonic() - STARTED <= START_GRACE_SECONDS,
+            "last_error": LAST_ERROR,
+            "head_id": HEAD_ID,
+        }
         if path == "/ray-cai/health":
-            self._json(200, {"role": ROLE, "node_name": NODE_NAME, "ray_running": True, "head_id": HEAD_ID})
+            self._json(200, health)
+        elif path == "/ray-cai/healthz":
+            self._json(200 if health["healthy"] else 503, health)
         elif path == "/ray-cai/status" and ROLE == "head":
             nodes = alive_nodes()
             self._json(
@@ -118,8 +140,9 @@ def on_sigterm(*_: object) -> None:
 def main() -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
     server = ThreadingHTTPServer(("127.0.0.1", int(os.environ["CDSW_APP_PORT"])), Handler)
-    write_heartbeat()
-    threading.Thread(target=heartbeat_forever, daemon=True).start()
+    if JOINS:
+        write_heartbeat()
+        threading.Thread(target=heartbeat_forever, daemon=True).start()
     sys.stdout.write(f"fake ray {ROLE} {NODE_NAME} serving on {server.server_address}\n")
     sys.stdout.flush()
     server.serve_forever()
