@@ -22,7 +22,10 @@ TEST_APPS_DIR = Path(__file__).parent / "apps"
 @pytest.fixture(scope="session")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkspaceHandle]:
     home = tmp_path_factory.mktemp("workspace-home")
-    info = start_workspace(home)
+    # CML's automatic restart of failed apps is off here, so an app a test leaves failed is not
+    # started again minutes later under another test; a test of it turns it on with
+    # `workspace.set_restart_policy(enabled=True, delay_seconds=...)` (`controls` resets it).
+    info = start_workspace(home, app_restart=False)
     handle = WorkspaceHandle(info)
     try:
         yield handle

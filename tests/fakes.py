@@ -61,6 +61,7 @@ def fake_cluster_data(name: str, workers: int, *, startup_timeout: float = 60) -
             "worker_memory": 0.5,
             "ports": {"gcs": 0, "client": 0, "dashboard": 0},
             "startup_timeout": startup_timeout,
+            "cml_restart_wait": 0,  # the test workspace runs with CML's automatic restarts off
             "head_script": FAKE_NODE_SCRIPT,
             "worker_script": FAKE_NODE_SCRIPT,
         }
@@ -85,6 +86,7 @@ def fake_cluster_spec(name: str, workers: int, *, startup_timeout: float = 60) -
             "worker_groups": [{"name": "worker", "replicas": workers, "cpu": 0.5, "memory": 0.5}],
             "ports": {"gcs": 0, "client": 0, "dashboard": 0},
             "startup_timeout": startup_timeout,
+            "cml_restart_wait": 0,  # the test workspace runs with CML's automatic restarts off
             "head_script": FAKE_NODE_SCRIPT,
             "worker_script": FAKE_NODE_SCRIPT,
         }
@@ -242,6 +244,7 @@ ray_cluster:
   worker_memory: 1
   ports: {{gcs: 0, client: 0, dashboard: 0}}
   startup_timeout: 300
+  cml_restart_wait: 0
   join_timeout: 240
 """
 

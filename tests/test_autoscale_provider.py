@@ -7,6 +7,7 @@ to the CML API, so Ray is not the point here; tests/test_autoscale_e2e.py runs t
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -279,3 +280,21 @@ def test_workload_settings_take_only_the_workloads_own_key() -> None:
     with pytest.raises(CMLError, match="CDSW_APIV2_KEY") as caught:
         workload_settings({"CDSW_DOMAIN": "ml.example", "CDSW_PROJECT_ID": "p"})
     assert "workload-key" not in str(caught.value)
+
+
+def test_new_bounds_from_up_reach_the_provider_and_rays_config_without_a_restart(env: Env) -> None:
+    provider = env.provider()
+    update(provider)
+    config_file = env.project_dir / ".ray-cai" / CLUSTER / "autoscaling.json"
+    head_id = next(a["id"] for a in env.apps() if a["subdomain"] == f"ray-{CLUSTER}-head")
+
+    # `up` with max 3: the applied spec on the head changes, nothing restarts.
+    with client_for(env.workspace) as client:
+        plan, _ = RayCluster(client, env.project_id, autoscaled_spec(max_replicas=3)).up(wait=False)
+    assert plan.actions == ()
+    assert next(a for a in env.apps() if a["subdomain"] == f"ray-{CLUSTER}-head")["id"] == head_id
+
+    update(provider, create=5)
+    assert env.workers() == [f"ray-{CLUSTER}-worker-{i}" for i in range(3)]
+    ray_config = json.loads(config_file.read_text())
+    assert ray_config["available_node_types"]["worker"]["max_workers"] == 3 and ray_config["max_workers"] == 3

@@ -133,6 +133,53 @@ def test_watch_restarts_a_killed_worker_a_stopped_worker_and_a_killed_head(
         assert status.ready and status.ray["alive_nodes"] == 3
 
 
+def test_watch_leaves_a_failed_app_to_cmls_automatic_restart(
+    controls: WorkspaceHandle, project_files: Path
+) -> None:
+    """With CML's automatic restart on (the workspace does it as CML does), a killed worker is
+    restarted once, by the workspace, and the watch adds no restart of its own; with it off, the
+    watch restarts the failed app itself once `cml_restart_wait` has passed."""
+    with fake_project(controls, "watch-cml", project_files) as project, client_for(controls) as client:
+        pid = project["id"]
+        spec = fake_cluster_spec("wcml", 1).model_copy(update={"cml_restart_wait": 20.0})
+        _, status = RayCluster(client, pid, spec, poll_interval=0.2).up(timeout=30)
+        assert status.ready
+        worker = app_by_name(controls, pid, "ray-wcml-worker-0")
+        controls.set_restart_policy(enabled=True, max_attempts=1, delay_seconds=2.0)
+        with client_for(controls) as watch_client:
+            watcher = Watcher(RayCluster(watch_client, pid, spec, poll_interval=0.2))
+            try:
+                controls.reset_counters()
+                old = pids_of(controls, worker["id"])
+                for process_id in old:
+                    os.kill(process_id, signal.SIGKILL)
+                controls.wait_for_app(pid, worker["id"], ["APPLICATION_FAILED"], timeout=10)
+                healed = wait_running_again(controls, pid, worker["subdomain"], old, time.monotonic())
+                passes = watcher.passes
+                controls.wait_for(
+                    lambda: watcher.passes, lambda n: n >= passes + 2, timeout=20, what="2 passes"
+                )
+                assert controls.counters()["counts"].get(RESTART_ROUTE, 0) == 0, watcher.actions
+                attempts = controls.restart_policy()["attempts"]
+                assert attempts.get(worker["id"]) == 1, attempts
+                print(f"\nworker restarted by the workspace (CML's policy) after {healed:.1f}s; watch: none")
+
+                # CML's restarts off (an administrator's choice): the watch acts after its wait.
+                controls.set_restart_policy(enabled=False)
+                short = spec.model_copy(update={"cml_restart_wait": 1.0})
+                watcher.close()
+                watcher = Watcher(RayCluster(watch_client, pid, short, poll_interval=0.2))
+                old = pids_of(controls, worker["id"])
+                for process_id in old:
+                    os.kill(process_id, signal.SIGKILL)
+                wait_running_again(controls, pid, worker["subdomain"], old, time.monotonic())
+                assert controls.counters()["counts"].get(RESTART_ROUTE, 0) == 1
+            finally:
+                watcher.close()
+                controls.set_restart_policy(enabled=False)
+        RayCluster(client, pid, spec).down()
+
+
 def test_watch_restarts_an_app_stuck_in_starting(controls: WorkspaceHandle, project_files: Path) -> None:
     with fake_project(controls, "watch-stuck", project_files) as project, client_for(controls) as client:
         pid = project["id"]

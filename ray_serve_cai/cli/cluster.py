@@ -17,13 +17,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from ray_serve_cai.cli.common import (
+    DEFAULT_CONFIG,
     EXIT_BAD_INPUT,
     EXIT_FAILED,
     EXIT_OK,
-    ConfigOption,
-    JsonOption,
-    LocalOption,
-    ProjectOption,
+    ConfigPath,
+    JsonFlag,
+    LocalFlag,
+    ProjectName,
     err_console,
     fail,
     open_target,
@@ -174,10 +175,10 @@ def open_cluster(
 
 
 def plan(
-    config: Path = ConfigOption,
-    local: bool = LocalOption,
-    project: str | None = ProjectOption,
-    json_out: bool = JsonOption,
+    config: ConfigPath = DEFAULT_CONFIG,
+    local: LocalFlag = False,
+    project: ProjectName = None,
+    json_out: JsonFlag = False,
 ) -> None:
     """Show what `up` would change. Writes nothing."""
 
@@ -274,10 +275,10 @@ InfoOption = typer.Option(
 
 
 def up(
-    config: Path = ConfigOption,
-    local: bool = LocalOption,
-    project: str | None = ProjectOption,
-    json_out: bool = JsonOption,
+    config: ConfigPath = DEFAULT_CONFIG,
+    local: LocalFlag = False,
+    project: ProjectName = None,
+    json_out: JsonFlag = False,
     wait: bool = WaitOption,
     timeout: float | None = TimeoutOption,
     info_file: Path = InfoOption,
@@ -297,10 +298,10 @@ def up(
 def scale(
     replicas: int = typer.Argument(..., help="Number of workers (in the group)."),
     group: str | None = typer.Option(None, "--group", "-g", help="Worker group (needed with several)."),
-    config: Path = ConfigOption,
-    local: bool = LocalOption,
-    project: str | None = ProjectOption,
-    json_out: bool = JsonOption,
+    config: ConfigPath = DEFAULT_CONFIG,
+    local: LocalFlag = False,
+    project: ProjectName = None,
+    json_out: JsonFlag = False,
     wait: bool = WaitOption,
     timeout: float | None = TimeoutOption,
     info_file: Path = InfoOption,
@@ -316,10 +317,10 @@ def scale(
 
 
 def status(
-    config: Path = ConfigOption,
-    local: bool = LocalOption,
-    project: str | None = ProjectOption,
-    json_out: bool = JsonOption,
+    config: ConfigPath = DEFAULT_CONFIG,
+    local: LocalFlag = False,
+    project: ProjectName = None,
+    json_out: JsonFlag = False,
 ) -> None:
     """Apps plus Ray's own view. Exit 0 only when the cluster is ready."""
 
@@ -342,6 +343,10 @@ def status(
                     f" {origin.get('source')})"
                 )
             _print_differences(result.differences)
+            for condition in result.conditions:
+                if not condition.status:
+                    detail = f": {condition.message}" if condition.message else ""
+                    err_console.print(f"[yellow]{condition.type} {condition.reason}{escape(detail)}[/]")
             for problem in result.problems:
                 err_console.print(f"[yellow]{escape(problem)}[/]")
         raise typer.Exit(EXIT_OK if result.ready else EXIT_FAILED)
@@ -350,10 +355,10 @@ def status(
 
 
 def down(
-    config: Path = ConfigOption,
-    local: bool = LocalOption,
-    project: str | None = ProjectOption,
-    json_out: bool = JsonOption,
+    config: ConfigPath = DEFAULT_CONFIG,
+    local: LocalFlag = False,
+    project: ProjectName = None,
+    json_out: JsonFlag = False,
 ) -> None:
     """Stop and delete the cluster's applications (nodes first copy their Ray logs into the project)."""
 
@@ -370,10 +375,10 @@ def down(
 
 
 def connect(
-    config: Path = ConfigOption,
-    local: bool = LocalOption,
-    project: str | None = ProjectOption,
-    json_out: bool = JsonOption,
+    config: ConfigPath = DEFAULT_CONFIG,
+    local: LocalFlag = False,
+    project: ProjectName = None,
+    json_out: JsonFlag = False,
 ) -> None:
     """Print the address and environment a Ray client in the same project needs."""
 
@@ -403,7 +408,7 @@ def register(app: typer.Typer) -> None:
 __all__ = ["open_cluster", "register"]
 
 
-def check(local: bool = LocalOption, json_out: bool = JsonOption) -> None:
+def check(local: LocalFlag = False, json_out: JsonFlag = False) -> None:
     """Test the connection and the API key with one API call (lists the runtimes)."""
 
     def run() -> None:

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import webbrowser
-from pathlib import Path
 
 import typer
 
 from ray_serve_cai.access import dashboard_url, find_head_application
 from ray_serve_cai.cli.common import (
-    ConfigOption,
-    JsonOption,
-    LocalOption,
-    ProjectOption,
+    DEFAULT_CONFIG,
+    ConfigPath,
+    JsonFlag,
+    LocalFlag,
+    ProjectName,
     err_console,
     open_target,
     print_json,
@@ -24,11 +24,11 @@ __all__ = ["dashboard_command"]
 
 
 def dashboard_command(
-    config: Path = ConfigOption,
-    local: bool = LocalOption,
-    project: str | None = ProjectOption,
+    config: ConfigPath = DEFAULT_CONFIG,
+    local: LocalFlag = False,
+    project: ProjectName = None,
     open_browser: bool = typer.Option(False, "--open", help="Also open it in the system's web browser."),
-    json_out: bool = JsonOption,
+    json_out: JsonFlag = False,
 ) -> None:
     """Print the URL of the cluster's Ray dashboard (the last line of the output).
 

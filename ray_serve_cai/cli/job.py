@@ -37,14 +37,15 @@ from ray_serve_cai.access.jobs import (
 from ray_serve_cai.access.logs import DEFAULT_FILE, NodeLogs, check_log_options
 from ray_serve_cai.cli.cluster import open_cluster
 from ray_serve_cai.cli.common import (
+    DEFAULT_CONFIG,
     EXIT_BAD_INPUT,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
-    ConfigOption,
-    JsonOption,
-    LocalOption,
-    ProjectOption,
+    ConfigPath,
+    JsonFlag,
+    LocalFlag,
+    ProjectName,
     err_console,
     fail,
     out_console,
@@ -232,9 +233,9 @@ def submit(
     ),
     metadata: list[str] = typer.Option([], "--metadata", help="KEY=VALUE to attach to the job (repeatable)."),
     timeout: float | None = FollowTimeoutOption,
-    config: Path = ConfigOption,
-    local: bool = LocalOption,
-    project: str | None = ProjectOption,
+    config: ConfigPath = DEFAULT_CONFIG,
+    local: LocalFlag = False,
+    project: ProjectName = None,
     json_out: bool = typer.Option(
         False, "--json", help="Final job state as JSON on stdout (the logs then go to stderr)."
     ),
@@ -288,10 +289,10 @@ def _when(millis: int | None, *, short: bool = False) -> str:
 @app.command("status")
 def status(
     submission_id: str = JobIdArgument,
-    config: Path = ConfigOption,
-    local: bool = LocalOption,
-    project: str | None = ProjectOption,
-    json_out: bool = JsonOption,
+    config: ConfigPath = DEFAULT_CONFIG,
+    local: LocalFlag = False,
+    project: ProjectName = None,
+    json_out: JsonFlag = False,
 ) -> None:
     """A job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED), entrypoint and times."""
 
@@ -321,9 +322,9 @@ def job_logs(
         False, "--follow", "-f", help="Keep printing until the job ends; exit 0 SUCCEEDED, 1 otherwise."
     ),
     timeout: float | None = FollowTimeoutOption,
-    config: Path = ConfigOption,
-    local: bool = LocalOption,
-    project: str | None = ProjectOption,
+    config: ConfigPath = DEFAULT_CONFIG,
+    local: LocalFlag = False,
+    project: ProjectName = None,
 ) -> None:
     """What the job printed (stdout and stderr of its entrypoint)."""
     _positive_timeout(timeout)
@@ -345,10 +346,10 @@ def stop(
     submission_id: str = JobIdArgument,
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until Ray reports the job ended."),
     timeout: float = typer.Option(60.0, "--timeout", help="Seconds to wait for the job to end."),
-    config: Path = ConfigOption,
-    local: bool = LocalOption,
-    project: str | None = ProjectOption,
-    json_out: bool = JsonOption,
+    config: ConfigPath = DEFAULT_CONFIG,
+    local: LocalFlag = False,
+    project: ProjectName = None,
+    json_out: JsonFlag = False,
 ) -> None:
     """Stop a running job (Ray sends SIGTERM to its entrypoint, then SIGKILL)."""
     _positive_timeout(timeout)
@@ -369,10 +370,10 @@ def stop(
 
 @app.command("list")
 def list_jobs(
-    config: Path = ConfigOption,
-    local: bool = LocalOption,
-    project: str | None = ProjectOption,
-    json_out: bool = JsonOption,
+    config: ConfigPath = DEFAULT_CONFIG,
+    local: LocalFlag = False,
+    project: ProjectName = None,
+    json_out: JsonFlag = False,
 ) -> None:
     """Every job on the cluster: submitted jobs and the drivers of `ray.init` clients, oldest first."""
 
@@ -416,10 +417,10 @@ def node_logs(
     tail: int = typer.Option(1000, "--tail", "-n", help="Lines from the end of the file (-1: all)."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines (until Ctrl-C)."),
     timeout: float | None = typer.Option(None, "--timeout", help="Stop following after this many seconds."),
-    config: Path = ConfigOption,
-    local: bool = LocalOption,
-    project: str | None = ProjectOption,
-    json_out: bool = JsonOption,
+    config: ConfigPath = DEFAULT_CONFIG,
+    local: LocalFlag = False,
+    project: ProjectName = None,
+    json_out: JsonFlag = False,
 ) -> None:
     """A node's Ray logs (raylet.out by default; --list shows the files) through the head's app URL."""
     _positive_timeout(timeout)

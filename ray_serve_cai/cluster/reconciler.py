@@ -28,6 +28,7 @@ from ray_serve_cai.cluster.applied import (
     same_applied,
     spec_differences,
 )
+from ray_serve_cai.cluster.conditions import Condition
 from ray_serve_cai.cluster.errors import ClusterError
 from ray_serve_cai.cluster.lock import cluster_lock, remove_stale_lock
 from ray_serve_cai.cluster.plan import (
@@ -106,14 +107,16 @@ class ClusterStatus:
     differences: list[str] = field(default_factory=list)
     # Per worker group: current (apps of the group), desired, min, max (None unless autoscaled).
     groups: list[dict[str, Any]] = field(default_factory=list)
+    # Serve's applications (`ray-cai serve status` shape) when the spec has `serve:`; see cluster/serve.py.
+    serve: dict[str, Any] | None = None
+    # Why the state is what it is, one condition per aspect (see `derive_status`).
+    conditions: list[Condition] = field(default_factory=list)
+    desired: list[NodeSpec] = field(default_factory=list, repr=False)  # the nodes it was derived for
 
     @property
     def autoscaler(self) -> dict[str, Any] | None:
         """The autoscaler's last decision, as the head's status endpoint reports it."""
         return self.ray.get("autoscaler") or None
-
-    # Serve's applications (`ray-cai serve status` shape) when the spec has `serve:`; see cluster/serve.py.
-    serve: dict[str, Any] | None = None
 
     @property
     def ready(self) -> bool:
@@ -142,6 +145,7 @@ class ClusterStatus:
             "groups": self.groups,
             "autoscaler": self.autoscaler,
             "serve": self.serve,
+            "conditions": [c.as_dict() for c in self.conditions],
         }
 
 
@@ -355,66 +359,26 @@ class RayCluster:
         """Apps (one list call) plus Ray's own view from the head's status endpoint."""
         apps = self.observe() if apps is None else apps
         target = self.target(apps, deployed=True)  # ready means "as deployed"
-        desired = desired_for(target.effective, [_observed(a) for a in apps])
-        by_name = {(a.subdomain or a.name): a for a in apps}
-        mine = {o.subdomain: o for o in owned_apps(self.spec.name, [_observed(a) for a in apps])}
-        nodes: list[NodeStatus] = []
-        for node in desired:
-            app = by_name.get(node.name) if node.name in mine else None
-            nodes.append(
-                NodeStatus(
-                    name=node.name,
-                    role=node.role,
-                    group=node.group,
-                    app_id=app.id if app else None,
-                    app_status=app.status if app else None,
-                    spec_current=bool(app) and mine[node.name].spec_hash == node.spec_hash,
-                    log_hint=_log_hint(app),
-                )
-            )
-        desired_names = {n.name for n in desired}
-        surplus = sorted(name for name in mine if name not in desired_names)
-
+        observed = [_observed(a) for a in apps]
         head_name = head_app_name(self.spec.name)
-        head = by_name.get(head_name) if head_name in mine else None
-        ray_view: dict[str, Any] = {}
-        problems: list[str] = []
-        if head is not None and head.status == RUNNING:
-            ray_view, problem = self._ray_view(head_name)
-            if problem:
-                problems.append(problem)
-        alive_names = {n.get("node_name") for n in ray_view.get("nodes", []) if n.get("alive")}
-        for status in nodes:
-            status.in_ray = status.name in alive_names
-
-        if not mine:
-            state = "absent"
-        elif any(n.app_status == FAILED for n in nodes):
-            state = "failed"
-        elif (
-            not surplus
-            and all(n.app_status == RUNNING and n.spec_current and n.in_ray for n in nodes)
-            and ray_view.get("alive_nodes") == len(nodes)
-        ):
-            state = "ready"
-        else:
-            state = "pending"
-        for n in nodes:
-            if n.app_status == FAILED:
-                problems.append(f"{n.name}: {n.app_status}; {n.log_hint}")
-        return ClusterStatus(
-            cluster=self.spec.name,
-            project_id=self.project_id,
-            state=state,
-            nodes=nodes,
-            surplus=surplus,
-            ray=ray_view,
-            dashboard_url=self.client.app_url(head_name) + "/" if head is not None else None,
-            problems=problems,
-            applied=target.record.summary() if target.record else None,
-            differences=self.differences(apps) if target.record else [],
-            groups=group_sizes(target.effective, list(mine.values()), desired),
+        head = next((a for a in apps if (a.subdomain or a.name) == head_name), None)
+        owned_head = head is not None and _observed(head).owned_by(self.spec.name)
+        ray_view, ray_problem = ({}, None)
+        if owned_head and head is not None and head.status == RUNNING:
+            ray_view, ray_problem = self._ray_view(head_name)
+        status = derive_status(
+            self.spec.name,
+            desired_for(target.effective, observed),
+            apps,
+            ray_view,
+            ray_problem,
         )
+        status.project_id = self.project_id
+        status.dashboard_url = self.client.app_url(head_name) + "/" if owned_head else None
+        status.applied = target.record.summary() if target.record else None
+        status.differences = self.differences(apps) if target.record else []
+        status.groups = group_sizes(target.effective, owned_apps(self.spec.name, observed), status.desired)
+        return status
 
     def _ray_view(self, head_name: str) -> tuple[dict[str, Any], str | None]:
         try:
@@ -524,21 +488,35 @@ class RayCluster:
         )
 
     # -- verbs -----------------------------------------------------------------------------
-    def converge(self, extra: Callable[[list[Application]], list[Action]] | None = None) -> Plan:
+    def converge(
+        self,
+        extra: Callable[[list[Application]], list[Action]] | None = None,
+        defer: Callable[[Action], bool] | None = None,
+    ) -> Plan:
         """One reconcile pass: observe and plan; when something must change, take the cluster lock,
         plan again under it (another run may have acted meanwhile) and apply. `extra` adds actions
-        the planner cannot see from one observation (e.g. apps stuck in STARTING); it runs once."""
-        return self._converge(extra)[0]
+        the planner cannot see from one observation (e.g. apps stuck in STARTING); it runs once.
+        `defer` leaves out actions for a later pass (a failed app CML is about to restart)."""
+        return self._converge(extra, defer)[0]
 
     def _converge(
-        self, extra: Callable[[list[Application]], list[Action]] | None = None
+        self,
+        extra: Callable[[list[Application]], list[Action]] | None = None,
+        defer: Callable[[Action], bool] | None = None,
     ) -> tuple[Plan, list[Application] | None]:
         """`converge`, also returning the observation when nothing was changed (still current)."""
+
+        def planned(apps: Sequence[Application], target: Target) -> Plan:
+            plan = self._plan(apps, target)
+            if defer is None:
+                return plan
+            return replace(plan, actions=tuple(a for a in plan.actions if not defer(a)))
+
         apps = self.observe()
         if remove_stale_lock(self.client, self.project_id, self.spec.name, apps):
             apps = self.observe()
         target = self.target(apps)
-        plan = self._plan(apps, target)
+        plan = planned(apps, target)
         extra_actions = extra(apps) if extra else []
         if plan.is_noop and not extra_actions:
             if not target.needs_record:
@@ -548,7 +526,7 @@ class RayCluster:
         with self._lock(target.runtimes.get("head")):
             apps = self.observe()
             target = self.target(apps)
-            plan = self._plan(apps, target)
+            plan = planned(apps, target)
             busy = {a.name for a in plan.actions}
             more = tuple(a for a in extra_actions if a.name not in busy)
             plan = replace(plan, actions=plan.actions + more)
@@ -606,8 +584,22 @@ class RayCluster:
         and an app stuck in STARTING, or running but not in Ray, past `startup_timeout` is restarted."""
         starting_since: dict[str, float] = {}
         outside_since: dict[str, float] = {}
+        failed_since: dict[str, float] = {}
+
+        def left_to_cml(action: Action) -> bool:
+            """CML restarts a failed application by itself (reference §5): observe, then act — the
+            watch restarts it only once it stayed failed for `cml_restart_wait` seconds."""
+            if action.kind is not ActionKind.RESTART or action.app is None or action.app.status != FAILED:
+                return False
+            waited = time.monotonic() - failed_since.setdefault(action.app.id, time.monotonic())
+            if waited < self.spec.cml_restart_wait:
+                log.info("%s failed %.0fs ago: left to CML's automatic restart for now", action.name, waited)
+                return True
+            return False  # its entry goes once the app is no longer failed (see stuck_apps)
 
         def stuck_apps(apps: list[Application]) -> list[Action]:
+            for app_id in [i for i in failed_since if all(a.id != i or a.status != FAILED for a in apps)]:
+                del failed_since[app_id]  # restarted (by CML, or by us) or gone
             outside = _outside_ray(self.status(apps), outside_since)
             late = {name: s for name, s in outside.items() if s > self.spec.startup_timeout}
             for name in late:
@@ -639,7 +631,7 @@ class RayCluster:
 
         passes = 0
         while not should_stop():
-            plan = self.converge(extra=stuck_apps)
+            plan = self.converge(extra=stuck_apps, defer=left_to_cml)
             self._heal_only = True  # later passes keep what is deployed, whoever deployed it
             status = converge_serve(self, self.status(), wait=False)
             if on_pass:
@@ -679,6 +671,104 @@ class RayCluster:
             ]
             self._run_parallel(self._delete, late_actions)
         return [a.name for a in actions + late_actions]
+
+
+def derive_status(
+    cluster: str,
+    desired: Sequence[NodeSpec],
+    apps: Sequence[Application],
+    ray_view: dict[str, Any],
+    ray_problem: str | None = None,
+) -> ClusterStatus:
+    """The cluster's status from one observation and Ray's own view (pure: no I/O).
+
+    `state` is the one word (`absent`, `failed`, `pending`, `ready`); `conditions` say why, one
+    per aspect (KubeRay-style): AppsProvisioned (every desired app exists with the desired spec and
+    nothing surplus remains), HeadReady (the head runs and answers with Ray's view), RayNodesAlive
+    (Ray sees every node), Ready (all of it now)."""
+    by_name = {(a.subdomain or a.name): a for a in apps}
+    mine = {o.subdomain: o for o in owned_apps(cluster, [_observed(a) for a in apps])}
+    nodes: list[NodeStatus] = []
+    for node in desired:
+        app = by_name.get(node.name) if node.name in mine else None
+        nodes.append(
+            NodeStatus(
+                name=node.name,
+                role=node.role,
+                group=node.group,
+                app_id=app.id if app else None,
+                app_status=app.status if app else None,
+                spec_current=bool(app) and mine[node.name].spec_hash == node.spec_hash,
+                log_hint=_log_hint(app),
+            )
+        )
+    desired_names = {n.name for n in desired}
+    surplus = sorted(name for name in mine if name not in desired_names)
+    alive_names = {n.get("node_name") for n in ray_view.get("nodes", []) if n.get("alive")}
+    for node_status in nodes:
+        node_status.in_ray = node_status.name in alive_names
+
+    problems = [ray_problem] if ray_problem else []
+    problems += [f"{n.name}: {n.app_status}; {n.log_hint}" for n in nodes if n.app_status == FAILED]
+    missing = [n.name for n in nodes if not n.app_id]
+    outdated = [n.name for n in nodes if n.app_id and not n.spec_current]
+    provisioned = not missing and not outdated and not surplus
+    head = next((n for n in nodes if n.role == "head"), None)
+    head_ready = head is not None and head.app_status == RUNNING and bool(ray_view) and not ray_problem
+    not_in_ray = [n.name for n in nodes if not n.in_ray]
+    all_alive = not not_in_ray and ray_view.get("alive_nodes") == len(nodes)
+    running = all(n.app_status == RUNNING for n in nodes)
+    if not mine:
+        state = "absent"
+    elif any(n.app_status == FAILED for n in nodes):
+        state = "failed"
+    elif provisioned and running and all_alive:
+        state = "ready"
+    else:
+        state = "pending"
+
+    def why(items: list[str], text: str) -> str:
+        return f"{text}: {', '.join(items)}" if items else ""
+
+    not_running = [f"{n.name} ({(n.app_status or 'missing').removeprefix('APPLICATION_').lower()})"
+                   for n in nodes if n.app_id and n.app_status != RUNNING]  # fmt: skip
+    conditions = [
+        Condition(
+            "AppsProvisioned",
+            provisioned,
+            "" if provisioned else ("Missing" if missing else "Outdated" if outdated else "Surplus"),
+            why(missing, "no application") or why(outdated, "outdated spec") or why(surplus, "surplus"),
+        ),
+        Condition(
+            "HeadReady",
+            head_ready,
+            "" if head_ready else ("NoHead" if head is None or not head.app_id else "HeadNotAnswering"),
+            ray_problem or ("" if head_ready or head is None else f"head application {head.app_status}"),
+        ),
+        Condition(
+            "RayNodesAlive",
+            all_alive,
+            "" if all_alive else "NotInRay",
+            why(not_in_ray, f"{len(alive_names)}/{len(nodes)} alive in Ray; not yet"),
+        ),
+        Condition(
+            "Ready",
+            state == "ready",
+            "" if state == "ready" else state.capitalize(),
+            why(not_running, "not running") if state != "ready" else "",
+        ),
+    ]
+    return ClusterStatus(
+        cluster=cluster,
+        project_id="",
+        state=state,
+        nodes=nodes,
+        surplus=surplus,
+        ray=ray_view,
+        problems=problems,
+        conditions=conditions,
+        desired=list(desired),
+    )
 
 
 def _outside_ray(status: ClusterStatus, since: dict[str, float]) -> dict[str, float]:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ray_serve_cai.access.serve import ServeAPI, ServeAPIError
+from ray_serve_cai.cluster.conditions import Condition
 from ray_serve_cai.cluster.errors import ClusterError
 from ray_serve_cai.config import head_app_name
 from ray_serve_cai.config.errors import ConfigError
@@ -213,7 +214,27 @@ def attach(status: ClusterStatus, view: ServeView | None) -> ClusterStatus:
         state = "failed"
     elif state == "ready" and not view.all_running:
         state = "pending"
-    return replace(status, state=state, serve=view.as_dict(), problems=[*status.problems, *view.problems()])
+    serving = not view.failing and view.all_running
+    condition = Condition(
+        "ServeReady",
+        serving,
+        "" if serving else ("DeployFailed" if view.failing else "Deploying"),
+        "; ".join(view.problems()),
+    )
+    # ServeReady goes before Ready, which now says whether Serve's applications run too.
+    conditions = [c for c in status.conditions if c.type != "Ready"] + [condition]
+    conditions += [
+        replace(c, status=state == "ready", reason="" if state == "ready" else state.capitalize())
+        for c in status.conditions
+        if c.type == "Ready"
+    ]
+    return replace(
+        status,
+        state=state,
+        serve=view.as_dict(),
+        problems=[*status.problems, *view.problems()],
+        conditions=conditions,
+    )
 
 
 # --------------------------------------------------------------------------- I/O shell

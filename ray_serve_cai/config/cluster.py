@@ -134,6 +134,9 @@ class ClusterSpec(BaseModel):
     ports: RayPorts = Field(default_factory=RayPorts)
     auth_token: bool = True
     startup_timeout: Seconds = 600
+    # Seconds the self-healing watch leaves a failed application to CML's automatic restart (on by
+    # default: 3 attempts, 5 minutes apart) before restarting it itself; 0 where it is turned off.
+    cml_restart_wait: Annotated[float, Field(ge=0)] = 330
     join_timeout: Seconds = 600
     head_script: str = "cai_integration/ray_head.py"
     worker_script: str = "cai_integration/ray_worker.py"
@@ -684,6 +687,13 @@ class RayClusterFile(BaseModel):
     ports: PortsFile = Field(default_factory=PortsFile)
     auth: AuthFile = Field(default_factory=AuthFile)
     startup_timeout: Seconds = Field(600, description="seconds `up` waits for the apps and Ray")
+    cml_restart_wait: Annotated[float, Field(ge=0)] = Field(
+        330,
+        description=(
+            "seconds the watch (`up --watch`, the supervising launch job) leaves a failed application to "
+            "CML's automatic restart before restarting it itself; 0 if your administrator turned it off"
+        ),
+    )
     join_timeout: Seconds = Field(600, description="seconds a worker waits for the head's rendezvous")
     head_script: str = Field("cai_integration/ray_head.py", description="project-relative head launcher")
     worker_script: str = Field("cai_integration/ray_worker.py", description="project-relative launcher")
@@ -852,6 +862,7 @@ def _normalize(file: ClusterFile, group_index: list[int]) -> tuple[dict[str, Any
         "ports": rc.ports.model_dump(),
         "auth_token": rc.auth.token,
         "startup_timeout": rc.startup_timeout,
+        "cml_restart_wait": rc.cml_restart_wait,
         "join_timeout": rc.join_timeout,
         "head_script": rc.head_script,
         "worker_script": rc.worker_script,

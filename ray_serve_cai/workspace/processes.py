@@ -27,6 +27,9 @@ from typing import Protocol
 
 import psutil
 
+from ray_serve_cai.errors import WaitTimeout
+from ray_serve_cai.waiting import poll_until
+
 # How long a stopped workload gets between SIGTERM and SIGKILL (launchers copy their logs meanwhile).
 DEFAULT_STOP_GRACE_SECONDS = 10.0
 
@@ -155,11 +158,16 @@ class AdoptedProcess:
         return self._returncode
 
     def wait(self, timeout: float | None = None) -> int | None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll() is None:
-            if deadline is not None and time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout or 0)
-            time.sleep(0.05)
+        """Like `Popen.wait`; `None` waits as long as the process runs (supervision, not a bounded wait)."""
+        try:
+            poll_until(
+                lambda: self.poll() is not None,
+                timeout=float("inf") if timeout is None else timeout,
+                interval=0.05,
+                what=f"process {self.pid} to end",
+            )
+        except WaitTimeout:
+            raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout or 0) from None
         return self._returncode
 
 
@@ -283,13 +291,13 @@ def end_process_tree(
         _signal_group(pgid, signal.SIGTERM)
     _signal_all(targets.values(), signal.SIGTERM)
 
-    deadline = time.monotonic() + max(grace_seconds, 0.0)
-    while time.monotonic() < deadline:
+    def all_ended() -> bool:
         if leader is not None:
             leader.poll()
-        if not _alive(targets.values()):
-            break
-        time.sleep(0.05)
+        return not _alive(targets.values())
+
+    with contextlib.suppress(WaitTimeout):  # the grace is over: what is left gets SIGKILL
+        poll_until(all_ended, timeout=max(grace_seconds, 0.0), interval=0.05, what="the workload to end")
 
     # Anything still alive, plus anything started with the marker while we waited.
     if marker_value:
