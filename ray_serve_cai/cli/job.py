@@ -406,7 +406,7 @@ def list_jobs(
 def node_logs(
     node: str | None = typer.Argument(
         None,
-        metavar="[NODE]",
+        metavar="NODE",
         help="ray-<cluster>-head, ray-<cluster>-<group>-<i>, the short form (head, worker-0) or a Ray "
         "node id (default: the head).",
     ),
