@@ -101,7 +101,7 @@ class NodeStatus:
     def healthy(self) -> bool:
         """Ray runs, or is down for less than `start_grace`, or the node waits for its head (a
         worker's wait is bounded by its join timeout, and a missing head is the head's failure)."""
-        if self.phase == "running" and self.ray_running():
+        if self.ray_running():
             return True
         return self.phase == "waiting for the head" or self.ray_down_for() <= self.start_grace
 
@@ -113,7 +113,8 @@ class NodeStatus:
             "cluster": self.cluster,
             "group": self.group,
             "ray_running": running,
-            "phase": self.phase if running or self.phase != "running" else "restarting",
+            # `ray start` said the node runs (the launcher learns it a moment later)
+            "phase": "running" if running else (self.phase if self.phase != "running" else "restarting"),
             "healthy": self.healthy(),
             "ray_down_for_s": round(self.ray_down_for(), 1),
             "start_grace_s": self.start_grace,
