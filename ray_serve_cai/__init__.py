@@ -32,6 +32,10 @@ _EXPORTS = {
     "connect_info": "ray_serve_cai.cluster",
     "write_cluster_info": "ray_serve_cai.cluster",
     "DeployOptions": "ray_serve_cai.deploy.orchestrator",
+    "CAIClusterManager": "ray_serve_cai.cai_cluster",
+    "RayCaiError": "ray_serve_cai.errors",
+    "BadInput": "ray_serve_cai.errors",
+    "OperationFailed": "ray_serve_cai.errors",
 }
 
 __all__ = ["RAY_MINOR", "__version__", *_EXPORTS]

@@ -68,9 +68,13 @@ def fake_cluster_data(name: str, workers: int, *, startup_timeout: float = 60) -
 
 
 def fake_cluster_yaml(name: str, workers: int, *, startup_timeout: float = 60) -> str:
-    import yaml
+    from io import StringIO
 
-    return yaml.safe_dump(fake_cluster_data(name, workers, startup_timeout=startup_timeout))
+    from ruamel.yaml import YAML
+
+    out = StringIO()
+    YAML(typ="safe", pure=True).dump(fake_cluster_data(name, workers, startup_timeout=startup_timeout), out)
+    return out.getvalue()
 
 
 def fake_cluster_spec(name: str, workers: int, *, startup_timeout: float = 60) -> ClusterSpec:

@@ -6,6 +6,7 @@ line each.
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ CLUSTER_SAMPLE = [
     "cluster_empty",
     "cluster_env_num_workers_not_int",
     "cluster_duplicate_key",
+    "cluster_autoscale_min_above_max",
 ]
 JOBS_SAMPLE = [
     "jobs_cycle",
@@ -70,6 +72,11 @@ def cases() -> list[Case]:
         Case("scale-float", ["scale", "1.5"], ["replicas", "valid integer"]),
         Case("scale-missing-argument", ["scale"], ["REPLICAS", "Missing argument"]),
         Case("scale-unknown-group", ["scale", "2", "--group", "gpu"], ["group", "no worker group 'gpu'"]),
+        Case(
+            "scale-autoscaled-group",
+            ["scale", "2", "-c", "autoscaled.yaml", "-p", "x"],
+            ["autoscaled", "min_replicas/max_replicas"],
+        ),
         Case("up-interval-zero", ["up", "--watch", "--interval", "0"], ["--interval", "more than 0"]),
         Case("up-interval-negative", ["up", "--interval", "-5"], ["--interval", "more than 0"]),
         Case("up-interval-text", ["up", "--interval", "often"], ["--interval", "valid number"]),
@@ -97,6 +104,7 @@ def cases() -> list[Case]:
             cwd="git",
         ),
         Case("deploy-timeout-text", ["deploy", "--timeout", "later"], ["--timeout", "valid number"]),
+        *JOB_CASES,
     ]
     for name in CLUSTER_SAMPLE:
         expect, env = corpus_header(BAD_CONFIGS / f"{name}.yaml")
@@ -110,6 +118,70 @@ def cases() -> list[Case]:
     return found
 
 
+SUBMIT = ["job", "submit"]
+JOB_CASES = [
+    Case("job-submit-no-entrypoint", SUBMIT, ["ENTRYPOINT", "Missing argument"]),
+    Case(
+        "job-submit-cpus-negative",
+        [*SUBMIT, "--entrypoint-num-cpus", "-1", "--", "true"],
+        ["num-cpus", "0 or"],
+    ),
+    Case(
+        "job-submit-gpus-text",
+        [*SUBMIT, "--entrypoint-num-gpus", "many", "--", "true"],
+        ["num-gpus", "valid"],
+    ),
+    Case(
+        "job-submit-memory-float",
+        [*SUBMIT, "--entrypoint-memory", "1.5", "--", "true"],
+        ["memory", "integer"],
+    ),
+    Case(
+        "job-submit-resources-json",
+        [*SUBMIT, "--entrypoint-resources", "{gpu}", "--", "x"],
+        ["resources", "JSON"],
+    ),
+    Case(
+        "job-submit-resources-negative",
+        [*SUBMIT, "--entrypoint-resources", '{"A100": -1}', "--", "x"],
+        ["--entrypoint-resources", "'A100'", "0 or more"],
+    ),
+    Case("job-submit-bad-id", [*SUBMIT, "--submission-id", "a b", "--", "x"], ["--submission-id", "'a b'"]),
+    Case("job-submit-metadata", [*SUBMIT, "--metadata", "novalue", "--", "x"], ["--metadata", "KEY=VALUE"]),
+    Case("job-submit-timeout-zero", [*SUBMIT, "--timeout", "0", "--", "x"], ["--timeout", "more than 0"]),
+    Case(
+        "job-submit-env-missing",
+        [*SUBMIT, "--runtime-env", "nope.yaml", "--", "x"],
+        ["nope.yaml", "not found"],
+    ),
+    Case(
+        "job-submit-env-yaml", [*SUBMIT, "--runtime-env", "env_bad.yaml", "--", "x"], ["env_bad.yaml", "YAML"]
+    ),
+    Case(
+        "job-submit-env-list", [*SUBMIT, "--runtime-env", "env_list.yaml", "--", "x"], ["env_list", "mapping"]
+    ),
+    Case(
+        "job-submit-working-dir-missing",
+        [*SUBMIT, "--runtime-env", "env_nodir.yaml", "--", "x"],
+        ["--runtime-env", "./no-such-dir", "does not exist"],
+    ),
+    Case(
+        "job-submit-working-dir-without-ray",
+        [*SUBMIT, "--runtime-env", "env_dir.yaml", "--", "x"],
+        ["--runtime-env", "Ray is not installed", "pip install"],
+        env={"PYTHONPATH": os.pathsep.join(["noray", os.environ.get("PYTHONPATH", "")])},
+    ),
+    Case("job-status-no-id", ["job", "status"], ["ID", "Missing argument"]),
+    Case("job-status-no-project", ["job", "status", "x"], ["no project given", "--project"]),
+    Case(
+        "job-logs-timeout", ["job", "logs", "x", "--follow", "--timeout", "-1"], ["--timeout", "more than 0"]
+    ),
+    Case("job-stop-no-id", ["job", "stop"], ["ID", "Missing argument"]),
+    Case("job-unknown-command", ["job", "rerun"], ["No such command", "rerun"]),
+    Case("logs-tail-zero", ["logs", "--tail", "0"], ["--tail", "above 0"]),
+    Case("logs-file-absolute", ["logs", "--file", "/etc/passwd"], ["--file", "relative"]),
+    Case("logs-follow-json", ["logs", "--follow", "--json"], ["--follow", "--json"]),
+]
 CASES = cases()
 
 
@@ -120,8 +192,15 @@ def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         d = tmp_path_factory.mktemp(f"bad-input-{kind}")
         (d / "ray_cluster_config.yaml").write_text(fake_cluster_yaml("badinput", 1))
         (d / "jobs.yaml").write_text(GOOD_JOBS)
+        (d / "autoscaled.yaml").write_text("ray_cluster:\n  min_workers: 0\n  max_workers: 3\n")
         (d / "adir").mkdir()
         (d / "binary.yaml").write_bytes(b"ray_cluster:\n  name: \xff\xfe\x00bad\n")
+        (d / "env_bad.yaml").write_text("pip: [a\n")
+        (d / "env_list.yaml").write_text("- pip\n")
+        (d / "env_nodir.yaml").write_text("working_dir: ./no-such-dir\n")
+        (d / "env_dir.yaml").write_text("working_dir: .\n")
+        (d / "noray" / "ray").mkdir(parents=True)  # a `ray` that cannot be imported: Ray not installed
+        (d / "noray" / "ray" / "__init__.py").write_text("raise ImportError('No module named ray')\n")
         if kind == "git":
             subprocess.run(["git", "init", "-q", str(d)], check=True)
         result[kind] = d

@@ -302,7 +302,9 @@ def test_application_lifecycle_and_app_request(
     listed = [a for a in client.list_applications(project.id) if a.id == app.id]
     assert listed and listed[0].is_running and listed[0].nvidia_gpu == 0
 
-    assert client.app_url(app) == f"{client.settings.scheme}://{subdomain}.{client.settings.domain}"
+    # The local workspace's own URL for the app (its `url` field), for the object and for its name.
+    assert client.app_url(app) == app.model_extra["url"] == client.app_url(subdomain)
+    assert client.app_url(app).startswith("http://127.0.0.1:")
 
     def reached() -> Any:
         response = client.app_request(app, "GET", "/some/path?x=1")

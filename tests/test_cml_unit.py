@@ -532,21 +532,32 @@ def test_app_url() -> None:
         client.close()
 
 
-def test_app_request_dials_loopback_and_keeps_host() -> None:
+def test_app_url_is_the_workspaces_url_field_when_it_has_one() -> None:
+    """The local workspace gives each application a `url` (its own loopback listener); the client uses
+    it for the object and, once it has seen the application, for its name or subdomain too."""
     seen: list[httpx.Request] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
         seen.append(request)
+        if request.url.path.endswith("/applications"):
+            app = {
+                "id": "a1",
+                "name": "ray-x-head",
+                "subdomain": "ray-x-head",
+                "url": "http://127.0.0.1:5555/",
+            }
+            return httpx.Response(200, json={"applications": [app], "next_page_token": ""})
         return httpx.Response(200, json={"ok": True})
 
     settings = CMLSettings(host="http://localhost:4321", api_key=KEY)
     with CMLClient(settings, transport=httpx.MockTransport(handler)) as client:
-        assert client.app_url("ray-x-head") == "http://ray-x-head.localhost:4321"
+        assert client.app_url("ray-x-head") == "http://ray-x-head.localhost:4321"  # not seen yet: CML's rule
+        (app,) = client.list_applications("p")
+        assert client.app_url(app) == client.app_url("ray-x-head") == "http://127.0.0.1:5555"
         response = client.app_request("ray-x-head", "GET", "/ray-cai/status")
     assert response.json() == {"ok": True}
-    request = seen[0]
-    assert (request.url.host, request.url.port, request.url.path) == ("127.0.0.1", 4321, "/ray-cai/status")
-    assert request.headers["host"] == "ray-x-head.localhost:4321"
+    request = seen[-1]
+    assert (request.url.host, request.url.port, request.url.path) == ("127.0.0.1", 5555, "/ray-cai/status")
     assert request.headers["authorization"] == f"Bearer {KEY}"
 
 
@@ -558,7 +569,7 @@ def test_loopback_bypasses_environment_proxies_and_others_use_them(monkeypatch: 
     with CMLClient(CMLSettings(host="http://localhost:4321", api_key=KEY)) as client:
         # httpx's transport selection (private, stable since 0.18) shows where each URL would go.
         pick = client._apps._transport_for_url
-        for url in ("http://app.localhost:4321/", "http://localhost:4321/", "http://127.0.0.1:4321/"):
+        for url in ("http://localhost:4321/", "http://127.0.0.1:4321/"):
             assert isinstance(pick(httpx.URL(url)), LoopbackTransport), url
         proxied = pick(httpx.URL("https://app.ml.example.com/"))
         assert not isinstance(proxied, LoopbackTransport)

@@ -608,3 +608,38 @@ def test_jobs_json_schema() -> None:
     text = json.dumps(jobs_json_schema())
     for key in ("parent_job_key", "nvidia_gpu", "git_url", "timeout", "script"):
         assert key in text
+
+
+def test_lenient_pass_checks_the_rest_without_inventing_problems() -> None:
+    # A job without a name is left out of the cross-field rules: its child is not "orphaned".
+    jobs = {
+        "a": {"name": "A", "script": "a.py"},
+        "b": {"script": "b.py", "parent_job_key": "a"},
+        "c": {"name": "A", "script": "/abs.py", "parent_job_key": "b"},
+    }
+    with pytest.raises(ConfigError) as caught:
+        parse_deploy_spec({"jobs": jobs}, env={})
+    assert sorted(caught.value.problems) == sorted(
+        [
+            Problem("jobs.b.name", "is required"),
+            Problem("jobs.c.name", "duplicate job name 'A' (also jobs.a)"),
+            Problem("jobs.c.script", "must be a path relative to the project root, not an absolute path"),
+        ]
+    )
+    # A group without a usable name is left out too; later groups keep the user's indices.
+    data = {
+        "ray_cluster": {
+            "worker_groups": [
+                {"name": 7, "replicas": 1, "cpu": 1, "memory": 1},
+                {"name": "Bad", "replicas": 1, "cpu": "x", "memory": 1},
+            ]
+        }
+    }
+    with pytest.raises(ConfigError) as caught:
+        cluster(data)
+    fields = sorted(p.field for p in caught.value.problems)
+    assert fields == [
+        "ray_cluster.worker_groups[0].name",
+        "ray_cluster.worker_groups[1].cpu",
+        "ray_cluster.worker_groups[1].name",
+    ], caught.value.problems

@@ -178,9 +178,9 @@ UP_KILL_POINTS = {
     9: "lock release",
     10: "waiting",
 }
-# `down` sends: 1 GET projects, 2 GET apps, 3 GET runtimes, 4 POST lock, 5 GET apps (under the lock),
-# 6-8 DELETE nodes (a running app is deleted directly), 9 DELETE lock.
-DOWN_KILL_POINTS = {3: "before the lock", 4: "lock create", 6: "deleting", 9: "lock release"}
+# `down` sends: 1 GET projects, 2 GET apps, 3 POST lock (its runtime is the apps' own: no runtime
+# list), 4 GET apps (under the lock), 5-7 DELETE nodes (a running app is deleted directly), 8 DELETE lock.
+DOWN_KILL_POINTS = {2: "before the lock", 3: "lock create", 5: "deleting", 8: "lock release"}
 # `deploy` requests under /projects/<id>/jobs: 1 list, 2-4 POST jobs, 5 latest run, 6 POST run, 7+ following.
 DEPLOY_KILL_POINTS = {3: "job create", 6: "run create", 8: "following the chain"}
 

@@ -148,6 +148,45 @@ def test_config_change_reruns_only_the_launch(
     assert result["cluster"]["ray"]["alive_nodes"] == 3
 
 
+def cli(repo: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*RAY_CAI, *args, "--local"], cwd=repo, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_a_deploy_with_an_override_is_what_status_plan_and_up_see(
+    deployed: tuple[Path, dict[str, str], dict[str, Any], float], workspace: WorkspaceHandle
+) -> None:
+    """`RAY_NUM_WORKERS=1 ray-cai deploy` with a file that says 2: then `status` is ready (exit 0),
+    `plan` is empty and a plain `up` changes nothing — the applied spec is recorded with the cluster."""
+    repo, env, _first, _ = deployed
+    config = repo / "ray_cluster_config.yaml"
+    wanted = SMALL_CLUSTER_YAML.format(name="e2edeploy", workers=2)
+    if config.read_text() != wanted:
+        config.write_text(wanted)
+        git(repo, "commit", "-qam", "two workers")
+    result = deploy_ok(repo, {**env, "RAY_NUM_WORKERS": "1"})
+    assert result["cluster"]["state"] == "ready" and result["cluster"]["ray"]["alive_nodes"] == 2
+    applied = result["cluster"]["applied"]
+    assert applied["workers"] == {"worker": 1}
+    assert applied["origin"]["overrides"] == {"RAY_NUM_WORKERS": "1"}
+    assert applied["origin"]["commit"] == git(repo, "rev-parse", "HEAD")
+
+    status = cli(repo, env, "status", "--json")
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert json.loads(status.stdout)["differences"] == []
+    plan = cli(repo, env, "plan", "--json")
+    assert plan.returncode == 0 and json.loads(plan.stdout)["actions"] == [], plan.stdout
+    workspace.reset_counters()
+    up = cli(repo, env, "up", "--json")
+    assert up.returncode == 0, up.stderr
+    assert json.loads(up.stdout)["plan"]["actions"] == []
+    changing = {k: v for k, v in workspace.counters()["counts"].items() if not k.startswith("GET")}
+    assert changing == {}, changing
+    info = json.loads((workspace.project_dir(result["project_id"]) / "ray_cluster_info.json").read_text())
+    assert info["applied"]["origin"]["overrides"] == {"RAY_NUM_WORKERS": "1"}
+
+
 def test_force_rebuild_reruns_every_job(
     deployed: tuple[Path, dict[str, str], dict[str, Any], float], workspace: WorkspaceHandle
 ) -> None:

@@ -256,3 +256,37 @@ def test_lock_is_released_when_its_delete_fails_once(controls: WorkspaceHandle, 
             rc.down()
         except LockHeld as err:
             pytest.fail(f"the next run is locked out by the run that failed: {err}")
+
+
+def test_lock_gives_up_when_every_create_fails(
+    controls: WorkspaceHandle, project_files: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Creates that keep failing with 5xx while no lock exists must not be retried forever: the pass
+    gives up after its deadline with an error that says what it waited for and the last failure."""
+    import time
+
+    from ray_serve_cai.cluster import lock as lock_module
+    from ray_serve_cai.cluster.errors import ClusterError
+
+    monkeypatch.setattr(lock_module, "FAILING_CREATE_PATIENCE", 3.0)
+    with (
+        fake_project(controls, "faults-lock-deadline", project_files) as project,
+        client_for(controls) as client,
+    ):
+        pid = project["id"]
+        controls.set_faults(
+            error_rate=1.0, statuses=[503], only_creates=True, paths=f"/api/v2/projects/{pid}"
+        )
+        started = time.monotonic()
+        try:
+            with pytest.raises(ClusterError) as info, cluster_lock(client, pid, "dl", ttl=60, wait=1.0):
+                pytest.fail("the lock was taken although every create failed")
+        finally:
+            controls.clear_faults()
+        elapsed = time.monotonic() - started
+        assert not isinstance(info.value, LockHeld)
+        message = str(info.value)
+        assert "could not take the lock of cluster 'dl' within 3s" in message
+        assert "503" in message
+        assert 3.0 <= elapsed < 30.0
+        assert lock_app_name("dl") not in {a["subdomain"] for a in list_apps(controls, pid)}

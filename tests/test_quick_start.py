@@ -71,7 +71,7 @@ def test_local_answers_deploy_a_cluster(workspace: WorkspaceHandle) -> None:
         proc = run_quick_start(["local", "1", "0", "yes"], env)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "Ray cluster 'default': ready" in proc.stdout
-        assert "dashboard: http://ray-default-head.localhost:" in proc.stdout
+        assert "dashboard: http://127.0.0.1:" in proc.stdout  # the head app's own loopback listener
     finally:
         subprocess.run(
             ["ray-cai", "down", "--local"], cwd=REPO_ROOT, env=env, capture_output=True, timeout=300

@@ -1,9 +1,11 @@
-"""Secrets stay secret through the whole local flow: `deploy --local`, `status`, `connect`, `down`.
+"""Secrets stay secret through the whole local flow: `deploy --local`, `status`, `connect`, `dashboard`,
+`job ...`, `logs`, `down`.
 
 A workspace in its own home with a recognisable API key (set in its state file before it starts), a
 recognisable GH_PAT in the environment, and the Ray token read from `.ray-cai/<cluster>/auth_token`.
-None may appear in any stdout/stderr, any file under the workspace's logs, `ray_cluster_info.json`,
-any job or application `environment` the API returns, or an error message; the token file is 0600.
+Login codes (printed by `dashboard` only) are secrets too. None may appear in any (other)
+stdout/stderr, any file under the workspace's logs, `ray_cluster_info.json`, any job or application
+`environment` the API returns, or an error message; the token file is 0600.
 """
 
 from __future__ import annotations
@@ -79,11 +81,14 @@ def test_no_secret_leaks_through_the_local_flow(tmp_path: Path) -> None:
         )
         project_dir = handle.project_dir(project["id"])
 
-        def ray_cai(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+        def ray_cai(
+            *args: str, timeout: float = 900, record: bool = True
+        ) -> subprocess.CompletedProcess[str]:
             proc = subprocess.run(
                 [*RAY_CAI, *args], cwd=repo, env=env, capture_output=True, text=True, timeout=timeout
             )
-            outputs.extend([proc.stdout, proc.stderr])
+            if record:
+                outputs.extend([proc.stdout, proc.stderr])
             return proc
 
         started = time.monotonic()
@@ -102,6 +107,30 @@ def test_no_secret_leaks_through_the_local_flow(tmp_path: Path) -> None:
         ):
             proc = ray_cai(*args, "-p", PROJECT, "-c", "ray_cluster_config.yaml")
             assert proc.returncode == 0, f"{args}: {proc.stderr}"
+        # `dashboard` is the one command that prints a login code: none may show up anywhere else.
+        login_codes = []
+        for args in (("dashboard", "--local", "--json"), ("dashboard", "--local")):
+            proc = ray_cai(*args, "-p", PROJECT, "-c", "ray_cluster_config.yaml", record=False)
+            assert proc.returncode == 0, f"{args}: {proc.stderr}"
+            url = json.loads(proc.stdout)["url"] if "--json" in args else proc.stdout.splitlines()[-1]
+            login_codes.append(url.split("code=", 1)[1])
+            assert api_key not in proc.stdout + proc.stderr and gh_pat not in proc.stdout + proc.stderr
+        assert len(login_codes[0]) >= 32 and login_codes[0] != login_codes[1]
+        target = ("--local", "-p", PROJECT, "-c", "ray_cluster_config.yaml")
+        for args, code in (
+            (
+                ("job", "submit", *target, "--submission-id", "secret-job", "--", "python", "-c", "print(1)"),
+                0,
+            ),
+            (("job", "status", "secret-job", *target, "--json"), 0),
+            (("job", "logs", "secret-job", *target), 0),
+            (("job", "list", *target, "--json"), 0),
+            (("job", "status", "no-such-job", *target), 1),
+            (("logs", *target, "--list", "--json"), 0),
+            (("logs", *target, "--tail", "200"), 0),
+        ):
+            proc = ray_cai(*args)
+            assert proc.returncode == code, f"{args}: {proc.stderr}"
         env_texts = environments(handle, project["id"])
         bad = ray_cai("up", "--local", "-p", PROJECT, "-c", "missing.yaml")  # an error message too
         assert bad.returncode == 2
@@ -121,7 +150,12 @@ def test_no_secret_leaks_through_the_local_flow(tmp_path: Path) -> None:
         found = [
             f"{name} in {where}"
             for where, text in places.items()
-            for name, secret in (("API key", api_key), ("GH_PAT", gh_pat), ("Ray token", token))
+            for name, secret in (
+                ("API key", api_key),
+                ("GH_PAT", gh_pat),
+                ("Ray token", token),
+                *(("login code", code) for code in login_codes),
+            )
             if secret in text
         ]
         print(f"secrets: checked {len(places)} places, {len(found)} secrets found")

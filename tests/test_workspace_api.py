@@ -319,3 +319,33 @@ def test_application_input_validation(workspace: WorkspaceHandle, project: dict[
     assert_error(workspace.api("POST", base, json={**good, "environment": "{}"}), 400, 3, "environment")
     assert_error(workspace.api("POST", base, json={**good, "script": "/abs/app.py"}), 400, 3, "script")
     assert workspace.api_ok("GET", base)["applications"] == []
+
+
+def test_request_bodies_follow_protobuf_json_rules_and_name_the_bad_field(
+    workspace: WorkspaceHandle, project: dict[str, Any]
+) -> None:
+    """One validation layer (bodies.py): null means unset, unknown fields are ignored, int64 may come
+    as a string, defaults are the model's, and a bad value is a CML 400 naming its field."""
+    base = f"/api/v2/projects/{project['id']}/jobs"
+    runtime = workspace.runtime_identifier()
+    job = workspace.api_ok(
+        "POST",
+        base,
+        json={
+            "name": "bodies",
+            "script": "a.py",
+            "runtime_identifier": runtime,
+            "cpu": None,
+            "timeout": "30",
+            "not_a_cml_field": 1,
+        },
+    )
+    assert (job["cpu"], job["memory"], job["timeout"], job["kill_on_timeout"]) == (1.0, 1.0, 30, True)
+    assert "not_a_cml_field" not in job
+    path = f"{base}/{job['id']}"
+    assert_error(workspace.api("PATCH", path, json={"cpu": -1}), 400, 3, "cpu must not be negative")
+    assert_error(workspace.api("PATCH", path, json={"paused": "yes"}), 400, 3, "paused must be a boolean")
+    assert_error(workspace.api("PATCH", path, json={"name": ""}), 400, 3, "name is required")
+    unchanged = workspace.api_ok("PATCH", path, json={"name": None, "memory": 2})
+    assert unchanged["name"] == "bodies" and unchanged["memory"] == 2  # null: not set, not changed
+    workspace.api_ok("DELETE", path)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,11 @@ def alive(pid: int) -> bool:
         return False
 
 
+def seconds_between(earlier: str, later: str) -> float:
+    """Seconds from one API timestamp (RFC 3339 UTC) to another."""
+    return (datetime.fromisoformat(later) - datetime.fromisoformat(earlier)).total_seconds()
+
+
 def delete_app(workspace: WorkspaceHandle, project: dict[str, Any], app: dict[str, Any]) -> None:
     assert workspace.api_ok("DELETE", app_path(project, app)) == {}
 
@@ -54,13 +59,14 @@ def test_app_starts_runs_routes_and_stops(workspace: WorkspaceHandle, project: d
     app = create_app(workspace, project, environment={"APP_LISTEN_DELAY": "0.8", "APP_VAR": "a"}, cpu=2)
     assert app["status"] == "APPLICATION_STARTING" and app["cpu"] == 2
     assert json.loads(app["environment"]) == {"PROJECT_VAR": "p1", "APP_LISTEN_DELAY": "0.8", "APP_VAR": "a"}
-    time.sleep(0.4)
-    assert workspace.api_ok("GET", app_path(project, app))["status"] == "APPLICATION_STARTING"
     running = workspace.wait_for_app(project["id"], app["id"], {"APPLICATION_RUNNING"})
     assert running["running_at"] and running["started_at"] and Path(running["log_path"]).is_file()
+    # It was STARTING until it answered HTTP, at least the listen delay after its process started.
+    assert seconds_between(running["started_at"], running["running_at"]) >= 0.8
 
-    # Routed by Host, with the bearer key (stripped before it reaches the app).
-    response = workspace.app_request(app["subdomain"], "POST", "/some/path?x=1", content=b"hello")
+    # At the app's own URL, with the bearer key (stripped before it reaches the app).
+    assert app["url"].startswith("http://127.0.0.1:") and running["url"] == app["url"]
+    response = workspace.app_request(app, "POST", "/some/path?x=1", content=b"hello")
     assert response.status_code == 200 and response.headers["x-request-id"]
     echoed = response.json()
     assert (echoed["method"], echoed["path"], echoed["query"], echoed["body"]) == (
@@ -72,17 +78,16 @@ def test_app_starts_runs_routes_and_stops(workspace: WorkspaceHandle, project: d
     assert "authorization" not in echoed["headers"]
     assert echoed["env"]["APP_VAR"] == "a" and echoed["env"]["PROJECT_VAR"] == "p1"
     assert echoed["env"]["CDSW_PROJECT_ID"] == project["id"]
-    unauthenticated = httpx.get(
-        f"http://127.0.0.1:{workspace.port}/", headers={"Host": f"{app['subdomain']}.{workspace.domain}"}
-    )
+    unauthenticated = httpx.get(f"{app['url']}/", trust_env=False)
     assert unauthenticated.status_code == 401 and workspace.api_key not in unauthenticated.text
-    assert workspace.app_request("no-such-app", "GET", "/").status_code == 404
+    wrong_key = httpx.get(f"{app['url']}/", headers={"Authorization": "Bearer nope"}, trust_env=False)
+    assert wrong_key.status_code == 401
 
     stopping = workspace.api_ok("POST", app_path(project, app, ":stop"))
     assert stopping["status"] in ("APPLICATION_STOPPING", "APPLICATION_STOPPED")
     stopped = workspace.wait_for_app(project["id"], app["id"], {"APPLICATION_STOPPED"})
     assert stopped["stopped_at"]
-    not_running = workspace.app_request(app["subdomain"], "GET", "/")
+    not_running = workspace.app_request(app, "GET", "/")
     assert not_running.status_code == 503 and "not running" in not_running.json()["message"]
     assert workspace.processes() == []
     delete_app(workspace, project, app)
@@ -101,7 +106,7 @@ def test_running_app_exit_code_decides_failed_or_stopped(
     for code, expected in ((3, "APPLICATION_FAILED"), (0, "APPLICATION_STOPPED")):
         app = create_app(workspace, project)
         workspace.wait_for_app(project["id"], app["id"], {"APPLICATION_RUNNING"})
-        workspace.app_request(app["subdomain"], "GET", f"/exit?code={code}")
+        workspace.app_request(app, "GET", f"/exit?code={code}")
         assert workspace.wait_for_app(project["id"], app["id"], {expected})["stopped_at"]
         delete_app(workspace, project, app)
 
@@ -149,7 +154,7 @@ def test_restart_patch_and_delete(workspace: WorkspaceHandle, project: dict[str,
     workspace.wait_for(lambda: not any(alive(p) for p in first_pids.values()), bool, what="old tree to end")
     running = workspace.wait_for_app(project["id"], app["id"], {"APPLICATION_RUNNING"})
     assert running["running_at"] > app["created_at"]
-    echoed = workspace.app_request(app["subdomain"], "GET", "/").json()
+    echoed = workspace.app_request(app, "GET", "/").json()
     assert echoed["env"]["APP_VAR"] == "patched" and "PROJECT_VAR" not in echoed["env"]
 
     # Restart of a stopped app starts it again.
@@ -194,10 +199,10 @@ def test_app_start_latency_keeps_it_starting(workspace: WorkspaceHandle, project
     workspace.set_latency(app_start_seconds=1.0)
     try:
         app = create_app(workspace, project)
-        time.sleep(0.6)
-        early = workspace.api_ok("GET", app_path(project, app))
-        assert early["status"] == "APPLICATION_STARTING" and early["started_at"] is None
-        assert workspace.wait_for_app(project["id"], app["id"], {"APPLICATION_RUNNING"})["started_at"]
+        assert app["status"] == "APPLICATION_STARTING" and app["started_at"] is None
+        running = workspace.wait_for_app(project["id"], app["id"], {"APPLICATION_RUNNING"})
+        # Its process started only after the injected latency.
+        assert seconds_between(running["created_at"], running["started_at"]) >= 1.0
     finally:
         workspace.set_latency()
     delete_app(workspace, project, app)

@@ -94,3 +94,13 @@ def test_bad_control_input_is_rejected(controls: WorkspaceHandle) -> None:
         "job_start_seconds": 0.0,
     }
     assert controls.api_ok("GET", "/_workspace/processes")["pids"] == []
+
+
+def test_a_typo_in_a_control_is_refused_naming_the_key(controls: WorkspaceHandle) -> None:
+    """`error_rates` instead of `error_rate` must not silently inject nothing."""
+    typo = controls.api("PUT", "/_workspace/faults", json={"error_rates": 1.0})
+    assert typo.status_code == 400 and typo.json()["code"] == 3
+    assert "'error_rates'" in typo.json()["message"] and "error_rate" in typo.json()["message"]
+    assert controls.api_ok("GET", "/_workspace/faults")["plan"] is None  # nothing was configured
+    latency_typo = controls.api("PUT", "/_workspace/latency", json={"app_start": 1})
+    assert latency_typo.status_code == 400 and "'app_start'" in latency_typo.json()["message"]

@@ -32,10 +32,13 @@ from ray_serve_cai.cli.common import (
     run_command,
     settings_for,
 )
+from ray_serve_cai.cli.serve import check_serve_config, print_serve
+from ray_serve_cai.cli.serve import project_dir as serve_project_dir
 from ray_serve_cai.cluster import ClusterStatus, RayCluster, connect_info, write_cluster_info
+from ray_serve_cai.cluster.applied import load_cluster_request
 from ray_serve_cai.cluster.plan import Plan
+from ray_serve_cai.cluster.serve import observe_into as converge_serve_view
 from ray_serve_cai.cml import CMLClient
-from ray_serve_cai.config import load_cluster_spec
 from ray_serve_cai.config.edit import save_replicas
 
 
@@ -85,6 +88,49 @@ def _status_table(status: ClusterStatus) -> Table:
     return table
 
 
+def _groups_table(status: ClusterStatus) -> Table | None:
+    """Per group: apps now, wanted, bounds; for autoscaled groups Ray's autoscaler owns the number."""
+    if not any(g["autoscaled"] for g in status.groups):
+        return None
+    table = Table(title="Worker groups")
+    for col in ("group", "current", "desired", "min", "max", "sized by"):
+        table.add_column(col)
+    for g in status.groups:
+        owner = "Ray autoscaler" if g["autoscaled"] else "config (scale)"
+        table.add_row(g["group"], str(g["current"]), str(g["desired"]), str(g["min"]), str(g["max"]), owner)
+    return table
+
+
+def _autoscaler_line(status: ClusterStatus) -> str | None:
+    decision = status.autoscaler
+    if not decision:
+        return None
+    if "at" not in decision:
+        return "autoscaler: no decision yet"
+    parts = [f"wants {decision.get('desired', {})}"]
+    for key in ("created", "deleted", "errors"):
+        if decision.get(key):
+            parts.append(f"{key} {', '.join(decision[key])}")
+    return f"autoscaler (last decision {decision['at']}): " + "; ".join(parts)
+
+
+def _print_groups(status: ClusterStatus) -> None:
+    table = _groups_table(status)
+    if table is not None:
+        out_console.print(table)
+    line = _autoscaler_line(status)
+    if line:
+        out_console.print(escape(line))
+
+
+def _print_differences(differences: list[str]) -> None:
+    """What this caller's config asks for that is not what is deployed (and where that came from)."""
+    if differences:
+        err_console.print("[yellow]your config differs from what is deployed:[/]")
+        for line in differences:
+            err_console.print(f"  {escape(line)}")
+
+
 def _plan_json(plan: Plan) -> dict[str, object]:
     return {
         "actions": [{"action": a.kind.value, "name": a.name, "reason": a.reason} for a in plan.actions],
@@ -97,6 +143,8 @@ def _plan_json(plan: Plan) -> dict[str, object]:
 def _print_ready(status: ClusterStatus, info_path: Path | None) -> None:
     connect = connect_info(status)
     out_console.print(_status_table(status))
+    _print_groups(status)
+    print_serve(status)
     out_console.print(f"dashboard: {status.dashboard_url}")
     if connect["address"]:
         out_console.print(f"connect:   ray.init(address={connect['address']!r})  (see `ray-cai connect`)")
@@ -115,12 +163,14 @@ def open_cluster(
     create: bool = False,
 ) -> Iterator[RayCluster]:
     """The cluster of the config file in the target project. The config (and a new size) is
-    validated before any API call."""
-    spec = load_cluster_spec(config)
+    validated before any API call. What the caller asks for is merged onto what is deployed (see
+    `ray_serve_cai.cluster.applied`): only fields it changes, overrides it sets and flags count."""
+    request = load_cluster_request(config, source="scale" if replicas is not None else "up")
     if replicas is not None:
-        spec = spec.with_replicas(replicas, group)
+        request = request.with_replicas(replicas, group)
+    check_serve_config(request.spec)  # the Serve config file too, before any API call
     with open_target(local, project, create=create) as target:
-        yield RayCluster(target.client, target.project_id, spec)
+        yield RayCluster(target.client, target.project_id, request, project_dir=serve_project_dir())
 
 
 def plan(
@@ -133,10 +183,13 @@ def plan(
 
     def run() -> None:
         with open_cluster(config, local, project) as cluster:
-            result = cluster.plan()
+            apps = cluster.observe()
+            result = cluster.plan(apps)
+            differences = cluster.differences(apps)
         if json_out:
-            print_json(_plan_json(result))
+            print_json({**_plan_json(result), "differences": differences})
         else:
+            _print_differences(differences)
             out_console.print(_plan_table(result))
             out_console.print("nothing to do" if result.is_noop else f"summary: {result.summary()}")
         if result.conflicts:
@@ -174,6 +227,9 @@ def _converge(
             _print_ready(status, info_path)
         else:
             out_console.print(_status_table(status))
+            print_serve(status)
+            for problem in status.problems:
+                err_console.print(f"[yellow]{escape(problem)}[/]")
         if wait and not status.ready:
             raise typer.Exit(EXIT_FAILED)
 
@@ -184,7 +240,8 @@ def _save_size(config: Path, replicas: int, group: str | None) -> None:
     """Keep the config file the source of truth: `status` and the next `up` want the new size too."""
     saved = save_replicas(config, replicas, group)
     err_console.print(
-        f"saved {saved} = {replicas} in {config} (commit it: a deploy from git uses the committed size)"
+        f"saved {saved} = {replicas} in {config} (`ray-cai deploy` from this checkout sends it as it is; "
+        "commit it for deploys from CI)"
     )
     if os.environ.get("RAY_NUM_WORKERS"):
         err_console.print("[yellow]note: RAY_NUM_WORKERS is set in the environment and overrides the file[/]")
@@ -196,11 +253,13 @@ def _watch(cluster: RayCluster, interval: float) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     err_console.print(f"watching cluster {cluster.spec.name!r} every {interval:g}s (Ctrl-C to stop)")
 
+    progress = Progress()  # one for the whole watch: repeated lines are suppressed, elapsed counts on
+
     def on_pass(plan: Plan, status: ClusterStatus) -> None:
         if plan.actions:
             healed = ", ".join(a.describe().strip() for a in plan.actions)
             err_console.print(f"healed: {escape(healed)}")
-        Progress()(status)
+        progress(status)
 
     with contextlib.suppress(KeyboardInterrupt):
         cluster.watch(interval=interval, on_pass=on_pass, should_stop=stop.is_set)
@@ -246,7 +305,11 @@ def scale(
     timeout: float | None = TimeoutOption,
     info_file: Path = InfoOption,
 ) -> None:
-    """Set the number of workers of a group; unchanged nodes are not touched."""
+    """Set the number of workers of a group and save it in the config file; unchanged nodes are not
+    touched. `deploy` sends the config of the checkout it runs in, uncommitted edits included.
+
+    Refused (exit 2) for an autoscaled group: Ray's autoscaler sets its size between
+    min_replicas and max_replicas; change those in the config and run `up` instead."""
     if replicas < 0:
         fail("REPLICAS: must be 0 or more", EXIT_BAD_INPUT)
     _converge(config, local, project, json_out, wait, timeout, info_file, replicas, group)
@@ -262,13 +325,23 @@ def status(
 
     def run() -> None:
         with open_cluster(config, local, project) as cluster:
-            result = cluster.status()
+            result = converge_serve_view(cluster, cluster.status())
         if json_out:
             print_json(result.as_dict())
         else:
             out_console.print(_status_table(result))
+            _print_groups(result)
+            print_serve(result)
             if result.dashboard_url:
                 out_console.print(f"dashboard: {result.dashboard_url}")
+            if result.applied:
+                origin = result.applied["origin"]
+                sizes = ", ".join(f"{g}: {n}" for g, n in result.applied["workers"].items()) or "no workers"
+                out_console.print(
+                    f"deployed: {escape(sizes)} (by {escape(origin.get('by') or '?')} at {origin.get('at')},"
+                    f" {origin.get('source')})"
+                )
+            _print_differences(result.differences)
             for problem in result.problems:
                 err_console.print(f"[yellow]{escape(problem)}[/]")
         raise typer.Exit(EXIT_OK if result.ready else EXIT_FAILED)

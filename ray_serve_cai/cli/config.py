@@ -21,9 +21,7 @@ from ray_serve_cai.config import (
     load_cluster_spec,
     load_deploy_spec,
 )
-
-EXIT_OK = 0
-EXIT_BAD_INPUT = 2
+from ray_serve_cai.errors import EXIT_BAD_INPUT
 
 app = typer.Typer(help="Check the cluster and jobs config files.", no_args_is_help=True, add_completion=False)
 
@@ -58,6 +56,14 @@ def validate(
         cluster = load_cluster_spec(config, env=os.environ)
     except ConfigError as exc:
         errors.append(exc)
+    if cluster is not None and cluster.serve is not None:  # the Serve config file it names, too
+        from ray_serve_cai.cli.serve import project_dir
+        from ray_serve_cai.config.serve import load_serve_config
+
+        try:
+            load_serve_config(cluster.serve.config, project_dir())
+        except ConfigError as exc:
+            errors.append(exc)
     jobs_path = jobs if jobs is not None else Path(DEFAULT_JOBS_FILE)
     if jobs is not None or jobs_path.exists():
         try:

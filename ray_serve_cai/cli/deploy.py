@@ -5,18 +5,18 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
 from ray_serve_cai.cli.common import (
-    EXIT_BAD_INPUT,
+    DEFAULT_CONFIG,
     EXIT_FAILED,
-    ConfigOption,
-    JsonOption,
-    LocalOption,
-    env_flag,
+    ConfigPath,
+    JsonFlag,
+    LocalFlag,
     err_console,
     fail,
     out_console,
@@ -24,11 +24,12 @@ from ray_serve_cai.cli.common import (
     run_command,
     settings_for,
 )
+from ray_serve_cai.cli.serve import check_serve_config
 from ray_serve_cai.cluster import connect_info
 from ray_serve_cai.cml import CMLClient
-from ray_serve_cai.config import load_cluster_spec, load_deploy_spec
-from ray_serve_cai.deploy.fingerprint import RepoError, current_branch, repo_root
-from ray_serve_cai.deploy.orchestrator import DeployOptions, DeployResult, deploy, summary_markdown
+from ray_serve_cai.config import DEFAULT_JOBS_FILE
+from ray_serve_cai.deploy.orchestrator import DeployResult, deploy, summary_markdown
+from ray_serve_cai.deploy.source import load_deployment, resolve_options
 
 
 def _results_table(result: DeployResult) -> Table:
@@ -44,51 +45,53 @@ def _results_table(result: DeployResult) -> Table:
 
 
 def deploy_command(
-    local: bool = LocalOption,
-    project: str | None = typer.Option(
-        None, "--project", "-p", help="Project name (default: jobs_config.yaml)."
-    ),
-    git_url: str | None = typer.Option(
-        None,
-        "--git-url",
-        help="Repository CML clones (default: GITHUB_REPOSITORY, or this checkout with --local).",
-    ),
-    branch: str | None = typer.Option(
-        None, "--branch", help="Branch to deploy (default: the checked-out one)."
-    ),
-    force: bool = typer.Option(False, "--force", help="Re-run every job (same as FORCE_REBUILD=true)."),
-    jobs_file: Path = typer.Option(
-        Path("cai_integration/jobs_config.yaml"), "--jobs", help="Jobs definition file.", show_default=True
-    ),
-    config: Path = ConfigOption,
-    json_out: bool = JsonOption,
-    timeout: float = typer.Option(3600, "--timeout", help="Seconds to wait for the whole job chain."),
-    project_timeout: float = typer.Option(
-        600, "--project-timeout", help="Seconds to wait for the git clone."
-    ),
+    local: LocalFlag = False,
+    project: Annotated[
+        str | None, typer.Option("--project", "-p", help="Project name (default: jobs_config.yaml).")
+    ] = None,
+    git_url: Annotated[
+        str | None,
+        typer.Option(
+            "--git-url",
+            help="Repository CML clones (default: GITHUB_REPOSITORY, or this checkout with --local).",
+        ),
+    ] = None,
+    branch: Annotated[
+        str | None,
+        typer.Option(
+            "--branch",
+            help="Branch to deploy (default: project.branch of the jobs file, else GITHUB_REF_NAME, "
+            "else the checked-out one).",
+        ),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Re-run every job (same as FORCE_REBUILD=true).")
+    ] = False,
+    jobs_file: Annotated[
+        Path, typer.Option("--jobs", help="Jobs definition file.", show_default=True)
+    ] = Path(DEFAULT_JOBS_FILE),
+    config: ConfigPath = DEFAULT_CONFIG,
+    json_out: JsonFlag = False,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Seconds to wait for the whole job chain.")
+    ] = 3600,
+    project_timeout: Annotated[
+        float, typer.Option("--project-timeout", help="Seconds to wait for the git clone.")
+    ] = 600,
 ) -> None:
     """Deploy from git: find or create the project, create/update the chained jobs, run what changed,
     follow the chain to its end and report the Ray cluster. FORCE_REBUILD=true re-runs everything."""
 
     def run() -> None:
-        env = dict(os.environ)
-        if project:
-            env["CML_PROJECT_NAME"] = project
-        # Bad input first, before any API call.
-        spec = load_deploy_spec(jobs_file, env=env)
-        cluster = load_cluster_spec(config, env=env)
-        try:
-            repo = repo_root(Path.cwd())
-        except RepoError as err:
-            fail(f"deploy must run inside the git checkout being deployed: {err}", EXIT_BAD_INPUT)
-        url = git_url or (str(repo) if local else spec.project.git_url)
-        chosen_branch = branch or env.get("GITHUB_REF_NAME") or current_branch(repo)
-        options = DeployOptions(
-            repo=repo,
-            git_url=url,
-            branch=chosen_branch,
-            force=force or env_flag("FORCE_REBUILD"),
-            gh_pat=env.get("GH_PAT") or None,
+        # Bad input first, before any API call: both files, then the checkout.
+        spec, cluster = load_deployment(jobs_file, config, project=project)
+        check_serve_config(cluster.spec)
+        options = resolve_options(
+            spec,
+            local=local,
+            git_url=git_url,
+            branch=branch,
+            force=force,
             project_timeout=project_timeout,
             chain_timeout=timeout,
         )

@@ -12,9 +12,12 @@ from typing import Annotated
 
 import typer
 
+from ray_serve_cai.errors import EXIT_FAILED, EXIT_OK
+from ray_serve_cai.workspace.controls import DEFAULT_RESTART_ATTEMPTS, DEFAULT_RESTART_DELAY_SECONDS
 from ray_serve_cai.workspace.daemon import (
     WorkspaceError,
     WorkspaceInfo,
+    reset_workspace,
     start_workspace,
     stop_workspace,
     workspace_info,
@@ -22,8 +25,7 @@ from ray_serve_cai.workspace.daemon import (
 from ray_serve_cai.workspace.processes import DEFAULT_STOP_GRACE_SECONDS
 from ray_serve_cai.workspace.statefile import resolve_home
 
-EXIT_OK = 0
-EXIT_NOT_RUNNING = 1
+EXIT_NOT_RUNNING = EXIT_FAILED
 
 app = typer.Typer(
     help="The local CML workspace: CML API v2 on loopback, jobs and applications as local processes.",
@@ -50,14 +52,40 @@ def start(
     stop_grace_seconds: Annotated[
         float, typer.Option("--stop-grace-seconds", help="SIGTERM→SIGKILL grace when stopping workloads.")
     ] = DEFAULT_STOP_GRACE_SECONDS,
+    app_restart: Annotated[
+        bool,
+        typer.Option(
+            "--app-restart/--no-app-restart",
+            help="Restart failed applications automatically, as CML does by default.",
+        ),
+    ] = True,
+    app_restart_attempts: Annotated[
+        int,
+        typer.Option("--app-restart-attempts", min=0, help="Automatic restarts per failure streak (CML: 3)."),
+    ] = DEFAULT_RESTART_ATTEMPTS,
+    app_restart_delay: Annotated[
+        float,
+        typer.Option("--app-restart-delay", min=0, help="Seconds before each automatic restart (CML: 300)."),
+    ] = DEFAULT_RESTART_DELAY_SECONDS,
 ) -> None:
-    """Start the workspace in the background (does nothing when it already runs) and wait until it answers."""
+    """Start the workspace in the background (does nothing when it already runs) and wait until it answers.
+
+    The state of an earlier run (projects, jobs, runs, applications) is kept: workloads a crashed
+    server left running are re-adopted, the ones that died meanwhile are marked failed. Port 0 reuses
+    the previous server's port."""
     running = workspace_info(home)
     if running is not None:
         typer.echo(f"workspace already running at {running.url} (pid {running.pid}, home {running.home})")
         raise typer.Exit(EXIT_OK)
     try:
-        info = start_workspace(home, port, stop_grace_seconds=stop_grace_seconds)
+        info = start_workspace(
+            home,
+            port,
+            stop_grace_seconds=stop_grace_seconds,
+            app_restart=app_restart,
+            app_restart_attempts=app_restart_attempts,
+            app_restart_delay=app_restart_delay,
+        )
     except WorkspaceError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_NOT_RUNNING) from None
@@ -97,8 +125,28 @@ def status(
 
 @app.command("stop")
 def stop(home: HomeOption = None) -> None:
-    """Stop every job run and application the workspace started, then the server."""
+    """Stop every job run and application the workspace started, then the server. The state is kept:
+    a later start shows them stopped."""
     if stop_workspace(home):
         typer.echo("workspace stopped")
     else:
         typer.echo("workspace was not running")
+
+
+@app.command("reset")
+def reset(
+    home: HomeOption = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Stop the workspace and delete its state: every project (with its files), job, run, application
+    and log. The API key and the port are kept."""
+    resolved = resolve_home(home)
+    if not yes:
+        confirmed = typer.confirm(
+            f"Delete every project, job, run and application of the workspace at {resolved}?", default=False
+        )
+        if not confirmed:
+            typer.echo("nothing deleted")
+            raise typer.Exit(EXIT_NOT_RUNNING)
+    reset_workspace(resolved)
+    typer.echo(f"workspace state deleted (home {resolved})")

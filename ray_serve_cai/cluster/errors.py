@@ -1,7 +1,9 @@
 """Errors of the cluster layer: each message says what failed and where to look."""
 
+from ray_serve_cai.errors import OperationFailed
 
-class ClusterError(RuntimeError):
+
+class ClusterError(OperationFailed, RuntimeError):
     """The cluster could not be brought to the desired state; the message says what and where."""
 
 

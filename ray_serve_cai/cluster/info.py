@@ -67,6 +67,7 @@ def cluster_info(status: ClusterStatus) -> dict[str, Any]:
         "resources": ray.get("resources", {}),
         "ray_version": ray.get("ray_version"),
         "python_version": ray.get("python_version"),
+        "applied": status.applied,  # what is deployed: sizes, runtimes, origin (commit, overrides)
         "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 

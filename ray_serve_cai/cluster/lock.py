@@ -19,8 +19,10 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
-from ray_serve_cai.cluster.errors import LockHeld
+from ray_serve_cai.cluster.errors import ClusterError, LockHeld
 from ray_serve_cai.cml import Application, CMLAPIError, CMLClient, CMLError, NotFound
+from ray_serve_cai.errors import WaitTimeout
+from ray_serve_cai.waiting import poll_until
 
 log = logging.getLogger("ray_serve_cai.cluster")
 
@@ -30,6 +32,8 @@ LOCK_OWNER = "RAY_CAI_LOCK_OWNER"
 LOCK_EXPIRES = "RAY_CAI_LOCK_EXPIRES"
 LOCK_HOST = "RAY_CAI_LOCK_HOST"
 LOCK_PID = "RAY_CAI_LOCK_PID"
+# Seconds creates of the lock may keep failing (with nobody holding it) before the pass gives up.
+FAILING_CREATE_PATIENCE = 30.0
 
 
 @dataclass(frozen=True)
@@ -136,10 +140,13 @@ def cluster_lock(
     A lock past its expiry, or held by a process of this machine that no longer exists, is taken
     over. `runtime_identifier` is needed in ML Runtime projects (every application names one)."""
     owner = owner or default_owner()
-    deadline = time.monotonic() + wait
     name = lock_app_name(cluster)
-    held: LockInfo | None = None
-    while held is None:
+    # Waiting for another holder is bounded by `wait`; creates that keep failing with nobody holding
+    # the lock (5xx, lost answers) are retried a little longer, then given up with the last error.
+    patience = max(wait, FAILING_CREATE_PATIENCE)
+    seen: dict[str, object] = {}
+
+    def try_take() -> LockInfo | None:
         expires = time.time() + ttl
         environment = {
             LOCK_MARKER: cluster,
@@ -160,32 +167,48 @@ def cluster_lock(
                 environment=environment,
                 runtime_identifier=runtime_identifier,
             )
-            held = LockInfo(app_id=app.id, owner=owner, expires_at=expires)
-            break
+            return LockInfo(app_id=app.id, owner=owner, expires_at=expires)
         except CMLError as err:
             if isinstance(err, CMLAPIError) and err.status_code not in (409, 500, 502, 503, 504):
                 raise
-            current = find_lock(client, project_id, cluster)
-            if current is None:
-                time.sleep(0.2)
-                continue  # released meanwhile, or our create failed without effect: try again
-            if current.owner == owner:
-                held = current  # our own create went through; its answer was lost
-                break
-            if current.stale:
-                why = "expired" if current.expired else "its process is gone"
-                log.warning("taking over the lock of cluster %s held by %s (%s)", cluster, current.owner, why)
-                _delete(client, project_id, current.app_id)
-                continue
-            if time.monotonic() >= deadline:
-                raise LockHeld(
-                    f"cluster {cluster!r} is being changed by {current.describe()}; "
-                    "wait for it, or delete the application "
-                    f"{name!r} if that run is gone"
-                ) from None
-            if on_wait:
-                on_wait(current)
-            time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
+            seen["error"] = err
+        current = find_lock(client, project_id, cluster)
+        seen["holder"] = current
+        if current is None:
+            return None  # released meanwhile, or our create failed without effect: try again
+        if current.owner == owner:
+            return current  # our own create went through; its answer was lost
+        if current.stale:
+            why = "expired" if current.expired else "its process is gone"
+            log.warning("taking over the lock of cluster %s held by %s (%s)", cluster, current.owner, why)
+            _delete(client, project_id, current.app_id)
+            return None
+        if time.monotonic() - started >= wait:
+            raise LockHeld(
+                f"cluster {cluster!r} is being changed by {current.describe()}; "
+                "wait for it, or delete the application "
+                f"{name!r} if that run is gone"
+            )
+        if on_wait:
+            on_wait(current)
+        return None
+
+    started = time.monotonic()
+    try:
+        held = poll_until(
+            try_take, timeout=patience, interval=0.2, max_interval=2.0, backoff=2.0, what=f"lock {name!r}"
+        )
+    except WaitTimeout:
+        holder = seen.get("holder")
+        if isinstance(holder, LockInfo):
+            raise LockHeld(
+                f"cluster {cluster!r} is being changed by {holder.describe()}; wait for it, "
+                f"or delete the application {name!r} if that run is gone"
+            ) from None
+        raise ClusterError(
+            f"could not take the lock of cluster {cluster!r} within {patience:g}s: creating the "
+            f"application {name!r} kept failing ({seen.get('error')}); check the workspace and try again"
+        ) from None
     try:
         yield held
     finally:

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
-from ray_serve_cai.config import NodeSpec
+from ray_serve_cai.config import ClusterSpec, NodeSpec, desired_nodes, worker_index_of, worker_node
 
 CLUSTER_MARKER = "RAY_CAI_CLUSTER"
 SPEC_HASH_MARKER = "RAY_CAI_SPEC_HASH"
@@ -21,6 +21,7 @@ STOPPING = "APPLICATION_STOPPING"
 STOPPED = "APPLICATION_STOPPED"
 FAILED = "APPLICATION_FAILED"
 DEAD_STATUSES = frozenset({STOPPED, FAILED})
+GROUP_MARKER = "RAY_CAI_GROUP"
 
 
 @dataclass(frozen=True)
@@ -143,3 +144,62 @@ def plan_changes(cluster: str, desired: Sequence[NodeSpec], observed: Iterable[O
             actions.append(Action(ActionKind.DELETE, app.name, app=app, reason="not desired"))
 
     return Plan(actions=tuple(actions), unchanged=tuple(unchanged), conflicts=tuple(conflicts))
+
+
+def worker_index(cluster: str, group: str, app: ObservedApp) -> int | None:
+    """The index of a worker app of ``group`` (from its name `ray-<cluster>-<group>-<index>`), else None."""
+    if not app.owned_by(cluster) or app.environment.get(GROUP_MARKER) != group:
+        return None
+    return worker_index_of(cluster, group, app.subdomain or app.name)
+
+
+def desired_for(spec: ClusterSpec, observed: Iterable[ObservedApp]) -> list[NodeSpec]:
+    """The desired nodes given what exists: one owner per number.
+
+    A fixed group wants indices 0..replicas-1. An autoscaled group is sized by Ray's autoscaler
+    once the cluster exists: its live apps (not stopping, stopped or failed) stay desired — up to
+    max_replicas, the lowest indices first — and missing ones are added at the lowest free indices
+    up to min_replicas. A new cluster (no head app yet) starts the group at `replicas`. Apps of the
+    group that are not desired (dead ones, those above max) are then deleted by `plan_changes`; an
+    index held by any observed app is never reused in the same pass."""
+    apps = [app for app in observed if app.owned_by(spec.name)]
+    nodes = desired_nodes(spec)
+    head_exists = any((app.subdomain or app.name) == nodes[0].name for app in apps)
+    autoscaled = {g.name for g in spec.autoscaled_groups}
+    nodes = [n for n in nodes if n.group not in autoscaled]
+    for group in spec.autoscaled_groups:
+        assert group.min_replicas is not None and group.max_replicas is not None
+        indexed = [(worker_index(spec.name, group.name, app), app.status) for app in apps]
+        taken = {i for i, _ in indexed if i is not None}
+        live = sorted(i for i, status in indexed if i is not None and status not in _NOT_LIVE)
+        keep = live[: group.max_replicas]
+        wanted = group.min_replicas if head_exists else group.replicas
+        free = (i for i in range(len(taken) + wanted + 1) if i not in taken)
+        while len(keep) < wanted:
+            keep.append(next(free))
+        nodes += [worker_node(spec, group.name, i) for i in sorted(keep)]
+    return nodes
+
+
+_NOT_LIVE = DEAD_STATUSES | {STOPPING}
+
+
+def group_sizes(
+    spec: ClusterSpec, owned: Iterable[ObservedApp], desired: Sequence[NodeSpec]
+) -> list[dict[str, object]]:
+    """Per worker group: apps that exist now (`current`), `desired`, and the bounds of an autoscaled group."""
+    apps = list(owned)
+    rows: list[dict[str, object]] = []
+    for group in spec.worker_groups:
+        current = sum(1 for app in apps if worker_index(spec.name, group.name, app) is not None)
+        rows.append(
+            {
+                "group": group.name,
+                "current": current,
+                "desired": sum(1 for node in desired if node.group == group.name),
+                "min": group.min_replicas if group.autoscaled else group.replicas,
+                "max": group.max_replicas if group.autoscaled else group.replicas,
+                "autoscaled": group.autoscaled,
+            }
+        )
+    return rows

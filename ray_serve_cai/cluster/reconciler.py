@@ -13,8 +13,21 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
+from ray_serve_cai.cluster.applied import (
+    APPLIED_SPEC_VAR,
+    AppliedRecord,
+    ClusterRequest,
+    caller_commit,
+    merge_request,
+    new_record,
+    observed_runtimes,
+    read_record,
+    same_applied,
+    spec_differences,
+)
 from ray_serve_cai.cluster.errors import ClusterError
 from ray_serve_cai.cluster.lock import cluster_lock, remove_stale_lock
 from ray_serve_cai.cluster.plan import (
@@ -25,10 +38,13 @@ from ray_serve_cai.cluster.plan import (
     ActionKind,
     ObservedApp,
     Plan,
+    desired_for,
+    group_sizes,
     owned_apps,
     plan_changes,
 )
-from ray_serve_cai.cluster.runtimes import RuntimeChoiceError, needs_runtime, with_runtimes
+from ray_serve_cai.cluster.runtimes import RuntimeChoiceError, resolve_runtimes
+from ray_serve_cai.cluster.serve import converge_serve
 from ray_serve_cai.cml import (
     Application,
     BadRequest,
@@ -36,9 +52,10 @@ from ray_serve_cai.cml import (
     CMLError,
     Conflict,
     NotFound,
+    Runtime,
     create_or_find,
 )
-from ray_serve_cai.config import ClusterSpec, NodeSpec, desired_nodes, head_app_name
+from ray_serve_cai.config import ClusterSpec, NodeSpec, head_app_name
 
 log = logging.getLogger("ray_serve_cai.cluster")
 
@@ -84,6 +101,19 @@ class ClusterStatus:
     ray: dict[str, Any] = field(default_factory=dict)
     dashboard_url: str | None = None
     problems: list[str] = field(default_factory=list)
+    # What is deployed (the applied spec's summary and origin) and how the caller's config differs.
+    applied: dict[str, Any] | None = None
+    differences: list[str] = field(default_factory=list)
+    # Per worker group: current (apps of the group), desired, min, max (None unless autoscaled).
+    groups: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def autoscaler(self) -> dict[str, Any] | None:
+        """The autoscaler's last decision, as the head's status endpoint reports it."""
+        return self.ray.get("autoscaler") or None
+
+    # Serve's applications (`ray-cai serve status` shape) when the spec has `serve:`; see cluster/serve.py.
+    serve: dict[str, Any] | None = None
 
     @property
     def ready(self) -> bool:
@@ -107,7 +137,27 @@ class ClusterStatus:
             "ray": self.ray,
             "dashboard_url": self.dashboard_url,
             "problems": self.problems,
+            "applied": self.applied,
+            "differences": self.differences,
+            "groups": self.groups,
+            "autoscaler": self.autoscaler,
+            "serve": self.serve,
         }
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a pass aims at: the spec as configured (merged onto what is deployed), the same with a
+    runtime for every part, those runtimes, and the record read from the observation."""
+
+    configured: ClusterSpec
+    effective: ClusterSpec
+    runtimes: dict[str, str]
+    record: AppliedRecord | None
+
+    @property
+    def needs_record(self) -> bool:
+        return not same_applied(self.record, self.configured, self.runtimes)
 
 
 ProgressCallback = Callable[[ClusterStatus], None]
@@ -139,34 +189,55 @@ class RayCluster:
         self,
         client: CMLClient,
         project_id: str,
-        spec: ClusterSpec,
+        spec: ClusterSpec | ClusterRequest,
         *,
         poll_interval: float = 2.0,
         max_parallel: int = 16,
         lock_wait: float = 120.0,
+        project_dir: Path | None = None,
     ) -> None:
         self.client = client
         self.project_id = project_id
-        self.spec = spec
+        self.request = spec if isinstance(spec, ClusterRequest) else ClusterRequest(spec)
+        self.spec = self.request.spec
         self.poll_interval = poll_interval
         self.max_parallel = max_parallel
-        self._effective: ClusterSpec | None = None
         self.lock_wait = lock_wait
+        self.project_dir = project_dir  # where project-relative files (the Serve config) are; None = cwd
         # A lock outlives a run killed on another machine by at most this long (one on this
         # machine is taken over at once); a pass holds it only while it plans and applies.
         self.lock_ttl = 120.0
+        self._listed_runtimes: list[Runtime] | None = None
+        self._record_to_write: AppliedRecord | None = None
+        # The watch, after its first pass, heals towards what is recorded as deployed instead of
+        # asserting its own config again (another caller may have changed the cluster since).
+        self._heal_only = False
 
-    def effective_spec(self) -> ClusterSpec:
-        """The spec with a runtime chosen (one list call, once) wherever the config names none."""
-        if self._effective is None:
-            spec = self.spec
-            if needs_runtime(spec):
-                try:
-                    spec = with_runtimes(spec, self.client.list_runtimes())
-                except RuntimeChoiceError as err:
-                    raise ClusterError(str(err)) from None
-            self._effective = spec
-        return self._effective
+    def _list_runtimes(self) -> list[Runtime]:
+        if self._listed_runtimes is None:
+            self._listed_runtimes = self.client.list_runtimes()
+        return self._listed_runtimes
+
+    def target(self, apps: Sequence[Application], *, deployed: bool = False) -> Target:
+        """The spec this caller converges to, from one observation: its request merged onto the
+        applied spec recorded with the cluster (`deployed=True`: the recorded spec itself), with the
+        runtimes chosen once and kept (a list of runtimes only for a part that has none yet)."""
+        record = read_record(apps, self.spec.name)
+        configured = merge_request(record, self.request)
+        if record is not None and (deployed or self._heal_only):
+            configured = record.cluster_spec()
+        known = observed_runtimes(apps, self.spec.name, [g.name for g in configured.worker_groups])
+        if record is not None:
+            known.update(record.runtimes)
+        try:
+            effective, runtimes = resolve_runtimes(configured, known, self._list_runtimes)
+        except RuntimeChoiceError as err:
+            raise ClusterError(str(err)) from None
+        return Target(configured, effective, runtimes, record)
+
+    def effective_spec(self, apps: Sequence[Application] | None = None) -> ClusterSpec:
+        """The spec with a runtime for every part (see `target`)."""
+        return self.target(self.observe() if apps is None else apps).effective
 
     # -- observe ---------------------------------------------------------------------------
     def observe(self) -> list[Application]:
@@ -176,9 +247,26 @@ class RayCluster:
     # -- plan ------------------------------------------------------------------------------
     def plan(self, apps: Sequence[Application] | None = None) -> Plan:
         apps = self.observe() if apps is None else apps
-        return plan_changes(
-            self.spec.name, desired_nodes(self.effective_spec()), [_observed(a) for a in apps]
-        )
+        return self._plan(apps, self.target(apps))
+
+    def _plan(self, apps: Sequence[Application], target: Target) -> Plan:
+        observed = [_observed(a) for a in apps]
+        return plan_changes(self.spec.name, desired_for(target.effective, observed), observed)
+
+    def differences(self, apps: Sequence[Application]) -> list[str]:
+        """How this caller's request differs from what is deployed (empty without a record)."""
+        record = read_record(apps, self.spec.name)
+        if record is None:
+            return []
+        lines = spec_differences(record.cluster_spec(), merge_request(record, self.request))
+        if lines:
+            lines.append(f"deployed: {record.origin.describe()}")
+        commit = caller_commit()
+        if record.origin.commit and commit and commit != record.origin.commit:
+            lines.append(
+                f"deployed from commit {record.origin.commit[:12]}; your checkout is at {commit[:12]}"
+            )
+        return lines
 
     # -- apply -----------------------------------------------------------------------------
     def apply(self, plan: Plan) -> None:
@@ -214,15 +302,9 @@ class RayCluster:
             self.client.restart_application(self.project_id, action.app.id)
 
     def _app_fields(self, node: NodeSpec) -> dict[str, Any]:
-        fields: dict[str, Any] = {
-            "script": node.script,
-            "cpu": node.cpu,
-            "memory": node.memory,
-            "nvidia_gpu": node.gpus,
-            "environment": dict(node.environment),
-        }
-        if node.runtime_identifier:
-            fields["runtime_identifier"] = node.runtime_identifier
+        fields = node.app_fields()
+        if node.role == "head" and self._record_to_write is not None:
+            fields["environment"][APPLIED_SPEC_VAR] = self._record_to_write.encode()
         return fields
 
     def _find_app(self, name: str) -> Application | None:
@@ -230,7 +312,6 @@ class RayCluster:
 
     def _create(self, node: NodeSpec) -> None:
         """Create one node's application; a create whose outcome is unknown is observed, not repeated."""
-        description = f"Ray {node.role} of ray-cai cluster {self.spec.name!r} (group {node.group})"
 
         def find() -> Application | None:
             existing = self._find_app(node.name)
@@ -244,7 +325,7 @@ class RayCluster:
                     self.project_id,
                     name=node.name,
                     subdomain=node.name,
-                    description=description,
+                    description=node.description,
                     **self._app_fields(node),
                 ),
                 find,
@@ -273,7 +354,8 @@ class RayCluster:
     def status(self, apps: Sequence[Application] | None = None) -> ClusterStatus:
         """Apps (one list call) plus Ray's own view from the head's status endpoint."""
         apps = self.observe() if apps is None else apps
-        desired = desired_nodes(self.effective_spec())
+        target = self.target(apps, deployed=True)  # ready means "as deployed"
+        desired = desired_for(target.effective, [_observed(a) for a in apps])
         by_name = {(a.subdomain or a.name): a for a in apps}
         mine = {o.subdomain: o for o in owned_apps(self.spec.name, [_observed(a) for a in apps])}
         nodes: list[NodeStatus] = []
@@ -329,6 +411,9 @@ class RayCluster:
             ray=ray_view,
             dashboard_url=self.client.app_url(head_name) + "/" if head is not None else None,
             problems=problems,
+            applied=target.record.summary() if target.record else None,
+            differences=self.differences(apps) if target.record else [],
+            groups=group_sizes(target.effective, list(mine.values()), desired),
         )
 
     def _ray_view(self, head_name: str) -> tuple[dict[str, Any], str | None]:
@@ -409,7 +494,7 @@ class RayCluster:
 
     def _replace_outside_ray(self, apps: Sequence[Application], outside: dict[str, float]) -> list[Action]:
         """Restart actions for the named nodes that still run (one health request each, for the reason)."""
-        nodes = {n.name: n for n in desired_nodes(self.effective_spec())}
+        nodes = {n.name: n for n in desired_for(self.target(apps).effective, [_observed(a) for a in apps])}
         actions = []
         for app in apps:
             name = app.subdomain or app.name
@@ -427,8 +512,8 @@ class RayCluster:
         alive = {n.get("node_name") for n in view.get("nodes", []) if n.get("alive")}
         return all(n.name in alive for n in status.nodes)
 
-    def _lock(self) -> AbstractContextManager[object]:
-        runtime = desired_nodes(self.effective_spec())[0].runtime_identifier
+    def _lock(self, runtime: str | None) -> AbstractContextManager[object]:
+        """The cluster lock; its application runs `runtime` (ML Runtime projects need one)."""
         return cluster_lock(
             self.client,
             self.project_id,
@@ -452,17 +537,53 @@ class RayCluster:
         apps = self.observe()
         if remove_stale_lock(self.client, self.project_id, self.spec.name, apps):
             apps = self.observe()
-        plan = self.plan(apps)
+        target = self.target(apps)
+        plan = self._plan(apps, target)
         extra_actions = extra(apps) if extra else []
         if plan.is_noop and not extra_actions:
-            return plan, apps
-        with self._lock():
-            plan = self.plan()
+            if not target.needs_record:
+                return plan, apps
+            self._write_record(apps, target)  # e.g. a cluster made before records existed
+            return plan, None
+        with self._lock(target.runtimes.get("head")):
+            apps = self.observe()
+            target = self.target(apps)
+            plan = self._plan(apps, target)
             busy = {a.name for a in plan.actions}
             more = tuple(a for a in extra_actions if a.name not in busy)
             plan = replace(plan, actions=plan.actions + more)
-            self.apply(plan)
+            self._record_to_write = self._new_record(target) if target.needs_record else None
+            try:
+                self.apply(plan)
+            finally:
+                record, self._record_to_write = self._record_to_write, None
+            head = head_app_name(self.spec.name)
+            head_written = any(
+                a.name == head and a.kind in (ActionKind.CREATE, ActionKind.UPDATE) for a in plan.actions
+            )
+            if record is not None and not head_written:
+                self._write_record(apps, target, record)
         return plan, None
+
+    def _new_record(self, target: Target) -> AppliedRecord:
+        commit = self.request.commit or caller_commit()
+        return new_record(target.configured, target.runtimes, self.request, commit=commit)
+
+    def _write_record(
+        self, apps: Sequence[Application], target: Target, record: AppliedRecord | None = None
+    ) -> None:
+        """Record the applied spec on the head application's environment (a PATCH, no restart)."""
+        head = next((a for a in apps if (a.subdomain or a.name) == head_app_name(self.spec.name)), None)
+        if head is None or not _observed(head).owned_by(self.spec.name):
+            return  # no head yet: it gets the record when it is created
+        record = record or self._new_record(target)
+        environment = {**(head.environment or {}), APPLIED_SPEC_VAR: record.encode()}
+        try:
+            self.client.update_application(self.project_id, head.id, environment=environment)
+        except NotFound:
+            return  # deleted meanwhile: the next pass creates it with the record
+        except CMLError as err:
+            raise ClusterError(f"could not record the applied spec on {head.name!r}: {err}") from None
 
     def up(
         self, *, wait: bool = True, timeout: float | None = None, on_progress: ProgressCallback | None = None
@@ -470,6 +591,7 @@ class RayCluster:
         """Converge: plan, apply, then (by default) wait until Ray reports every node alive."""
         plan, apps = self._converge()
         status = self.wait_until_ready(timeout, on_progress, apps=apps) if wait else self.status(apps)
+        status = converge_serve(self, status, wait=wait, timeout=timeout, on_progress=on_progress)
         return plan, status
 
     def watch(
@@ -494,7 +616,9 @@ class RayCluster:
 
         def stuck_in_starting(apps: list[Application]) -> list[Action]:
             now = time.monotonic()
-            nodes = {n.name: n for n in desired_nodes(self.effective_spec())}
+            nodes = {
+                n.name: n for n in desired_for(self.target(apps).effective, [_observed(a) for a in apps])
+            }
             current = {a.id for a in apps if a.status == STARTING}
             for app_id in list(starting_since):
                 if app_id not in current:
@@ -516,7 +640,8 @@ class RayCluster:
         passes = 0
         while not should_stop():
             plan = self.converge(extra=stuck_apps)
-            status = self.status()
+            self._heal_only = True  # later passes keep what is deployed, whoever deployed it
+            status = converge_serve(self, self.status(), wait=False)
             if on_pass:
                 on_pass(plan, status)
             passes += 1
@@ -526,19 +651,6 @@ class RayCluster:
             while time.monotonic() < end and not should_stop():
                 time.sleep(min(0.5, interval))
 
-    def scale(
-        self,
-        replicas: int,
-        group: str | None = None,
-        *,
-        wait: bool = True,
-        timeout: float | None = None,
-        on_progress: ProgressCallback | None = None,
-    ) -> tuple[Plan, ClusterStatus]:
-        self.spec = self.spec.with_replicas(replicas, group)
-        self._effective = None
-        return self.up(wait=wait, timeout=timeout, on_progress=on_progress)
-
     def down(self) -> list[str]:
         """Stop and delete every application this cluster owns (nodes copy their logs on stop)."""
         apps = self.observe()
@@ -546,11 +658,27 @@ class RayCluster:
         mine = owned_apps(self.spec.name, [_observed(a) for a in apps])
         if not mine:
             return []
-        with self._lock():
+        runtime = next((a.runtime_identifier for a in apps if a.id in {m.id for m in mine}), None)
+        with self._lock(runtime or self.target(apps).runtimes.get("head")):
             mine = owned_apps(self.spec.name, [_observed(a) for a in self.observe()])
             actions = [Action(ActionKind.DELETE, app.subdomain, app=app, reason="down") for app in mine]
-            self._run_parallel(self._delete, actions)
-        return [a.name for a in actions]
+            if not self.spec.autoscaled_groups:
+                self._run_parallel(self._delete, actions)
+                return [a.name for a in actions]
+            # The head first: Ray's autoscaler runs there and could create a worker meanwhile;
+            # one more look removes a worker it created before it stopped.
+            head = head_app_name(self.spec.name)
+            self._run_parallel(self._delete, [a for a in actions if a.name == head])
+            self._run_parallel(self._delete, [a for a in actions if a.name != head])
+            gone = {a.app.id for a in actions if a.app is not None}
+            listed = owned_apps(self.spec.name, [_observed(a) for a in self.observe()])
+            late_actions = [
+                Action(ActionKind.DELETE, app.subdomain, app=app, reason="down")
+                for app in listed
+                if app.id not in gone
+            ]
+            self._run_parallel(self._delete, late_actions)
+        return [a.name for a in actions + late_actions]
 
 
 def _outside_ray(status: ClusterStatus, since: dict[str, float]) -> dict[str, float]:

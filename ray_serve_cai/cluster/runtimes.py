@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from ray_serve_cai.cml import Runtime
 from ray_serve_cai.config import ClusterSpec
+from ray_serve_cai.errors import OperationFailed
+
+HEAD = "head"  # the key of the head's runtime (group names never equal it)
 
 EDITOR_PREFERENCE = ("PBJ Workbench", "JupyterLab", "Workbench")
 
 
-class RuntimeChoiceError(RuntimeError):
+class RuntimeChoiceError(OperationFailed, RuntimeError):
     """No enabled runtime fits; the message says how to name one."""
 
 
@@ -43,20 +47,41 @@ def choose_runtime(runtimes: Sequence[Runtime], *, gpu: bool, python: str | None
     return max(candidates, key=rank).image_identifier
 
 
-def with_runtimes(spec: ClusterSpec, runtimes: Sequence[Runtime]) -> ClusterSpec:
-    """The spec with a runtime chosen for the head and each group that names none (same Python for all)."""
-    head_runtime = spec.runtime_of(None)
+def python_of(runtime_identifier: str) -> str | None:
+    """The Python version a runtime image names (`...-python3.11-...` → `3.11`), if it names one."""
+    match = re.search(r"python(\d+\.\d+)", runtime_identifier)
+    return match.group(1) if match else None
+
+
+def resolve_runtimes(
+    spec: ClusterSpec, known: Mapping[str, str], fetch: Callable[[], Sequence[Runtime]]
+) -> tuple[ClusterSpec, dict[str, str]]:
+    """The spec with a runtime for the head and every group, and those runtimes by part.
+
+    A runtime the config names wins. Otherwise the one already `known` for that part (recorded with
+    the cluster, or run by its applications) is kept, so the choice is made once, at the first
+    creation, and not again by a caller with another Python or after a newer runtime appears. Only
+    a part with neither is chosen (`fetch` lists the runtimes then, at most once), with the head's
+    Python version when the head has a runtime already."""
+    listed: list[Runtime] = []
+
+    def runtimes() -> Sequence[Runtime]:
+        if not listed:
+            listed.extend(fetch())
+        return listed
+
+    chosen: dict[str, str] = {}
+    head_runtime = spec.runtime_of(None) or known.get(HEAD)
+    if head_runtime is None:
+        head_runtime = choose_runtime(runtimes(), gpu=spec.head.gpus > 0)
+    chosen[HEAD] = head_runtime
+    python = python_of(head_runtime)
     groups = []
     for group in spec.worker_groups:
-        runtime = spec.runtime_of(group.name)
+        runtime = spec.runtime_of(group.name) or known.get(group.name)
         if runtime is None:
-            runtime = choose_runtime(runtimes, gpu=group.gpus > 0)
+            runtime = choose_runtime(runtimes(), gpu=group.gpus > 0, python=python)
+        chosen[group.name] = runtime
         groups.append(group.model_copy(update={"runtime_identifier": runtime}))
-    if head_runtime is None:
-        head_runtime = choose_runtime(runtimes, gpu=spec.head.gpus > 0)
     head = spec.head.model_copy(update={"runtime_identifier": head_runtime})
-    return spec.model_copy(update={"head": head, "worker_groups": groups})
-
-
-def needs_runtime(spec: ClusterSpec) -> bool:
-    return spec.runtime_of(None) is None or any(spec.runtime_of(g.name) is None for g in spec.worker_groups)
+    return spec.model_copy(update={"head": head, "worker_groups": groups}), chosen

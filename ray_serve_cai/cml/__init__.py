@@ -53,6 +53,7 @@ from ._models import (
 from ._observe import create_or_find, is_permanent
 from ._retry import RetryPolicy
 from ._settings import CMLSettings
+from ._transport import application_url
 
 __all__ = [
     "ACTIVE_RUN_STATUSES",
@@ -95,6 +96,7 @@ __all__ = [
     "Runtime",
     "ServerError",
     "Unauthorized",
+    "application_url",
     "create_or_find",
     "is_permanent",
 ]

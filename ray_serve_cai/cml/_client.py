@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
@@ -15,15 +16,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel
 
-from ._errors import (
-    AmbiguousName,
-    CMLConnectionError,
-    CMLError,
-    CMLSettingsError,
-    CreateOutcomeUnknown,
-    error_from_response,
-    request_id_of,
-)
+from ._errors import AmbiguousName, CMLConnectionError, CMLError, CMLSettingsError, request_id_of
 from ._models import (
     Application,
     CreateApplication,
@@ -34,19 +27,16 @@ from ._models import (
     Runtime,
     environment_json,
 )
-from ._retry import RETRY_STATUSES, RetryPolicy, is_action_path, parse_retry_after, request_never_sent
+from ._retry import FIRST_CONTACT_DEADLINE, Call, Done, Fail, RetryPolicy, classify, describe_transport_error
 from ._settings import CMLSettings
-from ._transport import LoopbackTransport
+from ._transport import LoopbackTransport, application_url
 
-__all__ = ["PAGE_SIZE", "CMLClient"]
+__all__ = ["FIRST_CONTACT_DEADLINE", "PAGE_SIZE", "CMLClient"]
 
 log = logging.getLogger("ray_serve_cai.cml")
 
 #: Items per list call. CML's default is 10 (reference §11.5); larger pages keep polls to one call.
 PAGE_SIZE = 100
-# Seconds a host this client has never reached is retried (a restart of the workspace's ingress
-# heals in that time; a wrong URL or closed port should be reported, not waited on for a minute).
-FIRST_CONTACT_DEADLINE = 10.0
 
 _USER_AGENT = "ray-serve-cai-cml/0.1"
 
@@ -69,7 +59,7 @@ _APPLICATION_PATCH = frozenset(
     }
 )  # fmt: skip
 
-_LOOPBACK_PATTERNS = ("all://localhost", "all://*.localhost", "all://127.0.0.1")
+_LOOPBACK_PATTERNS = ("all://localhost", "all://127.0.0.1")
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -166,6 +156,10 @@ class CMLClient:
 
         self._http = make(self.settings.api_url)
         self._apps = make("")
+        # Application URLs the workspace gave (the local workspace's `url` field), by subdomain and
+        # name, so `app_url(name)` is right after any call that returned the application.
+        self._app_urls: dict[str, str] = {}
+        self._app_urls_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"CMLClient(host={self.settings.host!r})"
@@ -191,122 +185,62 @@ class CMLClient:
         body: Any = None,
         creates: bool = False,
     ) -> Any:
-        """One API call with retries; returns the decoded JSON body (``{}`` when empty)."""
+        """One API call with retries; returns the decoded JSON body (``{}`` when empty).
+
+        Each attempt's outcome is judged by the pure `classify` (done / retry after a delay / fail)."""
         query = {k: v for k, v in (params or {}).items() if v is not None}
-        full_path = f"/api/v2{path}"
-        idempotent = not creates and (method != "POST" or is_action_path(path))
+        call = Call(
+            method,
+            path,
+            creates=creates,
+            host=self.settings.host,
+            secret=self._key,
+            timeout=self.settings.timeout,
+        )
         start = self._clock()
         attempt = 0
         while True:
             attempt += 1
             sent_at = self._clock()
+            outcome: httpx.Response | httpx.TransportError
             try:
-                response = self._http.request(method, path, params=query or None, json=body)
+                outcome = self._http.request(method, path, params=query or None, json=body)
             except httpx.TransportError as exc:
-                elapsed = self._clock() - start
+                outcome = exc
                 log.debug(
-                    "%s %s failed: %s (attempt %d, %.2fs)",
+                    "%s %s failed: %s (attempt %d)", method, call.full_path, type(exc).__name__, attempt
+                )
+            else:
+                self._reached = True
+                log.debug(
+                    "%s %s -> %d [request id %s] (attempt %d, %.2fs)",
                     method,
-                    full_path,
-                    type(exc).__name__,
+                    call.full_path,
+                    outcome.status_code,
+                    request_id_of(outcome) or "-",
                     attempt,
-                    elapsed,
+                    self._clock() - sent_at,
                 )
-                if not (idempotent or request_never_sent(exc)):
-                    raise CreateOutcomeUnknown(
-                        f"the connection to CML broke during {method} {full_path} ({self._describe(exc)}); "
-                        "the object may or may not have been created: list before creating it again"
-                    ) from exc
-                delay = self._retry.backoff(attempt)
-                if not self._retry.fits(elapsed, delay, self._connect_deadline(exc)):
-                    raise CMLConnectionError(
-                        f"cannot reach CML at {self.settings.host} ({method} {full_path}): "
-                        f"{self._describe(exc)}; gave up after {attempt} attempt(s) in {elapsed:.1f}s"
-                        f"{self._connection_hint(exc)}"
-                    ) from exc
-                self._sleep(delay)
-                continue
-
-            self._reached = True
-            status = response.status_code
-            log.debug(
-                "%s %s -> %d [request id %s] (attempt %d, %.2fs)",
-                method,
-                full_path,
-                status,
-                request_id_of(response) or "-",
-                attempt,
-                self._clock() - sent_at,
+            verdict = classify(
+                call,
+                outcome,
+                attempt=attempt,
+                elapsed=self._clock() - start,
+                reached=self._reached,
+                policy=self._retry,
             )
-            if response.is_success:
-                return self._decode(response, method, full_path)
-            if method == "DELETE" and status == 404 and attempt > 1:
-                return {}  # an earlier attempt deleted it and its answer was lost
-            # A 500 is retried only where repeating cannot do harm: reads, PATCH, DELETE, :stop/:restart.
-            retryable = (status in RETRY_STATUSES and (idempotent or status == 429)) or (
-                status == 500 and idempotent
-            )
-            if retryable:
-                elapsed = self._clock() - start
-                delay = self._retry.backoff(attempt, _retry_after(response))
-                if self._retry.fits(elapsed, delay):
-                    response.close()
-                    self._sleep(delay)
-                    continue
-                raise error_from_response(
-                    response,
-                    method=method,
-                    path=full_path,
-                    secret=self._key,
-                    note=f"gave up after {attempt} attempt(s) in {elapsed:.1f}s",
-                )
-            if creates and status >= 500:
-                # A gateway or server failure after the request arrived: CML may have created it.
-                request_id = request_id_of(response)
-                raise CreateOutcomeUnknown(
-                    f"CML answered {status} {response.reason_phrase} to {method} {full_path}; the object "
-                    "may or may not have been created: list before creating it again"
-                    + (f" [request id {request_id}]" if request_id else ""),
-                    status_code=status,
-                    request_id=request_id,
-                )
-            raise error_from_response(response, method=method, path=full_path, secret=self._key)
-
-    def _decode(self, response: httpx.Response, method: str, path: str) -> Any:
-        if not response.content:
-            return {}
-        try:
-            return response.json()
-        except ValueError:
-            kind = response.headers.get("content-type", "unknown content type").split(";")[0]
-            raise CMLError(
-                f"CML answered {method} {path} with {kind}, not JSON; is CML_HOST ({self.settings.host}) "
-                "the workspace URL?"
-            ) from None
+            if isinstance(verdict, Done):
+                return verdict.body
+            if isinstance(verdict, Fail):
+                if isinstance(outcome, httpx.TransportError):
+                    raise verdict.error from outcome
+                raise verdict.error
+            if isinstance(outcome, httpx.Response):
+                outcome.close()
+            self._sleep(verdict.delay)
 
     def _describe(self, exc: httpx.TransportError) -> str:
-        text = str(exc).replace(self._key, "[redacted]") or type(exc).__name__
-        if isinstance(exc, httpx.TimeoutException):
-            return f"no answer within {self.settings.timeout:g}s ({type(exc).__name__})"
-        return " ".join(text.split())
-
-    def _connect_deadline(self, exc: httpx.TransportError) -> float | None:
-        """How long to keep retrying a transport failure. A certificate failure never heals; a host
-        this client has never reached (wrong URL, closed port, unknown name) gets a short grace, not
-        the whole retry deadline; once CML has answered, a broken connection is retried fully."""
-        if "CERTIFICATE_VERIFY_FAILED" in str(exc):
-            return 0.0
-        if not self._reached:
-            return min(self._retry.deadline, FIRST_CONTACT_DEADLINE)
-        return None
-
-    @staticmethod
-    def _connection_hint(exc: httpx.TransportError) -> str:
-        if "CERTIFICATE_VERIFY_FAILED" in str(exc):
-            return "; set CML_CA_BUNDLE to the CA bundle that signed the workspace certificate"
-        if isinstance(exc, httpx.ConnectError):
-            return "; check CML_HOST and your network or proxy"
-        return ""
+        return describe_transport_error(exc, Call("", "", secret=self._key, timeout=self.settings.timeout))
 
     def _paginate(
         self, path: str, key: str, params: Mapping[str, Any] | None = None, *, limit: int | None = None
@@ -517,7 +451,7 @@ class CMLClient:
         """Applications of a project (all pages)."""
         params = {"search_filter": _filter_param(search_filter)}
         path = f"/projects/{_seg(project_id)}/applications"
-        return [Application.model_validate(a) for a in self._paginate(path, "applications", params)]
+        return [self._application(a) for a in self._paginate(path, "applications", params)]
 
     def create_application(
         self,
@@ -555,16 +489,16 @@ class CMLClient:
             },
         )
         data = self._request("POST", f"/projects/{_seg(project_id)}/applications", body=body, creates=True)
-        return Application.model_validate(data)
+        return self._application(data)
 
     def get_application(self, project_id: str, application_id: str) -> Application:
-        return Application.model_validate(self._request("GET", self._app_path(project_id, application_id)))
+        return self._application(self._request("GET", self._app_path(project_id, application_id)))
 
     def update_application(self, project_id: str, application_id: str, **fields: Any) -> Application:
         """PATCH an application. It keeps running the old settings until :meth:`restart_application`."""
         body = _patch_body("application", _APPLICATION_PATCH, fields)
         data = self._request("PATCH", self._app_path(project_id, application_id), body=body)
-        return Application.model_validate(data)
+        return self._application(data)
 
     def delete_application(self, project_id: str, application_id: str) -> None:
         self._request("DELETE", self._app_path(project_id, application_id))
@@ -572,24 +506,44 @@ class CMLClient:
     def stop_application(self, project_id: str, application_id: str) -> Application | None:
         """``:stop``; returns the application if CML answers with it."""
         data = self._request("POST", f"{self._app_path(project_id, application_id)}:stop")
-        return Application.model_validate(data) if data.get("id") else None
+        return self._application(data) if data.get("id") else None
 
     def restart_application(self, project_id: str, application_id: str) -> Application | None:
         """``:restart`` — also how a stopped application is started again."""
         data = self._request("POST", f"{self._app_path(project_id, application_id)}:restart")
-        return Application.model_validate(data) if data.get("id") else None
+        return self._application(data) if data.get("id") else None
 
     @staticmethod
     def _app_path(project_id: str, application_id: str) -> str:
         return f"/projects/{_seg(project_id)}/applications/{_seg(application_id)}"
 
+    def _application(self, data: Any) -> Application:
+        app = Application.model_validate(data)
+        url = application_url(app)
+        if url is not None:
+            with self._app_urls_lock:
+                for key in {app.subdomain, app.name} - {""}:
+                    self._app_urls[key] = url
+        return app
+
     # -- application HTTP ----------------------------------------------------------------------
     def app_url(self, app: Application | str) -> str:
-        """``<scheme>://<subdomain>.<domain>``, built as CML builds it (API v2 has no URL field)."""
+        """The application's URL, without a trailing ``/``.
+
+        The local workspace says it (its ``url`` field, ``http://127.0.0.1:<port>``); CML's API v2 has
+        no such field, so there it is built as CML builds it: ``https://<subdomain>.<CDSW_DOMAIN>``.
+        A name or subdomain uses the URL this client last saw for that application, else CML's rule.
+        """
+        if not isinstance(app, str):
+            url = application_url(app)
+            if url is not None:
+                return url
         subdomain = app if isinstance(app, str) else (app.subdomain or app.name)
         if not subdomain:
             raise ValueError("an application subdomain is required")
-        return f"{self.settings.scheme}://{subdomain}.{self.settings.domain}"
+        with self._app_urls_lock:
+            known = self._app_urls.get(subdomain)
+        return known or f"{self.settings.scheme}://{subdomain}.{self.settings.domain}"
 
     def app_request(
         self, app: Application | str, method: str, path: str = "/", **kwargs: Any
@@ -609,10 +563,6 @@ class CMLClient:
             raise CMLConnectionError(f"cannot reach application at {url}: {self._describe(exc)}") from exc
         log.debug("%s %s -> %d", method, url, response.status_code)
         return response
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    return parse_retry_after(response.headers.get("retry-after"))
 
 
 def _exactly_one(kind: str, name: str, candidates: list[Any]) -> Any:

@@ -11,6 +11,8 @@ from typing import Any
 
 import httpx
 
+from ray_serve_cai.errors import BadInput, OperationFailed
+
 __all__ = [
     "AmbiguousName",
     "BadRequest",
@@ -31,8 +33,8 @@ __all__ = [
 ]
 
 
-class CMLError(Exception):
-    """Base class of every error raised by :mod:`ray_serve_cai.cml`.
+class CMLError(OperationFailed):
+    """Base class of every error raised by :mod:`ray_serve_cai.cml` (a failed operation, exit 1).
 
     ``maybe_applied`` is True when the failed call created something and the server may have done it
     anyway (the response was lost or a gateway failed after forwarding): list again before re-creating.
@@ -41,8 +43,8 @@ class CMLError(Exception):
     maybe_applied: bool = False
 
 
-class CMLSettingsError(CMLError, ValueError):
-    """The connection settings are missing or malformed (nothing was sent)."""
+class CMLSettingsError(BadInput, CMLError, ValueError):
+    """The connection settings are missing or malformed (nothing was sent): bad input, exit 2."""
 
 
 class AmbiguousName(CMLError, LookupError):

@@ -1,28 +1,40 @@
-"""An httpx transport that connects ``*.localhost`` names to 127.0.0.1, keeping the ``Host`` header.
+"""How application URLs are reached: the ``url`` a workspace gives, and loopback names dialled directly.
 
-RFC 6761 reserves ``.localhost`` for loopback, but not every resolver maps ``app.localhost`` there. The
-local workspace routes an application's requests by ``Host`` (``<subdomain>.localhost:<port>``), so
-we dial 127.0.0.1 ourselves and leave the header (and the TLS server name) as the URL said.
+CML's API v2 has no URL field for an application (it lives at ``https://<subdomain>.<CDSW_DOMAIN>``);
+the local workspace adds ``url`` (``http://127.0.0.1:<port>``, one loopback listener per application).
+``localhost`` is dialled at 127.0.0.1 (no IPv6 attempt, never an environment proxy), keeping the
+``Host`` header and the TLS server name as the URL said.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 
-__all__ = ["LoopbackTransport"]
+__all__ = ["LoopbackTransport", "application_url"]
+
+
+def application_url(app: Any) -> str | None:
+    """The ``url`` an application object carries (a local-workspace extension), without a trailing
+    ``/``; None on CML, where the object has none."""
+    extra = getattr(app, "model_extra", None) or {}
+    url = extra.get("url")
+    if isinstance(url, str) and url.startswith(("http://", "https://")):
+        return url.rstrip("/")
+    return None
 
 
 class LoopbackTransport(httpx.BaseTransport):
-    """Wraps another transport; requests to ``localhost`` or ``*.localhost`` go to 127.0.0.1."""
+    """Wraps another transport; requests to ``localhost`` go to 127.0.0.1."""
 
     def __init__(self, inner: httpx.BaseTransport) -> None:
         self._inner = inner
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        host = request.url.host.lower().rstrip(".")
-        if host == "localhost" or host.endswith(".localhost"):
+        if request.url.host.lower().rstrip(".") == "localhost":
             # httpx set ``Host`` from the original URL when the request was built; it stays.
-            request.extensions = {**request.extensions, "sni_hostname": host}
+            request.extensions = {**request.extensions, "sni_hostname": "localhost"}
             request.url = request.url.copy_with(host="127.0.0.1")
         return self._inner.handle_request(request)
 

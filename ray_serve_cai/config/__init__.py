@@ -5,7 +5,11 @@ Imports nothing else of the package.
 
 from ray_serve_cai.config._common import spec_digest
 from ray_serve_cai.config.cluster import (
+    APPLIED_SPEC_VARIABLE,
+    AUTOSCALER_VARIABLE,
     DEFAULT_CLUSTER_FILE,
+    NODE_ID_RESOURCE_VARIABLE,
+    AutoscalingSpec,
     ClusterSpec,
     HeadSpec,
     NodeSpec,
@@ -14,11 +18,16 @@ from ray_serve_cai.config.cluster import (
     cluster_json_schema,
     desired_nodes,
     head_app_name,
+    head_node,
     head_spec_hash,
     load_cluster_spec,
+    node_id_resource,
     parse_cluster_spec,
+    spec_from_applied,
     validate_cluster_spec,
     worker_app_name,
+    worker_index_of,
+    worker_node,
     worker_spec_hash,
 )
 from ray_serve_cai.config.deploy import (
@@ -33,8 +42,12 @@ from ray_serve_cai.config.deploy import (
 from ray_serve_cai.config.errors import ConfigError, Problem
 
 __all__ = [
+    "APPLIED_SPEC_VARIABLE",
+    "AUTOSCALER_VARIABLE",
     "DEFAULT_CLUSTER_FILE",
     "DEFAULT_JOBS_FILE",
+    "NODE_ID_RESOURCE_VARIABLE",
+    "AutoscalingSpec",
     "ClusterSpec",
     "ConfigError",
     "DeploySpec",
@@ -48,14 +61,19 @@ __all__ = [
     "cluster_json_schema",
     "desired_nodes",
     "head_app_name",
+    "head_node",
     "head_spec_hash",
     "jobs_json_schema",
     "load_cluster_spec",
     "load_deploy_spec",
+    "node_id_resource",
     "parse_cluster_spec",
     "parse_deploy_spec",
     "spec_digest",
+    "spec_from_applied",
     "validate_cluster_spec",
     "worker_app_name",
+    "worker_index_of",
+    "worker_node",
     "worker_spec_hash",
 ]

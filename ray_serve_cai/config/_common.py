@@ -11,8 +11,10 @@ from enum import Enum
 from pathlib import Path, PurePath
 from typing import Any
 
-import yaml
 from pydantic import BaseModel
+from ruamel.yaml import YAML
+from ruamel.yaml.constructor import DuplicateKeyError
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from ray_serve_cai.config.errors import ConfigError, Problem
 
@@ -105,27 +107,30 @@ def environment_problems(env: Mapping[Any, Any], path: str) -> list[Problem]:
     return problems
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that records duplicate keys (PyYAML silently keeps the last one)."""
+_DUPLICATE_KEY = re.compile(r'found duplicate key "(?P<key>.*)" with value')
 
-    duplicates: list[Problem]
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            try:
-                key = self.construct_object(key_node, deep=True)
-                hash(key)
-            except Exception:
-                continue
-            line = key_node.start_mark.line + 1
-            if key in seen:
-                self.duplicates.append(
-                    Problem(f"line {line}", f"duplicate key '{key}' (first at line {seen[key]})")
-                )
-            else:
-                seen[key] = line
-        return super().construct_mapping(node, deep=deep)
+def _yaml() -> YAML:
+    """ruamel.yaml's safe loader, pure Python (the same messages everywhere), YAML 1.1 scalars
+    (``yes``/``no``/``on`` are booleans, as in the YAML most tools and users write); it refuses
+    duplicate keys itself."""
+    loader = YAML(typ="safe", pure=True)
+    loader.version = (1, 1)
+    return loader
+
+
+def _yaml_problem(exc: MarkedYAMLError) -> Problem:
+    mark = exc.problem_mark or exc.context_mark
+    where = f"line {mark.line + 1}" if mark else ""
+    if isinstance(exc, DuplicateKeyError):
+        found = _DUPLICATE_KEY.search(exc.problem or "")
+        key = found.group("key") if found else "?"
+        return Problem(
+            where, f"duplicate key '{key}' (YAML keys must be unique; the file would be ambiguous)"
+        )
+    detail = exc.problem or exc.context or "syntax error"
+    column = f" (column {mark.column + 1})" if mark else ""
+    return Problem(where, f"invalid YAML: {detail}{column}")
 
 
 def load_yaml(path: Path, source: str) -> Any:
@@ -136,23 +141,12 @@ def load_yaml(path: Path, source: str) -> Any:
         raise ConfigError([Problem("", f"file not found: {path}")], source) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([Problem("", f"cannot read {path}: {exc}")], source) from None
-    loader = _Loader(text)
-    loader.duplicates = []
     try:
-        data = loader.get_single_data()
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"line {mark.line + 1}" if mark else ""
-        detail = exc.problem or exc.context or "syntax error"
-        column = f" (column {mark.column + 1})" if mark else ""
-        raise ConfigError([Problem(where, f"invalid YAML: {detail}{column}")], source) from None
-    except yaml.YAMLError as exc:
+        return _yaml().load(text)
+    except MarkedYAMLError as exc:
+        raise ConfigError([_yaml_problem(exc)], source) from None
+    except YAMLError as exc:
         raise ConfigError([Problem("", f"invalid YAML: {exc}")], source) from None
-    finally:
-        loader.dispose()
-    if loader.duplicates:
-        raise ConfigError(loader.duplicates, source)
-    return data
 
 
 def env_value(env: Mapping[str, str], name: str) -> str | None:

@@ -10,8 +10,10 @@ in file paths, so a user always sees where to edit.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -29,7 +31,15 @@ from ray_serve_cai.config._common import (
     python_version_of,
     spec_digest,
 )
-from ray_serve_cai.config.errors import ConfigError, Problem, format_path, problems_from_validation, suggest
+from ray_serve_cai.config.errors import (
+    REMOVED,
+    ConfigError,
+    Problem,
+    format_path,
+    lenient_validate,
+    problems_from_validation,
+    suggest,
+)
 
 DEFAULT_CLUSTER_FILE = "ray_cluster_config.yaml"
 _HASH_VERSION = 1  # bump when the meaning of a node's environment changes, to replace old apps
@@ -61,7 +71,7 @@ class HeadSpec(BaseModel):
 
 
 class WorkerGroupSpec(BaseModel):
-    """A set of identical worker applications."""
+    """A set of identical worker applications; autoscaled when it has min and max replicas."""
 
     model_config = _STRICT
 
@@ -71,6 +81,27 @@ class WorkerGroupSpec(BaseModel):
     memory: MemoryGiB
     gpus: Gpus = 0
     runtime_identifier: str | None = None
+    min_replicas: Annotated[int, Field(ge=0)] | None = None
+    max_replicas: Annotated[int, Field(ge=0)] | None = None
+
+    @property
+    def autoscaled(self) -> bool:
+        """Ray's autoscaler owns this group's size (between min_replicas and max_replicas)."""
+        return self.min_replicas is not None and self.max_replicas is not None
+
+    @property
+    def most_replicas(self) -> int:
+        """The largest size the group can have: max_replicas when autoscaled, else replicas."""
+        return self.max_replicas if self.max_replicas is not None else self.replicas
+
+
+class AutoscalingSpec(BaseModel):
+    """Settings of Ray's autoscaler for the autoscaled worker groups."""
+
+    model_config = _STRICT
+
+    idle_timeout: Annotated[float, Field(gt=0)] = 60
+    upscaling_speed: Annotated[float, Field(gt=0)] = 1.0
 
 
 class RayPorts(BaseModel):
@@ -81,6 +112,14 @@ class RayPorts(BaseModel):
     gcs: Port = 6379
     client: Port = 10001
     dashboard: Port = 8265
+
+
+class ServeSpec(BaseModel):
+    """Serve applications the cluster runs: `config` is a project-relative file in Serve's format."""
+
+    model_config = _STRICT
+
+    config: str
 
 
 class ClusterSpec(BaseModel):
@@ -99,6 +138,8 @@ class ClusterSpec(BaseModel):
     head_script: str = "cai_integration/ray_head.py"
     worker_script: str = "cai_integration/ray_worker.py"
     environment: Environment = Field(default_factory=dict)
+    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
+    serve: ServeSpec | None = None  # not part of any node's hash: Serve changes apply in place
 
     @model_validator(mode="after")
     def _cross_field_rules(self, info: ValidationInfo) -> ClusterSpec:
@@ -136,14 +177,32 @@ class ClusterSpec(BaseModel):
                 [Problem("group", f"no worker group {group!r}{suggest(group, names)} (groups: {names})")],
                 source,
             )
-        data = self.model_dump()
         index = names.index(group)
+        chosen = self.worker_groups[index]
+        if chosen.autoscaled:
+            raise ConfigError(
+                [
+                    Problem(
+                        "group",
+                        f"worker group {group!r} is autoscaled (min_replicas {chosen.min_replicas}, "
+                        f"max_replicas {chosen.max_replicas}): Ray's autoscaler sets its size; change "
+                        "min_replicas/max_replicas in the config file and run `ray-cai up` instead",
+                    )
+                ],
+                source,
+            )
+        data = self.model_dump()
         data["worker_groups"][index]["replicas"] = replicas
         return validate_cluster_spec(data, source=source)
 
     @property
     def total_workers(self) -> int:
         return sum(g.replicas for g in self.worker_groups)
+
+    @property
+    def autoscaled_groups(self) -> list[WorkerGroupSpec]:
+        """The groups whose size Ray's autoscaler owns."""
+        return [g for g in self.worker_groups if g.autoscaled]
 
     def runtime_of(self, group: str | None = None) -> str | None:
         """The runtime the head (group None) or a worker group runs: its own, else the cluster's."""
@@ -180,6 +239,24 @@ class NodeSpec(BaseModel):
     spec_hash: str
     environment: dict[str, str]  # the RAY_CAI_* variables, then the cluster's `environment`
 
+    def app_fields(self) -> dict[str, Any]:
+        """The CML application fields of this node (create and update), besides name/subdomain."""
+        fields: dict[str, Any] = {
+            "script": self.script,
+            "cpu": self.cpu,
+            "memory": self.memory,
+            "nvidia_gpu": self.gpus,
+            "environment": dict(self.environment),
+        }
+        if self.runtime_identifier:
+            fields["runtime_identifier"] = self.runtime_identifier
+        return fields
+
+    @property
+    def description(self) -> str:
+        cluster = self.environment.get("RAY_CAI_CLUSTER")
+        return f"Ray {self.role} of ray-cai cluster {cluster!r} (group {self.group})"
+
 
 # What CML polls on every node app: fails once the node's Ray has been down past its start grace.
 NODE_POLLING_ENDPOINT = "/ray-cai/healthz"
@@ -191,6 +268,50 @@ def head_app_name(cluster: str) -> str:
 
 def worker_app_name(cluster: str, group: str, index: int) -> str:
     return f"ray-{cluster}-{group}-{index}"
+
+
+# Variables of the autoscaling machinery (see ray_serve_cai.autoscale).
+AUTOSCALER_VARIABLE = "RAY_CAI_AUTOSCALER"  # "1" on the head of a cluster with autoscaled groups
+NODE_ID_RESOURCE_VARIABLE = "RAY_CAI_NODE_ID_RESOURCE"  # Ray's NODE_ID_AS_RESOURCE of the node
+APPLIED_SPEC_VARIABLE = "RAY_CAI_APPLIED_SPEC"  # the spec a pass applied, on the head (CONTRACTS.md)
+
+
+def node_id_resource(app_name: str) -> int:
+    """The integer a node advertises as Ray's `NODE_ID_AS_RESOURCE`: stable per app name, unique
+    within a cluster in practice (28 bits of a hash; names are unique per project). Ray's
+    autoscaler with `use_node_id_as_ip` uses it as the node's "ip", so the provider can match an
+    application to its Ray node without knowing the pod's IP (all local nodes share 127.0.0.1)."""
+    return int(hashlib.sha256(app_name.encode()).hexdigest()[:7], 16) + 1
+
+
+def spec_from_applied(value: str | None) -> ClusterSpec | None:
+    """The effective spec (runtimes filled in) of an applied-spec record (`RAY_CAI_APPLIED_SPEC`:
+    `{"spec": ..., "runtimes": {"head": ..., <group>: ...}, ...}`, see ray_serve_cai.cluster.applied);
+    None when absent or unreadable. The runtimes are filled as the reconciler fills them, so apps
+    created from it hash as `up` would create them."""
+    if not value:
+        return None
+    try:
+        body = json.loads(value)
+        spec = validate_cluster_spec(body["spec"], source=APPLIED_SPEC_VARIABLE)
+        runtimes = dict(body.get("runtimes") or {})
+    except (ValueError, KeyError, TypeError, ConfigError):
+        return None
+    head = spec.head.model_copy(update={"runtime_identifier": spec.runtime_of(None) or runtimes.get("head")})
+    groups = [
+        g.model_copy(update={"runtime_identifier": spec.runtime_of(g.name) or runtimes.get(g.name)})
+        for g in spec.worker_groups
+    ]
+    return spec.model_copy(update={"head": head, "worker_groups": groups})
+
+
+def worker_index_of(cluster: str, group: str, app_name: str) -> int | None:
+    """The index in `ray-<cluster>-<group>-<index>`, or None when ``app_name`` is not such a name."""
+    prefix = worker_app_name(cluster, group, 0)[:-1]
+    suffix = app_name[len(prefix) :] if app_name.startswith(prefix) else ""
+    if not suffix.isdigit() or worker_app_name(cluster, group, int(suffix)) != app_name:
+        return None
+    return int(suffix)
 
 
 def head_spec_hash(spec: ClusterSpec) -> str:
@@ -209,6 +330,9 @@ def head_spec_hash(spec: ClusterSpec) -> str:
             "auth": spec.auth_token,
             "script": spec.head_script,
             "environment": spec.environment,
+            # Only present when true, so hashes of clusters without autoscaling stay as they were.
+            # Bounds and idle timeout are not part of it: the autoscaler re-reads them, no restart.
+            **({"autoscaler": True} if spec.autoscaled_groups else {}),
         }
     )
 
@@ -230,79 +354,124 @@ def worker_spec_hash(spec: ClusterSpec, group: str) -> str:
             "auth": spec.auth_token,
             "join_timeout": spec.join_timeout,
             "environment": spec.environment,
+            # Every worker of a cluster with autoscaling advertises NODE_ID_AS_RESOURCE (fixed groups
+            # too, so Ray's autoscaler counts their capacity); only present then, as for the head.
+            **({"node_id_resource": True} if spec.autoscaled_groups else {}),
         }
     )
 
 
-def desired_nodes(spec: ClusterSpec) -> list[NodeSpec]:
-    """Every app the cluster should have: head first, then each group's workers, index 0..replicas-1."""
+def head_node(spec: ClusterSpec) -> NodeSpec:
+    """The head application of the cluster."""
     auth = "token" if spec.auth_token else "disabled"
     head_name = head_app_name(spec.name)
     head_hash = head_spec_hash(spec)
     head_cpus = spec.head.ray_cpus if spec.head.ray_cpus is not None else spec.head.cpu
-    nodes = [
-        NodeSpec(
-            name=head_name,
-            role="head",
-            group="head",
-            index=0,
-            cpu=spec.head.cpu,
-            memory=spec.head.memory,
-            gpus=spec.head.gpus,
-            runtime_identifier=spec.runtime_of(None),
-            script=spec.head_script,
-            spec_hash=head_hash,
-            environment={
-                "RAY_CAI_CLUSTER": spec.name,
-                "RAY_CAI_SPEC_HASH": head_hash,
-                "RAY_CAI_ROLE": "head",
-                "RAY_CAI_GROUP": "head",
-                "RAY_CAI_NODE_NAME": head_name,
-                "RAY_CAI_NUM_CPUS": format_number(head_cpus),
-                "RAY_CAI_NUM_GPUS": str(spec.head.gpus),
-                "RAY_CAI_MEMORY_GB": format_number(spec.head.memory),
-                "RAY_CAI_GCS_PORT": str(spec.ports.gcs),
-                "RAY_CAI_CLIENT_PORT": str(spec.ports.client),
-                "RAY_CAI_DASHBOARD_PORT": str(spec.ports.dashboard),
-                "RAY_CAI_AUTH": auth,
-                "CDSW_APP_POLLING_ENDPOINT": NODE_POLLING_ENDPOINT,
-                **spec.environment,
-            },
-        )
-    ]
+    autoscaling: dict[str, str] = {}
+    if spec.autoscaled_groups:  # the head reads the applied spec the reconciler records on it
+        autoscaling = {
+            AUTOSCALER_VARIABLE: "1",
+            NODE_ID_RESOURCE_VARIABLE: str(node_id_resource(head_name)),
+        }
+    return NodeSpec(
+        name=head_name,
+        role="head",
+        group="head",
+        index=0,
+        cpu=spec.head.cpu,
+        memory=spec.head.memory,
+        gpus=spec.head.gpus,
+        runtime_identifier=spec.runtime_of(None),
+        script=spec.head_script,
+        spec_hash=head_hash,
+        environment={
+            "RAY_CAI_CLUSTER": spec.name,
+            "RAY_CAI_SPEC_HASH": head_hash,
+            "RAY_CAI_ROLE": "head",
+            "RAY_CAI_GROUP": "head",
+            "RAY_CAI_NODE_NAME": head_name,
+            "RAY_CAI_NUM_CPUS": format_number(head_cpus),
+            "RAY_CAI_NUM_GPUS": str(spec.head.gpus),
+            "RAY_CAI_MEMORY_GB": format_number(spec.head.memory),
+            "RAY_CAI_GCS_PORT": str(spec.ports.gcs),
+            "RAY_CAI_CLIENT_PORT": str(spec.ports.client),
+            "RAY_CAI_DASHBOARD_PORT": str(spec.ports.dashboard),
+            "RAY_CAI_AUTH": auth,
+            "CDSW_APP_POLLING_ENDPOINT": NODE_POLLING_ENDPOINT,
+            **autoscaling,
+            **spec.environment,
+        },
+    )
+
+
+def worker_node(spec: ClusterSpec, group: str, index: int) -> NodeSpec:
+    """Worker ``index`` of ``group``: the application `up` and the autoscaler both create."""
+    g = spec.group(group)
+    auth = "token" if spec.auth_token else "disabled"
+    group_hash = worker_spec_hash(spec, g.name)
+    name = worker_app_name(spec.name, g.name, index)
+    autoscaling = {NODE_ID_RESOURCE_VARIABLE: str(node_id_resource(name))} if spec.autoscaled_groups else {}
+    return NodeSpec(
+        name=name,
+        role="worker",
+        group=g.name,
+        index=index,
+        cpu=g.cpu,
+        memory=g.memory,
+        gpus=g.gpus,
+        runtime_identifier=spec.runtime_of(g.name),
+        script=spec.worker_script,
+        spec_hash=group_hash,
+        environment={
+            "RAY_CAI_CLUSTER": spec.name,
+            "RAY_CAI_SPEC_HASH": group_hash,
+            "RAY_CAI_ROLE": "worker",
+            "RAY_CAI_GROUP": g.name,
+            "RAY_CAI_NODE_NAME": name,
+            "RAY_CAI_NUM_CPUS": format_number(g.cpu),
+            "RAY_CAI_NUM_GPUS": str(g.gpus),
+            "RAY_CAI_MEMORY_GB": format_number(g.memory),
+            "RAY_CAI_AUTH": auth,
+            "RAY_CAI_JOIN_TIMEOUT": format_number(spec.join_timeout),
+            "CDSW_APP_POLLING_ENDPOINT": NODE_POLLING_ENDPOINT,
+            **autoscaling,
+            **spec.environment,
+        },
+    )
+
+
+def desired_nodes(spec: ClusterSpec) -> list[NodeSpec]:
+    """Every app the cluster should have: head first, then each group's workers, index 0..replicas-1.
+
+    For an autoscaled group `replicas` is only the starting size; the planner
+    (`ray_serve_cai.cluster.plan.desired_for`) keeps what the autoscaler chose instead."""
+    nodes = [head_node(spec)]
     for group in spec.worker_groups:
-        group_hash = worker_spec_hash(spec, group.name)
-        for index in range(group.replicas):
-            name = worker_app_name(spec.name, group.name, index)
-            nodes.append(
-                NodeSpec(
-                    name=name,
-                    role="worker",
-                    group=group.name,
-                    index=index,
-                    cpu=group.cpu,
-                    memory=group.memory,
-                    gpus=group.gpus,
-                    runtime_identifier=spec.runtime_of(group.name),
-                    script=spec.worker_script,
-                    spec_hash=group_hash,
-                    environment={
-                        "RAY_CAI_CLUSTER": spec.name,
-                        "RAY_CAI_SPEC_HASH": group_hash,
-                        "RAY_CAI_ROLE": "worker",
-                        "RAY_CAI_GROUP": group.name,
-                        "RAY_CAI_NODE_NAME": name,
-                        "RAY_CAI_NUM_CPUS": format_number(group.cpu),
-                        "RAY_CAI_NUM_GPUS": str(group.gpus),
-                        "RAY_CAI_MEMORY_GB": format_number(group.memory),
-                        "RAY_CAI_AUTH": auth,
-                        "RAY_CAI_JOIN_TIMEOUT": format_number(spec.join_timeout),
-                        "CDSW_APP_POLLING_ENDPOINT": NODE_POLLING_ENDPOINT,
-                        **spec.environment,
-                    },
-                )
-            )
+        nodes += [worker_node(spec, group.name, index) for index in range(group.replicas)]
     return nodes
+
+
+def _bounds_problems(group: WorkerGroupSpec, named: Callable[[str], str]) -> list[tuple[str, str]]:
+    """0 <= min_replicas <= replicas <= max_replicas, as (field, message) pairs; `named` gives
+    the key as the user wrote it (min_workers in the flat form)."""
+    low, high = group.min_replicas, group.max_replicas
+    if low is None and high is None:
+        return []
+    if high is None:
+        return [("max_replicas", f"is required with {named('min_replicas')} (autoscaling needs both)")]
+    if low is None:
+        return [("min_replicas", f"is required with {named('max_replicas')} (autoscaling needs both)")]
+    if low > high:
+        return [("min_replicas", f"must be at most {named('max_replicas')} ({high}), got {low}")]
+    if not low <= group.replicas <= high:
+        return [
+            (
+                "replicas",
+                f"the starting size must be between {named('min_replicas')} ({low}) and "
+                f"{named('max_replicas')} ({high}), got {group.replicas}",
+            )
+        ]
+    return []
 
 
 _NAME_RULE = "must be lowercase letters, digits and single hyphens, starting and ending with a letter/digit"
@@ -310,86 +479,107 @@ _NAME_RULE = "must be lowercase letters, digits and single hyphens, starting and
 
 def cluster_problems(spec: ClusterSpec, where: Callable[[str], str] = lambda p: p) -> list[Problem]:
     """Cross-field rules of a field-valid spec. ``where`` maps spec paths to the paths users edit."""
-    problems: list[Problem] = []
+    found = [
+        *_name_problems(spec, where),
+        *_autoscaling_problems(spec, where),
+        *_port_problems(spec),
+        *_python_problems(spec, where),
+        *(
+            (field, why)
+            for field in ("head_script", "worker_script")
+            if (why := is_relative_script(getattr(spec, field)))
+        ),
+        *((p.field, p.message) for p in environment_problems(spec.environment, "environment")),
+        *(
+            [("serve.config", why)]
+            if spec.serve is not None and (why := is_relative_script(spec.serve.config))
+            else []
+        ),
+    ]
+    return [Problem(where(path), message) for path, message in found]
 
-    def add(path: str, message: str) -> None:
-        problems.append(Problem(where(path), message))
 
+def _name_problems(spec: ClusterSpec, where: Callable[[str], str]) -> Iterator[tuple[str, str]]:
+    """App names: the cluster and group names are DNS labels, unique, and short enough."""
     name_ok = bool(DNS_LABEL.match(spec.name))
     if not name_ok:
-        add("name", f"{_NAME_RULE} (it becomes part of every app name and subdomain), got {spec.name!r}")
+        yield "name", f"{_NAME_RULE} (it becomes part of every app name and subdomain), got {spec.name!r}"
     elif len(head_app_name(spec.name)) > MAX_APP_NAME:
         name_ok = False  # every worker app name is longer still; one problem is enough
-        add("name", f"app name {head_app_name(spec.name)!r} is longer than {MAX_APP_NAME} characters")
-
+        yield "name", f"app name {head_app_name(spec.name)!r} is longer than {MAX_APP_NAME} characters"
     seen: dict[str, int] = {}
     for i, group in enumerate(spec.worker_groups):
-        path = f"worker_groups[{i}]"
+        path = f"worker_groups[{i}].name"
         if not DNS_LABEL.match(group.name):
-            add(f"{path}.name", f"{_NAME_RULE}, got {group.name!r}")
+            yield path, f"{_NAME_RULE}, got {group.name!r}"
             continue
         if group.name == "head":
-            add(f"{path}.name", "'head' is reserved for the head node; pick another group name")
+            yield path, "'head' is reserved for the head node; pick another group name"
         if group.name in seen:
             first = where(f"worker_groups[{seen[group.name]}].name")
-            add(f"{path}.name", f"duplicate group name {group.name!r} (also {first})")
+            yield path, f"duplicate group name {group.name!r} (also {first})"
         seen.setdefault(group.name, i)
-        if name_ok:
-            longest = worker_app_name(spec.name, group.name, max(group.replicas - 1, 0))
-            if len(longest) > MAX_APP_NAME:
-                add(
-                    f"{path}.name",
-                    f"app name {longest!r} is {len(longest)} characters; the limit is {MAX_APP_NAME} "
-                    "(shorten the cluster or group name)",
-                )
+        longest = worker_app_name(spec.name, group.name, max(group.most_replicas - 1, 0))
+        if name_ok and len(longest) > MAX_APP_NAME:
+            yield (
+                path,
+                f"app name {longest!r} is {len(longest)} characters; the limit is {MAX_APP_NAME} "
+                "(shorten the cluster or group name)",
+            )
 
+
+def _autoscaling_problems(spec: ClusterSpec, where: Callable[[str], str]) -> Iterator[tuple[str, str]]:
+    """Bounds of autoscaled groups, named as the user wrote them (min_workers in the flat form)."""
+    for i, group in enumerate(spec.worker_groups):
+        path = f"worker_groups[{i}]"
+
+        def named(field: str, path: str = path) -> str:
+            return where(f"{path}.{field}").rpartition(".")[2]
+
+        for field, message in _bounds_problems(group, named):
+            yield f"{path}.{field}", message
+
+
+def _port_problems(spec: ClusterSpec) -> Iterator[tuple[str, str]]:
     used: dict[int, str] = {}
     for port_name in ("gcs", "client", "dashboard"):
         port = getattr(spec.ports, port_name)
-        if port == 0:
-            continue
-        if port in used:
-            add(f"ports.{port_name}", f"port {port} is also the {used[port]} port; ports must be distinct")
-        else:
+        if port != 0 and port in used:
+            yield f"ports.{port_name}", f"port {port} is also the {used[port]} port; ports must be distinct"
+        elif port != 0:
             used[port] = port_name
 
-    # Head and workers share the project's venv, so one Python version for all of them.
-    versions: list[tuple[str, str, str]] = []  # (path, identifier, version)
-    head_runtime = spec.runtime_of(None)
-    head_own = spec.head.runtime_identifier is not None
-    head_path = "head.runtime_identifier" if head_own else "runtime_identifier"
-    if head_runtime and python_version_of(head_runtime):
-        versions.append((head_path, head_runtime, python_version_of(head_runtime) or ""))
-    for i, group in enumerate(spec.worker_groups):
-        own = group.runtime_identifier  # not runtime_of(): group names may repeat in an invalid spec
-        runtime = own if own is not None else spec.runtime_identifier
-        version = python_version_of(runtime)
-        if runtime and version:
-            path = (
-                f"worker_groups[{i}].runtime_identifier"
-                if group.runtime_identifier is not None
-                else "runtime_identifier"
-            )
-            versions.append((path, runtime, version))
-    if versions:
-        first_path, _, first_version = versions[0]
-        reported: set[str] = set()
-        for path, runtime, version in versions[1:]:
-            if version != first_version and path not in reported:
-                reported.add(path)
-                add(
-                    path,
-                    f"runtime {runtime!r} has Python {version} but {where(first_path)} has Python "
-                    f"{first_version}; head and workers share one venv and must use one Python version",
-                )
 
-    for script_field in ("head_script", "worker_script"):
-        why = is_relative_script(getattr(spec, script_field))
-        if why:
-            add(script_field, why)
-    for problem in environment_problems(spec.environment, "environment"):
-        add(problem.field, problem.message)
-    return problems
+def _python_problems(spec: ClusterSpec, where: Callable[[str], str]) -> Iterator[tuple[str, str]]:
+    """Head and workers share the project's venv, so one Python version for all of them."""
+    # (path of the runtime's field, identifier); not runtime_of(): group names may repeat here.
+    runtimes = [
+        (
+            "head.runtime_identifier" if spec.head.runtime_identifier is not None else "runtime_identifier",
+            spec.runtime_of(None),
+        )
+    ]
+    for i, group in enumerate(spec.worker_groups):
+        own = group.runtime_identifier is not None
+        path = f"worker_groups[{i}].runtime_identifier" if own else "runtime_identifier"
+        runtimes.append((path, group.runtime_identifier if own else spec.runtime_identifier))
+    versions = [
+        (path, runtime, python_version_of(runtime))
+        for path, runtime in runtimes
+        if python_version_of(runtime)
+    ]
+    if not versions:
+        return
+    first_path, _, first_version = versions[0]
+    reported: set[str] = set()
+    for path, runtime, version in versions[1:]:
+        if version != first_version and path not in reported:
+            reported.add(path)
+            yield (
+                path,
+                f"runtime {runtime!r} has Python {version} but {where(first_path)} has Python "
+                f"{first_version}; head and workers share one venv and must use one Python version",
+            )
 
 
 # --------------------------------------------------------------------------- the YAML file format
@@ -415,17 +605,47 @@ class AuthFile(BaseModel):
     token: bool = Field(True, description="Ray token authentication (RAY_AUTH_MODE=token); on by default")
 
 
+class ServeFile(BaseModel):
+    """`ray_cluster.serve`: Serve applications deployed (and kept deployed) on the cluster."""
+
+    model_config = _FILE
+
+    config: str = Field(
+        description="project-relative file in Ray Serve's config format (what `serve build` writes)"
+    )
+
+
 class WorkerGroupFile(BaseModel):
     """One entry of `ray_cluster.worker_groups`."""
 
     model_config = _FILE
 
     name: str = Field(description="group name; part of the app names ray-<cluster>-<group>-<index>")
-    replicas: Annotated[int, Field(ge=0)] = Field(description="number of worker apps")
+    replicas: Annotated[int, Field(ge=0)] | None = Field(
+        None,
+        description="number of worker apps; for an autoscaled group the starting size (default min_replicas)",
+    )
     cpu: Cpu
     memory: MemoryGiB
     gpus: Gpus = 0
     runtime_identifier: str | None = Field(None, description="ML Runtime image; default: runtime_identifier")
+    min_replicas: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="with max_replicas: Ray's autoscaler keeps the group between the two"
+    )
+    max_replicas: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="with min_replicas: the most worker apps the autoscaler may create"
+    )
+
+
+class AutoscalingFile(BaseModel):
+    """`ray_cluster.autoscaling`: Ray's autoscaler, for groups with min/max replicas."""
+
+    model_config = _FILE
+
+    idle_timeout: Seconds = Field(60, description="seconds a worker may be idle before it is removed")
+    upscaling_speed: Annotated[float, Field(gt=0)] = Field(
+        1.0, description="Ray's upscaling_speed: nodes added per update, as a fraction of the group's size"
+    )
 
 
 class RayClusterFile(BaseModel):
@@ -452,6 +672,12 @@ class RayClusterFile(BaseModel):
     worker_memory: MemoryGiB = 8
     worker_gpus: Gpus = Field(0, description="GPUs per worker (env RAY_WORKER_GPUS overrides)")
     worker_runtime_identifier: str | None = None
+    min_workers: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="with max_workers: autoscale the group `worker` (num_workers = starting size)"
+    )
+    max_workers: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="with min_workers: the most workers Ray's autoscaler may add"
+    )
     worker_groups: list[WorkerGroupFile] | None = Field(
         None, description="heterogeneous worker groups; excludes num_workers and the worker_* keys"
     )
@@ -464,6 +690,8 @@ class RayClusterFile(BaseModel):
     environment: Environment = Field(
         default_factory=dict, description="extra non-secret environment variables for every node"
     )
+    autoscaling: AutoscalingFile = Field(default_factory=AutoscalingFile)
+    serve: ServeFile | None = Field(None, description="Serve applications to deploy on the cluster")
 
 
 class ClusterFile(BaseModel):
@@ -482,9 +710,13 @@ _FLAT_WORKER_KEYS = (
     "worker_memory",
     "worker_gpus",
     "worker_runtime_identifier",
+    "min_workers",
+    "max_workers",
 )
 _FLAT_PATHS = {
     "replicas": "num_workers",
+    "min_replicas": "min_workers",
+    "max_replicas": "max_workers",
     "cpu": "worker_cpu",
     "memory": "worker_memory",
     "gpus": "worker_gpus",
@@ -498,6 +730,16 @@ def cluster_json_schema() -> dict[str, Any]:
     """JSON Schema of `ray_cluster_config.yaml` (for editors and `ray-cai config schema`)."""
     schema = ClusterFile.model_json_schema()
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
+
+
+# The environment variables that override `ray_cluster_config.yaml` (see `_apply_env`).
+CLUSTER_OVERRIDE_VARIABLES = ("RAY_CLUSTER_NAME", "RUNTIME_IDENTIFIER", "RAY_NUM_WORKERS", "RAY_WORKER_GPUS")
+
+
+def cluster_overrides(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The override variables set (non-empty) in ``env`` (default ``os.environ``), by name."""
+    env = os.environ if env is None else env
+    return {name: value for name in CLUSTER_OVERRIDE_VARIABLES if (value := env_value(env, name)) is not None}
 
 
 def _apply_env(
@@ -516,75 +758,42 @@ def _apply_env(
         target[key] = value
         overridden[path] = variable
 
-    if (name := env_value(env, "RAY_CLUSTER_NAME")) is not None:
-        put(section, "name", name, "ray_cluster.name", "RAY_CLUSTER_NAME")
-    if (runtime := env_value(env, "RUNTIME_IDENTIFIER")) is not None:
-        put(section, "runtime_identifier", runtime, "ray_cluster.runtime_identifier", "RUNTIME_IDENTIFIER")
+    for variable, key in (("RAY_CLUSTER_NAME", "name"), ("RUNTIME_IDENTIFIER", "runtime_identifier")):
+        if (value := env_value(env, variable)) is not None:
+            put(section, key, value, f"ray_cluster.{key}", variable)
+    _apply_worker_env(section, env, problems, put)
+
+
+Put = Callable[[dict[str, Any], str, Any, str, str], None]
+
+
+def _apply_worker_env(
+    section: dict[str, Any], env: Mapping[str, str], problems: list[Problem], put: Put
+) -> None:
+    """RAY_NUM_WORKERS (the only group's size) and RAY_WORKER_GPUS (every group's GPUs)."""
     groups = section.get("worker_groups")
-    replicas = env_int(env, "RAY_NUM_WORKERS", problems)
-    if replicas is not None:
+    if (replicas := env_int(env, "RAY_NUM_WORKERS", problems)) is not None:
         if groups is None:
             put(section, "num_workers", replicas, "ray_cluster.num_workers", "RAY_NUM_WORKERS")
         elif isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict):
             put(groups[0], "replicas", replicas, "ray_cluster.worker_groups[0].replicas", "RAY_NUM_WORKERS")
         elif isinstance(groups, list):
-            problems.append(
-                Problem(
-                    "RAY_NUM_WORKERS",
-                    f"sets the size of the only worker group, but this cluster has {len(groups)} groups; "
-                    "set replicas per group in the file instead",
-                )
+            message = (
+                f"sets the size of the only worker group, but this cluster has {len(groups)} groups; "
+                "set replicas per group in the file instead"
             )
-    gpus = env_int(env, "RAY_WORKER_GPUS", problems)
-    if gpus is not None:
+            problems.append(Problem("RAY_NUM_WORKERS", message))
+    if (gpus := env_int(env, "RAY_WORKER_GPUS", problems)) is not None:
         if groups is None:
             put(section, "worker_gpus", gpus, "ray_cluster.worker_gpus", "RAY_WORKER_GPUS")
-        elif isinstance(groups, list):
-            for i, group in enumerate(groups):
-                if isinstance(group, dict):
-                    put(group, "gpus", gpus, f"ray_cluster.worker_groups[{i}].gpus", "RAY_WORKER_GPUS")
-
-
-class _Dropped:
-    """Marks a list item removed for the lenient pass (survives deepcopy as itself)."""
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> _Dropped:
-        return self
-
-
-_DROPPED = _Dropped()
+        for i, group in enumerate(groups if isinstance(groups, list) else []):
+            if isinstance(group, dict):
+                put(group, "gpus", gpus, f"ray_cluster.worker_groups[{i}].gpus", "RAY_WORKER_GPUS")
 
 
 # A bad or missing required value of a worker group is replaced by a stand-in for the lenient pass,
 # so the group's other fields (name, runtime) are still checked.
 _GROUP_STAND_INS: dict[str, Any] = {"replicas": 0, "cpu": 1.0, "memory": 1.0}
-
-
-def _drop(data: Any, loc: tuple[Any, ...]) -> bool:
-    """Remove the value at ``loc`` so a second, lenient pass can check the rest. False if impossible."""
-    if loc and loc[-1] == "[key]":
-        loc = loc[:-1]
-    if len(loc) == 4 and loc[:2] == ("ray_cluster", "worker_groups") and loc[3] in _GROUP_STAND_INS:
-        groups = data.get("ray_cluster", {}).get("worker_groups")
-        if isinstance(groups, list) and isinstance(groups[loc[2]], dict):
-            groups[loc[2]][loc[3]] = _GROUP_STAND_INS[loc[3]]
-            return True
-    if len(loc) == 4 and loc[:2] == ("ray_cluster", "worker_groups") and loc[3] == "name":
-        loc = loc[:3]  # a group without a usable name cannot be checked further
-    if len(loc) < 2:  # the whole file or the whole `ray_cluster` section is unusable
-        return False
-    parent = data
-    for part in loc[:-1]:
-        try:
-            parent = parent[part]
-        except (KeyError, IndexError, TypeError):
-            return True  # already gone
-    last = loc[-1]
-    if isinstance(parent, dict):
-        parent.pop(last, None)
-    elif isinstance(parent, list) and isinstance(last, int) and last < len(parent):
-        parent[last] = _DROPPED
-    return True
 
 
 def _structure_problems(data: Any) -> list[Problem]:
@@ -611,18 +820,24 @@ def _normalize(file: ClusterFile, group_index: list[int]) -> tuple[dict[str, Any
     rc = file.ray_cluster
     flat = rc.worker_groups is None
     if flat:
+        explicit = "num_workers" in rc.model_fields_set
         groups = [
             {
                 "name": "worker",
-                "replicas": rc.num_workers,
+                "replicas": rc.num_workers if explicit or rc.min_workers is None else rc.min_workers,
                 "cpu": rc.worker_cpu,
                 "memory": rc.worker_memory,
                 "gpus": rc.worker_gpus,
                 "runtime_identifier": rc.worker_runtime_identifier,
+                "min_replicas": rc.min_workers,
+                "max_replicas": rc.max_workers,
             }
         ]
     else:
         groups = [g.model_dump() for g in rc.worker_groups or []]
+        for group in groups:
+            if group["replicas"] is None:  # a missing `replicas` is reported by _replicas_problems
+                group["replicas"] = group["min_replicas"] if group["min_replicas"] is not None else 0
     data = {
         "name": rc.name,
         "head": {
@@ -641,6 +856,8 @@ def _normalize(file: ClusterFile, group_index: list[int]) -> tuple[dict[str, Any
         "head_script": rc.head_script,
         "worker_script": rc.worker_script,
         "environment": dict(rc.environment),
+        "autoscaling": rc.autoscaling.model_dump(),
+        "serve": rc.serve.model_dump() if rc.serve is not None else None,
     }
 
     def where(path: str) -> str:
@@ -656,6 +873,16 @@ def _normalize(file: ClusterFile, group_index: list[int]) -> tuple[dict[str, Any
         return f"ray_cluster.{path}" if path else "ray_cluster"
 
     return data, where
+
+
+def _replicas_problems(file: ClusterFile, group_index: list[int]) -> list[Problem]:
+    """`replicas` may only be left out of an autoscaled group (it starts at min_replicas)."""
+    problems = []
+    for i, group in enumerate(file.ray_cluster.worker_groups or []):
+        if group.replicas is None and group.min_replicas is None:
+            path = f"ray_cluster.worker_groups[{group_index[i] if i < len(group_index) else i}].replicas"
+            problems.append(Problem(path, "is required (or give min_replicas and max_replicas to autoscale)"))
+    return problems
 
 
 def parse_cluster_spec(
@@ -678,16 +905,17 @@ def parse_cluster_spec(
         file = ClusterFile.model_validate(data)
     except ValidationError as exc:
         problems += problems_from_validation(exc, ClusterFile)
-        file = _lenient(data, exc)
+        file = lenient_validate(ClusterFile, data, exc, _GROUP_STAND_INS)
 
     spec: ClusterSpec | None = None
     if file is not None:
         section = data.get("ray_cluster") or {}
         raw_groups = section.get("worker_groups") if isinstance(section, dict) else None
         group_index = (
-            [i for i, g in enumerate(raw_groups) if g is not _DROPPED] if isinstance(raw_groups, list) else []
+            [i for i, g in enumerate(raw_groups) if g is not REMOVED] if isinstance(raw_groups, list) else []
         )
         normalized, where = _normalize(file, group_index)
+        problems += _replicas_problems(file, group_index)
         try:
             spec = ClusterSpec.model_validate(normalized, context={"skip_cross_field": True})
         except ValidationError as exc:  # pragma: no cover - the file model has the same field rules
@@ -700,34 +928,6 @@ def parse_cluster_spec(
         raise ConfigError(_dedupe(_rename_overridden(problems, overridden)), source)
     assert spec is not None
     return spec
-
-
-def _lenient(data: dict[str, Any], first: ValidationError) -> ClusterFile | None:
-    """Drop what failed and validate again, so cross-field rules can still check the rest.
-
-    Dropped list items stay in ``data`` as a marker so group indices keep meaning the user's indices.
-    """
-    errors = [tuple(e["loc"]) for e in first.errors()]
-    for _ in range(5):
-        for loc in errors:
-            if not _drop(data, loc):
-                return None
-        candidate = copy.deepcopy(data)
-        section = candidate.get("ray_cluster")
-        index_map: list[int] = []
-        if isinstance(section, dict) and isinstance(section.get("worker_groups"), list):
-            index_map = [i for i, g in enumerate(section["worker_groups"]) if g is not _DROPPED]
-            section["worker_groups"] = [g for g in section["worker_groups"] if g is not _DROPPED]
-        try:
-            return ClusterFile.model_validate(candidate)
-        except ValidationError as exc:
-            errors = []
-            for err in exc.errors():
-                loc = tuple(err["loc"])
-                if loc[:2] == ("ray_cluster", "worker_groups") and len(loc) > 2 and isinstance(loc[2], int):
-                    loc = (*loc[:2], index_map[loc[2]], *loc[3:])
-                errors.append(loc)
-    return None
 
 
 def _rename_overridden(problems: list[Problem], overridden: dict[str, str]) -> list[Problem]:
@@ -746,21 +946,33 @@ def load_cluster_spec(path: str | Path | None = None, *, env: Mapping[str, str] 
 
 
 __all__ = [
+    "APPLIED_SPEC_VARIABLE",
+    "AUTOSCALER_VARIABLE",
+    "CLUSTER_OVERRIDE_VARIABLES",
+    "NODE_ID_RESOURCE_VARIABLE",
+    "AutoscalingSpec",
     "ClusterFile",
     "ClusterSpec",
     "HeadSpec",
     "NodeSpec",
     "RayPorts",
+    "ServeSpec",
     "WorkerGroupSpec",
     "cluster_json_schema",
+    "cluster_overrides",
     "cluster_problems",
     "desired_nodes",
     "format_path",
     "head_app_name",
+    "head_node",
     "head_spec_hash",
     "load_cluster_spec",
+    "node_id_resource",
     "parse_cluster_spec",
+    "spec_from_applied",
     "validate_cluster_spec",
     "worker_app_name",
+    "worker_index_of",
+    "worker_node",
     "worker_spec_hash",
 ]

@@ -16,7 +16,13 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ray_serve_cai.config._common import env_value, environment_problems, is_relative_script, load_yaml
-from ray_serve_cai.config.errors import ConfigError, Problem, problems_from_validation, suggest
+from ray_serve_cai.config.errors import (
+    ConfigError,
+    Problem,
+    lenient_validate,
+    problems_from_validation,
+    suggest,
+)
 
 DEFAULT_JOBS_FILE = "cai_integration/jobs_config.yaml"
 DEFAULT_DESCRIPTION = "Ray cluster on Cloudera AI Workbench, deployed by ray-serve-cai"
@@ -141,58 +147,48 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str], problems: list[Prob
     return overridden
 
 
-def _lenient(data: dict[str, Any], first: ValidationError) -> tuple[DeployFile | None, set[str]]:
-    """Drop what failed and validate again; also returns the keys of jobs dropped whole."""
-    dropped: set[str] = set()
-    error = first
-    for _ in range(5):
-        for err in error.errors():
-            loc = tuple(err["loc"])
-            if err["type"] == "missing":
-                loc = loc[:-1]
-            if loc and loc[-1] == "[key]":
-                loc = loc[:-1]
-            if len(loc) < 2:
-                return None, dropped
-            parent: Any = data
-            for part in loc[:-1]:
-                parent = parent.get(part) if isinstance(parent, dict) else None
-            if isinstance(parent, dict):
-                parent.pop(loc[-1], None)
-                if loc[0] == "jobs" and len(loc) == 2:
-                    dropped.add(str(loc[1]))
-        try:
-            return DeployFile.model_validate(data), dropped
-        except ValidationError as exc:
-            error = exc
-    return None, dropped
-
-
 def _cross_field(file: DeployFile, dropped: set[str], tainted: set[str]) -> tuple[list[Problem], list[str]]:
     """Rules across jobs; returns problems and the job keys in chain order (when valid).
 
     ``dropped``: jobs left out after field errors; ``tainted``: jobs with any field error (their
     parent_job_key may have been lost, so the root count is not checked).
     """
+    jobs = file.jobs
+    in_cycle: set[str] = set()
+    problems = [
+        *_project_problems(file.project),
+        *([Problem("jobs", "at least one job is required")] if not jobs and not dropped else []),
+        *_job_problems(jobs, dropped),
+        *_cycle_problems(jobs, in_cycle),
+    ]
+    roots = [key for key, job in jobs.items() if job.parent_job_key is None]
+    if jobs and not dropped and not tainted:
+        if not roots and not in_cycle:
+            problems.append(Problem("jobs", "no root job: exactly one job must have no parent_job_key"))
+        elif len(roots) > 1:
+            message = f"exactly one root job (without parent_job_key) is allowed, found {len(roots)}: "
+            problems.append(Problem("jobs", message + ", ".join(roots)))
+    return problems, _depth_first(jobs, roots[0]) if len(roots) == 1 else []
+
+
+def _project_problems(project: ProjectSpec) -> list[Problem]:
     problems: list[Problem] = []
-    project = file.project
     if not project.name.strip():
         problems.append(Problem("project.name", "must not be empty"))
-    if project.git_url is not None:
-        if _CREDENTIALS_IN_URL.match(project.git_url):
-            problems.append(
-                Problem("project.git_url", "must not contain credentials; pass GH_PAT as a secret instead")
-            )
-        elif not _GIT_URL.match(project.git_url):
-            message = f"must be an https://, ssh:// or git@ URL, got {project.git_url!r}"
-            problems.append(Problem("project.git_url", message))
+    if project.git_url is not None and _CREDENTIALS_IN_URL.match(project.git_url):
+        message = "must not contain credentials; pass GH_PAT as a secret instead"
+        problems.append(Problem("project.git_url", message))
+    elif project.git_url is not None and not _GIT_URL.match(project.git_url):
+        message = f"must be an https://, ssh:// or git@ URL, got {project.git_url!r}"
+        problems.append(Problem("project.git_url", message))
     if project.branch is not None and (not project.branch.strip() or " " in project.branch):
         problems.append(Problem("project.branch", f"not a valid branch name: {project.branch!r}"))
-    problems += environment_problems(project.environment, "project.environment")
+    return problems + environment_problems(project.environment, "project.environment")
 
-    jobs = file.jobs
-    if not jobs and not dropped:
-        problems.append(Problem("jobs", "at least one job is required"))
+
+def _job_problems(jobs: Mapping[str, JobFile], dropped: set[str]) -> list[Problem]:
+    """Per job: key, unique non-empty name, relative script, environment, an existing parent."""
+    problems: list[Problem] = []
     names: dict[str, str] = {}
     for key, job in jobs.items():
         path = f"jobs.{key}"
@@ -201,22 +197,23 @@ def _cross_field(file: DeployFile, dropped: set[str], tainted: set[str]) -> tupl
         if not job.name.strip():
             problems.append(Problem(f"{path}.name", "must not be empty"))
         elif job.name in names:
-            problems.append(
-                Problem(f"{path}.name", f"duplicate job name {job.name!r} (also jobs.{names[job.name]})")
-            )
+            message = f"duplicate job name {job.name!r} (also jobs.{names[job.name]})"
+            problems.append(Problem(f"{path}.name", message))
         else:
             names[job.name] = key
-        why = is_relative_script(job.script)
-        if why:
+        if why := is_relative_script(job.script):
             problems.append(Problem(f"{path}.script", why))
         problems += environment_problems(job.environment, f"{path}.environment")
         parent = job.parent_job_key
         if parent is not None and parent not in jobs and parent not in dropped:
-            hint = suggest(parent, jobs)
-            problems.append(Problem(f"{path}.parent_job_key", f"no job with key {parent!r}{hint}"))
+            message = f"no job with key {parent!r}{suggest(parent, jobs)}"
+            problems.append(Problem(f"{path}.parent_job_key", message))
+    return problems
 
-    # Cycles: follow parents from every job; a revisit means a loop.
-    in_cycle: set[str] = set()
+
+def _cycle_problems(jobs: Mapping[str, JobFile], in_cycle: set[str]) -> list[Problem]:
+    """Follow parents from every job; a revisit means a loop (its jobs are added to ``in_cycle``)."""
+    problems: list[Problem] = []
     for start in jobs:
         trail: list[str] = []
         key: str | None = start
@@ -228,28 +225,18 @@ def _cross_field(file: DeployFile, dropped: set[str], tainted: set[str]) -> tupl
             in_cycle.update(loop)
             shown = " → ".join([*loop, loop[0]])
             problems.append(Problem(f"jobs.{loop[0]}.parent_job_key", f"parents form a cycle: {shown}"))
+    return problems
 
-    roots = [key for key, job in jobs.items() if job.parent_job_key is None]
-    if jobs and not dropped and not tainted:
-        if not roots and not in_cycle:
-            problems.append(Problem("jobs", "no root job: exactly one job must have no parent_job_key"))
-        elif len(roots) > 1:
-            problems.append(
-                Problem(
-                    "jobs",
-                    f"exactly one root job (without parent_job_key) is allowed, found {len(roots)}: "
-                    + ", ".join(roots),
-                )
-            )
 
+def _depth_first(jobs: Mapping[str, JobFile], root: str) -> list[str]:
+    """Job keys depth first from ``root``, children in file order."""
     order: list[str] = []
-    if len(roots) == 1:
-        stack = [roots[0]]
-        while stack:
-            key = stack.pop()
-            order.append(key)
-            stack.extend(reversed([k for k, j in jobs.items() if j.parent_job_key == key]))
-    return problems, order
+    stack = [root]
+    while stack:
+        key = stack.pop()
+        order.append(key)
+        stack.extend(reversed([k for k, j in jobs.items() if j.parent_job_key == key]))
+    return order
 
 
 def parse_deploy_spec(
@@ -277,7 +264,9 @@ def parse_deploy_spec(
     except ValidationError as exc:
         problems += problems_from_validation(exc, DeployFile)
         tainted = {str(e["loc"][1]) for e in exc.errors() if e["loc"][0] == "jobs" and len(e["loc"]) > 1}
-        file, dropped = _lenient(data, exc)
+        given = {str(key) for key in data["jobs"]} if isinstance(data.get("jobs"), dict) else set()
+        file = lenient_validate(DeployFile, data, exc, {})
+        dropped = given - set(file.jobs) if file is not None else set()
     order: list[str] = []
     if file is not None:
         more, order = _cross_field(file, dropped, tainted)

@@ -5,10 +5,14 @@ from __future__ import annotations
 import difflib
 import types
 import typing
-from collections.abc import Iterable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NamedTuple, TypeVar
 
 from pydantic import BaseModel, ValidationError
+
+from ray_serve_cai.errors import BadInput
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class Problem(NamedTuple):
@@ -19,8 +23,8 @@ class Problem(NamedTuple):
     message: str
 
 
-class ConfigError(ValueError):
-    """Invalid configuration. Carries every problem found, not just the first one.
+class ConfigError(BadInput, ValueError):
+    """Invalid configuration (bad input, exit 2). Carries every problem found, not just the first one.
 
     ``str()`` gives one line per problem: ``<source>: <field>: <message>``.
     """
@@ -75,8 +79,8 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
     return found
 
 
-def _known_keys(model: type[BaseModel], loc: Sequence[Any]) -> set[str] | None:
-    """The field names of the model that sits at ``loc`` (the mapping holding an unknown key)."""
+def _model_at(model: type[BaseModel], loc: Sequence[Any]) -> type[BaseModel] | None:
+    """The model class of the mapping at ``loc`` inside ``model`` (None when it is not one model)."""
     annotation: Any = model
     for part in loc:
         origin = typing.get_origin(annotation)
@@ -96,7 +100,81 @@ def _known_keys(model: type[BaseModel], loc: Sequence[Any]) -> set[str] | None:
         else:
             return None
     models = _models_in(annotation)
-    return set(models[0].model_fields) if len(models) == 1 else None
+    return models[0] if len(models) == 1 else None
+
+
+def _known_keys(model: type[BaseModel], loc: Sequence[Any]) -> set[str] | None:
+    """The field names of the model that sits at ``loc`` (the mapping holding an unknown key)."""
+    found = _model_at(model, loc)
+    return set(found.model_fields) if found is not None else None
+
+
+class _Removed:
+    """Stands where a list item was removed for the lenient pass, so indices keep meaning the user's."""
+
+    def __repr__(self) -> str:
+        return "REMOVED"
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Removed:
+        return self
+
+
+REMOVED = _Removed()
+
+
+def _without(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _without(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_without(v) for v in data if v is not REMOVED]
+    return data
+
+
+def lenient_validate(
+    model: type[M], data: Any, error: ValidationError, stand_ins: Mapping[str, Any]
+) -> M | None:
+    """Validate ``data`` once more without what ``error`` refused, so cross-field rules can still
+    check everything else; pydantic's error list already names every refused value.
+
+    ``data`` is changed in place: a refused value with a default is removed; a refused or missing
+    required one is replaced by ``stand_ins[field]`` when there is one, else the mapping that holds
+    it goes (a list item becomes ``REMOVED``, keeping the user's indices). Returns the model, or
+    None when the file's top level is unusable.
+    """
+    for err in error.errors():
+        loc = tuple(part for part in err["loc"] if part != "[key]")
+        holder = _model_at(model, loc[:-1]) if loc else None
+        field = holder.model_fields.get(str(loc[-1])) if holder is not None else None
+        if field is not None and field.is_required():
+            if loc[-1] in stand_ins:
+                _put(data, loc, stand_ins[str(loc[-1])])
+                continue
+            loc = loc[:-1]  # a mapping without a usable required value cannot be checked further
+        if len(loc) < 2:  # the whole file or a whole top-level section is unusable
+            return None
+        _put(data, loc, REMOVED)
+    try:
+        return model.model_validate(_without(data))
+    except ValidationError:  # pragma: no cover - every refused value is gone; stay safe regardless
+        return None
+
+
+def _put(data: Any, loc: tuple[Any, ...], value: Any) -> None:
+    """Set (or with REMOVED, remove) the value at ``loc``; a path that no longer exists is left alone."""
+    parent = data
+    for part in loc[:-1]:
+        try:
+            parent = parent[part]
+        except (KeyError, IndexError, TypeError):
+            return
+    last = loc[-1]
+    if isinstance(parent, dict) and (value is not REMOVED or last in parent):
+        if value is REMOVED:
+            del parent[last]
+        else:
+            parent[last] = value
+    elif isinstance(parent, list) and isinstance(last, int) and last < len(parent):
+        parent[last] = value
 
 
 def _describe(value: Any) -> str:
@@ -123,6 +201,13 @@ _MESSAGES = {
 }
 
 
+_BOUNDS = {
+    "greater_than": ("gt", "must be greater than {}"),
+    "greater_than_equal": ("ge", "must be {} or more"),
+    "less_than_equal": ("le", "must be {} or less"),
+}
+
+
 def problems_from_validation(
     error: ValidationError, model: type[BaseModel], prefix: Sequence[Any] = ()
 ) -> list[Problem]:
@@ -130,34 +215,33 @@ def problems_from_validation(
     problems: list[Problem] = []
     for err in error.errors(include_url=False):
         loc = tuple(prefix) + tuple(err["loc"])
-        kind = err["type"]
-        if kind == "extra_forbidden":
+        if err["type"] == "extra_forbidden":
             known = _known_keys(model, err["loc"][:-1])
             hint = suggest(str(err["loc"][-1]), known) if known else ""
             if known and not hint:
                 hint = "; known keys: " + ", ".join(sorted(known))
             problems.append(Problem(format_path(loc), f"unknown key{hint}"))
-            continue
-        if kind == "missing":
-            problems.append(Problem(format_path(loc), "is required"))
-            continue
-        if kind == "value_error":
-            message = str(err["msg"]).removeprefix("Value error, ")
-        elif kind in _MESSAGES:
-            message = _MESSAGES[kind]
-        elif kind == "greater_than":
-            message = f"must be greater than {_number(err['ctx']['gt'])}"
-        elif kind == "greater_than_equal":
-            message = f"must be {_number(err['ctx']['ge'])} or more"
-        elif kind == "less_than_equal":
-            message = f"must be {_number(err['ctx']['le'])} or less"
-        elif kind == "literal_error":
-            message = f"must be one of {err['ctx']['expected']}"
         else:
-            message = str(err["msg"])
-        if loc and loc[-1] == "[key]" and kind == "string_type":
-            message = "key must be a string"
-        if kind != "value_error":
-            message += f", got {_describe(err['input'])}"
-        problems.append(Problem(format_path(loc), message))
+            problems.append(Problem(format_path(loc), _message(err, loc)))
     return problems
+
+
+def _message(err: Any, loc: tuple[Any, ...]) -> str:
+    """What is wrong with one value, then what it was (except for our own value errors)."""
+    kind = err["type"]
+    if kind == "missing":
+        return "is required"
+    if kind == "value_error":
+        return str(err["msg"]).removeprefix("Value error, ")
+    if loc and loc[-1] == "[key]" and kind == "string_type":
+        message = "key must be a string"
+    elif kind in _MESSAGES:
+        message = _MESSAGES[kind]
+    elif kind in _BOUNDS:
+        bound, text = _BOUNDS[kind]
+        message = text.format(_number(err["ctx"][bound]))
+    elif kind == "literal_error":
+        message = f"must be one of {err['ctx']['expected']}"
+    else:
+        message = str(err["msg"])
+    return f"{message}, got {_describe(err['input'])}"

@@ -16,12 +16,13 @@ import subprocess
 from pathlib import Path
 
 from ray_serve_cai.config import spec_digest
+from ray_serve_cai.errors import OperationFailed
 
 CLUSTER_CONFIG_FILE = "ray_cluster_config.yaml"
 DEPENDENCY_FILES = ("pyproject.toml",)
 
 
-class RepoError(RuntimeError):
+class RepoError(OperationFailed, RuntimeError):
     """The local checkout could not be read (not a git repository, git missing, ...)."""
 
 

@@ -15,6 +15,8 @@ from typing import Any
 
 from ray_serve_cai.cml import AmbiguousName, CMLClient, Job, JobRun, create_or_find
 from ray_serve_cai.config import DeploySpec, JobSpec
+from ray_serve_cai.errors import OperationFailed
+from ray_serve_cai.waiting import poll_until
 
 FINGERPRINT_VAR = "RAY_CAI_FINGERPRINT"
 JOB_KEY_VAR = "RAY_CAI_JOB_KEY"
@@ -26,7 +28,7 @@ SUPERVISING = "SUPERVISING"
 CHILD_APPEAR_TIMEOUT = 120.0
 
 
-class JobChainError(RuntimeError):
+class JobChainError(OperationFailed, RuntimeError):
     """A job of the chain failed or could not be followed; the message names it and its log."""
 
 
@@ -165,6 +167,58 @@ def _log_hint(run: JobRun | None, job: Job) -> str:
     return f"log: CML UI → Jobs → {job.name} → History → latest run"
 
 
+@dataclass
+class _Follower:
+    """One job of the chain while it is followed: first waiting for its run to appear (a child that
+    CML starts after its parent), then polling that run until it ends (or is done while running)."""
+
+    job: Job
+    outcome: JobOutcome
+    run: JobRun | None = None
+    started: float = 0.0  # monotonic time the run was first seen
+    parent_created: datetime | None = None  # a child's run must be created after its parent's
+    parent_ended: float = 0.0
+    done_early: Callable[[], bool] | None = None
+
+    def poll(self, client: CMLClient, project_id: str, say: ProgressFn) -> bool:
+        """One look at the job; True when it has ended (its outcome is filled in)."""
+        if self.run is None:
+            return self._look_for_run(client, project_id, say)
+        run = self.run = client.get_job_run(project_id, self.job.id, self.run.id)
+        if not run.is_terminal and self.done_early is not None and self.done_early():
+            self._finish(run, SUPERVISING, time.monotonic() - self.started)
+            say(f"{self.job.name}: its work is done; the run stays to supervise the cluster ({run.id})")
+            return True
+        if not run.is_terminal:
+            return False
+        duration = _run_duration(run) or time.monotonic() - self.started
+        self._finish(run, run.status, duration)
+        say(f"{self.job.name}: {run.status.removeprefix('ENGINE_').lower()} after {duration:.0f}s")
+        return True
+
+    def _look_for_run(self, client: CMLClient, project_id: str, say: ProgressFn) -> bool:
+        run = client.latest_job_run(project_id, self.job.id)
+        created = _timestamp(run.created_at) if run else None
+        if run is not None and (
+            self.parent_created is None or created is None or created >= self.parent_created
+        ):
+            self.run, self.started = run, time.monotonic()
+            say(f"{self.job.name}: started by CML after its parent ({run.id})")
+            return False
+        if time.monotonic() - self.parent_ended > CHILD_APPEAR_TIMEOUT:
+            raise JobChainError(
+                f"job {self.job.name!r} did not start within {CHILD_APPEAR_TIMEOUT:.0f}s after its parent "
+                "succeeded; check that its parent is set in CML (Jobs → Settings → Dependency)"
+            )
+        return False
+
+    def _finish(self, run: JobRun, status: str, duration: float) -> None:
+        outcome = self.outcome
+        outcome.action, outcome.status, outcome.run_id = "ran", status, run.id
+        outcome.duration = duration
+        outcome.log_hint = _log_hint(run, self.job)
+
+
 def run_and_follow(
     client: CMLClient,
     project_id: str,
@@ -177,7 +231,8 @@ def run_and_follow(
     done_while_running: Mapping[str, Callable[[], bool]] | None = None,
 ) -> dict[str, JobOutcome]:
     """Start the top-most stale jobs and follow the chain to its end. Never raises for a failed job:
-    the outcomes say what happened; `JobChainError` only when following itself is impossible.
+    the outcomes say what happened; `JobChainError` when following itself is impossible, WaitTimeout
+    when the chain does not end within `timeout`.
 
     A run still in progress whose inputs changed is stopped first (CML allows one active run per job).
     `done_while_running[key]()` marks a job done while its run keeps going (a launch job that stays
@@ -187,9 +242,54 @@ def run_and_follow(
         j.key: JobOutcome(key=j.key, name=j.name, job_id=state.jobs[j.key].id) for j in spec.chain_order()
     }
     deadline = time.monotonic() + timeout
-    # key → (run being followed, monotonic start)
-    following: dict[str, tuple[JobRun, float]] = {}
     early = dict(done_while_running or {})
+
+    def follower(key: str, **fields: Any) -> _Follower:
+        return _Follower(state.jobs[key], outcomes[key], done_early=early.get(key), **fields)
+
+    latest = _stop_outdated_runs(client, project_id, spec, state, deadline, say)
+    active = [
+        follower(
+            key,
+            run=_start_or_join(client, project_id, state.jobs[key], latest[key], say),
+            started=time.monotonic(),
+        )
+        for key in (j.key for j in runs_to_start(spec, state.stale))
+    ]
+
+    def chain_ended() -> bool:
+        for one in list(active):
+            if one.poll(client, project_id, say):
+                active.remove(one)
+                if one.run is not None and one.run.succeeded:
+                    parent_created = _timestamp(one.run.created_at)
+                    active.extend(
+                        follower(child.key, parent_created=parent_created, parent_ended=time.monotonic())
+                        for child in spec.children(one.outcome.key)
+                    )
+        return not active
+
+    if active:
+        poll_until(
+            chain_ended,
+            timeout=max(0.0, deadline - time.monotonic()),
+            interval=poll_interval,
+            what="the job chain to end",
+            describe_last=lambda: "still waiting for: " + ", ".join(one.job.name for one in active),
+        )
+    for key, outcome in outcomes.items():
+        if outcome.action == "skipped":
+            outcome.action, outcome.status = (
+                ("not run", "") if key in state.stale else ("skipped", "up to date")
+            )
+    return outcomes
+
+
+def _stop_outdated_runs(
+    client: CMLClient, project_id: str, spec: DeploySpec, state: ChainState, deadline: float, say: ProgressFn
+) -> dict[str, JobRun | None]:
+    """The latest run of every stale job, after stopping the active ones that are outdated: their
+    inputs changed, or the chain will start them again from an ancestor."""
     top_most = {j.key for j in runs_to_start(spec, state.stale)}
     latest: dict[str, JobRun | None] = {}
     for job_spec in spec.chain_order():
@@ -197,92 +297,44 @@ def run_and_follow(
             continue
         job = state.jobs[job_spec.key]
         previous = latest[job_spec.key] = client.latest_job_run(project_id, job.id)
-        if (
-            previous is not None
-            and previous.is_active
-            and (job_spec.key in state.changed or job_spec.key not in top_most)
-        ):
+        outdated = job_spec.key in state.changed or job_spec.key not in top_most
+        if previous is not None and previous.is_active and outdated:
             say(f"{job_spec.name}: stopping run {previous.id} (outdated: the chain runs it again)")
-            latest[job_spec.key] = _stop_and_wait(client, project_id, job.id, previous, deadline)
-    for job_spec in spec.chain_order():
-        if job_spec.key not in top_most:
-            continue
-        job = state.jobs[job_spec.key]
-        previous = latest[job_spec.key]
-        if previous is not None and previous.is_active:
-            say(f"{job_spec.name}: following the run already in progress ({previous.id})")
-            run = previous
-        else:
-            run = create_or_find(
-                lambda job=job: client.create_job_run(project_id, job.id),
-                lambda job=job, previous=previous: _newer_run(client, project_id, job.id, previous),
-                what=f"run of job {job_spec.name!r}",
-            )
-            say(f"{job_spec.name}: started run {run.id}")
-        following[job_spec.key] = (run, time.monotonic())
-    # children expected to start by themselves: key → (parent run creation time, parent's end)
-    awaited: dict[str, tuple[datetime | None, float]] = {}
-
-    while following or awaited:
-        if time.monotonic() > deadline:
-            names = ", ".join(outcomes[k].name for k in [*following, *awaited])
-            raise JobChainError(f"deploy timed out after {timeout:.0f}s while waiting for: {names}")
-        time.sleep(poll_interval)
-        for key, (run, started) in list(following.items()):
-            job = state.jobs[key]
-            run = client.get_job_run(project_id, job.id, run.id)
-            following[key] = (run, started)
-            if not run.is_terminal and key in early and early[key]():
-                del following[key]
-                outcome = outcomes[key]
-                outcome.action, outcome.status, outcome.run_id = "ran", SUPERVISING, run.id
-                outcome.duration = time.monotonic() - started
-                outcome.log_hint = _log_hint(run, job)
-                say(f"{outcome.name}: its work is done; the run stays to supervise the cluster ({run.id})")
-                continue
-            if not run.is_terminal:
-                continue
-            del following[key]
-            outcome = outcomes[key]
-            outcome.action, outcome.status, outcome.run_id = "ran", run.status, run.id
-            outcome.duration = _run_duration(run) or time.monotonic() - started
-            outcome.log_hint = _log_hint(run, job)
-            say(f"{outcome.name}: {run.status.removeprefix('ENGINE_').lower()} after {outcome.duration:.0f}s")
-            if run.succeeded:
-                for child in spec.children(key):
-                    awaited[child.key] = (_timestamp(run.created_at), time.monotonic())
-        for key, (parent_created, parent_end) in list(awaited.items()):
-            job = state.jobs[key]
-            run = client.latest_job_run(project_id, job.id)
-            run_created = _timestamp(run.created_at) if run else None
-            if run is not None and (
-                parent_created is None or run_created is None or run_created >= parent_created
-            ):
-                del awaited[key]
-                following[key] = (run, time.monotonic())
-                say(f"{outcomes[key].name}: started by CML after its parent ({run.id})")
-            elif time.monotonic() - parent_end > CHILD_APPEAR_TIMEOUT:
-                raise JobChainError(
-                    f"job {job.name!r} did not start within {CHILD_APPEAR_TIMEOUT:.0f}s after its parent "
-                    "succeeded; check that its parent is set in CML (Jobs → Settings → Dependency)"
-                )
-    for key, outcome in outcomes.items():
-        if outcome.action == "skipped" and key in state.stale:
-            outcome.action = "not run"
-        if outcome.action == "skipped":
-            outcome.status = "up to date"
-    return outcomes
+            latest[job_spec.key] = _stop_and_wait(client, project_id, job, previous, deadline)
+    return latest
 
 
-def _stop_and_wait(client: CMLClient, project_id: str, job_id: str, run: JobRun, deadline: float) -> JobRun:
-    """Stop a run and wait until it has ended."""
-    client.stop_job_run(project_id, job_id, run.id)
-    while time.monotonic() < deadline:
-        run = client.get_job_run(project_id, job_id, run.id)
-        if run.is_terminal:
-            return run
-        time.sleep(1.0)
-    raise JobChainError(f"run {run.id} of job {job_id} did not stop; stop it in the CML UI and deploy again")
+def _start_or_join(
+    client: CMLClient, project_id: str, job: Job, previous: JobRun | None, say: ProgressFn
+) -> JobRun:
+    """The run to follow for a top-most job: the one in progress, else a new one."""
+    if previous is not None and previous.is_active:
+        say(f"{job.name}: following the run already in progress ({previous.id})")
+        return previous
+    run = create_or_find(
+        lambda: client.create_job_run(project_id, job.id),
+        lambda: _newer_run(client, project_id, job.id, previous),
+        what=f"run of job {job.name!r}",
+    )
+    say(f"{job.name}: started run {run.id}")
+    return run
+
+
+def _stop_and_wait(client: CMLClient, project_id: str, job: Job, run: JobRun, deadline: float) -> JobRun:
+    """Stop a run and wait (until `deadline`) until it has ended."""
+    client.stop_job_run(project_id, job.id, run.id)
+
+    def ended() -> JobRun | None:
+        current = client.get_job_run(project_id, job.id, run.id)
+        return current if current.is_terminal else None
+
+    return poll_until(
+        ended,
+        timeout=max(0.0, deadline - time.monotonic()),
+        interval=1.0,
+        what=f"run {run.id} of job {job.name!r} to stop",
+        describe_last=lambda: "stop it in the CML UI and deploy again",
+    )
 
 
 def _newer_run(client: CMLClient, project_id: str, job_id: str, previous: JobRun | None) -> JobRun | None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ray_serve_cai.cluster import ClusterStatus, RayCluster, connect_info
+from ray_serve_cai.cluster.applied import ClusterRequest
 from ray_serve_cai.cluster.runtimes import choose_runtime
 from ray_serve_cai.cml import CMLClient
 from ray_serve_cai.config import ClusterSpec, DeploySpec, JobSpec
@@ -39,6 +40,9 @@ GIT_URL_VAR = "RAY_CAI_GIT_URL"
 GIT_BRANCH_VAR = "RAY_CAI_GIT_BRANCH"
 DEPS_DIGEST_VAR = "RAY_CAI_DEPS_DIGEST"
 CLUSTER_SPEC_VAR = "RAY_CAI_CLUSTER_SPEC"
+# The deployer's config without its env overrides, those overrides and the deployed commit: the
+# launch job records them with the applied spec, so a later `up` keeps what was deployed.
+CLUSTER_REQUEST_VAR = "RAY_CAI_CLUSTER_REQUEST"
 
 GIT_SYNC, SETUP, LAUNCH = "git_sync", "setup_environment", "launch_ray_cluster"
 OK_STATUSES = frozenset({"ENGINE_SUCCEEDED", SUPERVISING})
@@ -96,7 +100,7 @@ class DeployResult:
 
 def desired_jobs(
     spec: DeploySpec,
-    cluster: ClusterSpec,
+    cluster: ClusterSpec | ClusterRequest,
     *,
     repo: Path,
     commit: str,
@@ -107,7 +111,8 @@ def desired_jobs(
     """Every job's CML fields and the fingerprint of its inputs."""
     code = tree_digest(repo, commit)
     deps = dependency_digest(repo, commit)
-    cluster_json = cluster.model_dump_json()
+    request = cluster if isinstance(cluster, ClusterRequest) else ClusterRequest(cluster)
+    cluster_json = request.spec.model_dump_json()
     result: dict[str, DesiredJob] = {}
     for job in spec.chain_order():
         env = dict(job.environment)
@@ -124,6 +129,8 @@ def desired_jobs(
         elif job.key == LAUNCH:
             inputs = cluster_json
             env[CLUSTER_SPEC_VAR] = cluster_json
+            env[CLUSTER_REQUEST_VAR] = launch_request_json(request, commit)
+            inputs += env[CLUSTER_REQUEST_VAR]
         else:
             inputs = code
         fields = _job_fields(job, spec, env, default_runtime)
@@ -154,10 +161,28 @@ def _job_fields(
     return fields
 
 
+def launch_request_json(request: ClusterRequest, commit: str) -> str:
+    """The deployer's config without overrides, the overrides and the commit, for the launch job."""
+    base = request.base if request.base is not None else request.spec
+    data = {"base": base.model_dump(mode="json"), "overrides": dict(request.overrides), "commit": commit}
+    return json.dumps(data, sort_keys=True)
+
+
+def launch_request(spec_json: str, request_json: str) -> ClusterRequest:
+    """The launch job's `ClusterRequest`, from the variables `desired_jobs` gave it."""
+    spec = ClusterSpec.model_validate_json(spec_json)
+    if not request_json:
+        return ClusterRequest(spec, source="deploy")
+    data = json.loads(request_json)
+    base = ClusterSpec.model_validate_json(json.dumps(data["base"]))
+    overrides = dict(data.get("overrides") or {})
+    return ClusterRequest(spec, base, overrides, source="deploy", commit=data.get("commit"))
+
+
 def deploy(
     client: CMLClient,
     spec: DeploySpec,
-    cluster: ClusterSpec,
+    cluster: ClusterSpec | ClusterRequest,
     options: DeployOptions,
     *,
     progress: Callable[[str], None] | None = None,
@@ -209,7 +234,9 @@ def deploy(
     launch = spec.jobs.get(LAUNCH)
     if launch is not None and supervises(launch.arguments):
         # The launch job stays to supervise: its work is done once the cluster is ready.
-        done_while_running[LAUNCH] = lambda: RayCluster(client, project.id, cluster).status().ready
+        # One RayCluster for every poll, so its runtime choice (a list call) is made once.
+        supervised = RayCluster(client, project.id, _cluster_spec(cluster))
+        done_while_running[LAUNCH] = lambda: supervised.status().ready
     outcomes = run_and_follow(
         client,
         project.id,
@@ -231,8 +258,12 @@ def deploy(
         updated_jobs=state.updated,
     )
     if result.succeeded:
-        result.cluster = RayCluster(client, project.id, cluster).status()
+        result.cluster = RayCluster(client, project.id, _cluster_spec(cluster)).status()
     return result
+
+
+def _cluster_spec(cluster: ClusterSpec | ClusterRequest) -> ClusterSpec:
+    return cluster.spec if isinstance(cluster, ClusterRequest) else cluster
 
 
 def supervises(arguments: str) -> bool:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 from ray_serve_cai import RAY_MINOR
+from ray_serve_cai.errors import EXIT_BAD_INPUT, EXIT_OK, OperationFailed
 
 if TYPE_CHECKING:  # only for annotations: the first two steps run before any dependency exists
     from ray_serve_cai.cluster import ClusterStatus, Plan, RayCluster
@@ -22,7 +23,7 @@ VENV_DIR = ".venv"
 DEPS_MARKER = ".ray-cai-deps"
 
 
-class StepError(RuntimeError):
+class StepError(OperationFailed, RuntimeError):
     """A job step failed; the message is the one line the job log ends with."""
 
 
@@ -143,17 +144,23 @@ def launch_ray_cluster(args: list[str] | None = None) -> int:
     `--watch [SECONDS]` the job then stays, reconciling at that interval (dead or stuck apps are
     replaced) until the run is stopped."""
     from ray_serve_cai.cluster import ClusterError, RayCluster, write_cluster_info
+    from ray_serve_cai.cluster.applied import load_cluster_request
     from ray_serve_cai.cml import CMLClient, CMLError, CMLSettings
-    from ray_serve_cai.config import ClusterSpec, ConfigError, load_cluster_spec
+    from ray_serve_cai.config import ConfigError
+    from ray_serve_cai.deploy.orchestrator import CLUSTER_REQUEST_VAR, CLUSTER_SPEC_VAR, launch_request
 
     project = _project_dir()
-    spec_json = os.environ.get("RAY_CAI_CLUSTER_SPEC", "").strip()
+    spec_json = os.environ.get(CLUSTER_SPEC_VAR, "").strip()
     try:
         spec = (
-            ClusterSpec.model_validate_json(spec_json)
+            launch_request(spec_json, os.environ.get(CLUSTER_REQUEST_VAR, "").strip())
             if spec_json
-            else load_cluster_spec(project / "ray_cluster_config.yaml")
+            else load_cluster_request(project / "ray_cluster_config.yaml", source="deploy")
         )
+        if spec.spec.serve is not None:  # the Serve config file is checked before any API call too
+            from ray_serve_cai.config.serve import load_serve_config
+
+            load_serve_config(spec.spec.serve.config, project)
         settings = CMLSettings.from_env()
     except (ConfigError, CMLError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
@@ -173,7 +180,7 @@ def launch_ray_cluster(args: list[str] | None = None) -> int:
     info_file = project / "ray_cluster_info.json"
     try:
         with CMLClient(settings) as client:
-            cluster = RayCluster(client, settings.project_id, spec)
+            cluster = RayCluster(client, settings.project_id, spec, project_dir=project)
             if interval is not None:
                 _supervise(cluster, interval, info_file)
                 return 0
@@ -181,7 +188,13 @@ def launch_ray_cluster(args: list[str] | None = None) -> int:
     except (ClusterError, CMLError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
+    except ConfigError as err:  # Serve refused the config (HTTP 400)
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
     print(f"plan: {plan.summary()}", flush=True)
+    if not status.ready:  # the nodes are up but a Serve application failed: Serve's message says why
+        print("error: " + "; ".join(status.problems or [status.state]), file=sys.stderr, flush=True)
+        return 1
     _report_ready(status, write_cluster_info(status, info_file))
     return 0
 
@@ -190,6 +203,9 @@ def _report_ready(status: ClusterStatus, info: Path) -> None:
     alive = status.ray.get("alive_nodes")
     print(f"cluster {status.cluster!r} ready: {alive} nodes alive; info in {info}", flush=True)
     print(f"dashboard: {status.dashboard_url}", flush=True)
+    if status.serve is not None:
+        apps = ", ".join(f"{n} {a['status']}" for n, a in status.serve["applications"].items())
+        print(f"serve: {status.serve['url']} ({apps or 'no applications'})", flush=True)
 
 
 def _supervise(cluster: RayCluster, interval: float, info_file: Path) -> None:
@@ -228,8 +244,8 @@ def main(step: str) -> int:
             return launch_ray_cluster()
         else:
             print(f"error: unknown step {step!r}", file=sys.stderr)
-            return 2
+            return EXIT_BAD_INPUT
     except StepError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
-        return 1
-    return 0
+        return err.exit_code
+    return EXIT_OK

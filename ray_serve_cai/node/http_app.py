@@ -1,5 +1,7 @@
 """HTTP on 127.0.0.1:$CDSW_APP_PORT: health on every node; on the head, cluster status and a
-proxy to the Ray dashboard that adds the token header (CML's login already guards the app URL).
+streaming proxy (HTTP and WebSocket, `ray_serve_cai._proxy`) to the Ray dashboard that adds the
+token header (CML's login already guards the app URL), plus other local servers mounted under a
+path prefix (`PathUpstream`, e.g. Serve under `/serve`).
 
 `/ray-cai/health` (every node): what the node is doing, whether Ray runs, the last error from its
 Ray log. `/ray-cai/healthz` (the app's polling endpoint, `CDSW_APP_POLLING_ENDPOINT`): 200 while
@@ -15,7 +17,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,32 +26,18 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
+from starlette.types import Scope
+
+from ray_serve_cai._proxy import ReverseProxy, drop_and_add, proxy_client
 
 logger = logging.getLogger(__name__)
 
-# Incoming headers never forwarded: hop-by-hop ones, and credentials meant for CML, not Ray.
-DROPPED_REQUEST_HEADERS = {
-    "host",
-    "authorization",
-    "x-ray-authorization",
-    "connection",
-    "keep-alive",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "content-length",
-    "accept-encoding",
-}
-DROPPED_RESPONSE_HEADERS = {
-    "content-encoding",
-    "content-length",
-    "transfer-encoding",
-    "connection",
-    "keep-alive",
-}
+# Credentials never forwarded to Ray or Serve: CML's `Authorization` (the user's API key) and any
+# client-sent `X-Ray-Authorization` (only the node's own token goes upstream). Hop-by-hop headers are
+# dropped by the proxy itself.
+CREDENTIAL_HEADERS = frozenset({"authorization", "x-ray-authorization"})
+RAY_TOKEN_HEADER = "X-Ray-Authorization"
 NODE_NAME_LABEL = "ray-cai.node-name"
 
 
@@ -67,6 +55,7 @@ class NodeStatus:
     dashboard_port: int | None = None
     ray_running: Callable[[], bool] = lambda: False
     dashboard_token: Callable[[], str | None] = lambda: None
+    autoscaler: Callable[[], dict[str, Any] | None] = lambda: None  # the autoscaler's last decision
     # Head only, once published: gcs_address, client_address, auth_mode, token_path (a path, never the token).
     connect: dict[str, Any] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -151,13 +140,26 @@ def summarize_nodes(raw_nodes: list[dict[str, Any]]) -> dict[str, Any]:
     return {"alive_nodes": sum(1 for node in nodes if node["alive"]), "nodes": nodes, "resources": totals}
 
 
-def create_app(status: NodeStatus) -> Starlette:
-    """The app HTTP server of one node."""
-    client = httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=3.0), follow_redirects=False)
+@dataclass(frozen=True)
+class PathUpstream:
+    """Another local server mounted under a path prefix of the head's HTTP server (e.g. Serve's HTTP
+    proxy under `/serve`). `port()` is asked per request (None: not up yet → 503). With
+    `strip_prefix` the upstream sees paths without the prefix; without it (Serve with
+    `root_path: /serve`) it sees them as the client sent them."""
+
+    prefix: str
+    port: Callable[[], int | None]
+    strip_prefix: bool = False
+    name: str = "upstream"
+
+
+def create_app(status: NodeStatus, upstreams: Sequence[PathUpstream] = ()) -> Starlette:
+    """The app HTTP server of one node; on the head, `upstreams` are mounted before the dashboard."""
+    forwarder = proxy_client()
 
     def dashboard_headers() -> dict[str, str]:
         token = status.dashboard_token()
-        return {"X-Ray-Authorization": f"Bearer {token}"} if token else {}
+        return {RAY_TOKEN_HEADER: f"Bearer {token}"} if token else {}
 
     def dashboard_url(path: str) -> str | None:
         if status.dashboard_port is None:
@@ -179,6 +181,8 @@ def create_app(status: NodeStatus) -> Starlette:
             "ray_running": status.ray_running(),
             **status.connect,
         }
+        if (decision := status.autoscaler()) is not None:
+            body["autoscaler"] = decision
         empty = {"alive_nodes": 0, "nodes": [], "resources": {}}
         address, list_nodes = status.gcs_address, status.list_nodes
         if address is None or list_nodes is None or not status.ray_running():
@@ -190,48 +194,60 @@ def create_app(status: NodeStatus) -> Starlette:
             return JSONResponse({**body, **empty, "error": f"GCS not answering: {type(error).__name__}"}, 503)
         return JSONResponse({**body, **summarize_nodes(rows)})
 
-    async def proxy(request: Request) -> Response:
-        path = request.url.path
-        if status.role != "head":
-            if path == "/":
-                return HTMLResponse(f"<h1>Ray worker {status.node_name}</h1><p>see /ray-cai/health</p>")
-            return JSONResponse({"error": "not found"}, 404)
-        query = f"?{request.url.query}" if request.url.query else ""
-        url = dashboard_url(path + query)
-        if url is None:
-            return _starting_page(status, path)
-        headers = {
-            key: value for key, value in request.headers.items() if key.lower() not in DROPPED_REQUEST_HEADERS
-        }
-        headers.update(dashboard_headers())
-        try:
-            upstream = await client.request(
-                request.method, url, headers=headers, content=await request.body()
-            )
-        except httpx.HTTPError:
-            return _starting_page(status, path)
-        response_headers = {
-            key: value
-            for key, value in upstream.headers.items()
-            if key.lower() not in DROPPED_RESPONSE_HEADERS
-        }
-        return Response(upstream.content, status_code=upstream.status_code, headers=response_headers)
+    async def dashboard_unreachable(request: Request) -> Response:
+        return _starting_page(status, request.url.path)
+
+    def dashboard_base(_: Scope) -> str | None:
+        return dashboard_url("")
+
+    dashboard = ReverseProxy(
+        dashboard_base,
+        headers=drop_and_add(CREDENTIAL_HEADERS, dashboard_headers),
+        fallback=dashboard_unreachable,
+        client=forwarder,
+    )
+
+    async def worker_page(request: Request) -> Response:
+        if request.url.path == "/":
+            return HTMLResponse(f"<h1>Ray worker {status.node_name}</h1><p>see /ray-cai/health</p>")
+        return JSONResponse({"error": "not found"}, 404)
 
     routes = [
         Route("/ray-cai/health", health, methods=["GET"]),
         Route("/ray-cai/healthz", healthz, methods=["GET"]),
         Route("/ray-cai/status", cluster_status, methods=["GET"]),
-        Route("/{path:path}", proxy, methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]),
     ]
-    if status.role != "head":
+    if status.role == "head":
+        routes += [Mount(u.prefix.rstrip("/"), app=_mounted(u, forwarder)) for u in upstreams]
+        routes.append(Mount("", app=dashboard))
+    else:
         routes = [route for route in routes if route.path != "/ray-cai/status"]
+        routes.append(Route("/{path:path}", worker_page))
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette):  # type: ignore[no-untyped-def]
         yield
-        await client.aclose()
+        await forwarder.aclose()
 
     return Starlette(routes=routes, lifespan=lifespan)
+
+
+def _mounted(upstream: PathUpstream, client: httpx.AsyncClient) -> ReverseProxy:
+    def base(_: Scope) -> str | None:
+        port = upstream.port()
+        return None if port is None else f"http://127.0.0.1:{port}"
+
+    async def not_up(_: Request) -> Response:
+        return JSONResponse({"error": f"{upstream.name} is not reachable yet"}, 503)
+
+    return ReverseProxy(
+        base,
+        headers=drop_and_add(CREDENTIAL_HEADERS),
+        fallback=not_up,
+        # Starlette's Mount already moved the prefix into root_path; the raw path still has it.
+        strip_prefix=upstream.prefix if upstream.strip_prefix else "",
+        client=client,
+    )
 
 
 def _starting_page(status: NodeStatus, path: str) -> Response:
@@ -244,9 +260,21 @@ def _starting_page(status: NodeStatus, path: str) -> Response:
 class AppServer:
     """uvicorn in a daemon thread, so the main thread keeps signals and supervises Ray."""
 
-    def __init__(self, status: NodeStatus, port: int, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        status: NodeStatus,
+        port: int,
+        host: str = "127.0.0.1",
+        upstreams: Sequence[PathUpstream] = (),
+    ) -> None:
         config = uvicorn.Config(
-            create_app(status), host=host, port=port, log_level="warning", access_log=False, lifespan="on"
+            create_app(status, upstreams),
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            ws="websockets-sansio",  # WebSocket upgrades pass to the dashboard (needs `websockets`)
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="app-http", daemon=True)

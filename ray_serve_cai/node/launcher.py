@@ -27,6 +27,7 @@ import uuid
 from datetime import datetime, timezone
 from types import FrameType
 
+from ray_serve_cai.node.autoscaling import autoscaler_state, autoscaling_start
 from ray_serve_cai.node.files import (
     Rendezvous,
     TokenError,
@@ -41,6 +42,7 @@ from ray_serve_cai.node.files import (
 )
 from ray_serve_cai.node.http_app import AppServer, NodeStatus
 from ray_serve_cai.node.ray_node import GCS_PROBE, NodePorts, RayNode, wait_for_gcs
+from ray_serve_cai.node.serve_proxy import serve_upstreams, start_serve_in_background
 from ray_serve_cai.node.settings import NodeSettings, SettingsError
 
 logger = logging.getLogger("ray_serve_cai.node")
@@ -80,6 +82,7 @@ class Launcher:
         # The in-process GCS client reads the auth mode and token path from this environment.
         os.environ.update(self.auth_env)
         self.node = RayNode(settings, NodePorts.choose(settings), self.auth_env)
+        self.node.extra_args, self.node.extra_env = autoscaling_start(settings)
         self.failed_starts = 0
         self.status = NodeStatus(
             role=settings.role,
@@ -93,8 +96,9 @@ class Launcher:
             dashboard_token=self._dashboard_token,
             start_grace=settings.start_grace,
             list_nodes=GCS_PROBE.alive_nodes,
+            autoscaler=lambda: autoscaler_state(settings),
         )
-        self.http = AppServer(self.status, settings.app_port)
+        self.http = AppServer(self.status, settings.app_port, upstreams=serve_upstreams(self.status))
 
     @property
     def ports(self) -> NodePorts:
@@ -225,6 +229,7 @@ def _run_head(launcher: Launcher, published: list[str]) -> int:
         launcher.start_failed()
     launcher.node_runs()
     logger.info("head %s runs at %s", launcher.status.head_id, address)
+    start_serve_in_background(launcher.status.connect, address, launcher.node.environment())
     while True:
         launcher.sleep(SUPERVISE_INTERVAL_SECONDS)
         exit_code = launcher.node.exit_code()

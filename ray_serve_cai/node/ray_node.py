@@ -27,6 +27,7 @@ from ray_serve_cai.errors import WaitTimeout
 from ray_serve_cai.node.ports import WorkerPortBlock, pick_free_ports, reserve_worker_port_block
 from ray_serve_cai.node.process_tree import NODE_TAG_VARIABLE, end_node, node_processes, processes_in_group
 from ray_serve_cai.node.reaper import release_reaper, start_reaper
+from ray_serve_cai.node.serve_proxy import project_pythonpath
 from ray_serve_cai.node.settings import NodeSettings
 from ray_serve_cai.waiting import poll_until
 
@@ -225,6 +226,9 @@ class RayNode:
     output: RayOutput | None = None
     started_at: float = 0.0
     burnt_ports: set[int] = field(default_factory=set)
+    # Added by ray_serve_cai.node.autoscaling: `ray start` options and environment of autoscaling.
+    extra_args: list[str] = field(default_factory=list)
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def tag(self) -> str:
@@ -244,6 +248,8 @@ class RayNode:
         env.update(self.auth_env)
         env[NODE_TAG_VARIABLE] = self.tag
         env["RAY_USAGE_STATS_ENABLED"] = "0"
+        env.update(self.extra_env)
+        env["PYTHONPATH"] = project_pythonpath(env, self.settings.project_dir)  # Serve imports project code
         return env
 
     def start_command(self, head_address: str | None = None) -> list[str]:
@@ -291,7 +297,7 @@ class RayNode:
                 f"--min-worker-port={ports.worker_ports.first}",
                 f"--max-worker-port={ports.worker_ports.last}",
             ]
-        return command
+        return command + self.extra_args
 
     def start(self, head_address: str | None = None) -> subprocess.Popen[bytes]:
         """Start `ray start --block` in its own session (its own process group)."""

@@ -44,6 +44,10 @@ class NodeSettings:
     node_ip: str
     app_port: int
     project_dir: Path
+    # Autoscaling (ray_serve_cai.node.autoscaling): the head runs Ray's autoscaler; a node's
+    # NODE_ID_AS_RESOURCE, by which the autoscaler matches its application to its Ray node.
+    autoscaler: bool = False
+    node_id_resource: int | None = None
 
     @property
     def memory_bytes(self) -> int | None:
@@ -82,6 +86,8 @@ class NodeSettings:
         node_ip = env.get("CDSW_IP_ADDRESS", "").strip()
         if not node_ip:
             problems.append("CDSW_IP_ADDRESS is not set (the node's IP address)")
+        autoscaler = env.get("RAY_CAI_AUTOSCALER", "").strip() == "1"
+        node_id_resource = reader.integer("RAY_CAI_NODE_ID_RESOURCE", default=None, minimum=1)
         project_dir = Path(env.get("RAY_CAI_PROJECT_DIR", "").strip() or os.getcwd())
         if not project_dir.is_dir():
             problems.append(f"project directory {project_dir} does not exist")
@@ -105,6 +111,8 @@ class NodeSettings:
             node_ip=node_ip,
             app_port=app_port or 0,
             project_dir=project_dir.resolve(),
+            autoscaler=autoscaler,
+            node_id_resource=node_id_resource,
         )
 
 

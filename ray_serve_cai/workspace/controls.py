@@ -9,12 +9,22 @@ from __future__ import annotations
 import random
 import threading
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ray_serve_cai.workspace.errors import invalid_argument
 
 FAULT_STATUSES_DEFAULT = (500, 502, 503, 429)
+
+
+def reject_unknown_keys(body: dict[str, Any], known: list[str], what: str) -> None:
+    """A typo in a control (`error_rates`) must fail loudly, not silently configure nothing."""
+    unknown = sorted(set(body) - set(known))
+    if unknown:
+        raise invalid_argument(
+            f"unknown {what} key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+            f"(known: {', '.join(known)})"
+        )
 
 
 class RequestCounters:
@@ -55,9 +65,11 @@ class FaultPlan:
     hang_on_request: int | None = None
     hang_seconds: float = 0.0
     max_faults: int | None = None  # stop injecting errors, resets and drops after this many (None: never)
+    only_creates: bool = False  # apply only to create requests (POST of a new project/job/run/application)
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> FaultPlan:
+        reject_unknown_keys(body, [f.name for f in fields(cls)], "fault plan")
         plan = cls()
         for rate_name in ("error_rate", "reset_rate", "drop_create_response_rate"):
             value = body.get(rate_name, 0.0)
@@ -102,6 +114,10 @@ class FaultPlan:
         ):
             raise invalid_argument("max_faults must be a non-negative integer")
         plan.max_faults = max_faults
+        only_creates = body.get("only_creates", False)
+        if not isinstance(only_creates, bool):
+            raise invalid_argument("only_creates must be true or false")
+        plan.only_creates = only_creates
         return plan
 
     def to_dict(self) -> dict[str, Any]:
@@ -117,6 +133,7 @@ class FaultPlan:
             "hang_on_request": self.hang_on_request,
             "hang_seconds": self.hang_seconds,
             "max_faults": self.max_faults,
+            "only_creates": self.only_creates,
         }
 
 
@@ -156,6 +173,8 @@ class FaultInjector:
             plan = self.plan
             if plan is None or path.startswith("/_workspace") or not path.startswith(plan.paths):
                 return FaultDecision()
+            if plan.only_creates and not is_create:
+                return FaultDecision()
             self._matched += 1
             hang = 0.0
             if plan.hang_on_request is not None and self._matched == plan.hang_on_request:
@@ -194,6 +213,7 @@ class Latency:
     job_start_seconds: float = 0.0
 
     def update(self, body: dict[str, Any]) -> None:
+        reject_unknown_keys(body, ["app_start_seconds", "job_start_seconds"], "latency")
         for name in ("app_start_seconds", "job_start_seconds"):
             if name in body:
                 value = body[name]
@@ -203,3 +223,43 @@ class Latency:
 
     def to_dict(self) -> dict[str, float]:
         return {"app_start_seconds": self.app_start_seconds, "job_start_seconds": self.job_start_seconds}
+
+
+# CML's default (reference §5): a failed application is restarted up to 3 times, 5 minutes apart.
+DEFAULT_RESTART_ATTEMPTS = 3
+DEFAULT_RESTART_DELAY_SECONDS = 300.0
+
+
+@dataclass
+class RestartPolicy:
+    """CML's automatic restart of failed applications ("Enable Application Restart", on by default):
+    an application that enters APPLICATION_FAILED by itself is started again after `delay_seconds`,
+    at most `max_attempts` times until a user starts it again. Set at start (`ray-cai workspace start
+    --app-restart-delay ...`) or with `PUT /_workspace/restart-policy`."""
+
+    enabled: bool = True
+    max_attempts: int = DEFAULT_RESTART_ATTEMPTS
+    delay_seconds: float = DEFAULT_RESTART_DELAY_SECONDS
+
+    def update(self, body: dict[str, Any]) -> None:
+        reject_unknown_keys(body, ["enabled", "max_attempts", "delay_seconds"], "restart policy")
+        if "enabled" in body and not isinstance(body["enabled"], bool):
+            raise invalid_argument("enabled must be a boolean")
+        if "max_attempts" in body:
+            value = body["max_attempts"]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise invalid_argument("max_attempts must be a non-negative integer")
+        if "delay_seconds" in body:
+            value = body["delay_seconds"]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise invalid_argument("delay_seconds must be a non-negative number")
+        self.enabled = bool(body.get("enabled", self.enabled))
+        self.max_attempts = int(body.get("max_attempts", self.max_attempts))
+        self.delay_seconds = float(body.get("delay_seconds", self.delay_seconds))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "enabled": self.enabled,
+            "max_attempts": self.max_attempts,
+            "delay_seconds": self.delay_seconds,
+        }

@@ -5,7 +5,11 @@ info = start_workspace()            # or ensure_workspace(); idempotent
 info.url, info.api_key, info.pid, info.home
 workspace_info()                    # WorkspaceInfo of the running server, or None
 stop_workspace()                    # ends every workload, then the server; True if one was running
+reset_workspace()                   # stop, then delete the state (projects, jobs, runs, apps, logs)
 ```
+
+The state survives the server: a start after a stop or a crash finds the same projects, jobs, runs
+and applications (`store.py`), and re-adopts the workloads a crashed server left running.
 """
 
 from __future__ import annotations
@@ -13,10 +17,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,14 +28,19 @@ from pathlib import Path
 import httpx
 import psutil
 
+from ray_serve_cai.errors import OperationFailed, WaitTimeout
+from ray_serve_cai.waiting import poll_until
+from ray_serve_cai.workspace.controls import DEFAULT_RESTART_ATTEMPTS, DEFAULT_RESTART_DELAY_SECONDS
+from ray_serve_cai.workspace.model import APP_ACTIVE_STATUSES, Application, JobRun, now_timestamp
 from ray_serve_cai.workspace.processes import DEFAULT_STOP_GRACE_SECONDS, WORKSPACE_MARKER, end_process_tree
-from ray_serve_cai.workspace.statefile import ensure_api_key, read_state, resolve_home
+from ray_serve_cai.workspace.statefile import ensure_api_key, read_state, resolve_home, write_state
+from ray_serve_cai.workspace.store import DB_FILE_NAME, Store, StoreError, db_path
 
 START_TIMEOUT_SECONDS = 30.0
 SERVER_LOG_NAME = "server.log"
 
 
-class WorkspaceError(Exception):
+class WorkspaceError(OperationFailed):
     """The workspace daemon could not be started or stopped."""
 
 
@@ -96,14 +105,33 @@ def workspace_info(home: Path | str | None = None) -> WorkspaceInfo | None:
     return WorkspaceInfo(url=url, api_key=api_key, pid=pid, home=resolved)
 
 
+def _server_error(home: Path) -> str:
+    """The server's own `error: ...` line from the end of its log, if it printed one."""
+    try:
+        with open(home / SERVER_LOG_NAME, "rb") as log:
+            log.seek(0, os.SEEK_END)
+            log.seek(max(log.tell() - 8192, 0))
+            lines = log.read().decode(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return next((line for line in reversed(lines) if line.startswith("error: ")), "")
+
+
 def start_workspace(
     home: Path | str | None = None,
     port: int = 0,
     *,
     stop_grace_seconds: float = DEFAULT_STOP_GRACE_SECONDS,
+    app_restart: bool = True,
+    app_restart_attempts: int = DEFAULT_RESTART_ATTEMPTS,
+    app_restart_delay: float = DEFAULT_RESTART_DELAY_SECONDS,
     timeout: float = START_TIMEOUT_SECONDS,
 ) -> WorkspaceInfo:
-    """Start the server in the background (unless one already runs for `home`) and wait until it answers."""
+    """Start the server in the background (unless one already runs for `home`) and wait until it answers.
+
+    `port` 0 reuses the previous server's port (workloads keep its URL), else a free one. The
+    `app_restart*` options set CML's automatic restart of failed applications (on, 3 attempts, 300 s
+    apart by default; `PUT /_workspace/restart-policy` changes them while it runs)."""
     resolved = resolve_home(home)
     with _home_lock(resolved):
         running = workspace_info(resolved)
@@ -113,6 +141,9 @@ def start_workspace(
         command = [
             sys.executable, "-m", "ray_serve_cai.workspace", "serve",
             "--home", str(resolved), "--port", str(port), "--stop-grace-seconds", str(stop_grace_seconds),
+            "--app-restart" if app_restart else "--no-app-restart",
+            "--app-restart-attempts", str(app_restart_attempts),
+            "--app-restart-delay", str(app_restart_delay),
         ]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if k not in ("CML_HOST", "CML_API_KEY")}
         with open(resolved / SERVER_LOG_NAME, "ab") as log_file:
@@ -125,20 +156,29 @@ def start_workspace(
                 start_new_session=True,
                 close_fds=True,
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def answering() -> WorkspaceInfo | None:
             if server.poll() is not None:
+                reason = _server_error(resolved)
                 raise WorkspaceError(
-                    f"workspace server exited with code {server.returncode}; see {resolved / SERVER_LOG_NAME}"
+                    f"workspace server exited with code {server.returncode}"
+                    + (f" ({reason.removeprefix('error: ')})" if reason else "")
+                    + f"; see {resolved / SERVER_LOG_NAME}"
                 )
             state = read_state(resolved)
             url = state.get("url")
             if state.get("pid") == server.pid and isinstance(url, str) and _answers(url, api_key, server.pid):
                 return WorkspaceInfo(url=url, api_key=api_key, pid=server.pid, home=resolved)
-            time.sleep(0.05)
-        server.kill()
-        server.wait()
-        raise WorkspaceError(f"workspace server did not answer within {timeout:.0f} s")
+            return None
+
+        try:
+            return poll_until(
+                answering, timeout=timeout, interval=0.05, what="the workspace server to answer"
+            )
+        except WaitTimeout:
+            server.kill()
+            server.wait()
+            raise WorkspaceError(f"workspace server did not answer within {timeout:.0f} s") from None
 
 
 def ensure_workspace(home: Path | str | None = None) -> WorkspaceInfo:
@@ -157,18 +197,86 @@ def stop_workspace(home: Path | str | None = None, *, timeout: float = 60.0) -> 
         if isinstance(pid, int) and _pid_alive(pid) and _is_workspace_server(pid):
             os.kill(pid, signal.SIGTERM)
             try:
-                psutil.Process(pid).wait(timeout=timeout)
-            except psutil.TimeoutExpired:
-                os.kill(pid, signal.SIGKILL)
-                with contextlib.suppress(psutil.NoSuchProcess, psutil.TimeoutExpired):
-                    psutil.Process(pid).wait(timeout=5)
-            except psutil.NoSuchProcess:
-                pass
+                poll_until(
+                    lambda: _server_gone(pid), timeout=timeout, interval=0.05, what="the server to end"
+                )
+            except WaitTimeout:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(WaitTimeout):
+                    poll_until(lambda: _server_gone(pid), timeout=5, interval=0.05, what="the server to end")
             stopped = True
         if isinstance(tag, str) and tag:
             # Safety net: anything the server could not end (e.g. it was killed) still carries its tag.
             end_process_tree(None, marker_value=tag, marker_name=WORKSPACE_MARKER, grace_seconds=2.0)
+        if not stopped:
+            _mark_stopped_offline(resolved)
         return stopped
+
+
+def _mark_stopped_offline(home: Path) -> None:
+    """With no server (it was killed), `stop` ended the workloads itself: record them as stopped."""
+    if not db_path(home).is_file():
+        return
+    try:
+        store = Store(db_path(home))
+    except StoreError:  # damaged or newer: left as it is (start says so; reset deletes it)
+        return
+    try:
+        runs = {r.id: r for r in store.load("run", JobRun)}
+        apps = {a.id: a for a in store.load("app", Application)}
+        moment = now_timestamp()
+        for run in runs.values():
+            if run.active:
+                run.status, run.failure_reason, run.finished_at = (
+                    "ENGINE_STOPPED",
+                    "workspace stopped",
+                    moment,
+                )
+                run.pid = run.process_started = None
+                store.mark("run", run.id)
+        for app in apps.values():
+            if app.status in APP_ACTIVE_STATUSES:
+                app.status, app.stopped_at = "APPLICATION_STOPPED", moment
+                app.pid = app.process_started = None
+                store.mark("app", app.id)
+        store.flush(lambda kind, record_id: (runs if kind == "run" else apps).get(record_id))
+    finally:
+        store.close()
+
+
+def reset_workspace(home: Path | str | None = None) -> Path:
+    """Stop the workspace, then delete its state: the database, the projects' files and the logs.
+    The API key and the port are kept (`ray-cai workspace env` stays valid). Returns the home."""
+    resolved = resolve_home(home)
+    stop_workspace(resolved)
+    with _home_lock(resolved):
+        for name in (DB_FILE_NAME, f"{DB_FILE_NAME}-wal", f"{DB_FILE_NAME}-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                (resolved / name).unlink()
+        for directory in ("projects", "logs"):
+            shutil.rmtree(resolved / directory, ignore_errors=True)
+        state = read_state(resolved)
+        if state:
+            state.pop("workspace_tag", None)
+            write_state(resolved, state)
+    return resolved
+
+
+def _server_gone(pid: int) -> bool:
+    """The server's process no longer exists. A zombie counts as gone only when it is this process's
+    child (then it is reaped here); another parent (init) reaps it soon, so its children are gone too."""
+    try:
+        process = psutil.Process(pid)
+        if process.status() != psutil.STATUS_ZOMBIE:
+            return False
+        if process.ppid() != os.getpid():
+            return False
+    except psutil.NoSuchProcess:
+        return True
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    return True
 
 
 def _is_workspace_server(pid: int) -> bool:

@@ -1,8 +1,10 @@
 """Records the workspace keeps (projects, jobs, job runs, applications) and how they render as CML objects.
 
-Records live in memory in the server process; `to_api()` renders the CML v2 JSON shape
+Records live in memory in the server process and are written through to SQLite (`store.py`): setting
+any attribute of a record reports it to the change hook (`set_change_hook`), so every field, including
+one added later, is durable without further code. `to_api()` renders the CML v2 JSON shape
 (`environment` as a JSON string, unset timestamps as `null`). Non-CML extras are documented
-where they are added (`log_path` on job runs and applications).
+where they are added (`log_path` on job runs and applications, `url` on applications).
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ import json
 import re
 import secrets
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ray_serve_cai.workspace.errors import invalid_argument
+from ray_serve_cai.workspace.processes import free_port
 
 SUBDOMAIN_PATTERN = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 SUBDOMAIN_MAX_LENGTH = 63
@@ -31,6 +35,47 @@ APP_ACTIVE_STATUSES = frozenset({"APPLICATION_STARTING", "APPLICATION_RUNNING", 
 _ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 _clock_lock = threading.Lock()
 _last_timestamp = datetime.min.replace(tzinfo=timezone.utc)
+
+
+ChangeHook = Callable[[str, str], None]
+_change_hook: ChangeHook | None = None
+
+
+def set_change_hook(hook: ChangeHook | None) -> None:
+    """`hook(kind, id)` is called whenever an attribute of a record is set (the store marks it dirty)."""
+    global _change_hook
+    _change_hook = hook
+
+
+def restore_clock(last_timestamp: str | None) -> None:
+    """Timestamps made after a restart sort after every stored one (the clock is strictly increasing)."""
+    global _last_timestamp
+    if not last_timestamp:
+        return
+    try:
+        moment = datetime.strptime(last_timestamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+    except ValueError:
+        return
+    with _clock_lock:
+        _last_timestamp = max(_last_timestamp, moment)
+
+
+def last_timestamp() -> str:
+    with _clock_lock:
+        return _last_timestamp.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class Record:
+    """Base of the stored records: reports every attribute change to the change hook."""
+
+    KIND: ClassVar[str] = ""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        hook = _change_hook
+        record_id = self.__dict__.get("id")
+        if hook is not None and record_id is not None:
+            hook(self.KIND, record_id)
 
 
 def new_id() -> str:
@@ -57,91 +102,7 @@ def current_user() -> dict[str, str]:
     return {"username": username, "name": username, "email": f"{username}@localhost"}
 
 
-# ---------------------------------------------------------------- request body validation
-
-
-def require_string(body: dict[str, Any], name: str) -> str:
-    value = body.get(name)
-    if value is None or (isinstance(value, str) and value.strip() == ""):
-        raise invalid_argument(f"{name} is required")
-    if not isinstance(value, str):
-        raise invalid_argument(f"{name} must be a string")
-    return value
-
-
-def optional_string(body: dict[str, Any], name: str, default: str = "") -> str:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, str):
-        raise invalid_argument(f"{name} must be a string")
-    return value
-
-
-def optional_number(body: dict[str, Any], name: str, default: float) -> float:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise invalid_argument(f"{name} must be a number")
-    if value < 0:
-        raise invalid_argument(f"{name} must not be negative")
-    return float(value)
-
-
-def optional_int(body: dict[str, Any], name: str, default: int) -> int:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        value = int(value)  # grpc-gateway accepts int64 as strings
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise invalid_argument(f"{name} must be an integer")
-    if value < 0:
-        raise invalid_argument(f"{name} must not be negative")
-    return value
-
-
-def optional_bool(body: dict[str, Any], name: str, default: bool) -> bool:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise invalid_argument(f"{name} must be a boolean")
-    return value
-
-
-def _check_env_map(name: str, value: dict[Any, Any]) -> dict[str, str]:
-    for key, item in value.items():
-        if not isinstance(key, str) or not isinstance(item, str):
-            raise invalid_argument(f"{name} must map strings to strings (bad entry {key!r})")
-    return dict(value)
-
-
-def environment_on_create(body: dict[str, Any], name: str = "environment") -> dict[str, str]:
-    """On create CML takes `environment` as a JSON object of strings."""
-    value = body.get(name)
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise invalid_argument(f"{name} must be a JSON object of strings on create")
-    return _check_env_map(name, value)
-
-
-def environment_on_update(body: dict[str, Any], name: str = "environment") -> dict[str, str]:
-    """On update CML takes `environment` as a JSON *string* holding an object; it replaces the map."""
-    value = body[name]
-    if not isinstance(value, str):
-        raise invalid_argument(f"{name} must be a JSON string on update (e.g. json.dumps of a dict)")
-    if value.strip() == "":
-        return {}
-    try:
-        parsed = json.loads(value)
-    except json.JSONDecodeError:
-        raise invalid_argument(f"{name} is not valid JSON") from None
-    if not isinstance(parsed, dict):
-        raise invalid_argument(f"{name} must encode a JSON object")
-    return _check_env_map(name, parsed)
+# ---------------------------------------------------------------- single-field checks (bodies.py: the bodies)
 
 
 def validate_subdomain(subdomain: str) -> None:
@@ -161,7 +122,9 @@ def validate_script_path(script: str) -> None:
 
 
 @dataclass
-class Project:
+class Project(Record):
+    KIND: ClassVar[str] = "project"
+
     id: str
     name: str
     description: str
@@ -200,7 +163,9 @@ class Project:
 
 
 @dataclass
-class Job:
+class Job(Record):
+    KIND: ClassVar[str] = "job"
+
     id: str
     project_id: str
     name: str
@@ -255,7 +220,9 @@ class Job:
 
 
 @dataclass
-class JobRun:
+class JobRun(Record):
+    KIND: ClassVar[str] = "run"
+
     id: str
     project_id: str
     job_id: str
@@ -272,6 +239,9 @@ class JobRun:
     running_at: str | None = None
     finished_at: str | None = None
     stop_requested: bool = False
+    # Not in the API: the run's process (group leader) and its start time, to re-adopt it after a restart.
+    pid: int | None = None
+    process_started: float | None = None
 
     @property
     def active(self) -> bool:
@@ -304,7 +274,9 @@ class JobRun:
 
 
 @dataclass
-class Application:
+class Application(Record):
+    KIND: ClassVar[str] = "app"
+
     id: str
     project_id: str
     name: str
@@ -329,6 +301,13 @@ class Application:
     started_at: str | None = None
     app_port: int | None = None
     readonly_port: int | None = None
+    # The port of the app's own loopback listener (its URL), chosen once for the app's whole life.
+    url_port: int = field(default_factory=free_port)
+    # Not in the API: the app's process (group leader) and its start time, to re-adopt it after a
+    # restart; automatic restarts used since the last start by a user.
+    pid: int | None = None
+    process_started: float | None = None
+    restart_attempts: int = 0
 
     def __post_init__(self) -> None:
         self.updated_at = self.updated_at or self.created_at
@@ -358,4 +337,6 @@ class Application:
             "started_at": self.started_at,
             # Not a CML field: where this application's stdout/stderr go (appended across restarts).
             "log_path": str(self.log_path),
+            # Not a CML field: the application's URL (CML's is https://<subdomain>.<domain>).
+            "url": f"http://127.0.0.1:{self.url_port}",
         }

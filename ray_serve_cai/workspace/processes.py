@@ -5,6 +5,10 @@ grandchildren may leave the process group (`setsid`) or be re-parented to init. 
 process therefore carries `RAY_CAI_WORKLOAD_ID=<id>` and `RAY_CAI_WORKSPACE_TAG=<tag of this
 workspace>` in its environment, which its descendants inherit; ending a workload kills its process
 group, its live descendants and every process carrying its marker.
+
+Each workload runs under a small `sh` that writes the script's exit code to an exit file next to
+its log: a workload re-adopted after a restart of the server is not the new server's child, so its
+exit code is read from there (`AdoptedProcess`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import psutil
 
@@ -31,6 +36,13 @@ WORKSPACE_MARKER = "RAY_CAI_WORKSPACE_TAG"
 
 _recent_ports: deque[int] = deque(maxlen=4096)
 _ports_lock = threading.Lock()
+
+
+def reserve_ports(ports: Iterable[int]) -> None:
+    """Ports recorded for apps (e.g. loaded after a restart) that `free_port` must not hand out."""
+    with _ports_lock:
+        known = set(_recent_ports)
+        _recent_ports.extend(p for p in dict.fromkeys(ports) if p not in known)
 
 
 def free_port() -> int:
@@ -46,14 +58,41 @@ def free_port() -> int:
                 return port
 
 
+# `sh -c EXIT_WRAPPER workload <exit file> <command...>`: runs the command, then records its exit code.
+# The trap keeps the shell alive on SIGTERM/SIGINT/SIGHUP until the command ended (a trap, not an
+# ignore, so the command itself keeps the default dispositions).
+EXIT_WRAPPER = 'f=$1; shift; trap : TERM INT HUP; "$@"; rc=$?; echo "$rc" > "$f"; exit "$rc"'
+
+
+class Leader(Protocol):
+    """What supervising a workload needs of its group leader: a `Popen`, or an `AdoptedProcess`."""
+
+    pid: int
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int | None: ...
+
+
+def exit_file_of(log_path: Path) -> Path:
+    return log_path.with_suffix(".exit")
+
+
 def spawn_workload(
     command: Sequence[str], *, cwd: Path, env: Mapping[str, str], log_path: Path
 ) -> subprocess.Popen[bytes]:
-    """Start `command` in a new session, stdout and stderr appended to `log_path`."""
+    """Start `command` in a new session, stdout and stderr appended to `log_path`, its exit code
+    written to `exit_file_of(log_path)` when it ends."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    exit_file = exit_file_of(log_path)
+    with contextlib.suppress(FileNotFoundError):
+        exit_file.unlink()
     with open(log_path, "ab") as log_file:
         return subprocess.Popen(
-            list(command),
+            ["/bin/sh", "-c", EXIT_WRAPPER, "workload", str(exit_file), *command],
             cwd=str(cwd),
             env=dict(env),
             stdin=subprocess.DEVNULL,
@@ -62,6 +101,73 @@ def spawn_workload(
             start_new_session=True,
             close_fds=True,
         )
+
+
+def process_start_time(pid: int) -> float | None:
+    try:
+        return float(psutil.Process(pid).create_time())
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return None
+
+
+class AdoptedProcess:
+    """A workload leader started by an earlier server (now a child of init): polled through psutil,
+    its exit code read from its exit file. Identified by pid AND start time, so a reused pid is not it."""
+
+    def __init__(self, pid: int, started: float, exit_file: Path) -> None:
+        self.pid = pid
+        self.started = started
+        self.exit_file = exit_file
+        self._returncode: int | None = None
+        self._ended = False
+
+    @classmethod
+    def find(cls, pid: int | None, started: float | None, exit_file: Path) -> AdoptedProcess | None:
+        """The live process `pid` that started at `started`, or None when it is gone."""
+        if pid is None or started is None:
+            return None
+        adopted = cls(pid, started, exit_file)
+        return adopted if adopted.poll() is None else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._returncode
+
+    def _alive(self) -> bool:
+        try:
+            process = psutil.Process(self.pid)
+            return (
+                abs(process.create_time() - self.started) < 0.05 and process.status() != psutil.STATUS_ZOMBIE
+            )
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            return False
+
+    def poll(self) -> int | None:
+        """None while it runs; then its exit code (from the exit file; -1 when it left none)."""
+        if self._ended:
+            return self._returncode
+        if self._alive():
+            return None
+        self._ended = True
+        self._returncode = read_exit_code(self.exit_file)
+        if self._returncode is None:
+            self._returncode = -1
+        return self._returncode
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout or 0)
+            time.sleep(0.05)
+        return self._returncode
+
+
+def read_exit_code(exit_file: Path) -> int | None:
+    try:
+        return int(exit_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def _scan_markers(name: str) -> dict[str, list[psutil.Process]]:
@@ -155,7 +261,7 @@ def _alive(processes: Iterable[psutil.Process]) -> list[psutil.Process]:
 
 
 def end_process_tree(
-    leader: subprocess.Popen[bytes] | None,
+    leader: Leader | None,
     *,
     marker_value: str | None,
     grace_seconds: float,

@@ -1,7 +1,8 @@
-"""The workspace HTTP server: CML API v2 routes, bearer auth, app routing by `Host`, test controls.
+"""The workspace HTTP server: CML API v2 routes, bearer auth, test controls; application URLs.
 
 `create_server()` builds the ASGI app; `serve()` binds 127.0.0.1, records `state.json` and runs uvicorn
-until SIGTERM/SIGINT, then ends every workload it started.
+until SIGTERM/SIGINT, then ends every workload it started. Each application is served on a loopback
+listener of its own (`app_urls.py`), opened and closed by `AppListeners.sync`.
 """
 
 from __future__ import annotations
@@ -21,15 +22,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ray_serve_cai.workspace.controls import FaultInjector, FaultPlan, Latency, RequestCounters
+from ray_serve_cai.errors import OperationFailed, WaitTimeout
+from ray_serve_cai.waiting import poll_until
+from ray_serve_cai.workspace.app_urls import AppListeners, AppLogins, login_code_answer
+from ray_serve_cai.workspace.controls import FaultInjector, FaultPlan, Latency, RequestCounters, RestartPolicy
 from ray_serve_cai.workspace.errors import (
     GRPC_CODE_OF_HTTP_STATUS,
     GrpcCode,
@@ -42,6 +45,7 @@ from ray_serve_cai.workspace.processes import DEFAULT_STOP_GRACE_SECONDS
 from ray_serve_cai.workspace.runtimes import load_runtimes
 from ray_serve_cai.workspace.service import WorkspaceService
 from ray_serve_cai.workspace.statefile import ensure_api_key, read_state, write_state
+from ray_serve_cai.workspace.store import Store, db_path
 from ray_serve_cai.workspace.supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
@@ -55,19 +59,6 @@ CREATE_ROUTES = frozenset(
         f"{API_PREFIX}/projects/{{project_id}}/jobs",
         f"{API_PREFIX}/projects/{{project_id}}/jobs/{{job_id}}/runs",
         f"{API_PREFIX}/projects/{{project_id}}/applications",
-    }
-)
-_HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
     }
 )
 
@@ -128,8 +119,22 @@ def _list_response(request: Request, items: list[dict[str, Any]], key: str) -> J
 WORKER_THREADS = 64
 
 
-def build_api(service: WorkspaceService, controls: dict[str, Any], config: ServerConfig) -> FastAPI:
-    """The FastAPI app with the CML routes and the `/_workspace/` controls (auth is in the gateway)."""
+def build_api(
+    service: WorkspaceService,
+    controls: dict[str, Any],
+    config: ServerConfig,
+    listeners: AppListeners | None = None,
+    logins: AppLogins | None = None,
+) -> FastAPI:
+    """The FastAPI app with the CML routes and the `/_workspace/` controls (auth is in the gateway).
+
+    `listeners` follow the applications: `sync` after every call that adds or removes one, and at
+    startup (apps re-adopted from a previous run get their listener back on their recorded port)."""
+    logins = logins or AppLogins(config.api_key)
+    listeners = listeners or AppListeners(logins, config.api_key, service.apps.get)
+
+    async def sync_listeners() -> None:
+        await listeners.sync(service.apps.values())
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -138,8 +143,11 @@ def build_api(service: WorkspaceService, controls: dict[str, Any], config: Serve
         asyncio.get_running_loop().set_default_executor(
             ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="workspace")
         )
+        await service.start()  # re-adopts an earlier server's workloads; service.live_apps() lists them
+        await sync_listeners()  # every application (re-adopted ones too) gets its listener back
         yield
         logger.info("shutting down: ending every workload")
+        await listeners.close_all()
         await service.shutdown()
 
     api = FastAPI(docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
@@ -180,7 +188,10 @@ def build_api(service: WorkspaceService, controls: dict[str, Any], config: Serve
 
     @api.delete(f"{p}/projects/{{project_id}}")
     async def delete_project(project_id: str) -> JSONResponse:
-        await service.delete_project(project_id)
+        try:
+            await service.delete_project(project_id)
+        finally:
+            await sync_listeners()
         return _json(200, {})
 
     # --- runtimes
@@ -244,7 +255,9 @@ def build_api(service: WorkspaceService, controls: dict[str, Any], config: Serve
     @api.post(f"{p}/projects/{{project_id}}/applications")
     async def create_app(project_id: str, request: Request) -> JSONResponse:
         body = await _read_body(request, allow_empty=False)
-        return _json(200, service.create_app(project_id, body).to_api())
+        app = service.create_app(project_id, body)
+        await sync_listeners()
+        return _json(200, app.to_api())
 
     @api.get(f"{p}/projects/{{project_id}}/applications/{{application_id}}")
     async def get_app(project_id: str, application_id: str) -> JSONResponse:
@@ -257,7 +270,10 @@ def build_api(service: WorkspaceService, controls: dict[str, Any], config: Serve
 
     @api.delete(f"{p}/projects/{{project_id}}/applications/{{application_id}}")
     async def delete_app(project_id: str, application_id: str) -> JSONResponse:
-        await service.delete_app(project_id, application_id)
+        try:
+            await service.delete_app(project_id, application_id)
+        finally:
+            await sync_listeners()
         return _json(200, {})
 
     # --- test controls
@@ -305,6 +321,14 @@ def build_api(service: WorkspaceService, controls: dict[str, Any], config: Serve
         latency.update(replacement.to_dict())
         return _json(200, latency.to_dict())
 
+    @api.post(f"{c}/applications/{{application_id}}/login-code")
+    async def mint_login_code(application_id: str) -> JSONResponse:
+        # A one-time browser login link for one application (see app_urls.py); a secret, never logged.
+        app = service.apps.get(application_id)
+        if app is None:
+            return _json(404, error_body(GrpcCode.NOT_FOUND, f"no application with id {application_id!r}"))
+        return _json(200, login_code_answer(app, logins), headers={"cache-control": "no-store"})
+
     @api.get(f"{c}/processes")
     async def list_processes() -> JSONResponse:
         found = await asyncio.to_thread(service.supervisor.live_workload_processes)
@@ -314,7 +338,9 @@ def build_api(service: WorkspaceService, controls: dict[str, Any], config: Serve
 
 
 class WorkspaceGateway:
-    """Outermost ASGI layer: request ids, bearer auth, app routing by Host, counters and faults."""
+    """Outermost ASGI layer of the API listener: request ids, bearer auth, counters and faults.
+
+    Only `Authorization: Bearer <key>` opens it; application login cookies never do."""
 
     def __init__(
         self,
@@ -329,9 +355,6 @@ class WorkspaceGateway:
         self.config = config
         self.counters = counters
         self.faults = faults
-        self._proxy_client = httpx.AsyncClient(
-            timeout=httpx.Timeout(300.0, connect=5.0), trust_env=False, follow_redirects=False
-        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -348,13 +371,6 @@ class WorkspaceGateway:
 
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         authorized = self._authorized(headers.get("authorization", ""))
-        subdomain = self._subdomain_of(headers.get("host", ""))
-        if subdomain is not None:
-            if not authorized:
-                await self._send_json(send_with_request_id, 401, error_body(16, "authentication required"))
-                return
-            await self._proxy_to_app(subdomain, scope, receive, send_with_request_id)
-            return
 
         path: str = scope["path"]
         method: str = scope["method"]
@@ -436,14 +452,6 @@ class WorkspaceGateway:
             return False
         return hmac.compare_digest(token.strip().encode(), self.config.api_key.encode())
 
-    @staticmethod
-    def _subdomain_of(host: str) -> str | None:
-        hostname = host.rsplit(":", 1)[0].lower() if ":" in host else host.lower()
-        if hostname.endswith(".localhost"):
-            label = hostname[: -len(".localhost")]
-            return label or None
-        return None
-
     def _route_template(self, scope: Scope) -> str:
         partial: str | None = None
         for route in self.api.router.routes:
@@ -479,65 +487,64 @@ class WorkspaceGateway:
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"1024")]})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def _proxy_to_app(self, subdomain: str, scope: Scope, receive: Receive, send: Send) -> None:
-        app = self.service.app_by_subdomain(subdomain)
-        if app is None:
-            await self._send_json(send, 404, error_body(5, f"no application with subdomain {subdomain!r}"))
+
+class FlushBeforeAnswer:
+    """ASGI middleware: every change a request made is committed to the store before its answer
+    starts, so an answer a client saw is never lost by a crash of the server."""
+
+    def __init__(self, app: ASGIApp, service: WorkspaceService) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
             return
-        if app.status != "APPLICATION_RUNNING" or app.app_port is None:
-            await self._send_json(
-                send, 503, error_body(14, f"application {subdomain!r} is not running (status {app.status})")
-            )
-            return
-        body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if not message.get("more_body", False):
-                break
-        request_headers = [
-            (k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope.get("headers", [])
-        ]
-        original_host = next((v for k, v in request_headers if k == "host"), "")
-        forwarded_headers = [
-            (k, v)
-            for k, v in request_headers
-            if k not in ("authorization", "host", "content-length") and k not in _HOP_BY_HOP
-        ]
-        forwarded_headers += [("x-forwarded-host", original_host), ("x-forwarded-proto", "http")]
-        raw_path = scope.get("raw_path") or scope["path"].encode()
-        target = f"http://127.0.0.1:{app.app_port}{raw_path.decode('latin-1')}"
-        query = scope.get("query_string", b"").decode("latin-1")
-        if query:
-            target = f"{target}?{query}"
-        request = self._proxy_client.build_request(
-            scope["method"], target, headers=forwarded_headers, content=bytes(body)
-        )
-        try:
-            response = await self._proxy_client.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            await self._send_json(
-                send, 502, error_body(14, f"application {subdomain!r} did not answer: {type(exc).__name__}")
-            )
-            return
-        try:
-            headers = [
-                (k.lower().encode("latin-1"), v.encode("latin-1"))
-                for k, v in response.headers.multi_items()
-                if k.lower() not in _HOP_BY_HOP
-            ]
-            await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
-            async for chunk in response.aiter_raw():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
-            await response.aclose()
+
+        async def flushing_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.service.flush()
+            await send(message)
+
+        await self.app(scope, receive, flushing_send)
 
 
-def create_server(config: ServerConfig, workspace_tag: str | None = None) -> WorkspaceGateway:
-    """The whole ASGI application of a workspace rooted at `config.home`."""
+def restart_policy_router(service: WorkspaceService) -> APIRouter:
+    """`GET/PUT/DELETE /_workspace/restart-policy`: CML's automatic restart of failed applications
+    (DELETE: back to the server's start options)."""
+    router = APIRouter()
+    supervisor = service.supervisor
+
+    @router.get(f"{CONTROL_PREFIX}/restart-policy")
+    async def get_restart_policy() -> JSONResponse:
+        return _json(200, supervisor.restart_state(list(service.apps.values())))
+
+    @router.put(f"{CONTROL_PREFIX}/restart-policy")
+    async def put_restart_policy(request: Request) -> JSONResponse:
+        replacement = RestartPolicy(**supervisor.restart_policy.to_dict())
+        replacement.update(await _read_body(request))
+        supervisor.restart_policy.update(replacement.to_dict())
+        return _json(200, supervisor.restart_state(list(service.apps.values())))
+
+    initial = supervisor.restart_policy.to_dict()  # the start options
+
+    @router.delete(f"{CONTROL_PREFIX}/restart-policy")
+    async def reset_restart_policy() -> JSONResponse:
+        supervisor.restart_policy.update(initial)
+        return _json(200, supervisor.restart_state(list(service.apps.values())))
+
+    return router
+
+
+def create_server(
+    config: ServerConfig,
+    workspace_tag: str | None = None,
+    *,
+    store: Store | None = None,
+    restart_policy: RestartPolicy | None = None,
+) -> WorkspaceGateway:
+    """The whole ASGI application of a workspace rooted at `config.home` (its state in `store`,
+    by default `<home>/workspace.db`)."""
     latency = Latency()
     counters = RequestCounters()
     faults = FaultInjector()
@@ -548,25 +555,87 @@ def create_server(config: ServerConfig, workspace_tag: str | None = None) -> Wor
         workspace_tag=workspace_tag or f"{config.port}-{secrets.token_hex(6)}",
         latency=latency,
         stop_grace_seconds=config.stop_grace_seconds,
+        restart_policy=restart_policy,
     )
-    service = WorkspaceService(config.home, supervisor, load_runtimes(config.home))
-    api = build_api(service, {"counters": counters, "faults": faults, "latency": latency}, config)
+    service = WorkspaceService(config.home, supervisor, load_runtimes(config.home), store)
+    logins = AppLogins(config.api_key)
+    listeners = AppListeners(logins, config.api_key, service.apps.get)
+    api = build_api(
+        service, {"counters": counters, "faults": faults, "latency": latency}, config, listeners, logins
+    )
+    api.include_router(restart_policy_router(service))
+    api.add_middleware(FlushBeforeAnswer, service=service)
     return WorkspaceGateway(api, service, config, counters, faults)
 
 
-def serve(home: Path, port: int = 0, stop_grace_seconds: float = DEFAULT_STOP_GRACE_SECONDS) -> None:
-    """Run the workspace server in the foreground until SIGTERM/SIGINT."""
+PORT_REUSE_TIMEOUT_SECONDS = 5.0
+
+
+def _bind(port: int, *, preferred: bool) -> socket.socket:
+    """A listening socket on 127.0.0.1:`port`. The port of the previous server (`preferred`) is
+    retried for a few seconds, then a free one is taken (with a warning: workloads that hold the old
+    URL in CDSW_API_URL cannot reach the new one)."""
+
+    def attempt(wanted: int) -> socket.socket | None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", wanted))
+        except OSError:
+            sock.close()
+            return None
+        sock.listen(512)
+        return sock
+
+    if not port:
+        sock = attempt(0)
+        assert sock is not None
+        return sock
+    if not preferred:
+        sock = attempt(port)
+        if sock is None:
+            raise OperationFailed(f"cannot listen on 127.0.0.1:{port}: the port is in use")
+        return sock
+    try:
+        return poll_until(
+            lambda: attempt(port),
+            timeout=PORT_REUSE_TIMEOUT_SECONDS,
+            interval=0.2,
+            what=f"port {port} of the previous server to be free",
+        )
+    except WaitTimeout:
+        logger.warning("port %d of the previous server is taken; the workspace URL changes", port)
+        sock = attempt(0)
+        assert sock is not None
+        return sock
+
+
+def serve(
+    home: Path,
+    port: int = 0,
+    stop_grace_seconds: float = DEFAULT_STOP_GRACE_SECONDS,
+    restart_policy: RestartPolicy | None = None,
+) -> None:
+    """Run the workspace server in the foreground until SIGTERM/SIGINT.
+
+    Its state is in `<home>/workspace.db`; a restart keeps the URL (the previous port, unless `port`
+    names another) and the workspace tag, and re-adopts the workloads the previous server left."""
     home.mkdir(parents=True, exist_ok=True)
     (home / "projects").mkdir(exist_ok=True)
     api_key = ensure_api_key(home)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
-    sock.listen(512)
-    config = ServerConfig(home=home, api_key=api_key, port=int(sock.getsockname()[1]),
-                          stop_grace_seconds=stop_grace_seconds)  # fmt: skip
-    workspace_tag = f"{config.port}-{secrets.token_hex(6)}"
-    gateway = create_server(config, workspace_tag)
+    store = Store(db_path(home))
+    try:
+        state = read_state(home)
+        previous_port = state.get("port") if isinstance(state.get("port"), int) else None
+        sock = _bind(port or previous_port or 0, preferred=not port and previous_port is not None)
+        config = ServerConfig(home=home, api_key=api_key, port=int(sock.getsockname()[1]),
+                              stop_grace_seconds=stop_grace_seconds)  # fmt: skip
+        workspace_tag = store.get_meta("workspace_tag") or f"{config.port}-{secrets.token_hex(6)}"
+        store.set_meta("workspace_tag", workspace_tag)
+        gateway = create_server(config, workspace_tag, store=store, restart_policy=restart_policy)
+    except BaseException:
+        store.close()
+        raise
     state = read_state(home)
     state.update(
         {

@@ -7,12 +7,25 @@ unconfirmed are documented in `ray_serve_cai/workspace/README.md`.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
+from ray_serve_cai.waiting import apoll_until
+from ray_serve_cai.workspace.bodies import (
+    AppCreate,
+    AppUpdate,
+    JobCreate,
+    JobUpdate,
+    ProjectCreate,
+    ProjectUpdate,
+    RunCreate,
+    parse_body,
+)
 from ray_serve_cai.workspace.errors import (
     already_exists,
     failed_precondition,
@@ -20,28 +33,42 @@ from ray_serve_cai.workspace.errors import (
     not_found,
 )
 from ray_serve_cai.workspace.model import (
-    ENGINE_TYPES,
-    PROJECT_TEMPLATES,
-    VISIBILITIES,
+    APP_ACTIVE_STATUSES,
     Application,
     Job,
     JobRun,
     Project,
-    environment_on_create,
-    environment_on_update,
+    last_timestamp,
     new_id,
     now_timestamp,
-    optional_bool,
-    optional_int,
-    optional_number,
-    optional_string,
-    require_string,
-    validate_script_path,
-    validate_subdomain,
+    restore_clock,
+    set_change_hook,
 )
+from ray_serve_cai.workspace.processes import (
+    AdoptedProcess,
+    Leader,
+    exit_file_of,
+    read_exit_code,
+    reserve_ports,
+)
+from ray_serve_cai.workspace.runtimes import load_runtimes
+from ray_serve_cai.workspace.store import FLUSH_INTERVAL_SECONDS, Store, db_path
 from ray_serve_cai.workspace.supervisor import Supervisor, WorkloadContext
 
+logger = logging.getLogger(__name__)
+R = TypeVar("R")
+# How long deleting a job waits for its active runs to end (their stop grace plus margin).
+RUN_STOP_TIMEOUT_SECONDS = 120.0
+
 GIT_CLONE_TIMEOUT_SECONDS = 600
+_ENGINE_KEY = ("default_project_engine_type",)
+
+
+def _without_empty(body: dict[str, Any], *keys: str) -> dict[str, Any]:
+    """`body` without these keys when they are empty: an empty choice means the default (or no change)."""
+    return {k: v for k, v in body.items() if not (k in keys and v == "")}
+
+
 _CREDENTIALS_IN_URL = re.compile(r"(://)[^/@\s]+@")
 
 
@@ -49,18 +76,185 @@ def redact_url_credentials(text: str) -> str:
     return _CREDENTIALS_IN_URL.sub(r"\1***@", text)
 
 
+class _Tracked(dict[str, R], Generic[R]):
+    """The service's records of one kind: adding or removing one marks it for the store."""
+
+    def __init__(self, kind: str, mark: Callable[[str, str], None]) -> None:
+        super().__init__()
+        self._kind, self._mark = kind, mark
+
+    def __setitem__(self, key: str, value: R) -> None:
+        super().__setitem__(key, value)
+        self._mark(self._kind, key)
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key)
+        self._mark(self._kind, key)
+
+    def pop(self, key: str, *default: Any) -> Any:  # type: ignore[override]
+        if key in self:
+            self._mark(self._kind, key)
+        return super().pop(key, *default)
+
+
 class WorkspaceService:
-    def __init__(self, home: Path, supervisor: Supervisor, runtimes: list[dict[str, Any]]) -> None:
+    """The records (in memory, written through to `store`) and the API semantics on them.
+
+    `await start()` once the event loop runs: it re-adopts the workloads an earlier server left
+    running, then flushes background changes every `FLUSH_INTERVAL_SECONDS`. `flush()` writes every
+    change now (the server calls it before each answer leaves)."""
+
+    def __init__(
+        self, home: Path, supervisor: Supervisor, runtimes: list[dict[str, Any]], store: Store | None = None
+    ) -> None:
         self.home = home
         self.supervisor = supervisor
-        self.runtimes = runtimes
-        self.projects: dict[str, Project] = {}
-        self.jobs: dict[str, Job] = {}
-        self.runs: dict[str, JobRun] = {}
-        self.apps: dict[str, Application] = {}
+        self.store = store if store is not None else Store(db_path(home))
+        mark = self.store.mark
+        self.projects: _Tracked[Project] = _Tracked("project", mark)
+        self.jobs: _Tracked[Job] = _Tracked("job", mark)
+        self.runs: _Tracked[JobRun] = _Tracked("run", mark)
+        self.apps: _Tracked[Application] = _Tracked("app", mark)
+        self._runtimes = runtimes
+        self._runtimes_mtime = self._runtimes_file_mtime()
+        # Runtimes a job or app names stay offered even when runtimes.json drops them later.
+        self._in_use = {r["image_identifier"]: r for r in self.store.runtimes_in_use()}
         self._background: set[asyncio.Task[None]] = set()
+        self._flusher: asyncio.Task[None] | None = None
+        self._load()
+        set_change_hook(mark)
+        supervisor.on_process_change = self.flush
+
+    def _load(self) -> None:
+        restore_clock(self.store.get_meta("last_timestamp"))
+        for table, kind, cls in (
+            (self.projects, "project", Project),
+            (self.jobs, "job", Job),
+            (self.runs, "run", JobRun),
+            (self.apps, "app", Application),
+        ):
+            for record in self.store.load(kind, cls):
+                dict.__setitem__(table, record.id, record)  # loaded: nothing to write back
+        # Every port an app holds (`app_port`, `readonly_port`, a listener's `*_port`) stays its own.
+        reserve_ports(
+            value
+            for app in self.apps.values()
+            for name, value in vars(app).items()
+            if name.endswith("_port") and isinstance(value, int)
+        )
+        for project in self.projects.values():
+            if project.creation_status == "creating":
+                self._mark_created(project, "error", "creation interrupted by a restart of the workspace")
+
+    def _lookup(self, kind: str, record_id: str) -> Any | None:
+        table = {"project": self.projects, "job": self.jobs, "run": self.runs, "app": self.apps}[kind]
+        return table.get(record_id)
+
+    def flush(self) -> None:
+        """Commit every change made so far (records and the clock) to the store."""
+        if self.store.dirty:  # the common case of a read: nothing to do, no lock taken
+            self.store.flush(self._lookup, meta=[("last_timestamp", last_timestamp())])
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL_SECONDS)
+            try:
+                self.flush()
+            except Exception:  # keep flushing; the next answer's flush reports it
+                logger.exception("cannot write the workspace database")
+
+    # ------------------------------------------------------------ start: re-adoption
+
+    async def start(self) -> list[Application]:
+        """Re-adopt the workloads an earlier server left (live ones are supervised again, dead ones are
+        marked as CML would, tagged processes nobody can adopt are ended), then start flushing.
+
+        Returns the applications active afterwards: the gateway reopens their listeners (their
+        ports, `app_port` and any listener field, are the stored ones)."""
+        adoptable: dict[str, Leader] = {}
+        for workload in [*self.runs.values(), *self.apps.values()]:
+            if workload.pid is None:
+                continue
+            active = (
+                workload.active if isinstance(workload, JobRun) else workload.status in APP_ACTIVE_STATUSES
+            )
+            process = AdoptedProcess.find(
+                workload.pid, workload.process_started, exit_file_of(workload.log_path)
+            )
+            if active and process is not None:
+                adoptable[workload.id] = process
+        # Before anything new starts: end every tagged process that belongs to no adoptable workload.
+        await asyncio.to_thread(self.supervisor.end_unadoptable, set(adoptable))
+        for run in list(self.runs.values()):
+            if run.active:
+                self._readopt_run(run, adoptable.get(run.id))
+        for app in list(self.apps.values()):
+            if app.status in APP_ACTIVE_STATUSES:
+                self._readopt_app(app, adoptable.get(app.id))
+        self.flush()
+        if self._flusher is None:
+            self._flusher = asyncio.ensure_future(self._flush_loop())
+        if adoptable:
+            logger.info("re-adopted %d workload(s) of an earlier server", len(adoptable))
+        return self.live_apps()
+
+    def live_apps(self) -> list[Application]:
+        """Applications that are starting, running or stopping (the ones with a process to route to)."""
+        return [a for a in self.apps.values() if a.status in APP_ACTIVE_STATUSES]
+
+    def _readopt_run(self, run: JobRun, process: Leader | None) -> None:
+        job = self.jobs.get(run.job_id)
+        project = self.projects.get(run.project_id)
+        timeout = int(run.job_snapshot.get("timeout") or 0)
+        kill_on_timeout = bool(run.job_snapshot.get("kill_on_timeout", True))
+        if process is not None:
+            self.supervisor.adopt_run(run, process, timeout, kill_on_timeout, self._start_dependent_runs)
+        elif run.pid is not None:
+            self.supervisor.fail_lost_run(run, read_exit_code(exit_file_of(run.log_path)))
+            if run.status == "ENGINE_SUCCEEDED":
+                self._start_dependent_runs(run)
+        elif run.status == "ENGINE_STOPPING" or job is None or project is None:
+            self.supervisor.fail_lost_run(run, None)
+            if run.status == "ENGINE_STOPPING":
+                run.status = "ENGINE_STOPPED"
+        else:  # accepted but never started: start it now
+            run.status = "ENGINE_SCHEDULING"
+            context = self._context(project, {**project.environment, **job.environment})
+            self.supervisor.start_run(
+                run, context, job.script, timeout, kill_on_timeout, self._start_dependent_runs
+            )
+
+    def _readopt_app(self, app: Application, process: Leader | None) -> None:
+        project = self.projects.get(app.project_id)
+        if project is None:
+            return
+        context = self._context(project, {})
+        if process is not None:
+            self.supervisor.adopt_app(app, context, process)
+        elif app.pid is not None:
+            self.supervisor.fail_lost_app(app, context, read_exit_code(exit_file_of(app.log_path)))
+        elif app.status == "APPLICATION_STOPPING":
+            app.status, app.stopped_at = "APPLICATION_STOPPED", now_timestamp()
+        else:  # accepted (STARTING) but its process never started: start it now
+            attempts = app.restart_attempts
+            self.supervisor.start_app(app, context)
+            app.restart_attempts = attempts
 
     # ------------------------------------------------------------ helpers
+
+    def _runtimes_file_mtime(self) -> float | None:
+        path = self.home / "runtimes.json"
+        return path.stat().st_mtime if path.is_file() else None
+
+    @property
+    def runtimes(self) -> list[dict[str, Any]]:
+        """The runtimes offered; a changed `runtimes.json` in the home is read again, so a test can
+        publish a newer runtime while the workspace runs (as Cloudera does)."""
+        mtime = self._runtimes_file_mtime()
+        if mtime != self._runtimes_mtime:  # changed, added or removed (back to the default list)
+            self._runtimes, self._runtimes_mtime = load_runtimes(self.home), mtime
+        offered = {r["image_identifier"] for r in self._runtimes}
+        return [*self._runtimes, *(r for i, r in self._in_use.items() if i not in offered)]
 
     def _project(self, project_id: str) -> Project:
         project = self.projects.get(project_id)
@@ -96,12 +290,15 @@ class WorkspaceService:
                     "runtime image must be specified: runtime_identifier is required in ML Runtime projects"
                 )
             return
-        known = {r["image_identifier"] for r in self.runtimes}
-        if runtime_identifier not in known:
+        runtime = next((r for r in self.runtimes if r["image_identifier"] == runtime_identifier), None)
+        if runtime is None:
             raise invalid_argument(
                 f"runtime_identifier {runtime_identifier!r} is not a runtime of this workspace "
                 "(see GET /api/v2/runtimes)"
             )
+        if runtime_identifier not in self._in_use:
+            self._in_use[runtime_identifier] = runtime
+            self.store.keep_runtime(runtime)  # offered for as long as the workspace lives
 
     @staticmethod
     def _require_ready(project: Project) -> None:
@@ -129,36 +326,26 @@ class WorkspaceService:
         return [p.to_api() for p in self.projects.values()]
 
     def create_project(self, body: dict[str, Any]) -> Project:
-        name = require_string(body, "name")
-        git_url = optional_string(body, "git_url")
-        template = optional_string(body, "template") or ("git" if git_url else "blank")
-        if template not in PROJECT_TEMPLATES:
-            raise invalid_argument(f"template must be one of {', '.join(PROJECT_TEMPLATES)}")
-        if template == "git" and not git_url:
+        request = parse_body(ProjectCreate, _without_empty(body, "template", "visibility", *_ENGINE_KEY))
+        template = request.template or ("git" if request.git_url else "blank")
+        if template == "git" and not request.git_url:
             raise invalid_argument("git_url is required when template is git")
-        visibility = optional_string(body, "visibility") or "private"
-        if visibility not in VISIBILITIES:
-            raise invalid_argument(f"visibility must be one of {', '.join(VISIBILITIES)}")
-        engine_type = optional_string(body, "default_project_engine_type") or "ml_runtime"
-        if engine_type not in ENGINE_TYPES:
-            raise invalid_argument(f"default_project_engine_type must be one of {', '.join(ENGINE_TYPES)}")
-        environment = environment_on_create(body)
-        if any(p.name == name for p in self.projects.values()):
-            raise already_exists(f"project with name {name!r} already exists")
+        if any(p.name == request.name for p in self.projects.values()):
+            raise already_exists(f"project with name {request.name!r} already exists")
         project_id = new_id()
         project = Project(
             id=project_id,
-            name=name,
-            description=optional_string(body, "description"),
-            visibility=visibility,
-            default_engine_type=engine_type,
+            name=request.name,
+            description=request.description,
+            visibility=request.visibility,
+            default_engine_type=request.default_project_engine_type,
             template=template,
             directory=self.home / "projects" / project_id,
-            environment=environment,
-            shared_memory_limit=optional_int(body, "shared_memory_limit", 64),
+            environment=dict(request.environment),
+            shared_memory_limit=request.shared_memory_limit,
         )
         self.projects[project_id] = project
-        self._spawn(self._populate_project(project, git_url if template == "git" else ""))
+        self._spawn(self._populate_project(project, request.git_url if template == "git" else ""))
         return project
 
     async def _populate_project(self, project: Project, git_url: str) -> None:
@@ -204,31 +391,18 @@ class WorkspaceService:
 
     def update_project(self, project_id: str, body: dict[str, Any]) -> Project:
         project = self._project(project_id)
-        changes: dict[str, Any] = {}
-        if "name" in body:
-            name = require_string(body, "name")
-            if any(p.name == name and p.id != project_id for p in self.projects.values()):
-                raise already_exists(f"project with name {name!r} already exists")
-            changes["name"] = name
-        if "description" in body:
-            changes["description"] = optional_string(body, "description")
-        for key in ("visibility", "project_visibility"):
-            if body.get(key):
-                visibility = optional_string(body, key)
-                if visibility not in VISIBILITIES:
-                    raise invalid_argument(f"{key} must be one of {', '.join(VISIBILITIES)}")
-                changes["visibility"] = visibility
-        if body.get("default_project_engine_type"):
-            engine_type = optional_string(body, "default_project_engine_type")
-            if engine_type not in ENGINE_TYPES:
-                raise invalid_argument(
-                    f"default_project_engine_type must be one of {', '.join(ENGINE_TYPES)}"
-                )
-            changes["default_engine_type"] = engine_type
-        if "shared_memory_limit" in body:
-            changes["shared_memory_limit"] = optional_int(body, "shared_memory_limit", 64)
-        if "environment" in body:
-            changes["environment"] = environment_on_update(body)
+        request = parse_body(
+            ProjectUpdate, _without_empty(body, "visibility", "project_visibility", *_ENGINE_KEY)
+        )
+        changes = request.changes()
+        if "name" in changes and any(
+            p.name == request.name and p.id != project_id for p in self.projects.values()
+        ):
+            raise already_exists(f"project with name {request.name!r} already exists")
+        if "project_visibility" in changes:
+            changes["visibility"] = changes.pop("project_visibility")
+        if "default_project_engine_type" in changes:
+            changes["default_engine_type"] = changes.pop("default_project_engine_type")
         for key, value in changes.items():
             setattr(project, key, value)
         project.updated_at = now_timestamp()
@@ -243,7 +417,8 @@ class WorkspaceService:
             self.jobs.pop(job.id, None)
         for app in apps:
             self.apps.pop(app.id, None)
-        self.runs = {k: r for k, r in self.runs.items() if r.project_id != project_id}
+        for run_id in [k for k, r in self.runs.items() if r.project_id == project_id]:
+            self.runs.pop(run_id, None)
         self.projects.pop(project_id, None)
         await asyncio.to_thread(shutil.rmtree, project.directory, True)
 
@@ -272,40 +447,13 @@ class WorkspaceService:
 
     def create_job(self, project_id: str, body: dict[str, Any]) -> Job:
         project = self._project(project_id)
-        name = require_string(body, "name")
-        script = require_string(body, "script")
-        validate_script_path(script)
-        runtime_identifier = optional_string(body, "runtime_identifier")
-        self._check_runtime(project, runtime_identifier)
-        parent_id = optional_string(body, "parent_job_id")
-        schedule = optional_string(body, "schedule")
-        if parent_id and schedule:
+        request = parse_body(JobCreate, body)
+        self._check_runtime(project, request.runtime_identifier)
+        if request.parent_job_id and request.schedule:
             raise invalid_argument("parent_job_id cannot be used alongside schedule")
-        self._check_parent(project_id, None, parent_id, "parent_job_id")
-        addons = body.get("runtime_addon_identifiers") or []
-        if not isinstance(addons, list) or not all(isinstance(a, str) for a in addons):
-            raise invalid_argument("runtime_addon_identifiers must be a list of strings")
-        job = Job(
-            id=new_id(),
-            project_id=project_id,
-            name=name,
-            script=script,
-            cpu=optional_number(body, "cpu", 1.0),
-            memory=optional_number(body, "memory", 1.0),
-            nvidia_gpu=optional_int(body, "nvidia_gpu", 0),
-            environment=environment_on_create(body),
-            arguments=optional_string(body, "arguments"),
-            timeout=optional_int(body, "timeout", 0),
-            kill_on_timeout=optional_bool(body, "kill_on_timeout", True),
-            parent_id=parent_id,
-            schedule=schedule,
-            timezone=optional_string(body, "timezone"),
-            paused=optional_bool(body, "paused", False),
-            kernel=optional_string(body, "kernel"),
-            runtime_identifier=runtime_identifier,
-            runtime_addon_identifiers=addons,
-            description=optional_string(body, "description"),
-        )
+        self._check_parent(project_id, None, request.parent_job_id, "parent_job_id")
+        fields = request.model_dump(exclude={"parent_job_id"})
+        job = Job(id=new_id(), project_id=project_id, parent_id=request.parent_job_id, **fields)
         self.jobs[job.id] = job
         return job
 
@@ -315,32 +463,11 @@ class WorkspaceService:
     def update_job(self, project_id: str, job_id: str, body: dict[str, Any]) -> Job:
         job = self._job(project_id, job_id)
         project = self._project(project_id)
-        changes: dict[str, Any] = {}
-        if "name" in body:
-            changes["name"] = require_string(body, "name")
-        if "script" in body:
-            changes["script"] = require_string(body, "script")
-            validate_script_path(changes["script"])
-        for key in ("cpu", "memory"):
-            if key in body:
-                changes[key] = optional_number(body, key, 1.0)
-        for key in ("nvidia_gpu", "timeout"):
-            if key in body:
-                changes[key] = optional_int(body, key, 0)
-        for key in ("kill_on_timeout", "paused"):
-            if key in body:
-                changes[key] = optional_bool(body, key, False)
-        for key in ("arguments", "schedule", "timezone", "kernel", "description"):
-            if key in body:
-                changes[key] = optional_string(body, key)
-        if "runtime_identifier" in body:
-            changes["runtime_identifier"] = optional_string(body, "runtime_identifier")
+        changes = parse_body(JobUpdate, body).changes()
+        if "runtime_identifier" in changes:
             self._check_runtime(project, changes["runtime_identifier"])
-        if "parent_id" in body:
-            changes["parent_id"] = optional_string(body, "parent_id")
+        if "parent_id" in changes:
             self._check_parent(project_id, job_id, changes["parent_id"], "parent_id")
-        if "environment" in body:
-            changes["environment"] = environment_on_update(body)
         for key, value in changes.items():
             setattr(job, key, value)
         job.updated_at = now_timestamp()
@@ -349,14 +476,19 @@ class WorkspaceService:
     async def _stop_active_runs(self, job: Job) -> None:
         for run in [r for r in self.runs.values() if r.job_id == job.id and r.active]:
             self.supervisor.request_run_stop(run)
-        while any(r.job_id == job.id and r.active for r in self.runs.values()):
-            await asyncio.sleep(0.05)
+        await apoll_until(
+            lambda: not any(r.job_id == job.id and r.active for r in self.runs.values()),
+            timeout=RUN_STOP_TIMEOUT_SECONDS + self.supervisor.stop_grace_seconds,
+            interval=0.05,
+            what=f"the active runs of job {job.id} to stop",
+        )
 
     async def delete_job(self, project_id: str, job_id: str) -> None:
         job = self._job(project_id, job_id)
         await self._stop_active_runs(job)
         self.jobs.pop(job_id, None)
-        self.runs = {k: r for k, r in self.runs.items() if r.job_id != job_id}
+        for run_id in [k for k, r in self.runs.items() if r.job_id == job_id]:
+            self.runs.pop(run_id, None)
         for child in self.jobs.values():
             if child.parent_id == job_id:
                 child.parent_id = ""  # dependent jobs are kept, detached
@@ -371,9 +503,8 @@ class WorkspaceService:
         job = self._job(project_id, job_id)
         project = self._project(project_id)
         self._require_ready(project)
-        environment = environment_on_create(body)
-        arguments = optional_string(body, "arguments") if body.get("arguments") else job.arguments
-        return self._start_run(project, job, environment, arguments)
+        request = parse_body(RunCreate, body)
+        return self._start_run(project, job, dict(request.environment), request.arguments or job.arguments)
 
     def _start_run(self, project: Project, job: Job, environment: dict[str, str], arguments: str) -> JobRun:
         if any(r.job_id == job.id and r.active for r in self.runs.values()):
@@ -426,42 +557,24 @@ class WorkspaceService:
         return [a.to_api() for a in self.apps.values() if a.project_id == project_id]
 
     def _check_subdomain_free(self, subdomain: str, app_id: str | None) -> None:
-        validate_subdomain(subdomain)
         if any(a.subdomain == subdomain and a.id != app_id for a in self.apps.values()):
             raise already_exists(f"subdomain {subdomain!r} is already used by another application")
 
     def create_app(self, project_id: str, body: dict[str, Any]) -> Application:
         project = self._project(project_id)
-        name = require_string(body, "name")
-        subdomain = require_string(body, "subdomain")
-        script = require_string(body, "script")
-        validate_script_path(script)
-        runtime_identifier = optional_string(body, "runtime_identifier")
-        self._check_runtime(project, runtime_identifier)
-        self._check_subdomain_free(subdomain, None)
-        own_environment = environment_on_create(body)
+        request = parse_body(AppCreate, body)
+        self._check_runtime(project, request.runtime_identifier)
+        self._check_subdomain_free(request.subdomain, None)
         self._require_ready(project)
-        addons = body.get("runtime_addon_identifiers") or []
-        if not isinstance(addons, list) or not all(isinstance(a, str) for a in addons):
-            raise invalid_argument("runtime_addon_identifiers must be a list of strings")
         app_id = new_id()
+        fields = request.model_dump(exclude={"environment"})
         app = Application(
             id=app_id,
             project_id=project_id,
-            name=name,
-            subdomain=subdomain,
-            script=script,
             log_path=self.home / "logs" / "apps" / f"{app_id}.log",
-            description=optional_string(body, "description"),
-            cpu=optional_number(body, "cpu", 1.0),
-            memory=optional_number(body, "memory", 1.0),
-            nvidia_gpu=optional_int(body, "nvidia_gpu", 0),
-            kernel=optional_string(body, "kernel"),
-            runtime_identifier=runtime_identifier,
-            runtime_addon_identifiers=addons,
-            bypass_authentication=optional_bool(body, "bypass_authentication", False),
             # As on CML, the project's environment is copied into the app's own at creation.
-            environment={**project.environment, **own_environment},
+            environment={**project.environment, **request.environment},
+            **fields,
         )
         self.apps[app_id] = app
         self.supervisor.start_app(app, self._context(project, {}))
@@ -476,30 +589,11 @@ class WorkspaceService:
     def update_app(self, project_id: str, app_id: str, body: dict[str, Any]) -> Application:
         app = self._app(project_id, app_id)
         project = self._project(project_id)
-        changes: dict[str, Any] = {}
-        for key in ("name", "script"):
-            if key in body:
-                changes[key] = require_string(body, key)
-        if "script" in changes:
-            validate_script_path(changes["script"])
-        if "subdomain" in body:
-            changes["subdomain"] = require_string(body, "subdomain")
+        changes = parse_body(AppUpdate, body).changes()
+        if "subdomain" in changes:
             self._check_subdomain_free(changes["subdomain"], app_id)
-        for key in ("description", "kernel"):
-            if key in body:
-                changes[key] = optional_string(body, key)
-        for key in ("cpu", "memory"):
-            if key in body:
-                changes[key] = optional_number(body, key, 1.0)
-        if "nvidia_gpu" in body:
-            changes["nvidia_gpu"] = optional_int(body, "nvidia_gpu", 0)
-        if "bypass_authentication" in body:
-            changes["bypass_authentication"] = optional_bool(body, "bypass_authentication", False)
-        if "runtime_identifier" in body:
-            changes["runtime_identifier"] = optional_string(body, "runtime_identifier")
+        if "runtime_identifier" in changes:
             self._check_runtime(project, changes["runtime_identifier"])
-        if "environment" in body:
-            changes["environment"] = environment_on_update(body)
         for key, value in changes.items():
             setattr(app, key, value)
         app.updated_at = now_timestamp()
@@ -525,6 +619,13 @@ class WorkspaceService:
     # ------------------------------------------------------------ shutdown
 
     async def shutdown(self) -> None:
+        """End every workload (their records say STOPPED), commit, close the store."""
         await self.supervisor.shutdown(list(self.apps.values()), [r for r in self.runs.values() if r.active])
         for task in list(self._background):
             task.cancel()
+        if self._flusher is not None:
+            self._flusher.cancel()
+            self._flusher = None
+        self.flush()
+        set_change_hook(None)
+        self.store.close()

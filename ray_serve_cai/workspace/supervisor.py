@@ -15,22 +15,25 @@ import contextlib
 import logging
 import os
 import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
+import psutil
 
-from ray_serve_cai.workspace.controls import Latency
+from ray_serve_cai.workspace.controls import Latency, RestartPolicy
 from ray_serve_cai.workspace.model import Application, JobRun, new_id, now_timestamp
 from ray_serve_cai.workspace.processes import (
     WORKLOAD_MARKER,
     WORKSPACE_MARKER,
+    Leader,
     end_process_tree,
     free_port,
+    process_start_time,
     processes_with_marker,
     spawn_workload,
 )
@@ -43,6 +46,32 @@ _STRIPPED_VARIABLES = ("CML_HOST", "CML_API_KEY", WORKLOAD_MARKER, WORKSPACE_MAR
 SCHEDULING_DELAY_SECONDS = 0.05
 POLL_INTERVAL_SECONDS = 0.1
 APP_PROBE_INTERVAL_SECONDS = 0.2
+LOST_REASON = "its process ended while the workspace server was down (exit code unknown)"
+
+
+def _seconds_since(timestamp: str | None) -> float:
+    if not timestamp:
+        return 0.0
+    try:
+        moment = datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+    except ValueError:
+        return 0.0
+    return max((datetime.now(timezone.utc) - moment).total_seconds(), 0.0)
+
+
+def _workload_of(process: psutil.Process) -> str | None:
+    try:
+        return str(process.environ().get(WORKLOAD_MARKER, ""))
+    except Exception:
+        return None
+
+
+def _polling_endpoint(env: dict[str, str]) -> str:
+    """CML's `CDSW_APP_POLLING_ENDPOINT` (default `/`; `.` means `/`) as an absolute path."""
+    endpoint = env.get("CDSW_APP_POLLING_ENDPOINT", "/") or "/"
+    if endpoint == ".":
+        endpoint = "/"
+    return endpoint if endpoint.startswith("/") else "/" + endpoint
 
 
 class ScriptError(Exception):
@@ -81,13 +110,16 @@ class WorkloadContext:
 class _AppRuntime:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     task: asyncio.Task[None] | None = None
-    process: subprocess.Popen[bytes] | None = None
+    process: Leader | None = None
+    context: WorkloadContext | None = None
+    restart_task: asyncio.Task[None] | None = None  # a pending automatic restart
+    restart_due: float | None = None  # monotonic time of that restart
 
 
 @dataclass
 class _RunRuntime:
     task: asyncio.Task[None] | None = None
-    process: subprocess.Popen[bytes] | None = None
+    process: Leader | None = None
 
 
 class Supervisor:
@@ -100,6 +132,7 @@ class Supervisor:
         workspace_tag: str,
         latency: Latency,
         stop_grace_seconds: float,
+        restart_policy: RestartPolicy | None = None,
     ) -> None:
         self.domain = domain
         self.api_url = api_url
@@ -107,6 +140,11 @@ class Supervisor:
         self.workspace_tag = workspace_tag
         self.latency = latency
         self.stop_grace_seconds = stop_grace_seconds
+        self.restart_policy = restart_policy or RestartPolicy()
+        self.automatic_restarts = 0  # automatic restarts done since the server started
+        # Called right after a workload's process is spawned or ended (the service flushes its store,
+        # so the pid that re-adoption needs is durable before anything else happens).
+        self.on_process_change: Callable[[], None] = lambda: None
         self._apps: dict[str, _AppRuntime] = {}
         self._runs: dict[str, _RunRuntime] = {}
         self._background: set[asyncio.Task[None]] = set()
@@ -139,6 +177,14 @@ class Supervisor:
         task.add_done_callback(self._background.discard)
         return task
 
+    def _record_process(self, workload: JobRun | Application, process: Leader | None) -> None:
+        """Keep the leader's pid and start time on the record (durable at once) for re-adoption."""
+        if process is None:
+            workload.pid, workload.process_started = None, None
+        else:
+            workload.pid, workload.process_started = process.pid, process_start_time(process.pid)
+        self.on_process_change()
+
     # ------------------------------------------------------------ job runs
 
     def start_run(
@@ -157,10 +203,50 @@ class Supervisor:
             self._execute_run(run, runtime, context, script, timeout_seconds, kill_on_timeout, on_finished)
         )
 
+    def adopt_run(
+        self,
+        run: JobRun,
+        process: Leader,
+        timeout_seconds: int,
+        kill_on_timeout: bool,
+        on_finished: Callable[[JobRun], None],
+    ) -> None:
+        """Supervise a run whose process an earlier server started (re-adoption after a restart)."""
+        runtime = _RunRuntime(process=process)
+        self._runs[run.id] = runtime
+        started = time.monotonic() - _seconds_since(run.running_at)
+
+        async def supervise() -> None:
+            try:
+                await self._supervise_run(run, runtime, timeout_seconds, kill_on_timeout, started)
+            finally:
+                self._runs.pop(run.id, None)
+                if run.status == "ENGINE_SUCCEEDED":
+                    on_finished(run)
+
+        runtime.task = self._spawn_background(self._guard_run(run, runtime, supervise()))
+
     def request_run_stop(self, run: JobRun) -> None:
         if run.active:
             run.stop_requested = True
             run.status = "ENGINE_STOPPING"
+
+    async def _guard_run(self, run: JobRun, runtime: _RunRuntime, body: Awaitable[None]) -> None:
+        """Run `body`: a shutdown ends the run's tree (STOPPED), a bug fails it; never active forever."""
+        try:
+            await body
+        except asyncio.CancelledError:
+            if runtime.process is not None:
+                await asyncio.shield(
+                    asyncio.to_thread(
+                        end_process_tree, runtime.process, marker_value=run.id, grace_seconds=1.0
+                    )
+                )
+            self._finish_run(run, "ENGINE_STOPPED", "workspace shut down")
+            raise
+        except Exception:  # a bug here must not leave the run active forever
+            logger.exception("job run %s failed in the supervisor", run.id)
+            self._finish_run(run, "ENGINE_FAILED", "internal workspace error")
 
     async def _execute_run(
         self,
@@ -172,7 +258,7 @@ class Supervisor:
         kill_on_timeout: bool,
         on_finished: Callable[[JobRun], None],
     ) -> None:
-        try:
+        async def execute() -> None:
             await self._sleep_unless_stopped(run, SCHEDULING_DELAY_SECONDS + self.latency.job_start_seconds)
             if run.stop_requested:
                 self._finish_run(run, "ENGINE_STOPPED", "stopped before it started")
@@ -194,49 +280,57 @@ class Supervisor:
                 self._finish_run(run, "ENGINE_FAILED", str(exc))
                 return
             run.status, run.running_at = "ENGINE_RUNNING", now_timestamp()
-            started = time.monotonic()
-            timed_out = False
-            while runtime.process.poll() is None and not run.stop_requested:
-                if timeout_seconds and kill_on_timeout and time.monotonic() - started > timeout_seconds:
-                    timed_out = True
-                    break
-                await asyncio.sleep(POLL_INTERVAL_SECONDS)
-            if run.stop_requested or timed_out:
-                await asyncio.to_thread(
-                    end_process_tree,
-                    runtime.process,
-                    marker_value=run.id,
-                    grace_seconds=self.stop_grace_seconds,
-                )
-                if timed_out:
-                    self._finish_run(run, "ENGINE_TIMEDOUT", f"timed out after {timeout_seconds} s")
-                else:
-                    self._finish_run(run, "ENGINE_STOPPED", "stopped")
-                return
-            exit_code = runtime.process.returncode
-            run.exit_code = exit_code
-            # The run's engine ends with its script: nothing it left behind survives (like the pod).
-            await asyncio.to_thread(end_process_tree, None, marker_value=run.id, grace_seconds=1.0)
-            if exit_code == 0:
-                self._finish_run(run, "ENGINE_SUCCEEDED", "")
-            else:
-                self._finish_run(run, "ENGINE_FAILED", f"script exited with code {exit_code}")
-        except asyncio.CancelledError:
-            if runtime.process is not None:
-                await asyncio.shield(
-                    asyncio.to_thread(
-                        end_process_tree, runtime.process, marker_value=run.id, grace_seconds=1.0
-                    )
-                )
-            self._finish_run(run, "ENGINE_STOPPED", "workspace shut down")
-            raise
-        except Exception:  # a bug here must not leave the run active forever
-            logger.exception("job run %s failed in the supervisor", run.id)
-            self._finish_run(run, "ENGINE_FAILED", "internal workspace error")
+            self._record_process(run, runtime.process)
+            await self._supervise_run(run, runtime, timeout_seconds, kill_on_timeout, time.monotonic())
+
+        try:
+            await self._guard_run(run, runtime, execute())
         finally:
             self._runs.pop(run.id, None)
             if run.status == "ENGINE_SUCCEEDED":
                 on_finished(run)
+
+    async def _supervise_run(
+        self,
+        run: JobRun,
+        runtime: _RunRuntime,
+        timeout_seconds: int,
+        kill_on_timeout: bool,
+        started: float,
+    ) -> None:
+        """Wait for the running process to end, be stopped or time out; then finish the run."""
+        process = runtime.process
+        assert process is not None
+        timed_out = False
+        while process.poll() is None and not run.stop_requested:
+            if timeout_seconds and kill_on_timeout and time.monotonic() - started > timeout_seconds:
+                timed_out = True
+                break
+            await asyncio.sleep(POLL_INTERVAL_SECONDS)
+        if run.stop_requested or timed_out:
+            await asyncio.to_thread(
+                end_process_tree,
+                process,
+                marker_value=run.id,
+                grace_seconds=self.stop_grace_seconds,
+            )
+            runtime.process = None
+            self._record_process(run, None)
+            if timed_out:
+                self._finish_run(run, "ENGINE_TIMEDOUT", f"timed out after {timeout_seconds} s")
+            else:
+                self._finish_run(run, "ENGINE_STOPPED", "stopped")
+            return
+        exit_code = process.returncode
+        run.exit_code = exit_code
+        # The run's engine ends with its script: nothing it left behind survives (like the pod).
+        await asyncio.to_thread(end_process_tree, None, marker_value=run.id, grace_seconds=1.0)
+        runtime.process = None
+        self._record_process(run, None)
+        if exit_code == 0:
+            self._finish_run(run, "ENGINE_SUCCEEDED", "")
+        else:
+            self._finish_run(run, "ENGINE_FAILED", f"script exited with code {exit_code}")
 
     @staticmethod
     async def _sleep_unless_stopped(run: JobRun, seconds: float) -> None:
@@ -251,16 +345,37 @@ class Supervisor:
             with open(run.log_path, "ab") as log_file:
                 log_file.write(f"[workspace] job run {run.id} finished: {status}\n".encode())
 
+    def fail_lost_run(self, run: JobRun, exit_code: int | None) -> None:
+        """A run whose process ended while no server watched it: finished by its exit code if it left
+        one (SUCCEEDED/FAILED), else ENGINE_FAILED with the reason."""
+        run.pid, run.process_started, run.exit_code = None, None, exit_code
+        if exit_code == 0:
+            self._finish_run(run, "ENGINE_SUCCEEDED", "")
+        elif exit_code is not None:
+            self._finish_run(
+                run, "ENGINE_FAILED", f"script exited with code {exit_code} while the workspace was down"
+            )
+        else:
+            self._finish_run(run, "ENGINE_FAILED", LOST_REASON)
+
     # ------------------------------------------------------------ applications
 
     def _app_runtime(self, app: Application) -> _AppRuntime:
         return self._apps.setdefault(app.id, _AppRuntime())
 
-    def start_app(self, app: Application, context: WorkloadContext) -> None:
-        """Mark the app STARTING and launch it in the background (after a stop of the old process)."""
+    def start_app(self, app: Application, context: WorkloadContext, *, automatic: bool = False) -> None:
+        """Mark the app STARTING and launch it in the background (after a stop of the old process).
+        A start by a user (not `automatic`) resets the automatic-restart count."""
         app.status = "APPLICATION_STARTING"
         app.running_at = None
         runtime = self._app_runtime(app)
+        runtime.context = context
+        self._cancel_restart(runtime)
+        if automatic:
+            app.restart_attempts += 1
+            self.automatic_restarts += 1
+        else:
+            app.restart_attempts = 0
 
         async def restart() -> None:
             async with runtime.lock:
@@ -270,9 +385,21 @@ class Supervisor:
 
         self._spawn_background(restart())
 
+    def adopt_app(self, app: Application, context: WorkloadContext, process: Leader) -> None:
+        """Supervise an app whose process an earlier server started (re-adoption after a restart)."""
+        runtime = self._app_runtime(app)
+        runtime.context = context
+        runtime.process = process
+        if app.status == "APPLICATION_STOPPING":  # the old server was stopping it: finish that
+            self.request_app_stop(app)
+            return
+        probe_url = f"http://127.0.0.1:{app.app_port}{_polling_endpoint(app.environment)}"
+        runtime.task = asyncio.ensure_future(self._supervise_app(app, runtime, process, probe_url))
+
     def request_app_stop(self, app: Application) -> asyncio.Task[None]:
         """Mark the app STOPPING and end its process tree in the background; returns that task."""
         runtime = self._app_runtime(app)
+        self._cancel_restart(runtime)
         if app.status in ("APPLICATION_STARTING", "APPLICATION_RUNNING"):
             app.status = "APPLICATION_STOPPING"
 
@@ -301,6 +428,7 @@ class Supervisor:
             await asyncio.to_thread(
                 end_process_tree, process, marker_value=app.id, grace_seconds=self.stop_grace_seconds
             )
+            self._record_process(app, None)
             self._append_app_log(app, f"[workspace] application {app.id} stopped")
 
     @staticmethod
@@ -317,11 +445,6 @@ class Supervisor:
         env.update(app.environment)
         env["CDSW_APP_PORT"] = str(app.app_port)
         env["CDSW_READONLY_PORT"] = str(app.readonly_port)
-        polling_endpoint = env.get("CDSW_APP_POLLING_ENDPOINT", "/") or "/"
-        if polling_endpoint == ".":
-            polling_endpoint = "/"
-        if not polling_endpoint.startswith("/"):
-            polling_endpoint = "/" + polling_endpoint
         try:
             command = build_command(context.project_dir, app.script)
             self._append_app_log(app, f"[workspace] starting application {app.id}: {app.script}")
@@ -329,10 +452,16 @@ class Supervisor:
         except (ScriptError, OSError) as exc:
             self._append_app_log(app, f"[workspace] cannot start: {exc}")
             app.status, app.stopped_at = "APPLICATION_FAILED", now_timestamp()
+            self._on_app_failed(app, runtime)
             return
         app.started_at = now_timestamp()
-        process = runtime.process
-        probe_url = f"http://127.0.0.1:{app.app_port}{polling_endpoint}"
+        self._record_process(app, runtime.process)
+        probe_url = f"http://127.0.0.1:{app.app_port}{_polling_endpoint(env)}"
+        await self._supervise_app(app, runtime, runtime.process, probe_url)
+
+    async def _supervise_app(
+        self, app: Application, runtime: _AppRuntime, process: Leader, probe_url: str
+    ) -> None:
         while True:
             exit_code = process.poll()
             if exit_code is not None:
@@ -343,10 +472,76 @@ class Supervisor:
                 runtime.process = None
                 # The engine ends with its script: nothing it left behind survives.
                 await asyncio.to_thread(end_process_tree, None, marker_value=app.id, grace_seconds=1.0)
+                self._record_process(app, None)
+                if failed:
+                    self._on_app_failed(app, runtime)
                 return
             if app.status == "APPLICATION_STARTING" and await self._answers_http(probe_url):
                 app.status, app.running_at = "APPLICATION_RUNNING", now_timestamp()
             await asyncio.sleep(APP_PROBE_INTERVAL_SECONDS)
+
+    def fail_lost_app(self, app: Application, context: WorkloadContext, exit_code: int | None) -> None:
+        """An app whose process ended while no server watched it: FAILED (STOPPED if it was running
+        and left exit code 0), with the reason in its log; the restart policy applies as to any failure."""
+        was_running = app.status == "APPLICATION_RUNNING"
+        app.pid, app.process_started = None, None
+        app.stopped_at = now_timestamp()
+        if exit_code == 0 and was_running:
+            app.status = "APPLICATION_STOPPED"
+        else:
+            app.status = "APPLICATION_FAILED"
+        detail = (
+            LOST_REASON if exit_code is None else f"exited with code {exit_code} while the workspace was down"
+        )
+        self._append_app_log(app, f"[workspace] application {app.id} {app.status}: {detail}")
+        runtime = self._app_runtime(app)
+        runtime.context = context
+        if app.status == "APPLICATION_FAILED":
+            self._on_app_failed(app, runtime)
+
+    # ------------------------------------------------------------ automatic restarts (CML's policy)
+
+    def _cancel_restart(self, runtime: _AppRuntime) -> None:
+        if runtime.restart_task is not None:
+            runtime.restart_task.cancel()
+            runtime.restart_task, runtime.restart_due = None, None
+
+    def _on_app_failed(self, app: Application, runtime: _AppRuntime) -> None:
+        """An app entered APPLICATION_FAILED by itself: restart it after the policy's delay, while
+        attempts remain (CML: up to 3, 5 minutes apart)."""
+        policy = self.restart_policy
+        if not policy.enabled or app.restart_attempts >= policy.max_attempts or runtime.context is None:
+            return
+        context = runtime.context
+        runtime.restart_due = time.monotonic() + policy.delay_seconds
+        self._append_app_log(
+            app,
+            f"[workspace] automatic restart {app.restart_attempts + 1}/{policy.max_attempts} "
+            f"in {policy.delay_seconds:g} s",
+        )
+
+        async def restart_later() -> None:
+            await asyncio.sleep(policy.delay_seconds)
+            runtime.restart_task, runtime.restart_due = None, None
+            if app.status == "APPLICATION_FAILED" and self._apps.get(app.id) is runtime:
+                self.start_app(app, context, automatic=True)
+
+        runtime.restart_task = self._spawn_background(restart_later())
+
+    def restart_state(self, apps: list[Application]) -> dict[str, object]:
+        """The policy, the pending automatic restarts and the attempts used, per application id."""
+        now = time.monotonic()
+        pending = {
+            app_id: round(max(r.restart_due - now, 0.0), 3)
+            for app_id, r in self._apps.items()
+            if r.restart_due is not None
+        }
+        return {
+            **self.restart_policy.to_dict(),
+            "pending": pending,
+            "attempts": {a.id: a.restart_attempts for a in apps if a.restart_attempts},
+            "automatic_restarts": self.automatic_restarts,
+        }
 
     async def _answers_http(self, url: str) -> bool:
         try:
@@ -373,6 +568,31 @@ class Supervisor:
             except Exception:  # the process ended while we looked
                 continue
         return found
+
+    def end_unadoptable(self, adoptable: set[str]) -> list[str]:
+        """End every process tree tagged by this workspace whose workload is not in `adoptable` (an
+        earlier server's workloads nobody can supervise again). Blocking; returns the workload ids."""
+        by_workload: dict[str, int] = {}
+        for process in processes_with_marker(WORKSPACE_MARKER, self.workspace_tag):
+            try:
+                workload_id = process.environ().get(WORKLOAD_MARKER, "")
+            except Exception:  # it ended while we looked
+                continue
+            if workload_id not in adoptable:
+                by_workload[workload_id] = by_workload.get(workload_id, 0) + 1
+        for workload_id in by_workload:
+            logger.warning("ending processes of workload %s: they cannot be re-adopted", workload_id or "?")
+            if workload_id:
+                end_process_tree(None, marker_value=workload_id, grace_seconds=self.stop_grace_seconds)
+        if "" in by_workload:
+            stray = [
+                p for p in processes_with_marker(WORKSPACE_MARKER, self.workspace_tag)
+                if _workload_of(p) == ""
+            ]  # fmt: skip
+            for process in stray:
+                with contextlib.suppress(Exception):
+                    process.kill()
+        return sorted(by_workload)
 
     async def shutdown(self, apps: list[Application], runs: list[JobRun]) -> None:
         """End every workload this workspace started, then sweep anything still carrying its tag."""

@@ -53,10 +53,9 @@ class WorkspaceHandle:
         assert response.status_code == 200, f"{method} {path} -> {response.status_code}: {response.text}"
         return response.json()
 
-    def app_request(self, subdomain: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        """A request routed to an application by `Host: <subdomain>.localhost:<port>`."""
-        headers = {"Host": f"{subdomain}.{self.domain}", **kwargs.pop("headers", {})}
-        return self._client.request(method, f"http://127.0.0.1:{self.port}{path}", headers=headers, **kwargs)
+    def app_request(self, app: dict[str, Any], method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """A request to an application (its API object) at its own URL, with the bearer key."""
+        return self._client.request(method, f"{app['url']}{path}", **kwargs)
 
     # ------------------------------------------------------------ test controls
 
@@ -75,9 +74,18 @@ class WorkspaceHandle:
     def set_latency(self, **latency: float) -> dict[str, Any]:
         return self.api_ok("PUT", "/_workspace/latency", json=latency)
 
+    def restart_policy(self) -> dict[str, Any]:
+        """CML's automatic restart of failed apps: policy, pending restarts, attempts by app id."""
+        return self.api_ok("GET", "/_workspace/restart-policy")
+
+    def set_restart_policy(self, **policy: Any) -> dict[str, Any]:
+        """E.g. `set_restart_policy(enabled=True, max_attempts=1, delay_seconds=0.5)`."""
+        return self.api_ok("PUT", "/_workspace/restart-policy", json=policy)
+
     def reset_controls(self) -> None:
         self.clear_faults()
         self.set_latency()
+        self.api_ok("DELETE", "/_workspace/restart-policy")
         self.reset_counters()
 
     def processes(self) -> list[int]:

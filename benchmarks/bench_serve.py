@@ -1,0 +1,260 @@
+"""Serve through the head's application URL versus straight to Serve's own port, same run.
+
+Run by hand (not collected by pytest), from a checkout whose code is committed (the project is a
+clone of it):
+
+    flock /tmp/ray-heavy.lock python benchmarks/bench_serve.py  # --requests 400 --concurrency 16
+
+A private local workspace (temporary home) gets a project cloned from this repository with a small
+cluster (head + 1 worker) whose `ray_cluster.serve.config` is `benchmarks/serve_trivial.yaml` (a
+deployment that answers `ok`, 2 replicas). `ray-cai up --local` deploys it. Then, interleaved so both
+paths see the same machine load:
+
+* latency: `--requests` sequential requests per path (one keep-alive client each), p50 and p99;
+* throughput: `--concurrency` clients for `--seconds` per path, twice each, requests per second;
+
+where "URL" is `<head app URL>/serve/hello` with `Authorization: Bearer <key>` (the workspace's app
+listener → the head's HTTP server → Serve's proxy), "head" is the head's own HTTP server
+(`127.0.0.1:$CDSW_APP_PORT/serve/hello`, where CML's router hands requests over; the local
+workspace's listener is the stand-in for that router) and "direct" is
+`127.0.0.1:<serve_http_port>/hello`.
+Targets: URL p50 <= 1.25x direct p50, URL throughput >= 0.8x direct. Finally the head is killed while
+`ray-cai up --watch --interval 2` supervises; the outage is the time until the URL answers again.
+Writes the figures as JSON (`--out`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+DEFAULT_OUT = HERE / "results" / "bench_serve.json"
+CLUSTER = "bench-serve"
+PROJECT = "bench-serve"
+CONFIG = """\
+ray_cluster:
+  name: bench-serve
+  num_workers: 1
+  head_cpu: 1
+  head_memory: 1
+  worker_cpu: 1
+  worker_memory: 1
+  ports: {gcs: 0, client: 0, dashboard: 0}
+  startup_timeout: 400
+  join_timeout: 300
+  serve: {config: benchmarks/serve_trivial.yaml}
+"""
+
+
+def cli(
+    repo: Path, env: dict[str, str], *args: str, timeout: float = 900
+) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "ray_serve_cai.cli.main", *args, "--local", "--project", PROJECT]
+    return subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def latencies(client: httpx.Client, url: str, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        started = time.perf_counter()
+        response = client.get(url)
+        out.append(time.perf_counter() - started)
+        assert response.status_code == 200 and response.text.strip('"') == "ok", response.text
+    return out
+
+
+def throughput(make: Any, url: str, concurrency: int, seconds: float) -> float:
+    deadline = time.monotonic() + seconds
+    counts = [0] * concurrency
+
+    def worker(index: int) -> None:
+        with make() as client:
+            while time.monotonic() < deadline:
+                response = client.get(url)
+                if response.status_code == 200:
+                    counts[index] += 1
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        list(pool.map(worker, range(concurrency)))
+    return sum(counts) / (time.monotonic() - started)
+
+
+def head_app(handle: Any, project_id: str) -> dict[str, Any]:
+    apps = handle.api_ok("GET", f"/api/v2/projects/{project_id}/applications")["applications"]
+    return next(a for a in apps if a["subdomain"] == f"ray-{CLUSTER}-head")
+
+
+def head_app_port(handle: Any, project_id: str) -> int:
+    """The head's CDSW_APP_PORT, from its launcher's environment (the workspace runs it locally)."""
+    import psutil
+
+    head = head_app(handle, project_id)
+    for process in handle.api_ok("GET", "/_workspace/processes")["processes"]:
+        if process["workload_id"] == head["id"]:
+            with contextlib.suppress(psutil.Error):
+                port = psutil.Process(int(process["pid"])).environ().get("CDSW_APP_PORT")
+                if port:
+                    return int(port)
+    raise RuntimeError("the head's CDSW_APP_PORT was not found")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=400, help="sequential requests per path")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=10.0, help="per throughput round")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from ray_serve_cai.workspace.daemon import start_workspace, stop_workspace
+    from ray_serve_cai.workspace.testing import WorkspaceHandle
+
+    work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    home = work / "home"
+    info = start_workspace(home)
+    handle = WorkspaceHandle(info)
+    repo = work / "repo"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(repo)], check=True)
+    (repo / "ray_cluster_config.yaml").write_text(CONFIG)
+    subprocess.run(["git", "-C", str(repo), "commit", "-qam", "bench: serve cluster"], check=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CML_", "CDSW_", "RAY_"))}
+    env.update(RAY_CAI_WORKSPACE_HOME=str(home), COLUMNS="200", NO_COLOR="1")
+    result: dict[str, Any] = {
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "args": vars(args) | {"out": str(args.out)},
+    }
+    try:
+        started = time.monotonic()
+        up = cli(repo, env, "up", "--json")
+        assert up.returncode == 0, up.stderr
+        status = json.loads(up.stdout)["status"]
+        result["up_seconds"] = round(time.monotonic() - started, 1)
+        project_id = status["project_id"]
+        port = status["ray"]["serve_http_port"]
+        via_url = head_app(handle, project_id)["url"] + "/serve/hello"
+        direct = f"http://127.0.0.1:{port}/hello"
+        head_port = head_app_port(handle, project_id)
+        via_head = f"http://127.0.0.1:{head_port}/serve/hello"
+        headers = {"Authorization": f"Bearer {info.api_key}"}
+
+        def url_client() -> httpx.Client:
+            return httpx.Client(headers=headers, timeout=30, trust_env=False)
+
+        def direct_client() -> httpx.Client:
+            return httpx.Client(timeout=30, trust_env=False)
+
+        paths = {
+            "url": (url_client, via_url),
+            "head": (direct_client, via_head),
+            "direct": (direct_client, direct),
+        }
+        lat: dict[str, list[float]] = {name: [] for name in paths}
+        clients = {name: make() for name, (make, _) in paths.items()}
+        try:
+            for name, (_, target) in paths.items():
+                latencies(clients[name], target, 20)  # warm-up: connections, replicas
+            for _ in range(4):
+                for name, (_, target) in paths.items():
+                    lat[name] += latencies(clients[name], target, args.requests // 4)
+        finally:
+            for client in clients.values():
+                client.close()
+        rps: dict[str, list[float]] = {name: [] for name in paths}
+        for _ in range(2):
+            for name, (make, target) in paths.items():
+                rps[name].append(throughput(make, target, args.concurrency, args.seconds))
+        for path in paths:
+            result[path] = {
+                "p50_ms": round(statistics.median(lat[path]) * 1000, 2),
+                "p99_ms": round(percentile(lat[path], 0.99) * 1000, 2),
+                "rps": round(statistics.mean(rps[path]), 1),
+                "rps_rounds": [round(r, 1) for r in rps[path]],
+            }
+        result["p50_ratio"] = round(result["url"]["p50_ms"] / result["direct"]["p50_ms"], 2)
+        result["rps_ratio"] = round(result["url"]["rps"] / result["direct"]["rps"], 2)
+        result["head_p50_ratio"] = round(result["head"]["p50_ms"] / result["direct"]["p50_ms"], 2)
+        result["head_rps_ratio"] = round(result["head"]["rps"] / result["direct"]["rps"], 2)
+        result["p50_target_met"] = result["p50_ratio"] <= 1.25
+        result["rps_target_met"] = result["rps_ratio"] >= 0.8
+
+        result["head_restart_outage_seconds"] = head_restart_outage(
+            repo, env, handle, project_id, via_url, headers
+        )
+    finally:
+        cli(repo, env, "down", timeout=300)
+        handle.close()
+        stop_workspace(home)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def head_restart_outage(
+    repo: Path, env: dict[str, str], handle: Any, project_id: str, url: str, headers: dict[str, str]
+) -> float:
+    """Kill the head's processes while `up --watch --interval 2` runs; seconds until the URL answers."""
+    command = [sys.executable, "-m", "ray_serve_cai.cli.main", "up", "--watch", "--interval", "2", "--local"]
+    watch = subprocess.Popen(
+        [*command, "--project", PROJECT],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(watch.stderr or []), daemon=True).start()
+    try:
+        deadline = time.monotonic() + 600
+        while not any("watching" in line for line in lines):
+            assert time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.5)
+        head = head_app(handle, project_id)
+        processes = handle.api_ok("GET", "/_workspace/processes")["processes"]
+        killed = time.monotonic()
+        for process in processes:
+            if process["workload_id"] == head["id"]:
+                os.kill(int(process["pid"]), signal.SIGKILL)
+        with httpx.Client(headers=headers, timeout=5, trust_env=False) as client:
+            while True:
+                assert time.monotonic() - killed < 600, "Serve did not come back within 600 s"
+                try:
+                    if client.get(url).status_code == 200:
+                        return round(time.monotonic() - killed, 1)
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.25)
+    finally:
+        watch.send_signal(signal.SIGTERM)
+        watch.wait(timeout=60)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""A streaming reverse proxy for ASGI apps: HTTP bodies streamed both ways, WebSockets passed through.
+
+One module, used by the node's HTTP server (head → Ray dashboard, head → Serve) and by the local
+workspace's application listeners, so it imports nothing else of the package (stdlib, httpx, starlette
+and websockets only).
+
+* HTTP: the request body is sent upstream as it arrives (httpx with an async iterator), the response
+  is relayed chunk by chunk as the upstream produces it (``aiter_raw``: content encodings pass
+  unchanged), so server-sent events, chunked responses and large downloads never sit in memory.
+* WebSocket: the upgrade is accepted with Starlette's WebSocket support (the ASGI server does the
+  framing), the upstream side is opened with the ``websockets`` library, and messages are pumped both
+  ways until either side closes; the close code and reason are passed on.
+* Headers: hop-by-hop headers (RFC 9110 §7.6.1, plus those named in ``Connection``) are dropped in both
+  directions; ``headers`` (a :data:`HeaderHook`) drops or adds request headers, ``response_headers``
+  response headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import httpx
+import websockets
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket, WebSocketDisconnect
+from websockets.asyncio.client import ClientConnection
+
+__all__ = [
+    "HOP_BY_HOP",
+    "HeaderHook",
+    "ReverseProxy",
+    "drop_and_add",
+    "proxy_client",
+]
+
+logger = logging.getLogger(__name__)
+
+Headers = list[tuple[str, str]]
+#: Rewrites the (lower-case name, value) pairs forwarded in one direction; gets the ASGI scope too.
+HeaderHook = Callable[[Headers, Scope], Headers]
+#: Answers a request when the upstream cannot be reached (or is not known yet).
+FallbackResponder = Callable[[Request], Awaitable[Response]]
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Set by the proxy itself on the upstream request (httpx from the URL) or by websockets' handshake.
+_REQUEST_SET_BY_PROXY = frozenset({"host"})
+_WEBSOCKET_HANDSHAKE = frozenset(
+    {
+        "sec-websocket-key",
+        "sec-websocket-version",
+        "sec-websocket-extensions",
+        "sec-websocket-protocol",
+        "sec-websocket-accept",
+    }
+)
+
+
+def proxy_client(connect_timeout: float = 5.0, write_timeout: float = 60.0) -> httpx.AsyncClient:
+    """The httpx client a proxy uses: no read timeout (a stream may be quiet for long: the client
+    decides when to give up), no connection cap, never an environment proxy, never a redirect."""
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(connect=connect_timeout, read=None, write=write_timeout, pool=connect_timeout),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
+        trust_env=False,
+        follow_redirects=False,
+    )
+
+
+def drop_and_add(drop: Iterable[str] = (), add: Callable[[], Mapping[str, str]] | None = None) -> HeaderHook:
+    """A :data:`HeaderHook` that removes the headers named in ``drop`` (case-insensitive) and then
+    appends what ``add()`` returns at call time (e.g. a token that may change)."""
+    dropped = frozenset(name.lower() for name in drop)
+
+    def hook(headers: Headers, _: Scope) -> Headers:
+        kept = [(k, v) for k, v in headers if k not in dropped]
+        if add is not None:
+            extra = add()
+            names = {name.lower() for name in extra}
+            kept = [(k, v) for k, v in kept if k not in names] + [(k.lower(), v) for k, v in extra.items()]
+        return kept
+
+    return hook
+
+
+def _without_hop_by_hop(raw: Iterable[tuple[bytes, bytes]] | Iterable[tuple[str, str]]) -> Headers:
+    pairs = [
+        (k.decode("latin-1").lower(), v.decode("latin-1"))
+        if isinstance(k, bytes) and isinstance(v, bytes)
+        else (str(k).lower(), str(v))
+        for k, v in raw
+    ]
+    named_in_connection = {
+        token.strip().lower()
+        for k, v in pairs
+        if k == "connection"
+        for token in v.split(",")
+        if token.strip()
+    }
+    return [(k, v) for k, v in pairs if k not in HOP_BY_HOP and k not in named_in_connection]
+
+
+@dataclass
+class _Target:
+    base: str  # http://127.0.0.1:PORT (no trailing slash)
+    path: str  # the path sent upstream (already stripped of a mount prefix when asked)
+
+
+class _UpstreamResponse(StreamingResponse):
+    """Relays an httpx streaming response; the upstream connection is released however it ends."""
+
+    def __init__(self, upstream: httpx.Response, headers: Headers) -> None:
+        super().__init__(upstream.aiter_raw(), status_code=upstream.status_code)
+        self.raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+        self._upstream = upstream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._upstream.aclose()
+
+
+async def _bad_gateway(_: Request) -> Response:
+    return JSONResponse({"error": "the upstream server did not answer"}, status_code=502)
+
+
+class ReverseProxy:
+    """An ASGI app that forwards every HTTP request and WebSocket it gets to one upstream.
+
+    ``upstream`` returns ``http://127.0.0.1:PORT`` for a request scope, or None when there is none
+    (yet): then ``fallback`` answers (default: 502 JSON), as it does when the upstream refuses the
+    connection. ``strip_prefix`` removes a mount prefix from the path sent upstream. ``client`` is
+    shared across requests; the owner closes it (:meth:`aclose`).
+    """
+
+    def __init__(
+        self,
+        upstream: Callable[[Scope], str | None],
+        *,
+        headers: HeaderHook | None = None,
+        response_headers: HeaderHook | None = None,
+        fallback: FallbackResponder = _bad_gateway,
+        strip_prefix: str = "",
+        client: httpx.AsyncClient | None = None,
+        forwarded_proto: str = "http",
+    ) -> None:
+        self.upstream = upstream
+        self.headers = headers
+        self.response_headers = response_headers
+        self.fallback = fallback
+        self.strip_prefix = strip_prefix.rstrip("/")
+        self.client = client or proxy_client()
+        self.forwarded_proto = forwarded_proto
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            response = await self.forward_http(Request(scope, receive))
+            await response(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await self.forward_websocket(WebSocket(scope, receive, send))
+        # lifespan and other scope types: nothing to do (the enclosing app owns its lifespan)
+
+    # ------------------------------------------------------------------------------------ targets
+
+    def _target(self, scope: Scope) -> _Target | None:
+        base = self.upstream(scope)
+        if base is None:
+            return None
+        raw_path = scope.get("raw_path") or scope["path"].encode("utf-8")
+        path = raw_path.decode("latin-1")
+        prefix = self.strip_prefix
+        if prefix and (path == prefix or path.startswith(prefix + "/")):
+            path = path[len(prefix) :] or "/"
+        query = scope.get("query_string", b"").decode("latin-1")
+        return _Target(base.rstrip("/"), f"{path}?{query}" if query else path)
+
+    def _request_headers(self, scope: Scope, *, websocket: bool) -> Headers:
+        headers = [
+            (k, v) for k, v in _without_hop_by_hop(scope.get("headers", [])) if k not in _REQUEST_SET_BY_PROXY
+        ]
+        if websocket:
+            headers = [(k, v) for k, v in headers if k not in _WEBSOCKET_HANDSHAKE]
+        original_host = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"host"), "")
+        client = scope.get("client")
+        forwarded = [("x-forwarded-proto", self.forwarded_proto)]
+        if original_host:
+            forwarded.append(("x-forwarded-host", original_host))
+        if client:
+            earlier = next((v for k, v in headers if k == "x-forwarded-for"), "")
+            forwarded.append(("x-forwarded-for", f"{earlier}, {client[0]}" if earlier else str(client[0])))
+        names = {k for k, _ in forwarded}
+        headers = [(k, v) for k, v in headers if k not in names] + forwarded
+        return self.headers(headers, scope) if self.headers else headers
+
+    # --------------------------------------------------------------------------------------- HTTP
+
+    async def forward_http(self, request: Request) -> Response:
+        """Send `request` upstream as it streams in; the returned response streams the answer."""
+        target = self._target(request.scope)
+        if target is None:
+            return await self.fallback(request)
+        headers = self._request_headers(request.scope, websocket=False)
+        has_body = any(k in ("content-length", "transfer-encoding") for k, _ in _lower(request.scope))
+        content = _request_body(request) if has_body else None
+        upstream_request = self.client.build_request(
+            request.method, target.base + target.path, headers=headers, content=content
+        )
+        try:
+            upstream = await self.client.send(upstream_request, stream=True)
+        except ClientDisconnect:
+            return Response(status_code=499)
+        except httpx.HTTPError as error:
+            logger.debug("upstream %s unreachable: %s", target.base, type(error).__name__)
+            return await self.fallback(request)
+        response_headers = _without_hop_by_hop(upstream.headers.multi_items())
+        if self.response_headers:
+            response_headers = self.response_headers(response_headers, request.scope)
+        return _UpstreamResponse(upstream, response_headers)
+
+    # ---------------------------------------------------------------------------------- WebSocket
+
+    async def forward_websocket(self, websocket: WebSocket) -> None:
+        """Open the same WebSocket upstream, accept the client's with the upstream's subprotocol, then
+        pump messages both ways until one side closes."""
+        target = self._target(websocket.scope)
+        if target is None:
+            await websocket.close(code=1013, reason="upstream not available")
+            return
+        url = "ws" + target.base.removeprefix("http") + target.path
+        offered = [
+            p.strip() for p in websocket.headers.get("sec-websocket-protocol", "").split(",") if p.strip()
+        ]
+        try:
+            upstream = await websockets.connect(
+                url,
+                additional_headers=self._request_headers(websocket.scope, websocket=True),
+                subprotocols=offered or None,  # type: ignore[arg-type]
+                user_agent_header=None,
+                proxy=None,
+                max_size=None,
+                compression=None,
+                open_timeout=10,
+                ping_interval=None,
+            )
+        except (OSError, websockets.exceptions.WebSocketException, asyncio.TimeoutError) as error:
+            logger.debug("upstream WebSocket %s refused: %s", target.base, type(error).__name__)
+            status = getattr(getattr(error, "response", None), "status_code", None)
+            await websocket.close(
+                code=1011 if status is None else 1008, reason="upstream refused the WebSocket"
+            )
+            return
+        async with upstream:
+            await websocket.accept(subprotocol=upstream.subprotocol)
+            await _pump(websocket, upstream)
+
+
+def _lower(scope: Scope) -> Headers:
+    return [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope.get("headers", [])]
+
+
+async def _request_body(request: Request) -> AsyncIterator[bytes]:
+    async for chunk in request.stream():
+        if chunk:
+            yield chunk
+
+
+def _sendable(code: int | None) -> int:
+    """A close code that may go on the wire: 1005 (no code) becomes 1000, 1006/1015 (abnormal) 1011."""
+    if code is None or code == 1005:
+        return 1000
+    return 1011 if code in (1006, 1015) else code
+
+
+async def _pump(client: WebSocket, upstream: ClientConnection) -> None:
+    """Relay messages both ways; when one side closes, close the other with the same code."""
+
+    async def client_to_upstream() -> None:
+        while True:
+            message = await client.receive()
+            if message["type"] == "websocket.disconnect":
+                await upstream.close(code=_sendable(message.get("code")), reason=message.get("reason") or "")
+                return
+            if message.get("bytes") is not None:
+                await upstream.send(message["bytes"])
+            elif message.get("text") is not None:
+                await upstream.send(message["text"])
+
+    async def upstream_to_client() -> None:
+        try:
+            async for data in upstream:
+                if isinstance(data, bytes):
+                    await client.send_bytes(data)
+                else:
+                    await client.send_text(data)
+        except websockets.exceptions.ConnectionClosed:
+            pass
+        with contextlib.suppress(RuntimeError, WebSocketDisconnect, OSError):
+            await client.close(code=_sendable(upstream.close_code), reason=upstream.close_reason or "")
+
+    tasks = [asyncio.ensure_future(client_to_upstream()), asyncio.ensure_future(upstream_to_client())]
+    try:
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        for task in pending:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for task in done:
+            error = task.exception()
+            if error is not None and not isinstance(
+                error, (WebSocketDisconnect, websockets.exceptions.ConnectionClosed, OSError)
+            ):
+                logger.debug("WebSocket relay ended: %s", type(error).__name__)
+    finally:
+        for task in tasks:
+            task.cancel()

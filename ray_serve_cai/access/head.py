@@ -1,0 +1,125 @@
+"""The head application's URL and HTTP/WebSocket clients for it, with the CML API key.
+
+`find_head(client, project_id, cluster)` finds the running head application with one list call;
+`AppEndpoint` holds its URL, the key and the TLS setting, and makes an `httpx.Client` and WebSocket
+connections that send `Authorization: Bearer <key>` (what CML's application gateway and the local
+workspace's app listeners let through). The key never appears in a URL, a message or a `repr`.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from ray_serve_cai.access.dashboard import DashboardError, find_head_application
+from ray_serve_cai.cml import Application, CMLClient, CMLError
+from ray_serve_cai.cml._settings import is_loopback_name
+from ray_serve_cai.errors import OperationFailed
+
+RUNNING = "APPLICATION_RUNNING"
+USER_AGENT = "ray-serve-cai-access"
+
+
+class AccessError(OperationFailed):
+    """The cluster could not be reached through its application URL (exit code 1)."""
+
+
+@dataclass(frozen=True)
+class AppEndpoint:
+    """An application URL plus what a program needs to pass CML's login: the API key, the CA bundle."""
+
+    url: str
+    api_key: str = field(repr=False)
+    verify: bool | str = True
+    timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "url", self.url.rstrip("/"))
+
+    @classmethod
+    def from_client(cls, client: CMLClient, url: str) -> AppEndpoint:
+        settings = client.settings
+        return cls(url, settings.api_key.get_secret_value(), settings.verify, settings.timeout)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}", "User-Agent": USER_AGENT}
+
+    @property
+    def is_loopback(self) -> bool:
+        return is_loopback_name(urlsplit(self.url).hostname or "")
+
+    def ssl_context(self) -> ssl.SSLContext | bool:
+        if isinstance(self.verify, str):
+            return ssl.create_default_context(cafile=self.verify)
+        return self.verify
+
+    def http_client(self, *, read_timeout: float | str | None = "default") -> httpx.Client:
+        """A client with base URL, key and TLS set; loopback is dialled directly (no environment proxy).
+        Streaming readers pass their own `read_timeout` (None: no limit on a silent stretch)."""
+        read = self.timeout if read_timeout == "default" else read_timeout
+        timeout = httpx.Timeout(self.timeout, read=read)  # type: ignore[arg-type]
+        # Loopback (the local workspace) is dialled directly, never through an environment proxy.
+        return httpx.Client(
+            base_url=self.url,
+            headers=self.headers,
+            timeout=timeout,
+            verify=self.ssl_context(),
+            follow_redirects=False,
+            trust_env=not self.is_loopback,
+        )
+
+    def websocket_url(self, path: str) -> str:
+        parts = urlsplit(self.url)
+        scheme = "wss" if parts.scheme == "https" else "ws"
+        return f"{scheme}://{parts.netloc}{parts.path}{path}"
+
+    def websocket(self, path: str, *, open_timeout: float | None = None) -> Any:
+        """A `websockets.sync` client connection to `path` with the key sent in the handshake."""
+        from websockets.sync.client import connect
+
+        url = self.websocket_url(path)
+        options: dict[str, Any] = {
+            "additional_headers": self.headers,
+            "open_timeout": open_timeout or self.timeout,
+            "max_size": None,  # log chunks can be large; Ray sends each as one message
+            "user_agent_header": USER_AGENT,
+        }
+        if url.startswith("wss://"):
+            context = self.ssl_context()
+            if context is False:
+                context = ssl.create_default_context()
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            options["ssl"] = context if isinstance(context, ssl.SSLContext) else ssl.create_default_context()
+        if self.is_loopback:
+            options["proxy"] = None
+        return connect(url, **options)
+
+
+def find_head(client: CMLClient, project_id: str, cluster: str) -> Application:
+    """The cluster's running head application (one list call); `AccessError` names what is wrong."""
+    try:
+        head = find_head_application(client, project_id, cluster)
+    except CMLError as err:
+        raise AccessError(f"cannot list the applications of project {project_id}: {err}") from None
+    except DashboardError as err:
+        raise AccessError(str(err)) from None
+    if head.status != RUNNING:
+        status = (head.status or "unknown").removeprefix("APPLICATION_").lower()
+        raise AccessError(
+            f"the head application {head.name!r} is {status}, not running (see `ray-cai status`)"
+        )
+    return head
+
+
+def head_endpoint(client: CMLClient, project_id: str, cluster: str) -> AppEndpoint:
+    """Where the cluster's head answers: its application URL, reached with the client's API key."""
+    return AppEndpoint.from_client(client, client.app_url(find_head(client, project_id, cluster)))
+
+
+__all__ = ["AccessError", "AppEndpoint", "find_head", "head_endpoint"]

@@ -1,0 +1,85 @@
+"""Serve's REST API (`/api/serve/applications/`) through the head's application URL.
+
+Requests carry the CML API key (what CML's login lets through); the head's HTTP server strips it and
+adds the Ray token for the dashboard, so nothing here knows the token. GET reads every application
+(with the exact config each was deployed with), PUT applies a whole config declaratively (Serve
+deletes the REST-deployed applications the body leaves out), DELETE shuts Serve down.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray_serve_cai.cml import CMLClient, CMLError
+from ray_serve_cai.config.errors import ConfigError
+from ray_serve_cai.config.serve import serve_rejection_problems
+from ray_serve_cai.errors import OperationFailed
+
+APPLICATIONS_PATH = "/api/serve/applications/"  # Serve registers the route with the trailing slash
+
+
+class ServeAPIError(OperationFailed):
+    """Serve's REST API could not be reached or failed (exit code 1)."""
+
+
+class ServeRejected(ConfigError):
+    """Serve refused the config (HTTP 400); the problems name its fields like the local check (exit 2)."""
+
+
+class ServeAPI:
+    """Serve's REST API of one cluster, reached through its head application `head` (the app name)."""
+
+    def __init__(self, client: CMLClient, head: str, *, timeout: float = 60.0) -> None:
+        self.client = client
+        self.head = head
+        self.timeout = timeout
+
+    def _request(self, method: str, **kwargs: Any) -> Any:
+        try:
+            response = self.client.app_request(
+                self.head, method, APPLICATIONS_PATH, timeout=self.timeout, **kwargs
+            )
+        except CMLError as err:
+            raise ServeAPIError(f"Serve's REST API on {self.head} is unreachable: {err}") from None
+        if response.status_code == 501:
+            raise ServeAPIError(
+                f"the nodes of {self.head} have no Ray Serve (HTTP 501): the environment setup installs "
+                "the `ray` extra of ray-serve-cai, which brings ray[serve]; run the setup job again"
+            )
+        return response
+
+    def details(self) -> dict[str, Any]:
+        """`GET`: Serve's instance details (applications, their status, message and deployed config)."""
+        response = self._request("GET")
+        if response.status_code != 200:
+            raise ServeAPIError(
+                f"GET {APPLICATIONS_PATH} on {self.head} answered HTTP {response.status_code}: "
+                f"{response.text.strip()[:300]}"
+            )
+        try:
+            return dict(response.json())
+        except ValueError:
+            raise ServeAPIError(f"GET {APPLICATIONS_PATH} on {self.head} answered non-JSON") from None
+
+    def deploy(self, body: dict[str, Any], *, source: str = "serve config") -> None:
+        """`PUT` the whole config; a 400 raises `ServeRejected` with Serve's problems and field paths."""
+        response = self._request("PUT", json=body)
+        if response.status_code == 400:
+            raise ServeRejected(serve_rejection_problems(response.text), f"{source} (refused by Serve)")
+        if response.status_code != 200:
+            raise ServeAPIError(
+                f"PUT {APPLICATIONS_PATH} on {self.head} answered HTTP {response.status_code}: "
+                f"{response.text.strip()[:300]}"
+            )
+
+    def delete(self) -> None:
+        """`DELETE`: shut Serve down, removing every application."""
+        response = self._request("DELETE")
+        if response.status_code != 200:
+            raise ServeAPIError(
+                f"DELETE {APPLICATIONS_PATH} on {self.head} answered HTTP {response.status_code}: "
+                f"{response.text.strip()[:300]}"
+            )
+
+
+__all__ = ["APPLICATIONS_PATH", "ServeAPI", "ServeAPIError", "ServeRejected"]

@@ -1,0 +1,392 @@
+"""Serve, level-triggered: observe Serve's applications → decide (pure) → PUT only when needed → wait.
+
+The desired state is the Serve config file named by `ray_cluster.serve.config`. What Serve runs is
+read back from Serve itself (`GET /api/serve/applications/`: each application's `deployed_app_config`
+is the exact config it was submitted with), so no marker of ours can drift from it: the config is
+applied when an application's submitted config differs from the file, when one is missing (a new
+head has an empty Serve: it gets the applications back without a user action) or when Serve runs a
+REST-deployed application the file no longer lists. An unchanged config makes no PUT. Serve itself
+updates `num_replicas` and `user_config` in place, so no node is replaced for them.
+
+`up`, `deploy` (its launch job) and the supervising watch call `converge_serve`; `ray-cai serve`
+calls the verbs below directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ray_serve_cai.access.serve import ServeAPI, ServeAPIError
+from ray_serve_cai.cluster.errors import ClusterError
+from ray_serve_cai.config import head_app_name
+from ray_serve_cai.config.errors import ConfigError
+from ray_serve_cai.config.serve import SERVE_PORT_KEY, SERVE_ROOT_PATH, ServeConfig, load_serve_config
+from ray_serve_cai.waiting import poll_until
+
+if TYPE_CHECKING:
+    from ray_serve_cai.cluster.reconciler import ClusterStatus, RayCluster
+
+log = logging.getLogger("ray_serve_cai.cluster.serve")
+
+RUNNING = "RUNNING"
+FAILED_STATES = frozenset({"DEPLOY_FAILED", "UNHEALTHY"})
+NOT_DEPLOYED = "NOT_DEPLOYED"  # our word for a desired application Serve does not have
+SERVE_POLL_SECONDS = 1.0
+
+
+@dataclass
+class ServeView:
+    """Serve's applications as Serve reports them, plus which desired ones are missing or outdated."""
+
+    url: str | None
+    applications: dict[str, dict[str, Any]] = field(default_factory=dict)
+    desired: list[str] = field(default_factory=list)
+    outdated: list[str] = field(default_factory=list)
+    settling: list[str] = field(default_factory=list)  # deployments not yet at their replica target
+    error: str | None = None
+
+    @property
+    def failing(self) -> dict[str, dict[str, Any]]:
+        """Desired applications in a failed state with their current config (Serve's verdict stands)."""
+        return {
+            name: app
+            for name, app in self.applications.items()
+            if app["status"] in FAILED_STATES and name not in self.outdated
+        }
+
+    @property
+    def all_running(self) -> bool:
+        return (
+            self.error is None
+            and not self.outdated
+            and not self.settling
+            and all(app["status"] == RUNNING for app in self.applications.values())
+        )
+
+    def problems(self) -> list[str]:
+        lines = [
+            f"serve application {name!r}: {app['status']}: {app['message']}"
+            for name, app in self.failing.items()
+        ]
+        if self.error:
+            lines.append(f"serve: {self.error}")
+        return lines
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"url": self.url, "applications": self.applications}
+
+
+@dataclass(frozen=True)
+class ServeDecision:
+    """What the apply step must do: PUT (with why) or nothing."""
+
+    put: bool
+    reason: str
+
+
+# --------------------------------------------------------------------------- pure core
+
+
+def canonical_app(app: dict[str, Any]) -> dict[str, Any]:
+    """One application's config in the form Serve stores it (Serve's own model where Ray is installed,
+    so `5.0` and `5` compare equal), for comparing the file with `deployed_app_config`."""
+    try:
+        from ray.serve.schema import ServeApplicationSchema
+    except ImportError:
+        return app
+    try:
+        return dict(ServeApplicationSchema.model_validate(app).model_dump(mode="json", exclude_unset=True))
+    except ValueError:
+        return app
+
+
+def decide(desired: ServeConfig, details: dict[str, Any]) -> ServeDecision:
+    """PUT when an application is missing, was submitted with another config, or is REST-deployed
+    but no longer in the file; else nothing. `details` is Serve's GET answer."""
+    deployed = details.get("applications") or {}
+    wanted = {str(app.get("name", "default")): app for app in desired.document.get("applications", [])}
+    missing = [name for name in wanted if name not in deployed]
+    if missing and len(missing) == len(wanted) and not deployed:
+        return ServeDecision(True, "Serve has no applications (new cluster or a new head)")
+    changed = [
+        name
+        for name, app in wanted.items()
+        if name in deployed
+        and canonical_app(deployed[name].get("deployed_app_config") or {}) != canonical_app(app)
+    ]
+    removed = [
+        name
+        for name, app in deployed.items()
+        if name not in wanted and str(app.get("source", "declarative")).lower() == "declarative"
+    ]
+    reasons = []
+    if missing:
+        reasons.append(f"missing: {', '.join(missing)}")
+    if changed:
+        reasons.append(f"config changed: {', '.join(changed)}")
+    if removed:
+        reasons.append(f"no longer in the file: {', '.join(removed)}")
+    if (details.get("target_capacity") or None) != (desired.document.get("target_capacity") or None):
+        reasons.append("target_capacity changed")
+    return ServeDecision(bool(reasons), "; ".join(reasons) or "Serve runs the config of the file")
+
+
+def summarize(details: dict[str, Any], desired: ServeConfig | None, url: str | None) -> ServeView:
+    """The `serve status` shape from Serve's GET answer; desired applications Serve lacks show as
+    NOT_DEPLOYED, and those submitted with another config are listed in `outdated`."""
+    apps: dict[str, dict[str, Any]] = {}
+    for name, app in sorted((details.get("applications") or {}).items()):
+        apps[name] = {
+            "status": app.get("status"),
+            "route_prefix": app.get("route_prefix"),
+            "message": app.get("message") or "",
+            "last_deployed_time_s": app.get("last_deployed_time_s"),
+            "deployments": {
+                dep_name: {
+                    "status": dep.get("status"),
+                    "message": dep.get("message") or "",
+                    "replicas": _replica_states(dep.get("replicas") or []),
+                    "target_num_replicas": dep.get("target_num_replicas"),
+                }
+                for dep_name, dep in sorted((app.get("deployments") or {}).items())
+            },
+        }
+    outdated: list[str] = []
+    settling: list[str] = []
+    desired_names: list[str] = []
+    if desired is not None:
+        for want in desired.document.get("applications", []):
+            name = str(want.get("name", "default"))
+            desired_names.append(name)
+            got = (details.get("applications") or {}).get(name)
+            if got is None:
+                apps[name] = {
+                    "status": NOT_DEPLOYED,
+                    "route_prefix": want.get("route_prefix", "/"),
+                    "message": "in the Serve config file but not deployed (yet)",
+                    "last_deployed_time_s": None,
+                    "deployments": {},
+                }
+            elif canonical_app(got.get("deployed_app_config") or {}) != canonical_app(want):
+                outdated.append(name)
+            elif not _at_target(got, want):
+                settling.append(name)
+    return ServeView(url=url, applications=apps, desired=desired_names, outdated=outdated, settling=settling)
+
+
+def _at_target(deployed: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    """Serve has taken up the config: each deployment's target is the file's `num_replicas` (when it
+    names a number) and that many replicas run. Right after a PUT the old state still shows."""
+    deployments = deployed.get("deployments") or {}
+    for entry in wanted.get("deployments") or []:
+        number = entry.get("num_replicas")
+        got = deployments.get(entry.get("name"))
+        if isinstance(number, int) and got is not None and got.get("target_num_replicas") != number:
+            return False
+    for got in deployments.values():
+        running = sum(1 for r in got.get("replicas") or [] if r.get("state") == RUNNING)
+        if got.get("target_num_replicas") is not None and running != got["target_num_replicas"]:
+            return False
+    return True
+
+
+def _replica_states(replicas: list[dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for replica in replicas:
+        state = str(replica.get("state"))
+        counts[state] = counts.get(state, 0) + 1
+    return counts
+
+
+def attach(status: ClusterStatus, view: ServeView | None) -> ClusterStatus:
+    """The cluster status with Serve's view: not `ready` while an application is not RUNNING,
+    `failed` while one failed (Serve's own message is among the problems)."""
+    if view is None:
+        return status
+    state = status.state
+    if state == "ready" and view.failing:
+        state = "failed"
+    elif state == "ready" and not view.all_running:
+        state = "pending"
+    return replace(status, state=state, serve=view.as_dict(), problems=[*status.problems, *view.problems()])
+
+
+# --------------------------------------------------------------------------- I/O shell
+
+
+def serve_url(cluster: RayCluster) -> str:
+    """The Serve endpoint: `<head app URL>/serve/` (behind CML's login, like the dashboard)."""
+    return cluster.client.app_url(head_app_name(cluster.spec.name)) + SERVE_ROOT_PATH + "/"
+
+
+def project_dir_of(cluster: RayCluster) -> Path:
+    return Path(getattr(cluster, "project_dir", None) or Path.cwd())
+
+
+def desired_serve(cluster: RayCluster) -> ServeConfig | None:
+    """The validated Serve config of the cluster's spec (ConfigError, exit 2, when it is bad)."""
+    if cluster.spec.serve is None:
+        return None
+    return load_serve_config(cluster.spec.serve.config, project_dir_of(cluster))
+
+
+def api(cluster: RayCluster) -> ServeAPI:
+    return ServeAPI(cluster.client, head_app_name(cluster.spec.name))
+
+
+def observe(cluster: RayCluster, desired: ServeConfig | None = None) -> ServeView:
+    """Serve's view through the head (one GET); an unreachable Serve is reported in `error`."""
+    url = serve_url(cluster)
+    try:
+        details = api(cluster).details()
+    except ServeAPIError as err:
+        return ServeView(url=url, desired=desired.application_names if desired else [], error=str(err))
+    return summarize(details, desired, url)
+
+
+def apply(cluster: RayCluster, desired: ServeConfig, http_port: int, *, force: bool = False) -> ServeDecision:
+    """PUT the config when Serve does not run it (or `force`); returns what was decided."""
+    serve = api(cluster)
+    decision = ServeDecision(True, "asked to apply now") if force else decide(desired, serve.details())
+    if decision.put:
+        for line in desired.overridden_settings():
+            log.warning("serve config %s: %s", desired.source, line)
+        log.info("applying the Serve config %s (%s)", desired.source, decision.reason)
+        serve.deploy(desired.request_body(http_port), source=desired.source)
+    return decision
+
+
+def head_serve_port(status: ClusterStatus) -> int | None:
+    port = status.ray.get(SERVE_PORT_KEY)
+    return int(port) if port else None
+
+
+def wait_settled(
+    cluster: RayCluster,
+    desired: ServeConfig,
+    *,
+    timeout: float,
+    on_view: Callable[[ServeView], None] | None = None,
+) -> ServeView:
+    """Poll until every desired application runs its current config, or one failed with it."""
+    last: list[ServeView] = []
+
+    def check() -> ServeView | None:
+        view = observe(cluster, desired)
+        last[:] = [view]
+        if on_view:
+            on_view(view)
+        if view.error is None and not view.outdated and (view.all_running or view.failing):
+            return view
+        return None
+
+    def describe() -> str:
+        if not last:
+            return "no answer from Serve"
+        apps = last[0].applications
+        return ", ".join(f"{n}: {a['status']} {a['message']}".strip() for n, a in apps.items()) or (
+            last[0].error or "no applications"
+        )
+
+    return poll_until(
+        check,
+        timeout=timeout,
+        interval=SERVE_POLL_SECONDS,
+        what=f"the Serve applications of {desired.source} to run",
+        describe_last=describe,
+    )
+
+
+def converge_serve(
+    cluster: RayCluster,
+    status: ClusterStatus,
+    *,
+    wait: bool = True,
+    timeout: float | None = None,
+    on_progress: Callable[[ClusterStatus], None] | None = None,
+) -> ClusterStatus:
+    """The Serve part of a reconcile pass: once the nodes are ready, apply the config if Serve does
+    not run it, then (with `wait`) wait until the applications settle. Returns the status with
+    Serve's view attached. A cluster without `serve:` is returned unchanged.
+
+    With `wait` (up, deploy) problems raise: a bad or refused config `ConfigError` (exit 2), an
+    unreachable Serve or a deadline `ClusterError`. Without it (a watch pass) they are reported in
+    the view and the next pass tries again."""
+    if cluster.spec.serve is None:
+        return status
+    try:
+        desired = desired_serve(cluster)
+        assert desired is not None
+        if not status.ready:
+            return attach(status, observe(cluster, desired)) if status.ray else status
+        deadline = time.monotonic() + (timeout if timeout is not None else cluster.spec.startup_timeout)
+        port = head_serve_port(status) or (_wait_for_serve_port(cluster, deadline) if wait else None)
+        if port is None:
+            not_yet = ServeView(url=serve_url(cluster), error="the head has not started Serve yet")
+            return attach(status, not_yet)
+        apply(cluster, desired, port)
+        if not wait:
+            return attach(status, observe(cluster, desired))
+        started = time.monotonic()
+
+        def progress(view: ServeView) -> None:
+            if on_progress:
+                on_progress(attach(status, view))
+
+        view = wait_settled(cluster, desired, timeout=max(1.0, deadline - time.monotonic()), on_view=progress)
+        log.info("Serve settled in %.1fs", time.monotonic() - started)
+        return attach(status, view)
+    except (ConfigError, ServeAPIError, TimeoutError) as err:
+        if wait:
+            if isinstance(err, ConfigError):
+                raise
+            raise ClusterError(str(err)) from None
+        log.warning("serve: %s", err)
+        return attach(status, ServeView(url=serve_url(cluster), error=str(err)))
+
+
+def observe_into(cluster: RayCluster, status: ClusterStatus) -> ClusterStatus:
+    """`status` with Serve's view attached (read only: `ray-cai status`); unchanged without `serve:`."""
+    if cluster.spec.serve is None or not status.ray:
+        return status
+    return attach(status, observe(cluster, desired_serve(cluster)))
+
+
+def _wait_for_serve_port(cluster: RayCluster, deadline: float) -> int | None:
+    """The head publishes Serve's port once its Serve start finished (a few seconds after Ray)."""
+    head = head_app_name(cluster.spec.name)
+
+    def published() -> int | None:
+        view, _problem = cluster._ray_view(head)
+        port = view.get(SERVE_PORT_KEY)
+        return int(port) if port else None
+
+    return poll_until(
+        published,
+        timeout=max(1.0, deadline - time.monotonic()),
+        interval=0.5,
+        what=f"the head {head} to start Ray Serve (its status publishes {SERVE_PORT_KEY})",
+        describe_last=lambda: "see the head's log: `Ray Serve not started: ...` says why",
+    )
+
+
+__all__ = [
+    "ServeDecision",
+    "ServeView",
+    "apply",
+    "attach",
+    "canonical_app",
+    "converge_serve",
+    "decide",
+    "desired_serve",
+    "observe",
+    "observe_into",
+    "serve_url",
+    "summarize",
+    "wait_settled",
+]

@@ -1,0 +1,329 @@
+"""The Serve config: a file in Ray Serve's own format (what `serve build` writes) that
+`ray_cluster.serve.config` names, validated before any API call.
+
+Validation uses Serve's own schema (`ray.serve.schema.ServeDeploySchema`) where Ray is installed:
+its type and value rules, plus unknown keys (Serve ignores them for forward compatibility; a typo
+would silently do nothing, so we name it), found by walking the same models. Without Ray (a light
+runner that only deploys) the check is the structure and the import paths; Serve's own refusal
+(`PUT` answers 400) is reported later in the same form (`serve_rejection_problems`). There is no
+second hand-written copy of Serve's schema here.
+
+Import paths must name a module of the project (a file or package under the project directory, as
+committed) unless the application's `runtime_env` brings the code itself (`working_dir`,
+`py_modules`); modules of Ray itself are always there. The nodes put the project directory on
+Ray's `PYTHONPATH`, so such an import path needs no `runtime_env`.
+
+Where Serve runs is the platform's decision, not the user's: `proxy_location`, `http_options.host`,
+`http_options.port` and `http_options.root_path` are overridden (`SERVE_OVERRIDES`), and
+`overridden_settings` says which of the user's values were replaced.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ray_serve_cai.config._common import is_relative_script, load_yaml
+from ray_serve_cai.config.errors import ConfigError, Problem, format_path, suggest
+
+# Serve's HTTP proxy: one, on the head's loopback, mounted under /serve of the head's app URL.
+SERVE_PROXY_LOCATION = "HeadOnly"
+SERVE_HOST = "127.0.0.1"
+SERVE_ROOT_PATH = "/serve"
+SERVE_PORT_KEY = "serve_http_port"  # the head's status endpoint publishes Serve's loopback port here
+SERVE_OVERRIDES = ("proxy_location", "http_options.host", "http_options.port", "http_options.root_path")
+# A runtime_env with one of these brings its own code: its import path is not looked up in the project.
+_CODE_CARRYING_RUNTIME_ENV = ("working_dir", "py_modules")
+# Modules every node has (the `ray` extra installs them), so an import path may name them directly.
+_ALWAYS_INSTALLED = ("ray",)
+_MODULE_PART = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """A validated Serve config file: the document as the user wrote it, and where it came from."""
+
+    document: dict[str, Any]
+    source: str
+
+    @property
+    def application_names(self) -> list[str]:
+        return [str(app.get("name", "default")) for app in self.document.get("applications", [])]
+
+    def request_body(self, http_port: int) -> dict[str, Any]:
+        """The `PUT /api/serve/applications/` body: the document with the platform's settings."""
+        body = copy.deepcopy(self.document)
+        body["proxy_location"] = SERVE_PROXY_LOCATION
+        http = dict(body.get("http_options") or {})
+        http.update(host=SERVE_HOST, port=int(http_port), root_path=SERVE_ROOT_PATH)
+        body["http_options"] = http
+        return body
+
+    def overridden_settings(self) -> list[str]:
+        """One line per user setting the tool replaces (set in the file to another value)."""
+        lines = []
+        wanted = {
+            "proxy_location": SERVE_PROXY_LOCATION,
+            "http_options.host": SERVE_HOST,
+            "http_options.root_path": SERVE_ROOT_PATH,
+        }
+        http = self.document.get("http_options") or {}
+        given = {
+            "proxy_location": self.document.get("proxy_location"),
+            "http_options.host": http.get("host"),
+            "http_options.port": http.get("port"),
+            "http_options.root_path": http.get("root_path"),
+        }
+        for key in SERVE_OVERRIDES:
+            value = given[key]
+            if value is None:
+                continue
+            if key == "http_options.port":
+                lines.append(f"{key} {value!r} is replaced by the port the head picks (loopback only)")
+            elif value != wanted[key]:
+                lines.append(f"{key} {value!r} is replaced by {wanted[key]!r}")
+        return lines
+
+
+def application_digest(app: dict[str, Any]) -> str:
+    """Digest of one application's config as submitted (key order does not matter)."""
+    text = json.dumps(app, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def serve_path_problems(path: str) -> str | None:
+    """Why `ray_cluster.serve.config` is not a usable project-relative file path, or None."""
+    return is_relative_script(path)
+
+
+def load_serve_config(relative: str, project_dir: Path) -> ServeConfig:
+    """Read and validate the Serve config at project-relative `relative`; ConfigError lists every
+    problem with its field path (exit 2 in the CLI)."""
+    why = serve_path_problems(relative)
+    if why:
+        raise ConfigError([Problem("ray_cluster.serve.config", why)], "ray_cluster_config.yaml")
+    data = load_yaml(Path(project_dir) / relative, relative)
+    return parse_serve_config(data, project_dir=Path(project_dir), source=relative)
+
+
+def parse_serve_config(data: Any, *, project_dir: Path, source: str) -> ServeConfig:
+    problems = serve_config_problems(data, project_dir)
+    if problems:
+        raise ConfigError(problems, source)
+    return ServeConfig(document=copy.deepcopy(data), source=source)
+
+
+def serve_config_problems(data: Any, project_dir: Path) -> list[Problem]:
+    """Every problem of a loaded Serve config, each with its field path."""
+    if not isinstance(data, dict):
+        kind = "empty" if data is None else type(data).__name__
+        return [Problem("", f"expected a Serve config mapping with `applications:`, got {kind}")]
+    schema = _serve_schema()
+    problems = _schema_problems(data, schema) if schema is not None else _structure_problems(data)
+    applications = data.get("applications")
+    if isinstance(applications, list):
+        for index, app in enumerate(applications):
+            if isinstance(app, dict):
+                problems += _import_path_problems(app, index, project_dir)
+    return list(dict.fromkeys(problems))
+
+
+# --------------------------------------------------------------------------- with Serve's schema
+
+
+def _serve_schema() -> Any:
+    """`ray.serve.schema.ServeDeploySchema`, or None where Ray Serve is not installed."""
+    try:
+        from ray.serve.schema import ServeDeploySchema
+    except ImportError:
+        return None
+    return ServeDeploySchema
+
+
+def _schema_problems(data: dict[str, Any], schema: Any) -> list[Problem]:
+    from pydantic import ValidationError
+
+    problems = _unknown_keys(data, schema, ())
+    try:
+        schema.model_validate(data)
+    except ValidationError as exc:
+        for error in exc.errors():
+            path = format_path(_data_loc(data, tuple(error["loc"])))
+            problems.append(Problem(path, str(error["msg"]).removeprefix("Value error, ")))
+    return problems
+
+
+def _data_loc(data: Any, loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The part of a pydantic error location that names places in the data (union tags dropped)."""
+    kept: list[Any] = []
+    current = data
+    for part in loc:
+        if isinstance(current, dict) and isinstance(part, str):
+            kept.append(part)
+            if part not in current:
+                break
+            current = current[part]
+        elif isinstance(current, list) and isinstance(part, int) and part < len(current):
+            kept.append(part)
+            current = current[part]
+        else:
+            break
+    return tuple(kept)
+
+
+def _models_of(annotation: Any) -> list[Any]:
+    from pydantic import BaseModel
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    found = []
+    for arg in typing.get_args(annotation):
+        found += _models_of(arg)
+    return found
+
+
+def _container_of(annotation: Any) -> str | None:
+    origin = typing.get_origin(annotation)
+    if origin in (list, tuple, set):
+        return "list"
+    if origin is dict:
+        return "dict"
+    if origin in (typing.Union, types.UnionType):
+        kinds = {_container_of(a) for a in typing.get_args(annotation)} - {None}
+        return kinds.pop() if len(kinds) == 1 else None
+    return None
+
+
+def _unknown_keys(data: Any, model: Any, loc: tuple[Any, ...]) -> list[Problem]:
+    """Keys that Serve's model at `loc` does not define (Serve itself would ignore them)."""
+    if not isinstance(data, dict):
+        return []
+    fields = model.model_fields
+    known = {name: field for name, field in fields.items()}
+    known.update({field.alias: field for field in fields.values() if field.alias})
+    problems = []
+    for key, value in data.items():
+        field = known.get(key)
+        if field is None:
+            names = sorted(k for k in known if not k.startswith("_"))
+            hint = suggest(str(key), names) or f" (Serve knows: {', '.join(names)})"
+            problems.append(Problem(format_path((*loc, key)), f"unknown key{hint}"))
+            continue
+        nested = _models_of(field.annotation)
+        if len(nested) != 1:
+            continue
+        container = _container_of(field.annotation)
+        if container == "list" and isinstance(value, list):
+            for index, item in enumerate(value):
+                problems += _unknown_keys(item, nested[0], (*loc, key, index))
+        elif container == "dict" and isinstance(value, dict):
+            for name, item in value.items():
+                problems += _unknown_keys(item, nested[0], (*loc, key, name))
+        elif container is None:
+            problems += _unknown_keys(value, nested[0], (*loc, key))
+    return problems
+
+
+# --------------------------------------------------------------------------- without Ray
+
+
+def _structure_problems(data: dict[str, Any]) -> list[Problem]:
+    """The light check (no Ray here): the shape a Serve config must have to be deployable."""
+    applications = data.get("applications")
+    if applications is None:
+        return [Problem("applications", "required: the list of Serve applications to run")]
+    if not isinstance(applications, list):
+        return [Problem("applications", f"must be a list of applications, got {type(applications).__name__}")]
+    problems = []
+    for index, app in enumerate(applications):
+        where = f"applications[{index}]"
+        if not isinstance(app, dict):
+            problems.append(Problem(f"applications[{index}]", "must be a mapping with an import_path"))
+        elif not isinstance(app.get("import_path"), str):
+            problems.append(Problem(f"{where}.import_path", "required: a module:attribute string"))
+        elif not isinstance(app.get("runtime_env", {}), dict):
+            problems.append(Problem(f"applications[{index}].runtime_env", "must be a mapping"))
+    return problems
+
+
+# --------------------------------------------------------------------------- import paths
+
+
+def _import_path_problems(app: dict[str, Any], index: int, project_dir: Path) -> list[Problem]:
+    import_path = app.get("import_path")
+    field = f"applications[{index}].import_path"
+    if not isinstance(import_path, str):
+        return []
+    runtime_env = app.get("runtime_env")
+    if isinstance(runtime_env, dict) and any(runtime_env.get(k) for k in _CODE_CARRYING_RUNTIME_ENV):
+        return []  # the runtime_env brings the code: Serve looks the module up there
+    module = import_path.partition(":")[0] if ":" in import_path else import_path.rpartition(".")[0]
+    parts = module.split(".")
+    if not module or not all(_MODULE_PART.match(p) for p in parts):
+        return [Problem(field, f"{import_path!r} is not an import path of the form module.sub:attribute")]
+    if parts[0] in _ALWAYS_INSTALLED:
+        return []
+    if _module_in_project(parts, project_dir):
+        return []
+    return [
+        Problem(
+            field,
+            f"module {module!r} is not in the project ({project_dir}): no {'/'.join(parts)}.py or "
+            f"{'/'.join(parts)}/ there; commit the module in the project, or give the application "
+            "a runtime_env with working_dir/py_modules",
+        )
+    ]
+
+
+def _module_in_project(parts: list[str], project_dir: Path) -> bool:
+    base = Path(project_dir).joinpath(*parts[:-1])
+    last = parts[-1]
+    return (base / f"{last}.py").is_file() or (base / last).is_dir()
+
+
+# --------------------------------------------------------------------------- Serve's refusal
+
+_LOC_LINE = re.compile(r"^([A-Za-z_][\w\-\[\]]*(?:\.[\w\-\[\]]+)*)$")
+
+
+def serve_rejection_problems(text: str) -> list[Problem]:
+    """The problems in Serve's `PUT` refusal (HTTP 400: `repr()` of a pydantic ValidationError, or
+    the controller's message), in the same field-path form as the local check."""
+    lines = text.strip().splitlines()
+    if not lines or "validation error" not in lines[0]:
+        return [Problem("", text.strip() or "Serve refused the config (HTTP 400)")]
+    problems = []
+    i = 1
+    while i < len(lines):
+        match = _LOC_LINE.match(lines[i].strip()) if not lines[i].startswith(" ") else None
+        if match and i + 1 < len(lines) and lines[i + 1].startswith(" "):
+            loc = tuple(int(p) if p.isdigit() else p for p in match.group(1).split("."))
+            message = lines[i + 1].strip().split(" [type=")[0].removeprefix("Value error, ")
+            problems.append(Problem(format_path(loc), message))
+            i += 2
+        else:
+            i += 1
+    return problems or [Problem("", text.strip())]
+
+
+__all__ = [
+    "SERVE_HOST",
+    "SERVE_OVERRIDES",
+    "SERVE_PORT_KEY",
+    "SERVE_PROXY_LOCATION",
+    "SERVE_ROOT_PATH",
+    "ServeConfig",
+    "application_digest",
+    "load_serve_config",
+    "parse_serve_config",
+    "serve_config_problems",
+    "serve_path_problems",
+    "serve_rejection_problems",
+]

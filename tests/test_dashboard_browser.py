@@ -1,0 +1,116 @@
+"""A person opens the Ray dashboard: a real browser (Playwright driving the system's Chromium) on the URL
+`ray-cai dashboard --local` prints, against a small real Ray cluster in the local workspace.
+
+The link logs the browser in (one-time code → cookie for that application only) and lands on the
+dashboard, whose Cluster page lists every node ALIVE; a browser without the link, or with the link a
+second time, gets the login refusal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ray_serve_cai.workspace.testing import WorkspaceHandle
+
+pytestmark = pytest.mark.ray
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RAY_CAI = [sys.executable, "-m", "ray_serve_cai.cli.main"]
+PROJECT = "ray-cai-browser"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+CONFIG = """\
+ray_cluster:
+  name: browser
+  num_workers: 1
+  head_cpu: 1
+  head_memory: 1
+  worker_cpu: 1
+  worker_memory: 1
+  ports: {gcs: 0, client: 0, dashboard: 0}
+  startup_timeout: 300
+  join_timeout: 300
+"""
+
+
+@pytest.fixture(scope="module")
+def cli(workspace: WorkspaceHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    config = tmp_path_factory.mktemp("browser") / "ray_cluster_config.yaml"
+    config.write_text(CONFIG)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CML_", "CDSW_", "RAY_"))}
+    env.update(RAY_CAI_WORKSPACE_HOME=str(workspace.home), COLUMNS="200", NO_COLOR="1")
+
+    def run(*args: str, timeout: float = 400) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*RAY_CAI, *args, "--local", "--project", PROJECT, "--config", str(config)],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    try:
+        yield run
+    finally:
+        run("down")
+
+
+@pytest.mark.skipif(
+    not Path(CHROMIUM).exists(), reason="needs the system Chromium (apt-get install chromium)"
+)
+def test_the_dashboard_link_opens_the_cluster_page_in_a_browser_and_nothing_else_does(
+    cli: object, workspace: WorkspaceHandle
+) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    run = cli  # type: ignore[assignment]
+    up = run("up", "--json", "--info-file", os.devnull)  # type: ignore[operator]
+    assert up.returncode == 0, f"up failed:\n{up.stderr}\n{up.stdout}"
+    nodes = json.loads(up.stdout)["status"]["nodes"]
+    printed = run("dashboard")  # type: ignore[operator]
+    assert printed.returncode == 0, printed.stderr
+    url = printed.stdout.strip().splitlines()[-1]
+    head_url = url.split("/_workspace/login", 1)[0]
+    assert url.startswith("http://127.0.0.1:") and "code=" in url
+
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_context().new_page()
+            page.goto(url)  # no extra headers: the link alone logs in, then redirects to the dashboard
+            assert page.url.rstrip("/").split("#")[0] == head_url
+            page.get_by_role("link", name="Cluster", exact=True).first.click()
+            page.wait_for_url("**/#/cluster**")
+            node_rows = page.get_by_role("row").filter(has=page.locator("td"))
+            alive_rows = node_rows.filter(has=page.get_by_text("ALIVE", exact=True))
+            sync_api.expect(alive_rows).to_have_count(len(nodes), timeout=60_000)
+            assert node_rows.count() == len(nodes) == 2  # every node listed is ALIVE
+            assert alive_rows.filter(has_text="(Head)").count() == 1
+            page.close()
+
+            stranger = browser.new_context().new_page()
+            refused = stranger.goto(head_url + "/")
+            assert refused is not None and refused.status == 401
+            assert "Login required" in stranger.content()
+            again = stranger.goto(url)  # the same link, a second time
+            assert again is not None and again.status == 401
+            assert "not valid" in stranger.content()
+        finally:
+            browser.close()
