@@ -57,11 +57,10 @@ from ray_serve_cai.cml import (
     create_or_find,
 )
 from ray_serve_cai.config import ClusterSpec, NodeSpec, head_app_name
+from ray_serve_cai.node.status_model import HEALTH_PATH, STATUS_PATH, HeadStatus, NodeHealth
 
 log = logging.getLogger("ray_serve_cai.cluster")
 
-STATUS_PATH = "/ray-cai/status"
-HEALTH_PATH = "/ray-cai/health"
 # How often the head's status endpoint is asked while only Ray's view is missing (not an API call).
 RAY_POLL_SECONDS = 0.25
 
@@ -388,9 +387,9 @@ class RayCluster:
         if response.status_code != 200:
             return {}, f"head status endpoint answered HTTP {response.status_code}"
         try:
-            return dict(response.json()), None
-        except ValueError:
-            return {}, "head status endpoint answered with non-JSON"
+            return HeadStatus.model_validate(response.json()).body(), None
+        except ValueError:  # non-JSON, or JSON that is not the status model (ValidationError)
+            return {}, "head status endpoint answered with something else than its status"
 
     def wait_until_ready(
         self,
@@ -441,10 +440,12 @@ class RayCluster:
     def _node_error(self, name: str) -> str:
         """The last error a node's own health page reports ('' when it has none or does not answer)."""
         try:
-            body = self.client.app_request(name, "GET", HEALTH_PATH, timeout=5).json()
+            health = NodeHealth.model_validate(
+                self.client.app_request(name, "GET", HEALTH_PATH, timeout=5).json()
+            )
         except (CMLError, ValueError):
             return ""
-        return str(body.get("last_error") or "") if isinstance(body, dict) else ""
+        return health.last_error or ""
 
     def _outside_ray_errors(self, outside: dict[str, float]) -> list[str]:
         problems = []
