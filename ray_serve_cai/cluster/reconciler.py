@@ -32,6 +32,7 @@ from ray_serve_cai.cluster.conditions import Condition
 from ray_serve_cai.cluster.errors import ClusterError
 from ray_serve_cai.cluster.lock import cluster_lock, remove_stale_lock
 from ray_serve_cai.cluster.plan import (
+    CLUSTER_MARKER,
     FAILED,
     RUNNING,
     STARTING,
@@ -54,7 +55,7 @@ from ray_serve_cai.cml import (
     Conflict,
     NotFound,
     Runtime,
-    create_or_find,
+    create_application_or_find,
 )
 from ray_serve_cai.config import ClusterSpec, NodeSpec, head_app_name
 from ray_serve_cai.node.status_model import HEALTH_PATH, STATUS_PATH, HeadStatus, NodeHealth
@@ -316,23 +317,13 @@ class RayCluster:
     def _create(self, node: NodeSpec) -> None:
         """Create one node's application; a create whose outcome is unknown is observed, not repeated."""
 
-        def find() -> Application | None:
-            existing = self._find_app(node.name)
-            if existing is not None and not _observed(existing).owned_by(self.spec.name):
-                raise ClusterError(f"application {node.name!r} is taken by an app this cluster does not own")
-            return existing
-
+        fields = {"name": node.name, "subdomain": node.name, "description": node.description}
         try:
-            create_or_find(
-                lambda: self.client.create_application(
-                    self.project_id,
-                    name=node.name,
-                    subdomain=node.name,
-                    description=node.description,
-                    **self._app_fields(node),
-                ),
-                find,
-                what=f"application {node.name}",
+            create_application_or_find(
+                self.client,
+                self.project_id,
+                {**fields, **self._app_fields(node)},
+                owner=(CLUSTER_MARKER, self.spec.name),
             )
         except CMLError as err:
             raise ClusterError(f"could not create application {node.name!r}: {err}") from None
