@@ -16,8 +16,17 @@ For each size (1 head + N workers), in the same run:
   0.25 s until it lists every node ALIVE. Same token authentication as ray-cai. Every `ray start`
   runs in its own session; afterwards each session's process group is killed (and any process
   carrying this run's marker variable), never `ray stop`, so another Ray on the machine is untouched.
+* by hand, all at once ("hand-parallel"): the practical limit on this machine — the head by hand,
+  then every worker's `ray start` at the same time.
 
-Target: ray-cai <= 0.8 x the hand start. Prints a table and writes the raw figures as JSON (`--out`).
+Extra runs: `--cml-like N` (default 16 workers, 0 = none) brings up 1 + N with the workspace's
+application start latency set to `--latency` (30 s), as on CML where a pod takes that long to
+start; `--rounds R` runs R consecutive `up`/`down` rounds of 1 + 4 and counts nodes that never
+joined.
+
+Targets: 1 + 4 ray-cai <= 0.7 x one-after-another and <= 1.1 x all-at-once; cluster CPU seconds
+to ready <= 1.15 x bare `ray start` (one after another) at every size; CML-like ready <=
+latency + 15 s; every round ready. Prints tables and writes the raw figures as JSON (`--out`).
 """
 
 from __future__ import annotations
@@ -83,7 +92,7 @@ def load_average() -> float:
 # --------------------------------------------------------------------------- ray-cai (child process)
 
 
-def cluster_data(workers: int) -> dict[str, Any]:
+def cluster_data(workers: int, startup_timeout: float = 300) -> dict[str, Any]:
     return {
         "ray_cluster": {
             "name": "rbench",
@@ -94,7 +103,7 @@ def cluster_data(workers: int) -> dict[str, Any]:
             "worker_memory": 2,
             # 0 = free ports picked at start: never collide with another Ray on this machine.
             "ports": {"gcs": 0, "client": 0, "dashboard": 0},
-            "startup_timeout": 300,
+            "startup_timeout": startup_timeout,
             "join_timeout": 300,
         }
     }
@@ -236,6 +245,14 @@ class HandCluster:
         self.dashboard_port = free_port()
 
     def _ray_start(self, arguments: list[str]) -> None:
+        self._finish(self._spawn(arguments), arguments)
+
+    def _finish(self, process: subprocess.Popen[bytes], arguments: list[str]) -> None:
+        output, _ = process.communicate(timeout=300)
+        if process.returncode != 0:
+            raise RuntimeError(f"ray start {' '.join(arguments[:2])} failed:\n{output.decode()[-3000:]}")
+
+    def _spawn(self, arguments: list[str]) -> subprocess.Popen[bytes]:
         process = subprocess.Popen(
             ["ray", "start", "--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--memory", str(2 * 2**30),
              "--disable-usage-stats",
@@ -247,18 +264,22 @@ class HandCluster:
             start_new_session=True,
         )  # fmt: skip
         self.groups.append(process.pid)
-        output, _ = process.communicate(timeout=300)
-        if process.returncode != 0:
-            raise RuntimeError(f"ray start {' '.join(arguments[:2])} failed:\n{output.decode()[-3000:]}")
+        return process
 
-    def start(self, workers: int) -> None:
+    def start(self, workers: int, parallel: bool = False) -> None:
         self._ray_start(
             ["--head", "--port", str(self.gcs_port), "--dashboard-host", "127.0.0.1",
              "--dashboard-port", str(self.dashboard_port), "--ray-client-server-port", str(free_port()),
              "--temp-dir", str(self.temp_dir)]
         )  # fmt: skip
+        worker_arguments = ["--address", f"127.0.0.1:{self.gcs_port}"]
+        if parallel:
+            started = [self._spawn(worker_arguments) for _ in range(workers)]
+            for process in started:
+                self._finish(process, worker_arguments)
+            return
         for _ in range(workers):
-            self._ray_start(["--address", f"127.0.0.1:{self.gcs_port}"])
+            self._ray_start(worker_arguments)
 
     def alive_nodes(self, client: httpx.Client) -> int:
         try:
@@ -300,13 +321,13 @@ class HandCluster:
         return left
 
 
-def run_hand(workers: int) -> Run:
+def run_hand(workers: int, parallel: bool = False) -> Run:
     cluster = HandCluster()
     load_before = load_average()
     try:
         reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
-        cluster.start(workers)
+        cluster.start(workers, parallel=parallel)
         started = time.perf_counter() - start
         cluster.wait_alive(workers + 1)
         seconds = time.perf_counter() - start
@@ -322,7 +343,7 @@ def run_hand(workers: int) -> Run:
         "load_1min_before": load_before,
         "left_processes": left,
     }
-    return Run("hand", workers, seconds, extra)
+    return Run("hand-parallel" if parallel else "hand", workers, seconds, extra)
 
 
 # --------------------------------------------------------------------------- main
@@ -367,29 +388,68 @@ def machine() -> dict[str, Any]:
     }
 
 
-def print_table(runs: list[Run]) -> list[tuple[int, float, float, bool]]:
+def print_table(runs: list[Run]) -> list[dict[str, Any]]:
+    """Medians per size and tool, and the targets (each a dict with `passed`)."""
     sizes = sorted({r.workers for r in runs})
     header = (
-        f"{'nodes':>7} | {'ray-cai s':>9} {'cpu s':>6} | {'hand s':>7} {'cpu s':>6} | ratio | target <= 0.8"
+        f"{'nodes':>7} | {'ray-cai s':>9} {'cpu s':>6} | {'hand s':>7} {'cpu s':>6} | "
+        f"{'at once s':>9} {'cpu s':>6} | {'/hand':>5} {'/at once':>8} {'cpu/hand':>8}"
     )
     print("\n" + header + "   (medians; cpu s = CPU time of the cluster's processes when ready)")
     print("-" * len(header))
-    verdicts = []
+    targets: list[dict[str, Any]] = []
     for workers in sizes:
 
         def median(tool: str, key: str | None = None, workers: int = workers) -> float:
             chosen = [r for r in runs if r.tool == tool and r.workers == workers]
+            if not chosen:
+                return float("nan")
             return statistics.median(r.seconds if key is None else r.extra[key] for r in chosen)
 
-        ours, hand = median("ray-cai"), median("hand")
-        ratio = ours / hand
-        verdicts.append((workers, ours, hand, ratio <= 0.8))
+        ours, hand, together = median("ray-cai"), median("hand"), median("hand-parallel")
+        cpu_ours, cpu_hand = median("ray-cai", "cluster_cpu_s"), median("hand", "cluster_cpu_s")
+        cpu_together = median("hand-parallel", "cluster_cpu_s")
         print(
-            f"{'1 + ' + str(workers):>7} | {ours:9.2f} {median('ray-cai', 'cluster_cpu_s'):6.1f} | "
-            f"{hand:7.2f} {median('hand', 'cluster_cpu_s'):6.1f} | {ratio:5.2f} | "
-            f"{'PASS' if ratio <= 0.8 else 'FAIL'}"
+            f"{'1 + ' + str(workers):>7} | {ours:9.2f} {cpu_ours:6.1f} | {hand:7.2f} {cpu_hand:6.1f} | "
+            f"{together:9.2f} {cpu_together:6.1f} | {ours / hand:5.2f} {ours / together:8.2f} "
+            f"{cpu_ours / cpu_hand:8.2f}"
         )
-    return verdicts
+        targets.append(
+            _target(f"1 + {workers}: cluster CPU s <= 1.15 x bare ray start", cpu_ours / cpu_hand, 1.15)
+        )
+        if workers == 4:
+            targets.append(_target("1 + 4: ray-cai <= 0.7 x one after another", ours / hand, 0.7))
+            targets.append(_target("1 + 4: ray-cai <= 1.1 x all at once", ours / together, 1.1))
+    return targets
+
+
+def _target(name: str, value: float, limit: float) -> dict[str, Any]:
+    return {"target": name, "value": round(value, 3), "limit": limit, "passed": value <= limit}
+
+
+def run_rounds(handle: Any, project_id: str, rounds: int, poll_interval: float) -> dict[str, Any]:
+    """`rounds` consecutive up/down of 1 + 4; a round fails when up does not end ready."""
+    seconds: list[float] = []
+    failures: list[str] = []
+    for index in range(rounds):
+        try:
+            run = run_ray_cai(handle, project_id, 4, poll_interval)
+            seconds.append(round(run.seconds, 2))
+            print(f"  round {index + 1}/{rounds}: ready in {run.seconds:.2f} s", flush=True)
+        except RuntimeError as error:
+            failures.append(str(error)[-1500:])
+            print(f"  round {index + 1}/{rounds}: FAILED {str(error)[-600:]}", flush=True)
+            _down(handle, project_id, 4)
+    return {"rounds": rounds, "ready": len(seconds), "seconds": seconds, "failures": failures}
+
+
+def _down(handle: Any, project_id: str, workers: int) -> None:
+    from ray_serve_cai.cluster import RayCluster
+    from ray_serve_cai.cml import CMLClient, CMLSettings
+    from ray_serve_cai.config import parse_cluster_spec
+
+    with CMLClient(CMLSettings(host=handle.url, api_key=handle.api_key)) as client:
+        RayCluster(client, project_id, parse_cluster_spec(cluster_data(workers), env={})).down()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -403,6 +463,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0.25,
         help="extra ray-cai run per size at this poll (0: none)",
     )
+    parser.add_argument("--tools", default="ray-cai,hand,hand-parallel", help="which starts to time")
+    parser.add_argument("--cml-like", type=int, default=16, help="workers of the CML-like run (0: none)")
+    parser.add_argument("--latency", type=float, default=30.0, help="app start latency of the CML-like run")
+    parser.add_argument("--rounds", type=int, default=0, help="consecutive up/down rounds of 1 + 4")
     parser.add_argument("--repo", type=Path, default=REPO, help="git repository the project is cloned from")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write the raw JSON")
     parser.add_argument("--child-up", action="store_true", help=argparse.SUPPRESS)
@@ -431,6 +495,9 @@ def main(argv: list[str] | None = None) -> int:
     home = Path(tempfile.mkdtemp(prefix="ray-cai-bench-ray-"))
     runs: list[Run] = []
     diagnostics: list[Run] = []
+    cml_like: Run | None = None
+    rounds: dict[str, Any] | None = None
+    load_at_start = os.getloadavg()
     try:
         info = start_workspace(home / "workspace")
         handle = WorkspaceHandle(info)
@@ -445,27 +512,54 @@ def main(argv: list[str] | None = None) -> int:
                 run.tool = "ray-cai-fastpoll"
                 diagnostics.append(run)
                 print(f"  {run.tool} 1 + {workers} workers: {run.seconds:6.2f} s  {run.extra}", flush=True)
+            tools = [t.strip() for t in args.tools.split(",") if t.strip()]
             for _ in range(args.repeat):
                 for workers in sizes:
-                    for tool in ("ray-cai", "hand"):
+                    for tool in tools:
                         if tool == "ray-cai":
                             run = run_ray_cai(handle, project["id"], workers, args.poll_interval)
                         else:
-                            run = run_hand(workers)
+                            run = run_hand(workers, parallel=tool == "hand-parallel")
                         runs.append(run)
                         print(
                             f"  {run.tool:8} 1 + {workers} workers: {run.seconds:6.2f} s  {run.extra}",
                             flush=True,
                         )
+            if args.cml_like:
+                handle.set_latency(app_start_seconds=args.latency)
+                try:
+                    run = run_ray_cai(handle, project["id"], args.cml_like, args.poll_interval)
+                finally:
+                    handle.set_latency()
+                run.tool = "ray-cai-cml-like"
+                run.extra["app_start_latency_s"] = args.latency
+                cml_like = run
+                print(f"  cml-like 1 + {args.cml_like}: {run.seconds:6.2f} s  {run.extra}", flush=True)
+            if args.rounds:
+                rounds = run_rounds(handle, project["id"], args.rounds, args.poll_interval)
         finally:
             handle.close()
             stop_workspace(home / "workspace")
     finally:
         shutil.rmtree(home, ignore_errors=True)
 
-    verdicts = print_table(runs)
+    targets = print_table(runs) if runs else []
+    if cml_like is not None:
+        limit = args.latency + 15
+        print(
+            f"\nCML-like (app start latency {args.latency:g} s, 1 + {args.cml_like}): "
+            f"{cml_like.seconds:.2f} s"
+        )
+        targets.append(
+            _target(f"CML-like 1 + {args.cml_like} ready <= latency + 15 s", cml_like.seconds, limit)
+        )
+    if rounds is not None:
+        print(f"\n{rounds['ready']}/{rounds['rounds']} rounds of 1 + 4 ready; seconds: {rounds['seconds']}")
+        targets.append(_target("up/down rounds of 1 + 4 that failed", len(rounds["failures"]), 0))
+    for target in targets:
+        print(f"  {'PASS' if target['passed'] else 'FAIL'}  {target['target']}: {target['value']}")
     print("\nray-cai timeline, s after the call of up (apps created / head RUNNING / rendezvous / returned):")
-    for run in [*diagnostics, *runs]:
+    for run in [*diagnostics, *runs, *([cml_like] if cml_like else [])]:
         if run.tool.startswith("ray-cai"):
             t = run.extra.get("timeline", {})
             print(
@@ -474,23 +568,28 @@ def main(argv: list[str] | None = None) -> int:
                 f"  ({run.extra['polls']} polls, {run.extra['api_calls']} API calls)"
             )
     rss = [r.extra["peak_rss_mib"] for r in runs if r.tool == "ray-cai"]
-    print(f"\nray-cai peak RSS during up (child process): max {max(rss)} MiB")
+    if rss:
+        print(f"\nray-cai peak RSS during up (child process): max {max(rss)} MiB")
+    downs = {r.workers: r.extra["down_seconds"] for r in runs if r.tool == "ray-cai"}
+    print(f"ray-cai down, s (last run per size): {downs}")
+    print(f"load average at start {load_at_start}, at end {os.getloadavg()}")
     report = {
         "started_at": started_at,
         "machine": machine(),
         "code": code,
         "settings": {"sizes": sizes, "repeat": args.repeat, "poll_interval_s": args.poll_interval},
+        "load_average_start": load_at_start,
+        "load_average_end": os.getloadavg(),
         "runs": [asdict(r) for r in runs],
         "diagnostics": [asdict(r) for r in diagnostics],
-        "targets": [
-            {"workers": w, "ray_cai_s": o, "hand_s": h, "ratio": o / h, "passed": ok}
-            for w, o, h, ok in verdicts
-        ],
+        "cml_like": asdict(cml_like) if cml_like else None,
+        "rounds": rounds,
+        "targets": targets,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"raw figures: {args.out}")
-    return 0 if all(ok for *_, ok in verdicts) else 1
+    return 0 if all(t["passed"] for t in targets) else 1
 
 
 if __name__ == "__main__":

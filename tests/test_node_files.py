@@ -152,3 +152,38 @@ def test_status_summary_counts_alive_nodes_and_sums_their_resources() -> None:
     assert summary["alive_nodes"] == 2
     assert summary["resources"] == {"CPU": 3.0, "GPU": 1.0}
     assert [node["node_name"] for node in summary["nodes"]] == ["ray-demo-head", "ray-demo-cpu-0", None]
+
+
+def test_the_environment_config_writes_is_what_the_node_reads(tmp_path: Path) -> None:
+    """One typed definition (config.node_env): what `up` writes on the apps parses back unchanged."""
+    from ray_serve_cai.config import desired_nodes, validate_cluster_spec
+
+    spec = validate_cluster_spec(
+        {
+            "name": "demo",
+            "head": {"cpu": 2, "memory": 4},
+            "worker_groups": [{"name": "cpu", "replicas": 1, "cpu": 3, "memory": 1.5, "gpus": 1}],
+            "ports": {"gcs": 7000, "client": 0, "dashboard": 8300},
+            "join_timeout": 90,
+        }
+    )
+    head, worker = desired_nodes(spec)
+    cdsw = {"CDSW_IP_ADDRESS": "10.0.0.7", "CDSW_APP_PORT": "8100", "RAY_CAI_PROJECT_DIR": str(tmp_path)}
+    on_head = NodeSettings.from_env(None, head.environment | cdsw)
+    assert (on_head.role, on_head.node_name, on_head.group, on_head.num_cpus) == (
+        "head",
+        "ray-demo-head",
+        "head",
+        2,
+    )
+    assert (on_head.gcs_port, on_head.client_port, on_head.dashboard_port) == (7000, 0, 8300)
+    on_worker = NodeSettings.from_env(None, worker.environment | cdsw)
+    assert (on_worker.role, on_worker.node_name, on_worker.group) == ("worker", "ray-demo-cpu-0", "cpu")
+    assert (on_worker.num_cpus, on_worker.num_gpus, on_worker.memory_gb, on_worker.join_timeout) == (
+        3,
+        1,
+        1.5,
+        90,
+    )
+    assert head.environment["CDSW_APP_POLLING_ENDPOINT"] == worker.environment["CDSW_APP_POLLING_ENDPOINT"]
+    assert head.environment["CDSW_APP_POLLING_ENDPOINT"] == "/ray-cai/healthz"

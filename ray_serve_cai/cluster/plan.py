@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from ray_serve_cai.config import ClusterSpec, NodeSpec, desired_nodes, worker_index_of, worker_node
+from ray_serve_cai.config.node_env import CLUSTER_VARIABLE, GROUP_VARIABLE, SPEC_HASH_VARIABLE
 
-CLUSTER_MARKER = "RAY_CAI_CLUSTER"
-SPEC_HASH_MARKER = "RAY_CAI_SPEC_HASH"
+CLUSTER_MARKER = CLUSTER_VARIABLE  # the node environment's names, from its one typed definition
+SPEC_HASH_MARKER = SPEC_HASH_VARIABLE
 
 # Application statuses (see the CML reference, §7). Anything else is treated as "in progress".
 RUNNING = "APPLICATION_RUNNING"
@@ -21,7 +22,7 @@ STOPPING = "APPLICATION_STOPPING"
 STOPPED = "APPLICATION_STOPPED"
 FAILED = "APPLICATION_FAILED"
 DEAD_STATUSES = frozenset({STOPPED, FAILED})
-GROUP_MARKER = "RAY_CAI_GROUP"
+GROUP_MARKER = GROUP_VARIABLE
 
 
 @dataclass(frozen=True)

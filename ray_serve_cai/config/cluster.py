@@ -25,7 +25,6 @@ from ray_serve_cai.config._common import (
     env_int,
     env_value,
     environment_problems,
-    format_number,
     is_relative_script,
     load_yaml,
     python_version_of,
@@ -39,6 +38,11 @@ from ray_serve_cai.config.errors import (
     lenient_validate,
     problems_from_validation,
     suggest,
+)
+from ray_serve_cai.config.node_env import (
+    AUTOSCALER_VARIABLE,
+    NODE_ID_RESOURCE_VARIABLE,
+    NodeEnvironment,
 )
 
 DEFAULT_CLUSTER_FILE = "ray_cluster_config.yaml"
@@ -261,8 +265,25 @@ class NodeSpec(BaseModel):
         return f"Ray {self.role} of ray-cai cluster {cluster!r} (group {self.group})"
 
 
-# What CML polls on every node app: fails once the node's Ray has been down past its start grace.
-NODE_POLLING_ENDPOINT = "/ray-cai/healthz"
+_COMMON_VARIABLES = (
+    "cluster",
+    "spec_hash",
+    "role",
+    "group",
+    "node_name",
+    "num_cpus",
+    "num_gpus",
+    "memory_gb",
+)
+_HEAD_VARIABLES = (
+    *_COMMON_VARIABLES,
+    "gcs_port",
+    "client_port",
+    "dashboard_port",
+    "auth",
+    "polling_endpoint",
+)
+_WORKER_VARIABLES = (*_COMMON_VARIABLES, "memory_gb", "auth", "join_timeout", "polling_endpoint")
 
 
 def head_app_name(cluster: str) -> str:
@@ -274,8 +295,6 @@ def worker_app_name(cluster: str, group: str, index: int) -> str:
 
 
 # Variables of the autoscaling machinery (see ray_serve_cai.autoscale).
-AUTOSCALER_VARIABLE = "RAY_CAI_AUTOSCALER"  # "1" on the head of a cluster with autoscaled groups
-NODE_ID_RESOURCE_VARIABLE = "RAY_CAI_NODE_ID_RESOURCE"  # Ray's NODE_ID_AS_RESOURCE of the node
 APPLIED_SPEC_VARIABLE = "RAY_CAI_APPLIED_SPEC"  # the spec a pass applied, on the head (CONTRACTS.md)
 
 
@@ -388,19 +407,20 @@ def head_node(spec: ClusterSpec) -> NodeSpec:
         script=spec.head_script,
         spec_hash=head_hash,
         environment={
-            "RAY_CAI_CLUSTER": spec.name,
-            "RAY_CAI_SPEC_HASH": head_hash,
-            "RAY_CAI_ROLE": "head",
-            "RAY_CAI_GROUP": "head",
-            "RAY_CAI_NODE_NAME": head_name,
-            "RAY_CAI_NUM_CPUS": format_number(head_cpus),
-            "RAY_CAI_NUM_GPUS": str(spec.head.gpus),
-            "RAY_CAI_MEMORY_GB": format_number(spec.head.memory),
-            "RAY_CAI_GCS_PORT": str(spec.ports.gcs),
-            "RAY_CAI_CLIENT_PORT": str(spec.ports.client),
-            "RAY_CAI_DASHBOARD_PORT": str(spec.ports.dashboard),
-            "RAY_CAI_AUTH": auth,
-            "CDSW_APP_POLLING_ENDPOINT": NODE_POLLING_ENDPOINT,
+            **NodeEnvironment(
+                cluster=spec.name,
+                spec_hash=head_hash,
+                role="head",
+                group="head",
+                node_name=head_name,
+                num_cpus=head_cpus,
+                num_gpus=spec.head.gpus,
+                memory_gb=spec.head.memory,
+                gcs_port=spec.ports.gcs,
+                client_port=spec.ports.client,
+                dashboard_port=spec.ports.dashboard,
+                auth=auth,
+            ).to_env(*_HEAD_VARIABLES),
             **autoscaling,
             **spec.environment,
         },
@@ -426,17 +446,18 @@ def worker_node(spec: ClusterSpec, group: str, index: int) -> NodeSpec:
         script=spec.worker_script,
         spec_hash=group_hash,
         environment={
-            "RAY_CAI_CLUSTER": spec.name,
-            "RAY_CAI_SPEC_HASH": group_hash,
-            "RAY_CAI_ROLE": "worker",
-            "RAY_CAI_GROUP": g.name,
-            "RAY_CAI_NODE_NAME": name,
-            "RAY_CAI_NUM_CPUS": format_number(g.cpu),
-            "RAY_CAI_NUM_GPUS": str(g.gpus),
-            "RAY_CAI_MEMORY_GB": format_number(g.memory),
-            "RAY_CAI_AUTH": auth,
-            "RAY_CAI_JOIN_TIMEOUT": format_number(spec.join_timeout),
-            "CDSW_APP_POLLING_ENDPOINT": NODE_POLLING_ENDPOINT,
+            **NodeEnvironment(
+                cluster=spec.name,
+                spec_hash=group_hash,
+                role="worker",
+                group=g.name,
+                node_name=name,
+                num_cpus=g.cpu,
+                num_gpus=g.gpus,
+                memory_gb=g.memory,
+                auth=auth,
+                join_timeout=spec.join_timeout,
+            ).to_env(*_WORKER_VARIABLES),
             **autoscaling,
             **spec.environment,
         },

@@ -30,6 +30,7 @@ from starlette.routing import Mount, Route
 from starlette.types import Scope
 
 from ray_serve_cai._proxy import ReverseProxy, drop_and_add, proxy_client
+from ray_serve_cai.node.status_model import HEALTH_PATH, HEALTHZ_PATH, STATUS_PATH, HeadStatus, NodeHealth
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class NodeStatus:
     def healthy(self) -> bool:
         """Ray runs, or is down for less than `start_grace`, or the node waits for its head (a
         worker's wait is bounded by its join timeout, and a missing head is the head's failure)."""
-        if self.phase == "running" and self.ray_running():
+        if self.ray_running():
             return True
         return self.phase == "waiting for the head" or self.ray_down_for() <= self.start_grace
 
@@ -102,7 +103,8 @@ class NodeStatus:
             "cluster": self.cluster,
             "group": self.group,
             "ray_running": running,
-            "phase": self.phase if running or self.phase != "running" else "restarting",
+            # `ray start` said the node runs (the launcher learns it a moment later)
+            "phase": "running" if running else (self.phase if self.phase != "running" else "restarting"),
             "healthy": self.healthy(),
             "ray_down_for_s": round(self.ray_down_for(), 1),
             "start_grace_s": self.start_grace,
@@ -166,11 +168,11 @@ def create_app(status: NodeStatus, upstreams: Sequence[PathUpstream] = ()) -> St
         return f"http://127.0.0.1:{status.dashboard_port}{path}"
 
     async def health(_: Request) -> JSONResponse:
-        return JSONResponse(status.health())
+        return JSONResponse(NodeHealth(**status.health()).model_dump(mode="json"))
 
     async def healthz(_: Request) -> JSONResponse:
-        body = status.health()
-        return JSONResponse(body, 200 if body["healthy"] else 503)
+        body = NodeHealth(**status.health())
+        return JSONResponse(body.model_dump(mode="json"), 200 if body.healthy else 503)
 
     async def cluster_status(_: Request) -> JSONResponse:
         body: dict[str, Any] = {
@@ -182,16 +184,16 @@ def create_app(status: NodeStatus, upstreams: Sequence[PathUpstream] = ()) -> St
         }
         if (decision := status.autoscaler()) is not None:
             body["autoscaler"] = decision
-        empty = {"alive_nodes": 0, "nodes": [], "resources": {}}
         address, list_nodes = status.gcs_address, status.list_nodes
         if address is None or list_nodes is None or not status.ray_running():
             error = "ray is not running" + (f"; last error: {status.last_error}" if status.last_error else "")
-            return JSONResponse({**body, **empty, "error": error}, 503)
+            return JSONResponse(HeadStatus(**body, error=error).body(), 503)
         try:
             rows = await asyncio.to_thread(list_nodes, address)
         except Exception as error:  # the GCS is going away or overloaded: say so, the caller polls
-            return JSONResponse({**body, **empty, "error": f"GCS not answering: {type(error).__name__}"}, 503)
-        return JSONResponse({**body, **summarize_nodes(rows)})
+            failed = HeadStatus(**body, error=f"GCS not answering: {type(error).__name__}")
+            return JSONResponse(failed.body(), 503)
+        return JSONResponse(HeadStatus(**body, **summarize_nodes(rows)).body())
 
     async def dashboard_unreachable(request: Request) -> Response:
         return _starting_page(status, request.url.path)
@@ -212,15 +214,15 @@ def create_app(status: NodeStatus, upstreams: Sequence[PathUpstream] = ()) -> St
         return JSONResponse({"error": "not found"}, 404)
 
     routes = [
-        Route("/ray-cai/health", health, methods=["GET"]),
-        Route("/ray-cai/healthz", healthz, methods=["GET"]),
-        Route("/ray-cai/status", cluster_status, methods=["GET"]),
+        Route(HEALTH_PATH, health, methods=["GET"]),
+        Route(HEALTHZ_PATH, healthz, methods=["GET"]),
+        Route(STATUS_PATH, cluster_status, methods=["GET"]),
     ]
     if status.role == "head":
         routes += [Mount(u.prefix.rstrip("/"), app=_mounted(u, forwarder)) for u in upstreams]
         routes.append(Mount("", app=dashboard))
     else:
-        routes = [route for route in routes if route.path != "/ray-cai/status"]
+        routes = [route for route in routes if route.path != STATUS_PATH]
         routes.append(Route("/{path:path}", worker_page))
 
     @contextlib.asynccontextmanager

@@ -64,17 +64,23 @@ def _alive(process: psutil.Process) -> bool:
         return False
 
 
+# `ray start` drains its node first (~0.5 s), then stops its processes one by one, waiting up to
+# 1 s for each. After this long the rest of its group is told to stop too, all at once.
+DRAIN_SECONDS = 0.75
+
+
 def end_node(root_pid: int | None, tag: str | None, grace_seconds: float = 4.0) -> int:
-    """SIGTERM the node's `ray start` (it drains and stops its children), wait up to
-    `grace_seconds`, then SIGKILL whatever of the node is left. Returns how many were killed."""
+    """SIGTERM the node's `ray start` (it drains, then stops its children); after its drain,
+    SIGTERM its whole process group so the children stop in parallel; after `grace_seconds`,
+    SIGKILL whatever of the node is left. Returns how many processes were killed."""
     if root_pid is not None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(root_pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_seconds
-    while time.monotonic() < deadline:
-        if root_pid is None or not _alive_pid(root_pid):
-            break
-        time.sleep(0.1)
+        started = time.monotonic()
+        if not _exits_within(root_pid, min(DRAIN_SECONDS, grace_seconds)):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(root_pid, signal.SIGTERM)
+            _exits_within(root_pid, grace_seconds - (time.monotonic() - started))
     survivors = node_processes(root_pid, tag)
     if root_pid is not None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -82,14 +88,36 @@ def end_node(root_pid: int | None, tag: str | None, grace_seconds: float = 4.0) 
     for process in survivors:
         with contextlib.suppress(psutil.Error):
             process.kill()
-    psutil.wait_procs(survivors, timeout=3)
+    wait_gone(survivors, timeout=3)
     # Children spawned while we were killing (a raylet restarting an agent) carry the tag too.
     stragglers = node_processes(None, tag)
     for process in stragglers:
         with contextlib.suppress(psutil.Error):
             process.kill()
-    psutil.wait_procs(stragglers, timeout=2)
+    wait_gone(stragglers, timeout=2)
     return len(survivors) + len(stragglers)
+
+
+def _exits_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + max(0.0, seconds)
+    while _alive_pid(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def wait_gone(processes: list[psutil.Process], timeout: float) -> bool:
+    """Until every process has exited or is a zombie (a killed process whose parent is gone waits
+    for init to reap it; `psutil.wait_procs` would wait for that too). True when all are gone."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while any(_alive(process) for process in processes):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+    return True
 
 
 def _alive_pid(pid: int) -> bool:

@@ -1,7 +1,8 @@
 """Test application: a Ray node without Ray, for tests where Ray is not the point.
 
-Serves HTTP on 127.0.0.1:$CDSW_APP_PORT: `/` (200), `/ray-cai/health`, and on the head
-(`RAY_CAI_ROLE=head`) `/ray-cai/status`, shaped like the real head's. Every node writes a heartbeat
+Serves HTTP on 127.0.0.1:$CDSW_APP_PORT: `/` (200), `/ray-cai/health`, `/ray-cai/healthz`, and on
+the head (`RAY_CAI_ROLE=head`) `/ray-cai/status`, built from the same models as the real node's
+(`ray_serve_cai.node.status_model`). Every node writes a heartbeat
 file `.ray-cai/<cluster>/fake/<RAY_CAI_NODE_NAME>` (pid + time) in the project directory (the working
 directory) every second and removes it on SIGTERM; the head reports as alive the nodes whose
 heartbeat is fresh and whose process still exists, so a killed node drops out at once.
@@ -25,6 +26,8 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+from ray_serve_cai.node.status_model import HEALTH_PATH, HEALTHZ_PATH, STATUS_PATH, HeadStatus, NodeHealth
 
 HEARTBEAT_SECONDS = 1.0
 FRESH_SECONDS = 3.0
@@ -96,32 +99,31 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
-        health = {
-            "role": ROLE,
-            "node_name": NODE_NAME,
-            "ray_running": JOINS,
-            "phase": "running" if JOINS else "restarting",
-            "healthy": JOINS or time.monotonic() - STARTED <= START_GRACE_SECONDS,
-            "last_error": LAST_ERROR,
-            "head_id": HEAD_ID,
-        }
-        if path == "/ray-cai/health":
-            self._json(200, health)
-        elif path == "/ray-cai/healthz":
-            self._json(200 if health["healthy"] else 503, health)
-        elif path == "/ray-cai/status" and ROLE == "head":
+        health = NodeHealth(
+            role=ROLE,
+            node_name=NODE_NAME,
+            cluster=CLUSTER,
+            ray_running=JOINS,
+            phase="running" if JOINS else "restarting",
+            healthy=JOINS or time.monotonic() - STARTED <= START_GRACE_SECONDS,
+            last_error=LAST_ERROR,
+            head_id=HEAD_ID,
+        )
+        if path == HEALTH_PATH:
+            self._json(200, health.model_dump(mode="json"))
+        elif path == HEALTHZ_PATH:
+            self._json(200 if health.healthy else 503, health.model_dump(mode="json"))
+        elif path == STATUS_PATH and ROLE == "head":
             nodes = alive_nodes()
-            self._json(
-                200,
-                {
-                    "head_id": HEAD_ID,
-                    "ray_version": "fake",
-                    "python_version": platform.python_version(),
-                    "alive_nodes": len(nodes),
-                    "nodes": nodes,
-                    "resources": {},
-                },
+            status = HeadStatus(
+                head_id=HEAD_ID,
+                ray_version="fake",
+                python_version=platform.python_version(),
+                ray_running=True,
+                alive_nodes=len(nodes),
+                nodes=nodes,
             )
+            self._json(200, status.body())
         elif path == "/":
             self._json(200, {"fake_ray_node": NODE_NAME})
         else:
