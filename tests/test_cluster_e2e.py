@@ -21,6 +21,7 @@ from typing import Any
 
 import psutil
 import pytest
+from fakes import SMALL_CLUSTER_YAML
 
 from ray_serve_cai.cml import CMLClient, CMLSettings
 from ray_serve_cai.node.ray_node import node_tag, node_temp_dir
@@ -41,18 +42,7 @@ CHANGING_ROUTES = (
     "PATCH /api/v2/projects/{project_id}/applications/{application_id}",
 )
 
-CONFIG = """\
-ray_cluster:
-  name: e2e
-  num_workers: 2
-  head_cpu: 1
-  head_memory: 1
-  worker_cpu: 1
-  worker_memory: 1
-  ports: {gcs: 0, client: 0, dashboard: 0}
-  startup_timeout: 300
-  join_timeout: 300
-"""
+CONFIG = SMALL_CLUSTER_YAML.format(name="e2e", workers=2)
 
 CLIENT_SCRIPT = textwrap.dedent(
     """

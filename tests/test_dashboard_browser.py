@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fakes import SMALL_CLUSTER_YAML
 
 from ray_serve_cai.workspace.testing import WorkspaceHandle
 
@@ -37,18 +38,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-CONFIG = """\
-ray_cluster:
-  name: browser
-  num_workers: 1
-  head_cpu: 1
-  head_memory: 1
-  worker_cpu: 1
-  worker_memory: 1
-  ports: {gcs: 0, client: 0, dashboard: 0}
-  startup_timeout: 300
-  join_timeout: 300
-"""
+CONFIG = SMALL_CLUSTER_YAML.format(name="browser", workers=1)
 
 
 @pytest.fixture(scope="module")

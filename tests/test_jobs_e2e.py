@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes import RAY_CAI, REPO_ROOT
+from fakes import RAY_CAI, REPO_ROOT, SMALL_CLUSTER_YAML
 from ruamel.yaml import YAML
 
 from ray_serve_cai.cml import CMLClient, CMLSettings
@@ -36,18 +36,7 @@ CLUSTER = "jobs"
 PROJECT = "ray-cai-e2e-jobs"
 HEAD, WORKER = "ray-jobs-head", "ray-jobs-worker-0"
 WORKFLOW = REPO_ROOT / ".github" / "workflows" / "deploy-ray-cluster.yml"
-CONFIG = """\
-ray_cluster:
-  name: jobs
-  num_workers: 1
-  head_cpu: 1
-  head_memory: 1
-  worker_cpu: 1
-  worker_memory: 1
-  ports: {gcs: 0, client: 0, dashboard: 0}
-  startup_timeout: 300
-  join_timeout: 300
-"""
+CONFIG = SMALL_CLUSTER_YAML.format(name="jobs", workers=1)
 # Prints a numbered tick every second: a follower that streams sees tick 0 long before the job ends.
 TICKS = "import time\nfor i in range({n}):\n    print(f'tick {{i}}', flush=True)\n    time.sleep(1)\n"
 

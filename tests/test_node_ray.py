@@ -355,7 +355,12 @@ def test_a_port_taken_before_ray_binds_it_does_not_keep_the_node_out(cluster: Cl
         errors = [body["last_error"] for body in failing if body["last_error"]]
         assert errors and "Address already in use" in errors[-1], failing[-1]
         health = wait_for(
-            lambda: (body := get_json(f"{node.url}/ray-cai/health"))["ray_running"] and body,
+            # `ray start` says the node runs a moment after Ray answers: wait for both.
+            lambda: (
+                (body := get_json(f"{node.url}/ray-cai/health"))["ray_running"]
+                and body["phase"] == "running"
+                and body
+            ),
             30,
             "the node to say Ray runs",
             0.1,

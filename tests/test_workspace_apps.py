@@ -215,3 +215,30 @@ def test_deleting_a_project_stops_its_apps(workspace: WorkspaceHandle, test_apps
     assert workspace.processes()
     workspace.api_ok("DELETE", f"/api/v2/projects/{doomed['id']}")
     assert workspace.processes() == []
+
+
+def test_a_restart_right_after_a_failure_is_not_caught_by_the_old_trees_sweep(
+    workspace: WorkspaceHandle, project: dict[str, Any]
+) -> None:
+    """The app's script dies; the moment the API says FAILED a client restarts it (as `up` and the
+    watch do): the new engine keeps running — the sweep of what the old one left behind is over."""
+    import signal
+    import time
+
+    app = create_app(workspace, project, script="tree_app.py")
+    workspace.wait_for_app(project["id"], app["id"], {"APPLICATION_RUNNING"})
+    pid_file = workspace.project_dir(project["id"]) / f"tree-pids-{app['id']}.json"
+    old = json.loads(pid_file.read_text())
+    os.kill(old["app"], signal.SIGKILL)
+    workspace.wait_for_app(project["id"], app["id"], {"APPLICATION_FAILED"}, timeout=20)
+    assert not any(alive(pid) for pid in old.values()), old  # the old tree is gone when FAILED shows
+    workspace.api_ok("POST", app_path(project, app, ":restart"))
+    workspace.wait_for_app(project["id"], app["id"], {"APPLICATION_RUNNING"})
+    new = json.loads(pid_file.read_text())
+    assert new["app"] != old["app"]
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:  # the old sweep had up to its grace period to strike
+        assert all(alive(pid) for pid in new.values()), new
+        time.sleep(0.1)
+    assert workspace.api_ok("GET", app_path(project, app))["status"] == "APPLICATION_RUNNING"
+    delete_app(workspace, project, app)

@@ -23,6 +23,7 @@ import psutil
 import pytest
 from fakes import (
     RAY_CAI,
+    SMALL_CLUSTER_YAML,
     cli_env,
     desired_names,
     fake_cluster_spec,
@@ -497,18 +498,7 @@ def test_server_killed_in_the_middle_of_a_command_then_resumed(
 
 # ------------------------------------------------ (a) with a ready real-Ray cluster
 
-RAY_CONFIG = """\
-ray_cluster:
-  name: crashray
-  num_workers: 2
-  head_cpu: 1
-  head_memory: 1
-  worker_cpu: 1
-  worker_memory: 1
-  ports: {gcs: 0, client: 0, dashboard: 0}
-  startup_timeout: 300
-  join_timeout: 300
-"""
+RAY_CONFIG = SMALL_CLUSTER_YAML.format(name="crashray", workers=2)
 
 
 def _raylets(tag: str) -> set[int]:

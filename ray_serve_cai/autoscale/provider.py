@@ -47,7 +47,7 @@ from ray_serve_cai.cml import (
     CMLSettings,
     CreateOutcomeUnknown,
     NotFound,
-    create_or_find,
+    create_application_or_find,
     is_permanent,
 )
 from ray_serve_cai.config import (
@@ -323,24 +323,13 @@ class CMLNodeProvider(BatchingNodeProvider):
         node = worker_node(spec, group, self._free_index(group))
         self._pending[node.name] = (self._clock() + PENDING_GRACE_SECONDS, False)  # reserved before we ask
 
-        def find() -> Application | None:
-            apps = self.client.list_applications(self.project_id)
-            found = next((a for a in apps if (a.subdomain or a.name) == node.name), None)
-            if found is not None and (found.environment or {}).get(CLUSTER_MARKER) != self.cluster:
-                raise CMLError(f"application {node.name!r} is taken by an app this cluster does not own")
-            return found
-
+        fields = {"name": node.name, "subdomain": node.name, "description": node.description}
         try:
-            create_or_find(
-                lambda: self.client.create_application(
-                    self.project_id,
-                    name=node.name,
-                    subdomain=node.name,
-                    description=node.description,
-                    **node.app_fields(),
-                ),
-                find,
-                what=f"application {node.name}",
+            create_application_or_find(
+                self.client,
+                self.project_id,
+                {**fields, **node.app_fields()},
+                owner=(CLUSTER_MARKER, self.cluster),
                 attempts=2,
             )
         except CMLError as err:

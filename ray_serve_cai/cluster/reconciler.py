@@ -32,6 +32,7 @@ from ray_serve_cai.cluster.conditions import Condition
 from ray_serve_cai.cluster.errors import ClusterError
 from ray_serve_cai.cluster.lock import cluster_lock, remove_stale_lock
 from ray_serve_cai.cluster.plan import (
+    CLUSTER_MARKER,
     FAILED,
     RUNNING,
     STARTING,
@@ -54,7 +55,7 @@ from ray_serve_cai.cml import (
     Conflict,
     NotFound,
     Runtime,
-    create_or_find,
+    create_application_or_find,
 )
 from ray_serve_cai.config import ClusterSpec, NodeSpec, head_app_name
 from ray_serve_cai.node.status_model import HEALTH_PATH, STATUS_PATH, HeadStatus, NodeHealth
@@ -316,23 +317,13 @@ class RayCluster:
     def _create(self, node: NodeSpec) -> None:
         """Create one node's application; a create whose outcome is unknown is observed, not repeated."""
 
-        def find() -> Application | None:
-            existing = self._find_app(node.name)
-            if existing is not None and not _observed(existing).owned_by(self.spec.name):
-                raise ClusterError(f"application {node.name!r} is taken by an app this cluster does not own")
-            return existing
-
+        fields = {"name": node.name, "subdomain": node.name, "description": node.description}
         try:
-            create_or_find(
-                lambda: self.client.create_application(
-                    self.project_id,
-                    name=node.name,
-                    subdomain=node.name,
-                    description=node.description,
-                    **self._app_fields(node),
-                ),
-                find,
-                what=f"application {node.name}",
+            create_application_or_find(
+                self.client,
+                self.project_id,
+                {**fields, **self._app_fields(node)},
+                owner=(CLUSTER_MARKER, self.spec.name),
             )
         except CMLError as err:
             raise ClusterError(f"could not create application {node.name!r}: {err}") from None
@@ -583,56 +574,10 @@ class RayCluster:
     ) -> None:
         """Keep reconciling every `interval` seconds: dead apps are restarted, missing ones created,
         and an app stuck in STARTING, or running but not in Ray, past `startup_timeout` is restarted."""
-        starting_since: dict[str, float] = {}
-        outside_since: dict[str, float] = {}
-        failed_since: dict[str, float] = {}
-
-        def left_to_cml(action: Action) -> bool:
-            """CML restarts a failed application by itself (reference §5): observe, then act — the
-            watch restarts it only once it stayed failed for `cml_restart_wait` seconds."""
-            if action.kind is not ActionKind.RESTART or action.app is None or action.app.status != FAILED:
-                return False
-            waited = time.monotonic() - failed_since.setdefault(action.app.id, time.monotonic())
-            if waited < self.spec.cml_restart_wait:
-                log.info("%s failed %.0fs ago: left to CML's automatic restart for now", action.name, waited)
-                return True
-            return False  # its entry goes once the app is no longer failed (see stuck_apps)
-
-        def stuck_apps(apps: list[Application]) -> list[Action]:
-            for app_id in [i for i in failed_since if all(a.id != i or a.status != FAILED for a in apps)]:
-                del failed_since[app_id]  # restarted (by CML, or by us) or gone
-            outside = _outside_ray(self.status(apps), outside_since)
-            late = {name: s for name, s in outside.items() if s > self.spec.startup_timeout}
-            for name in late:
-                outside_since[name] = time.monotonic()  # the restart takes a while to show
-            return stuck_in_starting(apps) + self._replace_outside_ray(apps, late)
-
-        def stuck_in_starting(apps: list[Application]) -> list[Action]:
-            now = time.monotonic()
-            nodes = {
-                n.name: n for n in desired_for(self.target(apps).effective, [_observed(a) for a in apps])
-            }
-            current = {a.id for a in apps if a.status == STARTING}
-            for app_id in list(starting_since):
-                if app_id not in current:
-                    del starting_since[app_id]
-            actions = []
-            for app in apps:
-                name = app.subdomain or app.name
-                if app.status != STARTING or name not in nodes:
-                    continue
-                since = starting_since.setdefault(app.id, now)
-                if now - since > self.spec.startup_timeout:
-                    reason = f"stuck in STARTING for {now - since:.0f}s"
-                    actions.append(
-                        Action(ActionKind.RESTART, name, node=nodes[name], app=_observed(app), reason=reason)
-                    )
-                    starting_since[app.id] = now
-            return actions
-
+        healer = _Healer(self)
         passes = 0
         while not should_stop():
-            plan = self.converge(extra=stuck_apps, defer=left_to_cml)
+            plan = self.converge(extra=healer.stuck_apps, defer=healer.left_to_cml)
             self._heal_only = True  # later passes keep what is deployed, whoever deployed it
             status = converge_serve(self, self.status(), wait=False)
             if on_pass:
@@ -672,6 +617,57 @@ class RayCluster:
             ]
             self._run_parallel(self._delete, late_actions)
         return [a.name for a in actions + late_actions]
+
+
+class _Healer:
+    """What the watch remembers between passes, to act on what one observation cannot show: apps
+    stuck in STARTING, apps running but not in Ray, and failed apps left to CML's own restart."""
+
+    def __init__(self, cluster: RayCluster) -> None:
+        self.cluster = cluster
+        self.starting_since: dict[str, float] = {}
+        self.outside_since: dict[str, float] = {}
+        self.failed_since: dict[str, float] = {}
+
+    def left_to_cml(self, action: Action) -> bool:
+        """CML restarts a failed application by itself (reference §5): observe, then act — the
+        watch restarts it only once it stayed failed for `cml_restart_wait` seconds."""
+        if action.kind is not ActionKind.RESTART or action.app is None or action.app.status != FAILED:
+            return False
+        waited = time.monotonic() - self.failed_since.setdefault(action.app.id, time.monotonic())
+        if waited < self.cluster.spec.cml_restart_wait:
+            log.info("%s failed %.0fs ago: left to CML's automatic restart for now", action.name, waited)
+            return True
+        return False  # its entry goes once the app is no longer failed (see stuck_apps)
+
+    def stuck_apps(self, apps: list[Application]) -> list[Action]:
+        failed = {a.id for a in apps if a.status == FAILED}
+        for app_id in [i for i in self.failed_since if i not in failed]:
+            del self.failed_since[app_id]  # restarted (by CML, or by us) or gone
+        timeout = self.cluster.spec.startup_timeout
+        outside = _outside_ray(self.cluster.status(apps), self.outside_since)
+        late = {name: s for name, s in outside.items() if s > timeout}
+        for name in late:
+            self.outside_since[name] = time.monotonic()  # the restart takes a while to show
+        return self.stuck_in_starting(apps) + self.cluster._replace_outside_ray(apps, late)
+
+    def stuck_in_starting(self, apps: list[Application]) -> list[Action]:
+        now = time.monotonic()
+        observed = [_observed(a) for a in apps]
+        nodes = {n.name: n for n in desired_for(self.cluster.target(apps).effective, observed)}
+        starting = {a.id: a for a in apps if a.status == STARTING and (a.subdomain or a.name) in nodes}
+        for app_id in [i for i in self.starting_since if i not in starting]:
+            del self.starting_since[app_id]
+        actions = []
+        for app in starting.values():
+            since = self.starting_since.setdefault(app.id, now)
+            if now - since > self.cluster.spec.startup_timeout:
+                name = app.subdomain or app.name
+                reason = f"stuck in STARTING for {now - since:.0f}s"
+                action = Action(ActionKind.RESTART, name, node=nodes[name], app=_observed(app), reason=reason)
+                actions.append(action)
+                self.starting_since[app.id] = now
+        return actions
 
 
 def derive_status(

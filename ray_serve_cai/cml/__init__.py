@@ -50,7 +50,7 @@ from ._models import (
     Project,
     Runtime,
 )
-from ._observe import create_or_find, is_permanent
+from ._observe import create_application_or_find, create_or_find, is_permanent
 from ._retry import RetryPolicy
 from ._settings import CMLSettings
 from ._transport import application_url
@@ -97,6 +97,7 @@ __all__ = [
     "ServerError",
     "Unauthorized",
     "application_url",
+    "create_application_or_find",
     "create_or_find",
     "is_permanent",
 ]

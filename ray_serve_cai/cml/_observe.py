@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._errors import CMLAPIError, CMLError
+
+if TYPE_CHECKING:
+    from ._client import CMLClient
+    from ._models import Application
 
 log = logging.getLogger("ray_serve_cai.cml")
 
@@ -50,3 +54,32 @@ def create_or_find(
             log.info("%s: create failed (%s); nothing found, trying again", what, err)
             sleep(min(2.0, 0.25 * 2**attempt))
     raise AssertionError("unreachable")
+
+
+def create_application_or_find(
+    client: CMLClient,
+    project_id: str,
+    fields: Mapping[str, Any],
+    *,
+    owner: tuple[str, str],
+    attempts: int = 4,
+) -> Application:
+    """Create the application `fields` describe (its name is `fields["subdomain"]`); after a create
+    whose outcome is unknown, look for it by that name before trying again. One found with that
+    name whose environment lacks `owner` (a key and its value) belongs to someone else: CMLError."""
+    name = fields["subdomain"]
+    key, value = owner
+
+    def find() -> Application | None:
+        apps = client.list_applications(project_id)
+        found = next((a for a in apps if (a.subdomain or a.name) == name), None)
+        if found is not None and (found.environment or {}).get(key) != value:
+            raise CMLError(f"application {name!r} is taken by an app this cluster does not own")
+        return found
+
+    return create_or_find(
+        lambda: client.create_application(project_id, **fields),
+        find,
+        what=f"application {name}",
+        attempts=attempts,
+    )

@@ -246,6 +246,16 @@ def _descendants(pid: int) -> list[psutil.Process]:
         return []
 
 
+def _created_before(process: psutil.Process, moment: float, pgid: int | None) -> bool:
+    """Started before `moment`, or a member of the group being ended (a fork of the dying tree)."""
+    try:
+        if pgid is not None and os.getpgid(process.pid) == pgid:
+            return True
+        return process.create_time() <= moment
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
+        return False
+
+
 def _signal_group(pgid: int, signum: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signum)
@@ -281,6 +291,7 @@ def end_process_tree(
     """
     targets: dict[int, psutil.Process] = {}
     pgid: int | None = None
+    sweep_started = time.time()
     if leader is not None and leader.poll() is None:
         pgid = leader.pid  # start_new_session=True makes the leader its own group leader
         targets.update({p.pid: p for p in _descendants(leader.pid)})
@@ -299,9 +310,11 @@ def end_process_tree(
     with contextlib.suppress(WaitTimeout):  # the grace is over: what is left gets SIGKILL
         poll_until(all_ended, timeout=max(grace_seconds, 0.0), interval=0.05, what="the workload to end")
 
-    # Anything still alive, plus anything started with the marker while we waited.
+    # Anything still alive, plus what a dying process forked with the marker while we waited — but
+    # not a new engine of the same workload (a restart right after it failed), started since.
     if marker_value:
-        targets.update({p.pid: p for p in processes_with_marker(marker_name, marker_value)})
+        stragglers = processes_with_marker(marker_name, marker_value)
+        targets.update({p.pid: p for p in stragglers if _created_before(p, sweep_started, pgid)})
     remaining = _alive(targets.values())
     if pgid is not None:
         _signal_group(pgid, signal.SIGKILL)

@@ -466,12 +466,14 @@ class Supervisor:
             exit_code = process.poll()
             if exit_code is not None:
                 failed = exit_code != 0 or app.status == "APPLICATION_STARTING"
-                app.status = "APPLICATION_FAILED" if failed else "APPLICATION_STOPPED"
-                app.stopped_at = now_timestamp()
                 self._append_app_log(app, f"[workspace] application {app.id} exited with code {exit_code}")
                 runtime.process = None
-                # The engine ends with its script: nothing it left behind survives.
+                # The engine ends with its script: nothing it left behind survives. Only then does
+                # the app show as ended: a client that restarts it on seeing FAILED must not have its
+                # new processes (same marker) caught by this sweep.
                 await asyncio.to_thread(end_process_tree, None, marker_value=app.id, grace_seconds=1.0)
+                app.status = "APPLICATION_FAILED" if failed else "APPLICATION_STOPPED"
+                app.stopped_at = now_timestamp()
                 self._record_process(app, None)
                 if failed:
                     self._on_app_failed(app, runtime)
