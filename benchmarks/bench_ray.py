@@ -497,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     diagnostics: list[Run] = []
     cml_like: Run | None = None
     rounds: dict[str, Any] | None = None
+    failed_hand: list[dict[str, Any]] = []
     load_at_start = os.getloadavg()
     try:
         info = start_workspace(home / "workspace")
@@ -519,7 +520,14 @@ def main(argv: list[str] | None = None) -> int:
                         if tool == "ray-cai":
                             run = run_ray_cai(handle, project["id"], workers, args.poll_interval)
                         else:
-                            run = run_hand(workers, parallel=tool == "hand-parallel")
+                            try:
+                                run = run_hand(workers, parallel=tool == "hand-parallel")
+                            except RuntimeError as error:  # a bare `ray start` that never joined
+                                print(f"  {tool} 1 + {workers} FAILED: {str(error)[-300:]}", flush=True)
+                                failed_hand.append(
+                                    {"tool": tool, "workers": workers, "error": str(error)[-1500:]}
+                                )
+                                continue
                         runs.append(run)
                         print(
                             f"  {run.tool:8} 1 + {workers} workers: {run.seconds:6.2f} s  {run.extra}",
@@ -584,6 +592,7 @@ def main(argv: list[str] | None = None) -> int:
         "diagnostics": [asdict(r) for r in diagnostics],
         "cml_like": asdict(cml_like) if cml_like else None,
         "rounds": rounds,
+        "failed_hand_starts": failed_hand,
         "targets": targets,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
