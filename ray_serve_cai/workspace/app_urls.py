@@ -313,11 +313,13 @@ class AppListeners:
     async def sync(self, apps: Iterable[Application]) -> None:
         wanted = {app.id: app for app in apps}
         async with self._lock:
-            for app_id in [a for a in self._open if a not in wanted]:
-                await self._close(app_id)
+            closing = [self._open.pop(app_id) for app_id in [a for a in self._open if a not in wanted]]
             for app in wanted.values():
                 if app.id not in self._open:
                     await self._start(app)
+        # Closed outside the lock and together: each close waits out uvicorn's shutdown pause, and
+        # 64 parallel deletes must not queue behind each other's pauses.
+        await asyncio.gather(*(self._close_entry(entry) for entry in closing), return_exceptions=True)
 
     async def close_all(self) -> None:
         async with self._lock:
@@ -357,7 +359,10 @@ class AppListeners:
         self._open[app.id] = _Open(listener, server, sock)
 
     async def _close(self, app_id: str) -> None:
-        entry = self._open.pop(app_id)
+        await self._close_entry(self._open.pop(app_id))
+
+    @staticmethod
+    async def _close_entry(entry: _Open) -> None:
         try:
             await entry.server.close()
         finally:
