@@ -58,7 +58,7 @@ from ray_serve_cai.cml import (
     create_application_or_find,
 )
 from ray_serve_cai.config import ClusterSpec, NodeSpec, head_app_name
-from ray_serve_cai.node.status_model import HEALTH_PATH, STATUS_PATH, HeadStatus, NodeHealth
+from ray_serve_cai.config.node_status import HEALTH_PATH, STATUS_PATH, HeadStatus, NodeHealth
 
 log = logging.getLogger("ray_serve_cai.cluster")
 

@@ -30,7 +30,7 @@ from starlette.routing import Mount, Route
 from starlette.types import Scope
 
 from ray_serve_cai._proxy import ReverseProxy, drop_and_add, proxy_client
-from ray_serve_cai.node.status_model import HEALTH_PATH, HEALTHZ_PATH, STATUS_PATH, HeadStatus, NodeHealth
+from ray_serve_cai.config.node_status import HEALTH_PATH, HEALTHZ_PATH, STATUS_PATH, HeadStatus, NodeHealth
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Serves HTTP on 127.0.0.1:$CDSW_APP_PORT: `/` (200), `/ray-cai/health`, `/ray-cai/healthz`, and on
 the head (`RAY_CAI_ROLE=head`) `/ray-cai/status`, built from the same models as the real node's
-(`ray_serve_cai.node.status_model`). Every node writes a heartbeat
+(`ray_serve_cai.config.node_status`). Every node writes a heartbeat
 file `.ray-cai/<cluster>/fake/<RAY_CAI_NODE_NAME>` (pid + time) in the project directory (the working
 directory) every second and removes it on SIGTERM; the head reports as alive the nodes whose
 heartbeat is fresh and whose process still exists, so a killed node drops out at once.
@@ -27,7 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from ray_serve_cai.node.status_model import HEALTH_PATH, HEALTHZ_PATH, STATUS_PATH, HeadStatus, NodeHealth
+from ray_serve_cai.config.node_status import HEALTH_PATH, HEALTHZ_PATH, STATUS_PATH, HeadStatus, NodeHealth
 
 HEARTBEAT_SECONDS = 1.0
 FRESH_SECONDS = 3.0
