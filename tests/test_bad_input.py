@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from fakes import cli_env, fake_cluster_yaml, fake_project, list_apps, run_cli, write_fake_project_files
 
+from ray_serve_cai.cml._retry import FIRST_CONTACT_DEADLINE
 from ray_serve_cai.workspace.testing import WorkspaceHandle
 
 BAD_CONFIGS = Path(__file__).parent / "bad_configs"
@@ -291,7 +292,9 @@ def test_operational_failure_exits_1_with_one_actionable_line(
 def test_unreachable_host_fails_fast(workspace: WorkspaceHandle, tmp_path: Path) -> None:
     env = cli_env(workspace, CML_HOST=f"http://127.0.0.1:{closed_port()}")
     try:
-        proc = run_cli(["check"], cwd=tmp_path, env=env, timeout=10)
+        # A host never reached is retried for FIRST_CONTACT_DEADLINE (10 s, full-jitter backoff), then
+        # given up; 20 s leaves room for the process start on a loaded machine (the old code took 60 s).
+        proc = run_cli(["check"], cwd=tmp_path, env=env, timeout=10 + FIRST_CONTACT_DEADLINE)
     except subprocess.TimeoutExpired:
-        pytest.fail("`ray-cai check` against a closed port had not failed after 10 s (it takes ~60 s)")
+        pytest.fail("`ray-cai check` against a closed port had not failed after 20 s (it took ~60 s)")
     check_one_actionable_line("unreachable-host", proc, ["127.0.0.1"])
