@@ -6,8 +6,8 @@
 * throughput of a 50 MiB download on each path (MB/s);
 * peak RSS of the node's HTTP server process (and of the workspace) during the 50 MiB transfer.
 
-The upstream is `tests/apps/stream_app.py` (a real uvicorn app standing in for the dashboard), the
-node is the real `AppServer` (`tests/apps/head_http.py`). No Ray is started.
+The upstream is `tests/support/apps/stream_app.py` (a real uvicorn app standing in for the dashboard), the
+node is the real `AppServer` (`tests/support/apps/head_http.py`). No Ray is started.
 
     python benchmarks/bench_proxy.py [--repeat 20] [--mb 50] [--out benchmarks/results/bench_proxy.json]
 """
@@ -33,7 +33,7 @@ import httpx
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
-APPS = REPO / "tests" / "apps"
+APPS = REPO / "tests" / "support" / "apps"
 sys.path.insert(0, str(REPO))
 
 from ray_serve_cai.workspace.daemon import start_workspace, stop_workspace  # noqa: E402

@@ -1,6 +1,6 @@
 """Benchmark of the local workspace's durable state (issue 13), run by hand.
 
-1. Re-adoption: N running apps (tests/apps/http_app.py), SIGKILL the server, start it again on the same
+1. Re-adoption: N running apps (tests/support/apps/http_app.py), SIGKILL the server, start it again on the same
    home; time until it answers, until every app is listed RUNNING again and until a request routed to
    each app (Host routing) answers.
 2. `GET /api/v2/projects/{id}/applications` requests per second (one keep-alive client, sequential),
@@ -32,7 +32,7 @@ import httpx
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
-TEST_APPS = REPO / "tests" / "apps"
+TEST_APPS = REPO / "tests" / "support" / "apps"
 TARGET_RATIO = 0.8
 
 

@@ -16,7 +16,7 @@ import pytest
 from ray_serve_cai.workspace.daemon import start_workspace, stop_workspace
 from ray_serve_cai.workspace.testing import WorkspaceHandle
 
-TEST_APPS_DIR = Path(__file__).parent / "apps"
+TEST_APPS_DIR = Path(__file__).parent / "support" / "apps"
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +54,7 @@ def controls(workspace: WorkspaceHandle) -> Iterator[WorkspaceHandle]:
 @pytest.fixture(scope="module")
 def project_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Files to copy into a project: the fake Ray node app, the lock script, trivial job scripts."""
-    from fakes import write_fake_project_files
+    from support.fakes import write_fake_project_files
 
     return write_fake_project_files(tmp_path_factory.mktemp("fake-files"))
 

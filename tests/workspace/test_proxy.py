@@ -1,8 +1,8 @@
 """The streaming proxy in its two real homes: the head node's HTTP server (in front of the dashboard,
 and Serve under `/serve`) and the local workspace's per-application listeners.
 
-Upstream is a real uvicorn app (`tests/apps/stream_app.py`); the head's server runs in its own process
-(`tests/apps/head_http.py`) so its memory can be watched; clients are real (httpx, urllib, requests,
+Upstream is a real uvicorn app (`tests/support/apps/stream_app.py`); the head's server runs in its own process
+(`tests/support/apps/head_http.py`) so its memory can be watched; clients are real (httpx, urllib, requests,
 aiohttp, websockets).
 """
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from fakes import cli_env, run_cli
+from support.fakes import cli_env, run_cli
 
 from ray_serve_cai.access import DashboardError, dashboard_url, find_head_application
 from ray_serve_cai.cml import CMLClient, CMLSettings

@@ -1,7 +1,7 @@
 """A node whose application runs but that never joins Ray: `up` replaces it once, then fails naming
 it and the last error its health page reports; the watch replaces it until it joins.
 
-Fake nodes (tests/apps/fake_ray_node.py): a node started while its never-join marker file exists
+Fake nodes (tests/support/apps/fake_ray_node.py): a node started while its never-join marker file exists
 answers HTTP, writes no heartbeat, and reports a `ray start` error, as a real node whose Ray keeps
 failing does.
 """
@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from fakes import client_for, fake_cluster_spec, fake_project, list_apps
+from support.fakes import client_for, fake_cluster_spec, fake_project, list_apps
 
 from ray_serve_cai.cluster import ClusterError, RayCluster
 from ray_serve_cai.workspace.testing import WorkspaceHandle

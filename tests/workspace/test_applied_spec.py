@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes import client_for, fake_cluster_spec, fake_project, list_apps
+from support.fakes import client_for, fake_cluster_spec, fake_project, list_apps
 
 from ray_serve_cai.cluster import RayCluster
 from ray_serve_cai.cluster import runtimes as runtimes_module

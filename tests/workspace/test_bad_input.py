@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from fakes import cli_env, fake_cluster_yaml, fake_project, list_apps, run_cli, write_fake_project_files
+from support.fakes import cli_env, fake_cluster_yaml, fake_project, list_apps, run_cli, write_fake_project_files
 
 from ray_serve_cai.cml._retry import FIRST_CONTACT_DEADLINE
 from ray_serve_cai.workspace.testing import WorkspaceHandle
 
-BAD_CONFIGS = Path(__file__).parent / "bad_configs"
+BAD_CONFIGS = Path(__file__).resolve().parents[1] / "support" / "bad_configs"
 # A sample of the config corpus, replayed through the CLI (the corpus itself is tested in-process).
 CLUSTER_SAMPLE = [
     "cluster_yaml_syntax",

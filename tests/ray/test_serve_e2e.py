@@ -27,7 +27,7 @@ from typing import Any
 
 import httpx
 import pytest
-from fakes import RAY_CAI, cli_env, clone_with_small_cluster, git, wait_until
+from support.fakes import RAY_CAI, cli_env, clone_with_small_cluster, git, wait_until
 
 from ray_serve_cai.workspace.testing import WorkspaceHandle
 

@@ -1,6 +1,6 @@
 """Shared helpers for the reliability tests: projects of fake Ray nodes, specs, and convergence checks.
 
-A fake project holds `fake_ray_node.py` (tests/apps), the lock script and trivial job scripts, so the
+A fake project holds `fake_ray_node.py` (tests/support/apps), the lock script and trivial job scripts, so the
 reconciler and the orchestrator run their real code paths against the workspace without Ray.
 """
 
@@ -24,7 +24,7 @@ from ray_serve_cai.cml import CMLClient, CMLSettings
 from ray_serve_cai.config import ClusterSpec, desired_nodes, validate_cluster_spec
 from ray_serve_cai.workspace.testing import WorkspaceHandle
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TEST_APPS = Path(__file__).parent / "apps"
 FAKE_NODE_SCRIPT = "fake_ray_node.py"
 RAY_CAI = [sys.executable, "-m", "ray_serve_cai.cli.main"]

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes import SMALL_CLUSTER_YAML
+from support.fakes import SMALL_CLUSTER_YAML
 
 from ray_serve_cai.workspace.testing import WorkspaceHandle
 
 pytestmark = pytest.mark.ray
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 RAY_CAI = [sys.executable, "-m", "ray_serve_cai.cli.main"]
 PROJECT = "ray-cai-browser"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -10,7 +10,7 @@ import pytest
 
 from ray_serve_cai.workspace.testing import WorkspaceHandle
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "cai_integration" / "quick_start.sh"
 
 

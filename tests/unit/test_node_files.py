@@ -25,7 +25,7 @@ from ray_serve_cai.node.http_app import summarize_nodes
 from ray_serve_cai.node.ports import pick_free_ports, reserve_worker_port_block
 from ray_serve_cai.node.settings import NodeSettings, SettingsError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def sample_rendezvous(head_id: str = "a" * 32, auth: str = "token") -> Rendezvous:

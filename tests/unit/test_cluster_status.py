@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from fakes import fake_cluster_spec
+from support.fakes import fake_cluster_spec
 
 from ray_serve_cai.cluster.reconciler import derive_status
 from ray_serve_cai.cml import Application

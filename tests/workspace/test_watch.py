@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fakes import (
+from support.fakes import (
     RAY_CAI,
     cli_env,
     client_for,

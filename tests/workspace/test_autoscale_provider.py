@@ -1,8 +1,8 @@
 """CMLNodeProvider against the real local workspace, driven the way Ray's autoscaler drives it
 (`non_terminated_nodes` → `create_node`/`terminate_node` → `post_process`), without Ray running.
 
-The cluster's head and workers are fake nodes (tests/apps/fake_ray_node.py): the provider only talks
-to the CML API, so Ray is not the point here; tests/test_autoscale_e2e.py runs the real thing.
+The cluster's head and workers are fake nodes (tests/support/apps/fake_ray_node.py): the provider only talks
+to the CML API, so Ray is not the point here; tests/ray/test_autoscale_e2e.py runs the real thing.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from fakes import FAKE_NODE_SCRIPT, FAULTS, app_environment, client_for, fake_project
+from support.fakes import FAKE_NODE_SCRIPT, FAULTS, app_environment, client_for, fake_project
 from ray.autoscaler.tags import NODE_KIND_HEAD, TAG_RAY_NODE_KIND, TAG_RAY_USER_NODE_TYPE
 
 from ray_serve_cai.autoscale import CMLNodeProvider, workload_settings

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from fakes import (
+from support.fakes import (
     FAULTS,
     client_for,
     desired_names,

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from ray_serve_cai.cli.config import app
 
-ROOT = Path(__file__).resolve().parent.parent
-BAD = Path(__file__).parent / "bad_configs"
+ROOT = Path(__file__).resolve().parents[2]
+BAD = Path(__file__).resolve().parents[1] / "support" / "bad_configs"
 runner = CliRunner()
 
 

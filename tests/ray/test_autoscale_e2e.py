@@ -26,14 +26,14 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from fakes import FAULTS, inventory
+from support.fakes import FAULTS, inventory
 
 from ray_serve_cai.node.ray_node import node_tag, node_temp_dir
 from ray_serve_cai.workspace.testing import WorkspaceHandle
 
 pytestmark = pytest.mark.ray
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 RAY_CAI = [sys.executable, "-m", "ray_serve_cai.cli.main"]
 CLUSTER = "auto"
 PROJECT = "ray-cai-e2e-autoscale"

@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from fakes import fake_cluster_yaml, fake_project, list_apps
+from support.fakes import fake_cluster_yaml, fake_project, list_apps
 
 import ray_serve_cai
 from ray_serve_cai.cai_cluster import CAIClusterManager

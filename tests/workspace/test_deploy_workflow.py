@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from ruamel.yaml import YAML
 
-WORKFLOW = Path(__file__).resolve().parents[1] / ".github" / "workflows" / "deploy-ray-cluster.yml"
+WORKFLOW = Path(__file__).resolve().parents[2] / ".github" / "workflows" / "deploy-ray-cluster.yml"
 
 
 def run_steps() -> list[tuple[str, str]]:

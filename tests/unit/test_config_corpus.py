@@ -1,4 +1,4 @@
-"""Every malformed file in tests/bad_configs/ is refused with the problem its first line announces.
+"""Every malformed file in tests/support/bad_configs/ is refused with the problem its first line announces.
 
 Header format: ``# expect: <field fragment> | <message fragment>`` and optionally
 ``# env: NAME=value ...`` (override variables for that case). Files named ``cluster_*`` are cluster
@@ -13,7 +13,7 @@ import pytest
 
 from ray_serve_cai.config import ConfigError, load_cluster_spec, load_deploy_spec
 
-CORPUS = Path(__file__).parent / "bad_configs"
+CORPUS = Path(__file__).resolve().parents[1] / "support" / "bad_configs"
 CASES = sorted(CORPUS.glob("*.yaml"))
 
 

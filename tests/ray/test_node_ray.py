@@ -33,7 +33,7 @@ from ray_serve_cai.node.ray_node import node_tag
 
 pytestmark = pytest.mark.ray
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLUSTER = "demo"
 HEAD_NAME = f"ray-{CLUSTER}-head"
 WORKER_NAME = f"ray-{CLUSTER}-cpu-0"

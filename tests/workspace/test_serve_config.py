@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fakes import cli_env, fake_cluster_yaml
+from support.fakes import cli_env, fake_cluster_yaml
 
 from ray_serve_cai.cluster.serve import attach, decide, summarize
 from ray_serve_cai.config import ConfigError
@@ -29,7 +29,7 @@ from ray_serve_cai.config.serve import (
 )
 from ray_serve_cai.workspace.testing import WorkspaceHandle
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 GOOD_APP = {"name": "iris", "route_prefix": "/iris", "import_path": "examples.serve.iris:app"}
 # Runs the CLI with Ray unimportable, as on a runner that only deploys (core dependencies only).
 NO_RAY_CLI = "import sys; sys.modules['ray'] = None; from ray_serve_cai.cli.main import main; main()"

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes import (
+from support.fakes import (
     RAY_CAI,
     cli_env,
     client_for,

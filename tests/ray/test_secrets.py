@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fakes import RAY_CAI, clone_with_small_cluster
+from support.fakes import RAY_CAI, clone_with_small_cluster
 
 from ray_serve_cai.workspace.daemon import start_workspace, stop_workspace
 from ray_serve_cai.workspace.statefile import write_state

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes import RAY_CAI, REPO_ROOT, SMALL_CLUSTER_YAML
+from support.fakes import RAY_CAI, REPO_ROOT, SMALL_CLUSTER_YAML
 from ruamel.yaml import YAML
 
 from ray_serve_cai.cml import CMLClient, CMLSettings
@@ -381,7 +381,7 @@ def test_node_logs_list_read_and_follow(cluster: Cluster) -> None:
 def documented_blocks() -> list[tuple[str, str]]:
     """The (language, code) of the two fenced blocks after the `tested:` marker in DEPLOYMENT_GUIDE.md."""
     text = (REPO_ROOT / "DEPLOYMENT_GUIDE.md").read_text()
-    after = text[text.index("<!-- tested: tests/test_jobs_e2e.py") :]
+    after = text[text.index("<!-- tested: tests/ray/test_jobs_e2e.py") :]
     blocks = re.findall(r"```(\w+)\n(.*?)```", after, flags=re.S)
     return [(lang, code) for lang, code in blocks[:2]]
 

@@ -28,7 +28,7 @@ from ray_serve_cai.config import (
     worker_app_name,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SEED = {
     "ray_cluster": {
         "num_workers": 1,

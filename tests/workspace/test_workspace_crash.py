@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from fakes import (
+from support.fakes import (
     RAY_CAI,
     SMALL_CLUSTER_YAML,
     cli_env,
@@ -533,7 +533,7 @@ def test_a_ready_ray_cluster_survives_a_crash_of_the_workspace(tmp_path: Path) -
     config.write_text(RAY_CONFIG)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CML_", "CDSW_", "RAY_"))}
     env.update(RAY_CAI_WORKSPACE_HOME=str(home), COLUMNS="200")
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     project = "ray-cai-crash-ray"
 
     def cli(*args: str, timeout: float = 400) -> subprocess.CompletedProcess[str]:

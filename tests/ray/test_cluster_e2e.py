@@ -21,7 +21,7 @@ from typing import Any
 
 import psutil
 import pytest
-from fakes import SMALL_CLUSTER_YAML
+from support.fakes import SMALL_CLUSTER_YAML
 
 from ray_serve_cai.cml import CMLClient, CMLSettings
 from ray_serve_cai.node.ray_node import node_tag, node_temp_dir
@@ -29,7 +29,7 @@ from ray_serve_cai.workspace.testing import WorkspaceHandle
 
 pytestmark = pytest.mark.ray
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 RAY_CAI = [sys.executable, "-m", "ray_serve_cai.cli.main"]
 CLUSTER = "e2e"
 PROJECT = "ray-cai-e2e-cluster"
