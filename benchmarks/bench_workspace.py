@@ -1,6 +1,7 @@
 """Benchmark of the local workspace's durable state (issue 13), run by hand.
 
-1. Re-adoption: N running apps (tests/support/apps/http_app.py), SIGKILL the server, start it again on the same
+1. Re-adoption: N running apps (tests/support/apps/http_app.py), SIGKILL the server, start it again on
+   the same
    home; time until it answers, until every app is listed RUNNING again and until a request routed to
    each app (Host routing) answers.
 2. `GET /api/v2/projects/{id}/applications` requests per second (one keep-alive client, sequential),

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.fakes import RAY_CAI, REPO_ROOT, SMALL_CLUSTER_YAML
 from ruamel.yaml import YAML
+from support.fakes import RAY_CAI, REPO_ROOT, SMALL_CLUSTER_YAML
 
 from ray_serve_cai.cml import CMLClient, CMLSettings
 from ray_serve_cai.workspace.testing import WorkspaceHandle

@@ -16,8 +16,8 @@ from typing import Any
 
 import httpx
 import pytest
-from support.fakes import FAKE_NODE_SCRIPT, FAULTS, app_environment, client_for, fake_project
 from ray.autoscaler.tags import NODE_KIND_HEAD, TAG_RAY_NODE_KIND, TAG_RAY_USER_NODE_TYPE
+from support.fakes import FAKE_NODE_SCRIPT, FAULTS, app_environment, client_for, fake_project
 
 from ray_serve_cai.autoscale import CMLNodeProvider, workload_settings
 from ray_serve_cai.cluster import RayCluster

@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from support.fakes import cli_env, fake_cluster_yaml, fake_project, list_apps, run_cli, write_fake_project_files
+from support.fakes import (
+    cli_env,
+    fake_cluster_yaml,
+    fake_project,
+    list_apps,
+    run_cli,
+    write_fake_project_files,
+)
 
 from ray_serve_cai.cml._retry import FIRST_CONTACT_DEADLINE
 from ray_serve_cai.workspace.testing import WorkspaceHandle
