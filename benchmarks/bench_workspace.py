@@ -1,9 +1,8 @@
 """Benchmark of the local workspace's durable state (issue 13), run by hand.
 
-1. Re-adoption: N running apps (tests/support/apps/http_app.py), SIGKILL the server, start it again on
-   the same
-   home; time until it answers, until every app is listed RUNNING again and until a request routed to
-   each app (Host routing) answers.
+1. Re-adoption: N running apps (tests/support/apps/http_app.py), SIGKILL the server, start it again
+   on the same home; time until it answers, until every app is listed RUNNING again and until a
+   request routed to each app (Host routing) answers.
 2. `GET /api/v2/projects/{id}/applications` requests per second (one keep-alive client, sequential),
    and `PATCH` of an application (a write: committed to SQLite before the answer), on a server of this
    tree (SQLite) and of a baseline tree (`--baseline /work/main`: the in-memory server), same machine,
