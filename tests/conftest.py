@@ -18,6 +18,9 @@ from ray_serve_cai.workspace.testing import WorkspaceHandle
 
 TEST_APPS_DIR = Path(__file__).parent / "support" / "apps"
 
+# Every workspace the suite starts checks its answers against CML's spec; a deviation fails the test.
+pytest_plugins = ["support.conformance"]
+
 
 @pytest.fixture(scope="session")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkspaceHandle]:

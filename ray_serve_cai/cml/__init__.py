@@ -22,6 +22,7 @@ from ._errors import (
     Forbidden,
     NotFound,
     RateLimited,
+    RefusedField,
     ServerError,
     Unauthorized,
 )
@@ -35,12 +36,14 @@ from ._models import (
     ENGINE_FAILED,
     ENGINE_RUNNING,
     ENGINE_SCHEDULING,
+    ENGINE_SKIPPED,
     ENGINE_STARTING,
     ENGINE_STOPPED,
     ENGINE_STOPPING,
     ENGINE_SUCCEEDED,
     ENGINE_TIMEDOUT,
     ENGINE_UNKNOWN,
+    PROJECT_TEMPLATES,
     TERMINAL_RUN_STATUSES,
     Application,
     CreateApplication,
@@ -50,6 +53,7 @@ from ._models import (
     JobRun,
     Project,
     Runtime,
+    parse_timestamp,
 )
 from ._observe import create_application_or_find, create_or_find, is_permanent
 from ._retry import RetryPolicy
@@ -66,6 +70,7 @@ __all__ = [
     "ENGINE_FAILED",
     "ENGINE_RUNNING",
     "ENGINE_SCHEDULING",
+    "ENGINE_SKIPPED",
     "ENGINE_STARTING",
     "ENGINE_STOPPED",
     "ENGINE_STOPPING",
@@ -73,6 +78,7 @@ __all__ = [
     "ENGINE_TIMEDOUT",
     "ENGINE_UNKNOWN",
     "PAGE_SIZE",
+    "PROJECT_TEMPLATES",
     "TERMINAL_RUN_STATUSES",
     "AmbiguousName",
     "Application",
@@ -94,6 +100,7 @@ __all__ = [
     "NotFound",
     "Project",
     "RateLimited",
+    "RefusedField",
     "RetryPolicy",
     "Runtime",
     "ServerError",
@@ -102,4 +109,5 @@ __all__ = [
     "create_application_or_find",
     "create_or_find",
     "is_permanent",
+    "parse_timestamp",
 ]

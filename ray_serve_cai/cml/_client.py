@@ -16,8 +16,16 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel
 
-from ._errors import AmbiguousName, CMLConnectionError, CMLError, CMLSettingsError, request_id_of
+from ._errors import (
+    AmbiguousName,
+    CMLConnectionError,
+    CMLError,
+    CMLSettingsError,
+    RefusedField,
+    request_id_of,
+)
 from ._models import (
+    PROJECT_TEMPLATES,
     Application,
     CreateApplication,
     CreateJob,
@@ -41,16 +49,20 @@ PAGE_SIZE = 100
 
 _USER_AGENT = "ray-serve-cai-cml/0.1"
 
-# Fields CML accepts in PATCH bodies (reference §3, §5, §7). CML silently drops unknown names, so an
-# unknown name here is a bug in the caller and raises before anything is sent.
+# Fields a PATCH may change: the writable fields of the spec's `Project`, `Job` and `Application`
+# (UpdateProject/UpdateJob/UpdateApplication take the object; CML ignores its read-only fields —
+# `Job.paused`, `Job.timezone`, `Project.creation_status`… — and any name it does not know). A name
+# outside these sets would be silently dropped by CML, so it is refused here before anything is sent.
 _PROJECT_PATCH = frozenset(
-    {"name", "description", "visibility", "default_project_engine_type", "shared_memory_limit", "environment"}
-)
+    {
+        "name", "description", "visibility", "default_engine_type", "shared_memory_limit", "environment",
+        "ephemeral_storage_request", "ephemeral_storage_limit",
+    }
+)  # fmt: skip
 _JOB_PATCH = frozenset(
     {
-        "name", "script", "schedule", "timezone", "parent_id", "timeout", "kill_on_timeout", "cpu",
-        "memory", "nvidia_gpu", "environment", "arguments", "runtime_identifier",
-        "runtime_addon_identifiers", "kernel", "paused", "description",
+        "name", "script", "schedule", "parent_id", "timeout", "kill_on_timeout", "cpu", "memory",
+        "nvidia_gpu", "environment", "arguments", "runtime_identifier", "runtime_addon_identifiers", "kernel",
     }
 )  # fmt: skip
 _APPLICATION_PATCH = frozenset(
@@ -87,11 +99,15 @@ def _patch_body(kind: str, allowed: frozenset[str], fields: Mapping[str, Any]) -
     if unknown:
         name = unknown[0]
         close = difflib.get_close_matches(name, sorted(allowed), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else f"; allowed: {', '.join(sorted(allowed))}"
-        raise TypeError(f"update_{kind}() got unknown field {name!r}{hint}")
+        hint = f"; did you mean {close[0]!r}?" if close else f"; writable: {', '.join(sorted(allowed))}"
+        raise RefusedField(
+            f"update_{kind}(): {name!r} is not a writable field of a CML {kind} (CML would ignore it){hint}"
+        )
     body = dict(fields)
     if "environment" in body and body["environment"] is not None:
         body["environment"] = environment_json(body["environment"])
+    if kind == "job" and body.get("timeout") is not None:
+        body["timeout"] = str(int(body["timeout"]))  # `Job.timeout` is an int64: a string in the JSON
     return body
 
 
@@ -303,22 +319,29 @@ class CMLClient:
         *,
         template: str | None = None,
         git_url: str | None = None,
+        git_ref: str | None = None,
         description: str | None = None,
         visibility: str = "private",
         default_project_engine_type: str | None = None,
         environment: Mapping[str, str] | None = None,
     ) -> Project:
-        """Create a project; ``template`` defaults to ``git`` with a ``git_url``, else ``blank``.
+        """Create a project. With a ``git_url`` (and ``git_ref``, the branch) it is cloned and no
+        ``template`` is sent unless given; without one the spec's ``local`` template makes an empty
+        project (files are uploaded separately). ``template`` takes the spec's documented values.
 
         A git clone is asynchronous: poll :meth:`get_project` until ``creation_status`` settles.
         """
-        body: dict[str, Any] = {
-            "name": name,
-            "template": template or ("git" if git_url else "blank"),
-            "visibility": visibility,
-        }
+        if template is not None and template not in PROJECT_TEMPLATES:
+            raise RefusedField(
+                f"template {template!r} is not one CML documents; use one of {', '.join(PROJECT_TEMPLATES)}"
+                " (or none with a git_url)"
+            )
+        body: dict[str, Any] = {"name": name, "visibility": visibility}
+        if template or not git_url:
+            body["template"] = template or "local"
         optional = {
             "git_url": git_url,
+            "git_ref": git_ref,
             "description": description,
             "default_project_engine_type": default_project_engine_type,
             "environment": dict(environment) if environment is not None else None,
@@ -402,16 +425,16 @@ class CMLClient:
         cpu: float | None = None,
         memory: float | None = None,
         nvidia_gpu: int | None = None,
-        parent_job_id: str | None = None,
+        parent_id: str | None = None,
         environment: Mapping[str, str] | None = None,
         arguments: str | None = None,
         timeout: int | None = None,
         kill_on_timeout: bool | None = None,
         runtime_identifier: str | None = None,
         kernel: str | None = None,
-        description: str | None = None,
     ) -> Job:
-        """Create a job (it does not run). Pass a :class:`CreateJob` or the same fields as keywords."""
+        """Create a job (it does not run). Pass a :class:`CreateJob` or the same fields as keywords;
+        ``parent_id`` makes it a dependent job (the spec's ``parent_job_id`` is its deprecated alias)."""
         body = _create_body(
             CreateJob,
             request,
@@ -421,14 +444,13 @@ class CMLClient:
                 "cpu": cpu,
                 "memory": memory,
                 "nvidia_gpu": nvidia_gpu,
-                "parent_job_id": parent_job_id,
+                "parent_id": parent_id,
                 "environment": dict(environment) if environment is not None else None,
                 "arguments": arguments,
                 "timeout": timeout,
                 "kill_on_timeout": kill_on_timeout,
                 "runtime_identifier": runtime_identifier,
                 "kernel": kernel,
-                "description": description,
             },
         )
         data = self._request("POST", f"/projects/{_seg(project_id)}/jobs", body=body, creates=True)

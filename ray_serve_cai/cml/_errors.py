@@ -25,6 +25,7 @@ __all__ = [
     "Forbidden",
     "NotFound",
     "RateLimited",
+    "RefusedField",
     "ServerError",
     "Unauthorized",
     "error_from_response",
@@ -45,6 +46,11 @@ class CMLError(OperationFailed):
 
 class CMLSettingsError(BadInput, CMLError, ValueError):
     """The connection settings are missing or malformed (nothing was sent): bad input, exit 2."""
+
+
+class RefusedField(BadInput, CMLError, TypeError):
+    """A field CML's spec does not let this call set (CML would silently ignore it): bad input, exit 2,
+    refused before anything is sent."""
 
 
 class AmbiguousName(CMLError, LookupError):

@@ -10,7 +10,8 @@ so we refuse it before sending.
 from __future__ import annotations
 
 import json
-from datetime import datetime
+import re
+from datetime import datetime, timezone
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
@@ -25,12 +26,14 @@ __all__ = [
     "ENGINE_FAILED",
     "ENGINE_RUNNING",
     "ENGINE_SCHEDULING",
+    "ENGINE_SKIPPED",
     "ENGINE_STARTING",
     "ENGINE_STOPPED",
     "ENGINE_STOPPING",
     "ENGINE_SUCCEEDED",
     "ENGINE_TIMEDOUT",
     "ENGINE_UNKNOWN",
+    "PROJECT_TEMPLATES",
     "TERMINAL_RUN_STATUSES",
     "Application",
     "CMLObject",
@@ -43,9 +46,12 @@ __all__ = [
     "Runtime",
     "environment_json",
     "parse_environment",
+    "parse_timestamp",
 ]
 
-# Job run statuses (reference §6).
+# Job run statuses: the spec's `EngineStatus` enum. `ENGINE_SKIPPED` (a run CML did not start, e.g. a
+# dependent job whose run was skipped) has ended; `ENGINE_UNKNOWN` is neither ended nor active: CML
+# does not know, so a follower gives it a bounded grace (deploy/jobs.py).
 ENGINE_SCHEDULING = "ENGINE_SCHEDULING"
 ENGINE_STARTING = "ENGINE_STARTING"
 ENGINE_RUNNING = "ENGINE_RUNNING"
@@ -55,15 +61,23 @@ ENGINE_UNKNOWN = "ENGINE_UNKNOWN"
 ENGINE_SUCCEEDED = "ENGINE_SUCCEEDED"
 ENGINE_FAILED = "ENGINE_FAILED"
 ENGINE_TIMEDOUT = "ENGINE_TIMEDOUT"
-TERMINAL_RUN_STATUSES = frozenset({ENGINE_SUCCEEDED, ENGINE_FAILED, ENGINE_STOPPED, ENGINE_TIMEDOUT})
+ENGINE_SKIPPED = "ENGINE_SKIPPED"
+TERMINAL_RUN_STATUSES = frozenset(
+    {ENGINE_SUCCEEDED, ENGINE_FAILED, ENGINE_STOPPED, ENGINE_TIMEDOUT, ENGINE_SKIPPED}
+)
 ACTIVE_RUN_STATUSES = frozenset({ENGINE_SCHEDULING, ENGINE_STARTING, ENGINE_RUNNING, ENGINE_STOPPING})
 
-# Application statuses (reference §7).
+# `CreateProjectRequest.template` values the spec documents ("local" creates the project and nothing
+# else). A project from git sends `git_url` (and `git_ref`) without a template.
+PROJECT_TEMPLATES = ("Python", "R", "PySpark", "Scala", "Churn Predictor", "local")
+
+# Application statuses: the spec's `ApplicationStatus` enum.
 APPLICATION_STARTING = "APPLICATION_STARTING"
 APPLICATION_RUNNING = "APPLICATION_RUNNING"
 APPLICATION_STOPPING = "APPLICATION_STOPPING"
 APPLICATION_STOPPED = "APPLICATION_STOPPED"
 APPLICATION_FAILED = "APPLICATION_FAILED"
+APPLICATION_UNKNOWN = "APPLICATION_UNKNOWN"
 
 
 def parse_environment(value: Any) -> dict[str, str]:
@@ -90,13 +104,41 @@ def environment_json(value: Any) -> str:
     return json.dumps(env, sort_keys=True)
 
 
+_RFC3339 = re.compile(
+    r"^(?P<date>\d{4}-\d{2}-\d{2})[Tt ](?P<time>\d{2}:\d{2}(?::\d{2})?)"
+    r"(?:[.,](?P<fraction>\d+))?\s*(?P<offset>[Zz]|[+-]\d{2}(?::?\d{2})?)?$"
+)
+
+
+def parse_timestamp(text: str) -> datetime:
+    """An RFC 3339 timestamp as an aware datetime, on every supported Python.
+
+    CML documents ``YYYY-MM-DDThh:mm:ss.uuZ`` and its protobuf JSON may send 0 to 9 fractional
+    digits; Python 3.10's ``fromisoformat`` takes only 3 or 6 and no ``Z``. The fraction is cut to
+    microseconds; a missing offset means UTC. Raises ValueError for anything else."""
+    match = _RFC3339.match(text.strip())
+    if match is None:
+        raise ValueError(f"not an RFC 3339 timestamp: {text!r}")
+    clock = match["time"] if match["time"].count(":") == 2 else match["time"] + ":00"
+    fraction = (match["fraction"] or "")[:6].ljust(6, "0")
+    offset = match["offset"] or "Z"
+    if offset in ("Z", "z"):
+        offset = "+00:00"
+    elif len(offset) == 3:
+        offset += ":00"
+    elif ":" not in offset:
+        offset = f"{offset[:3]}:{offset[3:]}"
+    moment = datetime.fromisoformat(f"{match['date']}T{clock}.{fraction}{offset}")
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+
+
 def _timestamp(value: Any) -> Any:
     """RFC 3339 → datetime; empty → None; anything unparseable is kept as the raw string."""
     if value is None or value == "":
         return None
     if isinstance(value, str):
         try:
-            return datetime.fromisoformat(value.replace("Z", "+00:00"))
+            return parse_timestamp(value)
         except ValueError:
             return value
     return value
@@ -165,7 +207,6 @@ class Runtime(BaseModel):
     edition: str | None = None
     description: str | None = None
     full_version: str | None = None
-    short_version: str | None = None
     status: Status | None = None
 
     @property
@@ -185,13 +226,13 @@ class Job(CMLObject):
     parent_id: OptionalId = None
     environment: Environment = Field(default_factory=dict)
     arguments: str | None = None
-    timeout: int | None = None
+    timeout: int | None = None  # an int64 string on the wire
     kill_on_timeout: bool | None = None
     schedule: str | None = None
     paused: bool | None = None
     kernel: str | None = None
     runtime_identifier: str | None = None
-    description: str | None = None
+    type: str | None = None  # manual, cron or dependent
     created_at: Timestamp = None
     updated_at: Timestamp = None
 
@@ -213,8 +254,13 @@ class JobRun(CMLObject):
 
     @property
     def is_terminal(self) -> bool:
-        """The run has ended (succeeded, failed, stopped or timed out)."""
+        """The run has ended (succeeded, failed, stopped, timed out or skipped)."""
         return self.status in TERMINAL_RUN_STATUSES
+
+    @property
+    def skipped(self) -> bool:
+        """CML skipped the run (``ENGINE_SKIPPED``): it never ran."""
+        return self.status == ENGINE_SKIPPED
 
     @property
     def is_active(self) -> bool:
@@ -244,6 +290,7 @@ class Application(CMLObject):
     environment: Environment = Field(default_factory=dict)
     created_at: Timestamp = None
     updated_at: Timestamp = None
+    starting_at: Timestamp = None
     running_at: Timestamp = None
     stopped_at: Timestamp = None
 
@@ -274,14 +321,15 @@ class _Request(BaseModel):
 
 
 class CreateJob(_Request):
-    """Body of ``POST /projects/{id}/jobs``. The parent is ``parent_job_id`` here (``parent_id`` on reads)."""
+    """Body of ``POST /projects/{id}/jobs`` (``CreateJobRequest``). The parent is ``parent_id``; the
+    spec keeps ``parent_job_id`` only as a deprecated alias, so it is not offered here."""
 
     name: str
     script: str
     cpu: float = 1.0
     memory: float = 1.0
     nvidia_gpu: int = 0
-    parent_job_id: str | None = None
+    parent_id: str | None = None
     environment: dict[str, str] | None = None
     arguments: str | None = None
     timeout: int | None = None
@@ -292,7 +340,6 @@ class CreateJob(_Request):
     kernel: str | None = None
     runtime_identifier: str | None = None
     runtime_addon_identifiers: list[str] | None = None
-    description: str | None = None
 
 
 class CreateApplication(_Request):

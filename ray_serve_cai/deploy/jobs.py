@@ -3,6 +3,9 @@
 Only the top-most stale job of a chain is started; CML starts each child by itself when its
 parent's run succeeds (reference §5.1), so the orchestrator finds each child's new run and follows
 it until the last job ends. A job that already has an active run is followed, never started twice.
+A run CML skipped (`ENGINE_SKIPPED`, e.g. a child whose job already had a run going) has ended: it is
+reported as skipped, never waited for; `ENGINE_UNKNOWN` gets `UNKNOWN_GRACE` seconds to turn into
+a real status.
 """
 
 from __future__ import annotations
@@ -13,7 +16,16 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from ray_serve_cai.cml import AmbiguousName, CMLClient, Job, JobRun, create_or_find
+from ray_serve_cai.cml import (
+    ENGINE_SKIPPED,
+    ENGINE_UNKNOWN,
+    AmbiguousName,
+    CMLClient,
+    Job,
+    JobRun,
+    create_or_find,
+    parse_timestamp,
+)
 from ray_serve_cai.config import DeploySpec, JobSpec
 from ray_serve_cai.errors import OperationFailed
 from ray_serve_cai.waiting import poll_until
@@ -26,6 +38,10 @@ SUPERVISING = "SUPERVISING"
 
 # How long a child may take to appear after its parent succeeded before we call it missing.
 CHILD_APPEAR_TIMEOUT = 120.0
+# How long a run may stay `ENGINE_UNKNOWN` before it is reported as such instead of waited for.
+UNKNOWN_GRACE = 120.0
+# The outcome action of a run CML skipped.
+SKIPPED_BY_CML = "skipped by CML"
 
 
 class JobChainError(OperationFailed, RuntimeError):
@@ -46,7 +62,7 @@ class JobOutcome:
     key: str
     name: str
     job_id: str
-    action: str = "skipped"  # skipped | ran | not run
+    action: str = "skipped"  # skipped (up to date) | ran | skipped by CML | not run
     status: str = ""
     run_id: str | None = None
     duration: float | None = None
@@ -75,11 +91,12 @@ class ChainState:
 
 
 def _timestamp(value: Any) -> datetime | None:
+    """A CML timestamp (any RFC 3339 form, on every supported Python) as a datetime."""
     if value is None or value == "":
         return None
     if isinstance(value, datetime):
         return value
-    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    return parse_timestamp(str(value))
 
 
 def _drifted(job: Job, fields: Mapping[str, Any], parent_id: str | None) -> dict[str, Any]:
@@ -118,7 +135,7 @@ def ensure_jobs(
         if not matches:
             job = create_or_find(
                 lambda want=want, parent_id=parent_id: client.create_job(
-                    project_id, parent_job_id=parent_id, **want.fields
+                    project_id, parent_id=parent_id, **want.fields
                 ),
                 lambda name=job_spec.name: client.find_job_by_name(project_id, name),
                 what=f"job {job_spec.name!r}",
@@ -179,6 +196,7 @@ class _Follower:
     parent_created: datetime | None = None  # a child's run must be created after its parent's
     parent_ended: float = 0.0
     done_early: Callable[[], bool] | None = None
+    unknown_since: float | None = None  # monotonic time the run was first seen ENGINE_UNKNOWN
 
     def poll(self, client: CMLClient, project_id: str, say: ProgressFn) -> bool:
         """One look at the job; True when it has ended (its outcome is filled in)."""
@@ -189,11 +207,37 @@ class _Follower:
             self._finish(run, SUPERVISING, time.monotonic() - self.started)
             say(f"{self.job.name}: its work is done; the run stays to supervise the cluster ({run.id})")
             return True
+        if run.status == ENGINE_UNKNOWN:
+            return self._still_unknown(run, say)
+        self.unknown_since = None
         if not run.is_terminal:
             return False
+        if run.status == ENGINE_SKIPPED:
+            self._finish(run, run.status, 0.0)
+            self.outcome.action = SKIPPED_BY_CML
+            say(f"{self.job.name}: CML skipped run {run.id} (it did not run)")
+            return True
         duration = _run_duration(run) or time.monotonic() - self.started
         self._finish(run, run.status, duration)
         say(f"{self.job.name}: {run.status.removeprefix('ENGINE_').lower()} after {duration:.0f}s")
+        return True
+
+    def _still_unknown(self, run: JobRun, say: ProgressFn) -> bool:
+        """`ENGINE_UNKNOWN`: wait `UNKNOWN_GRACE` seconds for a real status, then report it as is."""
+        now = time.monotonic()
+        if self.unknown_since is None:
+            self.unknown_since = now
+            say(
+                f"{self.job.name}: CML reports ENGINE_UNKNOWN for run {run.id}; "
+                f"waiting up to {UNKNOWN_GRACE:.0f}s"
+            )
+        if now - self.unknown_since < UNKNOWN_GRACE:
+            return False
+        self._finish(run, run.status, now - self.started)
+        say(
+            f"{self.job.name}: run {run.id} stayed ENGINE_UNKNOWN for {UNKNOWN_GRACE:.0f}s; "
+            "not waiting longer"
+        )
         return True
 
     def _look_for_run(self, client: CMLClient, project_id: str, say: ProgressFn) -> bool:
@@ -278,7 +322,7 @@ def run_and_follow(
             describe_last=lambda: "still waiting for: " + ", ".join(one.job.name for one in active),
         )
     for key, outcome in outcomes.items():
-        if outcome.action == "skipped":
+        if outcome.action == "skipped" and not outcome.status:  # never followed
             outcome.action, outcome.status = (
                 ("not run", "") if key in state.stale else ("skipped", "up to date")
             )

@@ -205,6 +205,7 @@ def deploy(
         client,
         spec.project.name,
         git_url=git_url,
+        git_ref=spec.project.branch,
         description=spec.project.description,
         gh_pat=options.gh_pat,
         timeout=options.project_timeout,

@@ -20,10 +20,11 @@ from ray_serve_cai.deploy.fingerprint import RepoError, repo_root
 from ray_serve_cai.errors import BadInput, OperationFailed
 from ray_serve_cai.waiting import poll_until
 
-# `creation_status` values are not confirmed by any public source (reference §3, §12): treat the
-# known terminal ones as such and anything else as "still creating" until the deadline.
+# `creation_status` (the spec: "Creation status of the project (e.g. creating, success, failure)"):
+# `success` is done, `failure` (and the `error`/`failed` spellings seen elsewhere) failed, anything
+# else is "still creating" until the deadline.
 CREATION_DONE = frozenset({"success", "succeeded", "ready", "running", "created"})
-CREATION_FAILED = frozenset({"error", "failed", "failure"})
+CREATION_FAILED = frozenset({"failure", "error", "failed"})
 
 #: The project `--local` uses when neither the command line nor the jobs file names one.
 LOCAL_PROJECT_NAME = "ray-serve-cai"
@@ -115,12 +116,14 @@ def ensure_project(
     name: str,
     *,
     git_url: str | None,
+    git_ref: str | None = None,
     description: str = "",
     gh_pat: str | None = None,
     timeout: float = 600,
     on_wait: Callable[[str, float], None] | None = None,
 ) -> tuple[Project, bool]:
-    """The project named exactly `name`; created from `git_url` when missing. Returns (project, created)."""
+    """The project named exactly `name`; created from `git_url` (at `git_ref`, the branch) when missing.
+    Returns (project, created)."""
     existing = client.find_project_by_name(name)
     if existing is not None:
         return wait_for_project(client, existing.id, timeout=timeout, on_wait=on_wait), False
@@ -132,7 +135,7 @@ def ensure_project(
     try:
         created = create_or_find(
             lambda: client.create_project(
-                name, template="git", git_url=with_token(git_url, gh_pat), description=description
+                name, git_url=with_token(git_url, gh_pat), git_ref=git_ref or None, description=description
             ),
             lambda: client.find_project_by_name(name),
             what=f"project {name!r}",
@@ -212,6 +215,6 @@ def create_local_project(
         ) from None
     if on_create:
         on_create(f"creating local project {name!r} from {repo}")
-    created = client.create_project(name, template="git", git_url=str(repo))
+    created = client.create_project(name, git_url=str(repo))
     wait_for_project(client, created.id, timeout=LOCAL_PROJECT_TIMEOUT)
     return created.id

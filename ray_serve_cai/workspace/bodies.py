@@ -172,10 +172,15 @@ class _Body(BaseModel):
 
 
 class ProjectCreate(_Body):
+    """`CreateProjectRequest`. `template` takes the spec's documented values; without one, a `git_url`
+    is cloned (at `git_ref` when given) and no `git_url` means `local` (an empty project)."""
+
     name: RequiredString
     description: String = ""
     git_url: String = ""
-    template: Annotated[str, _one_of(PROJECT_TEMPLATES)] | None = None  # None: git with a git_url, else blank
+    git_ref: String = ""
+    parent_project: String = ""
+    template: Annotated[str, _one_of(PROJECT_TEMPLATES)] | None = None
     visibility: Annotated[str, _one_of(VISIBILITIES)] = "private"
     default_project_engine_type: Annotated[str, _one_of(ENGINE_TYPES)] = "ml_runtime"
     environment: EnvironmentOnCreate = Field(default_factory=dict)
@@ -183,11 +188,13 @@ class ProjectCreate(_Body):
 
 
 class ProjectUpdate(_Body):
+    """`UpdateProject` takes a `Project`: its writable fields change, read-only and unknown ones
+    (`project_visibility`, `default_project_engine_type`: not `Project` fields) are ignored as CML does."""
+
     name: RequiredString | None = None
     description: String | None = None
     visibility: Annotated[str, _one_of(VISIBILITIES)] | None = None
-    project_visibility: Annotated[str, _one_of(VISIBILITIES)] | None = None
-    default_project_engine_type: Annotated[str, _one_of(ENGINE_TYPES)] | None = None
+    default_engine_type: Annotated[str, _one_of(ENGINE_TYPES)] | None = None
     shared_memory_limit: Integer | None = None
     environment: EnvironmentOnUpdate | None = None
 
@@ -205,17 +212,20 @@ class JobCreate(_Body):
     arguments: String = ""
     timeout: Integer = 0
     kill_on_timeout: Boolean = True
-    parent_job_id: String = ""
+    parent_id: String = ""
+    parent_job_id: String = ""  # the spec: "deprecated and alias of parent_id"
     schedule: String = ""
     timezone: String = ""
     paused: Boolean = False
     kernel: String = ""
     runtime_identifier: String = ""
     runtime_addon_identifiers: StringList = Field(default_factory=list)
-    description: String = ""
 
 
 class JobUpdate(_Body):
+    """`UpdateJob` takes a `Job`: `paused`, `timezone`, `type`… are read-only there and ignored, as
+    is any field the spec does not have (`description`). `timeout` is an int64 (a string on the wire)."""
+
     name: RequiredString | None = None
     script: Script | None = None
     cpu: Number | None = None
@@ -223,13 +233,11 @@ class JobUpdate(_Body):
     nvidia_gpu: Integer | None = None
     timeout: Integer | None = None
     kill_on_timeout: Boolean | None = None
-    paused: Boolean | None = None
     arguments: String | None = None
     schedule: String | None = None
-    timezone: String | None = None
     kernel: String | None = None
-    description: String | None = None
     runtime_identifier: String | None = None
+    runtime_addon_identifiers: StringList | None = None
     parent_id: String | None = None
     environment: EnvironmentOnUpdate | None = None
 
@@ -268,4 +276,5 @@ class AppUpdate(_Body):
     nvidia_gpu: Integer | None = None
     bypass_authentication: Boolean | None = None
     runtime_identifier: String | None = None
+    runtime_addon_identifiers: StringList | None = None
     environment: EnvironmentOnUpdate | None = None

@@ -1,7 +1,8 @@
 """Errors of the workspace API, shaped like CML's grpc-gateway errors.
 
-CML answers a failed call with `{"code": <grpc code>, "message": str, "details": []}`; the HTTP status
-follows from the gRPC code. Messages never contain secrets.
+CML answers a failed call with the spec's `runtimeError`: `{"error": str, "code": <grpc code>,
+"message": str, "details": []}` (grpc-gateway repeats the message in `error`); the HTTP status follows
+from the gRPC code. Messages never contain secrets.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class WorkspaceAPIError(Exception):
 
 def error_body(code: int, message: str) -> dict[str, Any]:
     """The JSON body of a CML error response."""
-    return {"code": int(code), "message": message, "details": []}
+    return {"error": message, "code": int(code), "message": message, "details": []}
 
 
 def invalid_argument(message: str) -> WorkspaceAPIError:

@@ -2,9 +2,11 @@
 
 Records live in memory in the server process and are written through to SQLite (`store.py`): setting
 any attribute of a record reports it to the change hook (`set_change_hook`), so every field, including
-one added later, is durable without further code. `to_api()` renders the CML v2 JSON shape
-(`environment` as a JSON string, unset timestamps as `null`). Non-CML extras are documented
-where they are added (`log_path` on job runs and applications, `url` on applications).
+one added later, is durable without further code. `to_api()` renders the CML v2 JSON shape of the spec
+(`environment` as a JSON string, int64 fields as strings, timestamps not yet reached left out as CML
+leaves them out — never `null`). Non-CML extras are documented where they are added (`log_path`,
+`failure_reason`, `exit_code` on job runs, `log_path` and `url` on applications, `error_message` on
+projects) and declared in `conformance.WORKSPACE_EXTENSIONS`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ from ray_serve_cai.workspace.processes import free_port
 
 SUBDOMAIN_PATTERN = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 SUBDOMAIN_MAX_LENGTH = 63
-PROJECT_TEMPLATES = ("Python", "R", "PySpark", "Scala", "Churn Predictor", "local", "git", "blank")
+# The spec's documented `template` values (CreateProjectRequest: "Python, R, PySpark, Scala, Churn
+# Predictor ... local will create the project but nothing else"); with a `git_url` and no template the
+# project is cloned from git.
+PROJECT_TEMPLATES = ("Python", "R", "PySpark", "Scala", "Churn Predictor", "local")
 ENGINE_TYPES = ("ml_runtime", "legacy_engine")
 VISIBILITIES = ("private", "organization", "public")
 
@@ -94,6 +99,11 @@ def now_timestamp() -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def _set(fields: dict[str, Any]) -> dict[str, Any]:
+    """The fields that are set: CML leaves out a timestamp not yet reached (the spec has no null)."""
+    return {key: value for key, value in fields.items() if value is not None}
+
+
 def current_user() -> dict[str, str]:
     try:
         username = getpass.getuser()
@@ -136,6 +146,7 @@ class Project(Record):
     shared_memory_limit: int = 64
     creation_status: str = "creating"
     error_message: str = ""
+    collaborators: dict[str, str] = field(default_factory=dict)  # username → permission
     owner: dict[str, str] = field(default_factory=current_user)
     created_at: str = field(default_factory=now_timestamp)
     updated_at: str = ""
@@ -195,7 +206,7 @@ class Job(Record):
     def to_api(self) -> dict[str, Any]:
         return {
             "id": self.id,
-            "project_id": self.project_id,
+            "project": {"public_identifier": self.project_id},
             "name": self.name,
             "script": self.script,
             "cpu": self.cpu,
@@ -203,19 +214,32 @@ class Job(Record):
             "nvidia_gpu": self.nvidia_gpu,
             "environment": json.dumps(self.environment),
             "arguments": self.arguments,
-            "timeout": self.timeout,
+            "timeout": str(self.timeout),  # int64: a string in CML's JSON
             "kill_on_timeout": self.kill_on_timeout,
             "parent_id": self.parent_id,
+            "type": "dependent" if self.parent_id else ("cron" if self.schedule else "manual"),
             "schedule": self.schedule,
             "timezone": self.timezone,
             "paused": self.paused,
             "kernel": self.kernel,
             "runtime_identifier": self.runtime_identifier,
             "runtime_addon_identifiers": list(self.runtime_addon_identifiers),
-            "description": self.description,
+            "engine_image_id": "0",  # runtimes, not legacy engines
             "creator": dict(self.creator),
+            "owner": dict(self.creator),
             "created_at": self.created_at,
             "updated_at": self.updated_at,
+        }
+
+    def to_api_with_project(self, project: Project) -> dict[str, Any]:
+        """The job as the cross-project `ListAllJobs` shows it: with its `project` (ShortProject)."""
+        return {
+            **self.to_api(),
+            "project": {
+                "public_identifier": self.project_id,
+                "name": project.name,
+                "default_project_engine": project.default_engine_type,
+            },
         }
 
 
@@ -248,29 +272,32 @@ class JobRun(Record):
         return self.status in RUN_ACTIVE_STATUSES
 
     def to_api(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "project_id": self.project_id,
-            "job_id": self.job_id,
-            "status": self.status,
-            "failure_reason": self.failure_reason,
-            "exit_code": self.exit_code,
-            "arguments": self.arguments,
-            "environment": json.dumps(self.environment),
-            "cpu": self.job_snapshot.get("cpu"),
-            "memory": self.job_snapshot.get("memory"),
-            "nvidia_gpu": self.job_snapshot.get("nvidia_gpu"),
-            "kernel": self.job_snapshot.get("kernel", ""),
-            "runtime_identifier": self.job_snapshot.get("runtime_identifier", ""),
-            "creator": self.job_snapshot.get("creator", {}),
-            "created_at": self.created_at,
-            "scheduling_at": self.scheduling_at,
-            "starting_at": self.starting_at,
-            "running_at": self.running_at,
-            "finished_at": self.finished_at,
-            # Not a CML field: where this run's combined stdout/stderr is kept.
-            "log_path": str(self.log_path),
-        }
+        return _set(
+            {
+                "id": self.id,
+                "project_id": self.project_id,
+                "job_id": self.job_id,
+                "status": self.status,
+                "arguments": self.arguments,
+                "environment": json.dumps(self.environment),
+                "cpu": self.job_snapshot.get("cpu"),
+                "memory": self.job_snapshot.get("memory"),
+                "nvidia_gpu": self.job_snapshot.get("nvidia_gpu"),
+                "kernel": self.job_snapshot.get("kernel", ""),
+                "runtime_identifier": self.job_snapshot.get("runtime_identifier", ""),
+                "creator": self.job_snapshot.get("creator", {}),
+                "created_at": self.created_at,
+                "scheduling_at": self.scheduling_at,
+                "starting_at": self.starting_at,
+                "running_at": self.running_at,
+                "finished_at": self.finished_at,
+                # Not CML fields (CML shows a failure reason only through ListWorkloadExecutions):
+                # why the run failed, its script's exit code, where its stdout/stderr are kept.
+                "failure_reason": self.failure_reason,
+                "exit_code": self.exit_code,
+                "log_path": str(self.log_path),
+            }
+        )
 
 
 @dataclass
@@ -313,30 +340,31 @@ class Application(Record):
         self.updated_at = self.updated_at or self.created_at
 
     def to_api(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "project_id": self.project_id,
-            "name": self.name,
-            "subdomain": self.subdomain,
-            "description": self.description,
-            "script": self.script,
-            "status": self.status,
-            "cpu": self.cpu,
-            "memory": self.memory,
-            "nvidia_gpu": self.nvidia_gpu,
-            "kernel": self.kernel,
-            "runtime_identifier": self.runtime_identifier,
-            "runtime_addon_identifiers": list(self.runtime_addon_identifiers),
-            "bypass_authentication": self.bypass_authentication,
-            "environment": json.dumps(self.environment),
-            "creator": dict(self.creator),
-            "created_at": self.created_at,
-            "updated_at": self.updated_at,
-            "running_at": self.running_at,
-            "stopped_at": self.stopped_at,
-            "started_at": self.started_at,
-            # Not a CML field: where this application's stdout/stderr go (appended across restarts).
-            "log_path": str(self.log_path),
-            # Not a CML field: the application's URL (CML's is https://<subdomain>.<domain>).
-            "url": f"http://127.0.0.1:{self.url_port}",
-        }
+        return _set(
+            {
+                "id": self.id,
+                "name": self.name,
+                "subdomain": self.subdomain,
+                "description": self.description,
+                "script": self.script,
+                "status": self.status,
+                "cpu": self.cpu,
+                "memory": self.memory,
+                "nvidia_gpu": self.nvidia_gpu,
+                "kernel": self.kernel,
+                "runtime_identifier": self.runtime_identifier,
+                "runtime_addon_identifiers": list(self.runtime_addon_identifiers),
+                "bypass_authentication": self.bypass_authentication,
+                "environment": json.dumps(self.environment),
+                "creator": dict(self.creator),
+                "created_at": self.created_at,
+                "updated_at": self.updated_at,
+                "running_at": self.running_at,
+                "stopped_at": self.stopped_at,
+                "starting_at": self.started_at,  # the spec's name; the record keeps `started_at`
+                # Not a CML field: where this application's stdout/stderr go (appended across restarts).
+                "log_path": str(self.log_path),
+                # Not a CML field: the application's URL (CML's is https://<subdomain>.<domain>).
+                "url": f"http://127.0.0.1:{self.url_port}",
+            }
+        )

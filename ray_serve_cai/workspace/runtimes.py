@@ -32,12 +32,19 @@ def default_runtimes() -> list[dict[str, Any]]:
                     "edition": edition,
                     "description": f"{editor} Python {python} {edition} (local: {sys.executable})",
                     "full_version": RUNTIME_VERSION,
-                    "short_version": RUNTIME_VERSION.split("-")[0],
-                    "maintenance_version": 1,
                     "status": "ENABLED",
                 }
             )
     return runtimes
+
+
+# The `Runtime` fields of the spec; a runtimes.json may hold more, the API shows these.
+RUNTIME_FIELDS = ("image_identifier", "editor", "kernel", "edition", "description", "full_version", "status",
+                  "register_user_id")  # fmt: skip
+
+
+def as_api_runtime(runtime: dict[str, Any]) -> dict[str, Any]:
+    return {key: runtime[key] for key in RUNTIME_FIELDS if key in runtime}
 
 
 def load_runtimes(home: Path) -> list[dict[str, Any]]:

@@ -34,6 +34,12 @@ from ray_serve_cai.errors import OperationFailed, WaitTimeout
 from ray_serve_cai.waiting import poll_until
 from ray_serve_cai.workspace import project_files
 from ray_serve_cai.workspace.app_urls import AppListeners, AppLogins, login_code_answer
+from ray_serve_cai.workspace.conformance import (
+    ConformanceMiddleware,
+    SpecChecker,
+    ViolationLog,
+    conformance_from_env,
+)
 from ray_serve_cai.workspace.controls import FaultInjector, FaultPlan, Latency, RequestCounters, RestartPolicy
 from ray_serve_cai.workspace.errors import (
     GRPC_CODE_OF_HTTP_STATUS,
@@ -42,7 +48,25 @@ from ray_serve_cai.workspace.errors import (
     error_body,
     invalid_argument,
 )
-from ray_serve_cai.workspace.listing import list_page
+from ray_serve_cai.workspace.listing import (
+    APP_FILTER_KEYS,
+    APP_SORT_KEYS,
+    COLLABORATOR_KEYS,
+    EXECUTION_FILTER_KEYS,
+    EXECUTION_SORT_KEYS,
+    JOB_FILTER_KEYS,
+    JOB_SORT_KEYS,
+    NAME_KEYS,
+    PROJECT_FILTER_KEYS,
+    PROJECT_SORT_KEYS,
+    RUN_FILTER_KEYS,
+    RUN_SORT_KEYS,
+    RUNTIME_KEYS,
+    WORKLOAD_STATUSES,
+    filter_executions,
+    list_page,
+)
+from ray_serve_cai.workspace.model import current_user
 from ray_serve_cai.workspace.processes import DEFAULT_STOP_GRACE_SECONDS
 from ray_serve_cai.workspace.runtimes import load_runtimes
 from ray_serve_cai.workspace.service import WorkspaceService
@@ -103,7 +127,14 @@ async def _read_body(request: Request, *, allow_empty: bool = True) -> dict[str,
     return body
 
 
-def _list_response(request: Request, items: list[dict[str, Any]], key: str) -> JSONResponse:
+def _list_response(
+    request: Request,
+    items: list[dict[str, Any]],
+    key: str,
+    filter_keys: frozenset[str] | None = None,
+    sort_keys: frozenset[str] | None = None,
+) -> JSONResponse:
+    """One page of a list operation; `filter_keys`/`sort_keys` are the keys its spec documents."""
     query = request.query_params
     return _json(
         200,
@@ -114,6 +145,8 @@ def _list_response(request: Request, items: list[dict[str, Any]], key: str) -> J
             sort=query.get("sort"),
             page_size=query.get("page_size"),
             page_token=query.get("page_token"),
+            filter_keys=filter_keys,
+            sort_keys=sort_keys,
         ),
     )
 
@@ -154,6 +187,7 @@ def build_api(
 
     api = FastAPI(docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     _add_error_handlers(api)
+    api.include_router(workspace_router(service, config))
     api.include_router(projects_router(service, listeners))
     api.include_router(runtimes_router(service))
     api.include_router(jobs_router(service))
@@ -187,7 +221,14 @@ def projects_router(service: WorkspaceService, listeners: AppListeners) -> APIRo
 
     @router.get("")
     async def list_projects(request: Request) -> JSONResponse:
-        return _list_response(request, service.list_projects(), "projects")
+        return _list_response(
+            request, service.list_projects(), "projects", PROJECT_FILTER_KEYS, PROJECT_SORT_KEYS
+        )
+
+    @router.get("/batch")
+    async def batch_list_projects(request: Request) -> JSONResponse:
+        wanted = request.query_params.getlist("project_ids")
+        return _json(200, {"projects": [p for p in service.list_projects() if p["id"] in wanted]})
 
     @router.post("")
     async def create_project(request: Request) -> JSONResponse:
@@ -209,6 +250,91 @@ def projects_router(service: WorkspaceService, listeners: AppListeners) -> APIRo
             await listeners.sync(service.apps.values())
         return _json(200, {})
 
+    @router.get("/{project_id}/collaborators")
+    async def list_collaborators(project_id: str, request: Request) -> JSONResponse:
+        items = service.list_collaborators(project_id)
+        flat = [{**c, "username": c["user"]["username"]} for c in items]  # filter/sort on `username`
+        page = list_page(
+            flat, "collaborators", search_filter=request.query_params.get("search_filter"),
+            sort=request.query_params.get("sort"), page_size=request.query_params.get("page_size"),
+            page_token=request.query_params.get("page_token"),
+            filter_keys=COLLABORATOR_KEYS, sort_keys=COLLABORATOR_KEYS,
+        )  # fmt: skip
+        page["collaborators"] = [
+            {k: v for k, v in c.items() if k != "username"} for c in page["collaborators"]
+        ]
+        return _json(200, page)
+
+    @router.put("/{project_id}/collaborators/{username}")
+    async def add_collaborator(project_id: str, username: str, request: Request) -> JSONResponse:
+        service.add_collaborator(project_id, username, await _read_body(request))
+        return _json(200, {})
+
+    @router.delete("/{project_id}/collaborators/{username}")
+    async def delete_collaborator(project_id: str, username: str) -> JSONResponse:
+        service.delete_collaborator(project_id, username)
+        return _json(200, {})
+
+    @router.get("/{project_id}/machineusers")
+    async def list_machine_users(project_id: str, request: Request) -> JSONResponse:
+        service.get_project(project_id)  # the workspace has no machine users: an empty page
+        return _list_response(request, [], "run_as_machine_user_collaborators")
+
+    return router
+
+
+def workspace_router(service: WorkspaceService, config: ServerConfig) -> APIRouter:
+    """The operations across projects: `ValidateAPIKey`, `ListProjectNames`, `ListAllJobs`,
+    `ListWorkloadExecutions`, `ListWorkloadStatus`."""
+    router = APIRouter(prefix=API_PREFIX)
+
+    @router.post("/auth/validate_key")
+    async def validate_key(request: Request) -> JSONResponse:
+        await _read_body(request)  # `audience` is accepted; only the bearer key is checked (middleware)
+        user = current_user()["username"]
+        return _json(200, {"valid": True, "username": user, "message": "API key is valid"})
+
+    @router.get("/projectnames")
+    async def list_project_names(request: Request) -> JSONResponse:
+        names = [{"name": p["name"]} for p in service.list_projects()]
+        page = list_page(
+            names, "project_names", search_filter=request.query_params.get("search_filter"),
+            sort=request.query_params.get("sort"), page_size=request.query_params.get("page_size"),
+            page_token=request.query_params.get("page_token"), filter_keys=NAME_KEYS, sort_keys=NAME_KEYS,
+        )  # fmt: skip
+        page["project_names"] = [item["name"] for item in page["project_names"]]
+        return _json(200, page)
+
+    @router.get("/jobs")
+    async def list_all_jobs(request: Request) -> JSONResponse:
+        # ListAllJobs takes no `sort`: creation order.
+        query = request.query_params
+        page = list_page(
+            service.list_all_jobs(), "jobs", search_filter=query.get("search_filter"), sort=None,
+            page_size=query.get("page_size"), page_token=query.get("page_token"), filter_keys=JOB_FILTER_KEYS,
+        )  # fmt: skip
+        return _json(200, page)
+
+    @router.get("/workloads/executions")
+    async def list_workload_executions(request: Request) -> JSONResponse:
+        query = request.query_params
+        workloads, executions = service.workload_executions()
+        executions = filter_executions(
+            executions, query.get("multi_column_search_filter"), query.get("time_range_search_filter")
+        )
+        page = list_page(
+            executions, "executions", search_filter=query.get("search_filter"), sort=query.get("sort"),
+            page_size=query.get("page_size"), page_token=query.get("page_token"),
+            filter_keys=EXECUTION_FILTER_KEYS, sort_keys=EXECUTION_SORT_KEYS,
+        )  # fmt: skip
+        shown = {e["workload_crn"] for e in page["executions"]}
+        page["workloads"] = [w for w in workloads if w["workload_crn"] in shown]
+        return _json(200, page)
+
+    @router.get("/workloadstatus")
+    async def list_workload_status() -> JSONResponse:
+        return _json(200, {"workload_status": list(WORKLOAD_STATUSES)})
+
     return router
 
 
@@ -218,7 +344,23 @@ def runtimes_router(service: WorkspaceService) -> APIRouter:
 
     @router.get("/runtimes")
     async def list_runtimes(request: Request) -> JSONResponse:
-        return _list_response(request, service.list_runtimes(), "runtimes")
+        return _list_response(request, service.list_runtimes(), "runtimes", RUNTIME_KEYS, RUNTIME_KEYS)
+
+    @router.post("/runtimes")
+    async def register_custom_runtime(request: Request) -> JSONResponse:
+        return _json(200, service.register_runtime(await _read_body(request, allow_empty=False)))
+
+    @router.get("/runtimes:validate")
+    async def validate_custom_runtime(request: Request) -> JSONResponse:
+        return _json(200, service.validate_runtime(request.query_params.get("url", "")))
+
+    @router.post("/runtimes:update")
+    async def update_runtime_status(request: Request) -> JSONResponse:
+        return _json(200, service.update_runtime_status(await _read_body(request, allow_empty=False)))
+
+    @router.post("/runtimes/credential:set")
+    async def set_docker_credential(request: Request) -> JSONResponse:
+        return _json(200, service.set_docker_credential(await _read_body(request, allow_empty=False)))
 
     return router
 
@@ -229,7 +371,7 @@ def jobs_router(service: WorkspaceService) -> APIRouter:
 
     @router.get("")
     async def list_jobs(project_id: str, request: Request) -> JSONResponse:
-        return _list_response(request, service.list_jobs(project_id), "jobs")
+        return _list_response(request, service.list_jobs(project_id), "jobs", JOB_FILTER_KEYS, JOB_SORT_KEYS)
 
     @router.post("")
     async def create_job(project_id: str, request: Request) -> JSONResponse:
@@ -263,7 +405,8 @@ def runs_router(service: WorkspaceService) -> APIRouter:
 
     @router.get("")
     async def list_runs(project_id: str, job_id: str, request: Request) -> JSONResponse:
-        return _list_response(request, service.list_runs(project_id, job_id), "job_runs")
+        runs = service.list_runs(project_id, job_id)
+        return _list_response(request, runs, "job_runs", RUN_FILTER_KEYS, RUN_SORT_KEYS)
 
     @router.post("")
     async def create_run(project_id: str, job_id: str, request: Request) -> JSONResponse:
@@ -291,7 +434,8 @@ def applications_router(service: WorkspaceService, listeners: AppListeners) -> A
 
     @router.get("")
     async def list_apps(project_id: str, request: Request) -> JSONResponse:
-        return _list_response(request, service.list_apps(project_id), "applications")
+        apps = service.list_apps(project_id)
+        return _list_response(request, apps, "applications", APP_FILTER_KEYS, APP_SORT_KEYS)
 
     @router.post("")
     async def create_app(project_id: str, request: Request) -> JSONResponse:
@@ -638,6 +782,7 @@ class WorkspaceGateway:
         config: ServerConfig,
         counters: RequestCounters,
         faults: FaultInjector,
+        conformance: tuple[SpecChecker, ViolationLog] | None = None,
     ) -> None:
         self.api = api
         self.service = service
@@ -645,6 +790,8 @@ class WorkspaceGateway:
         app: ASGIApp = FaultsMiddleware(api, api, faults)
         app = BearerAuthMiddleware(app, config.api_key)
         app = CountersMiddleware(app, api, counters)
+        if conformance is not None:  # sees every answer, injected faults and auth refusals included
+            app = ConformanceMiddleware(app, *conformance)
         self._chain: ASGIApp = RequestIdMiddleware(app)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -730,8 +877,24 @@ def create_server(
         service, {"counters": counters, "faults": faults, "latency": latency}, config, listeners, logins
     )
     api.include_router(restart_policy_router(service))
+    conformance = conformance_from_env(config.home)
+    api.include_router(conformance_router(conformance[1] if conformance else None))
     api.add_middleware(FlushBeforeAnswer, service=service)
-    return WorkspaceGateway(api, service, config, counters, faults)
+    return WorkspaceGateway(api, service, config, counters, faults, conformance)
+
+
+def conformance_router(log: ViolationLog | None) -> APIRouter:
+    """`GET /_workspace/conformance`: whether answers are checked against CML's spec
+    (`RAY_CAI_WORKSPACE_SPEC`) and the violations recorded so far (`conformance.py`)."""
+    router = APIRouter()
+
+    @router.get(f"{CONTROL_PREFIX}/conformance")
+    async def get_conformance() -> JSONResponse:
+        if log is None:
+            return _json(200, {"checking": False, "violations": []})
+        return _json(200, {"checking": True, "log": str(log.path), "violations": list(log.recorded)})
+
+    return router
 
 
 PORT_REUSE_TIMEOUT_SECONDS = 5.0

@@ -7,6 +7,7 @@ unconfirmed are documented in `ray_serve_cai/workspace/README.md`.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import re
@@ -51,7 +52,7 @@ from ray_serve_cai.workspace.processes import (
     read_exit_code,
     reserve_ports,
 )
-from ray_serve_cai.workspace.runtimes import load_runtimes
+from ray_serve_cai.workspace.runtimes import as_api_runtime, load_runtimes
 from ray_serve_cai.workspace.store import FLUSH_INTERVAL_SECONDS, Store, db_path
 from ray_serve_cai.workspace.supervisor import Supervisor, WorkloadContext
 
@@ -61,6 +62,67 @@ R = TypeVar("R")
 RUN_STOP_TIMEOUT_SECONDS = 120.0
 
 GIT_CLONE_TIMEOUT_SECONDS = 600
+# Store meta keys: runtimes registered through the API, statuses set through UpdateRuntimeStatus.
+REGISTERED_RUNTIMES = "registered_runtimes"
+RUNTIME_STATUSES = "runtime_statuses"
+RUNTIME_STATUS_VALUES = ("ENABLED", "DISABLED", "DEPRECATED")
+COLLABORATOR_PERMISSIONS = ("read", "write", "admin", "operator", "business_user")
+_IMAGE_REFERENCE = re.compile(
+    r"^[a-z0-9]+([._-][a-z0-9]+)*(:[0-9]+)?(/[a-z0-9]+([._-][a-z0-9]+)*)+:[\w][\w.-]{0,127}$"
+)
+
+
+def image_reference_problem(url: str) -> str:
+    """Why `url` is not a registry/repository:tag image reference ("" when it is one)."""
+    if not url:
+        return "url is required"
+    if not _IMAGE_REFERENCE.match(url):
+        return f"{url!r} is not an image reference (registry/repository:tag)"
+    return ""
+
+
+def custom_runtime(url: str) -> dict[str, Any]:
+    name, _, tag = url.rpartition(":")
+    return {"image_identifier": url, "editor": "PBJ Workbench", "kernel": "Python", "edition": "Custom",
+            "description": f"custom runtime {name.rsplit('/', 1)[-1]}", "full_version": tag,
+            "status": "ENABLED"}  # fmt: skip
+
+
+def crn(kind: str, resource_id: str) -> str:
+    """A CRN-shaped identifier of a workspace resource."""
+    return f"crn:cdp:ml:local:workspace:{kind}/{resource_id}"
+
+
+def _execution(
+    *,
+    workload_crn: str,
+    execution_crn: str,
+    start: str,
+    end: str | None,
+    status: str,
+    resources: tuple[Any, Any, Any],
+    creator: dict[str, str],
+    failure_reason: str = "",
+) -> dict[str, Any]:
+    cpu, memory, gpu = resources
+    execution = {
+        "workload_crn": workload_crn,
+        "workload_execution_crn": execution_crn,
+        "pod_name": f"engine-{execution_crn.rsplit('/', 1)[-1]}",
+        "start_time": start,
+        "allocated_cpu_cores": float(cpu or 0),
+        "allocated_memory_gb": float(memory or 0),
+        "allocated_gpu_cores": float(gpu or 0),
+        "status": status.split("_", 1)[-1].lower(),  # running, succeeded, failed… (ListWorkloadStatus)
+        "run_as_user_name": creator.get("username", ""),
+    }
+    if end:
+        execution["end_time"] = end
+    if failure_reason:
+        execution["failure_reason"] = failure_reason
+    return execution
+
+
 _ENGINE_KEY = ("default_project_engine_type",)
 
 
@@ -249,12 +311,26 @@ class WorkspaceService:
     @property
     def runtimes(self) -> list[dict[str, Any]]:
         """The runtimes offered; a changed `runtimes.json` in the home is read again, so a test can
-        publish a newer runtime while the workspace runs (as Cloudera does)."""
+        publish a newer runtime while the workspace runs (as Cloudera does). Runtimes registered
+        through the API follow, and statuses set through `UpdateRuntimeStatus` apply to all."""
         mtime = self._runtimes_file_mtime()
         if mtime != self._runtimes_mtime:  # changed, added or removed (back to the default list)
             self._runtimes, self._runtimes_mtime = load_runtimes(self.home), mtime
-        offered = {r["image_identifier"] for r in self._runtimes}
-        return [*self._runtimes, *(r for i, r in self._in_use.items() if i not in offered)]
+        listed = [*self._runtimes, *self._stored_list(REGISTERED_RUNTIMES)]
+        offered = {r["image_identifier"] for r in listed}
+        statuses = self._stored_dict(RUNTIME_STATUSES)
+        return [
+            {**r, "status": statuses.get(r["image_identifier"], r.get("status", "ENABLED"))}
+            for r in [*listed, *(r for i, r in self._in_use.items() if i not in offered)]
+        ]
+
+    def _stored_list(self, key: str) -> list[dict[str, Any]]:
+        raw = self.store.get_meta(key)
+        return list(json.loads(raw)) if raw else []
+
+    def _stored_dict(self, key: str) -> dict[str, str]:
+        raw = self.store.get_meta(key)
+        return dict(json.loads(raw)) if raw else {}
 
     def _project(self, project_id: str) -> Project:
         project = self.projects.get(project_id)
@@ -327,11 +403,13 @@ class WorkspaceService:
 
     def create_project(self, body: dict[str, Any]) -> Project:
         request = parse_body(ProjectCreate, _without_empty(body, "template", "visibility", *_ENGINE_KEY))
-        template = request.template or ("git" if request.git_url else "blank")
-        if template == "git" and not request.git_url:
-            raise invalid_argument("git_url is required when template is git")
         if any(p.name == request.name for p in self.projects.values()):
             raise already_exists(f"project with name {request.name!r} already exists")
+        parent: Project | None = None
+        if request.parent_project:
+            parent = self._project(request.parent_project)
+            self._require_ready(parent)
+        template = "git" if request.git_url else (request.template or "local")
         project_id = new_id()
         project = Project(
             id=project_id,
@@ -345,19 +423,29 @@ class WorkspaceService:
             shared_memory_limit=request.shared_memory_limit,
         )
         self.projects[project_id] = project
-        self._spawn(self._populate_project(project, request.git_url if template == "git" else ""))
+        source = parent.directory if parent is not None else None
+        self._spawn(self._populate_project(project, request.git_url, request.git_ref, source))
         return project
 
-    async def _populate_project(self, project: Project, git_url: str) -> None:
+    async def _populate_project(
+        self, project: Project, git_url: str, git_ref: str, fork: Path | None
+    ) -> None:
+        """Fill the project's folder: a clone of `git_url` (at `git_ref`), a copy of the project it
+        forks (`parent_project`), or nothing (every template is an empty folder here)."""
         project.directory.parent.mkdir(parents=True, exist_ok=True)
+        if fork is not None and not git_url:
+            await asyncio.to_thread(shutil.copytree, fork, project.directory, symlinks=True)
+            self._mark_created(project, "success", "")
+            return
         if not git_url:
             await asyncio.sleep(0.05)
             project.directory.mkdir(parents=True, exist_ok=True)
             self._mark_created(project, "success", "")
             return
         env = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}
+        branch = ["--branch", git_ref] if git_ref else []
         process = await asyncio.create_subprocess_exec(
-            "git", "clone", "--quiet", "--", git_url, str(project.directory),
+            "git", "clone", "--quiet", *branch, "--", git_url, str(project.directory),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -391,18 +479,12 @@ class WorkspaceService:
 
     def update_project(self, project_id: str, body: dict[str, Any]) -> Project:
         project = self._project(project_id)
-        request = parse_body(
-            ProjectUpdate, _without_empty(body, "visibility", "project_visibility", *_ENGINE_KEY)
-        )
+        request = parse_body(ProjectUpdate, _without_empty(body, "visibility", "default_engine_type"))
         changes = request.changes()
         if "name" in changes and any(
             p.name == request.name and p.id != project_id for p in self.projects.values()
         ):
             raise already_exists(f"project with name {request.name!r} already exists")
-        if "project_visibility" in changes:
-            changes["visibility"] = changes.pop("project_visibility")
-        if "default_project_engine_type" in changes:
-            changes["default_engine_type"] = changes.pop("default_project_engine_type")
         for key, value in changes.items():
             setattr(project, key, value)
         project.updated_at = now_timestamp()
@@ -436,7 +518,130 @@ class WorkspaceService:
     # ------------------------------------------------------------ runtimes
 
     def list_runtimes(self) -> list[dict[str, Any]]:
-        return [dict(r) for r in self.runtimes]
+        return [as_api_runtime(r) for r in self.runtimes]
+
+    def register_runtime(self, body: dict[str, Any]) -> dict[str, Any]:
+        """`RegisterCustomRuntime`: the image at `url` becomes a runtime (the workspace's own Python
+        runs it, as every runtime here); a malformed image reference is refused in the answer."""
+        url = str(body.get("url") or "").strip()
+        problem = image_reference_problem(url)
+        if problem:
+            return {"validation_success": False, "insert_success": False, "reason": problem}
+        if any(r["image_identifier"] == url for r in self.runtimes):
+            return {
+                "validation_success": True,
+                "insert_success": False,
+                "reason": "runtime already registered",
+            }
+        registered = self._stored_list(REGISTERED_RUNTIMES)
+        registered.append(custom_runtime(url))
+        self.store.set_meta(REGISTERED_RUNTIMES, json.dumps(registered))
+        return {"validation_success": True, "insert_success": True}
+
+    def validate_runtime(self, url: str) -> dict[str, Any]:
+        """`ValidateCustomRuntime`: whether `url` is an image reference the workspace can register."""
+        problem = image_reference_problem(url.strip())
+        return {"success": False, "reason": problem} if problem else {"success": True}
+
+    def update_runtime_status(self, body: dict[str, Any]) -> dict[str, Any]:
+        """`UpdateRuntimeStatus`: set `status` (ENABLED, DISABLED, DEPRECATED) of the runtimes named in
+        `image_identifier`; answers how many there were."""
+        status = body.get("status")
+        if status not in RUNTIME_STATUS_VALUES:
+            raise invalid_argument(f"status must be one of {', '.join(RUNTIME_STATUS_VALUES)}")
+        wanted = body.get("image_identifier") or []
+        if not isinstance(wanted, list) or not all(isinstance(i, str) for i in wanted):
+            raise invalid_argument("image_identifier must be a list of runtime image identifiers")
+        known = {r["image_identifier"] for r in self.runtimes}
+        hits = [i for i in wanted if i in known]
+        statuses = self._stored_dict(RUNTIME_STATUSES)
+        statuses.update(dict.fromkeys(hits, status))
+        self.store.set_meta(RUNTIME_STATUSES, json.dumps(statuses))
+        return {"rows_affected": len(hits)}
+
+    def set_docker_credential(self, body: dict[str, Any]) -> dict[str, Any]:
+        """`SetDockerCredential`: the workspace pulls no images; it only checks the runtime exists."""
+        runtime = str(body.get("runtime_identifier") or "")
+        if runtime not in {r["image_identifier"] for r in self.runtimes}:
+            raise not_found(f"runtime {runtime!r} not found")
+        return {}
+
+    # ------------------------------------------------------------ across projects
+
+    def list_all_jobs(self) -> list[dict[str, Any]]:
+        """`ListAllJobs`: every job of every project, each with its `project`."""
+        return [j.to_api_with_project(self.projects[j.project_id]) for j in self.jobs.values()
+                if j.project_id in self.projects]  # fmt: skip
+
+    def workload_executions(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """`ListWorkloadExecutions`: the workloads (jobs, applications) and their executions (job
+        runs; an application's current start), newest last."""
+        workloads: list[dict[str, Any]] = []
+        executions: list[dict[str, Any]] = []
+        for job in self.jobs.values():
+            workloads.append(
+                self._workload("job", job.id, job.name, job.created_at, job.creator, job.project_id)
+            )
+        for app in self.apps.values():
+            workloads.append(
+                self._workload("application", app.id, app.name, app.created_at, app.creator, app.project_id)
+            )
+            ended = app.stopped_at if app.status in ("APPLICATION_STOPPED", "APPLICATION_FAILED") else None
+            executions.append(
+                _execution(
+                    workload_crn=crn("application", app.id), execution_crn=crn("application_run", app.id),
+                    start=app.started_at or app.created_at, end=ended, status=app.status,
+                    resources=(app.cpu, app.memory, app.nvidia_gpu), creator=app.creator,
+                )
+            )  # fmt: skip
+        for run in self.runs.values():
+            snapshot = run.job_snapshot
+            executions.append(
+                _execution(
+                    workload_crn=crn("job", run.job_id), execution_crn=crn("job_run", run.id),
+                    start=run.running_at or run.starting_at or run.created_at, end=run.finished_at,
+                    status=run.status, failure_reason=run.failure_reason, creator=snapshot.get("creator", {}),
+                    resources=(snapshot.get("cpu"), snapshot.get("memory"), snapshot.get("nvidia_gpu")),
+                )
+            )  # fmt: skip
+        executions.sort(key=lambda e: e["start_time"])
+        return workloads, executions
+
+    def _workload(
+        self, kind: str, workload_id: str, name: str, created: str, creator: dict[str, str], project_id: str
+    ) -> dict[str, Any]:
+        project = self.projects.get(project_id)
+        return {
+            "workload_crn": crn(kind, workload_id),
+            "workload_name": name,
+            "workload_type": kind,
+            "create_time": created,
+            "creator_user_name": creator.get("username", ""),
+            "project": {"crn": crn("project", project_id), "name": project.name if project else ""},
+            "deleted": False,
+        }
+
+    # ------------------------------------------------------------ collaborators
+
+    def list_collaborators(self, project_id: str) -> list[dict[str, Any]]:
+        project = self._project(project_id)
+        return [
+            {"user": {"username": name, "name": name, "email": f"{name}@localhost"}, "permission": permission}
+            for name, permission in sorted(project.collaborators.items())
+        ]
+
+    def add_collaborator(self, project_id: str, username: str, body: dict[str, Any]) -> None:
+        project = self._project(project_id)
+        permission = str(body.get("permission") or "read")
+        if permission not in COLLABORATOR_PERMISSIONS:
+            raise invalid_argument(f"permission must be one of {', '.join(COLLABORATOR_PERMISSIONS)}")
+        project.collaborators = {**project.collaborators, username: permission}
+
+    def delete_collaborator(self, project_id: str, username: str) -> None:
+        project = self._project(project_id)
+        if username not in project.collaborators:
+            raise not_found(f"{username!r} is not a collaborator of project {project_id}")
+        project.collaborators = {k: v for k, v in project.collaborators.items() if k != username}
 
     # ------------------------------------------------------------ jobs
 
@@ -460,11 +665,14 @@ class WorkspaceService:
         project = self._project(project_id)
         request = parse_body(JobCreate, body)
         self._check_runtime(project, request.runtime_identifier)
-        if request.parent_job_id and request.schedule:
-            raise invalid_argument("parent_job_id cannot be used alongside schedule")
-        self._check_parent(project_id, None, request.parent_job_id, "parent_job_id")
-        fields = request.model_dump(exclude={"parent_job_id"})
-        job = Job(id=new_id(), project_id=project_id, parent_id=request.parent_job_id, **fields)
+        # `parent_job_id` is the spec's deprecated alias of `parent_id`.
+        parent_field = "parent_id" if request.parent_id else "parent_job_id"
+        parent_id = request.parent_id or request.parent_job_id
+        if parent_id and request.schedule:
+            raise invalid_argument(f"{parent_field} cannot be used alongside schedule")
+        self._check_parent(project_id, None, parent_id, parent_field)
+        fields = request.model_dump(exclude={"parent_job_id", "parent_id"})
+        job = Job(id=new_id(), project_id=project_id, parent_id=parent_id, **fields)
         self.jobs[job.id] = job
         return job
 
@@ -544,14 +752,37 @@ class WorkspaceService:
         return run
 
     def _start_dependent_runs(self, finished: JobRun) -> None:
-        """A SUCCEEDED run starts a run of every job whose parent is its job."""
+        """A SUCCEEDED run starts a run of every job whose parent is its job. A job that already has a
+        run going keeps it (one active run per job) and gets an `ENGINE_SKIPPED` run instead: the
+        record CML keeps of a run it did not start."""
         project = self.projects.get(finished.project_id)
         if project is None:
             return
         for child in [j for j in self.jobs.values() if j.parent_id == finished.job_id]:
             if any(r.job_id == child.id and r.active for r in self.runs.values()):
-                continue  # one active run per job: the running one stands
+                self._record_skipped_run(project, child)
+                continue
             self._start_run(project, child, {}, child.arguments)
+
+    def _record_skipped_run(self, project: Project, job: Job) -> None:
+        run_id = new_id()
+        created = now_timestamp()
+        run = JobRun(
+            id=run_id,
+            project_id=project.id,
+            job_id=job.id,
+            arguments=job.arguments,
+            environment={},
+            job_snapshot=job.to_api(),
+            log_path=self.home / "logs" / "runs" / f"{run_id}.log",
+            status="ENGINE_SKIPPED",
+            failure_reason=f"skipped: job {job.id} already had an active run",
+            created_at=created,
+            finished_at=created,
+        )
+        run.log_path.parent.mkdir(parents=True, exist_ok=True)
+        run.log_path.touch()
+        self.runs[run_id] = run
 
     def get_run(self, project_id: str, job_id: str, run_id: str) -> JobRun:
         return self._run(project_id, job_id, run_id)

@@ -16,7 +16,9 @@ import httpx
 
 from ray_serve_cai.workspace.daemon import WorkspaceInfo
 
-TERMINAL_RUN_STATUSES = frozenset({"ENGINE_SUCCEEDED", "ENGINE_FAILED", "ENGINE_TIMEDOUT", "ENGINE_STOPPED"})
+TERMINAL_RUN_STATUSES = frozenset(
+    {"ENGINE_SUCCEEDED", "ENGINE_FAILED", "ENGINE_TIMEDOUT", "ENGINE_STOPPED", "ENGINE_SKIPPED"}
+)
 
 
 class WorkspaceHandle:

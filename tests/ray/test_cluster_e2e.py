@@ -234,7 +234,7 @@ def test_up_heals_a_worker_whose_process_was_killed(cluster: Cluster) -> None:
 def test_workers_rejoin_a_restarted_head_without_being_recreated(cluster: Cluster) -> None:
     apps = cluster.apps()
     head_id_before = cluster.cli_json("status")["ray"]["head_id"]
-    workers_before = {n: (apps[n]["id"], apps[n]["started_at"]) for n in (W0, W1)}
+    workers_before = {n: (apps[n]["id"], apps[n]["starting_at"]) for n in (W0, W1)}
     with CMLClient(CMLSettings(host=cluster.workspace.url, api_key=cluster.workspace.api_key)) as client:
         client.stop_application(cluster.project_id, apps[HEAD]["id"])
         cluster.workspace.wait_for_app(cluster.project_id, apps[HEAD]["id"], ["APPLICATION_STOPPED"], 60)
@@ -252,7 +252,7 @@ def test_workers_rejoin_a_restarted_head_without_being_recreated(cluster: Cluste
     assert status is not None, "the workers did not rejoin the restarted head"
     assert status["ray"]["head_id"] != head_id_before
     apps = cluster.apps()
-    assert {n: (apps[n]["id"], apps[n]["started_at"]) for n in (W0, W1)} == workers_before
+    assert {n: (apps[n]["id"], apps[n]["starting_at"]) for n in (W0, W1)} == workers_before
 
 
 def test_down_leaves_no_app_and_no_ray_process_and_collects_logs(cluster: Cluster) -> None:

@@ -31,6 +31,7 @@ from ray_serve_cai.cml import (
     NotFound,
     Project,
     RateLimited,
+    RefusedField,
     RetryPolicy,
     Unauthorized,
 )
@@ -212,7 +213,7 @@ def test_list_jobs_follows_every_page(
     assert count_of(workspace, "GET", "/projects/{project_id}/jobs") == 3
 
 
-def test_job_parent_is_parent_job_id_on_create_and_parent_id_on_read(
+def test_job_parent_is_parent_id_on_create_and_on_read(
     client: CMLClient, project: Project, runtime_id: str
 ) -> None:
     rt = CreateJob(name="root", script="job.py", runtime_identifier=runtime_id)
@@ -221,7 +222,7 @@ def test_job_parent_is_parent_job_id_on_create_and_parent_id_on_read(
         project.id,
         name="child",
         script="job.py",
-        parent_job_id=root.id,
+        parent_id=root.id,
         nvidia_gpu=0,
         runtime_identifier=runtime_id,
     )
@@ -237,6 +238,27 @@ def test_job_parent_is_parent_job_id_on_create_and_parent_id_on_read(
     client.delete_job(project.id, other.id)
     with pytest.raises(NotFound):
         client.get_job(project.id, other.id)
+
+
+@pytest.mark.parametrize(
+    ("kind", "field"),
+    [
+        ("job", "paused"),
+        ("job", "timezone"),
+        ("job", "description"),
+        ("project", "default_project_engine_type"),
+    ],
+)
+def test_a_field_cml_would_ignore_is_refused_before_sending(
+    client: CMLClient, project: Project, workspace: Any, kind: str, field: str
+) -> None:
+    """Read-only (`Job.paused`, `Job.timezone`) and unknown fields are bad input (exit 2), not sent."""
+    workspace.reset_counters()
+    update = client.update_job if kind == "job" else client.update_project
+    ids = (project.id, "any-job") if kind == "job" else (project.id,)
+    with pytest.raises(RefusedField, match=field) as caught:
+        update(*ids, **{field: "x"})
+    assert caught.value.exit_code == 2 and workspace.counters()["total"] == 0
 
 
 def test_job_runs_newest_first_arguments_and_environment(
