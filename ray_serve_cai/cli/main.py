@@ -22,10 +22,12 @@ def _register() -> None:
     from ray_serve_cai.cli import workspace as workspace_cmds
     from ray_serve_cai.cli.dashboard import dashboard_command
     from ray_serve_cai.cli.deploy import deploy_command
+    from ray_serve_cai.cli.doctor import doctor_command
 
     cluster_cmds.register(app)
     app.command("deploy")(deploy_command)
     app.command("dashboard")(dashboard_command)
+    app.command("doctor")(doctor_command)
     app.add_typer(config_cmds.app, name="config", help="Validate the config files; print the JSON Schema.")
     job_cmds.register(app)
     app.add_typer(serve_cmds.app, name="serve", help="The cluster's Ray Serve applications.")

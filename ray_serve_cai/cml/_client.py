@@ -290,6 +290,12 @@ class CMLClient:
             seen.add(token)
             query["page_token"] = token
 
+    # -- the key -------------------------------------------------------------------------------
+    def validate_api_key(self, audience: str | None = None) -> dict[str, Any]:
+        """``ValidateAPIKey``: ``{"valid", "username", "message"}`` for the key this client sends."""
+        body = {"audience": audience} if audience else {}
+        return dict(self._request("POST", "/auth/validate_key", body=body))
+
     # -- projects ------------------------------------------------------------------------------
     def list_projects(
         self,

@@ -35,6 +35,7 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.types import Message, Receive, Scope, Send
 
 from ray_serve_cai._proxy import ReverseProxy, proxy_client
+from ray_serve_cai.workspace.controls import AppUrlPolicy
 from ray_serve_cai.workspace.errors import error_body
 from ray_serve_cai.workspace.model import Application
 
@@ -128,7 +129,9 @@ class AppListener:
         logins: AppLogins,
         api_key: str,
         proxy: ReverseProxy | None = None,
+        policy: AppUrlPolicy | None = None,
     ) -> None:
+        self.policy = policy or AppUrlPolicy()
         self.app_id = app_id
         self.url_port = url_port
         self.lookup = lookup
@@ -156,6 +159,9 @@ class AppListener:
             return
         if not self._authorized(scope):
             await self._refusal(scope, receive, send_with_request_id)
+            return
+        if scope["type"] == "websocket" and not self.policy.websocket_upgrades:
+            await send({"type": "websocket.close", "code": 1008})  # a gateway that refuses upgrades: 403
             return
         app = self.lookup(self.app_id)
         if app is None or app.status != "APPLICATION_RUNNING" or app.app_port is None:
@@ -296,7 +302,14 @@ class AppListeners:
     """The open listeners, one per application. `sync(apps)` opens what is missing (new or
     re-adopted apps, on their recorded port) and closes what belongs to deleted apps."""
 
-    def __init__(self, logins: AppLogins, api_key: str, lookup: Callable[[str], Application | None]) -> None:
+    def __init__(
+        self,
+        logins: AppLogins,
+        api_key: str,
+        lookup: Callable[[str], Application | None],
+        policy: AppUrlPolicy | None = None,
+    ) -> None:
+        self.policy = policy or AppUrlPolicy()  # shared by every listener (a `/_workspace` control)
         self.logins = logins
         self._key = api_key
         self.lookup = lookup
@@ -343,7 +356,7 @@ class AppListeners:
                 sock.getsockname()[1],
             )
             app.url_port = int(sock.getsockname()[1])
-        listener = AppListener(app.id, app.url_port, self.lookup, self.logins, self._key)
+        listener = AppListener(app.id, app.url_port, self.lookup, self.logins, self._key, policy=self.policy)
         listener.proxy.client = self._client
         config = uvicorn.Config(
             listener,

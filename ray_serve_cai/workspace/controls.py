@@ -1,4 +1,5 @@
-"""Test controls of the workspace (not part of CML): request counters, injected faults, injected latency.
+"""Test controls of the workspace (not part of CML): request counters, injected faults, injected latency,
+what application URLs pass (`AppUrlPolicy`).
 
 Served under `/_workspace/` (see docs/architecture.md). Faults use a seeded RNG so a test run is
 reproducible; they never apply to `/_workspace/` itself.
@@ -263,3 +264,25 @@ class RestartPolicy:
             "max_attempts": self.max_attempts,
             "delay_seconds": self.delay_seconds,
         }
+
+
+@dataclass
+class AppUrlPolicy:
+    """What the application URLs let through, like a gateway in front of CML's apps would.
+    `websocket_upgrades: false` refuses every WebSocket upgrade (HTTP 403) while plain HTTP works:
+    `PUT /_workspace/app-urls`, `DELETE` restores the default (upgrades pass, as on CML)."""
+
+    websocket_upgrades: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"websocket_upgrades": self.websocket_upgrades}
+
+    def update(self, body: dict[str, Any]) -> None:
+        reject_unknown_keys(body, [f.name for f in fields(self)], "app-urls")
+        value = body.get("websocket_upgrades", self.websocket_upgrades)
+        if not isinstance(value, bool):
+            raise invalid_argument("websocket_upgrades must be a boolean")
+        self.websocket_upgrades = value
+
+    def reset(self) -> None:
+        self.websocket_upgrades = True

@@ -40,7 +40,14 @@ from ray_serve_cai.workspace.conformance import (
     ViolationLog,
     conformance_from_env,
 )
-from ray_serve_cai.workspace.controls import FaultInjector, FaultPlan, Latency, RequestCounters, RestartPolicy
+from ray_serve_cai.workspace.controls import (
+    AppUrlPolicy,
+    FaultInjector,
+    FaultPlan,
+    Latency,
+    RequestCounters,
+    RestartPolicy,
+)
 from ray_serve_cai.workspace.errors import (
     GRPC_CODE_OF_HTTP_STATUS,
     GrpcCode,
@@ -872,15 +879,39 @@ def create_server(
     )
     service = WorkspaceService(config.home, supervisor, load_runtimes(config.home), store)
     logins = AppLogins(config.api_key)
-    listeners = AppListeners(logins, config.api_key, service.apps.get)
+    url_policy = AppUrlPolicy()
+    listeners = AppListeners(logins, config.api_key, service.apps.get, policy=url_policy)
     api = build_api(
         service, {"counters": counters, "faults": faults, "latency": latency}, config, listeners, logins
     )
     api.include_router(restart_policy_router(service))
+    api.include_router(app_urls_router(url_policy))
     conformance = conformance_from_env(config.home)
     api.include_router(conformance_router(conformance[1] if conformance else None))
     api.add_middleware(FlushBeforeAnswer, service=service)
     return WorkspaceGateway(api, service, config, counters, faults, conformance)
+
+
+def app_urls_router(policy: AppUrlPolicy) -> APIRouter:
+    """`GET/PUT/DELETE /_workspace/app-urls`: what application URLs pass (`{"websocket_upgrades":
+    false}` makes them refuse WebSocket upgrades, as some gateways do); DELETE restores the default."""
+    router = APIRouter()
+
+    @router.get(f"{CONTROL_PREFIX}/app-urls")
+    async def get_app_urls() -> JSONResponse:
+        return _json(200, policy.to_dict())
+
+    @router.put(f"{CONTROL_PREFIX}/app-urls")
+    async def put_app_urls(request: Request) -> JSONResponse:
+        policy.update(await _read_body(request))
+        return _json(200, policy.to_dict())
+
+    @router.delete(f"{CONTROL_PREFIX}/app-urls")
+    async def reset_app_urls() -> JSONResponse:
+        policy.reset()
+        return _json(200, policy.to_dict())
+
+    return router
 
 
 def conformance_router(log: ViolationLog | None) -> APIRouter:

@@ -88,7 +88,12 @@ class WorkspaceHandle:
         self.clear_faults()
         self.set_latency()
         self.api_ok("DELETE", "/_workspace/restart-policy")
+        self.api_ok("DELETE", "/_workspace/app-urls")
         self.reset_counters()
+
+    def set_app_urls(self, **policy: Any) -> dict[str, Any]:
+        """E.g. `set_app_urls(websocket_upgrades=False)`: app URLs refuse WebSocket upgrades."""
+        return self.api_ok("PUT", "/_workspace/app-urls", json=policy)
 
     def processes(self) -> list[int]:
         return list(self.api_ok("GET", "/_workspace/processes")["pids"])
