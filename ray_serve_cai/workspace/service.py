@@ -1,7 +1,8 @@
 """The workspace's API semantics: validates requests, keeps projects/jobs/runs/apps, drives the supervisor.
 
-Handlers in `server.py` call one method here per endpoint. Choices where CML's behaviour is
-unconfirmed are documented in `ray_serve_cai/workspace/README.md`.
+Handlers in `server.py` call one method here per endpoint. CML's spec (`shared/reference/
+cml-api-v2.swagger.json`) is the contract; choices where it is silent are documented in
+`ray_serve_cai/workspace/README.md`.
 """
 
 from __future__ import annotations
