@@ -367,7 +367,8 @@ def _check_app_key(client: CMLClient, report: DoctorReport, app: Application, lo
                 APP_KEY,
                 "warn",
                 f"with the application's key: list HTTP {listed}, update HTTP {updated}",
-                "autoscaling from the head is off; scale with `ray-cai scale` from outside",
+                "the head's autoscaler cannot act with this key: use fixed replica counts and "
+                "`ray-cai scale` from outside",
             )
         )
 
@@ -424,7 +425,7 @@ def _check_job_findings(report: DoctorReport, result: dict[str, Any], local: boo
                 FLOCK,
                 "ok",
                 "a lock held in the app's pod kept the job's pod out" + fs_note,
-                "file locks guard the cluster's state files",
+                "nothing relies on it: the cluster lock is an application (API), never a file lock",
             )
         )
     else:

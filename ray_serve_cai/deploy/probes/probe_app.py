@@ -118,6 +118,7 @@ def manage_check() -> dict[str, object]:
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # a WebSocket handshake answer must be HTTP/1.1
+
     def do_GET(self) -> None:
         if self.path == "/ws" and self.headers.get("Upgrade", "").lower() == "websocket":
             self.echo_websocket()
