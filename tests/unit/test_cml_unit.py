@@ -468,14 +468,16 @@ def test_create_requests_forbid_unknown_fields() -> None:
         CreateApplication(name="a", subdomain="a", script="s.py", gpu=1)  # type: ignore[call-arg]
     with pytest.raises(ValueError):
         CreateJob(name="a", script="s.py", num_gpus=1)  # type: ignore[call-arg]
-    body = CreateJob(name="a", script="s.py", parent_job_id="j0").body()
+    with pytest.raises(ValueError):  # the spec's deprecated alias of parent_id is not offered
+        CreateJob(name="a", script="s.py", parent_job_id="j0")  # type: ignore[call-arg]
+    body = CreateJob(name="a", script="s.py", parent_id="j0").body()
     assert body == {
         "name": "a",
         "script": "s.py",
         "cpu": 1.0,
         "memory": 1.0,
         "nvidia_gpu": 0,
-        "parent_job_id": "j0",
+        "parent_id": "j0",
     }
 
 
