@@ -21,6 +21,7 @@ from ._models import (
     Application,
     CreateApplication,
     CreateJob,
+    FileInfo,
     Job,
     JobRun,
     Project,
@@ -184,8 +185,11 @@ class CMLClient:
         params: Mapping[str, Any] | None = None,
         body: Any = None,
         creates: bool = False,
+        files: Any = None,
+        raw: bool = False,
     ) -> Any:
-        """One API call with retries; returns the decoded JSON body (``{}`` when empty).
+        """One API call with retries; returns the decoded JSON body (``{}`` when empty), or the bytes
+        with ``raw``. ``files`` sends a multipart body (httpx's ``files``) instead of JSON.
 
         Each attempt's outcome is judged by the pure `classify` (done / retry after a delay / fail)."""
         query = {k: v for k, v in (params or {}).items() if v is not None}
@@ -196,6 +200,7 @@ class CMLClient:
             host=self.settings.host,
             secret=self._key,
             timeout=self.settings.timeout,
+            raw=raw,
         )
         start = self._clock()
         attempt = 0
@@ -204,7 +209,9 @@ class CMLClient:
             sent_at = self._clock()
             outcome: httpx.Response | httpx.TransportError
             try:
-                outcome = self._http.request(method, path, params=query or None, json=body)
+                outcome = self._http.request(
+                    method, path, params=query or None, json=None if files else body, files=files
+                )
             except httpx.TransportError as exc:
                 outcome = exc
                 log.debug(
@@ -329,6 +336,43 @@ class CMLClient:
 
     def delete_project(self, project_id: str) -> None:
         self._request("DELETE", f"/projects/{_seg(project_id)}")
+
+    # -- project files -------------------------------------------------------------------------
+    @staticmethod
+    def _file_path(project_id: str, path: str) -> str:
+        """``/projects/{id}/files/{path}``: the path is one URL segment (``/`` sent as ``%2F``); the
+        project root is ``.``, sent as ``%2E`` (httpx would otherwise drop a ``.`` segment)."""
+        relative = path.strip().lstrip("/") or "."
+        segment = "%2E" if relative == "." else quote(relative, safe="")
+        return f"/projects/{_seg(project_id)}/files/{segment}"
+
+    def upload_project_file(self, project_id: str, path: str, content: bytes) -> None:
+        """Write ``content`` to ``path`` (relative to the project root, ``/home/cdsw`` on CML): the
+        spec's ``UploadFile``, a multipart part whose form-field name is the destination."""
+        relative = path.strip().lstrip("/")
+        if not relative:
+            raise ValueError("a destination path is required")
+        name = relative.rsplit("/", 1)[-1]
+        files = {relative: (name, content, "application/octet-stream")}
+        self._request("POST", f"/projects/{_seg(project_id)}/files", files=files)
+
+    def list_project_files(self, project_id: str, path: str = "") -> list[FileInfo]:
+        """The entries of a project directory (or the file itself); ``""`` is the project root."""
+        data = self._request("GET", self._file_path(project_id, path))
+        return [FileInfo.model_validate(f) for f in data.get("files") or []]
+
+    def download_project_file(self, project_id: str, path: str) -> bytes:
+        """The bytes of a project file (``POST …/files/{path}:download``)."""
+        return self._request("POST", self._file_path(project_id, path) + ":download", raw=True)
+
+    def delete_project_file(self, project_id: str, path: str) -> None:
+        """Delete a project file or directory (with its contents)."""
+        self._request("DELETE", self._file_path(project_id, path))
+
+    def rename_project_file(self, project_id: str, path: str, new_path: str) -> FileInfo:
+        """Move a project file to ``new_path`` (``UpdateProjectFileMetadata``)."""
+        data = self._request("PATCH", self._file_path(project_id, path), body={"path": new_path})
+        return FileInfo.model_validate(data)
 
     # -- runtimes ------------------------------------------------------------------------------
     def list_runtimes(self, search_filter: Mapping[str, Any] | str | None = None) -> list[Runtime]:

@@ -36,6 +36,7 @@ __all__ = [
     "CMLObject",
     "CreateApplication",
     "CreateJob",
+    "FileInfo",
     "Job",
     "JobRun",
     "Project",
@@ -141,6 +142,16 @@ class Project(CMLObject):
     creator: dict[str, Any] | None = None
     created_at: Timestamp = None
     updated_at: Timestamp = None
+
+
+class FileInfo(BaseModel):
+    """A project file or directory (``FileInfo``): ``path`` relative to the project root."""
+
+    model_config = ConfigDict(extra="allow")
+
+    path: str
+    is_dir: bool = False
+    file_size: int | None = None  # an int64 string on the wire; unset for directories
 
 
 class Runtime(BaseModel):

@@ -57,9 +57,10 @@ def request_never_sent(exc: httpx.TransportError) -> bool:
 
 
 def is_action_path(path: str) -> bool:
-    """``.../{id}:stop`` and ``.../{id}:restart`` — POSTs that are safe to repeat."""
+    """``.../{id}:stop``, ``.../{id}:restart`` and ``.../files/{path}:download`` — POSTs that are safe
+    to repeat."""
     last = path.rsplit("/", 1)[-1]
-    return last.endswith((":stop", ":restart"))
+    return last.endswith((":stop", ":restart", ":download"))
 
 
 @dataclass
@@ -106,6 +107,7 @@ class Call:
     host: str = ""
     secret: str | None = None  # scrubbed out of every message
     timeout: float = 30.0  # the per-request timeout, for messages
+    raw: bool = False  # the answer is bytes (DownloadProjectFile), not JSON
 
     @property
     def full_path(self) -> str:
@@ -226,6 +228,8 @@ def _api_error(call: Call, response: httpx.Response, note: str = "") -> Exceptio
 
 
 def _decoded(call: Call, response: httpx.Response) -> Verdict:
+    if call.raw:
+        return Done(response.content)
     if not response.content:
         return Done({})
     try:

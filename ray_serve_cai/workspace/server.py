@@ -24,13 +24,15 @@ from typing import Any
 
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ray_serve_cai.errors import OperationFailed, WaitTimeout
 from ray_serve_cai.waiting import poll_until
+from ray_serve_cai.workspace import project_files
 from ray_serve_cai.workspace.app_urls import AppListeners, AppLogins, login_code_answer
 from ray_serve_cai.workspace.controls import FaultInjector, FaultPlan, Latency, RequestCounters, RestartPolicy
 from ray_serve_cai.workspace.errors import (
@@ -157,6 +159,7 @@ def build_api(
     api.include_router(jobs_router(service))
     api.include_router(runs_router(service))
     api.include_router(applications_router(service, listeners))
+    api.include_router(files_router(service))
     api.include_router(controls_router(service, controls, config, logins))
     return api
 
@@ -313,6 +316,60 @@ def applications_router(service: WorkspaceService, listeners: AppListeners) -> A
         finally:
             await listeners.sync(service.apps.values())
         return _json(200, {})
+
+    return router
+
+
+def files_router(service: WorkspaceService) -> APIRouter:
+    """`/api/v2/projects/{project_id}/files[/{path}[:download]]`: the project folder the workloads see
+    (`project_files.py`). A `{path}` may hold `/` (encoded as `%2F` by spec clients, or plain)."""
+    router = APIRouter(prefix=f"{API_PREFIX}/projects/{{project_id}}/files")
+
+    @router.post("")
+    async def upload_file(project_id: str, request: Request) -> JSONResponse:
+        directory = service.project_directory(project_id)
+        content_type = request.headers.get("content-type", "")
+        if not content_type.startswith("multipart/form-data"):
+            raise invalid_argument("UploadFile takes multipart/form-data (one part per file)")
+        async with request.form() as form:
+            parts: list[tuple[str, bytes]] = []
+            for name, value in form.multi_items():
+                content = await value.read() if isinstance(value, StarletteUploadFile) else value.encode()
+                parts.append((name, content))
+        if not parts:
+            raise invalid_argument("UploadFile needs at least one part (its field name is the destination)")
+        for name, content in parts:
+            await asyncio.to_thread(project_files.write_file, directory, name, content)
+        return _json(200, {})
+
+    @router.get("/{path:path}")
+    async def list_project_files(project_id: str, path: str) -> JSONResponse:
+        directory = service.project_directory(project_id)
+        return _json(200, await asyncio.to_thread(project_files.list_files, directory, path))
+
+    @router.post("/{path:path}")
+    async def download_project_file(project_id: str, path: str) -> Response:
+        if not path.endswith(":download"):
+            raise WorkspaceAPIError(GrpcCode.NOT_FOUND, "no such API route", 404)
+        directory = service.project_directory(project_id)
+        target = await asyncio.to_thread(project_files.read_file, directory, path.removesuffix(":download"))
+        return Response(await asyncio.to_thread(target.read_bytes), media_type="application/octet-stream")
+
+    @router.delete("/{path:path}")
+    async def delete_project_file(project_id: str, path: str) -> JSONResponse:
+        directory = service.project_directory(project_id)
+        await asyncio.to_thread(project_files.delete_file, directory, path)
+        return _json(200, {})
+
+    @router.patch("/{path:path}")
+    async def update_project_file_metadata(project_id: str, path: str, request: Request) -> JSONResponse:
+        directory = service.project_directory(project_id)
+        body = await _read_body(request, allow_empty=False)
+        new_path = body.get("path")
+        if not isinstance(new_path, str) or not new_path.strip():
+            raise invalid_argument("path (the new name, relative to the project root) is required")
+        info = await asyncio.to_thread(project_files.rename_file, directory, path, new_path)
+        return _json(200, info)
 
     return router
 

@@ -422,6 +422,17 @@ class WorkspaceService:
         self.projects.pop(project_id, None)
         await asyncio.to_thread(shutil.rmtree, project.directory, True)
 
+    # ------------------------------------------------------------ project files
+
+    def project_directory(self, project_id: str) -> Path:
+        """The folder of a ready project (its files API and its workloads' working directory)."""
+        project = self._project(project_id)
+        if not project.directory.is_dir():
+            raise failed_precondition(
+                f"project {project.id} has no files yet (creation_status {project.creation_status!r})"
+            )
+        return project.directory
+
     # ------------------------------------------------------------ runtimes
 
     def list_runtimes(self) -> list[dict[str, Any]]:
