@@ -545,7 +545,9 @@ def _history_logs(target: ClusterTarget, job_id: str) -> str:
     """The record's logs: the attempt `job_id` names, or every attempt (a header on stderr each)."""
     history = target.history()
     record = history.find(job_id)
-    chosen = [a for a in record.attempts if a.submission_id == job_id] or list(record.attempts)
+    # The record's id (its first attempt's too) means every attempt; a retry's id means that one.
+    chosen = [a for a in record.attempts if a.submission_id == job_id and job_id != record.submission_id]
+    chosen = chosen or list(record.attempts)
     if len(chosen) == 1:
         return history.attempt_log(record, chosen[0].submission_id)
     for attempt in chosen:
