@@ -711,7 +711,14 @@ def node_logs(
                 return
             logs, found = live
             with logs:
-                _live_node_logs(logs, found, file, tail, list_files, follow, timeout, json_out)
+                try:
+                    _live_node_logs(logs, found, file, tail, list_files, follow, timeout, json_out)
+                    return
+                except (NodeLogsError, AccessError) as err:
+                    if follow:
+                        raise
+                    _from_history_note(target.cluster, f"{found.name} did not answer ({err})")
+            _kept_node_logs(target, found.name, file, tail, list_files, json_out)
 
     run_command(run)
 
