@@ -32,6 +32,7 @@ from typing import Any
 import pytest
 from support.fakes import RAY_CAI, REPO_ROOT, SMALL_CLUSTER_YAML, wait_until
 
+from ray_serve_cai.cluster.runtimes import choose_runtime
 from ray_serve_cai.cml import CMLClient, CMLSettings
 from ray_serve_cai.config import parse_deploy_spec
 from ray_serve_cai.deploy.schedules import ensure_scheduled_runs
@@ -194,7 +195,8 @@ def test_scheduled_run_is_created_as_a_cml_job_with_its_schedule(env: Env) -> No
             },
             env={},
         )
-        made = ensure_scheduled_runs(client, env.project_id, spec, None)
+        runtime = choose_runtime(client.list_runtimes(), gpu=False)  # as `deploy` chooses one
+        made = ensure_scheduled_runs(client, env.project_id, spec, runtime)
     env.scheduled_job_id = made.jobs["every_minute"].id
     env.facts["scheduled_at"] = time.monotonic()
 
