@@ -317,6 +317,7 @@ def build_submission(
         entrypoint_resources=_parse_resources(resources),
     )
     request.validate()
+    check_local_packages(env or {})  # a missing working_dir, or no Ray to package it: before any call
     return request, env
 
 
