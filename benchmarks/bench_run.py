@@ -47,7 +47,7 @@ ray_cluster:
   ports: {{gcs: 0, client: 0, dashboard: 0}}
   startup_timeout: 600
 """
-PHASES = {"submitted": "submitted job", "ended": "SUCCEEDED", "torn_down": "tore down cluster"}
+PHASES = {"submitted": "submitted job", "torn_down": "tore down cluster"}
 
 
 def one_run(env: dict[str, str], config: Path, marker: str) -> dict[str, Any]:
@@ -59,8 +59,9 @@ def one_run(env: dict[str, str], config: Path, marker: str) -> dict[str, Any]:
     )
     seen: dict[str, float] = {}
     lines: list[str] = []
+    output: list[str] = []
 
-    def read() -> None:
+    def read_progress() -> None:
         assert proc.stderr is not None
         for line in proc.stderr:
             lines.append(line)
@@ -68,12 +69,21 @@ def one_run(env: dict[str, str], config: Path, marker: str) -> dict[str, Any]:
                 if text in line and name not in seen:
                     seen[name] = time.monotonic() - started
 
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    out, _ = proc.communicate(timeout=1800)
-    reader.join(5)
+    def read_output() -> None:  # the job's own line marks its end (it prints it last)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            output.append(line)
+            if marker in line and "ended" not in seen:
+                seen["ended"] = time.monotonic() - started
+
+    readers = [threading.Thread(target=fn, daemon=True) for fn in (read_progress, read_output)]
+    for reader in readers:
+        reader.start()
+    proc.wait(timeout=1800)
+    for reader in readers:
+        reader.join(5)
     total = time.monotonic() - started
-    if proc.returncode != 0 or marker not in out:
+    if proc.returncode != 0 or "ended" not in seen:
         raise SystemExit(f"run failed (exit {proc.returncode}):\n{''.join(lines)[-3000:]}")
     job_id = next(line.split()[2] for line in lines if "submitted job" in line)
     return {
