@@ -575,14 +575,18 @@ def stop(
 
     def run() -> None:
         with cluster_target(config, local, project, cluster) as target, JobsClient(target.head()) as jobs:
-            stopped = jobs.stop(submission_id)
-            info = jobs.wait(submission_id, timeout=timeout) if wait and stopped else jobs.get(submission_id)
+            # A retried job's record id stops its newest attempt.
+            records = {r.submission_id: r for r in records_from_ray(jobs.list(), target.cluster)}
+            latest = records[submission_id].latest if submission_id in records else None
+            job_id = latest.submission_id if latest is not None else submission_id
+            stopped = jobs.stop(job_id)
+            info = jobs.wait(job_id, timeout=timeout) if wait and stopped else jobs.get(job_id)
         if json_out:
-            print_json({"submission_id": submission_id, "stopped": stopped, "status": info.status})
+            print_json({"submission_id": job_id, "stopped": stopped, "status": info.status})
         elif stopped:
-            out_console.print(f"job {escape(submission_id)}: stop requested; now {info.status}")
+            out_console.print(f"job {escape(job_id)}: stop requested; now {info.status}")
         else:
-            out_console.print(f"job {escape(submission_id)} had already ended ({info.status})")
+            out_console.print(f"job {escape(job_id)} had already ended ({info.status})")
 
     run_command(run)
 
