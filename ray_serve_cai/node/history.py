@@ -9,7 +9,8 @@ A thread of the launcher, the part of a node that always runs:
   autoscaled away leaves its logs up to its last few seconds; at a stop the launcher copies the rest.
 * **Job records** (head): every `JOBS_INTERVAL_SECONDS` one `GET /api/jobs/` on the head's own
   dashboard; each submitted job's row goes into its record (`record.json`, written atomically when it
-  changed) and the driver's log of every job still running into `<attempt id>.log`. The head also
+  changed) and, every `DRIVER_LOG_INTERVAL_SECONDS` and once more when it ends, the driver's log of
+  every job still running into `<attempt id>.log`. The head also
   stops an attempt whose deadline (`ray_cai_deadline` in the job's metadata) has passed, so a
   `--timeout` holds even when the submitting laptop is gone; the record then says FAILED (deadline).
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import stat
 import tempfile
@@ -48,8 +50,10 @@ from ray_serve_cai.config.history import (
 
 logger = logging.getLogger("ray_serve_cai.node.history")
 
-JOBS_INTERVAL_SECONDS = 1.0
+JOBS_INTERVAL_SECONDS = 2.0
 LOG_INTERVAL_SECONDS = 5.0
+# A running job's driver log is read again at most this often (Ray answers with the whole log).
+DRIVER_LOG_INTERVAL_SECONDS = 5.0
 # Bytes copied from one file in one pass: a burst is caught up over a few passes, not in one.
 MAX_COPY_PER_PASS = 4 * 1024 * 1024
 SKIPPED_SUFFIXES = (".sock", ".socket", ".lock")
@@ -87,6 +91,7 @@ class JobRecords:
         self._written: dict[str, JobRecord] = {}
         self._log_sizes: dict[str, int] = {}  # submission id → length of the log text written
         self._final_logs: set[str] = set()  # attempts whose log was read after they ended
+        self._log_read_at: dict[str, float] = {}  # submission id → when its log was last read
         self._stop_asked: set[str] = set()
         self._checked_lost = False
         # Short: a stop makes one last pass inside the grace period CML gives a stopping application.
@@ -155,6 +160,10 @@ class JobRecords:
     ) -> None:
         if submission_id in self._final_logs:
             return
+        now = time.monotonic()
+        if not ended and now - self._log_read_at.get(submission_id, -math.inf) < DRIVER_LOG_INTERVAL_SECONDS:
+            return
+        self._log_read_at[submission_id] = now
         try:
             response = self._http.get(
                 f"{base}/api/jobs/{quote(submission_id, safe='')}/logs", headers=self._headers()
