@@ -17,10 +17,13 @@ the head's HTTP server adds the Ray token. No Ray import: shipping a local `work
 
 from __future__ import annotations
 
+import contextlib
+import getpass
 import json
 import math
 import re
 import secrets
+import socket
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -32,6 +35,17 @@ import httpx
 from ruamel.yaml import YAML, YAMLError
 
 from ray_serve_cai.access.head import AccessError, AppEndpoint
+from ray_serve_cai.config.history import (
+    META_ATTEMPT,
+    META_DEADLINE,
+    META_MAX_RETRIES,
+    META_RECORD,
+    META_RUN,
+    META_SUBMITTER,
+    META_TIMEOUT,
+    deadline_message,
+    retry_id,
+)
 from ray_serve_cai.errors import BadInput, OperationFailed, WaitTimeout
 from ray_serve_cai.waiting import poll_until
 
@@ -449,6 +463,209 @@ class JobsClient:
         )
 
 
+# -- retries and deadlines -----------------------------------------------------------------------
+def who_submits() -> str:
+    """`user@host` of this process: who submitted a job, as its record says."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+@dataclass(frozen=True)
+class JobPolicy:
+    """What the tool adds to Ray's job: retries on failure and a deadline over every attempt."""
+
+    max_retries: int = 0
+    timeout: float | None = None  # seconds from the first submission; None: no deadline
+
+    def validate(self) -> None:
+        if self.max_retries < 0:
+            raise JobInputError(f"--max-retries: must be 0 or more, got {self.max_retries}")
+        if self.timeout is not None and (not math.isfinite(self.timeout) or self.timeout <= 0):
+            raise JobInputError(f"--timeout: must be more than 0 seconds, got {self.timeout:g}")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a record ended: its status (a stop at the deadline is FAILED), why, and every attempt."""
+
+    record_id: str
+    status: str
+    message: str
+    attempts: tuple[JobInfo, ...]
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status == SUCCEEDED
+
+    def summary(self) -> str:
+        tries = f" after {len(self.attempts)} attempts" if len(self.attempts) > 1 else ""
+        line = f"job {self.record_id} {self.status}{tries}"
+        if self.status != SUCCEEDED and self.message:
+            line += f": {self.message.strip().splitlines()[0]}"
+        return line
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "submission_id": self.record_id,
+            "status": self.status,
+            "message": self.message,
+            "attempts": [a.submission_id for a in self.attempts],
+        }
+
+
+class ManagedJob:
+    """One job submitted through the tool: its attempts (a retry is a new Ray job `<id>-retry<n>`)
+    and its deadline. What the head records about it (`ray_serve_cai.config.history`) travels in each
+    attempt's Ray `metadata`, so a second client (or this one after a crash) finds it again with
+    `attach`, and the head can enforce the deadline when no client is left."""
+
+    def __init__(
+        self,
+        jobs: JobsClient,
+        request: JobSubmission,
+        policy: JobPolicy = JobPolicy(),
+        *,
+        run_id: str | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        if request.submission_id is None:
+            request = replace(request, submission_id=new_submission_id())
+        assert request.submission_id is not None
+        self.jobs = jobs
+        self.request = request
+        self.policy = policy
+        self.run_id = run_id
+        self.record_id: str = request.submission_id
+        self.deadline: float | None = None
+        self.submitter = who_submits()
+        self._now = wall_clock
+        self.attempts: list[JobInfo] = []
+
+    def _metadata(self, attempt: int) -> dict[str, str]:
+        metadata = dict(self.request.metadata or {})
+        metadata.update(
+            {
+                META_RECORD: self.record_id,
+                META_ATTEMPT: str(attempt),
+                META_SUBMITTER: self.submitter,
+                META_MAX_RETRIES: str(self.policy.max_retries),
+            }
+        )
+        if self.run_id:
+            metadata[META_RUN] = self.run_id
+        if self.deadline is not None:
+            metadata[META_DEADLINE] = f"{self.deadline:.3f}"
+            metadata[META_TIMEOUT] = f"{self.policy.timeout:g}"
+        return metadata
+
+    def submit(self) -> str:
+        """Submit the first attempt (a submission id Ray already has is joined, not repeated)."""
+        if self.policy.timeout is not None:
+            self.deadline = self._now() + self.policy.timeout
+        return self._submit_attempt(1)
+
+    def _submit_attempt(self, attempt: int) -> str:
+        submission_id = retry_id(self.record_id, attempt)
+        request = replace(self.request, submission_id=submission_id, metadata=self._metadata(attempt))
+        try:
+            self.jobs.submit(request)
+        except JobsError as err:
+            try:
+                existing = self.jobs.get(submission_id)  # a lost answer, or a second client: join it
+            except JobNotFound:
+                raise err from None
+            self.attempts.append(existing)
+            return submission_id
+        self.attempts.append(self.jobs.get(submission_id))
+        return submission_id
+
+    def attach(self) -> bool:
+        """Find this record's attempts on the cluster (by the metadata); False when there are none.
+        The deadline and retry budget are the ones the first submission set."""
+        mine = [
+            job
+            for job in self.jobs.list()
+            if (job.raw.get("metadata") or {}).get(META_RECORD) == self.record_id
+        ]
+        if not mine:
+            return False
+        mine.sort(key=lambda j: int((j.raw.get("metadata") or {}).get(META_ATTEMPT) or 1))
+        first = mine[0].raw.get("metadata") or {}
+        deadline = first.get(META_DEADLINE)
+        self.deadline = float(deadline) if deadline else None
+        self.attempts = mine
+        return True
+
+    @property
+    def current(self) -> str:
+        return self.attempts[-1].submission_id or self.record_id if self.attempts else self.record_id
+
+    def _deadline_passed(self) -> bool:
+        return self.deadline is not None and self._now() >= self.deadline - 0.5
+
+    def follow(
+        self,
+        on_output: Callable[[str], None],
+        *,
+        on_notice: Callable[[str], None] = lambda _: None,
+    ) -> Outcome:
+        """Follow the current attempt's logs until the record ends: a FAILED attempt is retried while
+        the budget lasts (never a STOPPED one: a stop by the user is final); when the deadline passes
+        the attempt is stopped and the record is FAILED with the deadline as the reason.
+        `KeyboardInterrupt` passes through (the caller decides whether to stop the job)."""
+        while True:
+            attempt = len(self.attempts)
+            submission_id = self.current
+            remaining = None if self.deadline is None else max(0.0, self.deadline - self._now())
+            try:
+                final = self.jobs.follow(submission_id, on_output, timeout=remaining, on_notice=on_notice)
+            except WaitTimeout:
+                final = self._stop_at_deadline(submission_id, on_notice)
+            self.attempts[-1] = final
+            if final.status == SUCCEEDED:
+                return self._outcome(SUCCEEDED, final.message)
+            if final.status == STOPPED and self._deadline_passed():
+                return self._outcome(FAILED, deadline_message(self.policy.timeout))
+            if final.status == STOPPED:
+                return self._outcome(STOPPED, final.message or "stopped")
+            if attempt > self.policy.max_retries or self._deadline_passed():
+                return self._outcome(FAILED, final.message)
+            on_notice(
+                f"attempt {attempt} of job {self.record_id} FAILED; retrying "
+                f"({attempt} of {self.policy.max_retries} retries)"
+            )
+            self._submit_attempt(attempt + 1)
+
+    def _stop_at_deadline(self, submission_id: str, on_notice: Callable[[str], None]) -> JobInfo:
+        on_notice(f"the deadline of job {self.record_id} passed: stopping {submission_id}")
+        with contextlib.suppress(JobsError):
+            self.jobs.stop(submission_id)
+        try:
+            return self.jobs.wait(submission_id, timeout=60)
+        except WaitTimeout:
+            return self.jobs.get(submission_id)
+
+    def stop(self, timeout: float = 60) -> JobInfo | None:
+        """Stop the current attempt (Ctrl-C of a run) and wait until Ray says it ended."""
+        if not self.attempts:
+            return None
+        submission_id = self.current
+        with contextlib.suppress(JobsError):
+            self.jobs.stop(submission_id)
+        try:
+            final = self.jobs.wait(submission_id, timeout=timeout)
+        except WaitTimeout:
+            final = self.jobs.get(submission_id)
+        self.attempts[-1] = final
+        return final
+
+    def _outcome(self, status: str, message: str) -> Outcome:
+        return Outcome(self.record_id, status, message, tuple(self.attempts))
+
+
 # -- packages (needs Ray) ------------------------------------------------------------------------
 def check_local_packages(runtime_env: Mapping[str, Any]) -> list[str]:
     """The local `working_dir` / `py_modules` paths to upload; `JobInputError` (before anything is
@@ -505,13 +722,17 @@ __all__ = [
     "JobInfo",
     "JobInputError",
     "JobNotFound",
+    "JobPolicy",
     "JobSubmission",
     "JobsClient",
     "JobsError",
     "LogStreamUnavailable",
+    "ManagedJob",
+    "Outcome",
     "check_local_packages",
     "load_runtime_env",
     "local_packages",
     "new_submission_id",
     "upload_local_packages",
+    "who_submits",
 ]

@@ -135,6 +135,11 @@ def _print_summary(cluster: ClusterSpec, deploy: DeploySpec | None, config: Path
             typer.echo(
                 f"  {job.key}: {job.name!r} {job.script} ({_num(job.cpu)} CPU, {_num(job.memory)} GiB){after}"
             )
+        for run in deploy.scheduled_runs.values():
+            zone = run.timezone or "UTC"
+            typer.echo(
+                f"  {run.key}: {run.name!r} scheduled {run.schedule!r} ({zone}): ray-cai run -- {run.command}"
+            )
 
 
 def _num(value: float) -> str:

@@ -1,41 +1,50 @@
 """`ray-cai job submit / status / logs / stop / list` and `ray-cai logs`: Ray's Jobs API and a node's
 Ray logs through the head's application URL, from anywhere that URL reaches (a laptop, a CI runner).
 
-The cluster is found like the cluster commands find it (`--local`, `--project`, `--config`); requests
-carry the CML API key, the head adds the Ray token. Jobs run in the project directory, so the code
-deployed from git is there; `--runtime-env` with a local `working_dir` ships uncommitted code (Ray's
-package upload, so it needs Ray installed here).
+The cluster is found like the cluster commands find it (`--local`, `--project`, `--config`, or
+`--cluster NAME`); requests carry the CML API key, the head adds the Ray token. Jobs run in the project
+directory, so the code deployed from git is there; `--runtime-env` with a local `working_dir` ships
+uncommitted code (Ray's package upload, so it needs Ray installed here).
+
+Every job submitted through the tool has a record in the project (`.ray-cai/<cluster>/jobs/<id>/`,
+kept by the head as the job runs): `job list/status/logs` and `logs NODE` read the project (CML's
+project-file API) when the cluster, its head or the node is gone, and say so.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.markup import escape
 
-from ray_serve_cai.access.head import AppEndpoint, head_endpoint
+from ray_serve_cai.access.head import AccessError, AppEndpoint, head_endpoint
 from ray_serve_cai.access.jobs import (
     SUCCEEDED,
     JobInfo,
     JobInputError,
+    JobNotFound,
+    JobPolicy,
     JobsClient,
     JobSubmission,
+    ManagedJob,
+    Outcome,
     check_local_packages,
     load_runtime_env,
     upload_local_packages,
 )
-from ray_serve_cai.access.logs import DEFAULT_FILE, NodeLogs, check_log_options
-from ray_serve_cai.cli.cluster import open_cluster
+from ray_serve_cai.access.logs import DEFAULT_FILE, NodeLogs, NodeLogsError, check_log_options
+from ray_serve_cai.access.records import ProjectHistory, records_from_ray
 from ray_serve_cai.cli.common import (
     DEFAULT_CONFIG,
     EXIT_BAD_INPUT,
@@ -48,39 +57,85 @@ from ray_serve_cai.cli.common import (
     ProjectName,
     err_console,
     fail,
+    open_target,
     out_console,
     print_json,
     run_command,
 )
+from ray_serve_cai.cml import CMLClient
+from ray_serve_cai.config import load_cluster_spec
+from ray_serve_cai.config.history import JobRecord
 from ray_serve_cai.errors import RayCaiError, WaitTimeout
 
 app = typer.Typer(
     no_args_is_help=True,
-    help="Ray jobs on the cluster through the head's application URL (Ray's Jobs REST API).",
+    help="Ray jobs on the cluster through the head's application URL (Ray's Jobs REST API); their "
+    "records in the project outlive the cluster.",
 )
 
 JobIdArgument = typer.Argument(..., metavar="ID", help="The job's submission id (as `job submit` printed).")
 FollowTimeoutOption = typer.Option(
     None, "--timeout", help="Stop following after this many seconds (default: until the job ends)."
 )
+ClusterName = Annotated[
+    str | None,
+    typer.Option(
+        "--cluster",
+        help="The cluster's name (default: the name in --config). Needs no config file: the jobs and logs "
+        "of a cluster that is gone are read from the project.",
+    ),
+]
+NAME_RULE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+
+
+def cluster_name(config: Path, cluster: str | None) -> str:
+    """`--cluster` as given (checked), else the name in the config file (validated, env overrides on)."""
+    if cluster is not None:
+        if not NAME_RULE.match(cluster) or len(cluster) > 50:
+            raise JobInputError(
+                f"--cluster: {cluster!r} must be lowercase letters, digits and '-' (at most 50 characters)"
+            )
+        return cluster
+    return load_cluster_spec(config).name
+
+
+@dataclass
+class ClusterTarget:
+    """A cluster by name in a project, with the client open: its head (when up) and its history."""
+
+    client: CMLClient
+    project_id: str
+    cluster: str
+
+    def head(self) -> AppEndpoint:
+        """The head's app URL; `AccessError` when there is no running head."""
+        return head_endpoint(self.client, self.project_id, self.cluster)
+
+    def history(self) -> ProjectHistory:
+        return ProjectHistory(self.client, self.project_id, self.cluster)
 
 
 @contextmanager
-def _head(config: Path, local: bool, project: str | None) -> Iterator[tuple[AppEndpoint, str]]:
-    """The head's app URL with the API key (one list call), and the cluster name. The CML client is
-    closed before the work starts: everything after goes to the app URL."""
-    with open_cluster(config, local, project) as cluster:
-        endpoint = head_endpoint(cluster.client, cluster.project_id, cluster.spec.name)
-        name = cluster.spec.name
-    yield endpoint, name
+def cluster_target(
+    config: Path, local: bool, project: str | None, cluster: str | None
+) -> Iterator[ClusterTarget]:
+    name = cluster_name(config, cluster)  # bad input fails here, before any API call
+    with open_target(local, project) as target:
+        yield ClusterTarget(target.client, target.project_id, name)
 
 
-def _hint(local: bool, project: str | None, config: Path) -> str:
+def _from_history_note(cluster: str, why: str) -> None:
+    err_console.print(f"[yellow]{escape(why)}: from the history kept in the project (.ray-cai/{cluster}/)[/]")
+
+
+def _hint(local: bool, project: str | None, config: Path, cluster: str | None = None) -> str:
     """The target flags a follow-up command needs, as the user gave them."""
     parts = [" --local"] if local else []
     if project:
         parts.append(f" -p {project}")
-    if config != Path("ray_cluster_config.yaml"):
+    if cluster:
+        parts.append(f" --cluster {cluster}")
+    elif config != Path("ray_cluster_config.yaml"):
         parts.append(f" -c {config}")
     return "".join(parts)
 
@@ -96,6 +151,10 @@ def _parse_metadata(items: list[str]) -> dict[str, str] | None:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise JobInputError(f"--metadata: {item!r} must look like KEY=VALUE")
+        if key.strip().startswith("ray_cai_"):
+            raise JobInputError(
+                f"--metadata: {key.strip()!r}: keys starting with ray_cai_ are the tool's own"
+            )
         metadata[key.strip()] = value
     return metadata or None
 
@@ -114,33 +173,63 @@ def _parse_resources(text: str | None) -> dict[str, float] | None:
     return data
 
 
-class _StatusPrinter:
+class StatusPrinter:
     """Prints the job's status on stderr when it changes while its logs are followed (a job can be
     PENDING for minutes, waiting for resources or installing its runtime env, printing nothing)."""
 
-    def __init__(self, jobs: JobsClient, submission_id: str, interval: float = 5.0) -> None:
-        self.jobs, self.submission_id, self.interval = jobs, submission_id, interval
+    def __init__(self, jobs: JobsClient, current: Callable[[], str], interval: float = 5.0) -> None:
+        self.jobs, self.current, self.interval = jobs, current, interval
         self.stop = threading.Event()
         self.last = ""
         self.thread = threading.Thread(target=self._loop, name="job-status", daemon=True)
 
     def _loop(self) -> None:
         while not self.stop.wait(self.interval):
+            submission_id = self.current()
             try:
-                status = self.jobs.get(self.submission_id).status
+                status = self.jobs.get(submission_id).status
             except RayCaiError:
                 continue
-            if status != self.last and not self.stop.is_set():
+            line = f"job {submission_id}: {status}"
+            if line != self.last and not self.stop.is_set():
                 if self.last:
-                    err_console.print(f"[dim]job {self.submission_id}: {status}[/]")
-                self.last = status
+                    err_console.print(f"[dim]{escape(line)}[/]")
+                self.last = line
 
-    def __enter__(self) -> _StatusPrinter:
+    def __enter__(self) -> StatusPrinter:
         self.thread.start()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop.set()
+
+
+def writer(json_out: bool) -> Callable[[str], None]:
+    """Where the job's output goes: stdout, or stderr when stdout carries JSON."""
+    out = sys.stderr if json_out else sys.stdout
+
+    def write(text: str) -> None:
+        out.write(text)
+        out.flush()
+
+    return write
+
+
+def notice(text: str) -> None:
+    err_console.print(f"[yellow]note: {escape(text)}[/]")
+
+
+def follow_managed(managed: ManagedJob, json_out: bool) -> Outcome:
+    """Follow a job through its retries until it ends (KeyboardInterrupt passes through)."""
+    with StatusPrinter(managed.jobs, lambda: managed.current):
+        return managed.follow(writer(json_out), on_notice=notice)
+
+
+def print_outcome(outcome: Outcome, json_out: bool) -> None:
+    if json_out:
+        print_json(outcome.as_dict())
+    style = "green" if outcome.succeeded else "red"
+    err_console.print(f"[{style}]{escape(outcome.summary())}[/]")
 
 
 def _follow_and_exit(
@@ -152,30 +241,14 @@ def _follow_and_exit(
     hint: str,
 ) -> None:
     """Follow the logs until the job ends; exit 0 SUCCEEDED, 1 FAILED/STOPPED, 130 on Ctrl-C."""
-    out = sys.stderr if json_out else sys.stdout
-
-    def write(text: str) -> None:
-        out.write(text)
-        out.flush()
-
     err_console.print(
         f"following the logs of job {submission_id} (Ctrl-C stops following; the job keeps running)"
     )
     try:
-        with _StatusPrinter(jobs, submission_id):
-            final = jobs.follow(
-                submission_id,
-                write,
-                timeout=timeout,
-                on_notice=lambda text: err_console.print(f"[yellow]note: {escape(text)}[/]"),
-            )
+        with StatusPrinter(jobs, lambda: submission_id):
+            final = jobs.follow(submission_id, writer(json_out), timeout=timeout, on_notice=notice)
     except KeyboardInterrupt:
-        err_console.print(
-            f"\nstopped following: job {submission_id} keeps running on the cluster "
-            f"(`ray-cai job logs {submission_id} --follow{hint}` follows it again, "
-            f"`ray-cai job stop {submission_id}{hint}` stops it)"
-        )
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        _stopped_following(submission_id, hint)
     except WaitTimeout:
         fail(
             f"stopped following job {submission_id} after {timeout:g}s; it keeps running "
@@ -183,6 +256,15 @@ def _follow_and_exit(
         )
     _print_final(final, json_out)
     raise typer.Exit(EXIT_OK if final.status == SUCCEEDED else EXIT_FAILED)
+
+
+def _stopped_following(submission_id: str, hint: str) -> NoReturn:
+    err_console.print(
+        f"\nstopped following: job {submission_id} keeps running on the cluster "
+        f"(`ray-cai job logs {submission_id} --follow{hint}` follows it again, "
+        f"`ray-cai job stop {submission_id}{hint}` stops it)"
+    )
+    raise typer.Exit(EXIT_INTERRUPTED)
 
 
 def _print_final(final: JobInfo, json_out: bool) -> None:
@@ -197,6 +279,55 @@ def entrypoint_command(args: list[str]) -> str:
     `ray job submit` does); a single word is taken as a whole command line (`-- "make data && python
     train.py"`), so pipes and `&&` work."""
     return args[0] if len(args) == 1 else shlex.join(args)
+
+
+MaxRetriesOption = typer.Option(
+    0, "--max-retries", help="Retry a FAILED job up to N times, each a new attempt (its own id) under "
+    "the same record; a job stopped by the user is never retried."
+)  # fmt: skip
+DeadlineOption = typer.Option(
+    None,
+    "--timeout",
+    help="Deadline in seconds from submission, over every attempt: the job is then stopped and marked "
+    "FAILED with the deadline as the reason (the head enforces it even when this client is gone).",
+)
+
+
+def build_submission(
+    entrypoint: list[str],
+    *,
+    submission_id: str | None = None,
+    runtime_env: Path | None = None,
+    num_cpus: float | None = None,
+    num_gpus: float | None = None,
+    memory: int | None = None,
+    resources: str | None = None,
+    metadata: list[str] | None = None,
+) -> tuple[JobSubmission, dict[str, Any] | None]:
+    """The submission (validated: `JobInputError` names the flag) and its runtime env."""
+    env = load_runtime_env(runtime_env) if runtime_env is not None else None
+    request = JobSubmission(
+        entrypoint=entrypoint_command(entrypoint),
+        submission_id=submission_id,
+        runtime_env=env,
+        metadata=_parse_metadata(metadata or []),
+        entrypoint_num_cpus=num_cpus,
+        entrypoint_num_gpus=num_gpus,
+        entrypoint_memory=memory,
+        entrypoint_resources=_parse_resources(resources),
+    )
+    request.validate()
+    check_local_packages(env or {})  # a missing working_dir, or no Ray to package it: before any call
+    return request, env
+
+
+def with_packages(endpoint: AppEndpoint, request: JobSubmission, env: dict[str, Any] | None) -> JobSubmission:
+    """Upload a local working_dir / py_modules (Ray's packaging) and point the runtime env at them."""
+    packages = check_local_packages(env or {})
+    if not packages:
+        return request
+    err_console.print(f"uploading {', '.join(packages)} (Ray's package upload, through {endpoint.url})")
+    return replace(request, runtime_env=upload_local_packages(endpoint, env or {}))
 
 
 @app.command("submit", context_settings={"allow_interspersed_args": False})
@@ -232,41 +363,42 @@ def submit(
         None, "--entrypoint-resources", help="Other resources for the entrypoint, JSON: '{\"GPU_A100\": 1}'."
     ),
     metadata: list[str] = typer.Option([], "--metadata", help="KEY=VALUE to attach to the job (repeatable)."),
-    timeout: float | None = FollowTimeoutOption,
+    max_retries: int = MaxRetriesOption,
+    timeout: float | None = DeadlineOption,
     config: ConfigPath = DEFAULT_CONFIG,
     local: LocalFlag = False,
     project: ProjectName = None,
+    cluster: ClusterName = None,
     json_out: bool = typer.Option(
         False, "--json", help="Final job state as JSON on stdout (the logs then go to stderr)."
     ),
 ) -> None:
-    """Submit a job and follow its logs. Exit 0 when it SUCCEEDED, 1 when it FAILED or was STOPPED."""
-    _positive_timeout(timeout)
-    hint = _hint(local, project, config)
+    """Submit a job and follow its logs. Exit 0 when it SUCCEEDED, 1 when it FAILED (after its retries,
+    or at its deadline) or was STOPPED; Ctrl-C stops following (130), not the job."""
+    hint = _hint(local, project, config, cluster)
 
     def run() -> None:
-        env = load_runtime_env(runtime_env) if runtime_env is not None else None
-        request = JobSubmission(
-            entrypoint=entrypoint_command(entrypoint),
+        policy = JobPolicy(max_retries=max_retries, timeout=timeout)
+        policy.validate()
+        if max_retries and not wait:
+            raise JobInputError("--max-retries: retries need a follower; drop --no-wait")
+        request, env = build_submission(
+            entrypoint,
             submission_id=submission_id,
-            runtime_env=env,
-            metadata=_parse_metadata(metadata),
-            entrypoint_num_cpus=num_cpus,
-            entrypoint_num_gpus=num_gpus,
-            entrypoint_memory=memory,
-            entrypoint_resources=_parse_resources(resources),
+            runtime_env=runtime_env,
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            memory=memory,
+            resources=resources,
+            metadata=metadata,
         )
-        request.validate()
-        packages = check_local_packages(env or {})
-        with _head(config, local, project) as (endpoint, cluster):
-            if packages:
-                err_console.print(
-                    f"uploading {', '.join(packages)} (Ray's package upload, through {endpoint.url})"
-                )
-                request = replace(request, runtime_env=upload_local_packages(endpoint, env or {}))
+        with cluster_target(config, local, project, cluster) as target:
+            endpoint = target.head()
+            request = with_packages(endpoint, request, env)
             with JobsClient(endpoint) as jobs:
-                job_id = jobs.submit(request)
-                err_console.print(f"submitted job {job_id} to cluster {cluster!r} ({endpoint.url})")
+                managed = ManagedJob(jobs, request, policy)
+                job_id = managed.submit()
+                err_console.print(f"submitted job {job_id} to cluster {target.cluster!r} ({endpoint.url})")
                 if not wait:
                     if json_out:
                         print_json({"submission_id": job_id, "status": jobs.get(job_id).status})
@@ -274,7 +406,15 @@ def submit(
                         sys.stdout.write(job_id + "\n")
                         err_console.print(f"follow it: ray-cai job logs {job_id} --follow{hint}")
                     return
-                _follow_and_exit(jobs, job_id, timeout=timeout, json_out=json_out, hint=hint)
+                err_console.print(
+                    f"following the logs of job {job_id} (Ctrl-C stops following; the job keeps running)"
+                )
+                try:
+                    outcome = follow_managed(managed, json_out)
+                except KeyboardInterrupt:
+                    _stopped_following(managed.current, hint)
+        print_outcome(outcome, json_out)
+        raise typer.Exit(EXIT_OK if outcome.succeeded else EXIT_FAILED)
 
     run_command(run)
 
@@ -286,31 +426,69 @@ def _when(millis: int | None, *, short: bool = False) -> str:
     return moment.strftime("%m-%d %H:%M" if short else "%Y-%m-%d %H:%M:%S UTC")
 
 
+def _took(start: int | None, end: int | None) -> str:
+    if not start:
+        return "-"
+    finish = end or datetime.now(timezone.utc).timestamp() * 1000
+    return f"{max(0.0, (finish - start) / 1000):.0f}s"
+
+
+def find_record(target: ClusterTarget, job_id: str) -> tuple[JobRecord, str]:
+    """The record `job_id` names (a record id or an attempt's id) and where it came from: the live
+    cluster ("ray") when its head answers and Ray knows the job, else the project ("history")."""
+    try:
+        endpoint = target.head()
+    except AccessError as err:
+        _from_history_note(target.cluster, str(err))
+        return target.history().find(job_id), "history"
+    try:
+        with JobsClient(endpoint) as jobs:
+            live = records_from_ray(jobs.list(), target.cluster)
+    except RayCaiError as err:
+        _from_history_note(target.cluster, f"the head did not answer ({err})")
+        return target.history().find(job_id), "history"
+    for record in live:
+        if record.submission_id == job_id or any(a.submission_id == job_id for a in record.attempts):
+            return record, "ray"
+    _from_history_note(target.cluster, f"the cluster's Ray does not know job {job_id!r}")
+    return target.history().find(job_id), "history"
+
+
 @app.command("status")
 def status(
     submission_id: str = JobIdArgument,
     config: ConfigPath = DEFAULT_CONFIG,
     local: LocalFlag = False,
     project: ProjectName = None,
+    cluster: ClusterName = None,
     json_out: JsonFlag = False,
 ) -> None:
-    """A job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED), entrypoint and times."""
+    """A job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED) with Ray's message, entrypoint,
+    submitter, times and attempts — from the cluster, or from its record once the cluster is gone."""
 
     def run() -> None:
-        with _head(config, local, project) as (endpoint, _), JobsClient(endpoint) as jobs:
-            info = jobs.get(submission_id)
+        with cluster_target(config, local, project, cluster) as target:
+            record, source = find_record(target, submission_id)
         if json_out:
-            print_json(info.as_dict())
+            print_json({**record.to_dict(), "source": source})
             return
-        out_console.print(f"job {escape(info.id)}: {info.status}")
-        out_console.print(f"  entrypoint: {escape(info.entrypoint)}")
-        out_console.print(f"  started:    {_when(info.start_time)}")
-        if info.end_time:
-            out_console.print(f"  ended:      {_when(info.end_time)}")
-        if info.duration is not None:
-            out_console.print(f"  duration:   {info.duration:.1f}s")
-        if info.message:
-            out_console.print(f"  message:    {escape(info.message.strip().splitlines()[0])}")
+        out_console.print(f"job {escape(record.submission_id)}: {record.status}")
+        out_console.print(f"  entrypoint: {escape(record.entrypoint)}")
+        if record.submitter:
+            out_console.print(f"  submitter:  {escape(record.submitter)}")
+        out_console.print(f"  started:    {_when(record.start_time)}")
+        if record.end_time:
+            out_console.print(f"  ended:      {_when(record.end_time)}")
+            out_console.print(f"  duration:   {_took(record.start_time, record.end_time)}")
+        if record.message:
+            out_console.print(f"  message:    {escape(record.message.strip().splitlines()[0])}")
+        if len(record.attempts) > 1 or record.max_retries:
+            out_console.print(f"  attempts:   {len(record.attempts)} (max retries {record.max_retries})")
+            for attempt in record.attempts:
+                out_console.print(
+                    f"    {attempt.attempt}. {escape(attempt.submission_id)} {attempt.status} "
+                    f"{escape(attempt.message.strip().splitlines()[0] if attempt.message else '')}"
+                )
 
     run_command(run)
 
@@ -325,20 +503,60 @@ def job_logs(
     config: ConfigPath = DEFAULT_CONFIG,
     local: LocalFlag = False,
     project: ProjectName = None,
+    cluster: ClusterName = None,
 ) -> None:
-    """What the job printed (stdout and stderr of its entrypoint)."""
+    """What the job printed (stdout and stderr of its entrypoint; every attempt of a retried job).
+    From the cluster while Ray knows the job, else from its record in the project."""
     _positive_timeout(timeout)
-    hint = _hint(local, project, config)
+    hint = _hint(local, project, config, cluster)
 
     def run() -> None:
-        with _head(config, local, project) as (endpoint, _), JobsClient(endpoint) as jobs:
+        with cluster_target(config, local, project, cluster) as target:
             if follow:
-                jobs.get(submission_id)  # an unknown id fails here, with one line
-                _follow_and_exit(jobs, submission_id, timeout=timeout, json_out=False, hint=hint)
-            sys.stdout.write(jobs.logs(submission_id))
-            sys.stdout.flush()
+                with JobsClient(target.head()) as jobs:
+                    jobs.get(submission_id)  # an unknown id fails here, with one line
+                    _follow_and_exit(jobs, submission_id, timeout=timeout, json_out=False, hint=hint)
+            text = _live_logs(target, submission_id)
+            if text is None:
+                text = _history_logs(target, submission_id)
+        sys.stdout.write(text)
+        sys.stdout.flush()
 
     run_command(run)
+
+
+def _live_logs(target: ClusterTarget, submission_id: str) -> str | None:
+    """The job's logs from the running cluster; None when the head is gone or Ray does not know it."""
+    try:
+        endpoint = target.head()
+    except AccessError as err:
+        _from_history_note(target.cluster, str(err))
+        return None
+    try:
+        with JobsClient(endpoint) as jobs:
+            return jobs.logs(submission_id)
+    except JobNotFound:
+        _from_history_note(target.cluster, f"the cluster's Ray does not know job {submission_id!r}")
+    except RayCaiError as err:
+        _from_history_note(target.cluster, f"the head did not answer ({err})")
+    return None
+
+
+def _history_logs(target: ClusterTarget, job_id: str) -> str:
+    """The record's logs: the attempt `job_id` names, or every attempt (a header on stderr each)."""
+    history = target.history()
+    record = history.find(job_id)
+    # The record's id (its first attempt's too) means every attempt; a retry's id means that one.
+    chosen = [a for a in record.attempts if a.submission_id == job_id and job_id != record.submission_id]
+    chosen = chosen or list(record.attempts)
+    if len(chosen) == 1:
+        return history.attempt_log(record, chosen[0].submission_id)
+    for attempt in chosen:
+        header = f"--- attempt {attempt.attempt}: {attempt.submission_id} {attempt.status}"
+        err_console.print(f"[dim]{escape(header)}[/]")
+        sys.stdout.write(history.attempt_log(record, attempt.submission_id))
+        sys.stdout.flush()
+    return ""
 
 
 @app.command("stop")
@@ -349,58 +567,115 @@ def stop(
     config: ConfigPath = DEFAULT_CONFIG,
     local: LocalFlag = False,
     project: ProjectName = None,
+    cluster: ClusterName = None,
     json_out: JsonFlag = False,
 ) -> None:
-    """Stop a running job (Ray sends SIGTERM to its entrypoint, then SIGKILL)."""
+    """Stop a running job (Ray sends SIGTERM to its entrypoint, then SIGKILL). Never retried."""
     _positive_timeout(timeout)
 
     def run() -> None:
-        with _head(config, local, project) as (endpoint, _), JobsClient(endpoint) as jobs:
-            stopped = jobs.stop(submission_id)
-            info = jobs.wait(submission_id, timeout=timeout) if wait and stopped else jobs.get(submission_id)
+        with cluster_target(config, local, project, cluster) as target, JobsClient(target.head()) as jobs:
+            # A retried job's record id stops its newest attempt.
+            records = {r.submission_id: r for r in records_from_ray(jobs.list(), target.cluster)}
+            latest = records[submission_id].latest if submission_id in records else None
+            job_id = latest.submission_id if latest is not None else submission_id
+            stopped = jobs.stop(job_id)
+            info = jobs.wait(job_id, timeout=timeout) if wait and stopped else jobs.get(job_id)
         if json_out:
-            print_json({"submission_id": submission_id, "stopped": stopped, "status": info.status})
+            print_json({"submission_id": job_id, "stopped": stopped, "status": info.status})
         elif stopped:
-            out_console.print(f"job {escape(submission_id)}: stop requested; now {info.status}")
+            out_console.print(f"job {escape(job_id)}: stop requested; now {info.status}")
         else:
-            out_console.print(f"job {escape(submission_id)} had already ended ({info.status})")
+            out_console.print(f"job {escape(job_id)} had already ended ({info.status})")
 
     run_command(run)
+
+
+def _list_rows(target: ClusterTarget, history: bool) -> tuple[list[JobRecord], list[JobInfo], str]:
+    """The records to list (and the drivers of `ray.init` clients), and where they came from."""
+    if history:
+        return target.history().records(), [], "history"
+    try:
+        endpoint = target.head()
+        with JobsClient(endpoint) as jobs:
+            found = jobs.list()
+    except RayCaiError as err:
+        _from_history_note(target.cluster, str(err))
+        return target.history().records(), [], "history"
+    drivers = [j for j in found if j.type != "SUBMISSION" or not j.submission_id]
+    return records_from_ray(found, target.cluster), drivers, "ray"
 
 
 @app.command("list")
 def list_jobs(
+    history: bool = typer.Option(
+        False,
+        "--history",
+        help="Every job recorded in the project for this cluster name, also from "
+        "earlier clusters of that name (default: the jobs of the running cluster).",
+    ),
     config: ConfigPath = DEFAULT_CONFIG,
     local: LocalFlag = False,
     project: ProjectName = None,
+    cluster: ClusterName = None,
     json_out: JsonFlag = False,
 ) -> None:
-    """Every job on the cluster: submitted jobs and the drivers of `ray.init` clients, oldest first."""
+    """The cluster's jobs, oldest first (a retried job is one row); when the cluster or its head is
+    gone, the jobs recorded in the project. `--json`: {"jobs": [{submission_id, status, entrypoint,
+    attempts, cluster, start_time, end_time}]}."""
 
     def run() -> None:
-        with _head(config, local, project) as (endpoint, _), JobsClient(endpoint) as jobs:
-            found = sorted(jobs.list(), key=lambda j: j.start_time or 0)
+        with cluster_target(config, local, project, cluster) as target:
+            records, drivers, source = _list_rows(target, history)
+        rows = [record.summary() for record in records]
+        for driver in drivers:
+            rows.append(
+                {
+                    "submission_id": driver.submission_id,
+                    "status": driver.status,
+                    "entrypoint": driver.entrypoint,
+                    "attempts": 0,
+                    "cluster": target.cluster,
+                    "start_time": driver.start_time,
+                    "end_time": driver.end_time,
+                    "job_id": driver.job_id,
+                    "type": driver.type,
+                }
+            )
+        rows.sort(key=lambda r: r["start_time"] or 0)
         if json_out:
-            print_json([job.as_dict() for job in found])
+            print_json({"jobs": rows, "source": source})
             return
-        rows = [("ID", "STATUS", "STARTED", "TOOK", "ENTRYPOINT")]
-        for job in found:
-            entry = " ".join(job.entrypoint.split())
-            if job.type != "SUBMISSION":
-                entry = f"({job.type.lower()}) {entry}"
-            took = f"{job.duration:.0f}s" if job.duration is not None else "-"
-            rows.append((job.id, job.status, _when(job.start_time, short=True), took, entry))
-        # Plain aligned columns (like kubectl): ids stay whole, the entrypoint is cut to the width.
-        widths = [max(len(row[i]) for row in rows) for i in range(4)]
-        room = max(20, out_console.width - sum(widths) - 8)
-        for row in rows:
-            cells = [cell.ljust(width) for cell, width in zip(row[:4], widths, strict=False)]
-            entry = row[4] if len(row[4]) <= room else row[4][: room - 3] + "..."
-            sys.stdout.write("  ".join([*cells, entry]).rstrip() + "\n")
-        if not found:
+        _print_table(rows)
+        if not rows:
             out_console.print("no jobs yet (`ray-cai job submit -- python -c 'print(1)'` runs one)")
 
     run_command(run)
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    table = [("ID", "STATUS", "STARTED", "TOOK", "TRIES", "ENTRYPOINT")]
+    for row in rows:
+        entry = " ".join(str(row["entrypoint"] or "").split())
+        if row.get("type"):
+            entry = f"({str(row['type']).lower()}) {entry}"
+        table.append(
+            (
+                str(row["submission_id"] or row.get("job_id") or "?"),
+                str(row["status"]),
+                _when(row["start_time"], short=True),
+                _took(row["start_time"], row["end_time"]),
+                str(row["attempts"] or "-"),
+                entry,
+            )
+        )
+    # Plain aligned columns (like kubectl): ids stay whole, the entrypoint is cut to the width.
+    widths = [max(len(row[i]) for row in table) for i in range(5)]
+    room = max(20, out_console.width - sum(widths) - 10)
+    for row in table:
+        cells = [cell.ljust(width) for cell, width in zip(row[:5], widths, strict=False)]
+        entry = row[5] if len(row[5]) <= room else row[5][: room - 3] + "..."
+        sys.stdout.write("  ".join([*cells, entry]).rstrip() + "\n")
 
 
 def node_logs(
@@ -420,36 +695,108 @@ def node_logs(
     config: ConfigPath = DEFAULT_CONFIG,
     local: LocalFlag = False,
     project: ProjectName = None,
+    cluster: ClusterName = None,
     json_out: JsonFlag = False,
 ) -> None:
-    """A node's Ray logs (raylet.out by default; --list shows the files) through the head's app URL."""
+    """A node's Ray logs (raylet.out by default; --list shows the files) through the head's app URL;
+    for a node that failed, was replaced or autoscaled away (or a cluster that is gone), the copy the
+    node kept in the project (.ray-cai/<cluster>/logs/<node>/)."""
     _positive_timeout(timeout)
     if follow and (list_files or json_out):
         fail("--follow: cannot be combined with --list or --json", EXIT_BAD_INPUT)
 
     def run() -> None:
         check_log_options(file, tail)
-        with _head(config, local, project) as (endpoint, cluster), NodeLogs(endpoint) as logs:
-            found = logs.find_node(node, cluster)
-            if list_files:
-                files = logs.list_files(found)
-                if json_out:
-                    print_json({"node": found.name, "node_id": found.node_id, "files": files})
-                else:
-                    for kind, names in sorted(files.items()):
-                        out_console.print(f"{escape(kind)}: {escape(' '.join(sorted(names)))}")
+        with cluster_target(config, local, project, cluster) as target:
+            live = _live_node(target, node)
+            if live is None:
+                if follow:
+                    fail(f"--follow: node {node or 'head'!r} is not running; its kept logs have no new lines")
+                _kept_node_logs(target, node, file, tail, list_files, json_out)
                 return
-            if follow:
-                _follow_node(logs, found, file, tail, timeout)
-                return
-            text = logs.read(found, file, tail=tail)
-            if json_out:
-                print_json({"node": found.name, "node_id": found.node_id, "file": file, "text": text})
-            else:
-                sys.stdout.write(text)
-                sys.stdout.flush()
+            logs, found = live
+            with logs:
+                try:
+                    _live_node_logs(logs, found, file, tail, list_files, follow, timeout, json_out)
+                    return
+                except (NodeLogsError, AccessError) as err:
+                    if follow:
+                        raise
+                    _from_history_note(target.cluster, f"{found.name} did not answer ({err})")
+            _kept_node_logs(target, found.name, file, tail, list_files, json_out)
 
     run_command(run)
+
+
+def _live_node(target: ClusterTarget, node: str | None) -> tuple[NodeLogs, Any] | None:
+    """The node's live log API, or None (with a note) when the head or the node is gone."""
+    try:
+        endpoint = target.head()
+    except AccessError as err:
+        _from_history_note(target.cluster, str(err))
+        return None
+    logs = NodeLogs(endpoint)
+    try:
+        found = logs.find_node(node, target.cluster)
+    except (NodeLogsError, AccessError) as err:
+        logs.__exit__()
+        _from_history_note(target.cluster, str(err))
+        return None
+    if not found.alive:
+        logs.__exit__()
+        _from_history_note(target.cluster, f"node {found.name} is not alive in Ray")
+        return None
+    return logs, found
+
+
+def _kept_node_logs(
+    target: ClusterTarget, node: str | None, file: str, tail: int, list_files: bool, json_out: bool
+) -> None:
+    history = target.history()
+    name = history.resolve_node(node)
+    if list_files:
+        files = history.node_files(name)
+        if json_out:
+            print_json({"node": name, "source": "history", "files": [f.name for f in files]})
+        else:
+            for kept in files:
+                out_console.print(f"{escape(kept.name)}  {kept.size if kept.size is not None else '-'}")
+        return
+    text = history.node_log(name, file, tail=tail)
+    if json_out:
+        print_json({"node": name, "source": "history", "file": file, "text": text})
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
+def _live_node_logs(
+    logs: NodeLogs,
+    found: Any,
+    file: str,
+    tail: int,
+    list_files: bool,
+    follow: bool,
+    timeout: float | None,
+    json_out: bool,
+) -> None:
+    if list_files:
+        files = logs.list_files(found)
+        if json_out:
+            print_json({"node": found.name, "node_id": found.node_id, "files": files})
+        else:
+            for kind, names in sorted(files.items()):
+                out_console.print(f"{escape(kind)}: {escape(' '.join(sorted(names)))}")
+        return
+    if follow:
+        _follow_node(logs, found, file, tail, timeout)
+        return
+    text = logs.read(found, file, tail=tail)
+    if json_out:
+        print_json({"node": found.name, "node_id": found.node_id, "file": file, "text": text})
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()
 
 
 def _follow_node(logs: NodeLogs, node: Any, file: str, tail: int, timeout: float | None) -> None:
@@ -472,4 +819,17 @@ def register(main_app: typer.Typer) -> None:
     main_app.command("logs")(node_logs)
 
 
-__all__ = ["app", "node_logs", "register"]
+__all__ = [
+    "ClusterName",
+    "ClusterTarget",
+    "app",
+    "build_submission",
+    "cluster_name",
+    "cluster_target",
+    "entrypoint_command",
+    "follow_managed",
+    "node_logs",
+    "print_outcome",
+    "register",
+    "with_packages",
+]

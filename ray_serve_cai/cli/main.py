@@ -18,6 +18,7 @@ def _register() -> None:
     from ray_serve_cai.cli import cluster as cluster_cmds
     from ray_serve_cai.cli import config as config_cmds
     from ray_serve_cai.cli import job as job_cmds
+    from ray_serve_cai.cli import run as run_cmds
     from ray_serve_cai.cli import serve as serve_cmds
     from ray_serve_cai.cli import workspace as workspace_cmds
     from ray_serve_cai.cli.dashboard import dashboard_command
@@ -30,6 +31,7 @@ def _register() -> None:
     app.command("doctor")(doctor_command)
     app.add_typer(config_cmds.app, name="config", help="Validate the config files; print the JSON Schema.")
     job_cmds.register(app)
+    run_cmds.register(app)
     app.add_typer(serve_cmds.app, name="serve", help="The cluster's Ray Serve applications.")
     app.add_typer(workspace_cmds.app, name="workspace", help="The local CML workspace (a stand-in for CML).")
 

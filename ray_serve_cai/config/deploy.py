@@ -1,7 +1,9 @@
 """The deployment spec: `cai_integration/jobs_config.yaml` + env overrides → DeploySpec.
 
 A project (name, git source, runtime, environment) and a tree of CML jobs chained by
-`parent_job_key`: exactly one root, parents before children.
+`parent_job_key`: exactly one root, parents before children. Optionally `scheduled_runs`: Ray jobs
+that `deploy` turns into CML jobs with CML's cron `schedule`, each running `ray-cai run` (a cluster
+brought up for the job and torn down after it).
 """
 
 from __future__ import annotations
@@ -81,13 +83,48 @@ class JobSpec(_JobFields):
     key: str
 
 
+_CRON_FIELD = re.compile(r"^[A-Za-z0-9*/,?#LW-]+$")
+SCHEDULED_RUN_SCRIPT = "cai_integration/scheduled_run.py"
+
+
+class ScheduledRunFile(BaseModel):
+    """One entry of `scheduled_runs:`: a Ray job run on its own cluster at the times CML's cron names."""
+
+    model_config = _STRICT
+
+    name: str = Field(description="CML job name (unique among all jobs)")
+    command: str = Field(description="the command the Ray job runs, a shell command line (in the project)")
+    schedule: str = Field(description="CML's five-field cron expression, e.g. '0 2 * * *'")
+    timezone: str = Field("", description="IANA time zone of the schedule, e.g. 'Europe/Berlin' (UTC)")
+    cluster_config: str = Field(
+        "ray_cluster_config.yaml", description="project-relative cluster config the run's cluster comes from"
+    )
+    cluster: str | None = Field(
+        None, description="name of the run's cluster (default: the config's; a cluster already up is reused "
+        "and never torn down)"
+    )  # fmt: skip
+    max_retries: Annotated[int, Field(ge=0)] = 0
+    timeout: Annotated[int, Field(ge=0)] = Field(0, description="the Ray job's deadline in seconds; 0 = none")
+    runtime_env: str | None = Field(None, description="project-relative runtime_env YAML/JSON file")
+    keep: bool = Field(False, description="leave the cluster up after the job")
+    cpu: Positive = Field(1, description="vCPU of the CML job that drives the run (not of the cluster)")
+    memory: Positive = Field(2, description="GiB of the CML job that drives the run")
+    runtime_identifier: str | None = Field(None, description="default: project.runtime_identifier")
+    environment: dict[str, str] = Field(default_factory=dict)
+
+
+class ScheduledRunSpec(ScheduledRunFile):
+    key: str
+
+
 class DeploySpec(BaseModel):
-    """Project + jobs, the jobs ordered so every parent comes before its children."""
+    """Project + jobs, the jobs ordered so every parent comes before its children; scheduled runs."""
 
     model_config = _STRICT
 
     project: ProjectSpec = Field(default_factory=ProjectSpec)
     jobs: dict[str, JobSpec]
+    scheduled_runs: dict[str, ScheduledRunSpec] = Field(default_factory=dict)
 
     def root_job(self) -> JobSpec:
         """The one job without a parent (the chain's start)."""
@@ -117,6 +154,9 @@ class DeployFile(BaseModel):
 
     project: ProjectSpec = Field(default_factory=ProjectSpec)
     jobs: dict[str, JobFile]
+    scheduled_runs: dict[str, ScheduledRunFile] = Field(
+        default_factory=dict, description="Ray jobs on their own cluster at CML cron times (`ray-cai run`)"
+    )
 
 
 def jobs_json_schema() -> dict[str, Any]:
@@ -160,6 +200,7 @@ def _cross_field(file: DeployFile, dropped: set[str], tainted: set[str]) -> tupl
         *([Problem("jobs", "at least one job is required")] if not jobs and not dropped else []),
         *_job_problems(jobs, dropped),
         *_cycle_problems(jobs, in_cycle),
+        *_scheduled_run_problems(file.scheduled_runs, {job.name for job in jobs.values()}),
     ]
     roots = [key for key, job in jobs.items() if job.parent_job_key is None]
     if jobs and not dropped and not tainted:
@@ -208,6 +249,46 @@ def _job_problems(jobs: Mapping[str, JobFile], dropped: set[str]) -> list[Proble
         if parent is not None and parent not in jobs and parent not in dropped:
             message = f"no job with key {parent!r}{suggest(parent, jobs)}"
             problems.append(Problem(f"{path}.parent_job_key", message))
+    return problems
+
+
+def cron_problem(schedule: str) -> str | None:
+    """Why `schedule` is not a five-field cron expression (CML's `schedule`), or None."""
+    fields = schedule.split()
+    if len(fields) != 5:
+        return f"must be a five-field cron expression (minute hour day month weekday), got {schedule!r}"
+    bad = [f for f in fields if not _CRON_FIELD.match(f)]
+    if bad:
+        return f"{bad[0]!r} is not a cron field (digits, names, '*', '/', ',', '-')"
+    return None
+
+
+def _scheduled_run_problems(runs: Mapping[str, ScheduledRunFile], job_names: set[str]) -> list[Problem]:
+    problems: list[Problem] = []
+    names = set(job_names)
+    for key, run in runs.items():
+        path = f"scheduled_runs.{key}"
+        if not _JOB_KEY.match(key):
+            problems.append(Problem(path, "keys are letters, digits, _ and -, starting with a letter"))
+        if not run.name.strip():
+            problems.append(Problem(f"{path}.name", "must not be empty"))
+        elif run.name in names:
+            problems.append(Problem(f"{path}.name", f"duplicate job name {run.name!r}"))
+        names.add(run.name)
+        if not run.command.strip():
+            problems.append(Problem(f"{path}.command", "must not be empty"))
+        if why := cron_problem(run.schedule):
+            problems.append(Problem(f"{path}.schedule", why))
+        if run.timezone and not re.match(r"^[A-Za-z_]+(/[A-Za-z0-9_+-]+)*$|^UTC$", run.timezone):
+            problems.append(Problem(f"{path}.timezone", f"not an IANA time zone name: {run.timezone!r}"))
+        for field_name in ("cluster_config", "runtime_env"):
+            value = getattr(run, field_name)
+            if value is not None and (why := is_relative_script(value)):
+                problems.append(Problem(f"{path}.{field_name}", why))
+        if run.cluster is not None and not re.match(r"^[a-z0-9]+(-[a-z0-9]+)*$", run.cluster):
+            message = f"lowercase letters, digits and '-', got {run.cluster!r}"
+            problems.append(Problem(f"{path}.cluster", message))
+        problems += environment_problems(run.environment, f"{path}.environment")
     return problems
 
 
@@ -276,7 +357,8 @@ def parse_deploy_spec(
         raise ConfigError(list(dict.fromkeys(renamed)), source)
     assert file is not None
     jobs = {key: JobSpec(key=key, **file.jobs[key].model_dump()) for key in order}
-    return DeploySpec(project=file.project, jobs=jobs)
+    runs = {key: ScheduledRunSpec(key=key, **run.model_dump()) for key, run in file.scheduled_runs.items()}
+    return DeploySpec(project=file.project, jobs=jobs, scheduled_runs=runs)
 
 
 def load_deploy_spec(path: str | Path | None = None, *, env: Mapping[str, str] | None = None) -> DeploySpec:

@@ -34,6 +34,7 @@ from ray_serve_cai.deploy.jobs import (
     run_and_follow,
 )
 from ray_serve_cai.deploy.project import ensure_project
+from ray_serve_cai.deploy.schedules import ensure_scheduled_runs
 
 # Variables through which the orchestrator tells the job scripts what to do (never secrets).
 GIT_URL_VAR = "RAY_CAI_GIT_URL"
@@ -70,6 +71,7 @@ class DeployResult:
     created_jobs: list[str] = field(default_factory=list)
     updated_jobs: list[str] = field(default_factory=list)
     cluster: ClusterStatus | None = None
+    scheduled_runs: dict[str, str] = field(default_factory=dict)  # key → "created" / "updated" / "kept"
 
     @property
     def succeeded(self) -> bool:
@@ -95,6 +97,7 @@ class DeployResult:
             "updated_jobs": self.updated_jobs,
             "cluster": self.cluster.as_dict() if self.cluster else None,
             "connect": connect_info(self.cluster) if self.cluster else None,
+            "scheduled_runs": self.scheduled_runs,
         }
 
 
@@ -214,7 +217,9 @@ def deploy(
     say(f"project {project.name!r} ({project.id}) {'created from git' if created else 'found'}")
 
     default_runtime = None
-    if any(not (j.runtime_identifier or spec.project.runtime_identifier) for j in spec.chain_order()):
+    unpinned = [j.runtime_identifier for j in spec.chain_order()]
+    unpinned += [r.runtime_identifier for r in spec.scheduled_runs.values()]
+    if any(not (runtime or spec.project.runtime_identifier) for runtime in unpinned):
         default_runtime = choose_runtime(client.list_runtimes(), gpu=False)
     desired = desired_jobs(
         spec,
@@ -260,6 +265,14 @@ def deploy(
     )
     if result.succeeded:
         result.cluster = RayCluster(client, project.id, _cluster_spec(cluster)).status()
+        # Scheduled runs last: their first run finds the code and the environment the chain made.
+        scheduled = ensure_scheduled_runs(client, project.id, spec, default_runtime)
+        for key, run in spec.scheduled_runs.items():
+            state_of = (
+                "created" if key in scheduled.created else "updated" if key in scheduled.updated else "kept"
+            )
+            result.scheduled_runs[key] = state_of
+            say(f"scheduled run {run.name!r} ({run.schedule} {run.timezone or 'UTC'}): {state_of}")
     return result
 
 

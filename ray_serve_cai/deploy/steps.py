@@ -234,6 +234,50 @@ def _supervise(cluster: RayCluster, interval: float, info_file: Path) -> None:
     print("supervision stopped", flush=True)
 
 
+def scheduled_run_argv(env: dict[str, str] | None = None) -> list[str]:
+    """`ray-cai run ...` for the scheduled run this job's environment describes (`RAY_CAI_RUN_*`,
+    set by `deploy`); `StepError` (exit 2) when the command is missing."""
+    from ray_serve_cai.deploy.schedules import (
+        RUN_CLUSTER_VAR,
+        RUN_COMMAND_VAR,
+        RUN_CONFIG_VAR,
+        RUN_KEEP_VAR,
+        RUN_MAX_RETRIES_VAR,
+        RUN_RUNTIME_ENV_VAR,
+        RUN_TIMEOUT_VAR,
+    )
+
+    env = dict(os.environ if env is None else env)
+    command = env.get(RUN_COMMAND_VAR, "").strip()
+    if not command:
+        error = StepError(f"{RUN_COMMAND_VAR} is not set: this job must be created by `ray-cai deploy`")
+        error.exit_code = EXIT_BAD_INPUT
+        raise error
+    argv = [sys.executable, "-m", "ray_serve_cai.cli.main", "run"]
+    argv += ["--config", env.get(RUN_CONFIG_VAR) or "ray_cluster_config.yaml"]
+    if env.get(RUN_CLUSTER_VAR):
+        argv += ["--cluster", env[RUN_CLUSTER_VAR]]
+    if (env.get(RUN_MAX_RETRIES_VAR) or "0") != "0":
+        argv += ["--max-retries", env[RUN_MAX_RETRIES_VAR]]
+    if (env.get(RUN_TIMEOUT_VAR) or "0") != "0":
+        argv += ["--timeout", env[RUN_TIMEOUT_VAR]]
+    if env.get(RUN_RUNTIME_ENV_VAR):
+        argv += ["--runtime-env", env[RUN_RUNTIME_ENV_VAR]]
+    if env.get(RUN_KEEP_VAR) == "1":
+        argv.append("--keep")
+    return [*argv, "--", command]
+
+
+def scheduled_run() -> int:
+    """The body of a scheduled run's CML job: become `ray-cai run` (one process, so CML's stop
+    reaches it and the cluster is torn down), in the project directory."""
+    argv = scheduled_run_argv()
+    print("$ ray-cai " + " ".join(argv[3:]), flush=True)
+    os.chdir(_project_dir())
+    os.execv(argv[0], argv)
+    return EXIT_OK  # not reached
+
+
 def main(step: str) -> int:
     try:
         if step == "git_sync":
@@ -242,6 +286,8 @@ def main(step: str) -> int:
             setup_environment()
         elif step == "launch_ray_cluster":
             return launch_ray_cluster()
+        elif step == "scheduled_run":
+            return scheduled_run()
         else:
             print(f"error: unknown step {step!r}", file=sys.stderr)
             return EXIT_BAD_INPUT

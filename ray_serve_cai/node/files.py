@@ -2,7 +2,7 @@
 
 Layout under the project directory (`/home/cdsw` on CML):
 `.ray-cai/<cluster>/auth_token` (0600, created once), `.ray-cai/<cluster>/head.json` (written
-atomically by the head), `.ray-cai/<cluster>/logs/<node-name>/` (Ray logs copied at stop).
+atomically by the head), `.ray-cai/<cluster>/logs/<node-name>/` (Ray logs, kept as they grow by `node.history`).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def rendezvous_path(project_dir: Path | str, cluster: str) -> Path:
 
 
 def node_logs_dir(project_dir: Path | str, cluster: str, node_name: str) -> Path:
-    """Where a node copies its Ray logs when it stops: `.ray-cai/<cluster>/logs/<node-name>/`."""
+    """Where a node keeps its Ray logs (`node.history`): `.ray-cai/<cluster>/logs/<node-name>/`."""
     return cluster_state_dir(project_dir, cluster) / LOGS_DIR_NAME / node_name
 
 

@@ -10,7 +10,8 @@ choice and Ray's bind) is retried with freshly chosen ports, never one a failed 
 most `MAX_START_ATTEMPTS` times in a row; then the launcher exits 1. The status page says whether
 Ray runs and the last error; `/ray-cai/healthz` (the app's polling endpoint) fails once Ray has not
 been running for the start grace period.
-SIGTERM/SIGINT: end the node's process tree, copy its Ray logs to the project, exit 0.
+SIGTERM/SIGINT: end the node's process tree, keep the last of its Ray logs in the project, exit 0
+(`node.history` keeps them there as they grow, and the head's job records).
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from ray_serve_cai.node.files import (
     Rendezvous,
     TokenError,
     ensure_token,
-    node_logs_dir,
     ray_auth_env,
     read_rendezvous,
     read_token,
@@ -40,6 +40,7 @@ from ray_serve_cai.node.files import (
     rendezvous_path,
     write_rendezvous,
 )
+from ray_serve_cai.node.history import ProjectKeeper
 from ray_serve_cai.node.http_app import AppServer, NodeStatus
 from ray_serve_cai.node.ray_node import GCS_PROBE, NodePorts, RayNode, wait_for_gcs
 from ray_serve_cai.node.serve_proxy import serve_upstreams, start_serve_in_background
@@ -99,6 +100,12 @@ class Launcher:
             autoscaler=lambda: autoscaler_state(settings),
         )
         self.http = AppServer(self.status, settings.app_port, upstreams=serve_upstreams(self.status))
+        # Node logs (and, on the head, job records) kept in the project as they grow.
+        head = settings.role == "head"
+        self.keeper = ProjectKeeper(
+            settings.project_dir, settings.cluster, settings.node_name, self.node.current_session_dir,
+            dashboard_port=(lambda: self.node.ports.dashboard) if head else None, token=self._dashboard_token,
+        ).start()  # fmt: skip
 
     @property
     def ports(self) -> NodePorts:
@@ -153,15 +160,14 @@ class Launcher:
             raise StopRequested
 
     def collect_logs(self) -> None:
-        destination = node_logs_dir(self.settings.project_dir, self.settings.cluster, self.settings.node_name)
-        copied = self.node.copy_logs(destination)
-        if copied is not None:
-            logger.info("copied Ray logs to %s", copied)
+        """The last lines of the node's logs into the project (the keeper has kept the rest)."""
+        self.keeper.sync_logs()
 
     def end_ray(self, collect_logs: bool = True, grace_seconds: float = 4.0) -> None:
         """End the node's processes first (their logs are then complete), then copy the logs."""
         if self.status.ray_down_since is None:
             self.status.note_stopped()
+        self.keeper.sync_jobs()  # the job records' last state, while the dashboard still answers
         started = time.monotonic()
         self.node.stop(grace_seconds=grace_seconds)
         stopped = time.monotonic()
@@ -172,6 +178,7 @@ class Launcher:
         )
 
     def shutdown(self) -> None:
+        self.keeper.stop()
         self.http.stop()
         self.ports.release()
 

@@ -76,6 +76,7 @@ from ray_serve_cai.workspace.listing import (
 from ray_serve_cai.workspace.model import current_user
 from ray_serve_cai.workspace.processes import DEFAULT_STOP_GRACE_SECONDS
 from ray_serve_cai.workspace.runtimes import load_runtimes
+from ray_serve_cai.workspace.schedules import start_schedules
 from ray_serve_cai.workspace.service import WorkspaceService
 from ray_serve_cai.workspace.statefile import ensure_api_key, read_state, write_state
 from ray_serve_cai.workspace.store import Store, db_path
@@ -187,7 +188,9 @@ def build_api(
         await listeners.sync(
             service.apps.values()
         )  # every application (re-adopted ones too) gets its listener
+        schedules = start_schedules(service)  # jobs with a cron `schedule` fire as on CML
         yield
+        schedules.cancel()
         logger.info("shutting down: ending every workload")
         await listeners.close_all()
         await service.shutdown()

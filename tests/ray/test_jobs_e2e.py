@@ -231,7 +231,9 @@ def test_job_list_json_and_status_of_no_wait_jobs(cluster: Cluster) -> None:
     def statuses() -> dict[str, str]:
         proc = cluster.cli("job", "list", "--json")
         assert proc.returncode == 0, proc.stderr
-        return {j["submission_id"]: j["status"] for j in json.loads(proc.stdout) if j["submission_id"]}
+        return {
+            j["submission_id"]: j["status"] for j in json.loads(proc.stdout)["jobs"] if j["submission_id"]
+        }
 
     deadline = time.monotonic() + 120
     seen = statuses()
