@@ -15,9 +15,11 @@ import typer
 from ray_serve_cai.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 from ray_serve_cai.workspace.controls import DEFAULT_RESTART_ATTEMPTS, DEFAULT_RESTART_DELAY_SECONDS
 from ray_serve_cai.workspace.daemon import (
+    SessionError,
     WorkspaceError,
     WorkspaceInfo,
     reset_workspace,
+    run_in_session,
     start_workspace,
     stop_workspace,
     workspace_info,
@@ -161,6 +163,50 @@ def status(
     else:
         typer.echo(f"workspace running at {info.url} (pid {info.pid}, home {info.home})")
         typer.echo(_network_line(info))
+
+
+@app.command(
+    "exec",
+    context_settings={"allow_interspersed_args": False},
+)
+def exec_command(
+    command: Annotated[list[str], typer.Argument(help="The command and its arguments (after --).")],
+    project: Annotated[
+        str | None,
+        typer.Option("--project", help="Project name or id (default: the only project of the workspace)."),
+    ] = None,
+    env: Annotated[
+        list[str] | None,
+        typer.Option("--env", help="K=V added to the session's environment (repeatable)."),
+    ] = None,
+    home: HomeOption = None,
+) -> None:
+    """Run COMMAND in a fresh session pod of a project, as a CML session would: its own IP, the
+    project folder as working directory, a session's CDSW_* variables. Output streams; the exit code
+    is the command's; the pod is removed afterwards.
+
+    Example: ray-cai workspace exec --project demo -- python -c "import ray; ray.init('ray://HEAD:10001')"
+    """
+    extra: dict[str, str] = {}
+    for item in env or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not key.replace("_", "a").isalnum():
+            typer.echo(f"error: --env {item!r}: expected NAME=VALUE", err=True)
+            raise typer.Exit(EXIT_BAD_INPUT)
+        extra[key] = value
+    if not command:
+        typer.echo("error: COMMAND is missing (ray-cai workspace exec [OPTIONS] -- COMMAND...)", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT)
+    info = workspace_info(home)
+    if info is None:
+        typer.echo("error: the workspace is not running (ray-cai workspace start)", err=True)
+        raise typer.Exit(EXIT_NOT_RUNNING)
+    try:
+        code = run_in_session(info, command, project=project, environment=extra)
+    except SessionError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+    raise typer.Exit(code)
 
 
 @app.command("stop")

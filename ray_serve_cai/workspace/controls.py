@@ -365,3 +365,51 @@ def network_router(service: WorkspaceService) -> APIRouter:
         return JSONResponse({**supervisor.network_state(), "healed": healed})
 
     return router
+
+
+# ------------------------------------------------------------------------------ session pods (exec)
+
+SESSIONS_PREFIX = "/_workspace/sessions"
+
+
+def session_router(service: WorkspaceService) -> APIRouter:
+    """`POST /_workspace/sessions` `{"project": id or name, "environment": {...}, "owner_pid": N}` opens a
+    session pod (`ray-cai workspace exec`); `DELETE /_workspace/sessions/{id}` removes it."""
+    router = APIRouter(prefix=SESSIONS_PREFIX)
+
+    @router.post("")
+    async def open_session(request: Request) -> JSONResponse:
+        body = await _json_body(request, ["project", "environment", "owner_pid"])
+        wanted = body.get("project")
+        if wanted is not None and (not isinstance(wanted, str) or not wanted):
+            raise invalid_argument("project must be a project id or name")
+        projects = list(service.projects.values())
+        if wanted is None:
+            if len(projects) != 1:
+                raise invalid_argument(f"project is required: the workspace has {len(projects)} projects")
+            project = projects[0]
+        else:
+            project = service.projects.get(wanted) or next((p for p in projects if p.name == wanted), None)
+            if project is None:
+                raise not_found(f"no project {wanted!r}")
+        environment = body.get("environment") or {}
+        if not isinstance(environment, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in environment.items()
+        ):
+            raise invalid_argument("environment must be an object of strings")
+        owner = body.get("owner_pid")
+        if isinstance(owner, bool) or not isinstance(owner, int) or owner <= 0:
+            raise invalid_argument("owner_pid must be the pid of the process that closes the session")
+        context = service._context(project, dict(project.environment))
+        answer = await service.supervisor.open_session(
+            context, environment, owner, service.home / "logs" / "sessions"
+        )
+        return JSONResponse(answer, headers={"cache-control": "no-store"})
+
+    @router.delete("/{session_id}")
+    async def close_session(session_id: str) -> JSONResponse:
+        if not await service.supervisor.close_session(session_id):
+            raise not_found(f"no session {session_id!r}")
+        return JSONResponse({})
+
+    return router

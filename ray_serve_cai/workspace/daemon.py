@@ -206,6 +206,60 @@ def start_workspace(
             raise WorkspaceError(f"workspace server did not answer within {timeout:.0f} s") from None
 
 
+class SessionError(WorkspaceError):
+    """A session pod could not be opened (bad project, bad environment, no workspace)."""
+
+
+def run_in_session(
+    info: WorkspaceInfo,
+    command: list[str],
+    *,
+    project: str | None = None,
+    environment: dict[str, str] | None = None,
+) -> int:
+    """Run `command` in a fresh session pod of `project` (as a CML session: its own IP, the project
+    folder as working directory, CDSW_* variables plus `environment`), with this process's stdin,
+    stdout and stderr; returns its exit code. The pod is removed afterwards (by the workspace, should
+    this process die first)."""
+    headers = {"Authorization": f"Bearer {info.api_key}"}
+    body = {"project": project, "environment": environment or {}, "owner_pid": os.getpid()}
+    try:
+        response = httpx.post(
+            f"{info.url}/_workspace/sessions", json=body, headers=headers, timeout=60.0, trust_env=False
+        )
+    except httpx.HTTPError as exc:
+        raise SessionError(f"cannot reach the workspace at {info.url}: {exc}") from None
+    if response.status_code != 200:
+        try:
+            message = response.json().get("message", response.text)
+        except ValueError:
+            message = response.text
+        error = SessionError(f"cannot open a session: {message}")
+        if response.status_code in (400, 404):
+            error.exit_code = 2
+        raise error
+    session = response.json()
+    try:
+        process = subprocess.Popen(
+            [*session["command_prefix"], *command], cwd=session["cwd"], env=session["environment"]
+        )
+        while True:
+            try:
+                return process.wait()
+            except KeyboardInterrupt:  # the command got the SIGINT too: wait for it to end
+                continue
+    except OSError as exc:
+        raise SessionError(f"cannot run {command[0]!r}: {exc.strerror}") from None
+    finally:
+        with contextlib.suppress(httpx.HTTPError):
+            httpx.delete(
+                f"{info.url}/_workspace/sessions/{session['id']}",
+                headers=headers,
+                timeout=60.0,
+                trust_env=False,
+            )
+
+
 def ensure_workspace(home: Path | str | None = None) -> WorkspaceInfo:
     """The running workspace of `home`, started when needed."""
     return workspace_info(home) or start_workspace(home)

@@ -39,6 +39,7 @@ from ray_serve_cai.workspace.controls import (
     RequestCounters,
     RestartPolicy,
     network_router,
+    session_router,
 )
 from ray_serve_cai.workspace.errors import (
     GRPC_CODE_OF_HTTP_STATUS,
@@ -688,6 +689,7 @@ def create_server(
     )
     api.include_router(restart_policy_router(service))
     api.include_router(network_router(service))
+    api.include_router(session_router(service))
     api.add_middleware(FlushBeforeAnswer, service=service)
     return WorkspaceGateway(api, service, config, counters, faults)
 

@@ -127,6 +127,16 @@ class _AppRuntime:
 
 
 @dataclass
+class _Session:
+    """A session pod opened for `ray-cai workspace exec`."""
+
+    id: str
+    owner_pid: int
+    pod: Pod | None = None
+    pod_ip: str | None = None
+
+
+@dataclass
 class _RunRuntime:
     task: asyncio.Task[None] | None = None
     process: Leader | None = None
@@ -160,6 +170,8 @@ class Supervisor:
         self._apps: dict[str, _AppRuntime] = {}
         self._runs: dict[str, _RunRuntime] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self._sessions: dict[str, _Session] = {}
+        self._session_watch: asyncio.Task[None] | None = None
         self._probe_client = httpx.AsyncClient(timeout=httpx.Timeout(2.0), trust_env=False)
         # Pods (see pods.py) when the workspace can make them, else every workload on the host.
         self.network = network
@@ -196,7 +208,7 @@ class Supervisor:
         if self.relays is not None:
             await self.relays.set_ports({*url_ports, *([self._api_port] if self._api_port else [])})
 
-    async def _new_pod(self, workload: JobRun | Application) -> Pod | None:
+    async def _new_pod(self, workload: JobRun | Application | _Session) -> Pod | None:
         """A fresh pod for a workload about to start (None in shared-host mode)."""
         if self.network is None:
             return None
@@ -221,7 +233,7 @@ class Supervisor:
         if self.relays is not None:
             self._spawn_background(self.relays.add_pod(pod))
 
-    async def _release_pod(self, workload: JobRun | Application) -> None:
+    async def _release_pod(self, workload: JobRun | Application | _Session) -> None:
         """Remove the workload's pod (its processes have ended)."""
         ip, workload.pod_ip = workload.pod_ip, None
         if self.network is None or not ip:
@@ -290,6 +302,52 @@ class Supervisor:
         else:
             workload.pid, workload.process_started = process.pid, process_start_time(process.pid)
         self.on_process_change()
+
+    # ------------------------------------------------------------ session pods (`ray-cai workspace exec`)
+
+    async def open_session(
+        self, context: WorkloadContext, environment: dict[str, str], owner_pid: int, log_dir: Path
+    ) -> dict[str, object]:
+        """A fresh pod of the project for a command the caller runs itself (a CML session's pod): its
+        environment (a session's CDSW_* variables plus `environment`), working directory and the
+        command prefix that enters the pod. The pod goes with `close_session`, or when `owner_pid` ends."""
+        session = _Session(id=new_id(), owner_pid=owner_pid)
+        env = self.workload_environment(context, session.id)
+        env.update(environment)
+        pod = await self._new_pod(session)
+        session.pod = pod
+        prefix: list[str] = []
+        if pod is not None:
+            marker = log_dir / f"session-{session.id}.exit"
+            log_dir.mkdir(parents=True, exist_ok=True)
+            prefix = self._in_pod(pod, [], env, marker, None)
+        self._sessions[session.id] = session
+        if self._session_watch is None or self._session_watch.done():
+            self._session_watch = self._spawn_background(self._watch_sessions())
+        return {
+            "id": session.id,
+            "pod_ip": pod.ip if pod is not None else None,
+            "cwd": str(context.project_dir),
+            "environment": env,
+            "command_prefix": prefix,
+        }
+
+    async def close_session(self, session_id: str) -> bool:
+        """End the session's processes and remove its pod; False when there is no such session."""
+        session = self._sessions.pop(session_id, None)
+        if session is None:
+            return False
+        await asyncio.to_thread(end_process_tree, None, marker_value=session.id, grace_seconds=2.0)
+        await self._release_pod(session)
+        return True
+
+    async def _watch_sessions(self) -> None:
+        """A session whose owner (the `exec` command) ended without closing it is closed here."""
+        while self._sessions:
+            await asyncio.sleep(1.0)
+            for session in list(self._sessions.values()):
+                if not psutil.pid_exists(session.owner_pid):
+                    await self.close_session(session.id)
 
     # ------------------------------------------------------------ job runs
 
@@ -727,6 +785,8 @@ class Supervisor:
 
     async def shutdown(self, apps: list[Application], runs: list[JobRun]) -> None:
         """End every workload this workspace started, then sweep anything still carrying its tag."""
+        for session_id in list(self._sessions):
+            await self.close_session(session_id)
         for run in runs:
             self.request_run_stop(run)
         stops = [self.request_app_stop(app) for app in apps]
