@@ -355,7 +355,7 @@ def network_router(service: WorkspaceService) -> APIRouter:
             raise invalid_argument("shape needs delay_ms, jitter_ms or loss_percent")
         pods = _pods_of(service, body)
         for pod in pods:
-            await asyncio.to_thread(supervisor.network.shape, pod, delay, jitter, loss)  # type: ignore[union-attr]
+            supervisor.network.shape(pod, delay, jitter, loss, asyncio.get_running_loop())  # type: ignore[union-attr]
             supervisor.network.schedule_heal(pod, "shape", seconds)  # type: ignore[union-attr]
         return JSONResponse(supervisor.network_state())
 

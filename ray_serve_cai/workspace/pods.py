@@ -34,18 +34,22 @@ import hashlib
 import ipaddress
 import logging
 import os
+import random
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from ray_serve_cai.errors import BadInput, OperationFailed
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # CML gives every pod the same application ports; these are ours (below Ray's ranges).
 POD_APP_PORT = 8100
@@ -181,6 +185,7 @@ class _Fault:
     detail: dict[str, float] = field(default_factory=dict)
     until: float | None = None  # loop time; None: until healed
     timer: asyncio.TimerHandle | None = None
+    shaper: LinkShaper | None = None
 
 
 class PodNetwork:
@@ -404,17 +409,36 @@ class PodNetwork:
             self.relays.block(pod.ip)
         self._faults.setdefault(f"{pod.ip}/partition", _Fault("partition"))
 
-    def shape(self, pod: Pod, delay_ms: float, jitter_ms: float, loss_percent: float) -> None:
-        """`tc netem` on the pod's side of its link (its egress): every packet it sends waits
-        `delay_ms` ± `jitter_ms`, `loss_percent` % of them are lost. Blocking."""
+    def shape(
+        self,
+        pod: Pod,
+        delay_ms: float,
+        jitter_ms: float,
+        loss_percent: float,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        """netem on the pod's side of its link (its egress): every packet it sends to the pod network
+        waits `delay_ms` ± `jitter_ms`, `loss_percent` % of them are lost. Blocking.
+
+        `tc netem` where the kernel has it; else (this machine's kernel has no sch_netem) the same in
+        user space: the pod's routes to the pod network go through a TUN device whose packets this
+        process delays, drops, and sends on through the pod's own link (`LinkShaper`)."""
+        self._heal_one(pod.ip, "shape")
+        detail = {"delay_ms": delay_ms, "jitter_ms": jitter_ms, "loss_percent": loss_percent}
+        fault = _Fault("shape", detail)
         args = ["tc", "-n", pod.netns, "qdisc", "replace", "dev", "eth0", "root", "netem"]
         if delay_ms or jitter_ms:
             args += ["delay", f"{delay_ms:g}ms"] + ([f"{jitter_ms:g}ms"] if jitter_ms else [])
         if loss_percent:
             args += ["loss", f"{loss_percent:g}%"]
-        _run_ip(args)
-        detail = {"delay_ms": delay_ms, "jitter_ms": jitter_ms, "loss_percent": loss_percent}
-        self._faults[f"{pod.ip}/shape"] = _Fault("shape", detail)
+        try:
+            _run_ip(args)
+        except PodError as exc:
+            if "unknown" not in str(exc):
+                raise
+            fault.shaper = LinkShaper(pod, self.cidr, delay_ms, jitter_ms, loss_percent, loop)
+            fault.shaper.start()
+        self._faults[f"{pod.ip}/shape"] = fault
 
     def schedule_heal(self, pod: Pod, kind: str, seconds: float) -> None:
         """End the pod's `kind` fault after `seconds` (0: only `heal` ends it). Call in the event loop."""
@@ -438,11 +462,18 @@ class PodNetwork:
             fault = self._faults.pop(key)
             if fault.timer is not None:
                 fault.timer.cancel()
+            if fault.shaper is not None:
+                fault.shaper.stop()
 
     def _heal_one(self, ip: str, kind: str) -> None:
         fault = self._faults.pop(f"{ip}/{kind}", None)
         if fault is not None and fault.timer is not None:
             fault.timer.cancel()
+        if fault is not None and fault.shaper is not None:
+            fault.shaper.stop()
+            return
+        if fault is None:
+            return
         pod = self.pod(ip)
         if pod is None:
             return
@@ -491,6 +522,137 @@ def _setns(fd: int) -> None:
     if _libc.setns(fd, CLONE_NEWNET) != 0:
         errno = ctypes.get_errno()
         raise OSError(errno, os.strerror(errno))
+
+
+def in_netns(netns_path: Path, work: Callable[[], T]) -> T:
+    """`work()` run inside another network namespace (the sockets and devices it makes stay there),
+    in a thread of its own: only that thread switches namespaces."""
+    result: list[T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        target = os.open(netns_path, os.O_RDONLY)
+        try:
+            _setns(target)
+            try:
+                result.append(work())
+            finally:
+                _setns(own)
+        except BaseException as exc:  # reported to the caller's thread
+            failure.append(exc)
+        finally:
+            os.close(own)
+            os.close(target)
+
+    thread = threading.Thread(target=run, name="netns", daemon=True)
+    thread.start()
+    thread.join()
+    if failure:
+        raise PodError(f"in {netns_path.name}: {failure[0]}")
+    return result[0]
+
+
+TUNSETIFF = 0x400454CA
+IFF_TUN, IFF_NO_PI = 0x0001, 0x1000
+SHAPER_DEVICE = "shape0"
+
+
+class LinkShaper:
+    """User-space netem for one pod's egress to the pod network (for kernels without sch_netem).
+
+    In the pod: a TUN device with routes to both halves of the pod CIDR (more specific than the
+    link's own route, so every packet to another pod or the gateway enters it) and a raw IP socket
+    bound to the pod's link. Each packet read from the TUN device is dropped with `loss_percent`
+    probability, else sent on through the raw socket after `delay_ms` ± `jitter_ms` (uniform). The
+    device and its routes vanish when its descriptor is closed (`stop`)."""
+
+    def __init__(
+        self,
+        pod: Pod,
+        cidr: ipaddress.IPv4Network,
+        delay_ms: float,
+        jitter_ms: float,
+        loss_percent: float,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.pod, self.cidr, self.loop = pod, cidr, loop
+        self.delay, self.jitter, self.loss = delay_ms / 1000, jitter_ms / 1000, loss_percent / 100
+        self._tun: int | None = None
+        self._raw: socket.socket | None = None
+        self._closed = False
+        self._random = random.Random()
+
+    def start(self) -> None:
+        def make() -> tuple[int, socket.socket]:
+            tun = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
+            try:
+                fcntl.ioctl(tun, TUNSETIFF, struct.pack("16sH", SHAPER_DEVICE.encode(), IFF_TUN | IFF_NO_PI))
+                raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            except BaseException:
+                os.close(tun)
+                raise
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"eth0")
+            raw.setblocking(False)
+            return tun, raw
+
+        self._tun, self._raw = in_netns(self.pod.netns_path, make)
+        halves = list(self.cidr.subnets(prefixlen_diff=1))
+        try:
+            _run_ip(
+                ["ip", "-n", self.pod.netns, "-batch", "-"],
+                stdin=f"link set {SHAPER_DEVICE} up\n"
+                + "".join(f"route add {half} dev {SHAPER_DEVICE} src {self.pod.ip}\n" for half in halves),
+            )
+        except PodError:
+            self._close()
+            raise
+        self.loop.call_soon_threadsafe(self.loop.add_reader, self._tun, self._on_packet)
+
+    def _on_packet(self) -> None:
+        for _ in range(256):  # what is queued now, then back to the loop
+            if self._closed or self._tun is None:
+                return
+            try:
+                packet = os.read(self._tun, 65535)
+            except BlockingIOError:
+                return
+            except OSError:
+                return
+            if len(packet) < 20 or self._random.random() < self.loss:
+                continue
+            wait = max(self.delay + self._random.uniform(-self.jitter, self.jitter), 0.0)
+            self.loop.call_later(wait, self._send, packet)
+
+    def _send(self, packet: bytes) -> None:
+        if self._closed or self._raw is None:
+            return
+        with contextlib.suppress(OSError):  # a full buffer loses the packet, as a link would
+            self._raw.sendto(packet, (socket.inet_ntoa(packet[16:20]), 0))
+
+    def stop(self) -> None:
+        """End the shaping (thread-safe): the TUN device and its routes go, the link is direct again."""
+        try:
+            in_loop = asyncio.get_running_loop() is self.loop
+        except RuntimeError:
+            in_loop = False
+        if in_loop:
+            self._close()
+        else:
+            self.loop.call_soon_threadsafe(self._close)
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._tun is not None:
+            with contextlib.suppress(Exception):
+                self.loop.remove_reader(self._tun)
+            os.close(self._tun)
+            self._tun = None
+        if self._raw is not None:
+            self._raw.close()
+            self._raw = None
 
 
 def listen_in_netns(
