@@ -326,7 +326,8 @@ async def _json_body(request: Request, known: list[str]) -> dict[str, Any]:
 
 def network_router(service: WorkspaceService) -> APIRouter:
     """`/_workspace/network`: GET the pods and faults; POST `/partition`, POST `/shape`; DELETE heals
-    every fault. Faults end by themselves after `seconds` (0: when healed) and with the workspace."""
+    every fault. Faults end by themselves after `seconds` (0: when healed) and with the workspace.
+    `/shape` with `"applications": ["*"]` shapes every pod, and every pod made until it ends."""
     router = APIRouter(prefix=NETWORK_PREFIX)
     supervisor = service.supervisor
 
@@ -353,9 +354,16 @@ def network_router(service: WorkspaceService) -> APIRouter:
         seconds = _number(body, "seconds", low=0, high=86400)
         if not (delay or jitter or loss):
             raise invalid_argument("shape needs delay_ms, jitter_ms or loss_percent")
-        pods = _pods_of(service, body)
-        for pod in pods:
-            supervisor.network.shape(pod, delay, jitter, loss, asyncio.get_running_loop())  # type: ignore[union-attr]
+        loop = asyncio.get_running_loop()
+        if body.get("applications") == ["*"]:  # every pod, and every pod made until healed
+            network = supervisor.network
+            if network is None:
+                _pods_of(service, body)  # says why not
+            assert network is not None
+            network.shape_all(delay, jitter, loss, seconds, loop)
+            return JSONResponse(supervisor.network_state())
+        for pod in _pods_of(service, body):
+            supervisor.network.shape(pod, delay, jitter, loss, loop)  # type: ignore[union-attr]
             supervisor.network.schedule_heal(pod, "shape", seconds)  # type: ignore[union-attr]
         return JSONResponse(supervisor.network_state())
 

@@ -440,6 +440,36 @@ class PodNetwork:
             fault.shaper.start()
         self._faults[f"{pod.ip}/shape"] = fault
 
+    def shape_all(
+        self,
+        delay_ms: float,
+        jitter_ms: float,
+        loss_percent: float,
+        seconds: float,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        """Shape every pod now and every pod made until healed (or until `seconds` are over)."""
+        self._clear_default_shape()
+        fault = _Fault("shape", {"delay_ms": delay_ms, "jitter_ms": jitter_ms, "loss_percent": loss_percent})
+        self._faults["*/shape"] = fault
+        if seconds > 0:
+            fault.until = loop.time() + seconds
+            fault.timer = loop.call_later(seconds, lambda: loop.run_in_executor(None, self.heal))
+        for pod in self.pods():
+            self.shape(pod, delay_ms, jitter_ms, loss_percent, loop)
+
+    def shape_new_pod(self, pod: Pod, loop: asyncio.AbstractEventLoop) -> None:
+        """A pod made while every pod is shaped is shaped too."""
+        fault = self._faults.get("*/shape")
+        if fault is not None:
+            detail = fault.detail
+            self.shape(pod, detail["delay_ms"], detail["jitter_ms"], detail["loss_percent"], loop)
+
+    def _clear_default_shape(self) -> None:
+        fault = self._faults.pop("*/shape", None)
+        if fault is not None and fault.timer is not None:
+            fault.timer.cancel()
+
     def schedule_heal(self, pod: Pod, kind: str, seconds: float) -> None:
         """End the pod's `kind` fault after `seconds` (0: only `heal` ends it). Call in the event loop."""
         fault = self._faults.get(f"{pod.ip}/{kind}")
@@ -488,7 +518,8 @@ class PodNetwork:
     def heal(self) -> int:
         """End every fault (blocking); returns how many there were."""
         keys = list(self._faults)
-        for key in keys:
+        self._clear_default_shape()
+        for key in [k for k in keys if not k.startswith("*/")]:
             ip, kind = key.split("/", 1)
             self._heal_one(ip, kind)
         return len(keys)

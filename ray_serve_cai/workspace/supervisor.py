@@ -220,6 +220,10 @@ class Supervisor:
             await asyncio.to_thread(self.network.remove, pod)
             raise
         workload.pod_ip = pod.ip
+        try:
+            self.network.shape_new_pod(pod, asyncio.get_running_loop())
+        except PodError as exc:  # a shaping fault must not keep a workload from starting
+            logger.warning("pod %s: cannot shape its link: %s", pod.ip, exc)
         return pod
 
     def _adopt_pod(self, workload: JobRun | Application) -> None:
