@@ -159,7 +159,7 @@ def parse_pod_cidr(text: str) -> ipaddress.IPv4Network:
     try:
         network = ipaddress.IPv4Network(text.strip(), strict=True)
     except ValueError as exc:
-        raise ValueError(f"--pod-cidr: {exc}") from None
+        raise ValueError(f"--pod-cidr: {text!r} is not an IPv4 network like 100.70.0.0/16 ({exc})") from None
     if not 8 <= network.prefixlen <= 24:
         raise ValueError(f"--pod-cidr: {text} must be between a /8 and a /24")
     return network
