@@ -255,6 +255,7 @@ class PodNetwork:
                     ),
                 )
         self.gateway = str(self.cidr[1])
+        init_python()  # chosen once, here, not on the event loop at the first start
 
     def _bridge_network(self) -> ipaddress.IPv4Network | None:
         out = _run_ip(["ip", "-4", "-o", "addr", "show", "dev", self.bridge], check=False)
