@@ -446,7 +446,7 @@ class Supervisor:
                 pod = await self._new_pod(run)
                 command = self._in_pod(pod, command, env, run.log_path, None)
                 runtime.process = spawn_workload(
-                    command, cwd=context.project_dir, env=env, log_path=run.log_path
+                    command, cwd=context.project_dir, env=env, log_path=run.log_path, record_exit=pod is None
                 )
             except (ScriptError, OSError, PodError) as exc:
                 with open(run.log_path, "ab") as log_file:
@@ -637,7 +637,9 @@ class Supervisor:
             command = self._in_pod(pod, command, env, app.log_path, app.app_port)
             if pod is not None:
                 self._append_app_log(app, f"[workspace] pod {pod.ip} ({pod.netns})")
-            runtime.process = spawn_workload(command, cwd=context.project_dir, env=env, log_path=app.log_path)
+            runtime.process = spawn_workload(
+                command, cwd=context.project_dir, env=env, log_path=app.log_path, record_exit=pod is None
+            )
         except (ScriptError, OSError, PodError) as exc:
             self._append_app_log(app, f"[workspace] cannot start: {exc}")
             await self._release_pod(app)
