@@ -6,7 +6,8 @@ Run by hand (not collected by pytest), from a checkout whose node layer is commi
 
 For each size (1 head + N workers), in the same run:
 
-* ray-cai: a local workspace (temporary home) with a project created from git (`git_url` = this
+* ray-cai: a local workspace (temporary home; pods where the machine allows, see
+  `--shared-host` for the other mode) with a project created from git (`git_url` = this
   repository, so the committed `cai_integration/ray_head.py` / `ray_worker.py` run); `up` runs in a
   child process so its own peak RSS (`ru_maxrss`) is measured alone; the time is from the call of
   `RayCluster.up()` to its return, i.e. until the head's `/ray-cai/status` reports every node alive.
@@ -467,6 +468,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cml-like", type=int, default=16, help="workers of the CML-like run (0: none)")
     parser.add_argument("--latency", type=float, default=30.0, help="app start latency of the CML-like run")
     parser.add_argument("--rounds", type=int, default=0, help="consecutive up/down rounds of 1 + 4")
+    parser.add_argument(
+        "--shared-host",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time ray-cai in a shared-host workspace (tool ray-cai-shared-host), beside pods",
+    )
     parser.add_argument("--repo", type=Path, default=REPO, help="git repository the project is cloned from")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write the raw JSON")
     parser.add_argument("--child-up", action="store_true", help=argparse.SUPPRESS)
@@ -500,7 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     failed_hand: list[dict[str, Any]] = []
     load_at_start = os.getloadavg()
     try:
-        info = start_workspace(home / "workspace")
+        info = start_workspace(home / "workspace")  # pods where the machine can make them
+        print(f"workspace network: {info.network} ({info.network_reason})", flush=True)
         handle = WorkspaceHandle(info)
         try:
             project = handle.create_project("bench-ray", template="git", git_url=str(args.repo), timeout=300)
@@ -548,6 +556,25 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             handle.close()
             stop_workspace(home / "workspace")
+        if args.shared_host and info.network == "pods" and "ray-cai" in args.tools:
+            # The other mode, for comparison: every node on the host (free ports, port blocks).
+            shared = WorkspaceHandle(start_workspace(home / "workspace-shared", pods=False))
+            try:
+                project = shared.create_project(
+                    "bench-ray", template="git", git_url=str(args.repo), timeout=300
+                )
+                for _ in range(args.repeat):
+                    for workers in sizes:
+                        run = run_ray_cai(shared, project["id"], workers, args.poll_interval)
+                        run.tool = "ray-cai-shared-host"
+                        diagnostics.append(run)
+                        print(
+                            f"  {run.tool} 1 + {workers} workers: {run.seconds:6.2f} s  {run.extra}",
+                            flush=True,
+                        )
+            finally:
+                shared.close()
+                stop_workspace(home / "workspace-shared")
     finally:
         shutil.rmtree(home, ignore_errors=True)
 
@@ -585,7 +612,12 @@ def main(argv: list[str] | None = None) -> int:
         "started_at": started_at,
         "machine": machine(),
         "code": code,
-        "settings": {"sizes": sizes, "repeat": args.repeat, "poll_interval_s": args.poll_interval},
+        "settings": {
+            "sizes": sizes,
+            "repeat": args.repeat,
+            "poll_interval_s": args.poll_interval,
+            "network": info.network,
+        },
         "load_average_start": load_at_start,
         "load_average_end": os.getloadavg(),
         "runs": [asdict(r) for r in runs],

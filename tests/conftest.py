@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,7 +29,11 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkspaceHan
     # CML's automatic restart of failed apps is off here, so an app a test leaves failed is not
     # started again minutes later under another test; a test of it turns it on with
     # `workspace.set_restart_policy(enabled=True, delay_seconds=...)` (`controls` resets it).
-    info = start_workspace(home, app_restart=False)
+    # Pods where the machine can make them (root on Linux), as `ray-cai workspace start` does;
+    # RAY_CAI_TEST_PODS=0 runs the suite shared-host, =1 requires pods.
+    wanted = os.environ.get("RAY_CAI_TEST_PODS", "").strip()
+    pods = {"0": False, "1": True}.get(wanted)
+    info = start_workspace(home, app_restart=False, pods=pods)
     handle = WorkspaceHandle(info)
     try:
         yield handle

@@ -12,16 +12,19 @@ from typing import Annotated
 
 import typer
 
-from ray_serve_cai.errors import EXIT_FAILED, EXIT_OK
+from ray_serve_cai.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 from ray_serve_cai.workspace.controls import DEFAULT_RESTART_ATTEMPTS, DEFAULT_RESTART_DELAY_SECONDS
 from ray_serve_cai.workspace.daemon import (
+    SessionError,
     WorkspaceError,
     WorkspaceInfo,
     reset_workspace,
+    run_in_session,
     start_workspace,
     stop_workspace,
     workspace_info,
 )
+from ray_serve_cai.workspace.pods import parse_pod_cidr
 from ray_serve_cai.workspace.processes import DEFAULT_STOP_GRACE_SECONDS
 from ray_serve_cai.workspace.statefile import resolve_home
 
@@ -42,7 +45,22 @@ HomeOption = Annotated[
 
 
 def _describe(info: WorkspaceInfo) -> dict[str, object]:
-    return {"running": True, "url": info.url, "domain": info.domain, "pid": info.pid, "home": str(info.home)}
+    return {
+        "running": True,
+        "url": info.url,
+        "domain": info.domain,
+        "pid": info.pid,
+        "home": str(info.home),
+        "network": info.network,
+        "network_reason": info.network_reason,
+        "pod_cidr": info.pod_cidr,
+    }
+
+
+def _network_line(info: WorkspaceInfo) -> str:
+    if info.network == "pods":
+        return f"network: pods on {info.pod_cidr}"
+    return f"network: shared-host ({info.network_reason})"
 
 
 @app.command("start")
@@ -67,15 +85,35 @@ def start(
         float,
         typer.Option("--app-restart-delay", min=0, help="Seconds before each automatic restart (CML: 300)."),
     ] = DEFAULT_RESTART_DELAY_SECONDS,
+    pods: Annotated[
+        bool | None,
+        typer.Option(
+            "--pods/--no-pods",
+            help="Run every job run and application in its own pod (network and process namespaces, "
+            "its own IP), as CML does. Default: pods where possible (root on Linux), else shared-host.",
+            show_default=False,
+        ),
+    ] = None,
+    pod_cidr: Annotated[
+        str | None,
+        typer.Option("--pod-cidr", help="The pods' addresses (default: a free /16 inside 100.64.0.0/10)."),
+    ] = None,
 ) -> None:
     """Start the workspace in the background (does nothing when it already runs) and wait until it answers.
 
     The state of an earlier run (projects, jobs, runs, applications) is kept: workloads a crashed
     server left running are re-adopted, the ones that died meanwhile are marked failed. Port 0 reuses
     the previous server's port."""
+    if pod_cidr is not None:
+        try:
+            parse_pod_cidr(pod_cidr)
+        except ValueError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
     running = workspace_info(home)
     if running is not None:
         typer.echo(f"workspace already running at {running.url} (pid {running.pid}, home {running.home})")
+        typer.echo(_network_line(running))
         raise typer.Exit(EXIT_OK)
     try:
         info = start_workspace(
@@ -85,11 +123,14 @@ def start(
             app_restart=app_restart,
             app_restart_attempts=app_restart_attempts,
             app_restart_delay=app_restart_delay,
+            pods=pods,
+            pod_cidr=pod_cidr,
         )
     except WorkspaceError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_NOT_RUNNING) from None
     typer.echo(f"workspace running at {info.url} (pid {info.pid}, home {info.home})")
+    typer.echo(_network_line(info))
     typer.echo('use it with: eval "$(ray-cai workspace env)"')
 
 
@@ -121,6 +162,51 @@ def status(
         typer.echo(json.dumps(_describe(info)))
     else:
         typer.echo(f"workspace running at {info.url} (pid {info.pid}, home {info.home})")
+        typer.echo(_network_line(info))
+
+
+@app.command(
+    "exec",
+    context_settings={"allow_interspersed_args": False},
+)
+def exec_command(
+    command: Annotated[list[str], typer.Argument(help="The command and its arguments (after --).")],
+    project: Annotated[
+        str | None,
+        typer.Option("--project", help="Project name or id (default: the only project of the workspace)."),
+    ] = None,
+    env: Annotated[
+        list[str] | None,
+        typer.Option("--env", help="K=V added to the session's environment (repeatable)."),
+    ] = None,
+    home: HomeOption = None,
+) -> None:
+    """Run COMMAND in a fresh session pod of a project, as a CML session would: its own IP, the
+    project folder as working directory, a session's CDSW_* variables. Output streams; the exit code
+    is the command's; the pod is removed afterwards.
+
+    Example: ray-cai workspace exec --project demo -- python -c "import ray; ray.init('ray://HEAD:10001')"
+    """
+    extra: dict[str, str] = {}
+    for item in env or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not key.replace("_", "a").isalnum():
+            typer.echo(f"error: --env {item!r}: expected NAME=VALUE", err=True)
+            raise typer.Exit(EXIT_BAD_INPUT)
+        extra[key] = value
+    if not command:
+        typer.echo("error: COMMAND is missing (ray-cai workspace exec [OPTIONS] -- COMMAND...)", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT)
+    info = workspace_info(home)
+    if info is None:
+        typer.echo("error: the workspace is not running (ray-cai workspace start)", err=True)
+        raise typer.Exit(EXIT_NOT_RUNNING)
+    try:
+        code = run_in_session(info, command, project=project, environment=extra)
+    except SessionError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+    raise typer.Exit(code)
 
 
 @app.command("stop")

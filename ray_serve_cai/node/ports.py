@@ -1,8 +1,10 @@
-"""Port choice for many Ray nodes on one host (the local workspace runs every node on 127.0.0.1).
+"""Port choice for many Ray nodes on one host: the local workspace's shared-host mode only.
 
-Single ports come from the kernel (bind to port 0). Worker port ranges are blocks below the
-ephemeral range, reserved with an flock held for the life of the launcher, so two nodes on one
-host never share a range.
+On CML, and in the local workspace's pods, every node has its own IP and port space: Ray's own
+defaults apply and nothing here is used. Where the workspace cannot make pods it runs every node on
+one host and says so with `RAY_CAI_SHARED_HOST=1`; then single ports come from the kernel (bind to
+port 0) and worker port ranges are blocks below the ephemeral range, reserved with an flock held for
+the life of the launcher, so two nodes on one host never share a range.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import fcntl
 import os
 import socket
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -22,6 +25,12 @@ WORKER_PORT_BLOCK = 500
 # Ray Client's proxier starts one server per client on a fixed range (ray.util.client.server.proxier
 # MIN/MAX_SPECIFIC_SERVER_PORT): a worker port block there makes `ray.init("ray://…")` fail at random.
 RAY_CLIENT_SERVER_PORTS = range(23000, 24000)
+SHARED_HOST_VARIABLE = "RAY_CAI_SHARED_HOST"
+
+
+def on_shared_host(environ: Mapping[str, str] | None = None) -> bool:
+    """True when this node shares its host and IP with other nodes (the workspace's shared-host mode)."""
+    return (os.environ if environ is None else environ).get(SHARED_HOST_VARIABLE, "").strip() == "1"
 
 
 def pick_free_ports(count: int, exclude: set[int] | None = None) -> list[int]:

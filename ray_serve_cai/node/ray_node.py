@@ -24,7 +24,12 @@ from typing import IO, Any
 import psutil
 
 from ray_serve_cai.errors import WaitTimeout
-from ray_serve_cai.node.ports import WorkerPortBlock, pick_free_ports, reserve_worker_port_block
+from ray_serve_cai.node.ports import (
+    WorkerPortBlock,
+    on_shared_host,
+    pick_free_ports,
+    reserve_worker_port_block,
+)
 from ray_serve_cai.node.process_tree import NODE_TAG_VARIABLE, end_node, node_processes, processes_in_group
 from ray_serve_cai.node.reaper import release_reaper, start_reaper
 from ray_serve_cai.node.serve_proxy import project_pythonpath
@@ -65,14 +70,16 @@ def node_temp_dir(project_dir: Path | str, cluster: str, node_name: str) -> Path
 
 @dataclass
 class NodePorts:
-    """Ports this node's Ray processes bind; distinct per node so many nodes can share a host."""
+    """Ports this node's Ray processes bind. In a pod (CML, the workspace's pods) only the head's
+    ports the settings fix are given and Ray's defaults do the rest; on a shared host every port is
+    chosen distinct per node (0: not passed to `ray start`)."""
 
-    node_manager: int
-    object_manager: int
-    dashboard_agent_listen: int
-    dashboard_agent_grpc: int
-    runtime_env_agent: int
-    metrics_export: int
+    node_manager: int = 0
+    object_manager: int = 0
+    dashboard_agent_listen: int = 0
+    dashboard_agent_grpc: int = 0
+    runtime_env_agent: int = 0
+    metrics_export: int = 0
     worker_ports: WorkerPortBlock | None = None
     gcs: int = 0
     client: int = 0
@@ -83,6 +90,8 @@ class NodePorts:
         """Fresh ports from the kernel, never one in `exclude` (ports an earlier `ray start` of this
         node failed with) nor a head port the settings fix."""
         head = settings.role == "head"
+        if not on_shared_host():
+            return cls._in_pod(settings)
         wanted = {
             "gcs": settings.gcs_port,
             "client": settings.client_port,
@@ -104,6 +113,16 @@ class NodePorts:
             ports.client = settings.client_port or next(free)
             ports.dashboard = settings.dashboard_port or next(free)
         return ports
+
+    @classmethod
+    def _in_pod(cls, settings: NodeSettings) -> NodePorts:
+        """Ray's defaults on the pod's own IP; a head port the settings leave at 0 comes from the kernel."""
+        if settings.role != "head":
+            return cls()
+        wanted = [settings.gcs_port, settings.client_port, settings.dashboard_port]
+        free = iter(pick_free_ports(wanted.count(0), exclude={p for p in wanted if p}))
+        gcs, client, dashboard = (port or next(free) for port in wanted)
+        return cls(gcs=gcs, client=client, dashboard=dashboard)
 
     def picked(self, settings: NodeSettings) -> set[int]:
         """The single ports chosen here (not those the settings fix): what a failed start burns."""
@@ -279,12 +298,18 @@ class RayNode:
             "--labels=" + ",".join(f"{key}={value}" for key, value in labels.items()),
             f"--num-gpus={settings.num_gpus}",
             f"--temp-dir={self.temp_dir}",
-            f"--node-manager-port={ports.node_manager}",
-            f"--object-manager-port={ports.object_manager}",
-            f"--dashboard-agent-listen-port={ports.dashboard_agent_listen}",
-            f"--dashboard-agent-grpc-port={ports.dashboard_agent_grpc}",
-            f"--runtime-env-agent-port={ports.runtime_env_agent}",
-            f"--metrics-export-port={ports.metrics_export}",
+        ]
+        command += [  # shared host only: in a pod Ray's defaults apply
+            f"--{flag}={port}"
+            for flag, port in (
+                ("node-manager-port", ports.node_manager),
+                ("object-manager-port", ports.object_manager),
+                ("dashboard-agent-listen-port", ports.dashboard_agent_listen),
+                ("dashboard-agent-grpc-port", ports.dashboard_agent_grpc),
+                ("runtime-env-agent-port", ports.runtime_env_agent),
+                ("metrics-export-port", ports.metrics_export),
+            )
+            if port
         ]
         if settings.num_cpus is not None:
             command.append(f"--num-cpus={settings.num_cpus}")

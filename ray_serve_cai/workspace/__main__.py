@@ -32,6 +32,11 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     serve_parser.add_argument("--app-restart-attempts", type=int, default=DEFAULT_RESTART_ATTEMPTS)
     serve_parser.add_argument("--app-restart-delay", type=float, default=DEFAULT_RESTART_DELAY_SECONDS)
+    serve_parser.add_argument(
+        "--pods", action=argparse.BooleanOptionalAction, default=None,
+        help="every workload in its own pod (default: where possible)",
+    )  # fmt: skip
+    serve_parser.add_argument("--pod-cidr", default=None, help="the pods' addresses (default: a free /16)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per app probe is noise
@@ -44,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
                 "delay_seconds": args.app_restart_delay,
             }
         )
-        serve(resolve_home(args.home), args.port, args.stop_grace_seconds, policy)
+        serve(resolve_home(args.home), args.port, args.stop_grace_seconds, policy, args.pods, args.pod_cidr)
     except RayCaiError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(exc.exit_code)

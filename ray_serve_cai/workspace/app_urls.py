@@ -26,7 +26,7 @@ import secrets
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 import uvicorn
@@ -236,7 +236,8 @@ class AppListener:
         app = self.lookup(self.app_id)
         if app is None or app.app_port is None:
             return None
-        return f"http://127.0.0.1:{app.app_port}"
+        # In a pod the app serves on the pod's loopback; the pod's init forwards its address there.
+        return f"http://{app.pod_ip or '127.0.0.1'}:{app.app_port}"
 
     def _forwarded_headers(self, headers: list[tuple[str, str]], _: Scope) -> list[tuple[str, str]]:
         """The app never sees the credential that let the request in: no Authorization, no login cookie."""
@@ -316,6 +317,8 @@ class AppListeners:
         self._open: dict[str, _Open] = {}
         self._lock = asyncio.Lock()
         self._client = proxy_client()
+        # Told the open URL ports after every change (pods relay them on their own loopback).
+        self.on_ports: Callable[[set[int]], Awaitable[None]] | None = None
 
     def __repr__(self) -> str:
         return f"AppListeners(open={len(self._open)})"
@@ -330,6 +333,8 @@ class AppListeners:
             for app in wanted.values():
                 if app.id not in self._open:
                     await self._start(app)
+            if self.on_ports is not None:
+                await self.on_ports(set(self.ports().values()))
         # Closed outside the lock and together: each close waits out uvicorn's shutdown pause, and
         # 64 parallel deletes must not queue behind each other's pauses.
         await asyncio.gather(*(self._close_entry(entry) for entry in closing), return_exceptions=True)

@@ -32,6 +32,7 @@ from ray_serve_cai.errors import OperationFailed, WaitTimeout
 from ray_serve_cai.waiting import poll_until
 from ray_serve_cai.workspace.controls import DEFAULT_RESTART_ATTEMPTS, DEFAULT_RESTART_DELAY_SECONDS
 from ray_serve_cai.workspace.model import APP_ACTIVE_STATUSES, Application, JobRun, now_timestamp
+from ray_serve_cai.workspace.pods import remove_leftovers
 from ray_serve_cai.workspace.processes import DEFAULT_STOP_GRACE_SECONDS, WORKSPACE_MARKER, end_process_tree
 from ray_serve_cai.workspace.statefile import ensure_api_key, read_state, resolve_home, write_state
 from ray_serve_cai.workspace.store import DB_FILE_NAME, Store, StoreError, db_path
@@ -52,6 +53,9 @@ class WorkspaceInfo:
     api_key: str = field(repr=False)
     pid: int
     home: Path
+    network: str = "shared-host"  # "pods" | "shared-host" (see pods.py)
+    network_reason: str = ""
+    pod_cidr: str | None = None
 
     @property
     def port(self) -> int:
@@ -102,7 +106,20 @@ def workspace_info(home: Path | str | None = None) -> WorkspaceInfo | None:
         return None
     if not _pid_alive(pid) or not _answers(url, api_key, pid):
         return None
-    return WorkspaceInfo(url=url, api_key=api_key, pid=pid, home=resolved)
+    return _info(state, url, api_key, pid, resolved)
+
+
+def _info(state: dict[str, object], url: str, api_key: str, pid: int, home: Path) -> WorkspaceInfo:
+    cidr = state.get("pod_cidr")
+    return WorkspaceInfo(
+        url=url,
+        api_key=api_key,
+        pid=pid,
+        home=home,
+        network=str(state.get("network") or "shared-host"),
+        network_reason=str(state.get("network_reason") or ""),
+        pod_cidr=cidr if isinstance(cidr, str) else None,
+    )
 
 
 def _server_error(home: Path) -> str:
@@ -126,12 +143,16 @@ def start_workspace(
     app_restart_attempts: int = DEFAULT_RESTART_ATTEMPTS,
     app_restart_delay: float = DEFAULT_RESTART_DELAY_SECONDS,
     timeout: float = START_TIMEOUT_SECONDS,
+    pods: bool | None = None,
+    pod_cidr: str | None = None,
 ) -> WorkspaceInfo:
     """Start the server in the background (unless one already runs for `home`) and wait until it answers.
 
     `port` 0 reuses the previous server's port (workloads keep its URL), else a free one. The
     `app_restart*` options set CML's automatic restart of failed applications (on, 3 attempts, 300 s
-    apart by default; `PUT /_workspace/restart-policy` changes them while it runs)."""
+    apart by default; `PUT /_workspace/restart-policy` changes them while it runs). `pods`: every
+    workload in its own pod (True: required, None: where possible, False: shared-host); `pod_cidr`
+    their addresses (default: a free /16 of 100.64.0.0/10)."""
     resolved = resolve_home(home)
     with _home_lock(resolved):
         running = workspace_info(resolved)
@@ -145,6 +166,10 @@ def start_workspace(
             "--app-restart-attempts", str(app_restart_attempts),
             "--app-restart-delay", str(app_restart_delay),
         ]  # fmt: skip
+        if pods is not None:
+            command.append("--pods" if pods else "--no-pods")
+        if pod_cidr:
+            command += ["--pod-cidr", pod_cidr]
         env = {k: v for k, v in os.environ.items() if k not in ("CML_HOST", "CML_API_KEY")}
         with open(resolved / SERVER_LOG_NAME, "ab") as log_file:
             server = subprocess.Popen(
@@ -168,7 +193,7 @@ def start_workspace(
             state = read_state(resolved)
             url = state.get("url")
             if state.get("pid") == server.pid and isinstance(url, str) and _answers(url, api_key, server.pid):
-                return WorkspaceInfo(url=url, api_key=api_key, pid=server.pid, home=resolved)
+                return _info(state, url, api_key, server.pid, resolved)
             return None
 
         try:
@@ -179,6 +204,60 @@ def start_workspace(
             server.kill()
             server.wait()
             raise WorkspaceError(f"workspace server did not answer within {timeout:.0f} s") from None
+
+
+class SessionError(WorkspaceError):
+    """A session pod could not be opened (bad project, bad environment, no workspace)."""
+
+
+def run_in_session(
+    info: WorkspaceInfo,
+    command: list[str],
+    *,
+    project: str | None = None,
+    environment: dict[str, str] | None = None,
+) -> int:
+    """Run `command` in a fresh session pod of `project` (as a CML session: its own IP, the project
+    folder as working directory, CDSW_* variables plus `environment`), with this process's stdin,
+    stdout and stderr; returns its exit code. The pod is removed afterwards (by the workspace, should
+    this process die first)."""
+    headers = {"Authorization": f"Bearer {info.api_key}"}
+    body = {"project": project, "environment": environment or {}, "owner_pid": os.getpid()}
+    try:
+        response = httpx.post(
+            f"{info.url}/_workspace/sessions", json=body, headers=headers, timeout=60.0, trust_env=False
+        )
+    except httpx.HTTPError as exc:
+        raise SessionError(f"cannot reach the workspace at {info.url}: {exc}") from None
+    if response.status_code != 200:
+        try:
+            message = response.json().get("message", response.text)
+        except ValueError:
+            message = response.text
+        error = SessionError(f"cannot open a session: {message}")
+        if response.status_code in (400, 404):
+            error.exit_code = 2
+        raise error
+    session = response.json()
+    try:
+        process = subprocess.Popen(
+            [*session["command_prefix"], *command], cwd=session["cwd"], env=session["environment"]
+        )
+        while True:
+            try:
+                return process.wait()
+            except KeyboardInterrupt:  # the command got the SIGINT too: wait for it to end
+                continue
+    except OSError as exc:
+        raise SessionError(f"cannot run {command[0]!r}: {exc.strerror}") from None
+    finally:
+        with contextlib.suppress(httpx.HTTPError):
+            httpx.delete(
+                f"{info.url}/_workspace/sessions/{session['id']}",
+                headers=headers,
+                timeout=60.0,
+                trust_env=False,
+            )
 
 
 def ensure_workspace(home: Path | str | None = None) -> WorkspaceInfo:
@@ -209,6 +288,8 @@ def stop_workspace(home: Path | str | None = None, *, timeout: float = 60.0) -> 
         if isinstance(tag, str) and tag:
             # Safety net: anything the server could not end (e.g. it was killed) still carries its tag.
             end_process_tree(None, marker_value=tag, marker_name=WORKSPACE_MARKER, grace_seconds=2.0)
+        # Safety net for pods too: a killed server leaves its namespaces, links and bridge.
+        remove_leftovers(resolved)
         if not stopped:
             _mark_stopped_offline(resolved)
         return stopped

@@ -266,6 +266,7 @@ class JobRun(Record):
     # Not in the API: the run's process (group leader) and its start time, to re-adopt it after a restart.
     pid: int | None = None
     process_started: float | None = None
+    pod_ip: str | None = None  # not in the API: the workload's pod (pods.py), kept for re-adoption
 
     @property
     def active(self) -> bool:
@@ -334,6 +335,7 @@ class Application(Record):
     # restart; automatic restarts used since the last start by a user.
     pid: int | None = None
     process_started: float | None = None
+    pod_ip: str | None = None  # not in the API: the workload's pod (pods.py), kept for re-adoption
     restart_attempts: int = 0
 
     def __post_init__(self) -> None:

@@ -85,17 +85,20 @@ def exit_file_of(log_path: Path) -> Path:
 
 
 def spawn_workload(
-    command: Sequence[str], *, cwd: Path, env: Mapping[str, str], log_path: Path
+    command: Sequence[str], *, cwd: Path, env: Mapping[str, str], log_path: Path, record_exit: bool = True
 ) -> subprocess.Popen[bytes]:
     """Start `command` in a new session, stdout and stderr appended to `log_path`, its exit code
-    written to `exit_file_of(log_path)` when it ends."""
+    written to `exit_file_of(log_path)` when it ends (by a wrapping `sh`, unless `record_exit` is
+    False: a pod's init writes it itself)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     exit_file = exit_file_of(log_path)
     with contextlib.suppress(FileNotFoundError):
         exit_file.unlink()
     with open(log_path, "ab") as log_file:
         return subprocess.Popen(
-            ["/bin/sh", "-c", EXIT_WRAPPER, "workload", str(exit_file), *command],
+            ["/bin/sh", "-c", EXIT_WRAPPER, "workload", str(exit_file), *command]
+            if record_exit
+            else list(command),
             cwd=str(cwd),
             env=dict(env),
             stdin=subprocess.DEVNULL,

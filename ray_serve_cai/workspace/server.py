@@ -47,6 +47,8 @@ from ray_serve_cai.workspace.controls import (
     Latency,
     RequestCounters,
     RestartPolicy,
+    network_router,
+    session_router,
 )
 from ray_serve_cai.workspace.errors import (
     GRPC_CODE_OF_HTTP_STATUS,
@@ -74,6 +76,7 @@ from ray_serve_cai.workspace.listing import (
     list_page,
 )
 from ray_serve_cai.workspace.model import current_user
+from ray_serve_cai.workspace.pods import PodNetwork, choose_network
 from ray_serve_cai.workspace.processes import DEFAULT_STOP_GRACE_SECONDS
 from ray_serve_cai.workspace.runtimes import load_runtimes
 from ray_serve_cai.workspace.schedules import start_schedules
@@ -185,6 +188,7 @@ def build_api(
             ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="workspace")
         )
         await service.start()  # re-adopts an earlier server's workloads; service.live_apps() lists them
+        await service.supervisor.after_adoption()  # pods nobody adopted go
         await listeners.sync(
             service.apps.values()
         )  # every application (re-adopted ones too) gets its listener
@@ -865,6 +869,8 @@ def create_server(
     *,
     store: Store | None = None,
     restart_policy: RestartPolicy | None = None,
+    network: PodNetwork | None = None,
+    network_reason: str = "",
 ) -> WorkspaceGateway:
     """The whole ASGI application of a workspace rooted at `config.home` (its state in `store`,
     by default `<home>/workspace.db`)."""
@@ -879,11 +885,14 @@ def create_server(
         latency=latency,
         stop_grace_seconds=config.stop_grace_seconds,
         restart_policy=restart_policy,
+        network=network,
+        network_reason=network_reason,
     )
     service = WorkspaceService(config.home, supervisor, load_runtimes(config.home), store)
     logins = AppLogins(config.api_key)
     url_policy = AppUrlPolicy()
     listeners = AppListeners(logins, config.api_key, service.apps.get, policy=url_policy)
+    listeners.on_ports = supervisor.set_workspace_ports
     api = build_api(
         service, {"counters": counters, "faults": faults, "latency": latency}, config, listeners, logins
     )
@@ -891,6 +900,8 @@ def create_server(
     api.include_router(app_urls_router(url_policy))
     conformance = conformance_from_env(config.home)
     api.include_router(conformance_router(conformance[1] if conformance else None))
+    api.include_router(network_router(service))
+    api.include_router(session_router(service))
     api.add_middleware(FlushBeforeAnswer, service=service)
     return WorkspaceGateway(api, service, config, counters, faults, conformance)
 
@@ -978,8 +989,13 @@ def serve(
     port: int = 0,
     stop_grace_seconds: float = DEFAULT_STOP_GRACE_SECONDS,
     restart_policy: RestartPolicy | None = None,
+    pods: bool | None = None,
+    pod_cidr: str | None = None,
 ) -> None:
     """Run the workspace server in the foreground until SIGTERM/SIGINT.
+
+    `pods`: True requires pods (an error where they cannot be made), False runs every workload on the
+    host (shared-host), None makes pods where possible (see pods.py).
 
     Its state is in `<home>/workspace.db`; a restart keeps the URL (the previous port, unless `port`
     names another) and the workspace tag, and re-adopts the workloads the previous server left."""
@@ -987,6 +1003,7 @@ def serve(
     (home / "projects").mkdir(exist_ok=True)
     api_key = ensure_api_key(home)
     store = Store(db_path(home))
+    network: PodNetwork | None = None
     try:
         state = read_state(home)
         previous_port = state.get("port") if isinstance(state.get("port"), int) else None
@@ -995,9 +1012,15 @@ def serve(
                               stop_grace_seconds=stop_grace_seconds)  # fmt: skip
         workspace_tag = store.get_meta("workspace_tag") or f"{config.port}-{secrets.token_hex(6)}"
         store.set_meta("workspace_tag", workspace_tag)
-        gateway = create_server(config, workspace_tag, store=store, restart_policy=restart_policy)
+        network, network_reason = choose_network(home, pods, pod_cidr)
+        gateway = create_server(
+            config, workspace_tag, store=store, restart_policy=restart_policy,
+            network=network, network_reason=network_reason,
+        )  # fmt: skip
     except BaseException:
         store.close()
+        if network is not None:  # the bridge made for this failed start
+            network.remove_all()
         raise
     state = read_state(home)
     state.update(
@@ -1008,6 +1031,9 @@ def serve(
             "home": str(home),
             "port": config.port,
             "workspace_tag": workspace_tag,
+            "network": "pods" if network is not None else "shared-host",
+            "network_reason": network_reason,
+            "pod_cidr": str(network.cidr) if network is not None else None,
         }
     )
     write_state(home, state)
@@ -1022,6 +1048,8 @@ def serve(
     try:
         uvicorn.Server(uvicorn_config).run(sockets=[sock])
     finally:
+        if network is not None:  # after the shutdown removed every pod: the bridge
+            network.remove_all()
         state = read_state(home)
         if state.get("pid") == os.getpid():
             state["pid"] = None

@@ -27,11 +27,21 @@ import psutil
 
 from ray_serve_cai.workspace.controls import Latency, RestartPolicy
 from ray_serve_cai.workspace.model import Application, JobRun, new_id, now_timestamp
+from ray_serve_cai.workspace.pods import (
+    PIP_PROXY_PORT,
+    POD_APP_PORT,
+    POD_READONLY_PORT,
+    LoopbackRelays,
+    Pod,
+    PodError,
+    PodNetwork,
+)
 from ray_serve_cai.workspace.processes import (
     WORKLOAD_MARKER,
     WORKSPACE_MARKER,
     Leader,
     end_process_tree,
+    exit_file_of,
     free_port,
     process_start_time,
     processes_with_marker,
@@ -117,6 +127,16 @@ class _AppRuntime:
 
 
 @dataclass
+class _Session:
+    """A session pod opened for `ray-cai workspace exec`."""
+
+    id: str
+    owner_pid: int
+    pod: Pod | None = None
+    pod_ip: str | None = None
+
+
+@dataclass
 class _RunRuntime:
     task: asyncio.Task[None] | None = None
     process: Leader | None = None
@@ -133,6 +153,8 @@ class Supervisor:
         latency: Latency,
         stop_grace_seconds: float,
         restart_policy: RestartPolicy | None = None,
+        network: PodNetwork | None = None,
+        network_reason: str = "",
     ) -> None:
         self.domain = domain
         self.api_url = api_url
@@ -148,7 +170,105 @@ class Supervisor:
         self._apps: dict[str, _AppRuntime] = {}
         self._runs: dict[str, _RunRuntime] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self._sessions: dict[str, _Session] = {}
+        self._session_watch: asyncio.Task[None] | None = None
         self._probe_client = httpx.AsyncClient(timeout=httpx.Timeout(2.0), trust_env=False)
+        # Pods (see pods.py) when the workspace can make them, else every workload on the host.
+        self.network = network
+        self.network_reason = network_reason
+        self.relays: LoopbackRelays | None = None
+        if network is not None:
+            self.relays = network.relays = LoopbackRelays()
+        self._api_port = int(api_url.rsplit(":", 1)[1]) if api_url.rsplit(":", 1)[-1].isdigit() else None
+
+    @property
+    def network_mode(self) -> str:
+        return "pods" if self.network is not None else "shared-host"
+
+    def network_state(self) -> dict[str, object]:
+        """`"network": "pods" | "shared-host"`, why, and (pods) the CIDR, the pods and the faults."""
+        state: dict[str, object] = {"network": self.network_mode, "reason": self.network_reason}
+        if self.network is not None:
+            state.update(
+                {
+                    "pod_cidr": str(self.network.cidr),
+                    "gateway": self.network.gateway,
+                    "bridge": self.network.bridge,
+                    "pods": sorted(pod.ip for pod in self.network.pods()),
+                    "faults": self.network.fault_list(),
+                    "app_port": POD_APP_PORT,
+                }
+            )
+        return state
+
+    # ------------------------------------------------------------ pods
+
+    async def set_workspace_ports(self, url_ports: set[int]) -> None:
+        """The application URL ports every pod relays to the workspace (with the API's own port)."""
+        if self.relays is not None:
+            await self.relays.set_ports({*url_ports, *([self._api_port] if self._api_port else [])})
+
+    async def _new_pod(self, workload: JobRun | Application | _Session) -> Pod | None:
+        """A fresh pod for a workload about to start (None in shared-host mode)."""
+        if self.network is None:
+            return None
+        pod = await asyncio.to_thread(self.network.create)
+        try:
+            if self.relays is not None:
+                await self.relays.add_pod(pod)
+        except Exception:
+            await asyncio.to_thread(self.network.remove, pod)
+            raise
+        workload.pod_ip = pod.ip
+        try:
+            self.network.shape_new_pod(pod, asyncio.get_running_loop())
+        except PodError as exc:  # a shaping fault must not keep a workload from starting
+            logger.warning("pod %s: cannot shape its link: %s", pod.ip, exc)
+        return pod
+
+    def _adopt_pod(self, workload: JobRun | Application) -> None:
+        """A re-adopted workload keeps its pod (and its address)."""
+        if self.network is None or not workload.pod_ip:
+            return
+        pod = self.network.adopt(workload.pod_ip)
+        if pod is None:
+            workload.pod_ip = None
+            return
+        if self.relays is not None:
+            self._spawn_background(self.relays.add_pod(pod))
+
+    async def _release_pod(self, workload: JobRun | Application | _Session) -> None:
+        """Remove the workload's pod (its processes have ended)."""
+        ip, workload.pod_ip = workload.pod_ip, None
+        if self.network is None or not ip:
+            return
+        if self.relays is not None:
+            await self.relays.remove_pod(ip)
+        pod = self.network.pod(ip) or self.network.adopt(ip)
+        if pod is not None:
+            await asyncio.to_thread(self.network.remove, pod)
+
+    async def after_adoption(self) -> None:
+        """Once every workload an earlier server left is re-adopted or given up: the pods nobody
+        adopted go (a crashed server's pods of workloads that ended meanwhile)."""
+        if self.network is not None:
+            kept = [pod.ip for pod in self.network.pods()]
+            removed = await asyncio.to_thread(self.network.sweep, kept)
+            if removed:
+                logger.info("removed %d namespace(s)/link(s) no workload uses any more", len(removed))
+
+    def _in_pod(
+        self, pod: Pod | None, command: list[str], env: dict[str, str], log_path: Path, forward: int | None
+    ) -> list[str]:
+        if pod is None or self.network is None:
+            return command
+        env["CDSW_IP_ADDRESS"] = pod.ip
+        env["PIP_PROXY"] = f"http://127.0.0.1:{PIP_PROXY_PORT}"
+        return self.network.wrap(pod, command, exit_file=exit_file_of(log_path), forward_port=forward)
+
+    def _probe_url(self, app: Application, env: dict[str, str]) -> str:
+        host = app.pod_ip if self.network is not None and app.pod_ip else "127.0.0.1"
+        return f"http://{host}:{app.app_port}{_polling_endpoint(env)}"
 
     # ------------------------------------------------------------ environment
 
@@ -165,6 +285,8 @@ class Supervisor:
                 "CDSW_IP_ADDRESS": "127.0.0.1",
                 "CDSW_ENGINE_ID": new_id().replace("-", ""),
                 "PYTHONUNBUFFERED": "1",
+                # Not a CML variable: the node layer picks free ports only when nodes share a host.
+                "RAY_CAI_SHARED_HOST": "" if self.network is not None else "1",
                 WORKLOAD_MARKER: workload_id,
                 WORKSPACE_MARKER: self.workspace_tag,
             }
@@ -184,6 +306,52 @@ class Supervisor:
         else:
             workload.pid, workload.process_started = process.pid, process_start_time(process.pid)
         self.on_process_change()
+
+    # ------------------------------------------------------------ session pods (`ray-cai workspace exec`)
+
+    async def open_session(
+        self, context: WorkloadContext, environment: dict[str, str], owner_pid: int, log_dir: Path
+    ) -> dict[str, object]:
+        """A fresh pod of the project for a command the caller runs itself (a CML session's pod): its
+        environment (a session's CDSW_* variables plus `environment`), working directory and the
+        command prefix that enters the pod. The pod goes with `close_session`, or when `owner_pid` ends."""
+        session = _Session(id=new_id(), owner_pid=owner_pid)
+        env = self.workload_environment(context, session.id)
+        env.update(environment)
+        pod = await self._new_pod(session)
+        session.pod = pod
+        prefix: list[str] = []
+        if pod is not None:
+            marker = log_dir / f"session-{session.id}.exit"
+            log_dir.mkdir(parents=True, exist_ok=True)
+            prefix = self._in_pod(pod, [], env, marker, None)
+        self._sessions[session.id] = session
+        if self._session_watch is None or self._session_watch.done():
+            self._session_watch = self._spawn_background(self._watch_sessions())
+        return {
+            "id": session.id,
+            "pod_ip": pod.ip if pod is not None else None,
+            "cwd": str(context.project_dir),
+            "environment": env,
+            "command_prefix": prefix,
+        }
+
+    async def close_session(self, session_id: str) -> bool:
+        """End the session's processes and remove its pod; False when there is no such session."""
+        session = self._sessions.pop(session_id, None)
+        if session is None:
+            return False
+        await asyncio.to_thread(end_process_tree, None, marker_value=session.id, grace_seconds=2.0)
+        await self._release_pod(session)
+        return True
+
+    async def _watch_sessions(self) -> None:
+        """A session whose owner (the `exec` command) ended without closing it is closed here."""
+        while self._sessions:
+            await asyncio.sleep(1.0)
+            for session in list(self._sessions.values()):
+                if not psutil.pid_exists(session.owner_pid):
+                    await self.close_session(session.id)
 
     # ------------------------------------------------------------ job runs
 
@@ -214,6 +382,7 @@ class Supervisor:
         """Supervise a run whose process an earlier server started (re-adoption after a restart)."""
         runtime = _RunRuntime(process=process)
         self._runs[run.id] = runtime
+        self._adopt_pod(run)
         started = time.monotonic() - _seconds_since(run.running_at)
 
         async def supervise() -> None:
@@ -242,10 +411,13 @@ class Supervisor:
                         end_process_tree, runtime.process, marker_value=run.id, grace_seconds=1.0
                     )
                 )
+            await asyncio.shield(self._release_pod(run))
             self._finish_run(run, "ENGINE_STOPPED", "workspace shut down")
             raise
         except Exception:  # a bug here must not leave the run active forever
             logger.exception("job run %s failed in the supervisor", run.id)
+            with contextlib.suppress(Exception):
+                await self._release_pod(run)
             self._finish_run(run, "ENGINE_FAILED", "internal workspace error")
 
     async def _execute_run(
@@ -271,12 +443,15 @@ class Supervisor:
                 command = build_command(context.project_dir, script, run.arguments)
                 with open(run.log_path, "ab") as log_file:
                     log_file.write(f"[workspace] starting job run {run.id}: {script}\n".encode())
+                pod = await self._new_pod(run)
+                command = self._in_pod(pod, command, env, run.log_path, None)
                 runtime.process = spawn_workload(
-                    command, cwd=context.project_dir, env=env, log_path=run.log_path
+                    command, cwd=context.project_dir, env=env, log_path=run.log_path, record_exit=pod is None
                 )
-            except (ScriptError, OSError) as exc:
+            except (ScriptError, OSError, PodError) as exc:
                 with open(run.log_path, "ab") as log_file:
                     log_file.write(f"[workspace] cannot start: {exc}\n".encode())
+                await self._release_pod(run)
                 self._finish_run(run, "ENGINE_FAILED", str(exc))
                 return
             run.status, run.running_at = "ENGINE_RUNNING", now_timestamp()
@@ -315,6 +490,7 @@ class Supervisor:
                 grace_seconds=self.stop_grace_seconds,
             )
             runtime.process = None
+            await self._release_pod(run)
             self._record_process(run, None)
             if timed_out:
                 self._finish_run(run, "ENGINE_TIMEDOUT", f"timed out after {timeout_seconds} s")
@@ -326,6 +502,7 @@ class Supervisor:
         # The run's engine ends with its script: nothing it left behind survives (like the pod).
         await asyncio.to_thread(end_process_tree, None, marker_value=run.id, grace_seconds=1.0)
         runtime.process = None
+        await self._release_pod(run)
         self._record_process(run, None)
         if exit_code == 0:
             self._finish_run(run, "ENGINE_SUCCEEDED", "")
@@ -349,6 +526,7 @@ class Supervisor:
         """A run whose process ended while no server watched it: finished by its exit code if it left
         one (SUCCEEDED/FAILED), else ENGINE_FAILED with the reason."""
         run.pid, run.process_started, run.exit_code = None, None, exit_code
+        run.pod_ip = None  # its pod goes with the sweep after re-adoption
         if exit_code == 0:
             self._finish_run(run, "ENGINE_SUCCEEDED", "")
         elif exit_code is not None:
@@ -390,10 +568,11 @@ class Supervisor:
         runtime = self._app_runtime(app)
         runtime.context = context
         runtime.process = process
+        self._adopt_pod(app)
         if app.status == "APPLICATION_STOPPING":  # the old server was stopping it: finish that
             self.request_app_stop(app)
             return
-        probe_url = f"http://127.0.0.1:{app.app_port}{_polling_endpoint(app.environment)}"
+        probe_url = self._probe_url(app, app.environment)
         runtime.task = asyncio.ensure_future(self._supervise_app(app, runtime, process, probe_url))
 
     def request_app_stop(self, app: Application) -> asyncio.Task[None]:
@@ -428,8 +607,11 @@ class Supervisor:
             await asyncio.to_thread(
                 end_process_tree, process, marker_value=app.id, grace_seconds=self.stop_grace_seconds
             )
+            await self._release_pod(app)
             self._record_process(app, None)
             self._append_app_log(app, f"[workspace] application {app.id} stopped")
+        elif app.pod_ip:
+            await self._release_pod(app)
 
     @staticmethod
     def _append_app_log(app: Application, line: str) -> None:
@@ -440,7 +622,10 @@ class Supervisor:
     async def _run_app(self, app: Application, runtime: _AppRuntime, context: WorkloadContext) -> None:
         if self.latency.app_start_seconds:
             await asyncio.sleep(self.latency.app_start_seconds)
-        app.app_port, app.readonly_port = free_port(), free_port()
+        if self.network is not None:  # as on CML: the same ports in every pod
+            app.app_port, app.readonly_port = POD_APP_PORT, POD_READONLY_PORT
+        else:
+            app.app_port, app.readonly_port = free_port(), free_port()
         env = self.workload_environment(context, app.id)
         env.update(app.environment)
         env["CDSW_APP_PORT"] = str(app.app_port)
@@ -448,16 +633,22 @@ class Supervisor:
         try:
             command = build_command(context.project_dir, app.script)
             self._append_app_log(app, f"[workspace] starting application {app.id}: {app.script}")
-            runtime.process = spawn_workload(command, cwd=context.project_dir, env=env, log_path=app.log_path)
-        except (ScriptError, OSError) as exc:
+            pod = await self._new_pod(app)
+            command = self._in_pod(pod, command, env, app.log_path, app.app_port)
+            if pod is not None:
+                self._append_app_log(app, f"[workspace] pod {pod.ip} ({pod.netns})")
+            runtime.process = spawn_workload(
+                command, cwd=context.project_dir, env=env, log_path=app.log_path, record_exit=pod is None
+            )
+        except (ScriptError, OSError, PodError) as exc:
             self._append_app_log(app, f"[workspace] cannot start: {exc}")
+            await self._release_pod(app)
             app.status, app.stopped_at = "APPLICATION_FAILED", now_timestamp()
             self._on_app_failed(app, runtime)
             return
         app.started_at = now_timestamp()
         self._record_process(app, runtime.process)
-        probe_url = f"http://127.0.0.1:{app.app_port}{_polling_endpoint(env)}"
-        await self._supervise_app(app, runtime, runtime.process, probe_url)
+        await self._supervise_app(app, runtime, runtime.process, self._probe_url(app, env))
 
     async def _supervise_app(
         self, app: Application, runtime: _AppRuntime, process: Leader, probe_url: str
@@ -472,6 +663,7 @@ class Supervisor:
                 # the app show as ended: a client that restarts it on seeing FAILED must not have its
                 # new processes (same marker) caught by this sweep.
                 await asyncio.to_thread(end_process_tree, None, marker_value=app.id, grace_seconds=1.0)
+                await self._release_pod(app)
                 app.status = "APPLICATION_FAILED" if failed else "APPLICATION_STOPPED"
                 app.stopped_at = now_timestamp()
                 self._record_process(app, None)
@@ -487,6 +679,7 @@ class Supervisor:
         and left exit code 0), with the reason in its log; the restart policy applies as to any failure."""
         was_running = app.status == "APPLICATION_RUNNING"
         app.pid, app.process_started = None, None
+        app.pod_ip = None  # its pod goes with the sweep after re-adoption
         app.stopped_at = now_timestamp()
         if exit_code == 0 and was_running:
             app.status = "APPLICATION_STOPPED"
@@ -598,6 +791,8 @@ class Supervisor:
 
     async def shutdown(self, apps: list[Application], runs: list[JobRun]) -> None:
         """End every workload this workspace started, then sweep anything still carrying its tag."""
+        for session_id in list(self._sessions):
+            await self.close_session(session_id)
         for run in runs:
             self.request_run_stop(run)
         stops = [self.request_app_stop(app) for app in apps]
@@ -610,4 +805,8 @@ class Supervisor:
             marker_name=WORKSPACE_MARKER,
             grace_seconds=self.stop_grace_seconds,
         )
+        if self.network is not None:  # no pod, link or fault outlives the workspace
+            if self.relays is not None:
+                await self.relays.close()
+            await asyncio.to_thread(self.network.remove_all)
         await self._probe_client.aclose()

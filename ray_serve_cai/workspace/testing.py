@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 
 from ray_serve_cai.workspace.daemon import WorkspaceInfo
+from ray_serve_cai.workspace.processes import WORKLOAD_MARKER, processes_with_marker
 
 TERMINAL_RUN_STATUSES = frozenset(
     {"ENGINE_SUCCEEDED", "ENGINE_FAILED", "ENGINE_TIMEDOUT", "ENGINE_STOPPED", "ENGINE_SKIPPED"}
@@ -87,6 +88,8 @@ class WorkspaceHandle:
     def reset_controls(self) -> None:
         self.clear_faults()
         self.set_latency()
+        if self.info.network == "pods":
+            self.heal_network()
         self.api_ok("DELETE", "/_workspace/restart-policy")
         self.api_ok("DELETE", "/_workspace/app-urls")
         self.reset_counters()
@@ -97,6 +100,60 @@ class WorkspaceHandle:
 
     def processes(self) -> list[int]:
         return list(self.api_ok("GET", "/_workspace/processes")["pids"])
+
+    # ------------------------------------------------------------ pods and network faults
+
+    @property
+    def pods(self) -> bool:
+        """True when every workload runs in its own pod (see `ray_serve_cai.workspace.pods`)."""
+        return self.info.network == "pods"
+
+    def network(self) -> dict[str, Any]:
+        """`{"network": "pods"|"shared-host", "reason", "pod_cidr", "pods": [ips], "faults": [...]}`."""
+        return self.api_ok("GET", "/_workspace/network")
+
+    def partition(self, applications: Iterable[str], seconds: float = 0) -> dict[str, Any]:
+        """Cut these applications' pods (ids or names) off from every pod and the workspace for
+        `seconds` (0: until `heal_network`)."""
+        body = {"applications": list(applications), "seconds": seconds}
+        return self.api_ok("POST", "/_workspace/network/partition", json=body)
+
+    def shape_network(
+        self,
+        applications: Iterable[str],
+        *,
+        delay_ms: float = 0,
+        jitter_ms: float = 0,
+        loss_percent: float = 0,
+        seconds: float = 0,
+    ) -> dict[str, Any]:
+        """`tc netem` on these applications' pod links for `seconds` (0: until `heal_network`)."""
+        body = {
+            "applications": list(applications),
+            "delay_ms": delay_ms,
+            "jitter_ms": jitter_ms,
+            "loss_percent": loss_percent,
+            "seconds": seconds,
+        }
+        return self.api_ok("POST", "/_workspace/network/shape", json=body)
+
+    def heal_network(self) -> dict[str, Any]:
+        return self.api_ok("DELETE", "/_workspace/network")
+
+    @staticmethod
+    def host_pids(workload_id: str, pids: dict[str, int]) -> dict[str, int]:
+        """The host's pids of a workload's processes that recorded their own pids: inside a pod a
+        process sees the pod's pid namespace. Same pids in shared-host mode; unknown ones kept."""
+        table: dict[int, int] = {}
+        for process in processes_with_marker(WORKLOAD_MARKER, workload_id):
+            try:
+                status = Path(f"/proc/{process.pid}/status").read_text()
+            except OSError:
+                continue
+            line = next((ln for ln in status.splitlines() if ln.startswith("NSpid:")), "")
+            if line.split()[1:]:
+                table[int(line.split()[-1])] = process.pid
+        return {name: table.get(pid, pid) for name, pid in pids.items()}
 
     # ------------------------------------------------------------ conveniences
 

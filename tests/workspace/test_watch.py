@@ -3,6 +3,7 @@ app stuck in STARTING past `startup_timeout`, within about one interval."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -36,6 +37,12 @@ RESTART_ROUTE = "POST /api/v2/projects/{project_id}/applications/{application_id
 
 def app_by_name(workspace: WorkspaceHandle, project_id: str, name: str) -> dict[str, Any]:
     return next(a for a in list_apps(workspace, project_id) if a["subdomain"] == name)
+
+
+def kill(pid: int) -> None:
+    """SIGKILL one process of a workload; in a pod, killing its init already ended the others."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
 
 
 def pids_of(workspace: WorkspaceHandle, app_id: str) -> list[int]:
@@ -102,7 +109,7 @@ def test_watch_restarts_a_killed_worker_a_stopped_worker_and_a_killed_head(
                 worker = app_by_name(controls, pid, "ray-wheal-worker-0")
                 old = pids_of(controls, worker["id"])
                 for process_id in old:
-                    os.kill(process_id, signal.SIGKILL)
+                    kill(process_id)
                 timings["killed worker"] = wait_running_again(
                     controls, pid, worker["subdomain"], old, time.monotonic()
                 )
@@ -117,7 +124,7 @@ def test_watch_restarts_a_killed_worker_a_stopped_worker_and_a_killed_head(
                 head = app_by_name(controls, pid, "ray-wheal-head")
                 old = pids_of(controls, head["id"])
                 for process_id in old:
-                    os.kill(process_id, signal.SIGKILL)
+                    kill(process_id)
                 timings["killed head"] = wait_running_again(
                     controls, pid, head["subdomain"], old, time.monotonic()
                 )
@@ -152,7 +159,7 @@ def test_watch_leaves_a_failed_app_to_cmls_automatic_restart(
                 controls.reset_counters()
                 old = pids_of(controls, worker["id"])
                 for process_id in old:
-                    os.kill(process_id, signal.SIGKILL)
+                    kill(process_id)
                 controls.wait_for_app(pid, worker["id"], ["APPLICATION_FAILED"], timeout=10)
                 healed = wait_running_again(controls, pid, worker["subdomain"], old, time.monotonic())
                 passes = watcher.passes
@@ -171,7 +178,7 @@ def test_watch_leaves_a_failed_app_to_cmls_automatic_restart(
                 watcher = Watcher(RayCluster(watch_client, pid, short, poll_interval=0.2))
                 old = pids_of(controls, worker["id"])
                 for process_id in old:
-                    os.kill(process_id, signal.SIGKILL)
+                    kill(process_id)
                 wait_running_again(controls, pid, worker["subdomain"], old, time.monotonic())
                 assert controls.counters()["counts"].get(RESTART_ROUTE, 0) == 1
             finally:
@@ -247,7 +254,7 @@ def test_up_watch_cli_heals_a_killed_worker_and_stops_on_sigterm(
             worker = app_by_name(controls, pid, "ray-wcli-worker-0")
             old = pids_of(controls, worker["id"])
             for process_id in old:
-                os.kill(process_id, signal.SIGKILL)
+                kill(process_id)
             seconds = wait_running_again(controls, pid, worker["subdomain"], old, time.monotonic())
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=30)

@@ -123,7 +123,7 @@ def test_stop_ends_the_whole_tree_including_an_escaped_grandchild(
     app = create_app(workspace, project, script="tree_app.py")
     workspace.wait_for_app(project["id"], app["id"], {"APPLICATION_RUNNING"})
     pid_file = workspace.project_dir(project["id"]) / f"tree-pids-{app['id']}.json"
-    pids = json.loads(pid_file.read_text())
+    pids = workspace.host_pids(app["id"], json.loads(pid_file.read_text()))  # pod pids -> host pids
     assert all(alive(pid) for pid in pids.values())
     assert set(pids.values()) <= set(workspace.processes())
     assert os.getsid(pids["escaped"]) != os.getsid(pids["app"])  # it left the app's session
@@ -138,7 +138,7 @@ def test_restart_patch_and_delete(workspace: WorkspaceHandle, project: dict[str,
     app = create_app(workspace, project, script="tree_app.py")
     workspace.wait_for_app(project["id"], app["id"], {"APPLICATION_RUNNING"})
     pid_file = workspace.project_dir(project["id"]) / f"tree-pids-{app['id']}.json"
-    first_pids = json.loads(pid_file.read_text())
+    first_pids = workspace.host_pids(app["id"], json.loads(pid_file.read_text()))  # pod pids -> host pids
 
     patched = workspace.api_ok(
         "PATCH",
@@ -228,13 +228,13 @@ def test_a_restart_right_after_a_failure_is_not_caught_by_the_old_trees_sweep(
     app = create_app(workspace, project, script="tree_app.py")
     workspace.wait_for_app(project["id"], app["id"], {"APPLICATION_RUNNING"})
     pid_file = workspace.project_dir(project["id"]) / f"tree-pids-{app['id']}.json"
-    old = json.loads(pid_file.read_text())
+    old = workspace.host_pids(app["id"], json.loads(pid_file.read_text()))
     os.kill(old["app"], signal.SIGKILL)
     workspace.wait_for_app(project["id"], app["id"], {"APPLICATION_FAILED"}, timeout=20)
     assert not any(alive(pid) for pid in old.values()), old  # the old tree is gone when FAILED shows
     workspace.api_ok("POST", app_path(project, app, ":restart"))
     workspace.wait_for_app(project["id"], app["id"], {"APPLICATION_RUNNING"})
-    new = json.loads(pid_file.read_text())
+    new = workspace.host_pids(app["id"], json.loads(pid_file.read_text()))
     assert new["app"] != old["app"]
     deadline = time.monotonic() + 3
     while time.monotonic() < deadline:  # the old sweep had up to its grace period to strike

@@ -147,7 +147,9 @@ def test_running_apps_are_readopted_after_a_crash(crashable: Crashable, test_app
     for app in (echo, tree, doomed):
         ws.wait_for_app(project["id"], app["id"], {"APPLICATION_RUNNING"})
     before = workload_pids(ws)
-    tree_pids = json.loads((ws.project_dir(project["id"]) / f"tree-pids-{tree['id']}.json").read_text())
+    tree_pids = ws.host_pids(
+        tree["id"], json.loads((ws.project_dir(project["id"]) / f"tree-pids-{tree['id']}.json").read_text())
+    )
     listed = ws.api_ok("GET", f"/api/v2/projects/{project['id']}/applications")["applications"]
     url, tag = ws.url, read_state(crashable.home)["workspace_tag"]
 

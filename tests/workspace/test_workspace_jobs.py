@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import uuid
 from datetime import datetime
@@ -101,7 +102,12 @@ def test_run_succeeds_with_cml_environment_and_arguments(
     assert Path(output["cwd"]) == workspace.project_dir(project["id"])
     env = output["env"]
     assert env["CDSW_PROJECT_ID"] == project["id"] and env["CDSW_DOMAIN"] == workspace.domain
-    assert env["CDSW_IP_ADDRESS"] == "127.0.0.1" and env["CDSW_ENGINE_ID"]
+    pod_cidr = workspace.network().get("pod_cidr") if workspace.pods else None
+    if pod_cidr:  # its own pod's address, as on CML
+        assert ipaddress.ip_address(env["CDSW_IP_ADDRESS"]) in ipaddress.ip_network(pod_cidr)
+    else:
+        assert env["CDSW_IP_ADDRESS"] == "127.0.0.1"
+    assert env["CDSW_ENGINE_ID"]
     assert env["JOB_ARGUMENTS"] == "one 'two words'"
     assert (env["PROJECT_VAR"], env["JOB_VAR"], env["RUN_VAR"]) == ("from-project", "j", "r")
     assert output["has_api_key"]

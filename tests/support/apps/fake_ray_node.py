@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import signal
+import socket
 import sys
 import threading
 import time
@@ -33,7 +34,9 @@ HEARTBEAT_SECONDS = 1.0
 FRESH_SECONDS = 3.0
 
 CLUSTER = os.environ.get("RAY_CAI_CLUSTER", "default")
-NODE_NAME = os.environ.get("RAY_CAI_NODE_NAME", f"fake-{os.getpid()}")
+POD_IP = os.environ.get("CDSW_IP_ADDRESS", "127.0.0.1")
+APP_PORT = int(os.environ.get("CDSW_APP_PORT", "0") or 0)
+NODE_NAME = os.environ.get("RAY_CAI_NODE_NAME", f"fake-{POD_IP}-{os.getpid()}")
 ROLE = os.environ.get("RAY_CAI_ROLE", "worker")
 HEAD_ID = uuid.uuid4().hex
 HEARTBEATS = Path(os.environ.get("RAY_CAI_PROJECT_DIR", ".")) / ".ray-cai" / CLUSTER / "fake"
@@ -50,7 +53,8 @@ STARTED = time.monotonic()
 def write_heartbeat() -> None:
     HEARTBEATS.mkdir(parents=True, exist_ok=True)
     temporary = HEARTBEATS / f".{NODE_NAME}.{os.getpid()}.tmp"
-    temporary.write_text(json.dumps({"pid": os.getpid(), "time": time.time(), "role": ROLE}))
+    beat = {"pid": os.getpid(), "ip": POD_IP, "port": APP_PORT, "time": time.time(), "role": ROLE}
+    temporary.write_text(json.dumps(beat))
     os.replace(temporary, MY_HEARTBEAT)
 
 
@@ -71,6 +75,19 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def node_alive(beat: dict[str, Any]) -> bool:
+    """Its process exists: seen directly on a shared host; in another pod (another pid namespace)
+    through the pod's address, which goes with the pod."""
+    ip = str(beat.get("ip") or "127.0.0.1")
+    if ip in ("127.0.0.1", POD_IP):
+        return pid_alive(int(beat.get("pid", 0)))
+    try:
+        with socket.create_connection((ip, int(beat.get("port") or 0)), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 def alive_nodes() -> list[dict[str, Any]]:
     nodes = []
     now = time.time()
@@ -81,9 +98,14 @@ def alive_nodes() -> list[dict[str, Any]]:
             beat = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if now - float(beat.get("time", 0)) <= FRESH_SECONDS and pid_alive(int(beat.get("pid", 0))):
+        if now - float(beat.get("time", 0)) <= FRESH_SECONDS and node_alive(beat):
             nodes.append(
-                {"node_id": f"fake-{beat['pid']}", "node_name": path.name, "alive": True, "resources": {}}
+                {
+                    "node_id": f"fake-{beat.get('ip')}-{beat['pid']}",
+                    "node_name": path.name,
+                    "alive": True,
+                    "resources": {},
+                }
             )
     return nodes
 

@@ -1,0 +1,238 @@
+"""Real Ray in pods, as on CML: one module-scoped 1 + 2 cluster, every node in its own pod.
+
+Three distinct pod IPs in `ray.nodes()` (none loopback, none the host's); a session pod connects with
+`ray://<head pod IP>:10001` and runs a task on every node; a worker partitioned for 25 s is back
+with the same three applications; a worker partitioned for good is replaced by the watch; `up` with
+200 ms ± 20 ms and 2 % loss on every pod link ends ready; after `down` no pod is left.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.fakes import wait_until
+
+from ray_serve_cai.workspace.pods import leftovers_of
+from ray_serve_cai.workspace.testing import WorkspaceHandle
+
+pytestmark = pytest.mark.ray
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RAY_CAI = [sys.executable, "-m", "ray_serve_cai.cli.main"]
+CLUSTER = "pods"
+PROJECT = "ray-cai-pods"
+HEAD, W0, W1 = "ray-pods-head", "ray-pods-worker-0", "ray-pods-worker-1"
+# Ray's default ports (no `ports:`), as on CML. `startup_timeout` is also how long the watch lets a
+# running worker stay outside Ray before it replaces it.
+CONFIG = """\
+ray_cluster:
+  name: pods
+  num_workers: 2
+  head_cpu: 1
+  head_memory: 1
+  worker_cpu: 1
+  worker_memory: 1
+  startup_timeout: 90
+  cml_restart_wait: 0
+  join_timeout: 240
+"""
+
+# Run in a session pod: what Ray sees, and one task pinned to every node.
+CLIENT = textwrap.dedent(
+    """
+    import json, os, sys, ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    ray.init(sys.argv[1], logging_level="error")
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+
+    @ray.remote(num_cpus=0)
+    def where():
+        return ray.get_runtime_context().get_node_id()
+
+    ran = {}
+    for node in nodes:
+        pinned = where.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
+        ran[node["NodeID"]] = ray.get(pinned.remote(), timeout=180)
+    print(json.dumps({
+        "me": os.environ["CDSW_IP_ADDRESS"],
+        "nodes": {n["NodeManagerAddress"]: n["NodeName"] for n in nodes},
+        "ran": ran,
+    }))
+    """
+)
+
+
+class Cluster:
+    def __init__(self, workspace: WorkspaceHandle, config: Path) -> None:
+        self.workspace = workspace
+        self.config = config
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("CML_", "CDSW_", "RAY_"))}
+        self.env.update(RAY_CAI_WORKSPACE_HOME=str(workspace.home), COLUMNS="200")
+        self.project_id = ""
+
+    def command(self, *args: str) -> list[str]:
+        return [*RAY_CAI, *args, "--local", "--project", PROJECT, "--config", str(self.config)]
+
+    def cli_json(self, *args: str, timeout: float = 900, ok: bool = True) -> dict[str, Any]:
+        """The command's JSON answer; `ok`: it must exit 0 (`status` exits 1 while not ready)."""
+        proc = subprocess.run(
+            [*self.command(*args), "--json"],
+            cwd=REPO_ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if ok:
+            assert proc.returncode == 0, (
+                f"{args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}\n{proc.stdout}"
+            )
+        return json.loads(proc.stdout)
+
+    def apps(self) -> dict[str, dict[str, Any]]:
+        body = self.workspace.api_ok(
+            "GET", f"/api/v2/projects/{self.project_id}/applications", params={"page_size": 100}
+        )
+        return {a["subdomain"]: a for a in body["applications"] if a["subdomain"] in (HEAD, W0, W1)}
+
+    def pod_ip(self, name: str) -> str:
+        log = Path(self.apps()[name]["log_path"]).read_text().splitlines()
+        return [line for line in log if line.startswith("[workspace] pod ")][-1].split()[2]
+
+    def ready(self, timeout: float = 600) -> dict[str, Any]:
+        """Wait until `status` says ready with every node alive in Ray."""
+
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.cli_json("status", ok=False)
+            if status["state"] == "ready" and status["ray"]["alive_nodes"] == 3:
+                return status
+            assert time.monotonic() < deadline, f"not ready with 3 nodes after {timeout} s: {status}"
+            time.sleep(5)
+
+    def in_session(
+        self, *command: str, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        args = [*RAY_CAI, "workspace", "exec", "--home", str(self.workspace.home), "--project", PROJECT]
+        for key, value in (env or {}).items():
+            args += ["--env", f"{key}={value}"]
+        return subprocess.run(
+            [*args, "--", *command], cwd=REPO_ROOT, env=self.env, capture_output=True, text=True, timeout=600
+        )
+
+
+def host_addresses() -> set[str]:
+    listed = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True, check=True)
+    return {line.split()[3].split("/")[0] for line in listed.stdout.splitlines()} | {
+        socket.gethostbyname(socket.gethostname())
+    }
+
+
+@pytest.fixture(scope="module")
+def cluster(workspace: WorkspaceHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    if not workspace.pods:
+        pytest.skip(f"the workspace runs shared-host: {workspace.network()['reason']}")
+    config = tmp_path_factory.mktemp("pods-cluster") / "ray_cluster_config.yaml"
+    config.write_text(CONFIG)
+    env = Cluster(workspace, config)
+    try:
+        result = env.cli_json("up", "--timeout", "900")
+        env.project_id = result["status"]["project_id"]
+        yield env
+    finally:
+        workspace.heal_network()
+        subprocess.run(env.command("down"), cwd=REPO_ROOT, env=env.env, capture_output=True, timeout=600)
+
+
+def test_three_pods_three_ips_and_a_session_pod_runs_tasks_on_every_node(cluster: Cluster) -> None:
+    cluster.ready()
+    cidr = ipaddress.ip_network(cluster.workspace.network()["pod_cidr"])
+    ips = {name: cluster.pod_ip(name) for name in (HEAD, W0, W1)}
+    connect = cluster.cli_json("connect")
+    assert connect["address"] == f"ray://{ips[HEAD]}:10001"
+
+    session_env = {k: v for k, v in connect["env"].items() if k != "RAY_ADDRESS"}
+    run = cluster.in_session("python", "-c", CLIENT, connect["address"], env=session_env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    assert seen["nodes"] == {ips[HEAD]: HEAD, ips[W0]: W0, ips[W1]: W1}
+    assert len(set(seen["nodes"])) == 3
+    for ip in seen["nodes"]:
+        address = ipaddress.ip_address(ip)
+        assert address in cidr and not address.is_loopback and ip not in host_addresses()
+    assert seen["me"] not in seen["nodes"] and ipaddress.ip_address(seen["me"]) in cidr  # its own pod
+    assert seen["ran"] == {node: node for node in seen["ran"]} and len(seen["ran"]) == 3
+
+
+def test_a_worker_partitioned_for_25_s_comes_back_with_the_same_apps(cluster: Cluster) -> None:
+    cluster.ready()
+    before = {name: app["id"] for name, app in cluster.apps().items()}
+    w0_ip = cluster.pod_ip(W0)
+    cluster.workspace.partition([W0], seconds=25)
+    wait_until(
+        lambda: not cluster.workspace.network()["faults"],
+        timeout=120,
+        interval=2,
+        what="the partition to end",
+    )
+    cluster.ready()
+    after = {name: app["id"] for name, app in cluster.apps().items()}
+    assert after == before  # no app replaced, none added
+    assert cluster.pod_ip(W0) == w0_ip  # the same pod: Ray marked the node dead and it joined again
+
+
+def test_a_worker_partitioned_for_good_is_replaced_by_the_watch(cluster: Cluster) -> None:
+    cluster.ready()
+    old_ip, old_id = cluster.pod_ip(W1), cluster.apps()[W1]["id"]
+    watch = subprocess.Popen(
+        [*cluster.command("up", "--watch", "--interval", "5")],
+        cwd=REPO_ROOT,
+        env=cluster.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        cluster.workspace.partition([W1], seconds=0)
+        wait_until(
+            lambda: cluster.pod_ip(W1) != old_ip,
+            timeout=600,
+            interval=5,
+            what="the watch to replace the worker",
+        )
+        cluster.ready()
+    finally:
+        watch.terminate()
+        watch.wait(timeout=60)
+        cluster.workspace.heal_network()
+    assert cluster.apps()[W1]["id"] == old_id  # restarted in a new pod, not a duplicate app
+    assert old_ip not in cluster.workspace.network()["pods"]
+
+
+def test_up_on_slow_lossy_links_ends_ready_and_down_leaves_no_pod(cluster: Cluster) -> None:
+    cluster.cli_json("down")
+    wait_until(lambda: not cluster.workspace.network()["pods"], timeout=120, what="every pod to be removed")
+    cluster.workspace.shape_network(["*"], delay_ms=200, jitter_ms=20, loss_percent=2)
+    try:
+        started = time.monotonic()
+        result = cluster.cli_json("up", "--timeout", "900")
+        assert result["status"]["state"] == "ready", result["status"]
+        faults = cluster.workspace.network()["faults"]
+        assert len([f for f in faults if f["kind"] == "shape" and f["pod_ip"] != "*"]) >= 3
+        print(f"up on 200±20 ms, 2 % loss links: {time.monotonic() - started:.0f} s")
+    finally:
+        cluster.workspace.heal_network()
+    cluster.cli_json("down")
+    wait_until(lambda: not cluster.workspace.network()["pods"], timeout=120, what="every pod to be removed")
+    names, links = leftovers_of(cluster.workspace.home)
+    assert names == [] and links == [cluster.workspace.network()["bridge"]]
