@@ -20,12 +20,14 @@ def _register() -> None:
     from ray_serve_cai.cli import job as job_cmds
     from ray_serve_cai.cli import serve as serve_cmds
     from ray_serve_cai.cli import workspace as workspace_cmds
+    from ray_serve_cai.cli.autostop import autostop_command
     from ray_serve_cai.cli.dashboard import dashboard_command
     from ray_serve_cai.cli.deploy import deploy_command
 
     cluster_cmds.register(app)
     app.command("deploy")(deploy_command)
     app.command("dashboard")(dashboard_command)
+    app.command("autostop")(autostop_command)
     app.add_typer(config_cmds.app, name="config", help="Validate the config files; print the JSON Schema.")
     job_cmds.register(app)
     app.add_typer(serve_cmds.app, name="serve", help="The cluster's Ray Serve applications.")

@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from types import FrameType
 
 from ray_serve_cai.node.autoscaling import autoscaler_state, autoscaling_start
+from ray_serve_cai.node.autostop import ServeTraffic, start_autostop
 from ray_serve_cai.node.files import (
     Rendezvous,
     TokenError,
@@ -98,6 +99,8 @@ class Launcher:
             list_nodes=GCS_PROBE.alive_nodes,
             autoscaler=lambda: autoscaler_state(settings),
         )
+        self.serve_traffic = ServeTraffic()  # autostop (#22): Serve requests through `/serve` are activity
+        self.status.mount_wrapper = self.serve_traffic.wrap
         self.http = AppServer(self.status, settings.app_port, upstreams=serve_upstreams(self.status))
 
     @property
@@ -230,6 +233,9 @@ def _run_head(launcher: Launcher, published: list[str]) -> int:
     launcher.node_runs()
     logger.info("head %s runs at %s", launcher.status.head_id, address)
     start_serve_in_background(launcher.status.connect, address, launcher.node.environment())
+    # autostop (#22): the head measures idleness and, past the timeout, stops or deletes the cluster.
+    traffic, project_dir = launcher.serve_traffic, settings.project_dir
+    start_autostop(launcher.status, traffic, GCS_PROBE.client, project_dir=project_dir, env=os.environ)
     while True:
         launcher.sleep(SUPERVISE_INTERVAL_SECONDS)
         exit_code = launcher.node.exit_code()
