@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -313,6 +313,25 @@ def read_recorded(client: CMLClient, project_id: str, cluster: str) -> Recorded:
     return Recorded(setting_of(read_record(apps, cluster)), stopped_mark(apps, cluster) is not None)
 
 
+def head_hooks(
+    cluster: str, project_dir: Path, env: Mapping[str, str]
+) -> tuple[Callable[[], Recorded], Callable[[str, float], str]]:
+    """What the head's autostop monitor (`ray_serve_cai.node.autostop`) needs from the CML API, with
+    the workload's own key: `read_recorded()` (one list call per check) and `act(action,
+    idle_seconds)`. Passed in by the head's entry script; CMLError when the environment has no key."""
+    client = workload_client(env)
+    project_id = (env.get("CDSW_PROJECT_ID") or "").strip()
+
+    def read() -> Recorded:
+        return read_recorded(client, project_id, cluster)
+
+    def act(action: str, idle_seconds: float) -> str:
+        idle = idle_seconds
+        return run_action(client, project_id, cluster, action, idle_seconds=idle, project_dir=project_dir)
+
+    return read, act
+
+
 def run_action(
     client: CMLClient,
     project_id: str,
@@ -408,6 +427,7 @@ __all__ = [
     "deleted_by_autostop",
     "describe_view",
     "event_path",
+    "head_hooks",
     "read_recorded",
     "run_action",
     "set_autostop",

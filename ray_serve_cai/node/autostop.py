@@ -27,7 +27,8 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import httpx
 
@@ -41,6 +42,7 @@ ACTIVE_JOB_STATUSES = frozenset({"PENDING", "RUNNING"})
 OWN_DRIVER_MARKERS = ("ray_serve_cai.node",)
 RAY_CLIENT_MARKER = "ray.util.client.server"
 PROBE_TIMEOUT_SECONDS = 10.0
+SERVE_BUSY_STATUSES = frozenset({"DEPLOYING", "DELETING"})
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -83,6 +85,16 @@ def demand_reasons(
     if placement_groups:
         reasons.append(f"{len(placement_groups)} placement group(s) wait for resources")
     return reasons
+
+
+def serve_deploy_reasons(applications: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Serve applications being deployed or deleted (Serve's own status): an `up` or a deploy that
+    applies a Serve config is work in progress, not idleness."""
+    return [
+        f"Serve application {name} is {str(app.get('status')).lower()}"
+        for name, app in sorted(applications.items())
+        if app.get("status") in SERVE_BUSY_STATUSES
+    ]
 
 
 def serve_reasons(in_flight: Mapping[str, int], recent: Mapping[str, float], now: float) -> list[str]:
@@ -194,16 +206,25 @@ class RayProbe:
     dashboard: Callable[[], tuple[str, str | None] | None]
     gcs: Callable[[], Any]
 
-    def jobs(self) -> list[dict[str, Any]]:
+    def _get(self, path: str) -> Any:
         target = self.dashboard()
         if target is None:
             raise RuntimeError("the dashboard is not up")
         base, token = target
         headers = {"X-Ray-Authorization": f"Bearer {token}"} if token else {}
-        response = httpx.get(f"{base}/api/jobs/", headers=headers, timeout=PROBE_TIMEOUT_SECONDS)
+        response = httpx.get(f"{base}{path}", headers=headers, timeout=PROBE_TIMEOUT_SECONDS)
         response.raise_for_status()
-        body = response.json()
+        return response.json()
+
+    def jobs(self) -> list[dict[str, Any]]:
+        body = self._get("/api/jobs/")
         return body if isinstance(body, list) else []
+
+    def serve_applications(self) -> dict[str, dict[str, Any]]:
+        """Serve's applications (name → details with `status`, `route_prefix`); {} without Serve."""
+        body = self._get("/api/serve/applications/")
+        applications = body.get("applications") if isinstance(body, dict) else None
+        return dict(applications) if isinstance(applications, dict) else {}
 
     def demand(self) -> tuple[list[tuple[dict[str, float], int]], list[dict[str, float]]]:
         from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply
@@ -232,6 +253,17 @@ class RayProbe:
             reasons += demand_reasons(*self.demand())
         except Exception as error:
             reasons.append(f"cannot tell whether work waits: {type(error).__name__}")
+        try:
+            applications = self.serve_applications()
+            reasons += serve_deploy_reasons(applications)
+            with serve.lock:
+                serve.routes = {
+                    str(app["route_prefix"]): name
+                    for name, app in applications.items()
+                    if isinstance(app, dict) and app.get("route_prefix")
+                }
+        except Exception as error:
+            reasons.append(f"cannot tell whether Serve deploys: {type(error).__name__}")
         in_flight, answered = serve.snapshot()
         reasons += serve_reasons(in_flight, {a: t for a, t in answered.items() if t >= since}, now)
         return reasons
@@ -266,7 +298,7 @@ class AutostopMonitor:
         serve: ServeTraffic,
         *,
         setting: AutostopSpec | None,
-        read_recorded: Callable[[], Recorded] | None,
+        read_recorded: ReadRecorded | None,
         act: Callable[[str, float], str] | None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -377,33 +409,15 @@ class AutostopMonitor:
         self.stop_event.set()
 
 
-def cml_hooks(
-    cluster: str, project_dir: Any, env: Mapping[str, str]
-) -> tuple[Callable[[], Recorded] | None, Callable[[str, float], str] | None, str | None]:
-    """`read_recorded` and `act` through the CML API with the workload's own key (the same access
-    Ray's autoscaler has on the head), or (None, None, why) when the environment has none.
+class ReadRecorded(Protocol):
+    def __call__(self) -> Any: ...  # an object with `.setting` (AutostopSpec | None) and `.stopped`
 
-    The CML calls live in the cluster layer (`ray_serve_cai.cluster.autostop`); it is imported here,
-    on the head only, as the autoscaler's node provider is loaded by Ray's monitor."""
-    from ray_serve_cai.cluster import autostop as cluster_autostop
-    from ray_serve_cai.cml import CMLError
 
-    try:
-        client = cluster_autostop.workload_client(env)
-    except CMLError as error:
-        return None, None, str(error)
-    project_id = str(env.get("CDSW_PROJECT_ID", "")).strip()
-
-    def read_recorded() -> Recorded:
-        found = cluster_autostop.read_recorded(client, project_id, cluster)
-        return Recorded(found.setting, found.stopped)
-
-    def act(action: str, idle_seconds: float) -> str:
-        return cluster_autostop.run_action(
-            client, project_id, cluster, action, idle_seconds=idle_seconds, project_dir=project_dir
-        )
-
-    return read_recorded, act, None
+# What the head's entry script passes in (see `cai_integration/ray_head.py`): given the cluster, the
+# project directory and the environment, `read_recorded` and `act` through the CML API with the
+# workload's own key — the cluster layer's `ray_serve_cai.cluster.autostop.head_hooks`. The node
+# layer uses config and Ray only, so the CML calls are wired in from outside it.
+HooksFactory = Callable[[str, Path, Mapping[str, str]], tuple[ReadRecorded, Callable[[str, float], str]]]
 
 
 def start_autostop(
@@ -411,8 +425,9 @@ def start_autostop(
     serve: ServeTraffic,
     gcs_client: Callable[[str], Any],
     *,
-    project_dir: Any,
+    project_dir: Path | str,
     env: Mapping[str, str],
+    hooks: HooksFactory | None,
 ) -> AutostopMonitor:
     """Start the head's monitor (the launcher's hook): `status` is the head's `NodeStatus` (dashboard
     port and token, GCS address), `gcs_client(address)` the in-process GCS client."""
@@ -424,7 +439,15 @@ def start_autostop(
     def gcs() -> Any:
         return gcs_client(status.gcs_address) if status.gcs_address else None
 
-    read_recorded, act, problem = cml_hooks(status.cluster, project_dir, env)
+    read_recorded: ReadRecorded | None = None
+    act: Callable[[str, float], str] | None = None
+    problem = "the head was started without the CML hooks (cai_integration/ray_head.py passes them)"
+    if hooks is not None:
+        try:
+            read_recorded, act = hooks(status.cluster, Path(project_dir), env)
+            problem = ""
+        except Exception as error:  # no API key in the environment, ...: measure, but cannot act
+            problem = str(error)
     monitor = AutostopMonitor(
         RayProbe(dashboard, gcs),
         serve,

@@ -1,14 +1,18 @@
 """Autostop end to end on a real local cluster (head + 1 worker, Serve's iris example).
 
-Timings are shortened for the suite: `idle_timeout: 20` (the issue's scenario says 60) and
-`check_interval: 2`, so a job of 30 s outlives the idle timeout. Two bring-ups in all:
+Timings are shortened for the suite: an idle timeout of 20 s (the issue's scenario says 60) and
+`check_interval: 2`, so a job of 30 s outlives the idle timeout. The config says
+`autostop: {idle_timeout: 3600, check_interval: 2}` (a bring-up on a loaded 2-core box can take
+longer than 20 s); `ray-cai autostop --idle 20` then shortens it on the running cluster — the head
+picks the change up without a restart. Two bring-ups in all:
 
-1. `up` → a job running longer than idle_timeout keeps the cluster up (status shows it busy);
+1. `up`, `autostop --idle 20` → a job running longer than that keeps the cluster up (status says so);
    then Serve requests keep it up; once neither happens, the head stops the cluster within
    idle_timeout + a few check intervals: every application STOPPED, no process of the cluster
    left, `status` says `stopped` (exit 1) and how to start it (that the watch leaves a stopped
    cluster alone is tested with fake nodes in tests/workspace/test_autostop_state.py).
-2. `up` starts it again, ready, Serve's application included; `autostop --cancel` keeps the idle
+2. `autostop --cancel` on the stopped cluster, then `up` starts it again, ready, Serve's application
+   included; the cancelled setting survives that `up` (its file is unchanged) and keeps the idle
    cluster up; `autostop --idle 20 --down` deletes it (its node logs stay in the project).
 """
 
@@ -100,7 +104,7 @@ def cluster(workspace: WorkspaceHandle, tmp_path_factory: pytest.TempPathFactory
     config.write_text(
         config.read_text()
         + "  serve: {config: examples/serve/serve_config.yaml}\n"
-        + f"  autostop: {{idle_timeout: {IDLE_TIMEOUT}, action: stop, check_interval: {CHECK_INTERVAL}}}\n"
+        + f"  autostop: {{idle_timeout: 3600, action: stop, check_interval: {CHECK_INTERVAL}}}\n"
     )
     git(repo, "commit", "-qam", "e2e: a cluster with autostop")
     env = Cluster(workspace, repo)
@@ -119,6 +123,10 @@ def cluster(workspace: WorkspaceHandle, tmp_path_factory: pytest.TempPathFactory
 
 
 def test_busy_while_a_job_or_serve_traffic_then_stopped(cluster: Cluster) -> None:
+    assert cluster.cli_json("status")["autostop"]["idle_timeout"] == 3600
+    changed = cluster.cli_json("autostop", "--idle", str(IDLE_TIMEOUT))
+    assert changed["autostop"]["idle_timeout"] == IDLE_TIMEOUT, changed
+    assert changed["autostop"]["check_interval"] == CHECK_INTERVAL, changed
     submitted = cluster.cli(
         "job", "submit", "--no-wait", "--", "python", "-c", f"import time; time.sleep({JOB_SECONDS})"
     )
@@ -171,15 +179,16 @@ def test_busy_while_a_job_or_serve_traffic_then_stopped(cluster: Cluster) -> Non
 
 
 def test_up_starts_it_again_cancel_keeps_it_then_down_deletes(cluster: Cluster) -> None:
+    cancelled = cluster.cli_json("autostop", "--cancel")  # a stopped cluster takes the change too
+    assert cancelled["autostop"]["idle_timeout"] is None and cancelled["state"] == "stopped", cancelled
     started = time.monotonic()
     result = cluster.cli_json("up")
     print(f"\nstopped → up → ready (Serve included): {time.monotonic() - started:.1f}s")
     assert result["status"]["state"] == "ready", result["status"]
     assert result["status"]["serve"]["applications"]["iris"]["status"] == "RUNNING"
     assert result["status"]["autostop"]["stopped"] is None
+    assert result["status"]["autostop"]["idle_timeout"] is None  # the unchanged file kept the --cancel
 
-    cancelled = cluster.cli_json("autostop", "--cancel")
-    assert cancelled["autostop"]["idle_timeout"] is None, cancelled
     time.sleep(IDLE_TIMEOUT + 5 * CHECK_INTERVAL)
     assert set(cluster.statuses().values()) == {"APPLICATION_RUNNING"}, cluster.statuses()
     status = cluster.cli_json("status")
