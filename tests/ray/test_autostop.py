@@ -51,8 +51,9 @@ class Cluster:
         self.project_id = ""
 
     def cli(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        cut = args.index("--") if "--" in args else len(args)  # options go before a job's command
         return subprocess.run(
-            [*RAY_CAI, *args, "--local", "--project", PROJECT],
+            [*RAY_CAI, *args[:cut], "--local", "--project", PROJECT, *args[cut:]],
             cwd=self.repo,
             env=self.env,
             capture_output=True,
