@@ -13,7 +13,8 @@ Every `check_interval` seconds it asks Ray, in the head's pod:
   requests are in flight (streams, WebSockets). A request counts as a busy moment.
 
 The cluster is idle from the last busy moment on (`IdleClock`; a scale event of the autoscaler is
-not a busy moment). A probe that cannot answer counts as busy: the cluster never stops on a guess.
+not a busy moment; the head's start and a changed setting are). A probe that cannot answer counts
+as busy: the cluster never stops on a guess.
 Once idle for `idle_timeout`, one more check confirms, then the action runs through the CML API
 (`ray_serve_cai.cluster.autostop.run_action`: workers first, the head last). The setting is re-read
 from the applied spec on the head application at every check, so `ray-cai autostop` changes it
@@ -351,7 +352,10 @@ class AutostopMonitor:
             return True
         with self.lock:
             if recorded.setting != self.setting:
+                # A new or changed setting counts from now (as SkyPilot's does): turning autostop on
+                # for a cluster idle for an hour must not stop it at once.
                 logger.info("autostop setting now %s", recorded.setting or "off")
+                self.idle.last_busy = max(self.idle.last_busy, self.clock())
             self.setting = recorded.setting
             self.error = None
         return not recorded.stopped

@@ -229,10 +229,12 @@ def test_monitor_acts_once_idle_past_the_timeout_and_confirms_first() -> None:
     recorded[0] = Recorded(None)  # `ray-cai autostop --cancel`
     clock.now = 500
     assert monitor.check_once() is None and acted == []
-    recorded[0] = Recorded(SETTING)
+    recorded[0] = Recorded(SETTING)  # on again: the idle count starts anew
     clock.now = 501
+    assert monitor.check_once() is None and monitor.report()["fires_in_seconds"] == 60.0
+    clock.now = 561
     assert monitor.check_once() == "stop done"
-    assert acted == [("stop", 406.0)]
+    assert acted == [("stop", 60.0)]
     recorded[0] = Recorded(SETTING, stopped=True)
     assert monitor.check_once() is None and len(acted) == 1
 
