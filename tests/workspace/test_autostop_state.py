@@ -14,7 +14,15 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from support.fakes import client_for, fake_cluster_spec, fake_project, list_apps
+from support.fakes import (
+    cli_env,
+    client_for,
+    fake_cluster_spec,
+    fake_cluster_yaml,
+    fake_project,
+    list_apps,
+    run_cli,
+)
 
 from ray_serve_cai.cluster import RayCluster
 from ray_serve_cai.cluster.applied import ClusterRequest, read_record
@@ -34,7 +42,9 @@ def statuses(workspace: WorkspaceHandle, project_id: str) -> dict[str, str]:
     }
 
 
-def test_setting_stop_status_watch_and_up(controls: WorkspaceHandle, project_files: Path) -> None:
+def test_setting_stop_status_watch_and_up(
+    controls: WorkspaceHandle, project_files: Path, tmp_path: Path
+) -> None:
     with fake_project(controls, "autostop-state", project_files) as project, client_for(controls) as client:
         pid = project["id"]
         spec = fake_cluster_spec(CLUSTER, 2)
@@ -91,6 +101,19 @@ def test_setting_stop_status_watch_and_up(controls: WorkspaceHandle, project_fil
         assert status.autostop["stopped"]["by"] == "autostop"
         mark = stopped_mark(client.list_applications(pid), CLUSTER)
         assert mark is not None and mark.idle_seconds == 1801.0
+        # the commands: `status` exit 1 saying how to start it; `autostop` refuses bad flags (exit 2)
+        config = tmp_path / "ray_cluster_config.yaml"
+        config.write_text(fake_cluster_yaml(CLUSTER, 2))
+        env = cli_env(controls)
+        human = run_cli(["status", "--project", pid], cwd=tmp_path, env=env)
+        print(human.stdout, human.stderr)
+        assert human.returncode == 1, human.stderr
+        assert "Ray cluster 'astop': stopped" in human.stdout and "start it with `ray-cai up`" in human.stdout
+        for bad, field in ((["--idle", "0"], "--idle"), (["--cancel", "--down"], "--cancel")):
+            refused = run_cli(["autostop", *bad, "--project", pid], cwd=tmp_path, env=env)
+            assert refused.returncode == 2 and field in refused.stderr, refused.stderr
+        shown = run_cli(["autostop", "--project", pid, "--json"], cwd=tmp_path, env=env)
+        assert shown.returncode == 0 and '"state": "stopped"' in shown.stdout, shown.stderr
 
         # `up` is a deliberate start: the mark goes, every application runs again.
         plan, status = RayCluster(client, pid, ClusterRequest(spec), poll_interval=0.2).up(timeout=60)
