@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,9 @@ def test_setting_stop_status_watch_and_up(
         record = read_record(client.list_applications(pid), CLUSTER)
         assert record is not None and record.spec["autostop"]["idle_timeout"] == 1800  # kept
 
-        # The head's action, then the watch: its later passes leave the stopped cluster alone.
+        # The head's action, then the watch: its later passes leave the stopped cluster alone; nor
+        # does CML's automatic restart (of *failed* applications), here on with a 1 s delay.
+        controls.set_restart_policy(enabled=True, delay_seconds=1)
         stopped_by_watch_test: list[str] = []
         passes: list[int] = []
 
@@ -88,6 +91,7 @@ def test_setting_stop_status_watch_and_up(
         assert not thread.is_alive()
         assert stopped_by_watch_test == ["stopped 3 application(s)"]
         assert passes[1:] == [0, 0, 0], passes  # no restart, no create
+        time.sleep(3)  # more than the automatic restart's delay
         apps = {a["subdomain"]: a for a in list_apps(controls, pid)}
         assert {statuses(controls, pid)[n] for n in statuses(controls, pid)} == {"APPLICATION_STOPPED"}
         # workers first, the head last
