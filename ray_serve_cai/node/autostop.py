@@ -291,7 +291,8 @@ class AutostopMonitor:
     """The head's loop: read the setting, measure, and act once idle past the timeout.
 
     `read_recorded` re-reads the setting from the applied spec (one CML list call), `act(action,
-    idle_seconds)` carries out the action; both come from the cluster layer (see `cml_hooks`)."""
+    idle_seconds)` carries out the action; both go through the CML API, wired in by the head's
+    entry script (`HooksFactory`). While the cluster carries the stopped mark it does nothing."""
 
     def __init__(
         self,
