@@ -51,7 +51,7 @@ def cluster_data(interval: float) -> dict[str, Any]:
             "worker_cpu": 1,
             "worker_memory": 1,
             "ports": {"gcs": 0, "client": 0, "dashboard": 0},
-            "startup_timeout": 300,
+            "startup_timeout": 600,
             "cml_restart_wait": 0,
             "autostop": {"idle_timeout": 3600, "check_interval": interval},
         }
@@ -123,11 +123,11 @@ def main(argv: list[str] | None = None) -> int:
             spec = parse_cluster_spec(cluster_data(args.interval), env={})
             with CMLClient(CMLSettings(host=handle.url, api_key=handle.api_key)) as client:
                 cluster = RayCluster(client, pid, spec, poll_interval=0.5)
-                started = time.monotonic()
-                cluster.up()
-                first_up = time.monotonic() - started
-                print(f"first up: {first_up:.1f} s (load {os.getloadavg()[0]:.2f})", flush=True)
                 try:
+                    started = time.monotonic()
+                    cluster.up()
+                    first_up = time.monotonic() - started
+                    print(f"first up: {first_up:.1f} s (load {os.getloadavg()[0]:.2f})", flush=True)
                     for i in range(args.repeat):
                         set_autostop(
                             client,
