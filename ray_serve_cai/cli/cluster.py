@@ -37,6 +37,7 @@ from ray_serve_cai.cli.serve import check_serve_config, print_serve
 from ray_serve_cai.cli.serve import project_dir as serve_project_dir
 from ray_serve_cai.cluster import ClusterStatus, RayCluster, connect_info, write_cluster_info
 from ray_serve_cai.cluster.applied import load_cluster_request
+from ray_serve_cai.cluster.autostop import describe_view
 from ray_serve_cai.cluster.plan import Plan
 from ray_serve_cai.cluster.serve import observe_into as converge_serve_view
 from ray_serve_cai.cml import CMLClient
@@ -122,6 +123,8 @@ def _print_groups(status: ClusterStatus) -> None:
     line = _autoscaler_line(status)
     if line:
         out_console.print(escape(line))
+    if status.autostop:  # autostop (#22): "idle for 12 min, stops in 18 min", what keeps it busy, or stopped
+        out_console.print(escape(describe_view(status.autostop)))
 
 
 def _print_differences(differences: list[str]) -> None:

@@ -21,6 +21,7 @@ def _register() -> None:
     from ray_serve_cai.cli import run as run_cmds
     from ray_serve_cai.cli import serve as serve_cmds
     from ray_serve_cai.cli import workspace as workspace_cmds
+    from ray_serve_cai.cli.autostop import autostop_command
     from ray_serve_cai.cli.dashboard import dashboard_command
     from ray_serve_cai.cli.deploy import deploy_command
     from ray_serve_cai.cli.doctor import doctor_command
@@ -29,6 +30,7 @@ def _register() -> None:
     app.command("deploy")(deploy_command)
     app.command("dashboard")(dashboard_command)
     app.command("doctor")(doctor_command)
+    app.command("autostop")(autostop_command)
     app.add_typer(config_cmds.app, name="config", help="Validate the config files; print the JSON Schema.")
     job_cmds.register(app)
     run_cmds.register(app)

@@ -28,6 +28,8 @@ from ray_serve_cai.cluster.applied import (
     same_applied,
     spec_differences,
 )
+from ray_serve_cai.cluster.autostop import apply_to_status as apply_autostop  # autostop (#22)
+from ray_serve_cai.cluster.autostop import clear_stopped_mark, deleted_by_autostop, stopped_mark
 from ray_serve_cai.cluster.conditions import Condition
 from ray_serve_cai.cluster.errors import ClusterError
 from ray_serve_cai.cluster.lock import cluster_lock, remove_stale_lock
@@ -111,6 +113,8 @@ class ClusterStatus:
     serve: dict[str, Any] | None = None
     # Why the state is what it is, one condition per aspect (see `derive_status`).
     conditions: list[Condition] = field(default_factory=list)
+    # autostop (#22): the setting, the head's idle view, the stopped mark (see cluster/autostop.py).
+    autostop: dict[str, Any] | None = None
     desired: list[NodeSpec] = field(default_factory=list, repr=False)  # the nodes it was derived for
 
     @property
@@ -146,6 +150,7 @@ class ClusterStatus:
             "autoscaler": self.autoscaler,
             "serve": self.serve,
             "conditions": [c.as_dict() for c in self.conditions],
+            "autostop": self.autostop,  # autostop (#22)
         }
 
 
@@ -368,6 +373,7 @@ class RayCluster:
         status.applied = target.record.summary() if target.record else None
         status.differences = self.differences(apps) if target.record else []
         status.groups = group_sizes(target.effective, owned_apps(self.spec.name, observed), status.desired)
+        apply_autostop(status, apps, target.record)  # autostop (#22): state `stopped`, the idle view
         return status
 
     def _ray_view(self, head_name: str) -> tuple[dict[str, Any], str | None]:
@@ -506,6 +512,15 @@ class RayCluster:
 
         apps = self.observe()
         if remove_stale_lock(self.client, self.project_id, self.spec.name, apps):
+            apps = self.observe()
+        # autostop (#22): a stop is not a failure — the watch leaves a cluster the head stopped (or
+        # deleted) alone; any other pass (up, deploy, scale) starts it: the stopped mark goes first.
+        if self._heal_only and (
+            stopped_mark(apps, self.spec.name)
+            or deleted_by_autostop(apps, self.spec.name, self.project_dir or Path.cwd())
+        ):
+            return Plan((), ()), apps
+        if not self._heal_only and clear_stopped_mark(self.client, self.project_id, self.spec.name, apps):
             apps = self.observe()
         target = self.target(apps)
         plan = planned(apps, target)

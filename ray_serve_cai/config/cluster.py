@@ -108,6 +108,21 @@ class AutoscalingSpec(BaseModel):
     upscaling_speed: Annotated[float, Field(gt=0)] = 1.0
 
 
+AUTOSTOP_DEFAULT_CHECK_INTERVAL = 30.0
+
+
+class AutostopSpec(BaseModel):
+    """Autostop: the head stops (or deletes) the cluster once it has been idle for `idle_timeout`
+    seconds (see ray_serve_cai.node.autostop). Not part of any node's hash: changing it restarts
+    nothing, the head re-reads it from the applied spec every `check_interval` seconds."""
+
+    model_config = _STRICT
+
+    idle_timeout: Annotated[float, Field(gt=0)]
+    action: Literal["stop", "down"] = "stop"
+    check_interval: Annotated[float, Field(gt=0)] = AUTOSTOP_DEFAULT_CHECK_INTERVAL
+
+
 class RayPorts(BaseModel):
     """Head ports; 0 = pick a free port when the head starts and publish it in the rendezvous."""
 
@@ -147,6 +162,7 @@ class ClusterSpec(BaseModel):
     environment: Environment = Field(default_factory=dict)
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
     serve: ServeSpec | None = None  # not part of any node's hash: Serve changes apply in place
+    autostop: AutostopSpec | None = None  # None = off; not part of any node's hash either
 
     @model_validator(mode="after")
     def _cross_field_rules(self, info: ValidationInfo) -> ClusterSpec:
@@ -672,6 +688,28 @@ class AutoscalingFile(BaseModel):
     )
 
 
+class AutostopFile(BaseModel):
+    """`ray_cluster.autostop`: stop (or delete) the cluster once it has been idle this long."""
+
+    model_config = _FILE
+
+    idle_timeout: Seconds = Field(
+        description=(
+            "seconds the cluster may be idle (no job pending or running, no task, actor or placement group "
+            "waiting for resources, no driver or Ray client connected, no Serve request) before the action"
+        )
+    )
+    action: Literal["stop", "down"] = Field(
+        "stop",
+        description="stop: stop every application (settings and Serve config kept; `ray-cai up` starts it); "
+        "down: delete them as `ray-cai down` does (logs kept)",
+    )
+    check_interval: Seconds = Field(
+        AUTOSTOP_DEFAULT_CHECK_INTERVAL,
+        description="seconds between the head's idleness checks (also how soon a changed setting is seen)",
+    )
+
+
 class RayClusterFile(BaseModel):
     """`ray_cluster:` — the seed's flat keys define one worker group named `worker`;
     use `worker_groups` instead for heterogeneous clusters."""
@@ -723,6 +761,9 @@ class RayClusterFile(BaseModel):
     )
     autoscaling: AutoscalingFile = Field(default_factory=AutoscalingFile)
     serve: ServeFile | None = Field(None, description="Serve applications to deploy on the cluster")
+    autostop: AutostopFile | None = Field(
+        None, description="stop or delete the cluster when idle (default: off); `ray-cai autostop` changes it"
+    )
 
 
 class ClusterFile(BaseModel):
@@ -890,6 +931,7 @@ def _normalize(file: ClusterFile, group_index: list[int]) -> tuple[dict[str, Any
         "environment": dict(rc.environment),
         "autoscaling": rc.autoscaling.model_dump(),
         "serve": rc.serve.model_dump() if rc.serve is not None else None,
+        "autostop": rc.autostop.model_dump() if rc.autostop is not None else None,
     }
 
     def where(path: str) -> str:
@@ -983,6 +1025,7 @@ __all__ = [
     "CLUSTER_OVERRIDE_VARIABLES",
     "NODE_ID_RESOURCE_VARIABLE",
     "AutoscalingSpec",
+    "AutostopSpec",
     "ClusterFile",
     "ClusterSpec",
     "HeadSpec",

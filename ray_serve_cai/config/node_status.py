@@ -50,6 +50,8 @@ class HeadStatus(BaseModel):
     client_address: str | None = None
     auth_mode: str | None = None
     token_path: str | None = None
+    # autostop (#22): what the head measures — idle_seconds, busy reasons, the setting it acts on
+    autostop: dict[str, Any] | None = None
 
     def alive_names(self) -> set[str]:
         return {node.node_name for node in self.nodes if node.alive and node.node_name}
@@ -57,7 +59,7 @@ class HeadStatus(BaseModel):
     def body(self) -> dict[str, Any]:
         """The JSON body (None-valued connect facts left out, as before they were known)."""
         data = self.model_dump(mode="json")
-        for key in ("gcs_address", "client_address", "auth_mode", "token_path", "error"):
+        for key in ("gcs_address", "client_address", "auth_mode", "token_path", "error", "autostop"):
             if data.get(key) is None:
                 data.pop(key, None)
         return data

@@ -54,7 +54,7 @@ def run_worker(*args: Any, **kwargs: Any) -> int:
     return _run_worker(*args, **kwargs)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, **kwargs: Any) -> int:
     from ray_serve_cai.node.launcher import main as _main
 
-    return _main(argv)
+    return _main(argv, **kwargs)

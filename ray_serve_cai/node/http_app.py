@@ -57,6 +57,9 @@ class NodeStatus:
     ray_running: Callable[[], bool] = lambda: False
     dashboard_token: Callable[[], str | None] = lambda: None
     autoscaler: Callable[[], dict[str, Any] | None] = lambda: None  # the autoscaler's last decision
+    # autostop (#22): the head's idle view, and a wrapper of the path mounts (counts Serve requests)
+    autostop: Callable[[], dict[str, Any] | None] = lambda: None
+    mount_wrapper: Callable[[str, Any], Any] = lambda _prefix, app: app
     # Head only, once published: gcs_address, client_address, auth_mode, token_path (a path, never the token).
     connect: dict[str, Any] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -184,6 +187,8 @@ def create_app(status: NodeStatus, upstreams: Sequence[PathUpstream] = ()) -> St
         }
         if (decision := status.autoscaler()) is not None:
             body["autoscaler"] = decision
+        if (idle_view := status.autostop()) is not None:  # autostop (#22)
+            body["autostop"] = idle_view
         address, list_nodes = status.gcs_address, status.list_nodes
         if address is None or list_nodes is None or not status.ray_running():
             error = "ray is not running" + (f"; last error: {status.last_error}" if status.last_error else "")
@@ -219,7 +224,9 @@ def create_app(status: NodeStatus, upstreams: Sequence[PathUpstream] = ()) -> St
         Route(STATUS_PATH, cluster_status, methods=["GET"]),
     ]
     if status.role == "head":
-        routes += [Mount(u.prefix.rstrip("/"), app=_mounted(u, forwarder)) for u in upstreams]
+        for u in upstreams:
+            prefix = u.prefix.rstrip("/")
+            routes.append(Mount(prefix, app=status.mount_wrapper(prefix, _mounted(u, forwarder))))
         routes.append(Mount("", app=dashboard))
     else:
         routes = [route for route in routes if route.path != STATUS_PATH]

@@ -29,6 +29,7 @@ from datetime import datetime, timezone
 from types import FrameType
 
 from ray_serve_cai.node.autoscaling import autoscaler_state, autoscaling_start
+from ray_serve_cai.node.autostop import HooksFactory, ServeTraffic, start_autostop
 from ray_serve_cai.node.files import (
     Rendezvous,
     TokenError,
@@ -99,6 +100,9 @@ class Launcher:
             list_nodes=GCS_PROBE.alive_nodes,
             autoscaler=lambda: autoscaler_state(settings),
         )
+        self.serve_traffic = ServeTraffic()  # autostop (#22): Serve requests through `/serve` are activity
+        self.hooks: HooksFactory | None = None  # autostop (#22): its CML calls, passed in by ray_head.py
+        self.status.mount_wrapper = self.serve_traffic.wrap
         self.http = AppServer(self.status, settings.app_port, upstreams=serve_upstreams(self.status))
         # Node logs (and, on the head, job records) kept in the project as they grow.
         head = settings.role == "head"
@@ -183,10 +187,11 @@ class Launcher:
         self.ports.release()
 
 
-def run_head(settings: NodeSettings | None = None) -> int:
+def run_head(settings: NodeSettings | None = None, autostop_hooks: HooksFactory | None = None) -> int:
     """Run the head node until stopped. Returns the process exit code."""
     settings = settings or NodeSettings.from_env("head")
     launcher = Launcher(settings)
+    launcher.hooks = autostop_hooks
     launcher.install_signal_handlers()
     published: list[str] = []  # head ids this launcher published (one per start that got a GCS)
     # A head.json left by a previous head names a dead GCS: withdraw it so workers wait for us.
@@ -237,6 +242,11 @@ def _run_head(launcher: Launcher, published: list[str]) -> int:
     launcher.node_runs()
     logger.info("head %s runs at %s", launcher.status.head_id, address)
     start_serve_in_background(launcher.status.connect, address, launcher.node.environment())
+    # autostop (#22): the head measures idleness and, past the timeout, stops or deletes the cluster.
+    start_autostop(
+        launcher.status, launcher.serve_traffic, GCS_PROBE.client,
+        project_dir=settings.project_dir, env=os.environ, hooks=launcher.hooks,
+    )  # fmt: skip
     while True:
         launcher.sleep(SUPERVISE_INTERVAL_SECONDS)
         exit_code = launcher.node.exit_code()
@@ -406,8 +416,9 @@ def _check_versions(rendezvous: Rendezvous) -> None:
         )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m ray_serve_cai.node head|worker` (role defaults to RAY_CAI_ROLE)."""
+def main(argv: list[str] | None = None, *, autostop_hooks: HooksFactory | None = None) -> int:
+    """`python -m ray_serve_cai.node head|worker` (role defaults to RAY_CAI_ROLE). `autostop_hooks`:
+    the head's CML calls for autostop (`cai_integration/ray_head.py` passes them)."""
     args = sys.argv[1:] if argv is None else argv
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s ray-cai node %(levelname)s %(message)s"
@@ -422,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ray-cai node: bad environment: {error}", file=sys.stderr)
         return EXIT_BAD_ENV
     try:
-        code = run_head(settings) if settings.role == "head" else run_worker(settings)
+        code = run_head(settings, autostop_hooks) if settings.role == "head" else run_worker(settings)
     except (TokenError, OSError, RuntimeError) as error:
         # Setup failures (token file, app port taken, ...): one clear line, not a traceback.
         print(f"ray-cai node {settings.node_name}: cannot start: {error}", file=sys.stderr)
