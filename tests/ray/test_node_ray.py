@@ -31,8 +31,6 @@ from ray_serve_cai.node.ports import pick_free_ports
 from ray_serve_cai.node.process_tree import end_node
 from ray_serve_cai.node.ray_node import node_tag
 
-pytestmark = pytest.mark.ray
-
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = "demo"
 HEAD_NAME = f"ray-{CLUSTER}-head"
