@@ -62,7 +62,8 @@ _tiers: dict[str, _Tier] = {}
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    tier = tier_of(Path(str(report.fspath)))
+    # From the node id (relative to the root), not the file path: a test may have changed directory.
+    tier = tier_of(TESTS_DIR.parent / report.nodeid.split("::", 1)[0])
     if tier is None:
         return
     record = _tiers.setdefault(tier, _Tier())
@@ -83,7 +84,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """One line per tier: its counts and its wall-clock time (first setup to last teardown)."""
     if not _tiers:
         return
-    terminalreporter.section("tiers")
+    terminalreporter.section("tiers", bold=True)
     order = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
     for tier in TIERS:
         record = _tiers.get(tier)

@@ -317,8 +317,10 @@ def test_node_logs_list_read_and_follow(cluster: LocalCluster) -> None:
     assert worker_id in whole.stdout and "(raylet)" in whole.stdout  # the worker's own raylet log
 
     # Follow the head's driver log of a job that prints a tick a second: the ticks arrive one by one.
+    # The follower starts after the job (a CLI process start, seconds on a loaded machine) and gets
+    # what was written before it at once: 12 ticks leave several seconds of them to stream.
     submitted = submit(
-        cluster, "--no-wait", "--submission-id", "logs-ticks", "--", "python", "-c", TICKS.format(n=6)
+        cluster, "--no-wait", "--submission-id", "logs-ticks", "--", "python", "-c", TICKS.format(n=12)
     )
     assert submitted.returncode == 0, submitted.stderr
     follower = cluster.popen(
@@ -328,7 +330,7 @@ def test_node_logs_list_read_and_follow(cluster: LocalCluster) -> None:
     reader = read_lines(follower.stdout, lines)
     try:
         first = wait_for_line(lines, "tick 0", timeout=120)
-        last = wait_for_line(lines, "tick 5", timeout=60)
+        last = wait_for_line(lines, "tick 11", timeout=60)
         follower.send_signal(signal.SIGINT)
         assert follower.wait(timeout=30) == 0
     finally:
