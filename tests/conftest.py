@@ -45,10 +45,19 @@ def tier_of(path: Path) -> str | None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test with its tier, and group the tests for `pytest -n 2` (pytest-xdist, `--dist
+    loadgroup`): the real-Ray tier is one group, so it runs in one worker, in order, one cluster at a
+    time, while the other worker takes the unit tier and then the workspace tier module by module (a
+    module's fixtures are set up once). xdist hands out the biggest groups first, so the unit tier and
+    the real-Ray tier start at once."""
     for item in items:
         tier = tier_of(item.path)
-        if tier is not None:
-            item.add_marker(getattr(pytest.mark, tier))
+        if tier is None:
+            continue
+        item.add_marker(getattr(pytest.mark, tier))
+        if item.get_closest_marker("xdist_group") is None:
+            group = str(item.path.relative_to(TESTS_DIR)) if tier == "workspace" else tier
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @dataclass

@@ -34,7 +34,7 @@ from support.fakes import SMALL_CLUSTER_YAML
 from ray_serve_cai.workspace.testing import WorkspaceHandle
 
 SHARED_FIXTURE = "ray_cluster"
-_last_user = pytest.StashKey[str]()
+_last_user = pytest.StashKey[pytest.Item]()
 
 
 class _Shared:
@@ -97,7 +97,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items[start:] = [i for group in ordered for i in group] + rest
     users = [i for i in items if _uses_shared(i)]
     if users:
-        config.stash[_last_user] = users[-1].nodeid
+        config.stash[_last_user] = users[-1]  # the item itself: xdist may rename node ids
 
 
 @pytest.hookimpl(wrapper=True)
@@ -105,5 +105,5 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
     try:
         return (yield)
     finally:  # after the test's own fixtures are gone
-        if _shared is not None and item.nodeid == item.config.stash.get(_last_user, None):
+        if _shared is not None and item is item.config.stash.get(_last_user, None):
             _shared.close()
