@@ -44,9 +44,10 @@ def tier_of(path: Path) -> str | None:
     return tier if tier in TIERS else None
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark each test with its tier, and group the tests for `pytest -n 2` (pytest-xdist, `--dist
-    loadgroup`): the real-Ray tier is one group, so it runs in one worker, in order, one cluster at a
+    """Mark each test with its tier, and group the tests for `pytest -n 2 --dist loadgroup`
+    (pytest-xdist): the real-Ray tier is one group, so it runs in one worker, in order, one cluster at a
     time, while the other worker takes the unit tier and then the workspace tier module by module (a
     module's fixtures are set up once). xdist hands out the biggest groups first, so the unit tier and
     the real-Ray tier start at once."""
