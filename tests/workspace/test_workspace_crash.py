@@ -239,9 +239,11 @@ def test_a_job_run_is_readopted_or_marked_failed_never_running_forever(
 
     def job(name: str, seconds: str, **fields: Any) -> dict[str, Any]:
         body = {"name": name, "script": "job_sleep.py", "runtime_identifier": runtime, **fields}
-        return ws.api_ok("POST", jobs_path, json={**body, "environment": {"SLEEP_SECONDS": seconds}})
+        environment = {"SLEEP_SECONDS": seconds, "UNTIL_FILE": "survivor.done"}
+        return ws.api_ok("POST", jobs_path, json={**body, "environment": environment})
 
-    survivor = job("survivor", "4")
+    # The survivor runs until the test lets it end (the file below), however long the restart takes.
+    survivor = job("survivor", "120")
     child = job("child", "0", parent_job_id=survivor["id"])
     victim = job("victim", "60")
     survivor_run = ws.api_ok("POST", f"{jobs_path}/{survivor['id']}/runs", json={})
@@ -262,6 +264,7 @@ def test_a_job_run_is_readopted_or_marked_failed_never_running_forever(
     adopted = ws.api_ok("GET", f"{jobs_path}/{survivor['id']}/runs/{survivor_run['id']}")
     assert adopted["status"] == "ENGINE_RUNNING"
     assert workload_pids(ws)[survivor_run["id"]] == survivor_pids
+    (ws.project_dir(project["id"]) / "survivor.done").write_text("")
     done = ws.wait_for_run(project["id"], survivor["id"], survivor_run["id"], timeout=30)
     assert done["status"] == "ENGINE_SUCCEEDED" and done["exit_code"] == 0
     child_runs = ws.wait_for(
