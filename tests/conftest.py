@@ -1,4 +1,15 @@
-"""Shared fixtures: a real local CML workspace daemon for the whole test session.
+"""The suite's tiers, and a real local CML workspace daemon for the whole test session.
+
+Tiers (folders; each test is also marked with its tier, so `-m "not ray"` works):
+
+* `tests/unit/` — pure code: no processes, no sockets (its conftest fails a test that tries); seconds.
+* `tests/workspace/` — the local workspace and fake Ray nodes: real HTTP, real processes, no Ray.
+* `tests/ray/` — real Ray clusters; its conftest holds the shared cluster (`ray_cluster`).
+
+Run one tier with `pytest tests/unit` (or `tests/workspace`, `tests/ray`); `pytest` runs all three in that
+order and closes with a line per tier: what passed and how long the tier took.
+
+Fixtures:
 
 * `workspace` (session): a `WorkspaceHandle` with `.url`, `.api_key`, `.home`, `.api(method, path, **kw)`,
   `.counters()`, `.reset_counters()`, `.set_faults(**kw)`, `.clear_faults()`, `.set_latency(**kw)` and
@@ -9,7 +20,10 @@
 from __future__ import annotations
 
 import os
+import time
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -17,7 +31,81 @@ import pytest
 from ray_serve_cai.workspace.daemon import start_workspace, stop_workspace
 from ray_serve_cai.workspace.testing import WorkspaceHandle
 
-TEST_APPS_DIR = Path(__file__).parent / "support" / "apps"
+TESTS_DIR = Path(__file__).parent
+TEST_APPS_DIR = TESTS_DIR / "support" / "apps"
+TIERS = ("unit", "workspace", "ray")
+
+
+def tier_of(path: Path) -> str | None:
+    """The tier of a test file: the folder under tests/ it lives in."""
+    try:
+        tier = path.resolve().relative_to(TESTS_DIR).parts[0]
+    except (ValueError, IndexError):
+        return None
+    return tier if tier in TIERS else None
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test with its tier, and group the tests for `pytest -n 2 --dist loadgroup`
+    (pytest-xdist): the real-Ray tier is one group, so it runs in one worker, in order, one cluster at a
+    time, while the other worker takes the unit tier and then the workspace tier module by module (a
+    module's fixtures are set up once). xdist hands out the biggest groups first, so the unit tier and
+    the real-Ray tier start at once."""
+    for item in items:
+        tier = tier_of(item.path)
+        if tier is None:
+            continue
+        item.add_marker(getattr(pytest.mark, tier))
+        if item.get_closest_marker("xdist_group") is None:
+            group = str(item.path.relative_to(TESTS_DIR)) if tier == "workspace" else tier
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+@dataclass
+class _Tier:
+    outcomes: Counter[str] = field(default_factory=Counter)
+    started: float | None = None
+    ended: float = 0.0
+
+
+_tiers: dict[str, _Tier] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    # From the node id (relative to the root), not the file path: a test may have changed directory.
+    tier = tier_of(TESTS_DIR.parent / report.nodeid.split("::", 1)[0])
+    if tier is None:
+        return
+    record = _tiers.setdefault(tier, _Tier())
+    now = time.monotonic()
+    if report.when == "setup" and record.started is None:
+        record.started = now - report.duration
+    record.ended = max(record.ended, now)
+    if report.when == "call" or (report.when == "setup" and not report.passed):
+        outcome = "error" if report.when == "setup" and report.failed else report.outcome
+        if hasattr(report, "wasxfail"):
+            outcome = "xfailed" if report.skipped else "xpassed"
+        record.outcomes[outcome] += 1
+    elif report.when == "teardown" and report.failed:
+        record.outcomes["error"] += 1
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """One line per tier: its counts and its wall-clock time (first setup to last teardown)."""
+    if not _tiers:
+        return
+    terminalreporter.section("tiers", bold=True)
+    order = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
+    for tier in TIERS:
+        record = _tiers.get(tier)
+        if record is None:
+            continue
+        counts = ", ".join(f"{record.outcomes[o]} {o}" for o in order if record.outcomes[o])
+        seconds = record.ended - (record.started if record.started is not None else record.ended)
+        terminalreporter.write_line(
+            f"{tier:<10} {counts or 'nothing run':<40} {seconds:7.1f} s   (pytest tests/{tier})"
+        )
 
 # Every workspace the suite starts checks its answers against CML's spec; a deviation fails the test.
 pytest_plugins = ["support.conformance"]

@@ -26,15 +26,12 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+from support.cli import LocalCluster, ray_processes
 from support.fakes import FAULTS, inventory
 
-from ray_serve_cai.node.ray_node import node_tag, node_temp_dir
+from ray_serve_cai.node.ray_node import node_temp_dir
 from ray_serve_cai.workspace.testing import WorkspaceHandle
 
-pytestmark = pytest.mark.ray
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-RAY_CAI = [sys.executable, "-m", "ray_serve_cai.cli.main"]
 CLUSTER = "auto"
 PROJECT = "ray-cai-e2e-autoscale"
 HEAD = f"ray-{CLUSTER}-head"
@@ -71,32 +68,10 @@ CLIENT_SCRIPT = textwrap.dedent(
 )
 
 
-class Env:
-    def __init__(self, workspace: WorkspaceHandle, config: Path) -> None:
-        self.workspace = workspace
-        self.config = config
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("CML_", "CDSW_", "RAY_"))}
-        self.env.update(RAY_CAI_WORKSPACE_HOME=str(workspace.home), COLUMNS="200")
-        self.project_id = ""
-        self.info_file = config.parent / "ray_cluster_info.json"
+class Env(LocalCluster):
+    """The autoscaled cluster: its app list read through injected faults, its worker apps by name."""
 
-    def cli(self, *args: str, timeout: float = 400) -> subprocess.CompletedProcess[str]:
-        extra = ["--info-file", str(self.info_file)] if args[0] in ("up", "scale") else []
-        return subprocess.run(
-            [*RAY_CAI, *args, *extra, "--local", "--project", PROJECT, "--config", str(self.config)],
-            cwd=REPO_ROOT,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-
-    def cli_json(self, *args: str) -> dict[str, Any]:
-        proc = self.cli(*args, "--json")
-        assert proc.returncode == 0, f"{args} failed ({proc.returncode}):\n{proc.stderr}\n{proc.stdout}"
-        return json.loads(proc.stdout)
-
-    def apps(self) -> list[dict[str, Any]]:
+    def app_list(self) -> list[dict[str, Any]]:
         """Every app of the project (retried: faults may be on)."""
         path = f"/api/v2/projects/{self.project_id}/applications"
         for _ in range(200):
@@ -110,12 +85,8 @@ class Env:
 
     def workers(self) -> list[str]:
         return sorted(
-            a["subdomain"] for a in self.apps() if a["subdomain"].startswith(f"ray-{CLUSTER}-worker-")
+            a["subdomain"] for a in self.app_list() if a["subdomain"].startswith(f"ray-{CLUSTER}-worker-")
         )
-
-    @property
-    def project_dir(self) -> Path:
-        return self.workspace.project_dir(self.project_id)
 
     def run_client(self, connect_env: dict[str, str]) -> list[str]:
         client_env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "CDSW_"))}
@@ -147,7 +118,7 @@ class Watcher:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            names = [a["subdomain"] for a in self.env.apps()]
+            names = [a["subdomain"] for a in self.env.app_list()]
             self.duplicates += [n for n, c in Counter(names).items() if c > 1]
             workers = [n for n in names if n.startswith(f"ray-{CLUSTER}-worker-")]
             self.most = max(self.most, len(workers))
@@ -161,20 +132,6 @@ class Watcher:
     def __exit__(self, *_: object) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
-
-
-def ray_processes(project_dir: Path, names: list[str]) -> list[psutil.Process]:
-    temp_dirs = [str(node_temp_dir(project_dir, CLUSTER, n)) for n in names]
-    tags = {node_tag(project_dir, CLUSTER, n) for n in names}
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            cmdline = " ".join(proc.info["cmdline"] or [])
-            if any(t in cmdline for t in temp_dirs) or proc.environ().get("RAY_CAI_NODE_TAG") in tags:
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return found
 
 
 def wait_until(check: Any, timeout: float, what: str, interval: float = 1.0) -> None:
@@ -211,18 +168,16 @@ def files_containing(root: Path, secret: str) -> list[str]:
 def cluster(workspace: WorkspaceHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     config = tmp_path_factory.mktemp("autoscale") / "ray_cluster_config.yaml"
     config.write_text(CONFIG)
-    env = Env(workspace, config)
+    env = Env(workspace, PROJECT, config=config, info_file=config.parent / "ray_cluster_info.json")
     try:
         env.workspace.clear_faults()
-        result = env.cli_json("up")
-        env.project_id = result["status"]["project_id"]
-        env.up_result = result  # type: ignore[attr-defined]
+        env.up()
         yield env
     finally:
         workspace.clear_faults()
-        env.cli("down")
+        env.down()
         if env.project_id:
-            for proc in ray_processes(env.project_dir, [HEAD, *WORKERS]):
+            for proc in ray_processes(env.project_dir, CLUSTER, [HEAD, *WORKERS]):
                 proc.kill()
 
 
@@ -246,7 +201,7 @@ def scale_out_and_back(env: Env, connect_env: dict[str, str], *, check_up: bool)
 def test_ray_autoscaler_adds_and_removes_worker_apps(cluster: Env) -> None:
     env, workspace = cluster, cluster.workspace
     key = workspace.api_key
-    up = env.up_result  # type: ignore[attr-defined]
+    up = env.up_result
     assert [a["action"] + " " + a["name"] for a in up["plan"]["actions"]] == [f"create {HEAD}"]
     assert up["status"]["state"] == "ready" and env.workers() == []
     (group,) = up["status"]["groups"]
@@ -257,7 +212,9 @@ def test_ray_autoscaler_adds_and_removes_worker_apps(cluster: Env) -> None:
     assert watcher.most == 2 and watcher.names == {WORKERS[0], WORKERS[1]}, (watcher.most, watcher.names)
     assert watcher.duplicates == []
     # The removed workers' Ray processes went with their apps.
-    wait_until(lambda: not ray_processes(env.project_dir, WORKERS), 60, "the workers' Ray processes to end")
+    wait_until(
+        lambda: not ray_processes(env.project_dir, CLUSTER, WORKERS), 60, "the workers' Ray processes to end"
+    )
 
     status = env.cli_json("status")
     (group,) = status["groups"]
@@ -287,4 +244,6 @@ def test_ray_autoscaler_adds_and_removes_worker_apps(cluster: Env) -> None:
     assert watcher.most <= 2 and watcher.duplicates == [], (watcher.most, watcher.duplicates)
     left = inventory(workspace, env.project_id, CLUSTER, [HEAD])
     assert left.clean, left
-    wait_until(lambda: not ray_processes(env.project_dir, WORKERS), 60, "the workers' Ray processes to end")
+    wait_until(
+        lambda: not ray_processes(env.project_dir, CLUSTER, WORKERS), 60, "the workers' Ray processes to end"
+    )

@@ -16,31 +16,18 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
+from support.cli import LocalCluster, ray_processes
 from support.fakes import SMALL_CLUSTER_YAML
 
 from ray_serve_cai.cml import CMLClient, CMLSettings
-from ray_serve_cai.node.ray_node import node_tag, node_temp_dir
 from ray_serve_cai.workspace.testing import WorkspaceHandle
 
-pytestmark = pytest.mark.ray
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-RAY_CAI = [sys.executable, "-m", "ray_serve_cai.cli.main"]
 CLUSTER = "e2e"
 PROJECT = "ray-cai-e2e-cluster"
 HEAD, W0, W1 = "ray-e2e-head", "ray-e2e-worker-0", "ray-e2e-worker-1"
-CHANGING_ROUTES = (
-    "POST /api/v2/projects/{project_id}/applications",
-    "DELETE /api/v2/projects/{project_id}/applications/{application_id}",
-    "POST /api/v2/projects/{project_id}/applications/{application_id}:stop",
-    "POST /api/v2/projects/{project_id}/applications/{application_id}:restart",
-    "PATCH /api/v2/projects/{project_id}/applications/{application_id}",
-)
 
 CONFIG = SMALL_CLUSTER_YAML.format(name="e2e", workers=2)
 
@@ -72,85 +59,28 @@ CLIENT_SCRIPT = textwrap.dedent(
 )
 
 
-class Cluster:
-    def __init__(self, workspace: WorkspaceHandle, config: Path) -> None:
-        self.workspace = workspace
-        self.config = config
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("CML_", "CDSW_", "RAY_"))}
-        self.env.update(RAY_CAI_WORKSPACE_HOME=str(workspace.home), COLUMNS="200")
-        self.project_id = ""
-        self.info_file = config.parent / "ray_cluster_info.json"
-
-    def cli(self, *args: str, timeout: float = 400) -> subprocess.CompletedProcess[str]:
-        extra = ["--info-file", str(self.info_file)] if args[0] in ("up", "scale") else []
-        return subprocess.run(
-            [*RAY_CAI, *args, *extra, "--local", "--project", PROJECT, "--config", str(self.config)],
-            cwd=REPO_ROOT,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-
-    def cli_json(self, *args: str, ok: bool = True) -> dict[str, Any]:
-        proc = self.cli(*args, "--json")
-        if ok:
-            assert proc.returncode == 0, f"{args} failed ({proc.returncode}):\n{proc.stderr}\n{proc.stdout}"
-        return json.loads(proc.stdout)
-
-    def apps(self) -> dict[str, dict[str, Any]]:
-        body = self.workspace.api_ok(
-            "GET", f"/api/v2/projects/{self.project_id}/applications", params={"page_size": 100}
-        )
-        return {a["subdomain"]: a for a in body["applications"]}
-
-    def changing_calls(self) -> int:
-        counts = self.workspace.counters()["counts"]
-        return sum(int(counts.get(route, 0)) for route in CHANGING_ROUTES)
-
-    @property
-    def project_dir(self) -> Path:
-        return self.workspace.project_dir(self.project_id)
-
-
-def ray_processes(project_dir: Path, names: list[str]) -> list[psutil.Process]:
-    """Processes of these Ray nodes: their temp dir in the command line, or their tag in the env."""
-    temp_dirs = [str(node_temp_dir(project_dir, CLUSTER, n)) for n in names]
-    tags = {node_tag(project_dir, CLUSTER, n) for n in names}
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            cmdline = " ".join(proc.info["cmdline"] or [])
-            if any(t in cmdline for t in temp_dirs) or proc.environ().get("RAY_CAI_NODE_TAG") in tags:
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return found
-
-
 @pytest.fixture(scope="module")
-def cluster(workspace: WorkspaceHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(workspace: WorkspaceHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     config = tmp_path_factory.mktemp("cluster") / "ray_cluster_config.yaml"
     config.write_text(CONFIG)
-    env = Cluster(workspace, config)
+    env = LocalCluster(workspace, PROJECT, config=config, info_file=config.parent / "ray_cluster_info.json")
     try:
-        result = env.cli_json("up")
-        env.project_id = result["status"]["project_id"]
+        env.up()
         yield env
     finally:
-        env.cli("down")
+        env.down()
         if env.project_id:
-            for proc in ray_processes(env.project_dir, [HEAD, W0, W1]):
+            for proc in ray_processes(env.project_dir, CLUSTER, [HEAD, W0, W1]):
                 proc.kill()
 
 
-def ready_status(env: Cluster, alive: int) -> dict[str, Any]:
+def ready_status(env: LocalCluster, alive: int) -> dict[str, Any]:
     status = env.cli_json("status")
     assert status["state"] == "ready" and status["ray"]["alive_nodes"] == alive, status
     return status
 
 
-def test_up_brings_a_ready_cluster_with_every_node_alive(cluster: Cluster) -> None:
+def test_up_brings_a_ready_cluster_with_every_node_alive(cluster: LocalCluster) -> None:
     status = ready_status(cluster, 3)
     assert [n["name"] for n in status["nodes"]] == [HEAD, W0, W1]
     assert {n["node_name"] for n in status["ray"]["nodes"] if n["alive"]} == {HEAD, W0, W1}
@@ -159,7 +89,7 @@ def test_up_brings_a_ready_cluster_with_every_node_alive(cluster: Cluster) -> No
 
 
 def test_a_task_pinned_to_each_worker_runs_there_and_a_client_without_token_is_refused(
-    cluster: Cluster,
+    cluster: LocalCluster,
 ) -> None:
     status = ready_status(cluster, 3)
     workers = [n["node_id"] for n in status["ray"]["nodes"] if n["node_name"] in (W0, W1)]
@@ -192,14 +122,14 @@ def test_a_task_pinned_to_each_worker_runs_there_and_a_client_without_token_is_r
     assert json.loads(refused.stdout.strip().splitlines()[-1])["refused"], refused.stderr[-2000:]
 
 
-def test_a_second_up_changes_nothing(cluster: Cluster) -> None:
-    before = cluster.changing_calls()
+def test_a_second_up_changes_nothing(cluster: LocalCluster) -> None:
+    before = cluster.calls()
     result = cluster.cli_json("up")
     assert result["plan"]["actions"] == []
-    assert cluster.changing_calls() == before
+    assert cluster.calls() == before
 
 
-def test_scale_down_and_up_touches_only_the_changed_worker(cluster: Cluster) -> None:
+def test_scale_down_and_up_touches_only_the_changed_worker(cluster: LocalCluster) -> None:
     ids = {name: app["id"] for name, app in cluster.apps().items()}
     cluster.cli_json("scale", "1")
     assert "num_workers: 1" in cluster.config.read_text()
@@ -214,7 +144,7 @@ def test_scale_down_and_up_touches_only_the_changed_worker(cluster: Cluster) -> 
     ready_status(cluster, 3)
 
 
-def test_up_heals_a_worker_whose_process_was_killed(cluster: Cluster) -> None:
+def test_up_heals_a_worker_whose_process_was_killed(cluster: LocalCluster) -> None:
     app = cluster.apps()[W1]
     processes = cluster.workspace.api_ok("GET", "/_workspace/processes")["processes"]
     launcher = min((p["pid"] for p in processes if p["workload_id"] == app["id"]), default=None)
@@ -231,7 +161,7 @@ def test_up_heals_a_worker_whose_process_was_killed(cluster: Cluster) -> None:
     assert result["status"]["state"] == "ready" and result["status"]["ray"]["alive_nodes"] == 3
 
 
-def test_workers_rejoin_a_restarted_head_without_being_recreated(cluster: Cluster) -> None:
+def test_workers_rejoin_a_restarted_head_without_being_recreated(cluster: LocalCluster) -> None:
     apps = cluster.apps()
     head_id_before = cluster.cli_json("status")["ray"]["head_id"]
     workers_before = {n: (apps[n]["id"], apps[n]["starting_at"]) for n in (W0, W1)}
@@ -241,7 +171,7 @@ def test_workers_rejoin_a_restarted_head_without_being_recreated(cluster: Cluste
         client.restart_application(cluster.project_id, apps[HEAD]["id"])
 
     def rejoined() -> dict[str, Any] | None:
-        status = cluster.cli_json("status", ok=False)
+        status = cluster.cli_json("status", code=None)
         return status if status["state"] == "ready" and status["ray"]["alive_nodes"] == 3 else None
 
     deadline = time.monotonic() + 240
@@ -255,14 +185,14 @@ def test_workers_rejoin_a_restarted_head_without_being_recreated(cluster: Cluste
     assert {n: (apps[n]["id"], apps[n]["starting_at"]) for n in (W0, W1)} == workers_before
 
 
-def test_down_leaves_no_app_and_no_ray_process_and_collects_logs(cluster: Cluster) -> None:
+def test_down_leaves_no_app_and_no_ray_process_and_collects_logs(cluster: LocalCluster) -> None:
     result = cluster.cli_json("down")
     assert sorted(result["removed"]) == [HEAD, W0, W1]
     assert not [name for name in cluster.apps() if name.startswith("ray-e2e-")]
     deadline = time.monotonic() + 30
-    while ray_processes(cluster.project_dir, [HEAD, W0, W1]) and time.monotonic() < deadline:
+    while ray_processes(cluster.project_dir, CLUSTER, [HEAD, W0, W1]) and time.monotonic() < deadline:
         time.sleep(1)
-    assert ray_processes(cluster.project_dir, [HEAD, W0, W1]) == []
+    assert ray_processes(cluster.project_dir, CLUSTER, [HEAD, W0, W1]) == []
     logs = cluster.project_dir / ".ray-cai" / CLUSTER / "logs"
     for name in (HEAD, W0, W1):
         assert any((logs / name).rglob("*")), f"no logs collected for {name}"

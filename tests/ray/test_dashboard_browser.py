@@ -1,5 +1,6 @@
 """A person opens the Ray dashboard: a real browser (Playwright driving the system's Chromium) on the URL
-`ray-cai dashboard --local` prints, against a small real Ray cluster in the local workspace.
+`ray-cai dashboard --local` prints, against the tier's shared real Ray cluster (`ray_cluster`: 1 head
++ 1 worker) in the local workspace.
 
 The link logs the browser in (one-time code → cookie for that application only) and lands on the
 dashboard, whose Cluster page lists every node ALIVE; a browser without the link, or with the link a
@@ -12,21 +13,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from support.fakes import SMALL_CLUSTER_YAML
+from support.cli import LocalCluster
 
 from ray_serve_cai.workspace.testing import WorkspaceHandle
 
-pytestmark = pytest.mark.ray
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-RAY_CAI = [sys.executable, "-m", "ray_serve_cai.cli.main"]
-PROJECT = "ray-cai-browser"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless",
@@ -38,45 +31,17 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-CONFIG = SMALL_CLUSTER_YAML.format(name="browser", workers=1)
-
-
-@pytest.fixture(scope="module")
-def cli(workspace: WorkspaceHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """`ray-cai <command> --local --project --config` for a cluster of 1 head + 1 worker, up."""
-    config = tmp_path_factory.mktemp("browser") / "ray_cluster_config.yaml"
-    config.write_text(CONFIG)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CML_", "CDSW_", "RAY_"))}
-    env.update(RAY_CAI_WORKSPACE_HOME=str(workspace.home), COLUMNS="200", NO_COLOR="1")
-
-    def run(*args: str, timeout: float = 400) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*RAY_CAI, *args, "--local", "--project", PROJECT, "--config", str(config)],
-            cwd=REPO_ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-
-    try:
-        up = run("up", "--json", "--info-file", os.devnull)
-        assert up.returncode == 0, f"up failed:\n{up.stderr}\n{up.stdout}"
-        run.nodes = json.loads(up.stdout)["status"]["nodes"]  # type: ignore[attr-defined]
-        yield run
-    finally:
-        run("down")
 
 
 @pytest.mark.skipif(
     not Path(CHROMIUM).exists(), reason="needs the system Chromium (apt-get install chromium)"
 )
 def test_the_dashboard_link_opens_the_cluster_page_in_a_browser_and_nothing_else_does(
-    cli: Any,
+    ray_cluster: LocalCluster,
 ) -> None:
     sync_api = pytest.importorskip("playwright.sync_api")
-    nodes = cli.nodes
-    printed = cli("dashboard")
+    nodes = ray_cluster.up_result["status"]["nodes"]
+    printed = ray_cluster.cli("dashboard")
     assert printed.returncode == 0, printed.stderr
     url = printed.stdout.strip().splitlines()[-1]
     head_url = url.split("/_workspace/login", 1)[0]
@@ -108,9 +73,11 @@ def test_the_dashboard_link_opens_the_cluster_page_in_a_browser_and_nothing_else
             browser.close()
 
 
-def test_the_dashboard_rest_api_answers_curl_with_the_api_key(cli: Any, workspace: WorkspaceHandle) -> None:
+def test_the_dashboard_rest_api_answers_curl_with_the_api_key(
+    ray_cluster: LocalCluster, workspace: WorkspaceHandle
+) -> None:
     """README's example: the key goes to curl on stdin (`--config -`), never on a command line."""
-    status = cli("status", "--json")
+    status = ray_cluster.cli("status", "--json")
     url = json.loads(status.stdout)["dashboard_url"]
     script = (
         'printf \'header = "Authorization: Bearer %s"\\n\' "$CML_API_KEY"'

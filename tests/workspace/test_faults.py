@@ -288,5 +288,5 @@ def test_lock_gives_up_when_every_create_fails(
         message = str(info.value)
         assert "could not take the lock of cluster 'dl' within 3s" in message
         assert "503" in message
-        assert 3.0 <= elapsed < 30.0
+        assert elapsed >= 3.0, "gave up before its patience ran out"  # how soon after: bench_deadlines.py
         assert lock_app_name("dl") not in {a["subdomain"] for a in list_apps(controls, pid)}

@@ -167,8 +167,11 @@ def test_a_stream_arrives_as_it_is_produced(through: tuple[str, dict[str, str]],
             if line.strip():
                 arrivals.append((float(line.split()[-1]), time.time()))
     assert len(arrivals) == 4
-    lags = [received - sent for sent, received in arrivals]
-    assert max(lags) < 0.5, lags  # each chunk came while the stream was still being produced
+    # Each chunk came while the stream was still being produced: before the last one was sent (a
+    # buffering proxy delivers them all after it). The lag itself, under 0.5 s on a quiet machine, is
+    # measured by benchmarks/bench_deadlines.py.
+    last_sent = arrivals[-1][0]
+    assert all(received < last_sent for _, received in arrivals[:-1]), arrivals
     assert arrivals[0][1] < arrivals[-1][0] - 2.5  # the first was here seconds before the last was sent
 
 
