@@ -107,6 +107,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             f"{tier:<10} {counts or 'nothing run':<40} {seconds:7.1f} s   (pytest tests/{tier})"
         )
 
+
 # Every workspace the suite starts checks its answers against CML's spec; a deviation fails the test.
 pytest_plugins = ["support.conformance"]
 
