@@ -16,11 +16,11 @@ from urllib.parse import urlsplit
 import httpx
 
 from ray_serve_cai.access.dashboard import DashboardError, find_head_application
-from ray_serve_cai.cml import Application, CMLClient, CMLError
+from ray_serve_cai.cml import APPLICATION_RUNNING, Application, CMLClient, CMLError
 from ray_serve_cai.cml._settings import is_loopback_name
+from ray_serve_cai.config.node_status import HEALTH_PATH, STATUS_PATH, HeadStatus, NodeHealth
 from ray_serve_cai.errors import OperationFailed
 
-RUNNING = "APPLICATION_RUNNING"
 USER_AGENT = "ray-serve-cai-access"
 
 
@@ -112,7 +112,7 @@ def find_head(client: CMLClient, project_id: str, cluster: str) -> Application:
         raise AccessError(f"cannot list the applications of project {project_id}: {err}") from None
     except DashboardError as err:
         raise AccessError(str(err)) from None
-    if head.status != RUNNING:
+    if head.status != APPLICATION_RUNNING:
         status = (head.status or "unknown").removeprefix("APPLICATION_").lower()
         raise AccessError(
             f"the head application {head.name!r} is {status}, not running (see `ray-cai status`)"
@@ -125,4 +125,35 @@ def head_endpoint(client: CMLClient, project_id: str, cluster: str) -> AppEndpoi
     return AppEndpoint.from_client(client, client.app_url(find_head(client, project_id, cluster)))
 
 
-__all__ = ["AccessError", "AppEndpoint", "find_head", "head_endpoint"]
+def read_head_status(client: CMLClient, head: str) -> tuple[dict[str, Any], str | None]:
+    """Ray's view from the head's status endpoint (`STATUS_PATH`): (the view, None), or ({}, why
+    not) when the head does not answer with it. One HTTP request, not an API call."""
+    try:
+        response = client.app_request(head, "GET", STATUS_PATH)
+    except CMLError as err:
+        return {}, f"head status endpoint unreachable: {err}"
+    if response.status_code != 200:
+        return {}, f"head status endpoint answered HTTP {response.status_code}"
+    try:
+        return HeadStatus.model_validate(response.json()).body(), None
+    except ValueError:  # non-JSON, or JSON that is not the status model (ValidationError)
+        return {}, "head status endpoint answered with something else than its status"
+
+
+def read_node_error(client: CMLClient, node: str) -> str:
+    """The last error a node's own health page reports ('' when it has none or does not answer)."""
+    try:
+        health = NodeHealth.model_validate(client.app_request(node, "GET", HEALTH_PATH, timeout=5).json())
+    except (CMLError, ValueError):
+        return ""
+    return health.last_error or ""
+
+
+__all__ = [
+    "AccessError",
+    "AppEndpoint",
+    "find_head",
+    "head_endpoint",
+    "read_head_status",
+    "read_node_error",
+]

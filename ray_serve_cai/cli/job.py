@@ -35,7 +35,7 @@ from ray_serve_cai.access.jobs import (
     upload_local_packages,
 )
 from ray_serve_cai.access.logs import DEFAULT_FILE, NodeLogs, check_log_options
-from ray_serve_cai.cli.cluster import open_cluster
+from ray_serve_cai.cli.cluster_open import open_cluster
 from ray_serve_cai.cli.common import (
     DEFAULT_CONFIG,
     EXIT_BAD_INPUT,

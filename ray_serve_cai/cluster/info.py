@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ray_serve_cai.cluster.reconciler import ClusterStatus
+from ray_serve_cai.cluster.status import ClusterStatus
 
 INFO_FILE = "ray_cluster_info.json"
 

@@ -538,7 +538,7 @@ class CMLClient:
             url = application_url(app)
             if url is not None:
                 return url
-        subdomain = app if isinstance(app, str) else (app.subdomain or app.name)
+        subdomain = app if isinstance(app, str) else app.key
         if not subdomain:
             raise ValueError("an application subdomain is required")
         with self._app_urls_lock:
