@@ -42,6 +42,7 @@ from typing import Any
 from ray.autoscaler.batching_node_provider import BatchingNodeProvider, NodeData, ScaleRequest
 from ray.autoscaler.tags import NODE_KIND_HEAD, NODE_KIND_WORKER, STATUS_UP_TO_DATE, STATUS_UPDATE_FAILED
 
+from ray_serve_cai.atomic import write_json_atomically
 from ray_serve_cai.cluster.errors import ClusterError, LockHeld
 from ray_serve_cai.cluster.lock import cluster_lock, default_owner
 from ray_serve_cai.cluster.nodes import create_node_app, delete_app
@@ -71,7 +72,6 @@ from ray_serve_cai.config.autoscaling import (
     HEAD_NODE_TYPE,
     decision_path,
     ray_autoscaling_config,
-    write_json_atomically,
 )
 from ray_serve_cai.config.cluster import WorkerGroupSpec
 from ray_serve_cai.config.node_env import CLUSTER_VARIABLE, GROUP_VARIABLE, ROLE_VARIABLE

@@ -37,6 +37,7 @@ from ray_serve_cai.cluster.runtimes import HEAD
 from ray_serve_cai.cml import Application
 from ray_serve_cai.config import ClusterSpec, head_app_name, load_cluster_spec
 from ray_serve_cai.config.cluster import cluster_overrides
+from ray_serve_cai.config.errors import ConfigError
 from ray_serve_cai.config.node_env import CLUSTER_VARIABLE
 
 log = logging.getLogger("ray_serve_cai.cluster")
@@ -147,7 +148,7 @@ def load_cluster_request(
     if overrides:
         try:
             base = load_cluster_spec(path, env={})
-        except ValueError:
+        except ConfigError:
             base = spec  # the file alone is invalid (an override mends it): treat every field as asked
     return ClusterRequest(spec, base, overrides, frozenset(), source)
 

@@ -3,7 +3,7 @@
 from ray_serve_cai.errors import OperationFailed
 
 
-class ClusterError(OperationFailed, RuntimeError):
+class ClusterError(OperationFailed):
     """The cluster could not be brought to the desired state; the message says what and where."""
 
 

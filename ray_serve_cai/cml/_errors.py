@@ -43,11 +43,11 @@ class CMLError(OperationFailed):
     maybe_applied: bool = False
 
 
-class CMLSettingsError(BadInput, CMLError, ValueError):
+class CMLSettingsError(BadInput):
     """The connection settings are missing or malformed (nothing was sent): bad input, exit 2."""
 
 
-class AmbiguousName(CMLError, LookupError):
+class AmbiguousName(CMLError):
     """An exact-name lookup matched more than one object; use the id instead."""
 
 

@@ -28,7 +28,7 @@ SUPERVISING = "SUPERVISING"
 CHILD_APPEAR_TIMEOUT = 120.0
 
 
-class JobChainError(OperationFailed, RuntimeError):
+class JobChainError(OperationFailed):
     """A job of the chain failed or could not be followed; the message names it and its log."""
 
 
