@@ -35,14 +35,14 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ray_serve_cai.cluster.runtimes import HEAD
 from ray_serve_cai.cml import Application
-from ray_serve_cai.config import ClusterSpec, head_app_name, load_cluster_spec
+from ray_serve_cai.config import APPLIED_SPEC_VARIABLE, ClusterSpec, head_app_name, load_cluster_spec
 from ray_serve_cai.config.cluster import cluster_overrides
 from ray_serve_cai.config.errors import ConfigError
 from ray_serve_cai.config.node_env import CLUSTER_VARIABLE
 
 log = logging.getLogger("ray_serve_cai.cluster")
 
-APPLIED_SPEC_VAR = "RAY_CAI_APPLIED_SPEC"
+APPLIED_SPEC_VAR = APPLIED_SPEC_VARIABLE  # one name, defined with the node environment in config
 RECORD_VERSION = 1
 
 # Which spec fields an override variable sets ("*" = every worker group).

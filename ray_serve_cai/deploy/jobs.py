@@ -1,8 +1,8 @@
 """The chained CML jobs: create or update them by exact name, decide which must run, run and follow.
 
 Only the top-most stale job of a chain is started; CML starts each child by itself when its
-parent's run succeeds (reference §5.1), so the orchestrator finds each child's new run and follows
-it until the last job ends. A job that already has an active run is followed, never started twice.
+parent's run succeeds (CML's job dependencies), so the orchestrator finds each child's new run and
+follows it until the last job ends. A job that already has an active run is followed, never started twice.
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ from ray_serve_cai.deploy.fingerprint import RepoError, repo_root
 from ray_serve_cai.errors import BadInput, OperationFailed
 from ray_serve_cai.waiting import poll_until
 
-# `creation_status` values are not confirmed by any public source (reference §3, §12): treat the
-# known terminal ones as such and anything else as "still creating" until the deadline.
+# `creation_status` values are not confirmed by any public source (CML's API spec lists none):
+# treat the known terminal ones as such and anything else as "still creating" until the deadline.
 CREATION_DONE = frozenset({"success", "succeeded", "ready", "running", "created"})
 CREATION_FAILED = frozenset({"error", "failed", "failure"})
 
