@@ -40,7 +40,8 @@ Each layer defines its own errors next to its code (module in brackets):
         │   ├── JobNotFound
         │   └── LogStreamUnavailable
         ├── ClusterError             [cluster.errors]
-        │   └── LockHeld                                another run holds the cluster's lock
+        │   ├── LockHeld                                another run holds the cluster's lock
+        │   └── CatalogNeeded                           a pass lacks the runtime catalog it needs
         ├── RuntimeChoiceError       [cluster.runtimes]
         ├── RepoError                [deploy.fingerprint]
         ├── ProjectError             [deploy.project]
@@ -55,8 +56,7 @@ Each layer defines its own errors next to its code (module in brackets):
 
 Outside the tree on purpose: the local workspace's server-side `WorkspaceAPIError` and
 `ScriptError` (they become HTTP answers and job-run failures, never reach a user as exceptions) and
-the node's `StopRequested` (a signal, not an error) and the cluster layer's `CatalogNeeded` (caught
-where it is raised). `tests/unit/test_error_tree.py` keeps this
+the node's `StopRequested` (a signal, not an error). `tests/unit/test_error_tree.py` keeps this
 drawing and the code in step. Standard library only: every layer (the workspace and the node
 included) may use this module.
 """

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from ray_serve_cai.access.dashboard import DashboardError, find_head_application
-from ray_serve_cai.cml import APPLICATION_RUNNING, Application, CMLClient, CMLError
+from ray_serve_cai.cml import APPLICATION_RUNNING, Application, CMLClient, CMLError, ssl_context
 from ray_serve_cai.cml._settings import is_loopback_name
 from ray_serve_cai.config.node_status import HEALTH_PATH, STATUS_PATH, HeadStatus, NodeHealth
 from ray_serve_cai.errors import OperationFailed
@@ -54,9 +54,8 @@ class AppEndpoint:
         return is_loopback_name(urlsplit(self.url).hostname or "")
 
     def ssl_context(self) -> ssl.SSLContext | bool:
-        if isinstance(self.verify, str):
-            return ssl.create_default_context(cafile=self.verify)
-        return self.verify
+        """The package's one TLS setting (`cml.ssl_context`): a CA bundle file or directory, or a bool."""
+        return ssl_context(self.verify)
 
     def http_client(self, *, read_timeout: float | str | None = "default") -> httpx.Client:
         """A client with base URL, key and TLS set; loopback is dialled directly (no environment proxy).

@@ -9,3 +9,8 @@ class ClusterError(OperationFailed):
 
 class LockHeld(ClusterError):
     """Another run holds the cluster's lock; the message says who and until when."""
+
+
+class CatalogNeeded(ClusterError):
+    """A part of the spec has no runtime yet and the observation holds no runtime catalog (a pass
+    observes with one whenever it needs it: seen outside the cluster layer, it is a bug)."""

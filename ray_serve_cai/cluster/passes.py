@@ -23,17 +23,13 @@ from ray_serve_cai.cluster.applied import (
     same_applied,
     spec_differences,
 )
-from ray_serve_cai.cluster.errors import ClusterError
+from ray_serve_cai.cluster.errors import CatalogNeeded, ClusterError
 from ray_serve_cai.cluster.observation import Observation
 from ray_serve_cai.cluster.plan import Action, Plan, desired_for, group_sizes, plan_changes
 from ray_serve_cai.cluster.runtimes import HEAD, RuntimeChoiceError, resolve_runtimes
 from ray_serve_cai.cluster.status import ClusterStatus, derive_status
 from ray_serve_cai.cml import APPLICATION_RUNNING, Runtime
 from ray_serve_cai.config import ClusterSpec
-
-
-class CatalogNeeded(Exception):
-    """A part of the spec has no runtime yet and the observation holds no runtime catalog."""
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from ray_serve_cai.cluster.plan import Action, ActionKind, Plan
 from ray_serve_cai.cluster.serve import ServeScope, converge_serve
 from ray_serve_cai.cluster.status import ClusterStatus, describe_failure
 from ray_serve_cai.cluster.watch import Healer, OutsideRay, restarts_outside_ray
-from ray_serve_cai.cml import APPLICATION_RUNNING, CMLClient, CMLError, NotFound
+from ray_serve_cai.cml import APPLICATION_RUNNING, CMLClient, CMLError, NotFound, Runtime
 from ray_serve_cai.config import ClusterSpec, head_app_name
 
 log = logging.getLogger("ray_serve_cai.cluster")
@@ -106,10 +106,11 @@ class RayCluster:
         )
 
     # -- observe ---------------------------------------------------------------------------
-    def observe(self, *, ray: bool = True) -> Observation:
+    def observe(self, *, ray: bool = True, runtimes: tuple[Runtime, ...] | None = None) -> Observation:
         """One observation: every application of the project (one paginated list call), Ray's view
         from the head's status endpoint when the head runs (`ray=False`: not asked), and the runtime
-        catalog only when a part of the spec has no runtime yet."""
+        catalog only when a part of the spec has no runtime yet (`runtimes`: one this pass listed
+        already)."""
         apps = tuple(self.client.list_applications(self.project_id))
         observation = Observation(self.spec.name, self.project_id, apps, at=utc_now())
         head = observation.head
@@ -119,7 +120,8 @@ class RayCluster:
                 view, problem = read_head_status(self.client, head.key)
                 observation = replace(observation, ray=view, ray_problem=problem)
         if needs_catalog(observation, self.request):
-            observation = replace(observation, runtimes=tuple(self.client.list_runtimes()))
+            catalog = runtimes if runtimes is not None else tuple(self.client.list_runtimes())
+            observation = replace(observation, runtimes=catalog)
         return observation
 
     def _observe_clean(self, *, ray: bool = True) -> Observation:
@@ -239,7 +241,7 @@ class RayCluster:
             self._write_record(observation, plan.record)  # e.g. a cluster made before records
             return plan, observation
         with self._lock(plan.head_runtime):
-            under_lock = self.observe(ray=ray)
+            under_lock = self.observe(ray=ray, runtimes=observation.runtimes)
             plan = plan_pass(under_lock, self.request, deployed=deployed, extra=extra, defer=defer)
             self.apply(plan, under_lock)
         return plan, under_lock

@@ -53,7 +53,7 @@ from ._models import (
 from ._observe import create_application_or_find, create_or_find, is_permanent
 from ._retry import RetryPolicy
 from ._settings import CMLSettings
-from ._transport import application_url
+from ._transport import application_url, ssl_context
 
 __all__ = [
     "ACTIVE_RUN_STATUSES",
@@ -100,4 +100,5 @@ __all__ = [
     "create_application_or_find",
     "create_or_find",
     "is_permanent",
+    "ssl_context",
 ]

@@ -5,8 +5,6 @@ from __future__ import annotations
 import difflib
 import json
 import logging
-import os
-import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -16,7 +14,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel
 
-from ._errors import AmbiguousName, CMLConnectionError, CMLError, CMLSettingsError, request_id_of
+from ._errors import AmbiguousName, CMLConnectionError, CMLError, request_id_of
 from ._models import (
     Application,
     CreateApplication,
@@ -29,7 +27,7 @@ from ._models import (
 )
 from ._retry import FIRST_CONTACT_DEADLINE, Call, Done, Fail, RetryPolicy, classify, describe_transport_error
 from ._settings import CMLSettings
-from ._transport import LoopbackTransport, application_url
+from ._transport import LoopbackTransport, application_url, ssl_context
 
 __all__ = ["FIRST_CONTACT_DEADLINE", "PAGE_SIZE", "CMLClient"]
 
@@ -69,16 +67,6 @@ def _seg(value: str) -> str:
     if not value:
         raise ValueError("an id must be a non-empty string")
     return quote(str(value), safe="")
-
-
-def _ssl_verify(verify: bool | str) -> ssl.SSLContext | bool:
-    if isinstance(verify, bool):
-        return verify
-    if os.path.isdir(verify):
-        return ssl.create_default_context(capath=verify)
-    if os.path.isfile(verify):
-        return ssl.create_default_context(cafile=verify)
-    raise CMLSettingsError(f"CA bundle {verify!r} does not exist; fix CML_CA_BUNDLE / REQUESTS_CA_BUNDLE")
 
 
 def _patch_body(kind: str, allowed: frozenset[str], fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -134,7 +122,7 @@ class CMLClient:
         self._reached = False  # set once CML has answered anything: later connection errors are transient
         self._sleep = sleep
         self._clock = clock
-        verify = _ssl_verify(self.settings.verify)
+        verify = ssl_context(self.settings.verify)
         timeout = httpx.Timeout(self.settings.timeout)
         self._key = self.settings.api_key.get_secret_value()
         headers = {"Authorization": f"Bearer {self._key}", "User-Agent": _USER_AGENT}

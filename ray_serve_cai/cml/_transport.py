@@ -8,11 +8,27 @@ the local workspace adds ``url`` (``http://127.0.0.1:<port>``, one loopback list
 
 from __future__ import annotations
 
+import os
+import ssl
 from typing import Any
 
 import httpx
 
-__all__ = ["LoopbackTransport", "application_url"]
+from ._errors import CMLSettingsError
+
+__all__ = ["LoopbackTransport", "application_url", "ssl_context"]
+
+
+def ssl_context(verify: bool | str) -> ssl.SSLContext | bool:
+    """The one TLS setting of every HTTPS client of the package (the API, application URLs,
+    WebSockets): True/False as given, or a context trusting a CA bundle file or directory."""
+    if isinstance(verify, bool):
+        return verify
+    if os.path.isdir(verify):
+        return ssl.create_default_context(capath=verify)
+    if os.path.isfile(verify):
+        return ssl.create_default_context(cafile=verify)
+    raise CMLSettingsError(f"CA bundle {verify!r} does not exist; fix CML_CA_BUNDLE / REQUESTS_CA_BUNDLE")
 
 
 def application_url(app: Any) -> str | None:

@@ -14,7 +14,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "ray_serve_cai"
 ROOT = "RayCaiError"
 # Deliberately outside the tree (the drawing says why).
-OUTSIDE = {"WorkspaceAPIError", "ScriptError", "StopRequested", "CatalogNeeded"}
+OUTSIDE = {"WorkspaceAPIError", "ScriptError", "StopRequested"}
 # The classes that also derive from a builtin, for the standard library's contract.
 BUILTIN_ALSO = {"WaitTimeout": "TimeoutError", "BadInput": "ValueError"}
 
