@@ -353,27 +353,33 @@ class CMLNodeProvider(BatchingNodeProvider):
                 self._pending.pop(node.name, None)
         created: list[str] = []
         errors: list[str] = []
+        failed_groups: set[str] = set()
         for node, error in outcomes:
             if error is None:
-                self._backoff.pop(node.group, None)
                 self._pending[node.name] = (self._clock() + PENDING_GRACE_SECONDS, True)
                 created.append(node.name)
-            else:
-                errors.append(f"{node.name}: {error}")
-                self._back_off(node, error)
+                continue
+            errors.append(f"{node.name}: {error}")
+            failed_groups.add(node.group)
+            unknown = isinstance(error, CreateOutcomeUnknown) or (
+                isinstance(error, CMLError) and not is_permanent(error)
+            )
+            if not unknown:
+                self._pending.pop(node.name, None)  # refused: the name is free again
+            log.warning("create of %s failed (%s)", node.name, error)
+        for group in {n.group for n in planned} - failed_groups:
+            self._backoff.pop(group, None)
+        for group in sorted(failed_groups):
+            self._back_off(group)
         return created, errors
 
-    def _back_off(self, node: NodeSpec, err: Exception) -> None:
-        backoff = self._backoff.setdefault(node.group, _Backoff())
+    def _back_off(self, group: str) -> None:
+        """A group whose creates failed waits 2 s, doubling to 60 s, before it tries again."""
+        backoff = self._backoff.setdefault(group, _Backoff())
         backoff.failures += 1
         delay = min(BACKOFF_MAX_SECONDS, BACKOFF_FIRST_SECONDS * 2 ** (backoff.failures - 1))
         backoff.not_before = self._clock() + delay
-        unknown = isinstance(err, CreateOutcomeUnknown) or (
-            isinstance(err, CMLError) and not is_permanent(err)
-        )
-        if not unknown:
-            self._pending.pop(node.name, None)  # refused: the name is free again
-        log.warning("create of %s failed (%s); backing off %.0fs", node.name, err, delay)
+        log.warning("creates of group %s failed; backing off %.0fs", group, delay)
 
     def _count(self, group: str) -> int:
         """Apps of ``group`` that exist or may exist: listed (not tombstoned) plus reserved names."""
