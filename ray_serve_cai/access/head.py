@@ -1,7 +1,8 @@
 """The head application's URL and HTTP/WebSocket clients for it, with the CML API key.
 
 `find_head(client, project_id, cluster)` finds the running head application with one list call;
-`AppEndpoint` holds its URL, the key and the TLS setting, and makes an `httpx.Client` and WebSocket
+`AppEndpoint` holds its URL, the key and the TLS setting, and makes an `httpx.Client` (the package's
+one HTTP construction, `cml.http_client`, as `CMLClient.app_request` uses) and WebSocket
 connections that send `Authorization: Bearer <key>` (what CML's application gateway and the local
 workspace's app listeners let through). The key never appears in a URL, a message or a `repr`.
 """
@@ -16,7 +17,14 @@ from urllib.parse import urlsplit
 import httpx
 
 from ray_serve_cai.access.dashboard import DashboardError, find_head_application
-from ray_serve_cai.cml import APPLICATION_RUNNING, Application, CMLClient, CMLError, ssl_context
+from ray_serve_cai.cml import (
+    APPLICATION_RUNNING,
+    Application,
+    CMLClient,
+    CMLError,
+    http_client,
+    ssl_context,
+)
 from ray_serve_cai.cml._settings import is_loopback_name
 from ray_serve_cai.config.node_status import HEALTH_PATH, STATUS_PATH, HeadStatus, NodeHealth
 from ray_serve_cai.errors import OperationFailed
@@ -58,18 +66,13 @@ class AppEndpoint:
         return ssl_context(self.verify)
 
     def http_client(self, *, read_timeout: float | str | None = "default") -> httpx.Client:
-        """A client with base URL, key and TLS set; loopback is dialled directly (no environment proxy).
-        Streaming readers pass their own `read_timeout` (None: no limit on a silent stretch)."""
+        """A client with base URL, key and TLS set, made the one way the package talks HTTP to CML
+        (`cml.http_client`: what `CMLClient.app_request` uses too). Streaming readers pass their
+        own `read_timeout` (None: no limit on a silent stretch)."""
         read = self.timeout if read_timeout == "default" else read_timeout
         timeout = httpx.Timeout(self.timeout, read=read)  # type: ignore[arg-type]
-        # Loopback (the local workspace) is dialled directly, never through an environment proxy.
-        return httpx.Client(
-            base_url=self.url,
-            headers=self.headers,
-            timeout=timeout,
-            verify=self.ssl_context(),
-            follow_redirects=False,
-            trust_env=not self.is_loopback,
+        return http_client(
+            self.url, api_key=self.api_key, verify=self.verify, timeout=timeout, user_agent=USER_AGENT
         )
 
     def websocket_url(self, path: str) -> str:

@@ -53,7 +53,7 @@ from ._models import (
 from ._observe import create_application_or_find, create_or_find, is_permanent
 from ._retry import RetryPolicy
 from ._settings import CMLSettings
-from ._transport import application_url, ssl_context
+from ._transport import application_url, http_client, ssl_context
 
 __all__ = [
     "ACTIVE_RUN_STATUSES",
@@ -99,6 +99,7 @@ __all__ = [
     "application_url",
     "create_application_or_find",
     "create_or_find",
+    "http_client",
     "is_permanent",
     "ssl_context",
 ]

@@ -27,7 +27,7 @@ from ._models import (
 )
 from ._retry import FIRST_CONTACT_DEADLINE, Call, Done, Fail, RetryPolicy, classify, describe_transport_error
 from ._settings import CMLSettings
-from ._transport import LoopbackTransport, application_url, ssl_context
+from ._transport import application_url, http_client
 
 __all__ = ["FIRST_CONTACT_DEADLINE", "PAGE_SIZE", "CMLClient"]
 
@@ -56,8 +56,6 @@ _APPLICATION_PATCH = frozenset(
         "memory", "nvidia_gpu", "environment", "runtime_identifier", "runtime_addon_identifiers",
     }
 )  # fmt: skip
-
-_LOOPBACK_PATTERNS = ("all://localhost", "all://127.0.0.1")
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -122,24 +120,17 @@ class CMLClient:
         self._reached = False  # set once CML has answered anything: later connection errors are transient
         self._sleep = sleep
         self._clock = clock
-        verify = ssl_context(self.settings.verify)
         timeout = httpx.Timeout(self.settings.timeout)
         self._key = self.settings.api_key.get_secret_value()
-        headers = {"Authorization": f"Bearer {self._key}", "User-Agent": _USER_AGENT}
 
         def make(base_url: str) -> httpx.Client:
-            # Loopback names (the local workspace) are dialled directly, never through an environment
-            # proxy; everything else gets httpx's default transport, which honours HTTP(S)_PROXY.
-            # A transport passed in (tests) is used for everything, as httpx does.
-            loopback = LoopbackTransport(transport or httpx.HTTPTransport(verify=verify))
-            return httpx.Client(
-                base_url=base_url,
-                headers=headers,
+            return http_client(
+                base_url,
+                api_key=self._key,
+                verify=self.settings.verify,
                 timeout=timeout,
-                verify=verify,
-                transport=loopback if transport is not None else None,
-                mounts={pattern: loopback for pattern in _LOOPBACK_PATTERNS},
-                follow_redirects=False,
+                user_agent=_USER_AGENT,
+                transport=transport,
             )
 
         self._http = make(self.settings.api_url)

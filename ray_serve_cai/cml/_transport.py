@@ -16,7 +16,10 @@ import httpx
 
 from ._errors import CMLSettingsError
 
-__all__ = ["LoopbackTransport", "application_url", "ssl_context"]
+__all__ = ["LoopbackTransport", "application_url", "http_client", "ssl_context"]
+
+# Loopback names (the local workspace) are dialled directly, never through an environment proxy.
+LOOPBACK_PATTERNS = ("all://localhost", "all://127.0.0.1")
 
 
 def ssl_context(verify: bool | str) -> ssl.SSLContext | bool:
@@ -56,3 +59,29 @@ class LoopbackTransport(httpx.BaseTransport):
 
     def close(self) -> None:
         self._inner.close()
+
+
+def http_client(
+    base_url: str,
+    *,
+    api_key: str,
+    verify: bool | str,
+    timeout: httpx.Timeout,
+    user_agent: str,
+    transport: httpx.BaseTransport | None = None,
+) -> httpx.Client:
+    """The one way the package opens HTTP to CML: its API and every application URL (requests,
+    streams). `Authorization: Bearer <key>`, the TLS setting of `ssl_context`, loopback dialled
+    directly (no environment proxy; `localhost` at 127.0.0.1), everything else through httpx's
+    default transport, which honours HTTP(S)_PROXY. A `transport` passed in (tests) is used for all."""
+    context = ssl_context(verify)
+    loopback = LoopbackTransport(transport or httpx.HTTPTransport(verify=context))
+    return httpx.Client(
+        base_url=base_url,
+        headers={"Authorization": f"Bearer {api_key}", "User-Agent": user_agent},
+        timeout=timeout,
+        verify=context,
+        transport=loopback if transport is not None else None,
+        mounts={pattern: loopback for pattern in LOOPBACK_PATTERNS},
+        follow_redirects=False,
+    )
