@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import re
+from functools import cache
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "ray_serve_cai"
@@ -19,6 +20,7 @@ OUTSIDE = {"WorkspaceAPIError", "ScriptError", "StopRequested"}
 BUILTIN_ALSO = {"WaitTimeout": "TimeoutError", "BadInput": "ValueError"}
 
 
+@cache
 def class_bases() -> dict[str, list[str]]:
     """Every class of the package: its name → the names of its bases."""
     found: dict[str, list[str]] = {}
