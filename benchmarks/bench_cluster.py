@@ -43,7 +43,9 @@ from typing import Any, TypeVar
 
 from ray_serve_cai.cluster import RayCluster
 from ray_serve_cai.cluster.lock import LOCK_SCRIPT
-from ray_serve_cai.cluster.plan import FAILED, RUNNING, STOPPED
+from ray_serve_cai.cml import APPLICATION_FAILED as FAILED
+from ray_serve_cai.cml import APPLICATION_RUNNING as RUNNING
+from ray_serve_cai.cml import APPLICATION_STOPPED as STOPPED
 from ray_serve_cai.cml import CMLClient, CMLSettings
 from ray_serve_cai.config import ClusterSpec, parse_cluster_spec
 from ray_serve_cai.workspace.daemon import start_workspace, stop_workspace

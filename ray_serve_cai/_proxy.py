@@ -293,33 +293,39 @@ def _sendable(code: int | None) -> int:
     return 1011 if code in (1006, 1015) else code
 
 
+async def _client_to_upstream(client: WebSocket, upstream: ClientConnection) -> None:
+    """Relay the client's messages; when it disconnects, close the upstream with its code."""
+    while True:
+        message = await client.receive()
+        if message["type"] == "websocket.disconnect":
+            await upstream.close(code=_sendable(message.get("code")), reason=message.get("reason") or "")
+            return
+        if message.get("bytes") is not None:
+            await upstream.send(message["bytes"])
+        elif message.get("text") is not None:
+            await upstream.send(message["text"])
+
+
+async def _upstream_to_client(client: WebSocket, upstream: ClientConnection) -> None:
+    """Relay the upstream's messages; when it closes, close the client with its code."""
+    try:
+        async for data in upstream:
+            if isinstance(data, bytes):
+                await client.send_bytes(data)
+            else:
+                await client.send_text(data)
+    except websockets.exceptions.ConnectionClosed:
+        pass
+    with contextlib.suppress(RuntimeError, WebSocketDisconnect, OSError):
+        await client.close(code=_sendable(upstream.close_code), reason=upstream.close_reason or "")
+
+
 async def _pump(client: WebSocket, upstream: ClientConnection) -> None:
     """Relay messages both ways; when one side closes, close the other with the same code."""
-
-    async def client_to_upstream() -> None:
-        while True:
-            message = await client.receive()
-            if message["type"] == "websocket.disconnect":
-                await upstream.close(code=_sendable(message.get("code")), reason=message.get("reason") or "")
-                return
-            if message.get("bytes") is not None:
-                await upstream.send(message["bytes"])
-            elif message.get("text") is not None:
-                await upstream.send(message["text"])
-
-    async def upstream_to_client() -> None:
-        try:
-            async for data in upstream:
-                if isinstance(data, bytes):
-                    await client.send_bytes(data)
-                else:
-                    await client.send_text(data)
-        except websockets.exceptions.ConnectionClosed:
-            pass
-        with contextlib.suppress(RuntimeError, WebSocketDisconnect, OSError):
-            await client.close(code=_sendable(upstream.close_code), reason=upstream.close_reason or "")
-
-    tasks = [asyncio.ensure_future(client_to_upstream()), asyncio.ensure_future(upstream_to_client())]
+    tasks = [
+        asyncio.ensure_future(_client_to_upstream(client, upstream)),
+        asyncio.ensure_future(_upstream_to_client(client, upstream)),
+    ]
     try:
         done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in pending:

@@ -22,11 +22,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ray_serve_cai.cluster import ClusterStatus, Plan, RayCluster, connect_info, write_cluster_info
+from ray_serve_cai.cluster import (
+    ClusterStatus,
+    Plan,
+    ProgressCallback,
+    RayCluster,
+    connect_info,
+    write_cluster_info,
+)
+from ray_serve_cai.cluster.applied import ClusterRequest, load_cluster_request
 from ray_serve_cai.cluster.info import INFO_FILE
-from ray_serve_cai.cluster.reconciler import ProgressCallback
 from ray_serve_cai.cml import CMLClient, CMLSettings
-from ray_serve_cai.config import DEFAULT_CLUSTER_FILE, ClusterSpec, load_cluster_spec
+from ray_serve_cai.config import DEFAULT_CLUSTER_FILE, ClusterSpec
 from ray_serve_cai.config.edit import save_replicas
 from ray_serve_cai.deploy.project import resolve_project
 
@@ -53,7 +60,7 @@ class CAIClusterManager:
         self,
         client: CMLClient,
         project_id: str,
-        spec: ClusterSpec,
+        spec: ClusterSpec | ClusterRequest,
         *,
         config_path: str | Path | None = None,
         owns_client: bool = False,
@@ -65,7 +72,6 @@ class CAIClusterManager:
         self.project_id = project_id
         self.config_path = Path(config_path) if config_path is not None else None
         self._owns_client = owns_client
-        self._options = cluster_options
         self.cluster = RayCluster(client, project_id, spec, **cluster_options)
 
     @classmethod
@@ -84,7 +90,7 @@ class CAIClusterManager:
 
         `settings` default to CML_HOST/CML_API_KEY, or the local workspace with `local`.
         """
-        spec = load_cluster_spec(config, env=env)
+        request = load_cluster_request(config, env=env, source="python")
         if settings is None:
             settings = local_workspace_settings() if local else CMLSettings.from_env()
         client = CMLClient(settings)
@@ -93,7 +99,7 @@ class CAIClusterManager:
         except BaseException:
             client.close()
             raise
-        return cls(client, found.id, spec, config_path=config, owns_client=True, **cluster_options)
+        return cls(client, found.id, request, config_path=config, owns_client=True, **cluster_options)
 
     # -- the verbs -----------------------------------------------------------------------------
     @property
@@ -124,9 +130,9 @@ class CAIClusterManager:
         on_progress: ProgressCallback | None = None,
     ) -> tuple[Plan, ClusterStatus]:
         """`replicas` workers in `group` (None: the only group); unchanged nodes are not touched.
-        The new size is saved in the config file (when there is one), as `ray-cai scale` does."""
-        spec = self.spec.with_replicas(replicas, group)  # BadInput before any API call
-        self.cluster = RayCluster(self.client, self.project_id, spec, **self._options)
+        The new size is saved in the config file (when there is one), as `ray-cai scale` does: the
+        same merge (`RayCluster.scaled`), so only the size is asked for explicitly."""
+        self.cluster = self.cluster.scaled(replicas, group)  # BadInput before any API call
         result = self.cluster.up(wait=wait, timeout=timeout, on_progress=on_progress)
         if self.config_path is not None:
             save_replicas(self.config_path, replicas, group)

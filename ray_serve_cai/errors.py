@@ -1,12 +1,65 @@
-"""The root of every error ray-serve-cai raises on purpose, in two branches (like httpx's tree).
+"""The root of every error ray-serve-cai raises on purpose, and the drawing of the whole tree.
 
-- `BadInput` (exit code 2): the caller asked for something invalid — a config field, a flag, a
-  name. Raised before any API call; nothing was changed.
-- `OperationFailed` (exit code 1): the request was valid but could not be carried out — the API
-  refused, a wait ran out, a node failed.
+Two branches, as in httpx's `_exceptions.py`: `BadInput` (exit code 2: the caller asked for something
+invalid; raised before any API call, nothing was changed) and `OperationFailed` (exit code 1: a
+valid request that could not be carried out). The CLI maps the two roots, not a list of classes.
+Single inheritance throughout, but for two roots that are also builtins because the standard
+library's contract says so: `BadInput` is a `ValueError` (a value of the right type that is not
+acceptable; pydantic and callers catch that) and `WaitTimeout` a `TimeoutError` (callers waiting
+with a deadline catch that).
+Each layer defines its own errors next to its code (module in brackets):
 
-Each layer derives its own errors from one of the two, so the CLI maps two roots, not a list of
-classes. Standard library only: every layer (the local workspace and the node included) may use it.
+    RayCaiError
+    ├── BadInput (+ ValueError)                    exit 2
+    │   ├── ConfigError              [config.errors]
+    │   │   └── ServeRejected        [access.serve]     Serve refused the config (HTTP 400)
+    │   ├── CMLSettingsError         [cml]              connection settings missing or malformed
+    │   ├── RefusedField             [cml]              a field the spec does not let the call set
+    │   ├── DeployInputError         [deploy.source]
+    │   ├── ProjectNotGiven          [deploy.project]
+    │   ├── JobInputError            [access.jobs]
+    │   └── SettingsError            [node.settings]    the node's environment is not a valid node
+    └── OperationFailed                            exit 1
+        ├── WaitTimeout (+ TimeoutError)  [errors]      a bounded wait ran out
+        ├── CMLError                 [cml]
+        │   ├── AmbiguousName                           an exact name matched several objects
+        │   ├── CMLConnectionError
+        │   │   └── CreateOutcomeUnknown                 a create whose answer was lost
+        │   └── CMLAPIError                             an HTTP error answer
+        │       ├── BadRequest (400)
+        │       ├── Unauthorized (401)
+        │       ├── Forbidden (403)
+        │       ├── NotFound (404)
+        │       ├── Conflict (409)
+        │       ├── RateLimited (429)
+        │       └── ServerError (5xx)
+        ├── AccessError              [access.head]
+        ├── DashboardError           [access.dashboard]
+        ├── ServeAPIError            [access.serve]
+        ├── NodeLogsError            [access.logs]
+        ├── JobsError                [access.jobs]
+        │   ├── JobNotFound
+        │   └── LogStreamUnavailable
+        ├── ClusterError             [cluster.errors]
+        │   ├── LockHeld                                another run holds the cluster's lock
+        │   └── CatalogNeeded                           a pass lacks the runtime catalog it needs
+        ├── RuntimeChoiceError       [cluster.runtimes]
+        ├── RepoError                [deploy.fingerprint]
+        ├── ProjectError             [deploy.project]
+        ├── JobChainError            [deploy.jobs]
+        ├── StepError                [deploy.steps]
+        ├── NodeFailure              [node.launcher]
+        ├── AutoscalingSetupError    [node.autoscaling]
+        ├── TokenError               [node.files]
+        ├── RendezvousNotFound       [node.files]
+        ├── WorkspaceError           [workspace.daemon]
+        └── StoreError               [workspace.store]
+
+Outside the tree on purpose: the local workspace's server-side `WorkspaceAPIError` and
+`ScriptError` (they become HTTP answers and job-run failures, never reach a user as exceptions) and
+the node's `StopRequested` (a signal, not an error). `tests/unit/test_error_tree.py` keeps this
+drawing and the code in step. Standard library only: every layer (the workspace and the node
+included) may use this module.
 """
 
 from __future__ import annotations
@@ -22,7 +75,7 @@ class RayCaiError(Exception):
     exit_code: int = EXIT_FAILED
 
 
-class BadInput(RayCaiError):
+class BadInput(RayCaiError, ValueError):
     """Invalid input (config, flags, names): nothing was attempted. Exit code 2."""
 
     exit_code = EXIT_BAD_INPUT

@@ -1,7 +1,8 @@
 """The head application's URL and HTTP/WebSocket clients for it, with the CML API key.
 
 `find_head(client, project_id, cluster)` finds the running head application with one list call;
-`AppEndpoint` holds its URL, the key and the TLS setting, and makes an `httpx.Client` and WebSocket
+`AppEndpoint` holds its URL, the key and the TLS setting, and makes an `httpx.Client` (the package's
+one HTTP construction, `cml.http_client`, as `CMLClient.app_request` uses) and WebSocket
 connections that send `Authorization: Bearer <key>` (what CML's application gateway and the local
 workspace's app listeners let through). The key never appears in a URL, a message or a `repr`.
 """
@@ -16,11 +17,18 @@ from urllib.parse import urlsplit
 import httpx
 
 from ray_serve_cai.access.dashboard import DashboardError, find_head_application
-from ray_serve_cai.cml import Application, CMLClient, CMLError
+from ray_serve_cai.cml import (
+    APPLICATION_RUNNING,
+    Application,
+    CMLClient,
+    CMLError,
+    http_client,
+    ssl_context,
+)
 from ray_serve_cai.cml._settings import is_loopback_name
+from ray_serve_cai.config.node_status import HEALTH_PATH, STATUS_PATH, HeadStatus, NodeHealth
 from ray_serve_cai.errors import OperationFailed
 
-RUNNING = "APPLICATION_RUNNING"
 USER_AGENT = "ray-serve-cai-access"
 
 
@@ -54,23 +62,17 @@ class AppEndpoint:
         return is_loopback_name(urlsplit(self.url).hostname or "")
 
     def ssl_context(self) -> ssl.SSLContext | bool:
-        if isinstance(self.verify, str):
-            return ssl.create_default_context(cafile=self.verify)
-        return self.verify
+        """The package's one TLS setting (`cml.ssl_context`): a CA bundle file or directory, or a bool."""
+        return ssl_context(self.verify)
 
     def http_client(self, *, read_timeout: float | str | None = "default") -> httpx.Client:
-        """A client with base URL, key and TLS set; loopback is dialled directly (no environment proxy).
-        Streaming readers pass their own `read_timeout` (None: no limit on a silent stretch)."""
+        """A client with base URL, key and TLS set, made the one way the package talks HTTP to CML
+        (`cml.http_client`: what `CMLClient.app_request` uses too). Streaming readers pass their
+        own `read_timeout` (None: no limit on a silent stretch)."""
         read = self.timeout if read_timeout == "default" else read_timeout
         timeout = httpx.Timeout(self.timeout, read=read)  # type: ignore[arg-type]
-        # Loopback (the local workspace) is dialled directly, never through an environment proxy.
-        return httpx.Client(
-            base_url=self.url,
-            headers=self.headers,
-            timeout=timeout,
-            verify=self.ssl_context(),
-            follow_redirects=False,
-            trust_env=not self.is_loopback,
+        return http_client(
+            self.url, api_key=self.api_key, verify=self.verify, timeout=timeout, user_agent=USER_AGENT
         )
 
     def websocket_url(self, path: str) -> str:
@@ -112,7 +114,7 @@ def find_head(client: CMLClient, project_id: str, cluster: str) -> Application:
         raise AccessError(f"cannot list the applications of project {project_id}: {err}") from None
     except DashboardError as err:
         raise AccessError(str(err)) from None
-    if head.status != RUNNING:
+    if head.status != APPLICATION_RUNNING:
         status = (head.status or "unknown").removeprefix("APPLICATION_").lower()
         raise AccessError(
             f"the head application {head.name!r} is {status}, not running (see `ray-cai status`)"
@@ -125,4 +127,35 @@ def head_endpoint(client: CMLClient, project_id: str, cluster: str) -> AppEndpoi
     return AppEndpoint.from_client(client, client.app_url(find_head(client, project_id, cluster)))
 
 
-__all__ = ["AccessError", "AppEndpoint", "find_head", "head_endpoint"]
+def read_head_status(client: CMLClient, head: str) -> tuple[dict[str, Any], str | None]:
+    """Ray's view from the head's status endpoint (`STATUS_PATH`): (the view, None), or ({}, why
+    not) when the head does not answer with it. One HTTP request, not an API call."""
+    try:
+        response = client.app_request(head, "GET", STATUS_PATH)
+    except CMLError as err:
+        return {}, f"head status endpoint unreachable: {err}"
+    if response.status_code != 200:
+        return {}, f"head status endpoint answered HTTP {response.status_code}"
+    try:
+        return HeadStatus.model_validate(response.json()).body(), None
+    except ValueError:  # non-JSON, or JSON that is not the status model (ValidationError)
+        return {}, "head status endpoint answered with something else than its status"
+
+
+def read_node_error(client: CMLClient, node: str) -> str:
+    """The last error a node's own health page reports ('' when it has none or does not answer)."""
+    try:
+        health = NodeHealth.model_validate(client.app_request(node, "GET", HEALTH_PATH, timeout=5).json())
+    except (CMLError, ValueError):
+        return ""
+    return health.last_error or ""
+
+
+__all__ = [
+    "AccessError",
+    "AppEndpoint",
+    "find_head",
+    "head_endpoint",
+    "read_head_status",
+    "read_node_error",
+]

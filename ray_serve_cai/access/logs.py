@@ -28,8 +28,8 @@ class NodeLogsError(OperationFailed):
 
 
 @dataclass(frozen=True)
-class RayNode:
-    """A node as the head's status endpoint reports it."""
+class LoggedNode:
+    """A Ray node whose logs can be read: as the head's status endpoint reports it."""
 
     name: str
     node_id: str
@@ -76,7 +76,7 @@ class NodeLogs:
             raise AccessError(f"{self.endpoint.url} refused the API key (HTTP {response.status_code})")
         return response
 
-    def nodes(self) -> list[RayNode]:
+    def nodes(self) -> list[LoggedNode]:
         """The cluster's nodes (alive or dead) from the head's status endpoint."""
         response = self._get(STATUS_PATH)
         try:
@@ -88,7 +88,7 @@ class NodeLogs:
                 f"the head cannot list its nodes yet: {body.get('error') or response.status_code}"
             )
         return [
-            RayNode(
+            LoggedNode(
                 name=str(n.get("node_name") or n.get("node_id")),
                 node_id=str(n.get("node_id")),
                 alive=bool(n.get("alive")),
@@ -99,7 +99,7 @@ class NodeLogs:
             if n.get("node_id")
         ]
 
-    def find_node(self, wanted: str | None, cluster: str) -> RayNode:
+    def find_node(self, wanted: str | None, cluster: str) -> LoggedNode:
         """The node called `wanted` (a node name, its short form `head`/`worker-0`, or a Ray node id
         or a unique prefix of one); the head when None. Alive nodes win over dead ones of a name."""
         nodes = sorted(self.nodes(), key=lambda n: not n.alive)
@@ -117,7 +117,7 @@ class NodeLogs:
             raise NodeLogsError(f"no node {wanted or 'head'!r} in cluster {cluster!r} (nodes: {known})")
         return found[0]
 
-    def list_files(self, node: RayNode, glob: str = "*") -> dict[str, list[str]]:
+    def list_files(self, node: LoggedNode, glob: str = "*") -> dict[str, list[str]]:
         """The node's log files by kind (`raylet`, `gcs_server`, `worker_out`, ...)."""
         response = self._get("/api/v0/logs", {"node_id": node.node_id, "glob": glob})
         try:
@@ -132,10 +132,10 @@ class NodeLogs:
             )
         return {kind: list(files) for kind, files in (body.get("data", {}).get("result") or {}).items()}
 
-    def _log_params(self, node: RayNode, filename: str, tail: int) -> dict[str, Any]:
+    def _log_params(self, node: LoggedNode, filename: str, tail: int) -> dict[str, Any]:
         return {"node_id": node.node_id, "filename": filename, "lines": tail}
 
-    def read(self, node: RayNode, filename: str = DEFAULT_FILE, *, tail: int = 1000) -> str:
+    def read(self, node: LoggedNode, filename: str = DEFAULT_FILE, *, tail: int = 1000) -> str:
         """The last `tail` lines of a log file of the node (-1: the whole file)."""
         response = self._get("/api/v0/logs/file", self._log_params(node, filename, tail))
         if response.status_code != 200:
@@ -143,7 +143,7 @@ class NodeLogs:
         return response.text
 
     @staticmethod
-    def _read_error(node: RayNode, filename: str, text: str, status: int) -> str:
+    def _read_error(node: LoggedNode, filename: str, text: str, status: int) -> str:
         lines = [line for line in text.strip().splitlines() if line.strip()]
         detail = lines[-1] if lines else f"HTTP {status}"
         if "not found" in text.lower() or "does not exist" in text.lower() or "No such file" in text:
@@ -152,7 +152,7 @@ class NodeLogs:
 
     def follow(
         self,
-        node: RayNode,
+        node: LoggedNode,
         filename: str = DEFAULT_FILE,
         *,
         tail: int = 100,
@@ -187,4 +187,4 @@ class NodeLogs:
             ) from None
 
 
-__all__ = ["DEFAULT_FILE", "NodeLogs", "NodeLogsError", "RayNode", "check_log_options"]
+__all__ = ["DEFAULT_FILE", "LoggedNode", "NodeLogs", "NodeLogsError", "check_log_options"]

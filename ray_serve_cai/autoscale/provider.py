@@ -7,10 +7,14 @@ and ends with at most one `submit_scale_request`.
 
 * Nodes are applications of this cluster (marker `RAY_CAI_CLUSTER`), keyed by application id; a
   node's "ip" is its `NODE_ID_AS_RESOURCE` (`use_node_id_as_ip`), which the node advertises to Ray.
-* Worker apps are created exactly as `ray-cai up` creates them (`worker_node(spec, group, index)`:
-  same name `ray-<cluster>-<group>-<index>` at the lowest free index, fields, markers, spec hash).
-  The spec is the applied spec on the head application (`RAY_CAI_APPLIED_SPEC`), read from the same
-  list call; the head's own environment is the fallback.
+* One owner per action: the provider decides how many workers a group gets (Ray's demand within
+  min/max); creating and deleting an app is the cluster layer's one path
+  (`ray_serve_cai.cluster.nodes`: the same fields, markers, spec hash and create-then-look rule as
+  `ray-cai up`), names come from its one free-index rule (`cluster.plan.free_indices`), and a batch
+  of creates runs in parallel under the cluster lock `up` and the watch take (held elsewhere: this
+  update creates nothing, the next tries again). The spec is the applied spec on the head
+  application (`RAY_CAI_APPLIED_SPEC`), read from the same list call; the head's own environment
+  is the fallback.
 * Deletions vanish from what the autoscaler reads at once (tombstones, kept until CML no longer
   lists the app; a failed delete is retried). A create is never repeated blindly: a lost answer is
   resolved by looking (`create_or_find`), and a name created or maybe created stays reserved until
@@ -29,6 +33,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,6 +42,11 @@ from typing import Any
 from ray.autoscaler.batching_node_provider import BatchingNodeProvider, NodeData, ScaleRequest
 from ray.autoscaler.tags import NODE_KIND_HEAD, NODE_KIND_WORKER, STATUS_UP_TO_DATE, STATUS_UPDATE_FAILED
 
+from ray_serve_cai.atomic import write_json_atomically
+from ray_serve_cai.cluster.errors import ClusterError, LockHeld
+from ray_serve_cai.cluster.lock import cluster_lock, default_owner
+from ray_serve_cai.cluster.nodes import create_node_app, delete_app
+from ray_serve_cai.cluster.plan import free_indices, taken_indices
 from ray_serve_cai.cml import (
     APPLICATION_FAILED,
     APPLICATION_RUNNING,
@@ -46,17 +56,15 @@ from ray_serve_cai.cml import (
     CMLError,
     CMLSettings,
     CreateOutcomeUnknown,
-    NotFound,
-    create_application_or_find,
     is_permanent,
 )
 from ray_serve_cai.config import (
     APPLIED_SPEC_VARIABLE,
     NODE_ID_RESOURCE_VARIABLE,
     ClusterSpec,
+    NodeSpec,
     head_app_name,
     spec_from_applied,
-    worker_app_name,
     worker_index_of,
     worker_node,
 )
@@ -64,19 +72,22 @@ from ray_serve_cai.config.autoscaling import (
     HEAD_NODE_TYPE,
     decision_path,
     ray_autoscaling_config,
-    write_json_atomically,
 )
+from ray_serve_cai.config.cluster import WorkerGroupSpec
+from ray_serve_cai.config.node_env import CLUSTER_VARIABLE, GROUP_VARIABLE, ROLE_VARIABLE
 
 log = logging.getLogger("ray_serve_cai.autoscale")
 
-CLUSTER_MARKER = "RAY_CAI_CLUSTER"
-ROLE_MARKER = "RAY_CAI_ROLE"
-GROUP_MARKER = "RAY_CAI_GROUP"
 # A created (or maybe created) name stays reserved this long while the list does not show it yet.
 PENDING_GRACE_SECONDS = 60.0
 DELETE_RETRY_SECONDS = 10.0
 BACKOFF_FIRST_SECONDS = 2.0
 BACKOFF_MAX_SECONDS = 60.0
+MAX_PARALLEL_CREATES = 16
+# The cluster lock around a batch of creates: held seconds at most, and how long failing creates of
+# the lock itself are retried before this update gives up (the next one tries again).
+LOCK_TTL_SECONDS = 60.0
+LOCK_PATIENCE_SECONDS = 5.0
 
 
 def workload_settings(env: Mapping[str, str] | None = None) -> CMLSettings:
@@ -160,6 +171,7 @@ class CMLNodeProvider(BatchingNodeProvider):
         self._apps: dict[str, Application] = {}  # app id -> last observation (this cluster's)
         self._spec: ClusterSpec | None = spec_from_applied(os.environ.get(APPLIED_SPEC_VARIABLE))
         self._observed = False
+        self._lock_owner = default_owner()  # one owner per provider: a lock it left is its own
         self.decision: dict[str, Any] = {}
         self.list_calls = 0
 
@@ -175,11 +187,11 @@ class CMLNodeProvider(BatchingNodeProvider):
                 log.warning("cannot list applications (%s); skipping this autoscaler update", err)
                 return dict(self.node_data_dict)
             self._observed = True
-            mine = {a.id: a for a in apps if (a.environment or {}).get(CLUSTER_MARKER) == self.cluster}
+            mine = {a.id: a for a in apps if (a.environment or {}).get(CLUSTER_VARIABLE) == self.cluster}
             self._apps = mine
             self._refresh_spec(mine)
             self._settle_tombstones(mine)
-            listed_names = {a.subdomain or a.name for a in mine.values()}
+            listed_names = {a.key for a in mine.values()}
             now = self._clock()
             for name, (until, created) in list(self._pending.items()):
                 if name in listed_names or until <= now or not created:
@@ -197,15 +209,15 @@ class CMLNodeProvider(BatchingNodeProvider):
             if app_id in self._tombstones:
                 continue
             ip = env.get(NODE_ID_RESOURCE_VARIABLE)
-            if env.get(ROLE_MARKER) == "head" and (app.subdomain or app.name) == head_app_name(self.cluster):
+            if env.get(ROLE_VARIABLE) == "head" and app.key == head_app_name(self.cluster):
                 head_ip = ip or (str(self.head_resource) if self.head_resource is not None else None)
                 nodes[app_id] = NodeData(
                     kind=NODE_KIND_HEAD, type=HEAD_NODE_TYPE, ip=head_ip, status=STATUS_UP_TO_DATE
                 )
-            elif env.get(ROLE_MARKER) == "worker" and self._group_index(app) is not None:
+            elif env.get(ROLE_VARIABLE) == "worker" and self._group_index(app) is not None:
                 nodes[app_id] = NodeData(
                     kind=NODE_KIND_WORKER,
-                    type=env.get(GROUP_MARKER, ""),
+                    type=env.get(GROUP_VARIABLE, ""),
                     ip=ip,
                     status=_status_text(app.status or ""),
                 )
@@ -214,17 +226,15 @@ class CMLNodeProvider(BatchingNodeProvider):
     def _group_index(self, app: Application) -> int | None:
         """The index of a worker app of a group of the spec; None for anything else."""
         env = app.environment or {}
-        group = env.get(GROUP_MARKER, "")
+        group = env.get(GROUP_VARIABLE, "")
         if self._spec is None or group not in {g.name for g in self._spec.worker_groups}:
             return None
-        return worker_index_of(self.cluster, group, app.subdomain or app.name)
+        return worker_index_of(self.cluster, group, app.key)
 
     def _refresh_spec(self, mine: Mapping[str, Application]) -> None:
         """The applied spec on the head app (a later `up` may have changed bounds); rewrite Ray's
         autoscaling config when it changed, so the next update uses the new bounds."""
-        head = next(
-            (a for a in mine.values() if (a.subdomain or a.name) == head_app_name(self.cluster)), None
-        )
+        head = next((a for a in mine.values() if a.key == head_app_name(self.cluster)), None)
         spec = spec_from_applied((head.environment or {}).get(APPLIED_SPEC_VARIABLE)) if head else None
         if spec is None or spec == self._spec:
             return
@@ -249,110 +259,152 @@ class CMLNodeProvider(BatchingNodeProvider):
 
     # -- acting ------------------------------------------------------------------------------
     def submit_scale_request(self, scale_request: ScaleRequest) -> None:
-        """Delete the named workers (tombstoned first), then create what each autoscaled group lacks."""
+        """Delete the named workers (tombstoned first), then create what each autoscaled group
+        lacks: all at once, under the cluster lock, through the cluster layer's one create path."""
         with self._lock:
             spec = self._spec
             if spec is None:
                 return
             autoscaled = {g.name: g for g in spec.autoscaled_groups}
-            deleted: list[str] = []
-            ignored: list[str] = []
-            for node_id in sorted(scale_request.workers_to_delete):
-                app = self._apps.get(node_id)
-                if app is None or node_id in self._tombstones:
-                    continue
-                group = (app.environment or {}).get(GROUP_MARKER, "")
-                name = app.subdomain or app.name
-                if group not in autoscaled:
-                    ignored.append(name)
-                    continue
-                now = self._clock()
-                self._tombstones[node_id] = _Tombstone(name, group, now, now)
-                self._delete(node_id, name)
-                deleted.append(name)
-            created: list[str] = []
-            errors: list[str] = []
-            desired: dict[str, int] = {}
-            for group_name, group in autoscaled.items():
-                assert group.min_replicas is not None and group.max_replicas is not None
-                wanted = scale_request.desired_num_workers.get(group_name)
-                if wanted is None:
-                    continue
-                target = max(group.min_replicas, min(group.max_replicas, wanted))
-                desired[group_name] = target
-                missing = target - self._count(group_name)
-                if missing <= 0:
-                    continue
-                backoff = self._backoff.get(group_name)
-                if backoff is not None and backoff.not_before > self._clock():
-                    errors.append(
-                        f"{group_name}: create backing off {backoff.not_before - self._clock():.0f}s more"
-                    )
-                    continue
-                for _ in range(missing):
-                    name, error = self._create(spec, group_name)
-                    if name and not error:
-                        created.append(name)
-                    if error:
-                        errors.append(error)
-                        break
-            self._record(desired, created, deleted, ignored, errors)
+            deleted, ignored = self._delete_requested(scale_request, autoscaled)
+            desired, planned, errors = self._plan_creates(spec, autoscaled, scale_request)
+            created, create_errors = self._create_all(spec, planned)
+            self._record(desired, created, deleted, ignored, errors + create_errors)
+
+    def _delete_requested(
+        self, scale_request: ScaleRequest, autoscaled: Mapping[str, WorkerGroupSpec]
+    ) -> tuple[list[str], list[str]]:
+        """Tombstone and delete the workers Ray asks to remove; fixed groups' workers are ignored."""
+        deleted: list[str] = []
+        ignored: list[str] = []
+        for node_id in sorted(scale_request.workers_to_delete):
+            app = self._apps.get(node_id)
+            if app is None or node_id in self._tombstones:
+                continue
+            group = (app.environment or {}).get(GROUP_VARIABLE, "")
+            if group not in autoscaled:
+                ignored.append(app.key)
+                continue
+            now = self._clock()
+            self._tombstones[node_id] = _Tombstone(app.key, group, now, now)
+            self._delete(node_id, app.key)
+            deleted.append(app.key)
+        return deleted, ignored
+
+    def _plan_creates(
+        self, spec: ClusterSpec, autoscaled: Mapping[str, WorkerGroupSpec], scale_request: ScaleRequest
+    ) -> tuple[dict[str, int], list[NodeSpec], list[str]]:
+        """Per group: the desired count (within the bounds) and the nodes to create, their names
+        reserved at the lowest free indices before anything is asked."""
+        desired: dict[str, int] = {}
+        planned: list[NodeSpec] = []
+        errors: list[str] = []
+        for group_name, group in autoscaled.items():
+            assert group.min_replicas is not None and group.max_replicas is not None
+            wanted = scale_request.desired_num_workers.get(group_name)
+            if wanted is None:
+                continue
+            target = max(group.min_replicas, min(group.max_replicas, wanted))
+            desired[group_name] = target
+            missing = target - self._count(group_name)
+            if missing <= 0:
+                continue
+            backoff = self._backoff.get(group_name)
+            if backoff is not None and backoff.not_before > self._clock():
+                errors.append(
+                    f"{group_name}: create backing off {backoff.not_before - self._clock():.0f}s more"
+                )
+                continue
+            names = {a.key for a in self._apps.values()} | set(self._pending)
+            free = free_indices(taken_indices(self.cluster, group_name, names))
+            for _ in range(missing):
+                node = worker_node(spec, group_name, next(free))
+                self._pending[node.name] = (self._clock() + PENDING_GRACE_SECONDS, False)  # reserved
+                planned.append(node)
+        return desired, planned, errors
+
+    def _create_all(self, spec: ClusterSpec, planned: list[NodeSpec]) -> tuple[list[str], list[str]]:
+        """Create the planned workers in parallel under the cluster lock (one actor at a time: an
+        `up` or a watch holding it makes this update skip its creates)."""
+        if not planned:
+            return [], []
+        outcomes: list[tuple[NodeSpec, Exception | None]]
+        try:
+            with (
+                cluster_lock(
+                    self.client,
+                    self.project_id,
+                    self.cluster,
+                    ttl=LOCK_TTL_SECONDS,
+                    patience=LOCK_PATIENCE_SECONDS,
+                    runtime_identifier=spec.head.runtime_identifier,
+                    owner=self._lock_owner,
+                ),
+                ThreadPoolExecutor(max_workers=min(MAX_PARALLEL_CREATES, len(planned))) as pool,
+            ):
+                outcomes = list(pool.map(self._create, planned))
+        except LockHeld as err:
+            for node in planned:
+                self._pending.pop(node.name, None)  # nothing was asked: the names are free again
+            return [], [f"{node.name}: {err}; trying at the next update" for node in planned]
+        except (ClusterError, CMLError) as err:
+            outcomes = [(node, err) for node in planned]
+            for node in planned:
+                self._pending.pop(node.name, None)
+        created: list[str] = []
+        errors: list[str] = []
+        failed_groups: set[str] = set()
+        for node, error in outcomes:
+            if error is None:
+                self._pending[node.name] = (self._clock() + PENDING_GRACE_SECONDS, True)
+                created.append(node.name)
+                continue
+            errors.append(f"{node.name}: {error}")
+            failed_groups.add(node.group)
+            unknown = isinstance(error, CreateOutcomeUnknown) or (
+                isinstance(error, CMLError) and not is_permanent(error)
+            )
+            if not unknown:
+                self._pending.pop(node.name, None)  # refused: the name is free again
+            log.warning("create of %s failed (%s)", node.name, error)
+        for group in {n.group for n in planned} - failed_groups:
+            self._backoff.pop(group, None)
+        for group in sorted(failed_groups):
+            self._back_off(group)
+        return created, errors
+
+    def _back_off(self, group: str) -> None:
+        """A group whose creates failed waits 2 s, doubling to 60 s, before it tries again."""
+        backoff = self._backoff.setdefault(group, _Backoff())
+        backoff.failures += 1
+        delay = min(BACKOFF_MAX_SECONDS, BACKOFF_FIRST_SECONDS * 2 ** (backoff.failures - 1))
+        backoff.not_before = self._clock() + delay
+        log.warning("creates of group %s failed; backing off %.0fs", group, delay)
 
     def _count(self, group: str) -> int:
         """Apps of ``group`` that exist or may exist: listed (not tombstoned) plus reserved names."""
         listed = {
-            a.subdomain or a.name
+            a.key
             for app_id, a in self._apps.items()
             if app_id not in self._tombstones
-            and (a.environment or {}).get(GROUP_MARKER) == group
+            and (a.environment or {}).get(GROUP_VARIABLE) == group
             and self._group_index(a) is not None
         }
         reserved = {n for n in self._pending if worker_index_of(self.cluster, group, n) is not None}
         return len(listed | reserved)
 
-    def _free_index(self, group: str) -> int:
-        """The lowest index no listed app (even one being deleted) and no reserved name holds."""
-        taken = {a.subdomain or a.name for a in self._apps.values()} | set(self._pending)
-        index = 0
-        while worker_app_name(self.cluster, group, index) in taken:
-            index += 1
-        return index
-
-    def _create(self, spec: ClusterSpec, group: str) -> tuple[str | None, str | None]:
-        """Create one worker app; returns (name created or reserved, error)."""
-        node = worker_node(spec, group, self._free_index(group))
-        self._pending[node.name] = (self._clock() + PENDING_GRACE_SECONDS, False)  # reserved before we ask
-
-        fields = {"name": node.name, "subdomain": node.name, "description": node.description}
+    def _create(self, node: NodeSpec) -> tuple[NodeSpec, Exception | None]:
+        """Create one worker app through the cluster layer's create path; (node, error or None)."""
         try:
-            create_application_or_find(
-                self.client,
-                self.project_id,
-                {**fields, **node.app_fields()},
-                owner=(CLUSTER_MARKER, self.cluster),
-                attempts=2,
-            )
+            create_node_app(self.client, self.project_id, self.cluster, node, attempts=2)
         except CMLError as err:
-            backoff = self._backoff.setdefault(group, _Backoff())
-            backoff.failures += 1
-            delay = min(BACKOFF_MAX_SECONDS, BACKOFF_FIRST_SECONDS * 2 ** (backoff.failures - 1))
-            backoff.not_before = self._clock() + delay
-            unknown = isinstance(err, CreateOutcomeUnknown) or not is_permanent(err)
-            if not unknown:
-                self._pending.pop(node.name, None)  # refused: the name is free again
-            log.warning("create of %s failed (%s); backing off %.0fs", node.name, err, delay)
-            return (node.name if unknown else None), f"{node.name}: {err}"
-        self._backoff.pop(group, None)
-        self._pending[node.name] = (self._clock() + PENDING_GRACE_SECONDS, True)
-        log.info("created %s (group %s)", node.name, group)
-        return node.name, None
+            return node, err
+        log.info("created %s (group %s)", node.name, node.group)
+        return node, None
 
     def _delete(self, app_id: str, name: str) -> None:
         try:
-            self.client.delete_application(self.project_id, app_id)
-            log.info("deleted %s", name)
-        except NotFound:
-            pass
+            delete_app(self.client, self.project_id, app_id, name)
         except CMLError as err:  # the tombstone stays; get_node_data deletes again
             log.warning("delete of %s failed (%s); will try again", name, err)
 

@@ -8,14 +8,13 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
+from ray_serve_cai.cli.cluster_open import open_cluster
 from ray_serve_cai.cli.common import (
     DEFAULT_CONFIG,
     EXIT_BAD_INPUT,
@@ -27,19 +26,15 @@ from ray_serve_cai.cli.common import (
     ProjectName,
     err_console,
     fail,
-    open_target,
     out_console,
     print_json,
     run_command,
     settings_for,
 )
-from ray_serve_cai.cli.serve import check_serve_config, print_serve
-from ray_serve_cai.cli.serve import project_dir as serve_project_dir
-from ray_serve_cai.cluster import ClusterStatus, RayCluster, connect_info, write_cluster_info
-from ray_serve_cai.cluster.applied import load_cluster_request
+from ray_serve_cai.cli.serve import print_serve
+from ray_serve_cai.cluster import ClusterStatus, Plan, RayCluster, connect_info, write_cluster_info
 from ray_serve_cai.cluster.autostop import describe_view
-from ray_serve_cai.cluster.plan import Plan
-from ray_serve_cai.cluster.serve import observe_into as converge_serve_view
+from ray_serve_cai.cluster.serve import observe_into
 from ray_serve_cai.cml import CMLClient
 from ray_serve_cai.config.edit import save_replicas
 
@@ -156,27 +151,6 @@ def _print_ready(status: ClusterStatus, info_path: Path | None) -> None:
         out_console.print(f"cluster info written to {info_path}")
 
 
-@contextmanager
-def open_cluster(
-    config: Path,
-    local: bool,
-    project: str | None,
-    *,
-    replicas: int | None = None,
-    group: str | None = None,
-    create: bool = False,
-) -> Iterator[RayCluster]:
-    """The cluster of the config file in the target project. The config (and a new size) is
-    validated before any API call. What the caller asks for is merged onto what is deployed (see
-    `ray_serve_cai.cluster.applied`): only fields it changes, overrides it sets and flags count."""
-    request = load_cluster_request(config, source="scale" if replicas is not None else "up")
-    if replicas is not None:
-        request = request.with_replicas(replicas, group)
-    check_serve_config(request.spec)  # the Serve config file too, before any API call
-    with open_target(local, project, create=create) as target:
-        yield RayCluster(target.client, target.project_id, request, project_dir=serve_project_dir())
-
-
 def plan(
     config: ConfigPath = DEFAULT_CONFIG,
     local: LocalFlag = False,
@@ -187,9 +161,9 @@ def plan(
 
     def run() -> None:
         with open_cluster(config, local, project) as cluster:
-            apps = cluster.observe()
-            result = cluster.plan(apps)
-            differences = cluster.differences(apps)
+            observation = cluster.observe(ray=False)
+            result = cluster.plan(observation)
+            differences = cluster.differences(observation)
         if json_out:
             print_json({**_plan_json(result), "differences": differences})
         else:
@@ -329,7 +303,7 @@ def status(
 
     def run() -> None:
         with open_cluster(config, local, project) as cluster:
-            result = converge_serve_view(cluster, cluster.status())
+            result = observe_into(cluster.serve_scope, cluster.status())
         if json_out:
             print_json(result.as_dict())
         else:

@@ -57,7 +57,7 @@ def validate(
     except ConfigError as exc:
         errors.append(exc)
     if cluster is not None and cluster.serve is not None:  # the Serve config file it names, too
-        from ray_serve_cai.cli.serve import project_dir
+        from ray_serve_cai.cli.cluster_open import project_dir
         from ray_serve_cai.config.serve import load_serve_config
 
         try:

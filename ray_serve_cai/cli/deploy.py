@@ -11,6 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from ray_serve_cai.cli.cluster_open import check_serve_config
 from ray_serve_cai.cli.common import (
     DEFAULT_CONFIG,
     EXIT_FAILED,
@@ -24,7 +25,6 @@ from ray_serve_cai.cli.common import (
     run_command,
     settings_for,
 )
-from ray_serve_cai.cli.serve import check_serve_config
 from ray_serve_cai.cluster import connect_info
 from ray_serve_cai.cml import CMLClient
 from ray_serve_cai.config import DEFAULT_JOBS_FILE

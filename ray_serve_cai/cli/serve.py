@@ -14,6 +14,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from ray_serve_cai.access.serve import ServeAPIError
+from ray_serve_cai.cli.cluster_open import open_cluster, project_dir
 from ray_serve_cai.cli.common import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
@@ -31,33 +33,12 @@ from ray_serve_cai.cli.common import (
 from ray_serve_cai.cluster import ClusterStatus, RayCluster
 from ray_serve_cai.cluster import serve as serve_ops
 from ray_serve_cai.cluster.serve import ServeView
-from ray_serve_cai.config.serve import ServeConfig, load_serve_config
+from ray_serve_cai.config.serve import load_serve_config
+from ray_serve_cai.errors import WaitTimeout
 
 app = typer.Typer(
     no_args_is_help=True, help="The cluster's Ray Serve applications (endpoint: <head URL>/serve/)."
 )
-
-
-def project_dir() -> Path:
-    """The project the config's relative paths refer to: the git checkout around the current
-    directory (what `--local` clones and CML deploys), else the current directory (/home/cdsw on CML)."""
-    from ray_serve_cai.deploy.fingerprint import RepoError, repo_root
-
-    try:
-        return repo_root(Path.cwd())
-    except RepoError:
-        return Path.cwd()
-
-
-def check_serve_config(spec: Any, directory: Path | None = None) -> ServeConfig | None:
-    """Validate the cluster's Serve config before any API call (ConfigError → exit 2); say which
-    of the user's settings the platform overrides."""
-    if spec.serve is None:
-        return None
-    config = load_serve_config(spec.serve.config, directory or project_dir())
-    for line in config.overridden_settings():
-        err_console.print(f"[yellow]note: {escape(config.source)}: {escape(line)}[/]")
-    return config
 
 
 def serve_table(serve: dict[str, Any]) -> Table:
@@ -104,12 +85,6 @@ class _ViewProgress:
             self.last = line
 
 
-def _open(config: Path, local: bool, project: str | None) -> Any:
-    from ray_serve_cai.cli.cluster import open_cluster
-
-    return open_cluster(config, local, project)
-
-
 def _exit_for(view: ServeView) -> None:
     ok = view.error is None and bool(view.applications) and view.all_running
     raise typer.Exit(EXIT_OK if ok else EXIT_FAILED)
@@ -139,9 +114,10 @@ def status(
     one failed). Exit 0 only when there are applications and every one is RUNNING."""
 
     def run() -> None:
-        with _open(config, local, project) as cluster:
-            cluster.observe()  # one list call: the client learns the head's URL
-            view = serve_ops.observe(cluster, serve_ops.desired_serve(cluster))
+        with open_cluster(config, local, project) as cluster:
+            cluster.observe(ray=False)  # one list call: the client learns the head's URL
+            scope = cluster.serve_scope
+            view = serve_ops.observe(scope, serve_ops.desired_serve(scope))
         _print_view(view, json_out)
         _exit_for(view)
 
@@ -173,30 +149,31 @@ def deploy(
 
     def run() -> None:
         given = load_serve_config(str(file), project_dir()) if file is not None else None  # before any call
-        with _open(config, local, project) as cluster:
+        with open_cluster(config, local, project) as cluster:
+            scope = cluster.serve_scope
             named = cluster.spec.serve.config if cluster.spec.serve else None
             if given is not None and named != str(file):
                 err_console.print(
                     f"[yellow]note: the cluster config names {named or 'no Serve config'}; `up` and the "
                     f"watch apply that one again. Set ray_cluster.serve.config: {escape(str(file))}[/]"
                 )
-            desired = given or serve_ops.desired_serve(cluster)
+            desired = given or serve_ops.desired_serve(scope)
             if desired is None:
                 fail("no Serve config: pass FILE or set ray_cluster.serve.config", EXIT_BAD_INPUT)
             status = _ready_head(cluster)
             port = serve_ops.head_serve_port(status)
             if port is None:
                 fail("the head has not started Ray Serve (see the head's log)")
-            decision = serve_ops.apply(cluster, desired, port, force=force)
+            decision = serve_ops.apply(scope, desired, port, force=force)
             err_console.print(
                 f"applied {desired.source}: {decision.reason}"
                 if decision.put
                 else f"nothing to apply: {decision.reason}"
             )
             view = (
-                serve_ops.wait_settled(cluster, desired, timeout=timeout, on_view=_ViewProgress())
+                serve_ops.wait_settled(scope, desired, timeout=timeout, on_view=_ViewProgress())
                 if wait
-                else serve_ops.observe(cluster, desired)
+                else serve_ops.observe(scope, desired)
             )
         _print_view(view, json_out)
         _exit_for(view)
@@ -214,10 +191,10 @@ def delete(
     """Remove every Serve application (Serve shuts down; the cluster keeps running)."""
 
     def run() -> None:
-        with _open(config, local, project) as cluster:
-            cluster.observe()  # one list call: the client learns the head's URL
-            before = serve_ops.observe(cluster)
-            serve_ops.api(cluster).delete()
+        with open_cluster(config, local, project) as cluster:
+            cluster.observe(ray=False)  # one list call: the client learns the head's URL
+            before = serve_ops.observe(cluster.serve_scope)
+            serve_ops.api(cluster.serve_scope).delete()
             has_serve = cluster.spec.serve is not None
         removed = sorted(before.applications)
         if json_out:
@@ -235,8 +212,6 @@ def delete(
 
 def _serve_errors(fn: Any) -> Any:
     """Serve's API errors are failures (exit 1), with their message."""
-    from ray_serve_cai.access.serve import ServeAPIError
-    from ray_serve_cai.errors import WaitTimeout
 
     def wrapped() -> None:
         try:
@@ -247,4 +222,4 @@ def _serve_errors(fn: Any) -> Any:
     return wrapped
 
 
-__all__ = ["app", "check_serve_config", "print_serve", "project_dir", "serve_table"]
+__all__ = ["app", "print_serve", "serve_table"]

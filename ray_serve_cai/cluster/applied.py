@@ -26,7 +26,7 @@ import os
 import socket
 import subprocess
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -35,12 +35,14 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ray_serve_cai.cluster.runtimes import HEAD
 from ray_serve_cai.cml import Application
-from ray_serve_cai.config import ClusterSpec, head_app_name, load_cluster_spec
+from ray_serve_cai.config import APPLIED_SPEC_VARIABLE, ClusterSpec, head_app_name, load_cluster_spec
 from ray_serve_cai.config.cluster import cluster_overrides
+from ray_serve_cai.config.errors import ConfigError
+from ray_serve_cai.config.node_env import CLUSTER_VARIABLE
 
 log = logging.getLogger("ray_serve_cai.cluster")
 
-APPLIED_SPEC_VAR = "RAY_CAI_APPLIED_SPEC"
+APPLIED_SPEC_VAR = APPLIED_SPEC_VARIABLE  # one name, defined with the node environment in config
 RECORD_VERSION = 1
 
 # Which spec fields an override variable sets ("*" = every worker group).
@@ -81,6 +83,8 @@ class AppliedRecord(BaseModel):
     runtimes: dict[str, str] = {}
     config: dict[str, Any] | None = None
     origin: Origin = Origin()
+    # When the cluster was first ready (KubeRay's "provisioned", latched): kept by later records.
+    provisioned_at: str | None = None
 
     def cluster_spec(self) -> ClusterSpec:
         return ClusterSpec.model_validate_json(json.dumps(self.spec))
@@ -108,6 +112,14 @@ class ClusterRequest:
     explicit: frozenset[tuple[str, ...]] = frozenset()  # e.g. ("worker_groups", "gpu", "replicas")
     source: str = "python"
     commit: str | None = None  # the commit the request comes from (None: the working directory's)
+    by: str = ""  # who asks (`user@host`); "" until `resolved`
+
+    def resolved(self) -> ClusterRequest:
+        """The request with its commit and requester known: `git rev-parse` runs here, once per
+        command (a `RayCluster` resolves its request when it is made), never per poll."""
+        if self.commit and self.by:
+            return self
+        return replace(self, commit=self.commit or caller_commit(), by=self.by or who())
 
     def forced_paths(self) -> frozenset[tuple[str, ...]]:
         paths = set(self.explicit)
@@ -121,7 +133,7 @@ class ClusterRequest:
         name = group or spec.worker_groups[0].name
         base = self.base.with_replicas(replicas, group) if self.base is not None else None
         explicit = self.explicit | {("worker_groups", name, "replicas")}
-        return ClusterRequest(spec, base, self.overrides, frozenset(explicit), "scale", self.commit)
+        return ClusterRequest(spec, base, self.overrides, frozenset(explicit), "scale", self.commit, self.by)
 
 
 def load_cluster_request(
@@ -136,7 +148,7 @@ def load_cluster_request(
     if overrides:
         try:
             base = load_cluster_spec(path, env={})
-        except ValueError:
+        except ConfigError:
             base = spec  # the file alone is invalid (an override mends it): treat every field as asked
     return ClusterRequest(spec, base, overrides, frozenset(), source)
 
@@ -148,7 +160,7 @@ def read_record(apps: Iterable[Application], cluster: str) -> AppliedRecord | No
     """The record on the cluster's head application in one observation, if there is a valid one."""
     name = head_app_name(cluster)
     for app in apps:
-        if (app.subdomain or app.name) != name:
+        if app.key != name:
             continue
         raw = (app.environment or {}).get(APPLIED_SPEC_VAR)
         if not raw:
@@ -169,9 +181,9 @@ def observed_runtimes(apps: Iterable[Application], cluster: str, groups: Sequenc
     prefix = f"ray-{cluster}-"
     found: dict[str, str] = {}
     for app in apps:
-        name = app.subdomain or app.name
-        runtime = getattr(app, "runtime_identifier", None)
-        if not runtime or (app.environment or {}).get("RAY_CAI_CLUSTER") != cluster:
+        name = app.key
+        runtime = app.runtime_identifier
+        if not runtime or (app.environment or {}).get(CLUSTER_VARIABLE) != cluster:
             continue
         if name in wanted:
             found.setdefault(HEAD, runtime)
@@ -323,7 +335,8 @@ def caller_commit(repo: Path | None = None) -> str | None:
     return os.environ.get("GITHUB_SHA") or None
 
 
-def _who() -> str:
+def who() -> str:
+    """`user@host` of this process (the engine id inside CML)."""
     try:
         user = getpass.getuser()
     except (KeyError, OSError):
@@ -332,8 +345,16 @@ def _who() -> str:
 
 
 def new_record(
-    spec: ClusterSpec, runtimes: Mapping[str, str], request: ClusterRequest, *, commit: str | None
+    spec: ClusterSpec,
+    runtimes: Mapping[str, str],
+    request: ClusterRequest,
+    *,
+    at: str | None = None,
+    commit: str | None = None,
+    provisioned_at: str | None = None,
 ) -> AppliedRecord:
+    """The record of a pass that applies `spec` (pure when `at` is given: a pass passes the time of
+    its observation); `commit` defaults to the request's."""
     base = request.base if request.base is not None else request.spec
     return AppliedRecord(
         spec=spec.model_dump(mode="json"),
@@ -341,12 +362,18 @@ def new_record(
         config=base.model_dump(mode="json"),
         origin=Origin(
             source=request.source,
-            commit=commit,
+            commit=commit or request.commit,
             overrides=dict(request.overrides),
-            by=_who(),
-            at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            by=request.by,
+            at=at or utc_now(),
         ),
+        provisioned_at=provisioned_at,
     )
+
+
+def utc_now() -> str:
+    """The time as records write it (ISO 8601, seconds, UTC)."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def same_applied(record: AppliedRecord | None, spec: ClusterSpec, runtimes: Mapping[str, str]) -> bool:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ray_serve_cai.cluster.reconciler import ClusterStatus
+from ray_serve_cai.atomic import write_atomically
+from ray_serve_cai.cluster.status import ClusterStatus
 
 INFO_FILE = "ray_cluster_info.json"
 
@@ -75,11 +74,5 @@ def cluster_info(status: ClusterStatus) -> dict[str, Any]:
 def write_cluster_info(status: ClusterStatus, path: str | Path = INFO_FILE) -> Path:
     """Write `ray_cluster_info.json` atomically (temp file + rename)."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".ray_cluster_info.", dir=target.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(cluster_info(status), fh, indent=2)
-        fh.write("\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, target)
+    write_atomically(target, json.dumps(cluster_info(status), indent=2) + "\n")
     return target

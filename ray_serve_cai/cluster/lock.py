@@ -15,7 +15,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
@@ -86,7 +86,8 @@ def default_owner() -> str:
     return f"{user}@{_hostname()} pid {os.getpid()} ({secrets.token_hex(3)})"
 
 
-def _lock_info(app: Application) -> LockInfo:
+def lock_info(app: Application) -> LockInfo:
+    """The lock an application of the listing says (holder, expiry)."""
     env = app.environment
     try:
         expires = float(env.get(LOCK_EXPIRES, "0"))
@@ -102,24 +103,22 @@ def _lock_info(app: Application) -> LockInfo:
     )
 
 
-def remove_stale_lock(client: CMLClient, project_id: str, cluster: str, apps: Iterable[Application]) -> bool:
-    """Delete the cluster's lock if the observed apps show one that is stale (expired, or its holder's
+def remove_stale_lock(client: CMLClient, project_id: str, cluster: str, lock: LockInfo | None) -> bool:
+    """Delete the cluster's lock if the observation shows one that is stale (expired, or its holder's
     process on this machine is gone): a run that had nothing left to do still cleans up after a
     killed one. Returns True when a stale lock was removed."""
-    name = lock_app_name(cluster)
-    for app in apps:
-        if (app.subdomain or app.name) == name and _lock_info(app).stale:
-            log.warning("removing the stale lock of cluster %s held by %s", cluster, _lock_info(app).owner)
-            _delete(client, project_id, app.id)
-            return True
-    return False
+    if lock is None or not lock.stale:
+        return False
+    log.warning("removing the stale lock of cluster %s held by %s", cluster, lock.owner)
+    _delete(client, project_id, lock.app_id)
+    return True
 
 
 def find_lock(client: CMLClient, project_id: str, cluster: str) -> LockInfo | None:
     name = lock_app_name(cluster)
     for app in client.list_applications(project_id, search_filter={"subdomain": name}):
-        if (app.subdomain or app.name) == name:
-            return _lock_info(app)
+        if app.key == name:
+            return lock_info(app)
     return None
 
 
@@ -134,16 +133,19 @@ def cluster_lock(
     runtime_identifier: str | None = None,
     owner: str | None = None,
     on_wait: Callable[[LockInfo], None] | None = None,
+    patience: float | None = None,
 ) -> Iterator[LockInfo]:
     """Hold the cluster's lock for the block; wait up to `wait` seconds for another holder.
 
     A lock past its expiry, or held by a process of this machine that no longer exists, is taken
-    over. `runtime_identifier` is needed in ML Runtime projects (every application names one)."""
+    over. `runtime_identifier` is needed in ML Runtime projects (every application names one).
+    Creates that keep failing with nobody holding the lock are given up after `patience` seconds
+    (default `FAILING_CREATE_PATIENCE`; `wait`, when longer)."""
     owner = owner or default_owner()
     name = lock_app_name(cluster)
     # Waiting for another holder is bounded by `wait`; creates that keep failing with nobody holding
     # the lock (5xx, lost answers) are retried a little longer, then given up with the last error.
-    patience = max(wait, FAILING_CREATE_PATIENCE)
+    patience = max(wait, FAILING_CREATE_PATIENCE if patience is None else patience)
     seen: dict[str, object] = {}
 
     def try_take() -> LockInfo | None:

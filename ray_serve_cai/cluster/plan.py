@@ -5,24 +5,24 @@ No I/O here. `plan_changes` is a function of its arguments only, so it is tested
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
-from ray_serve_cai.config import ClusterSpec, NodeSpec, desired_nodes, worker_index_of, worker_node
+from ray_serve_cai.cluster.applied import AppliedRecord
+from ray_serve_cai.cml import APPLICATION_FAILED, APPLICATION_STOPPED, APPLICATION_STOPPING
+from ray_serve_cai.config import (
+    ClusterSpec,
+    NodeSpec,
+    desired_nodes,
+    worker_index_of,
+    worker_node,
+)
 from ray_serve_cai.config.node_env import CLUSTER_VARIABLE, GROUP_VARIABLE, SPEC_HASH_VARIABLE
 
-CLUSTER_MARKER = CLUSTER_VARIABLE  # the node environment's names, from its one typed definition
-SPEC_HASH_MARKER = SPEC_HASH_VARIABLE
-
-# Application statuses (see the CML reference, §7). Anything else is treated as "in progress".
-RUNNING = "APPLICATION_RUNNING"
-STARTING = "APPLICATION_STARTING"
-STOPPING = "APPLICATION_STOPPING"
-STOPPED = "APPLICATION_STOPPED"
-FAILED = "APPLICATION_FAILED"
-DEAD_STATUSES = frozenset({STOPPED, FAILED})
-GROUP_MARKER = GROUP_VARIABLE
+# Application statuses are CML's (`ray_serve_cai.cml.APPLICATION_*`); anything but running, stopped
+# or failed is "in progress".
+DEAD_STATUSES = frozenset({APPLICATION_STOPPED, APPLICATION_FAILED})
 
 
 @dataclass(frozen=True)
@@ -37,11 +37,11 @@ class ObservedApp:
 
     @property
     def cluster(self) -> str | None:
-        return self.environment.get(CLUSTER_MARKER)
+        return self.environment.get(CLUSTER_VARIABLE)
 
     @property
     def spec_hash(self) -> str | None:
-        return self.environment.get(SPEC_HASH_MARKER)
+        return self.environment.get(SPEC_HASH_VARIABLE)
 
     def owned_by(self, cluster: str) -> bool:
         return self.cluster == cluster
@@ -67,7 +67,7 @@ class Action:
 
 
 @dataclass(frozen=True)
-class Conflict:
+class NameTaken:
     """A desired name taken by an application this cluster does not own; it is never touched."""
 
     name: str
@@ -84,12 +84,19 @@ class Conflict:
 
 @dataclass(frozen=True)
 class Plan:
+    """What one pass changes: the actions, the nodes left as they are, the names taken by apps of
+    someone else, and the applied-spec record to write (None: the recorded one is current).
+    `head_runtime` is the runtime the lock application runs (ML Runtime projects need one)."""
+
     actions: tuple[Action, ...]
     unchanged: tuple[str, ...]
-    conflicts: tuple[Conflict, ...] = ()
+    conflicts: tuple[NameTaken, ...] = ()
+    record: AppliedRecord | None = None
+    head_runtime: str | None = None
 
     @property
     def is_noop(self) -> bool:
+        """No application changes (a record to write is not one: it is a PATCH, no restart)."""
         return not self.actions and not self.conflicts
 
     def of_kind(self, kind: ActionKind) -> list[Action]:
@@ -117,20 +124,18 @@ def plan_changes(cluster: str, desired: Sequence[NodeSpec], observed: Iterable[O
     - an application without this cluster's marker is never touched; if it holds a desired name,
       that is reported as a conflict.
     """
-    by_name: dict[str, ObservedApp] = {}
-    for app in observed:
-        by_name[app.subdomain or app.name] = app
+    by_name = {app.subdomain: app for app in observed}
     desired_names = {node.name for node in desired}
 
     actions: list[Action] = []
     unchanged: list[str] = []
-    conflicts: list[Conflict] = []
+    conflicts: list[NameTaken] = []
     for node in desired:
         app = by_name.get(node.name)
         if app is None:
             actions.append(Action(ActionKind.CREATE, node.name, node=node, reason="missing"))
         elif not app.owned_by(cluster):
-            conflicts.append(Conflict(node.name, app.id, app.cluster))
+            conflicts.append(NameTaken(node.name, app.id, app.cluster))
         elif app.spec_hash != node.spec_hash:
             reason = f"spec changed ({app.spec_hash} → {node.spec_hash})"
             actions.append(Action(ActionKind.UPDATE, node.name, node=node, app=app, reason=reason))
@@ -141,7 +146,7 @@ def plan_changes(cluster: str, desired: Sequence[NodeSpec], observed: Iterable[O
             unchanged.append(node.name)
 
     for app in owned_apps(cluster, by_name.values()):
-        if (app.subdomain or app.name) not in desired_names:
+        if app.subdomain not in desired_names:
             actions.append(Action(ActionKind.DELETE, app.name, app=app, reason="not desired"))
 
     return Plan(actions=tuple(actions), unchanged=tuple(unchanged), conflicts=tuple(conflicts))
@@ -149,9 +154,24 @@ def plan_changes(cluster: str, desired: Sequence[NodeSpec], observed: Iterable[O
 
 def worker_index(cluster: str, group: str, app: ObservedApp) -> int | None:
     """The index of a worker app of ``group`` (from its name `ray-<cluster>-<group>-<index>`), else None."""
-    if not app.owned_by(cluster) or app.environment.get(GROUP_MARKER) != group:
+    if not app.owned_by(cluster) or app.environment.get(GROUP_VARIABLE) != group:
         return None
-    return worker_index_of(cluster, group, app.subdomain or app.name)
+    return worker_index_of(cluster, group, app.subdomain)
+
+
+def free_indices(taken: Collection[int]) -> Iterator[int]:
+    """Worker indices no app (nor a reserved name) holds, lowest first: the one rule for new names."""
+    index = 0
+    while True:
+        if index not in taken:
+            yield index
+        index += 1
+
+
+def taken_indices(cluster: str, group: str, names: Iterable[str]) -> set[int]:
+    """The indices of `group` that application names (listed or reserved) hold."""
+    found = (worker_index_of(cluster, group, name) for name in names)
+    return {i for i in found if i is not None}
 
 
 def desired_for(spec: ClusterSpec, observed: Iterable[ObservedApp]) -> list[NodeSpec]:
@@ -165,7 +185,7 @@ def desired_for(spec: ClusterSpec, observed: Iterable[ObservedApp]) -> list[Node
     index held by any observed app is never reused in the same pass."""
     apps = [app for app in observed if app.owned_by(spec.name)]
     nodes = desired_nodes(spec)
-    head_exists = any((app.subdomain or app.name) == nodes[0].name for app in apps)
+    head_exists = any(app.subdomain == nodes[0].name for app in apps)
     autoscaled = {g.name for g in spec.autoscaled_groups}
     nodes = [n for n in nodes if n.group not in autoscaled]
     for group in spec.autoscaled_groups:
@@ -175,14 +195,14 @@ def desired_for(spec: ClusterSpec, observed: Iterable[ObservedApp]) -> list[Node
         live = sorted(i for i, status in indexed if i is not None and status not in _NOT_LIVE)
         keep = live[: group.max_replicas]
         wanted = group.min_replicas if head_exists else group.replicas
-        free = (i for i in range(len(taken) + wanted + 1) if i not in taken)
+        free = free_indices(taken)
         while len(keep) < wanted:
             keep.append(next(free))
         nodes += [worker_node(spec, group.name, i) for i in sorted(keep)]
     return nodes
 
 
-_NOT_LIVE = DEAD_STATUSES | {STOPPING}
+_NOT_LIVE = DEAD_STATUSES | {APPLICATION_STOPPING}
 
 
 def group_sizes(

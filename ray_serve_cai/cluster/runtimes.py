@@ -15,7 +15,7 @@ HEAD = "head"  # the key of the head's runtime (group names never equal it)
 EDITOR_PREFERENCE = ("PBJ Workbench", "JupyterLab", "Workbench")
 
 
-class RuntimeChoiceError(OperationFailed, RuntimeError):
+class RuntimeChoiceError(OperationFailed):
     """No enabled runtime fits; the message says how to name one."""
 
 

@@ -8,8 +8,12 @@ head has an empty Serve: it gets the applications back without a user action) or
 REST-deployed application the file no longer lists. An unchanged config makes no PUT. Serve itself
 updates `num_replicas` and `user_config` in place, so no node is replaced for them.
 
-`up`, `deploy` (its launch job) and the supervising watch call `converge_serve`; `ray-cai serve`
-calls the verbs below directly.
+This is the second plan/apply of a pass, over the cluster status the first one derived:
+observe (`observe`: one GET) → decide (`decide`, pure) → apply (`apply`: PUT only when needed).
+`RayCluster.up` and its watch compose it after the nodes' pass (`converge_serve`), as KubeRay runs
+its reconcile functions one after another; `ray-cai serve` calls the verbs below directly. It knows
+the cluster only as a `ServeScope` (client, cluster name, Serve spec, project directory): it never
+imports the reconciler.
 """
 
 from __future__ import annotations
@@ -19,25 +23,42 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ray_serve_cai.access.head import read_head_status
 from ray_serve_cai.access.serve import ServeAPI, ServeAPIError
 from ray_serve_cai.cluster.conditions import Condition
 from ray_serve_cai.cluster.errors import ClusterError
+from ray_serve_cai.cluster.status import ClusterStatus
+from ray_serve_cai.cml import CMLClient
 from ray_serve_cai.config import head_app_name
+from ray_serve_cai.config.cluster import ServeSpec
 from ray_serve_cai.config.errors import ConfigError
 from ray_serve_cai.config.serve import SERVE_PORT_KEY, SERVE_ROOT_PATH, ServeConfig, load_serve_config
 from ray_serve_cai.waiting import poll_until
 
-if TYPE_CHECKING:
-    from ray_serve_cai.cluster.reconciler import ClusterStatus, RayCluster
-
 log = logging.getLogger("ray_serve_cai.cluster.serve")
 
-RUNNING = "RUNNING"
+SERVE_RUNNING = "RUNNING"  # Serve's word for a running application (not CML's APPLICATION_RUNNING)
 FAILED_STATES = frozenset({"DEPLOY_FAILED", "UNHEALTHY"})
 NOT_DEPLOYED = "NOT_DEPLOYED"  # our word for a desired application Serve does not have
 SERVE_POLL_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class ServeScope:
+    """What Serve's pass needs to know of a cluster: how to reach its head, its Serve spec, the
+    project directory its Serve config is relative to, and how long a start may take."""
+
+    client: CMLClient
+    cluster: str
+    serve: ServeSpec | None
+    project_dir: Path
+    startup_timeout: float
+
+    @property
+    def head(self) -> str:
+        return head_app_name(self.cluster)
 
 
 @dataclass
@@ -66,7 +87,7 @@ class ServeView:
             self.error is None
             and not self.outdated
             and not self.settling
-            and all(app["status"] == RUNNING for app in self.applications.values())
+            and all(app["status"] == SERVE_RUNNING for app in self.applications.values())
         )
 
     def problems(self) -> list[str]:
@@ -190,7 +211,7 @@ def _at_target(deployed: dict[str, Any], wanted: dict[str, Any]) -> bool:
         if isinstance(number, int) and got is not None and got.get("target_num_replicas") != number:
             return False
     for got in deployments.values():
-        running = sum(1 for r in got.get("replicas") or [] if r.get("state") == RUNNING)
+        running = sum(1 for r in got.get("replicas") or [] if r.get("state") == SERVE_RUNNING)
         if got.get("target_num_replicas") is not None and running != got["target_num_replicas"]:
             return False
     return True
@@ -240,27 +261,23 @@ def attach(status: ClusterStatus, view: ServeView | None) -> ClusterStatus:
 # --------------------------------------------------------------------------- I/O shell
 
 
-def serve_url(cluster: RayCluster) -> str:
+def serve_url(cluster: ServeScope) -> str:
     """The Serve endpoint: `<head app URL>/serve/` (behind CML's login, like the dashboard)."""
-    return cluster.client.app_url(head_app_name(cluster.spec.name)) + SERVE_ROOT_PATH + "/"
+    return cluster.client.app_url(cluster.head) + SERVE_ROOT_PATH + "/"
 
 
-def project_dir_of(cluster: RayCluster) -> Path:
-    return Path(getattr(cluster, "project_dir", None) or Path.cwd())
-
-
-def desired_serve(cluster: RayCluster) -> ServeConfig | None:
+def desired_serve(cluster: ServeScope) -> ServeConfig | None:
     """The validated Serve config of the cluster's spec (ConfigError, exit 2, when it is bad)."""
-    if cluster.spec.serve is None:
+    if cluster.serve is None:
         return None
-    return load_serve_config(cluster.spec.serve.config, project_dir_of(cluster))
+    return load_serve_config(cluster.serve.config, cluster.project_dir)
 
 
-def api(cluster: RayCluster) -> ServeAPI:
-    return ServeAPI(cluster.client, head_app_name(cluster.spec.name))
+def api(cluster: ServeScope) -> ServeAPI:
+    return ServeAPI(cluster.client, cluster.head)
 
 
-def observe(cluster: RayCluster, desired: ServeConfig | None = None) -> ServeView:
+def observe(cluster: ServeScope, desired: ServeConfig | None = None) -> ServeView:
     """Serve's view through the head (one GET); an unreachable Serve is reported in `error`."""
     url = serve_url(cluster)
     try:
@@ -270,7 +287,7 @@ def observe(cluster: RayCluster, desired: ServeConfig | None = None) -> ServeVie
     return summarize(details, desired, url)
 
 
-def apply(cluster: RayCluster, desired: ServeConfig, http_port: int, *, force: bool = False) -> ServeDecision:
+def apply(cluster: ServeScope, desired: ServeConfig, http_port: int, *, force: bool = False) -> ServeDecision:
     """PUT the config when Serve does not run it (or `force`); returns what was decided."""
     serve = api(cluster)
     decision = ServeDecision(True, "asked to apply now") if force else decide(desired, serve.details())
@@ -288,7 +305,7 @@ def head_serve_port(status: ClusterStatus) -> int | None:
 
 
 def wait_settled(
-    cluster: RayCluster,
+    cluster: ServeScope,
     desired: ServeConfig,
     *,
     timeout: float,
@@ -324,7 +341,7 @@ def wait_settled(
 
 
 def converge_serve(
-    cluster: RayCluster,
+    cluster: ServeScope,
     status: ClusterStatus,
     *,
     wait: bool = True,
@@ -338,14 +355,14 @@ def converge_serve(
     With `wait` (up, deploy) problems raise: a bad or refused config `ConfigError` (exit 2), an
     unreachable Serve or a deadline `ClusterError`. Without it (a watch pass) they are reported in
     the view and the next pass tries again."""
-    if cluster.spec.serve is None:
+    if cluster.serve is None:
         return status
     try:
         desired = desired_serve(cluster)
         assert desired is not None
         if not status.ready:
             return attach(status, observe(cluster, desired)) if status.ray else status
-        deadline = time.monotonic() + (timeout if timeout is not None else cluster.spec.startup_timeout)
+        deadline = time.monotonic() + (timeout if timeout is not None else cluster.startup_timeout)
         port = head_serve_port(status) or (_wait_for_serve_port(cluster, deadline) if wait else None)
         if port is None:
             not_yet = ServeView(url=serve_url(cluster), error="the head has not started Serve yet")
@@ -371,19 +388,19 @@ def converge_serve(
         return attach(status, ServeView(url=serve_url(cluster), error=str(err)))
 
 
-def observe_into(cluster: RayCluster, status: ClusterStatus) -> ClusterStatus:
+def observe_into(cluster: ServeScope, status: ClusterStatus) -> ClusterStatus:
     """`status` with Serve's view attached (read only: `ray-cai status`); unchanged without `serve:`."""
-    if cluster.spec.serve is None or not status.ray:
+    if cluster.serve is None or not status.ray:
         return status
     return attach(status, observe(cluster, desired_serve(cluster)))
 
 
-def _wait_for_serve_port(cluster: RayCluster, deadline: float) -> int | None:
+def _wait_for_serve_port(cluster: ServeScope, deadline: float) -> int | None:
     """The head publishes Serve's port once its Serve start finished (a few seconds after Ray)."""
-    head = head_app_name(cluster.spec.name)
+    head = cluster.head
 
     def published() -> int | None:
-        view, _problem = cluster._ray_view(head)
+        view, _problem = read_head_status(cluster.client, head)
         port = view.get(SERVE_PORT_KEY)
         return int(port) if port else None
 
@@ -397,7 +414,9 @@ def _wait_for_serve_port(cluster: RayCluster, deadline: float) -> int | None:
 
 
 __all__ = [
+    "SERVE_RUNNING",
     "ServeDecision",
+    "ServeScope",
     "ServeView",
     "apply",
     "attach",

@@ -58,7 +58,7 @@ from ._models import (
 from ._observe import create_application_or_find, create_or_find, is_permanent
 from ._retry import RetryPolicy
 from ._settings import CMLSettings
-from ._transport import application_url
+from ._transport import application_url, http_client, ssl_context
 
 __all__ = [
     "ACTIVE_RUN_STATUSES",
@@ -108,6 +108,8 @@ __all__ = [
     "application_url",
     "create_application_or_find",
     "create_or_find",
+    "http_client",
     "is_permanent",
     "parse_timestamp",
+    "ssl_context",
 ]

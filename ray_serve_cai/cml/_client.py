@@ -5,8 +5,6 @@ from __future__ import annotations
 import difflib
 import json
 import logging
-import os
-import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -20,7 +18,6 @@ from ._errors import (
     AmbiguousName,
     CMLConnectionError,
     CMLError,
-    CMLSettingsError,
     RefusedField,
     request_id_of,
 )
@@ -38,7 +35,7 @@ from ._models import (
 )
 from ._retry import FIRST_CONTACT_DEADLINE, Call, Done, Fail, RetryPolicy, classify, describe_transport_error
 from ._settings import CMLSettings
-from ._transport import LoopbackTransport, application_url
+from ._transport import application_url, http_client
 
 __all__ = ["FIRST_CONTACT_DEADLINE", "PAGE_SIZE", "CMLClient"]
 
@@ -72,8 +69,6 @@ _APPLICATION_PATCH = frozenset(
     }
 )  # fmt: skip
 
-_LOOPBACK_PATTERNS = ("all://localhost", "all://127.0.0.1")
-
 T = TypeVar("T", bound=BaseModel)
 
 
@@ -82,16 +77,6 @@ def _seg(value: str) -> str:
     if not value:
         raise ValueError("an id must be a non-empty string")
     return quote(str(value), safe="")
-
-
-def _ssl_verify(verify: bool | str) -> ssl.SSLContext | bool:
-    if isinstance(verify, bool):
-        return verify
-    if os.path.isdir(verify):
-        return ssl.create_default_context(capath=verify)
-    if os.path.isfile(verify):
-        return ssl.create_default_context(cafile=verify)
-    raise CMLSettingsError(f"CA bundle {verify!r} does not exist; fix CML_CA_BUNDLE / REQUESTS_CA_BUNDLE")
 
 
 def _patch_body(kind: str, allowed: frozenset[str], fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -151,24 +136,17 @@ class CMLClient:
         self._reached = False  # set once CML has answered anything: later connection errors are transient
         self._sleep = sleep
         self._clock = clock
-        verify = _ssl_verify(self.settings.verify)
         timeout = httpx.Timeout(self.settings.timeout)
         self._key = self.settings.api_key.get_secret_value()
-        headers = {"Authorization": f"Bearer {self._key}", "User-Agent": _USER_AGENT}
 
         def make(base_url: str) -> httpx.Client:
-            # Loopback names (the local workspace) are dialled directly, never through an environment
-            # proxy; everything else gets httpx's default transport, which honours HTTP(S)_PROXY.
-            # A transport passed in (tests) is used for everything, as httpx does.
-            loopback = LoopbackTransport(transport or httpx.HTTPTransport(verify=verify))
-            return httpx.Client(
-                base_url=base_url,
-                headers=headers,
+            return http_client(
+                base_url,
+                api_key=self._key,
+                verify=self.settings.verify,
                 timeout=timeout,
-                verify=verify,
-                transport=loopback if transport is not None else None,
-                mounts={pattern: loopback for pattern in _LOOPBACK_PATTERNS},
-                follow_redirects=False,
+                user_agent=_USER_AGENT,
+                transport=transport,
             )
 
         self._http = make(self.settings.api_url)
@@ -610,7 +588,7 @@ class CMLClient:
             url = application_url(app)
             if url is not None:
                 return url
-        subdomain = app if isinstance(app, str) else (app.subdomain or app.name)
+        subdomain = app if isinstance(app, str) else app.key
         if not subdomain:
             raise ValueError("an application subdomain is required")
         with self._app_urls_lock:

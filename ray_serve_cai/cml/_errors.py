@@ -44,16 +44,16 @@ class CMLError(OperationFailed):
     maybe_applied: bool = False
 
 
-class CMLSettingsError(BadInput, CMLError, ValueError):
+class CMLSettingsError(BadInput):
     """The connection settings are missing or malformed (nothing was sent): bad input, exit 2."""
 
 
-class RefusedField(BadInput, CMLError, TypeError):
+class RefusedField(BadInput):
     """A field CML's spec does not let this call set (CML would silently ignore it): bad input, exit 2,
     refused before anything is sent."""
 
 
-class AmbiguousName(CMLError, LookupError):
+class AmbiguousName(CMLError):
     """An exact-name lookup matched more than one object; use the id instead."""
 
 

@@ -295,6 +295,11 @@ class Application(CMLObject):
     stopped_at: Timestamp = None
 
     @property
+    def key(self) -> str:
+        """The application's key: its subdomain (unique in a workspace), else its name."""
+        return self.subdomain or self.name
+
+    @property
     def is_running(self) -> bool:
         return self.status == APPLICATION_RUNNING
 

@@ -72,7 +72,7 @@ def create_application_or_find(
 
     def find() -> Application | None:
         apps = client.list_applications(project_id)
-        found = next((a for a in apps if (a.subdomain or a.name) == name), None)
+        found = next((a for a in apps if a.key == name), None)
         if found is not None and (found.environment or {}).get(key) != value:
             raise CMLError(f"application {name!r} is taken by an app this cluster does not own")
         return found

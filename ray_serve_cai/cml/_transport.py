@@ -8,11 +8,30 @@ the local workspace adds ``url`` (``http://127.0.0.1:<port>``, one loopback list
 
 from __future__ import annotations
 
+import os
+import ssl
 from typing import Any
 
 import httpx
 
-__all__ = ["LoopbackTransport", "application_url"]
+from ._errors import CMLSettingsError
+
+__all__ = ["LoopbackTransport", "application_url", "http_client", "ssl_context"]
+
+# Loopback names (the local workspace) are dialled directly, never through an environment proxy.
+LOOPBACK_PATTERNS = ("all://localhost", "all://127.0.0.1")
+
+
+def ssl_context(verify: bool | str) -> ssl.SSLContext | bool:
+    """The one TLS setting of every HTTPS client of the package (the API, application URLs,
+    WebSockets): True/False as given, or a context trusting a CA bundle file or directory."""
+    if isinstance(verify, bool):
+        return verify
+    if os.path.isdir(verify):
+        return ssl.create_default_context(capath=verify)
+    if os.path.isfile(verify):
+        return ssl.create_default_context(cafile=verify)
+    raise CMLSettingsError(f"CA bundle {verify!r} does not exist; fix CML_CA_BUNDLE / REQUESTS_CA_BUNDLE")
 
 
 def application_url(app: Any) -> str | None:
@@ -40,3 +59,29 @@ class LoopbackTransport(httpx.BaseTransport):
 
     def close(self) -> None:
         self._inner.close()
+
+
+def http_client(
+    base_url: str,
+    *,
+    api_key: str,
+    verify: bool | str,
+    timeout: httpx.Timeout,
+    user_agent: str,
+    transport: httpx.BaseTransport | None = None,
+) -> httpx.Client:
+    """The one way the package opens HTTP to CML: its API and every application URL (requests,
+    streams). `Authorization: Bearer <key>`, the TLS setting of `ssl_context`, loopback dialled
+    directly (no environment proxy; `localhost` at 127.0.0.1), everything else through httpx's
+    default transport, which honours HTTP(S)_PROXY. A `transport` passed in (tests) is used for all."""
+    context = ssl_context(verify)
+    loopback = LoopbackTransport(transport or httpx.HTTPTransport(verify=context))
+    return httpx.Client(
+        base_url=base_url,
+        headers={"Authorization": f"Bearer {api_key}", "User-Agent": user_agent},
+        timeout=timeout,
+        verify=context,
+        transport=loopback if transport is not None else None,
+        mounts={pattern: loopback for pattern in LOOPBACK_PATTERNS},
+        follow_redirects=False,
+    )

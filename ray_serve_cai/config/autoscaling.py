@@ -8,12 +8,10 @@ go in it: the provider finds the API key in the workload's environment.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from ray_serve_cai.atomic import write_json_atomically
 from ray_serve_cai.config.cluster import ClusterSpec, head_app_name, node_id_resource
 
 PROVIDER_MODULE = "ray_serve_cai.autoscale.CMLNodeProvider"
@@ -108,26 +106,6 @@ def write_autoscaling_config(path: Path, config: dict[str, Any]) -> bool:
     return write_json_atomically(path, config)
 
 
-def write_json_atomically(path: Path, data: dict[str, Any]) -> bool:
-    """Write ``data`` as JSON via a temp file + rename unless the file already holds it; True if written."""
-    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-    try:
-        if path.read_text() == text:
-            return False
-    except OSError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temp = tempfile.mkstemp(dir=path.parent, prefix=".autoscaling-", suffix=".json")
-    try:
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return True
-
-
 __all__ = [
     "AUTOSCALING_FILE_NAME",
     "DECISION_FILE_NAME",
@@ -137,5 +115,4 @@ __all__ = [
     "decision_path",
     "ray_autoscaling_config",
     "write_autoscaling_config",
-    "write_json_atomically",
 ]

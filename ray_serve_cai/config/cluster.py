@@ -41,6 +41,7 @@ from ray_serve_cai.config.errors import (
 )
 from ray_serve_cai.config.node_env import (
     AUTOSCALER_VARIABLE,
+    CLUSTER_VARIABLE,
     NODE_ID_RESOURCE_VARIABLE,
     NodeEnvironment,
 )
@@ -277,7 +278,7 @@ class NodeSpec(BaseModel):
 
     @property
     def description(self) -> str:
-        cluster = self.environment.get("RAY_CAI_CLUSTER")
+        cluster = self.environment.get(CLUSTER_VARIABLE)
         return f"Ray {self.role} of ray-cai cluster {cluster!r} (group {self.group})"
 
 
@@ -311,7 +312,7 @@ def worker_app_name(cluster: str, group: str, index: int) -> str:
 
 
 # Variables of the autoscaling machinery (see ray_serve_cai.autoscale).
-APPLIED_SPEC_VARIABLE = "RAY_CAI_APPLIED_SPEC"  # the spec a pass applied, on the head (CONTRACTS.md)
+APPLIED_SPEC_VARIABLE = "RAY_CAI_APPLIED_SPEC"  # the spec a pass applied, on the head (cluster/applied.py)
 
 
 def node_id_resource(app_name: str) -> int:

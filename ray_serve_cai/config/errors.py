@@ -23,7 +23,7 @@ class Problem(NamedTuple):
     message: str
 
 
-class ConfigError(BadInput, ValueError):
+class ConfigError(BadInput):
     """Invalid configuration (bad input, exit 2). Carries every problem found, not just the first one.
 
     ``str()`` gives one line per problem: ``<source>: <field>: <message>``.

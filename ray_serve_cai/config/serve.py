@@ -21,8 +21,6 @@ Where Serve runs is the platform's decision, not the user's: `proxy_location`, `
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import re
 import types
 import typing
@@ -90,12 +88,6 @@ class ServeConfig:
             elif value != wanted[key]:
                 lines.append(f"{key} {value!r} is replaced by {wanted[key]!r}")
         return lines
-
-
-def application_digest(app: dict[str, Any]) -> str:
-    """Digest of one application's config as submitted (key order does not matter)."""
-    text = json.dumps(app, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def serve_path_problems(path: str) -> str | None:
@@ -320,7 +312,6 @@ __all__ = [
     "SERVE_PROXY_LOCATION",
     "SERVE_ROOT_PATH",
     "ServeConfig",
-    "application_digest",
     "load_serve_config",
     "parse_serve_config",
     "serve_config_problems",

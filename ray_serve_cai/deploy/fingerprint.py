@@ -22,7 +22,7 @@ CLUSTER_CONFIG_FILE = "ray_cluster_config.yaml"
 DEPENDENCY_FILES = ("pyproject.toml",)
 
 
-class RepoError(OperationFailed, RuntimeError):
+class RepoError(OperationFailed):
     """The local checkout could not be read (not a git repository, git missing, ...)."""
 
 

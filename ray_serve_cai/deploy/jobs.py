@@ -1,7 +1,7 @@
 """The chained CML jobs: create or update them by exact name, decide which must run, run and follow.
 
 Only the top-most stale job of a chain is started; CML starts each child by itself when its
-parent's run succeeds (reference §5.1), so the orchestrator finds each child's new run and follows
+parent's run succeeds (CML's job dependencies), so the orchestrator finds each child's new run and follows
 it until the last job ends. A job that already has an active run is followed, never started twice.
 A run CML skipped (`ENGINE_SKIPPED`, e.g. a child whose job already had a run going) has ended: it is
 reported as skipped, never waited for; `ENGINE_UNKNOWN` gets `UNKNOWN_GRACE` seconds to turn into
@@ -44,7 +44,7 @@ UNKNOWN_GRACE = 120.0
 SKIPPED_BY_CML = "skipped by CML"
 
 
-class JobChainError(OperationFailed, RuntimeError):
+class JobChainError(OperationFailed):
     """A job of the chain failed or could not be followed; the message names it and its log."""
 
 

@@ -298,7 +298,3 @@ def summary_markdown(result: DeployResult) -> str:
         if c.dashboard_url:
             lines.append(f"**Dashboard**: {c.dashboard_url}")
     return "\n".join(lines) + "\n"
-
-
-def result_json(result: DeployResult) -> str:
-    return json.dumps(result.as_dict(), indent=2, default=str)

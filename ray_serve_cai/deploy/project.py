@@ -31,11 +31,11 @@ LOCAL_PROJECT_NAME = "ray-serve-cai"
 LOCAL_PROJECT_TIMEOUT = 300.0
 
 
-class ProjectError(OperationFailed, RuntimeError):
+class ProjectError(OperationFailed):
     """The project could not be found, created or cloned; the message says what to do."""
 
 
-class ProjectNotGiven(BadInput, ValueError):
+class ProjectNotGiven(BadInput):
     """No project is named anywhere (flag, CDSW_PROJECT_ID, CML_PROJECT_NAME, jobs file): exit 2."""
 
 

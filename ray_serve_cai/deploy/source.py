@@ -39,7 +39,7 @@ __all__ = [
 _TRUE = frozenset({"1", "true", "yes", "on"})
 
 
-class DeployInputError(BadInput, ValueError):
+class DeployInputError(BadInput):
     """The deployment cannot start from what was given (no git checkout, no project named): exit 2."""
 
 

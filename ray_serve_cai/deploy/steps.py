@@ -23,7 +23,7 @@ VENV_DIR = ".venv"
 DEPS_MARKER = ".ray-cai-deps"
 
 
-class StepError(OperationFailed, RuntimeError):
+class StepError(OperationFailed):
     """A job step failed; the message is the one line the job log ends with."""
 
 

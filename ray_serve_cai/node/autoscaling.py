@@ -25,10 +25,11 @@ from ray_serve_cai.config.autoscaling import (
     ray_autoscaling_config,
     write_autoscaling_config,
 )
+from ray_serve_cai.errors import OperationFailed
 from ray_serve_cai.node.settings import NodeSettings
 
 
-class AutoscalingSetupError(RuntimeError):
+class AutoscalingSetupError(OperationFailed):
     """The head should run the autoscaler but its environment does not say how."""
 
 

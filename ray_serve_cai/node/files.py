@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from ray_serve_cai.atomic import write_atomically
+from ray_serve_cai.errors import OperationFailed
 
 STATE_DIR_NAME = ".ray-cai"
 TOKEN_FILE_NAME = "auth_token"
@@ -22,11 +24,11 @@ RENDEZVOUS_FILE_NAME = "head.json"
 LOGS_DIR_NAME = "logs"
 
 
-class TokenError(RuntimeError):
+class TokenError(OperationFailed):
     """The cluster token file is missing, empty or unreadable."""
 
 
-class RendezvousNotFound(RuntimeError):
+class RendezvousNotFound(OperationFailed):
     """No head has published its address for this cluster (yet)."""
 
 
@@ -149,18 +151,7 @@ class Rendezvous:
 def write_rendezvous(project_dir: Path | str, cluster: str, rendezvous: Rendezvous) -> Path:
     """Publish the head's address atomically (temp file in the same directory, then os.replace)."""
     path = rendezvous_path(project_dir, cluster)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temp_name = tempfile.mkstemp(prefix=".head.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(rendezvous.to_json())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temp_name, 0o644)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    write_atomically(path, rendezvous.to_json())
     return path
 
 

@@ -161,15 +161,6 @@ def create_app(status: NodeStatus, upstreams: Sequence[PathUpstream] = ()) -> St
     """The app HTTP server of one node; on the head, `upstreams` are mounted before the dashboard."""
     forwarder = proxy_client()
 
-    def dashboard_headers() -> dict[str, str]:
-        token = status.dashboard_token()
-        return {RAY_TOKEN_HEADER: f"Bearer {token}"} if token else {}
-
-    def dashboard_url(path: str) -> str | None:
-        if status.dashboard_port is None:
-            return None
-        return f"http://127.0.0.1:{status.dashboard_port}{path}"
-
     async def health(_: Request) -> JSONResponse:
         return JSONResponse(NodeHealth(**status.health()).model_dump(mode="json"))
 
@@ -178,40 +169,9 @@ def create_app(status: NodeStatus, upstreams: Sequence[PathUpstream] = ()) -> St
         return JSONResponse(body.model_dump(mode="json"), 200 if body.healthy else 503)
 
     async def cluster_status(_: Request) -> JSONResponse:
-        body: dict[str, Any] = {
-            "head_id": status.head_id,
-            "ray_version": status.ray_version,
-            "python_version": status.python_version,
-            "ray_running": status.ray_running(),
-            **status.connect,
-        }
-        if (decision := status.autoscaler()) is not None:
-            body["autoscaler"] = decision
-        if (idle_view := status.autostop()) is not None:  # autostop (#22)
-            body["autostop"] = idle_view
-        address, list_nodes = status.gcs_address, status.list_nodes
-        if address is None or list_nodes is None or not status.ray_running():
-            error = "ray is not running" + (f"; last error: {status.last_error}" if status.last_error else "")
-            return JSONResponse(HeadStatus(**body, error=error).body(), 503)
-        try:
-            rows = await asyncio.to_thread(list_nodes, address)
-        except Exception as error:  # the GCS is going away or overloaded: say so, the caller polls
-            failed = HeadStatus(**body, error=f"GCS not answering: {type(error).__name__}")
-            return JSONResponse(failed.body(), 503)
-        return JSONResponse(HeadStatus(**body, **summarize_nodes(rows)).body())
+        return await _head_status(status)
 
-    async def dashboard_unreachable(request: Request) -> Response:
-        return _starting_page(status, request.url.path)
-
-    def dashboard_base(_: Scope) -> str | None:
-        return dashboard_url("")
-
-    dashboard = ReverseProxy(
-        dashboard_base,
-        headers=drop_and_add(CREDENTIAL_HEADERS, dashboard_headers),
-        fallback=dashboard_unreachable,
-        client=forwarder,
-    )
+    dashboard = _dashboard_proxy(status, forwarder)
 
     async def worker_page(request: Request) -> Response:
         if request.url.path == "/":
@@ -238,6 +198,54 @@ def create_app(status: NodeStatus, upstreams: Sequence[PathUpstream] = ()) -> St
         await forwarder.aclose()
 
     return Starlette(routes=routes, lifespan=lifespan)
+
+
+def _dashboard_proxy(status: NodeStatus, client: httpx.AsyncClient) -> ReverseProxy:
+    """The Ray dashboard behind the node's port, with the Ray token added (CML's login is the door)."""
+
+    def dashboard_headers() -> dict[str, str]:
+        token = status.dashboard_token()
+        return {RAY_TOKEN_HEADER: f"Bearer {token}"} if token else {}
+
+    def dashboard_base(_: Scope) -> str | None:
+        if status.dashboard_port is None:
+            return None
+        return f"http://127.0.0.1:{status.dashboard_port}"
+
+    async def dashboard_unreachable(request: Request) -> Response:
+        return _starting_page(status, request.url.path)
+
+    return ReverseProxy(
+        dashboard_base,
+        headers=drop_and_add(CREDENTIAL_HEADERS, dashboard_headers),
+        fallback=dashboard_unreachable,
+        client=client,
+    )
+
+
+async def _head_status(status: NodeStatus) -> JSONResponse:
+    """The head's status endpoint: Ray's view (alive nodes, resources, head_id), 503 while Ray is down."""
+    body: dict[str, Any] = {
+        "head_id": status.head_id,
+        "ray_version": status.ray_version,
+        "python_version": status.python_version,
+        "ray_running": status.ray_running(),
+        **status.connect,
+    }
+    if (decision := status.autoscaler()) is not None:
+        body["autoscaler"] = decision
+    if (idle_view := status.autostop()) is not None:  # autostop (#22)
+        body["autostop"] = idle_view
+    address, list_nodes = status.gcs_address, status.list_nodes
+    if address is None or list_nodes is None or not status.ray_running():
+        error = "ray is not running" + (f"; last error: {status.last_error}" if status.last_error else "")
+        return JSONResponse(HeadStatus(**body, error=error).body(), 503)
+    try:
+        rows = await asyncio.to_thread(list_nodes, address)
+    except Exception as error:  # the GCS is going away or overloaded: say so, the caller polls
+        failed = HeadStatus(**body, error=f"GCS not answering: {type(error).__name__}")
+        return JSONResponse(failed.body(), 503)
+    return JSONResponse(HeadStatus(**body, **summarize_nodes(rows)).body())
 
 
 def _mounted(upstream: PathUpstream, client: httpx.AsyncClient) -> ReverseProxy:

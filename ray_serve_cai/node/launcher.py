@@ -28,11 +28,11 @@ import uuid
 from datetime import datetime, timezone
 from types import FrameType
 
+from ray_serve_cai.errors import OperationFailed
 from ray_serve_cai.node.autoscaling import autoscaler_state, autoscaling_start
 from ray_serve_cai.node.autostop import HooksFactory, ServeTraffic, start_autostop
 from ray_serve_cai.node.files import (
     Rendezvous,
-    TokenError,
     ensure_token,
     ray_auth_env,
     read_rendezvous,
@@ -62,7 +62,7 @@ REJOIN_PAUSE_SECONDS = 1.0
 MAX_START_ATTEMPTS = 5
 
 
-class NodeFailure(RuntimeError):
+class NodeFailure(OperationFailed):
     """The node cannot run (version mismatch, no head in time, Ray exited on the head)."""
 
 
@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None, *, autostop_hooks: HooksFactory | None =
         return EXIT_BAD_ENV
     try:
         code = run_head(settings, autostop_hooks) if settings.role == "head" else run_worker(settings)
-    except (TokenError, OSError, RuntimeError) as error:
+    except (OperationFailed, OSError, RuntimeError) as error:
         # Setup failures (token file, app port taken, ...): one clear line, not a traceback.
         print(f"ray-cai node {settings.node_name}: cannot start: {error}", file=sys.stderr)
         return EXIT_FAILED

@@ -22,6 +22,7 @@ from ray_serve_cai.config.node_env import (
     DEFAULT_START_GRACE_SECONDS,
     NodeEnvironment,
 )
+from ray_serve_cai.errors import BadInput
 
 Role = Literal["head", "worker"]
 AuthMode = Literal["token", "disabled"]
@@ -37,7 +38,7 @@ __all__ = [
 ]
 
 
-class SettingsError(ValueError):
+class SettingsError(BadInput):
     """The environment does not describe a valid node; the message lists every problem."""
 
 

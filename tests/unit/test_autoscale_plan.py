@@ -7,17 +7,12 @@ from typing import Any
 
 import pytest
 
-from ray_serve_cai.cluster.plan import (
-    FAILED,
-    RUNNING,
-    STARTING,
-    STOPPED,
-    STOPPING,
-    ObservedApp,
-    desired_for,
-    group_sizes,
-    plan_changes,
-)
+from ray_serve_cai.cluster.plan import ObservedApp, desired_for, group_sizes, plan_changes
+from ray_serve_cai.cml import APPLICATION_FAILED as FAILED
+from ray_serve_cai.cml import APPLICATION_RUNNING as RUNNING
+from ray_serve_cai.cml import APPLICATION_STARTING as STARTING
+from ray_serve_cai.cml import APPLICATION_STOPPED as STOPPED
+from ray_serve_cai.cml import APPLICATION_STOPPING as STOPPING
 from ray_serve_cai.config import (
     NODE_ID_RESOURCE_VARIABLE,
     ClusterSpec,

@@ -6,15 +6,11 @@ from typing import Any
 
 import pytest
 
-from ray_serve_cai.cluster.plan import (
-    FAILED,
-    RUNNING,
-    STARTING,
-    STOPPED,
-    ActionKind,
-    ObservedApp,
-    plan_changes,
-)
+from ray_serve_cai.cluster.plan import ActionKind, ObservedApp, plan_changes
+from ray_serve_cai.cml import APPLICATION_FAILED as FAILED
+from ray_serve_cai.cml import APPLICATION_RUNNING as RUNNING
+from ray_serve_cai.cml import APPLICATION_STARTING as STARTING
+from ray_serve_cai.cml import APPLICATION_STOPPED as STOPPED
 from ray_serve_cai.config import NodeSpec, desired_nodes, parse_cluster_spec
 
 CLUSTER = "demo"

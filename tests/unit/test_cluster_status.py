@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from support.fakes import fake_cluster_spec
 
-from ray_serve_cai.cluster.reconciler import derive_status
+from ray_serve_cai.cluster.status import derive_status
 from ray_serve_cai.cml import Application
 from ray_serve_cai.config import desired_nodes
 
