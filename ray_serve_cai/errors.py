@@ -14,7 +14,7 @@ Each layer defines its own errors next to its code (module in brackets):
     │   ├── ConfigError              [config.errors]
     │   │   └── ServeRejected        [access.serve]     Serve refused the config (HTTP 400)
     │   ├── CMLSettingsError         [cml]              connection settings missing or malformed
-    │   ├── RefusedField             [cml]              a field the spec does not let the call set
+    │   ├── RefusedField (+ TypeError) [cml]            a field the spec does not let the call set
     │   ├── DeployInputError         [deploy.source]
     │   ├── ProjectNotGiven          [deploy.project]
     │   ├── JobInputError            [access.jobs]

@@ -45,6 +45,8 @@ from ray_serve_cai.access.jobs import (
     who_submits,
 )
 from ray_serve_cai.cli.cluster import Progress
+from ray_serve_cai.cli.cluster_open import check_serve_config
+from ray_serve_cai.cli.cluster_open import project_dir as serve_project_dir
 from ray_serve_cai.cli.common import (
     DEFAULT_CONFIG,
     EXIT_FAILED,
@@ -66,8 +68,6 @@ from ray_serve_cai.cli.job import (
     print_outcome,
     with_packages,
 )
-from ray_serve_cai.cli.serve import check_serve_config
-from ray_serve_cai.cli.serve import project_dir as serve_project_dir
 from ray_serve_cai.cluster import RayCluster
 from ray_serve_cai.cluster.applied import load_cluster_request
 from ray_serve_cai.cml import CMLClient, CMLError, NotFound

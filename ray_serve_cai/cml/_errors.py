@@ -48,7 +48,7 @@ class CMLSettingsError(BadInput):
     """The connection settings are missing or malformed (nothing was sent): bad input, exit 2."""
 
 
-class RefusedField(BadInput):
+class RefusedField(BadInput, TypeError):
     """A field CML's spec does not let this call set (CML would silently ignore it): bad input, exit 2,
     refused before anything is sent."""
 

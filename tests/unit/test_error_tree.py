@@ -17,7 +17,7 @@ ROOT = "RayCaiError"
 # Deliberately outside the tree (the drawing says why).
 OUTSIDE = {"WorkspaceAPIError", "ScriptError", "StopRequested"}
 # The classes that also derive from a builtin, for the standard library's contract.
-BUILTIN_ALSO = {"WaitTimeout": "TimeoutError", "BadInput": "ValueError"}
+BUILTIN_ALSO = {"WaitTimeout": "TimeoutError", "BadInput": "ValueError", "RefusedField": "TypeError"}
 
 
 @cache
