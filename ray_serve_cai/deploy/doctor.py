@@ -263,7 +263,14 @@ def _check_app_env(client: CMLClient, report: DoctorReport, app: Application, lo
     env = client.app_request(app, "GET", "/env").json()
     port, ip = env.get("app_port"), env.get("ip_address")
     if port and ip:
-        where = " (local workspace: a pod IP per workload, or 127.0.0.1 on a shared host)" if local else ""
+        where = ""
+        if local:
+            shared = str(ip).startswith("127.")
+            where = (
+                " (local workspace: a shared host, no pod IPs)"
+                if shared
+                else (" (local workspace: the workload's own network namespace)")
+            )
         report.checks.append(
             Check(
                 APP_ENV,
@@ -378,16 +385,19 @@ def _check_job_findings(report: DoctorReport, result: dict[str, Any], local: boo
     failed = {port: outcome for port, outcome in tcp.items() if outcome != "ok"}
     pods = f"job {result.get('job_ip')} → app {result.get('app_ip')}"
     if not failed:
-        shared = result.get("job_ip") == result.get("app_ip")
-        emulated = (
-            (
-                " (local workspace: one shared host; ports taken there were replaced)"
+        ports: dict[str, int] = result.get("ports", {})
+        moved = [f"{wanted}→{got}" for wanted, got in sorted(ports.items()) if str(got) != wanted]
+        emulated = ""
+        if local:
+            shared = result.get("job_ip") == result.get("app_ip")
+            emulated = (
+                " (local workspace: one shared host"
                 if shared
-                else " (local workspace: a network namespace per workload)"
+                else " (local workspace: a network namespace per workload"
             )
-            if local
-            else ""
-        )
+            emulated += f"; taken there, so replaced: {', '.join(moved)})" if moved else ")"
+        elif moved:
+            emulated = f" (busy in the app's pod, so replaced: {', '.join(moved)})"
         report.checks.append(
             Check(
                 POD_TCP,

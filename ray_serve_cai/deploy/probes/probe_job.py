@@ -91,6 +91,7 @@ def main() -> None:
     result = {
         "job_ip": os.environ.get("CDSW_IP_ADDRESS"),
         "app_ip": app["ip"],
+        "ports": app["ports"],  # wanted → the one the app got (a shared host may have taken some)
         "tcp": tcp(str(app["ip"]), dict(app["ports"])),  # type: ignore[arg-type]
         "flock_exclusive": flock_is_exclusive(),
         "rename": rename_reads(),
