@@ -276,7 +276,8 @@ def _run(
                 err_console.print(f"submitted job {managed.current} to cluster {name!r}")
         try:
             if heal and (plan := cluster.up(wait=False)[0]).actions:
-                err_console.print(f"healing the cluster meanwhile: {escape(plan.summary())}")
+                healed = ", ".join(action.describe().strip() for action in plan.actions)
+                err_console.print(f"healing the cluster meanwhile: {escape(healed)}")
             outcome = follow_managed(managed, json_out)
         except KeyboardInterrupt:
             err_console.print(f"\ninterrupted: stopping job {managed.current} before the teardown")

@@ -270,7 +270,7 @@ def test_the_same_command_reattaches_and_the_cluster_is_torn_down(env: Env) -> N
     try:
         err.wait_for(rf"re-attaching to run {env.run_id} in progress", timeout=60)
         err.wait_for(rf"following job {env.facts['first_job']}", timeout=120)  # at once, the head answers
-        err.wait_for(r"healing the cluster meanwhile: .*create", timeout=120)  # the deleted worker
+        err.wait_for(r"healing the cluster meanwhile: .*ray-rj-worker-0", timeout=120)  # the deleted worker
         assert env.apps()["ray-rj-head"]["id"] == env.head_app_id, "the same cluster, not a second one"
         env.project_path(RELEASE_FILE).write_text("go\n")
         code = proc.wait(timeout=300)
