@@ -234,6 +234,7 @@ def _run(
 ) -> tuple[Outcome, RunMarker]:
     name = cluster.spec.name
     marker = RunMarker.read(client, project_id, name, run_id)
+    reattaching = marker is not None
     if marker is not None:
         err_console.print(
             f"re-attaching to run {run_id} in progress (job {marker.record_id}, started by "
@@ -254,30 +255,37 @@ def _run(
         err_console.print(f"run {run_id}: {what} cluster {name!r} for job {marker.record_id}")
     marker.keep = marker.keep or keep
     outcome: Outcome | None = None
-    managed: ManagedJob | None = None
     try:
-        _plan, status = cluster.up(wait=True, on_progress=Progress())
-        if not status.ready:
-            problems = "; ".join(status.problems or [status.state])
-            raise OperationFailed(f"cluster {name!r} did not become ready: {problems}")
-        endpoint = head_endpoint(client, project_id, name)
-        request = with_packages(endpoint, request, env)
-        with JobsClient(endpoint) as jobs:
-            managed = ManagedJob(
-                jobs, replace(request, submission_id=marker.record_id), policy, run_id=run_id
-            )
+        managed = (
+            _attached(client, project_id, name, request, policy, run_id, marker) if reattaching else None
+        )
+        heal = managed is not None  # re-attached at once: what died meanwhile is replaced while it runs
+        if managed is None:
+            _plan, status = cluster.up(wait=True, on_progress=Progress())
+            if not status.ready:
+                problems = "; ".join(status.problems or [status.state])
+                raise OperationFailed(f"cluster {name!r} did not become ready: {problems}")
+            endpoint = head_endpoint(client, project_id, name)
+            request = replace(with_packages(endpoint, request, env), submission_id=marker.record_id)
+            jobs = JobsClient(endpoint)
+            managed = ManagedJob(jobs, request, policy, run_id=run_id)
             if managed.attach():
                 err_console.print(f"following job {managed.current} (attempt {len(managed.attempts)})")
             else:
                 managed.submit()
                 err_console.print(f"submitted job {managed.current} to cluster {name!r}")
-            try:
-                outcome = follow_managed(managed, json_out)
-            except KeyboardInterrupt:
-                err_console.print(f"\ninterrupted: stopping job {managed.current} before the teardown")
-                managed.stop()
-                message = "stopped by the user (Ctrl-C or SIGTERM)"
-                outcome = Outcome(marker.record_id, STOPPED, message, tuple(managed.attempts))
+        try:
+            if heal and (plan := cluster.up(wait=False)[0]).actions:
+                healed = ", ".join(action.describe().strip() for action in plan.actions)
+                err_console.print(f"healing the cluster meanwhile: {escape(healed)}")
+            outcome = follow_managed(managed, json_out)
+        except KeyboardInterrupt:
+            err_console.print(f"\ninterrupted: stopping job {managed.current} before the teardown")
+            managed.stop()
+            message = "stopped by the user (Ctrl-C or SIGTERM)"
+            outcome = Outcome(marker.record_id, STOPPED, message, tuple(managed.attempts))
+        finally:
+            managed.jobs.close()
     except KeyboardInterrupt:
         err_console.print("\ninterrupted before the job started")
         outcome = Outcome(marker.record_id, STOPPED, "interrupted before the job started", ())
@@ -292,6 +300,34 @@ def _run(
                 outcome = Outcome(outcome.record_id, FAILED, f"teardown failed: {err}", outcome.attempts)
     assert outcome is not None
     return outcome, marker
+
+
+def _attached(
+    client: CMLClient,
+    project_id: str,
+    name: str,
+    request: JobSubmission,
+    policy: JobPolicy,
+    run_id: str,
+    marker: RunMarker,
+) -> ManagedJob | None:
+    """The run's job when the head still answers and Ray knows it (followed at once; the caller heals
+    the cluster without waiting for it). None: the cluster must be brought up first."""
+    try:
+        endpoint = head_endpoint(client, project_id, name)
+    except OperationFailed:
+        return None
+    jobs = JobsClient(endpoint)
+    managed = ManagedJob(jobs, replace(request, submission_id=marker.record_id), policy, run_id=run_id)
+    try:
+        found = managed.attach()
+    except OperationFailed:
+        found = False
+    if not found:
+        jobs.close()
+        return None
+    err_console.print(f"following job {managed.current} (attempt {len(managed.attempts)})")
+    return managed
 
 
 @contextlib.contextmanager

@@ -2,7 +2,8 @@
 
 Layout under the project directory (`/home/cdsw` on CML):
 `.ray-cai/<cluster>/auth_token` (0600, created once), `.ray-cai/<cluster>/head.json` (written
-atomically by the head), `.ray-cai/<cluster>/logs/<node-name>/` (Ray logs, kept as they grow by `node.history`).
+atomically by the head), `.ray-cai/<cluster>/logs/<node-name>/` (Ray logs, kept as they grow by
+`node.history`).
 """
 
 from __future__ import annotations

@@ -9,8 +9,9 @@ again, re-attaches to that run and tears the cluster down:
 3. `run --keep --timeout 10` of a 120 s job → exit 1, FAILED with the deadline as the reason;
 4. a scheduled run (`deploy`'s CML job with a cron schedule) fires in the workspace and succeeds;
 5. a deleted worker's logs are readable with `ray-cai logs` (kept in the project as they grew);
-6. the command of (1) run again → re-attaches (one cluster, one job), exit 0 with the marker, tears
-   the cluster down: no application of it is left, and `job logs ID` still shows the marker.
+6. the command of (1) run again → re-attaches at once (one cluster, one job; the deleted worker is
+   replaced meanwhile), exit 0 with the marker, tears the cluster down: no application of it is left,
+   and `job logs ID` still shows the marker.
 
 The cases share the cluster, so they run in file order; each says what it needs from earlier ones.
 """
@@ -268,7 +269,8 @@ def test_the_same_command_reattaches_and_the_cluster_is_torn_down(env: Env) -> N
     proc, out, err = env.popen(*FIRST_RUN)
     try:
         err.wait_for(rf"re-attaching to run {env.run_id} in progress", timeout=60)
-        err.wait_for(rf"following job {env.facts['first_job']}", timeout=600)  # the worker came back
+        err.wait_for(rf"following job {env.facts['first_job']}", timeout=120)  # at once, the head answers
+        err.wait_for(r"healing the cluster meanwhile: .*ray-rj-worker-0", timeout=120)  # the deleted worker
         assert env.apps()["ray-rj-head"]["id"] == env.head_app_id, "the same cluster, not a second one"
         env.project_path(RELEASE_FILE).write_text("go\n")
         code = proc.wait(timeout=300)
