@@ -18,7 +18,8 @@ Each layer defines its own errors next to its code (module in brackets):
     │   ├── DeployInputError         [deploy.source]
     │   ├── ProjectNotGiven          [deploy.project]
     │   ├── JobInputError            [access.jobs]
-    │   └── SettingsError            [node.settings]    the node's environment is not a valid node
+    │   ├── SettingsError            [node.settings]    the node's environment is not a valid node
+    │   └── ScheduleError            [workspace.schedules] a cron schedule or timezone that cannot be used
     └── OperationFailed                            exit 1
         ├── WaitTimeout (+ TimeoutError)  [errors]      a bounded wait ran out
         ├── CMLError                 [cml]
@@ -37,6 +38,8 @@ Each layer defines its own errors next to its code (module in brackets):
         ├── DashboardError           [access.dashboard]
         ├── ServeAPIError            [access.serve]
         ├── NodeLogsError            [access.logs]
+        ├── HistoryError             [access.records]   the history kept in the project
+        │   └── RecordNotFound
         ├── JobsError                [access.jobs]
         │   ├── JobNotFound
         │   └── LogStreamUnavailable
@@ -53,6 +56,8 @@ Each layer defines its own errors next to its code (module in brackets):
         ├── TokenError               [node.files]
         ├── RendezvousNotFound       [node.files]
         ├── WorkspaceError           [workspace.daemon]
+        │   └── SessionError                            a session pod could not be opened
+        ├── PodError                 [workspace.pods]   a pod or the bridge could not be made or changed
         └── StoreError               [workspace.store]
 
 Outside the tree on purpose: the local workspace's server-side `WorkspaceAPIError` and

@@ -21,6 +21,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
 
+from ray_serve_cai.errors import BadInput
 from ray_serve_cai.workspace.errors import WorkspaceAPIError
 
 if TYPE_CHECKING:
@@ -32,7 +33,7 @@ logger = logging.getLogger("ray_serve_cai.workspace.schedules")
 TICK_SECONDS = 1.0
 
 
-class ScheduleError(ValueError):
+class ScheduleError(BadInput):
     """A schedule or timezone that cannot be used."""
 
 
