@@ -350,6 +350,10 @@ class PodNetwork:
         with self._lock:
             self._pods[pod.ip] = pod
             self._cursor = max(self._cursor, pod.index + 1)
+        # Faults never outlive the server that made them: a partitioned link comes up again, a
+        # netem qdisc goes (a user-space shaper ended with the killed server's descriptors).
+        _run_ip(["ip", "link", "set", pod.veth, "up"], check=False)
+        _run_ip(["tc", "-n", pod.netns, "qdisc", "del", "dev", "eth0", "root"], check=False)
         return pod
 
     def remove(self, pod: Pod) -> None:
