@@ -57,10 +57,8 @@ print(json.dumps({
 
 
 @pytest.fixture(scope="module")
-def pods(workspace: WorkspaceHandle) -> WorkspaceHandle:
-    if not workspace.pods:
-        pytest.skip(f"the workspace runs shared-host: {workspace.network()['reason']}")
-    return workspace
+def pods(pods_workspace: WorkspaceHandle) -> WorkspaceHandle:
+    return pods_workspace
 
 
 @pytest.fixture(scope="module")
