@@ -93,7 +93,7 @@ def choose_network(home: Path, pods: bool | None, pod_cidr: str | None) -> tuple
     `pods` None: the default (`PODS_BY_DEFAULT`: for now shared-host; pods are opt-in while the whole
     suite is not yet proven green with them); True: pods or an error; False: shared-host."""
     if pods is None:
-        pods = PODS_BY_DEFAULT or None
+        pods = PODS_BY_DEFAULT or bool(pod_cidr) or None  # a pod CIDR asks for pods
         if pods is None:
             return None, "shared-host by default (ray-cai workspace start --pods gives every workload a pod)"
     if pods is False:
