@@ -118,12 +118,36 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkspaceHan
     # CML's automatic restart of failed apps is off here, so an app a test leaves failed is not
     # started again minutes later under another test; a test of it turns it on with
     # `workspace.set_restart_policy(enabled=True, delay_seconds=...)` (`controls` resets it).
-    # Pods where the machine can make them (root on Linux), as `ray-cai workspace start` does;
-    # RAY_CAI_TEST_PODS=0 runs the suite shared-host, =1 requires pods.
+    # The default of `ray-cai workspace start` (shared-host for now); RAY_CAI_TEST_PODS=1 runs the
+    # whole suite with pods (root on Linux), =0 forces shared-host. tests/*/test_pods.py make pods
+    # of their own when this one has none (`pods_workspace`).
     wanted = os.environ.get("RAY_CAI_TEST_PODS", "").strip()
     pods = {"0": False, "1": True}.get(wanted)
     info = start_workspace(home, app_restart=False, pods=pods)
     handle = WorkspaceHandle(info)
+    try:
+        yield handle
+    finally:
+        handle.close()
+        stop_workspace(home)
+
+
+@pytest.fixture(scope="session")
+def pods_workspace(
+    workspace: WorkspaceHandle, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WorkspaceHandle]:
+    """A workspace whose workloads run in pods: the session one when it has them, else one of its own
+    (skipped where pods cannot be made: not root, not Linux)."""
+    if workspace.pods:
+        yield workspace
+        return
+    from ray_serve_cai.workspace.pods import pods_possible
+
+    possible, why = pods_possible()
+    if not possible:
+        pytest.skip(f"pods cannot be made here: {why}")
+    home = tmp_path_factory.mktemp("pods-workspace-home")
+    handle = WorkspaceHandle(start_workspace(home, app_restart=False, pods=True))
     try:
         yield handle
     finally:

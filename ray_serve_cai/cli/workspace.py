@@ -90,7 +90,8 @@ def start(
         typer.Option(
             "--pods/--no-pods",
             help="Run every job run and application in its own pod (network and process namespaces, "
-            "its own IP), as CML does. Default: pods where possible (root on Linux), else shared-host.",
+            "its own IP), as CML does; needs root on Linux. Default: shared-host (every workload on the "
+            "host), for now.",
             show_default=False,
         ),
     ] = None,

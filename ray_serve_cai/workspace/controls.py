@@ -363,7 +363,7 @@ def network_router(service: WorkspaceService) -> APIRouter:
         seconds = _number(body, "seconds", low=0, high=86400)
         pods = _pods_of(service, body)
         for pod in pods:
-            await asyncio.to_thread(supervisor.network.partition, pod)  # type: ignore[union-attr]
+            supervisor.network.partition(pod)  # type: ignore[union-attr]  # in the loop: it aborts relays
             supervisor.network.schedule_heal(pod, "partition", seconds)  # type: ignore[union-attr]
         return JSONResponse(supervisor.network_state())
 

@@ -140,9 +140,8 @@ def host_addresses() -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def cluster(workspace: WorkspaceHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    if not workspace.pods:
-        pytest.skip(f"the workspace runs shared-host: {workspace.network()['reason']}")
+def cluster(pods_workspace: WorkspaceHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    workspace = pods_workspace
     config = tmp_path_factory.mktemp("pods-cluster") / "ray_cluster_config.yaml"
     config.write_text(CONFIG)
     env = Cluster(workspace, config)

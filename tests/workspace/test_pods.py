@@ -57,10 +57,8 @@ print(json.dumps({
 
 
 @pytest.fixture(scope="module")
-def pods(workspace: WorkspaceHandle) -> WorkspaceHandle:
-    if not workspace.pods:
-        pytest.skip(f"the workspace runs shared-host: {workspace.network()['reason']}")
-    return workspace
+def pods(pods_workspace: WorkspaceHandle) -> WorkspaceHandle:
+    return pods_workspace
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +92,19 @@ def exec_in_pod(ws: WorkspaceHandle, project: dict[str, Any], *command: str, env
     done = subprocess.run([*args, "--", *command], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _index(ws: WorkspaceHandle, ip: str) -> int:
+    return int(ipaddress.ip_address(ip)) - int(ipaddress.ip_network(ws.network()["pod_cidr"]).network_address)
+
+
+def netns_of(ws: WorkspaceHandle, ip: str) -> str:
+    """The name of the pod's network namespace (`pods.py`: ray-cai-<home hash>-<index>)."""
+    return f"ray-cai-{ws.network()['bridge'][3:]}-{_index(ws, ip)}"
+
+
+def veth_of(ws: WorkspaceHandle, ip: str) -> str:
+    return f"rcv{ws.network()['bridge'][3:]}{_index(ws, ip):04x}"
 
 
 def namespaces() -> set[str]:
@@ -158,9 +169,11 @@ def test_pods_have_their_own_ip_the_same_app_port_and_reach_each_other(
     pods.wait_for_app(project["id"], second["id"], {"APPLICATION_STOPPED"})
     for app in (first, second):
         delete_app(pods, project, app)
-    wait_until(lambda: not pods.network()["pods"], timeout=20, what="every pod to be removed")
+    gone = {*ips, moved}
+    wait_until(lambda: not gone & set(pods.network()["pods"]), timeout=30, what="their pods to be removed")
     names, own_links = leftovers_of(pods.home)
-    assert names == [] and own_links == [network["bridge"]]
+    assert not {netns_of(pods, ip) for ip in gone} & set(names) and network["bridge"] in own_links
+    assert not {veth_of(pods, ip) for ip in gone} & links()
 
 
 def test_job_runs_are_pods_too(pods: WorkspaceHandle, project: dict[str, Any]) -> None:
@@ -178,7 +191,8 @@ def test_job_runs_are_pods_too(pods: WorkspaceHandle, project: dict[str, Any]) -
     seen = json.loads((pods.project_dir(project["id"]) / "whoami.json").read_text())
     assert ipaddress.ip_address(seen["ip"]) in ipaddress.ip_network(pods.network()["pod_cidr"])
     assert seen["pid"] == 2
-    wait_until(lambda: not pods.network()["pods"], timeout=20, what="the run's pod to be removed")
+    wait_until(lambda: seen["ip"] not in pods.network()["pods"], timeout=30, what="the run's pod to go")
+    assert netns_of(pods, seen["ip"]) not in namespaces()
 
 
 def test_exec_streams_exits_with_the_code_and_checks_its_input(
@@ -203,7 +217,12 @@ def test_exec_streams_exits_with_the_code_and_checks_its_input(
         timeout=60,
     )
     assert unknown.returncode == 2 and "no-such" in unknown.stderr
-    wait_until(lambda: not pods.network()["pods"], timeout=20, what="the session pods to be removed")
+    where = subprocess.run(
+        [*base, "--", "sh", "-c", "echo $CDSW_IP_ADDRESS"], capture_output=True, text=True, timeout=120
+    )
+    ip = where.stdout.strip()
+    assert where.returncode == 0 and ip  # the pod is gone once exec returns
+    assert ip not in pods.network()["pods"] and netns_of(pods, ip) not in namespaces()
 
 
 def test_partition_and_shape_cut_and_slow_a_pod_then_end_by_themselves(
