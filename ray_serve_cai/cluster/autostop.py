@@ -205,7 +205,15 @@ def apply_to_status(status: Any, apps: Sequence[Application], record: AppliedRec
     status.state = state
     message = f"stopped by {mark.by} at {mark.at}" + (f" ({mark.reason})" if mark.reason else "")
     hint = "start it with `ray-cai up`" if state == "stopped" else "its applications are stopping"
-    status.conditions = [c for c in status.conditions if c.type != "Ready"] + [
+    # Not running is what a stopped cluster is: say so instead of "not answering" / "not in Ray".
+    expected = {"HeadReady", "RayNodesAlive"} if state == "stopped" else set()
+    kept = [
+        Condition(c.type, c.status, "Stopped", "") if c.type in expected and not c.status else c
+        for c in status.conditions
+        if c.type != "Ready"
+    ]
+    status.conditions = [
+        *kept,
         Condition("Stopped", True, "Autostop", f"{message}; {hint}"),
         Condition("Ready", False, state.capitalize(), hint),
     ]

@@ -377,9 +377,13 @@ class AutostopMonitor:
         """Read, measure, and act when due (confirmed by one more measurement); what it did, if anything."""
         if not self.refresh_setting():
             return None
-        idle = self.measure()
         setting = self.setting
-        if setting is None or self.act is None or fires_in(setting, idle, self.busy) != 0:
+        if setting is None:  # off: no probe of Ray at all (a cluster without autostop pays nothing)
+            with self.lock:
+                self.busy, self.idle_seconds, self.last_check = [], None, None
+            return None
+        idle = self.measure()
+        if self.act is None or fires_in(setting, idle, self.busy) != 0:
             return None
         idle = self.measure()  # confirm: a job may have been submitted a moment ago
         if fires_in(setting, idle, self.busy) != 0:

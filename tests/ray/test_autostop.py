@@ -2,9 +2,9 @@
 
 Timings are shortened for the suite: an idle timeout of 20 s (the issue's scenario says 60) and
 `check_interval: 2`, so a job of 30 s outlives the idle timeout. The config says
-`autostop: {idle_timeout: 3600, check_interval: 2}` (a bring-up on a loaded 2-core box can take
-longer than 20 s); `ray-cai autostop --idle 20` then shortens it on the running cluster — the head
-picks the change up without a restart. Two bring-ups in all:
+`autostop: {idle_timeout: 3600, check_interval: 10}` (a bring-up on a loaded 2-core box can take
+longer than 20 s); `ray-cai autostop --idle 20 --check-interval 2` then shortens both on the
+running cluster — the head picks the change up without a restart. Two bring-ups in all:
 
 1. `up`, `autostop --idle 20` → a job running longer than that keeps the cluster up (status says so);
    then Serve requests keep it up; once neither happens, the head stops the cluster within
@@ -105,7 +105,7 @@ def cluster(workspace: WorkspaceHandle, tmp_path_factory: pytest.TempPathFactory
     config.write_text(
         config.read_text()
         + "  serve: {config: examples/serve/serve_config.yaml}\n"
-        + f"  autostop: {{idle_timeout: 3600, action: stop, check_interval: {CHECK_INTERVAL}}}\n"
+        + "  autostop: {idle_timeout: 3600, action: stop, check_interval: 10}\n"
     )
     git(repo, "commit", "-qam", "e2e: a cluster with autostop")
     env = Cluster(workspace, repo)
@@ -125,7 +125,9 @@ def cluster(workspace: WorkspaceHandle, tmp_path_factory: pytest.TempPathFactory
 
 def test_busy_while_a_job_or_serve_traffic_then_stopped(cluster: Cluster) -> None:
     assert cluster.cli_json("status")["autostop"]["idle_timeout"] == 3600
-    changed = cluster.cli_json("autostop", "--idle", str(IDLE_TIMEOUT))
+    changed = cluster.cli_json(
+        "autostop", "--idle", str(IDLE_TIMEOUT), "--check-interval", str(CHECK_INTERVAL)
+    )
     assert changed["autostop"]["idle_timeout"] == IDLE_TIMEOUT, changed
     assert changed["autostop"]["check_interval"] == CHECK_INTERVAL, changed
     submitted = cluster.cli(
@@ -149,24 +151,27 @@ def test_busy_while_a_job_or_serve_traffic_then_stopped(cluster: Cluster) -> Non
         while time.monotonic() - traffic_started < IDLE_TIMEOUT + 6:
             response = client.post("/iris/predict", json=SAMPLE)
             assert response.status_code == 200, response.text
+            last_request = time.monotonic()
             time.sleep(1.0)
     assert set(cluster.statuses().values()) == {"APPLICATION_RUNNING"}, cluster.statuses()
     status = cluster.cli_json("status")
+    since_last_request = time.monotonic() - last_request
     assert status["state"] == "ready", status
-    assert (
-        any("iris" in reason for reason in status["autostop"]["busy"])
-        or status["autostop"]["idle_seconds"] < 5
+    # The head counts idle time from the last request (not from the job's end, IDLE_TIMEOUT + 6 s
+    # earlier): at most the time since that request, however long `status` took to answer.
+    assert status["autostop"]["idle_seconds"] <= since_last_request + 1.0, (
+        status["autostop"],
+        since_last_request,
     )
 
     # Nothing more: idle from the last request on, stopped within idle_timeout + a few checks.
-    idle_from = time.monotonic()
     wait_until(
         lambda: set(cluster.statuses().values()) == {"APPLICATION_STOPPED"},
         timeout=IDLE_TIMEOUT + 10 * CHECK_INTERVAL + 60,
         interval=0.5,
         what="every application of the cluster STOPPED",
     )
-    print(f"\nlast request → every application stopped: {time.monotonic() - idle_from:.1f}s")
+    print(f"\nlast request → every application stopped: {time.monotonic() - last_request:.1f}s")
     assert len(cluster.statuses()) == 2, cluster.statuses()
     wait_until(lambda: not cluster_processes(), timeout=30, interval=0.5, what="no process of the cluster")
 
@@ -193,9 +198,9 @@ def test_up_starts_it_again_cancel_keeps_it_then_down_deletes(cluster: Cluster) 
     time.sleep(IDLE_TIMEOUT + 5 * CHECK_INTERVAL)
     assert set(cluster.statuses().values()) == {"APPLICATION_RUNNING"}, cluster.statuses()
     status = cluster.cli_json("status")
-    assert status["state"] == "ready" and status["autostop"]["idle_seconds"] >= IDLE_TIMEOUT, status[
-        "autostop"
-    ]
+    # off: the head does not even measure (it only re-reads the setting)
+    assert status["state"] == "ready" and status["autostop"]["idle_timeout"] is None, status["autostop"]
+    assert status["autostop"]["idle_seconds"] is None and status["autostop"]["busy"] == [], status["autostop"]
     plan = cluster.cli_json("plan")
     assert plan["summary"]["unchanged"] == 2 and not plan["actions"], plan  # nothing restarted
 

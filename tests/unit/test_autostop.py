@@ -226,9 +226,10 @@ def test_monitor_acts_once_idle_past_the_timeout_and_confirms_first() -> None:
     clock.now = 150
     assert monitor.check_once() is None  # idle for 55 s only
     assert monitor.report()["fires_in_seconds"] == 5.0
-    recorded[0] = Recorded(None)  # `ray-cai autostop --cancel`
+    recorded[0] = Recorded(None)  # `ray-cai autostop --cancel`: off, Ray is not even asked
     clock.now = 500
     assert monitor.check_once() is None and acted == []
+    assert monitor.report()["idle_seconds"] is None and monitor.report()["busy"] == []
     recorded[0] = Recorded(SETTING)  # on again: the idle count starts anew
     clock.now = 501
     assert monitor.check_once() is None and monitor.report()["fires_in_seconds"] == 60.0
