@@ -30,12 +30,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from ray_serve_cai.atomic import write_json_atomically
 from ray_serve_cai.cluster.applied import APPLIED_SPEC_VAR, AppliedRecord, Origin, read_record
 from ray_serve_cai.cluster.conditions import Condition
 from ray_serve_cai.cluster.errors import ClusterError
 from ray_serve_cai.cml import Application, CMLClient, CMLError, CMLSettings, NotFound
 from ray_serve_cai.config import AutostopSpec, head_app_name
-from ray_serve_cai.config.autoscaling import write_json_atomically
 from ray_serve_cai.config.node_env import CLUSTER_VARIABLE
 
 log = logging.getLogger("ray_serve_cai.cluster")

@@ -47,8 +47,6 @@ from ray_serve_cai.workspace.controls import (
     Latency,
     RequestCounters,
     RestartPolicy,
-    network_router,
-    session_router,
 )
 from ray_serve_cai.workspace.errors import (
     GRPC_CODE_OF_HTTP_STATUS,
@@ -76,6 +74,7 @@ from ray_serve_cai.workspace.listing import (
     list_page,
 )
 from ray_serve_cai.workspace.model import current_user
+from ray_serve_cai.workspace.pod_controls import network_router, session_router
 from ray_serve_cai.workspace.pods import PodNetwork, choose_network
 from ray_serve_cai.workspace.processes import DEFAULT_STOP_GRACE_SECONDS
 from ray_serve_cai.workspace.runtimes import load_runtimes
