@@ -233,26 +233,7 @@ def _run(
     json_out: bool,
 ) -> tuple[Outcome, RunMarker]:
     name = cluster.spec.name
-    marker = RunMarker.read(client, project_id, name, run_id)
-    reattaching = marker is not None
-    if marker is not None:
-        err_console.print(
-            f"re-attaching to run {run_id} in progress (job {marker.record_id}, started by "
-            f"{marker.submitter} at {time.strftime('%H:%M:%S', time.localtime(marker.started_at))})"
-        )
-    else:
-        marker = RunMarker(
-            run_id=run_id,
-            cluster=name,
-            record_id=f"run-{run_id}-{secrets.token_hex(3)}",
-            created_cluster=not _cluster_exists(cluster),
-            keep=keep,
-            submitter=who_submits(),
-            started_at=time.time(),
-        )
-        marker.write(client, project_id)  # before anything starts: a re-run after a kill finds it
-        what = "bringing up" if marker.created_cluster else "using the running"
-        err_console.print(f"run {run_id}: {what} cluster {name!r} for job {marker.record_id}")
+    marker, reattaching = _open_marker(cluster, client, project_id, run_id, keep)
     marker.keep = marker.keep or keep
     outcome: Outcome | None = None
     try:
@@ -261,19 +242,7 @@ def _run(
         )
         heal = managed is not None  # re-attached at once: what died meanwhile is replaced while it runs
         if managed is None:
-            _plan, status = cluster.up(wait=True, on_progress=Progress())
-            if not status.ready:
-                problems = "; ".join(status.problems or [status.state])
-                raise OperationFailed(f"cluster {name!r} did not become ready: {problems}")
-            endpoint = head_endpoint(client, project_id, name)
-            request = replace(with_packages(endpoint, request, env), submission_id=marker.record_id)
-            jobs = JobsClient(endpoint)
-            managed = ManagedJob(jobs, request, policy, run_id=run_id)
-            if managed.attach():
-                err_console.print(f"following job {managed.current} (attempt {len(managed.attempts)})")
-            else:
-                managed.submit()
-                err_console.print(f"submitted job {managed.current} to cluster {name!r}")
+            managed = _up_and_submit(cluster, client, project_id, run_id, request, env, policy, marker)
         try:
             if heal and (plan := cluster.up(wait=False)[0]).actions:
                 healed = ", ".join(action.describe().strip() for action in plan.actions)
@@ -300,6 +269,62 @@ def _run(
                 outcome = Outcome(outcome.record_id, FAILED, f"teardown failed: {err}", outcome.attempts)
     assert outcome is not None
     return outcome, marker
+
+
+def _open_marker(
+    cluster: RayCluster, client: CMLClient, project_id: str, run_id: str, keep: bool
+) -> tuple[RunMarker, bool]:
+    """The run's marker in the project: the one a killed run left (True: re-attaching), else a new
+    one, written before anything starts so that a re-run after a kill finds it."""
+    name = cluster.spec.name
+    marker = RunMarker.read(client, project_id, name, run_id)
+    if marker is not None:
+        err_console.print(
+            f"re-attaching to run {run_id} in progress (job {marker.record_id}, started by "
+            f"{marker.submitter} at {time.strftime('%H:%M:%S', time.localtime(marker.started_at))})"
+        )
+        return marker, True
+    marker = RunMarker(
+        run_id=run_id,
+        cluster=name,
+        record_id=f"run-{run_id}-{secrets.token_hex(3)}",
+        created_cluster=not _cluster_exists(cluster),
+        keep=keep,
+        submitter=who_submits(),
+        started_at=time.time(),
+    )
+    marker.write(client, project_id)
+    what = "bringing up" if marker.created_cluster else "using the running"
+    err_console.print(f"run {run_id}: {what} cluster {name!r} for job {marker.record_id}")
+    return marker, False
+
+
+def _up_and_submit(
+    cluster: RayCluster,
+    client: CMLClient,
+    project_id: str,
+    run_id: str,
+    request: JobSubmission,
+    env: dict[str, Any] | None,
+    policy: JobPolicy,
+    marker: RunMarker,
+) -> ManagedJob:
+    """Bring the cluster up (waiting until ready), then submit the run's job — or follow it when Ray
+    already has it (a re-run that found the cluster but not yet its job)."""
+    name = cluster.spec.name
+    _plan, status = cluster.up(wait=True, on_progress=Progress())
+    if not status.ready:
+        problems = "; ".join(status.problems or [status.state])
+        raise OperationFailed(f"cluster {name!r} did not become ready: {problems}")
+    endpoint = head_endpoint(client, project_id, name)
+    request = replace(with_packages(endpoint, request, env), submission_id=marker.record_id)
+    managed = ManagedJob(JobsClient(endpoint), request, policy, run_id=run_id)
+    if managed.attach():
+        err_console.print(f"following job {managed.current} (attempt {len(managed.attempts)})")
+    else:
+        managed.submit()
+        err_console.print(f"submitted job {managed.current} to cluster {name!r}")
+    return managed
 
 
 def _attached(
