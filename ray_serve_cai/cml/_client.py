@@ -41,7 +41,7 @@ __all__ = ["FIRST_CONTACT_DEADLINE", "PAGE_SIZE", "CMLClient"]
 
 log = logging.getLogger("ray_serve_cai.cml")
 
-#: Items per list call. CML's default is 10 (reference §11.5); larger pages keep polls to one call.
+#: Items per list call. CML's default is 10; larger pages keep polls to one call.
 PAGE_SIZE = 100
 
 _USER_AGENT = "ray-serve-cai-cml/0.1"

@@ -226,7 +226,7 @@ class Latency:
         return {"app_start_seconds": self.app_start_seconds, "job_start_seconds": self.job_start_seconds}
 
 
-# CML's default (reference §5): a failed application is restarted up to 3 times, 5 minutes apart.
+# CML's documented default: a failed application is restarted up to 3 times, 5 minutes apart.
 DEFAULT_RESTART_ATTEMPTS = 3
 DEFAULT_RESTART_DELAY_SECONDS = 300.0
 

@@ -326,7 +326,3 @@ def end_process_tree(
     if leader is not None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             leader.wait(timeout=5)
-
-
-def live_marked_pids(marker_name: str, marker_value: str) -> list[int]:
-    return sorted(p.pid for p in _alive(processes_with_marker(marker_name, marker_value)))

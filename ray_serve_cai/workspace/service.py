@@ -826,9 +826,6 @@ class WorkspaceService:
     def get_app(self, project_id: str, app_id: str) -> Application:
         return self._app(project_id, app_id)
 
-    def app_by_subdomain(self, subdomain: str) -> Application | None:
-        return next((a for a in self.apps.values() if a.subdomain == subdomain), None)
-
     def update_app(self, project_id: str, app_id: str, body: dict[str, Any]) -> Application:
         app = self._app(project_id, app_id)
         project = self._project(project_id)

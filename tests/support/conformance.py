@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -66,6 +67,12 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ[SPEC_ENV] = str(spec)
     os.environ[LOG_ENV] = str(log)
     _watch = ConformanceWatch(log)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The violations log goes with the session (its folder is this process's own)."""
+    if _watch is not None:
+        shutil.rmtree(_watch.log.parent, ignore_errors=True)
 
 
 @pytest.hookimpl(hookwrapper=True)
