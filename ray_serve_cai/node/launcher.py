@@ -20,6 +20,7 @@ import importlib.metadata
 import logging
 import os
 import platform
+import shutil
 import signal
 import sys
 import threading
@@ -185,6 +186,8 @@ class Launcher:
         self.keeper.stop()
         self.http.stop()
         self.ports.release()
+        if self.status.ray_down_since is not None:  # Ray ended and its logs are in the project:
+            shutil.rmtree(self.node.temp_dir, ignore_errors=True)  # its temp dir goes with the node
 
 
 def run_head(settings: NodeSettings | None = None, autostop_hooks: HooksFactory | None = None) -> int:
