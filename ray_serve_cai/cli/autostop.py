@@ -21,7 +21,6 @@ from ray_serve_cai.cli.common import (
     print_json,
     run_command,
 )
-from ray_serve_cai.cluster.applied import read_record
 from ray_serve_cai.cluster.autostop import describe_view, set_autostop, setting_of
 from ray_serve_cai.config import AutostopSpec
 
@@ -89,7 +88,7 @@ def autostop_command(
         with open_cluster(config, local, project) as cluster:
             name = cluster.spec.name
             if changing:
-                current = setting_of(read_record(cluster.observe(), name))
+                current = setting_of(cluster.observe(ray=False).record)
                 wanted = _wanted(current, idle, down, cancel, check_interval)
                 set_autostop(cluster.client, cluster.project_id, name, wanted)
             status = cluster.status()

@@ -142,8 +142,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 
 def _cluster_exists(cluster: RayCluster) -> bool:
-    head = head_app_name(cluster.spec.name)
-    return any((app.subdomain or app.name) == head for app in cluster.observe())
+    return cluster.observe(ray=False).app(head_app_name(cluster.spec.name)) is not None
 
 
 def _teardown(cluster: RayCluster, marker: RunMarker) -> None:

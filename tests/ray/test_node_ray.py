@@ -102,6 +102,7 @@ class Cluster:
         env |= {
             "CDSW_IP_ADDRESS": "127.0.0.1",
             "CDSW_APP_PORT": str(app_port),
+            "RAY_CAI_SHARED_HOST": "1",  # every node of this harness shares this host (no pods)
             "RAY_CAI_CLUSTER": CLUSTER,
             "RAY_CAI_ROLE": role,
             "RAY_CAI_GROUP": "head" if role == "head" else "cpu",

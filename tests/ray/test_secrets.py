@@ -65,8 +65,7 @@ def test_no_secret_leaks_through_the_local_flow(tmp_path: Path) -> None:
             "/api/v2/projects",
             json={
                 "name": PROJECT,
-                "template": "git",
-                "git_url": str(repo),
+                "git_url": str(repo),  # the spec's way: a git URL, no template
                 "default_project_engine_type": "legacy_engine",
             },
         )

@@ -189,7 +189,7 @@ def test_fires_in(setting: AutostopSpec | None, idle: float, busy: list[str], ex
 
 
 class ScriptedProbe:
-    """Busy reasons by check (the Ray side is tested in tests/ray/test_autostop.py)."""
+    """Busy reasons by check (the Ray side is tested in tests/ray/test_autostop_ray.py)."""
 
     def __init__(self, script: list[list[str]]) -> None:
         self.script = script

@@ -26,7 +26,16 @@ from support.fakes import wait_until
 from ray_serve_cai.workspace.pods import leftovers_of
 from ray_serve_cai.workspace.testing import WorkspaceHandle
 
-pytestmark = pytest.mark.ray
+# Pods are opt-in while the suite's default workspace is shared-host (issue 20 is open): this module's
+# four long runs (a 25 s partition, a partition past the startup timeout, `up` on 200 ms / 2 % loss
+# links) come with the switch that runs the whole suite in pods, `RAY_CAI_TEST_PODS=1`.
+pytestmark = [
+    pytest.mark.ray,
+    pytest.mark.skipif(
+        os.environ.get("RAY_CAI_TEST_PODS", "").strip() != "1",
+        reason="real Ray in pods: set RAY_CAI_TEST_PODS=1 (the suite's workspace is shared-host by default)",
+    ),
+]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RAY_CAI = [sys.executable, "-m", "ray_serve_cai.cli.main"]
