@@ -319,7 +319,8 @@ def test_worker_stop_copies_logs_and_leaves_no_process(cluster: Cluster) -> None
 
 
 @pytest.mark.skip(
-    reason="shared-host only since pods (issue 20): the launcher picks ports only with RAY_CAI_SHARED_HOST=1, "
+    reason="shared-host only since pods (issue 20): the launcher picks ports only with "
+    "RAY_CAI_SHARED_HOST=1, "
     "and with it this harness's worker restarts after the taken port but is not seen joining; to fix"
 )
 def test_a_port_taken_before_ray_binds_it_does_not_keep_the_node_out(cluster: Cluster) -> None:
