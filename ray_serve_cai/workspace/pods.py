@@ -728,44 +728,28 @@ def listen_in_netns(
     A port that cannot be bound there is left out."""
     wanted = list(ports)
     result: dict[int, socket.socket] = {}
-    failure: list[BaseException] = []
 
-    def work() -> None:
-        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-        target = os.open(netns_path, os.O_RDONLY)
-        try:
-            _setns(target)
+    def bind_all() -> dict[int, socket.socket]:
+        for port in wanted:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                for port in wanted:
-                    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    try:
-                        sock.bind((host, port))
-                        sock.listen(128)
-                    except OSError as exc:
-                        sock.close()
-                        logger.warning(
-                            "pod %s: cannot relay port %d: %s", netns_path.name, port, exc.strerror
-                        )
-                        continue
-                    sock.setblocking(False)
-                    result[port] = sock
-            finally:
-                _setns(own)
-        except BaseException as exc:  # reported to the caller's thread
-            failure.append(exc)
-        finally:
-            os.close(own)
-            os.close(target)
+                sock.bind((host, port))
+                sock.listen(128)
+            except OSError as exc:
+                sock.close()
+                logger.warning("pod %s: cannot relay port %d: %s", netns_path.name, port, exc.strerror)
+                continue
+            sock.setblocking(False)
+            result[port] = sock
+        return result
 
-    thread = threading.Thread(target=work, name="netns-socket", daemon=True)
-    thread.start()
-    thread.join()
-    if failure:
+    try:
+        return in_netns(netns_path, bind_all)
+    except PodError as err:
         for sock in result.values():
             sock.close()
-        raise PodError(f"cannot open sockets in {netns_path.name}: {failure[0]}")
-    return result
+        raise PodError(f"cannot open sockets: {err}") from None
 
 
 async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
