@@ -38,6 +38,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -85,21 +86,78 @@ def latencies(client: httpx.Client, url: str, n: int) -> list[float]:
     return out
 
 
-def throughput(make: Any, url: str, concurrency: int, seconds: float) -> float:
+def inside(netns: Path | None, work: Any) -> Any:
+    """`work()` in the network namespace `netns` (a pod's loopback), or here when None."""
+    if netns is None:
+        return work()
+    from ray_serve_cai.workspace.pods import in_netns
+
+    return in_netns(netns, work)
+
+
+def throughput(make: Any, url: str, concurrency: int, seconds: float, netns: Path | None = None) -> float:
     deadline = time.monotonic() + seconds
     counts = [0] * concurrency
 
     def worker(index: int) -> None:
-        with make() as client:
-            while time.monotonic() < deadline:
-                response = client.get(url)
-                if response.status_code == 200:
-                    counts[index] += 1
+        def run() -> None:
+            with make() as client:
+                while time.monotonic() < deadline:
+                    response = client.get(url)
+                    if response.status_code == 200:
+                        counts[index] += 1
+
+        inside(netns, run)
 
     started = time.monotonic()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         list(pool.map(worker, range(concurrency)))
     return sum(counts) / (time.monotonic() - started)
+
+
+def serve_port(repo: Path, env: dict[str, str], deadline: float) -> int:
+    """Serve's proxy port, once the head publishes it (`status --json` → ray.serve_http_port): the
+    head starts Serve a few seconds after Ray, so `up` may answer before it is there."""
+    last = ""
+    while time.monotonic() < deadline:
+        result = cli(repo, env, "status", "--json", timeout=120)
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            port = json.loads(result.stdout)["ray"].get("serve_http_port")
+            if port:
+                return int(port)
+        last = (result.stderr or result.stdout)[-300:]
+        time.sleep(1.0)
+    raise RuntimeError(f"the head did not publish serve_http_port within the deadline; last: {last}")
+
+
+def serve_endpoint(repo: Path, env: dict[str, str]) -> str:
+    """The Serve endpoint `ray-cai serve status` names (what users call)."""
+    result = cli(repo, env, "serve", "status", "--json", timeout=120)
+    return str(json.loads(result.stdout)["url"])
+
+
+def head_pod_ip(handle: Any, project_id: str) -> str:
+    """Where the workspace's app listener sends the head's requests: its pod IP (CDSW_IP_ADDRESS)."""
+    import psutil
+
+    head = head_app(handle, project_id)
+    for process in handle.api_ok("GET", "/_workspace/processes")["processes"]:
+        if process["workload_id"] == head["id"]:
+            with contextlib.suppress(psutil.Error):
+                return psutil.Process(int(process["pid"])).environ().get("CDSW_IP_ADDRESS") or "127.0.0.1"
+    raise RuntimeError("the head's process was not found")
+
+
+def pod_netns(handle: Any, workload_id: str) -> Path | None:
+    """The network namespace of a workload's pod (`/proc/<pid>/ns/net`), None when it shares the host's."""
+    for process in handle.api_ok("GET", "/_workspace/processes")["processes"]:
+        if process["workload_id"] == workload_id:
+            path = Path(f"/proc/{int(process['pid'])}/ns/net")
+            with contextlib.suppress(OSError):
+                if os.readlink(path) != os.readlink("/proc/self/ns/net"):
+                    return path
+            return None
+    return None
 
 
 def head_app(handle: Any, project_id: str) -> dict[str, Any]:
@@ -127,6 +185,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=10.0, help="per throughput round")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument(
+        "--no-head-kill", action="store_true", help="skip the head-kill outage measurement (minutes)"
+    )
     return parser.parse_args(argv)
 
 
@@ -156,11 +217,17 @@ def main(argv: list[str] | None = None) -> int:
         status = json.loads(up.stdout)["status"]
         result["up_seconds"] = round(time.monotonic() - started, 1)
         project_id = status["project_id"]
-        port = status["ray"]["serve_http_port"]
-        via_url = head_app(handle, project_id)["url"] + "/serve/hello"
+        port = serve_port(repo, env, deadline=time.monotonic() + 300)
+        endpoint = serve_endpoint(repo, env)
+        via_url = endpoint + "hello"
+        head = head_app(handle, project_id)
         direct = f"http://127.0.0.1:{port}/hello"
         head_port = head_app_port(handle, project_id)
-        via_head = f"http://127.0.0.1:{head_port}/serve/hello"
+        head_ip = head_pod_ip(handle, project_id)
+        via_head = f"http://{head_ip}:{head_port}/serve/hello"
+        netns = pod_netns(handle, head["id"])  # Serve's proxy is on the head pod's loopback
+        result["pods"] = netns is not None
+        result["endpoint"] = endpoint
         headers = {"Authorization": f"Bearer {info.api_key}"}
 
         def url_client() -> httpx.Client:
@@ -170,25 +237,25 @@ def main(argv: list[str] | None = None) -> int:
             return httpx.Client(timeout=30, trust_env=False)
 
         paths = {
-            "url": (url_client, via_url),
-            "head": (direct_client, via_head),
-            "direct": (direct_client, direct),
+            "url": (url_client, via_url, None),
+            "head": (direct_client, via_head, None),
+            "direct": (direct_client, direct, netns),
         }
         lat: dict[str, list[float]] = {name: [] for name in paths}
-        clients = {name: make() for name, (make, _) in paths.items()}
+        clients = {name: make() for name, (make, _, _) in paths.items()}
         try:
-            for name, (_, target) in paths.items():
-                latencies(clients[name], target, 20)  # warm-up: connections, replicas
+            for name, (_, target, ns) in paths.items():
+                inside(ns, partial(latencies, clients[name], target, 20))  # warm-up: connections, replicas
             for _ in range(4):
-                for name, (_, target) in paths.items():
-                    lat[name] += latencies(clients[name], target, args.requests // 4)
+                for name, (_, target, ns) in paths.items():
+                    lat[name] += inside(ns, partial(latencies, clients[name], target, args.requests // 4))
         finally:
             for client in clients.values():
                 client.close()
         rps: dict[str, list[float]] = {name: [] for name in paths}
         for _ in range(2):
-            for name, (make, target) in paths.items():
-                rps[name].append(throughput(make, target, args.concurrency, args.seconds))
+            for name, (make, target, ns) in paths.items():
+                rps[name].append(throughput(make, target, args.concurrency, args.seconds, ns))
         for path in paths:
             result[path] = {
                 "p50_ms": round(statistics.median(lat[path]) * 1000, 2),
@@ -203,9 +270,10 @@ def main(argv: list[str] | None = None) -> int:
         result["p50_target_met"] = result["p50_ratio"] <= 1.25
         result["rps_target_met"] = result["rps_ratio"] >= 0.8
 
-        result["head_restart_outage_seconds"] = head_restart_outage(
-            repo, env, handle, project_id, via_url, headers
-        )
+        if not args.no_head_kill:
+            result["head_restart_outage_seconds"] = head_restart_outage(
+                repo, env, handle, project_id, via_url, headers
+            )
     finally:
         cli(repo, env, "down", timeout=300)
         handle.close()
