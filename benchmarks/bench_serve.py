@@ -186,6 +186,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=10.0, help="per throughput round")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument(
+        "--shared-host", action="store_true", help="no pods (default: a pod per node where possible)"
+    )
+    parser.add_argument(
         "--no-head-kill", action="store_true", help="skip the head-kill outage measurement (minutes)"
     )
     return parser.parse_args(argv)
@@ -198,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     home = work / "home"
-    info = start_workspace(home)
+    from ray_serve_cai.workspace.pods import pods_possible
+
+    info = start_workspace(home, pods=False if args.shared_host else pods_possible()[0])
     handle = WorkspaceHandle(info)
     repo = work / "repo"
     subprocess.run(["git", "clone", "-q", str(REPO), str(repo)], check=True)

@@ -4,7 +4,7 @@ A job whose latest run succeeded with the same fingerprint is skipped. What each
 
 - `git_sync` (and custom jobs): the deployed tree, except `ray_cluster_config.yaml` (the cluster spec
   reaches the launch job through its own environment, so a config-only change re-runs only the launch);
-- `setup_environment`: the dependency set (`pyproject.toml`);
+- `setup_environment`: the dependency set (`pyproject.toml` and the project's `requirements.txt`);
 - `launch_ray_cluster`: the validated cluster spec.
 Every fingerprint also covers the job's own definition.
 """
@@ -19,7 +19,7 @@ from ray_serve_cai.config import spec_digest
 from ray_serve_cai.errors import OperationFailed
 
 CLUSTER_CONFIG_FILE = "ray_cluster_config.yaml"
-DEPENDENCY_FILES = ("pyproject.toml",)
+DEPENDENCY_FILES = ("pyproject.toml", "requirements.txt")  # steps.PROJECT_REQUIREMENTS
 
 
 class RepoError(OperationFailed):

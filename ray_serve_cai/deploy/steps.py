@@ -21,6 +21,9 @@ if TYPE_CHECKING:  # only for annotations: the first two steps run before any de
 
 VENV_DIR = ".venv"
 DEPS_MARKER = ".ray-cai-deps"
+# What the project's own code needs on the nodes (Serve applications, job scripts): one pip
+# requirements file at the project root, installed into the same `.venv` after the `ray` extra.
+PROJECT_REQUIREMENTS = "requirements.txt"
 
 
 class StepError(OperationFailed):
@@ -99,7 +102,9 @@ def _venv_python(project: Path) -> Path:
 
 
 def setup_environment() -> bool:
-    """Create `.venv` with this package and its `ray` extra; skip when the marker matches.
+    """Create `.venv` with this package and its `ray` extra, plus the project's own
+    `requirements.txt` when there is one (what Serve applications and job scripts import); skip when
+    the marker (the digest of both files, as deployed) matches.
 
     Returns True when something was installed, False when it was already up to date.
     """
@@ -118,10 +123,10 @@ def setup_environment() -> bool:
     if not python.exists():
         # System site packages: a runtime that already ships Ray (or the local workspace) is reused.
         _run([sys.executable, "-m", "venv", "--system-site-packages", VENV_DIR], cwd=project)
-    _run(
-        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-e", ".[ray]"],
-        cwd=project,
-    )
+    pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    _run([*pip, "-e", ".[ray]"], cwd=project)
+    if (project / PROJECT_REQUIREMENTS).is_file():
+        _run([*pip, "-r", PROJECT_REQUIREMENTS], cwd=project)
     version = _run([str(python), "-c", f"{check}; print(ray.__version__)"], cwd=project)
     marker.write_text(digest + "\n")
     print(f"Ray {version.splitlines()[-1]} installed in {project / VENV_DIR}", flush=True)
