@@ -131,7 +131,7 @@ def decide(desired: ServeConfig, details: dict[str, Any]) -> ServeDecision:
     """PUT when an application is missing, was submitted with another config, or is REST-deployed
     but no longer in the file; else nothing. `details` is Serve's GET answer."""
     deployed = details.get("applications") or {}
-    wanted = {str(app.get("name", "default")): app for app in desired.document.get("applications", [])}
+    wanted = {str(app.get("name", "default")): app for app in desired.applications()}
     missing = [name for name in wanted if name not in deployed]
     if missing and len(missing) == len(wanted) and not deployed:
         return ServeDecision(True, "Serve has no applications (new cluster or a new head)")
@@ -182,7 +182,7 @@ def summarize(details: dict[str, Any], desired: ServeConfig | None, url: str | N
     settling: list[str] = []
     desired_names: list[str] = []
     if desired is not None:
-        for want in desired.document.get("applications", []):
+        for want in desired.applications():
             name = str(want.get("name", "default"))
             desired_names.append(name)
             got = (details.get("applications") or {}).get(name)

@@ -13,6 +13,17 @@ committed) unless the application's `runtime_env` brings the code itself (`worki
 `py_modules`); modules of Ray itself are always there. The nodes put the project directory on
 Ray's `PYTHONPATH`, so such an import path needs no `runtime_env`.
 
+New code rolls out by Serve's own rolling update: each application whose code is in the project gets
+a code digest in its `runtime_env.env_vars` (`RAY_CAI_CODE_DIGEST`). Serve's code version of an
+application is a hash of its import path, `runtime_env` and args (`get_app_code_version`), so a
+changed digest makes Serve build the application again and replace its replicas a few at a time
+(old ones serve until new ones run), while the same digest changes nothing (no PUT). What counts as
+the code (`code_files`): every file under the directory of the import path's module (its package:
+`examples/serve/` for `examples.serve.iris`), or the module file alone when it sits at the project
+root; `__pycache__`, `*.pyc` and hidden entries excluded. An application whose `runtime_env` brings
+its code (`working_dir`, `py_modules`: URIs that version it) or that imports Ray's own modules gets
+no digest.
+
 Where Serve runs is the platform's decision, not the user's: `proxy_location`, `http_options.host`,
 `http_options.port` and `http_options.root_path` are overridden (`SERVE_OVERRIDES`), and
 `overridden_settings` says which of the user's values were replaced.
@@ -21,10 +32,12 @@ Where Serve runs is the platform's decision, not the user's: `proxy_location`, `
 from __future__ import annotations
 
 import copy
+import hashlib
+import os
 import re
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +55,7 @@ _CODE_CARRYING_RUNTIME_ENV = ("working_dir", "py_modules")
 # Modules every node has (the `ray` extra installs them), so an import path may name them directly.
 _ALWAYS_INSTALLED = ("ray",)
 _MODULE_PART = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+CODE_DIGEST_VAR = "RAY_CAI_CODE_DIGEST"  # in each application's runtime_env.env_vars (see above)
 
 
 @dataclass(frozen=True)
@@ -50,14 +64,30 @@ class ServeConfig:
 
     document: dict[str, Any]
     source: str
+    code_digests: dict[str, str] = field(default_factory=dict)  # application name → code digest
 
     @property
     def application_names(self) -> list[str]:
         return [str(app.get("name", "default")) for app in self.document.get("applications", [])]
 
+    def applications(self) -> list[dict[str, Any]]:
+        """The applications as they are applied: each with its code digest in runtime_env.env_vars."""
+        applied = []
+        for app in copy.deepcopy(self.document.get("applications") or []):
+            digest = self.code_digests.get(str(app.get("name", "default")))
+            if digest is not None:
+                runtime_env = dict(app.get("runtime_env") or {})
+                runtime_env["env_vars"] = {**(runtime_env.get("env_vars") or {}), CODE_DIGEST_VAR: digest}
+                app["runtime_env"] = runtime_env
+            applied.append(app)
+        return applied
+
     def request_body(self, http_port: int) -> dict[str, Any]:
-        """The `PUT /api/serve/applications/` body: the document with the platform's settings."""
+        """The `PUT /api/serve/applications/` body: the document with the platform's settings and
+        each application's code digest."""
         body = copy.deepcopy(self.document)
+        if "applications" in body:
+            body["applications"] = self.applications()
         body["proxy_location"] = SERVE_PROXY_LOCATION
         http = dict(body.get("http_options") or {})
         http.update(host=SERVE_HOST, port=int(http_port), root_path=SERVE_ROOT_PATH)
@@ -109,7 +139,12 @@ def parse_serve_config(data: Any, *, project_dir: Path, source: str) -> ServeCon
     problems = serve_config_problems(data, project_dir)
     if problems:
         raise ConfigError(problems, source)
-    return ServeConfig(document=copy.deepcopy(data), source=source)
+    digests = {}
+    for app in data.get("applications") or []:
+        digest = code_digest(app, project_dir)
+        if digest is not None:
+            digests[str(app.get("name", "default"))] = digest
+    return ServeConfig(document=copy.deepcopy(data), source=source, code_digests=digests)
 
 
 def serve_config_problems(data: Any, project_dir: Path) -> list[Problem]:
@@ -274,6 +309,59 @@ def _import_path_problems(app: dict[str, Any], index: int, project_dir: Path) ->
     ]
 
 
+def _module_parts(app: dict[str, Any]) -> list[str] | None:
+    """The import path's module as parts (`examples.serve.iris:app` → examples, serve, iris)."""
+    import_path = app.get("import_path")
+    if not isinstance(import_path, str):
+        return None
+    module = import_path.partition(":")[0] if ":" in import_path else import_path.rpartition(".")[0]
+    parts = module.split(".")
+    return parts if module and all(_MODULE_PART.match(p) for p in parts) else None
+
+
+def code_files(app: dict[str, Any], project_dir: Path) -> list[Path]:
+    """The project files an application's code is (see the module docstring); [] when its code is
+    not in the project (Ray's modules, a runtime_env that brings it)."""
+    runtime_env = app.get("runtime_env")
+    if isinstance(runtime_env, dict) and any(runtime_env.get(k) for k in _CODE_CARRYING_RUNTIME_ENV):
+        return []
+    parts = _module_parts(app)
+    if parts is None or parts[0] in _ALWAYS_INSTALLED:
+        return []
+    root = Path(project_dir)
+    package = root.joinpath(*parts)
+    if package.is_dir():
+        base = package if len(parts) == 1 else package.parent
+    elif len(parts) > 1:
+        base = root.joinpath(*parts[:-1])
+    else:
+        single = root / f"{parts[0]}.py"
+        return [single] if single.is_file() else []
+    found = []
+    for directory, dirs, files in os.walk(base):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
+        found += [
+            Path(directory) / name for name in files if not name.startswith(".") and not name.endswith(".pyc")
+        ]
+    return sorted(found)
+
+
+def code_digest(app: dict[str, Any], project_dir: Path) -> str | None:
+    """A digest of `code_files` (relative paths and contents), None when there are none."""
+    files = code_files(app, project_dir)
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(Path(project_dir)).as_posix().encode() + b"\0")
+        try:
+            digest.update(path.read_bytes())
+        except OSError:
+            digest.update(b"<unreadable>")
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
 def _module_in_project(parts: list[str], project_dir: Path) -> bool:
     base = Path(project_dir).joinpath(*parts[:-1])
     last = parts[-1]
@@ -306,12 +394,15 @@ def serve_rejection_problems(text: str) -> list[Problem]:
 
 
 __all__ = [
+    "CODE_DIGEST_VAR",
     "SERVE_HOST",
     "SERVE_OVERRIDES",
     "SERVE_PORT_KEY",
     "SERVE_PROXY_LOCATION",
     "SERVE_ROOT_PATH",
     "ServeConfig",
+    "code_digest",
+    "code_files",
     "load_serve_config",
     "parse_serve_config",
     "serve_config_problems",

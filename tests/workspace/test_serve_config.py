@@ -317,3 +317,50 @@ def test_cluster_file_serve_section_is_optional_and_not_part_of_any_node_hash() 
     )
     assert plain.serve is None and with_serve.serve is not None
     assert [n.spec_hash for n in desired_nodes(plain)] == [n.spec_hash for n in desired_nodes(with_serve)]
+
+
+def test_the_code_digest_follows_the_apps_code_and_only_it(tmp_path: Path) -> None:
+    """The application's package files are its code: a change there is a changed config for Serve
+    (its code version hashes runtime_env: a rolling update), a change elsewhere is nothing (no PUT)."""
+    from ray_serve_cai.config.serve import CODE_DIGEST_VAR, code_files
+
+    (tmp_path / "shop" / "models" / "__pycache__").mkdir(parents=True)
+    (tmp_path / "shop" / "__init__.py").write_text("")
+    (tmp_path / "shop" / "models" / "__init__.py").write_text("")
+    (tmp_path / "shop" / "models" / "api.py").write_text("app = 1\n")
+    (tmp_path / "shop" / "models" / "weights.json").write_text("[1, 2]\n")
+    (tmp_path / "shop" / "models" / "__pycache__" / "api.cpython-311.pyc").write_bytes(b"x")
+    (tmp_path / "shop" / "other.py").write_text("x = 1\n")
+    (tmp_path / "top.py").write_text("app = 1\n")
+    app = {"name": "shop", "import_path": "shop.models.api:app", "runtime_env": {"env_vars": {"A": "1"}}}
+    top = {"name": "top", "route_prefix": "/top", "import_path": "top:app"}
+    remote = {"name": "far", "route_prefix": "/far", "import_path": "x.y:app",
+              "runtime_env": {"working_dir": "s3://b/c.zip"}}  # fmt: skip
+
+    def load() -> ServeConfig:
+        return parse_serve_config({"applications": [app, top, remote]}, project_dir=tmp_path, source="s.yaml")
+
+    assert [p.relative_to(tmp_path).as_posix() for p in code_files(app, tmp_path)] == [
+        "shop/models/__init__.py",
+        "shop/models/api.py",
+        "shop/models/weights.json",
+    ]
+    assert [p.name for p in code_files(top, tmp_path)] == ["top.py"]
+    first = load()
+    assert set(first.code_digests) == {"shop", "top"}, "a working_dir versions its own code"
+    body = first.request_body(8000)
+    env_vars = body["applications"][0]["runtime_env"]["env_vars"]
+    assert env_vars == {"A": "1", CODE_DIGEST_VAR: first.code_digests["shop"]}, "the user's env_vars are kept"
+    assert "runtime_env" not in first.document["applications"][1], "the user's document is never modified"
+    running = details_for({a["name"]: {"config": a} for a in body["applications"]})
+
+    (tmp_path / "shop" / "other.py").write_text("x = 2\n")
+    (tmp_path / "shop" / "models" / "__pycache__" / "api.cpython-311.pyc").write_bytes(b"y")
+    assert not decide(load(), running).put, "a change outside the app's package rolled nothing out"
+
+    (tmp_path / "shop" / "models" / "weights.json").write_text("[1, 3]\n")
+    changed = load()
+    assert changed.code_digests["shop"] != first.code_digests["shop"]
+    assert changed.code_digests["top"] == first.code_digests["top"]
+    assert decide(changed, running).reason == "config changed: shop"
+    assert summarize(running, changed, "u").outdated == ["shop"]
