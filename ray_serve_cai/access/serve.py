@@ -16,6 +16,8 @@ from ray_serve_cai.config.serve import serve_rejection_problems
 from ray_serve_cai.errors import OperationFailed
 
 APPLICATIONS_PATH = "/api/serve/applications/"  # Serve registers the route with the trailing slash
+ACTORS_PATH = "/api/v0/actors"  # Ray's state API
+SERVE_CONTROLLER_ACTOR = "SERVE_CONTROLLER_ACTOR"  # ray.serve._private.constants.SERVE_CONTROLLER_NAME
 
 
 class ServeAPIError(OperationFailed):
@@ -34,11 +36,9 @@ class ServeAPI:
         self.head = head
         self.timeout = timeout
 
-    def _request(self, method: str, **kwargs: Any) -> Any:
+    def _request(self, method: str, path: str = APPLICATIONS_PATH, **kwargs: Any) -> Any:
         try:
-            response = self.client.app_request(
-                self.head, method, APPLICATIONS_PATH, timeout=self.timeout, **kwargs
-            )
+            response = self.client.app_request(self.head, method, path, timeout=self.timeout, **kwargs)
         except CMLError as err:
             raise ServeAPIError(f"Serve's REST API on {self.head} is unreachable: {err}") from None
         if response.status_code == 501:
@@ -61,6 +61,25 @@ class ServeAPI:
         except ValueError:
             raise ServeAPIError(f"GET {APPLICATIONS_PATH} on {self.head} answered non-JSON") from None
 
+    def controller_state(self) -> str | None:
+        """The state of Serve's controller actor in the GCS (`ALIVE`, `RESTARTING`, ... ; a live one
+        before a dead one), None when there is none (Ray's state API, `/api/v0/actors`)."""
+        params = {
+            "filter_keys": "name",
+            "filter_predicates": "=",
+            "filter_values": SERVE_CONTROLLER_ACTOR,
+            "detail": "false",
+        }
+        response = self._request("GET", ACTORS_PATH, params=params)
+        if response.status_code != 200:
+            raise ServeAPIError(f"GET {ACTORS_PATH} on {self.head} answered HTTP {response.status_code}")
+        try:
+            rows = response.json()["data"]["result"]["result"]
+        except (ValueError, KeyError, TypeError):
+            raise ServeAPIError(f"GET {ACTORS_PATH} on {self.head} answered an unexpected body") from None
+        states = [str(row.get("state")) for row in rows if isinstance(row, dict)]
+        return next((s for s in states if s != "DEAD"), states[0] if states else None)
+
     def deploy(self, body: dict[str, Any], *, source: str = "serve config") -> None:
         """`PUT` the whole config; a 400 raises `ServeRejected` with Serve's problems and field paths."""
         response = self._request("PUT", json=body)
@@ -82,4 +101,4 @@ class ServeAPI:
             )
 
 
-__all__ = ["APPLICATIONS_PATH", "ServeAPI", "ServeAPIError", "ServeRejected"]
+__all__ = ["APPLICATIONS_PATH", "SERVE_CONTROLLER_ACTOR", "ServeAPI", "ServeAPIError", "ServeRejected"]

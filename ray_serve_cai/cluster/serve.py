@@ -6,7 +6,16 @@ is the exact config it was submitted with), so no marker of ours can drift from 
 applied when an application's submitted config differs from the file, when one is missing (a new
 head has an empty Serve: it gets the applications back without a user action) or when Serve runs a
 REST-deployed application the file no longer lists. An unchanged config makes no PUT. Serve itself
-updates `num_replicas` and `user_config` in place, so no node is replaced for them.
+updates `num_replicas` and `user_config` in place, so no node is replaced for them, and a new code
+digest (config.serve: the application's files changed) by a rolling update of its replicas.
+
+After a head restart Serve's controller (a detached actor) comes back on the new head and recovers
+its checkpoint from the GCS (with head fault tolerance); until it answers, Serve's GET shows no
+controller (`controller_info` empty) or answers 503. Nothing is applied then: `apply` waits for the
+controller (`SERVE_RECOVERY_SECONDS`), then decides on what it recovered, so only applications that
+are really missing or different are applied (Serve's declarative PUT leaves an application whose
+config is unchanged alone). Only when no controller comes back in time (GCS state lost) does the
+whole config go to a new one.
 
 This is the second plan/apply of a pass, over the cluster status the first one derived:
 observe (`observe`: one GET) → decide (`decide`, pure) → apply (`apply`: PUT only when needed).
@@ -43,6 +52,7 @@ SERVE_RUNNING = "RUNNING"  # Serve's word for a running application (not CML's A
 FAILED_STATES = frozenset({"DEPLOY_FAILED", "UNHEALTHY"})
 NOT_DEPLOYED = "NOT_DEPLOYED"  # our word for a desired application Serve does not have
 SERVE_POLL_SECONDS = 1.0
+SERVE_RECOVERY_SECONDS = 90.0  # a restarted controller recovers its checkpoint within this
 
 
 @dataclass(frozen=True)
@@ -287,10 +297,41 @@ def observe(cluster: ServeScope, desired: ServeConfig | None = None) -> ServeVie
     return summarize(details, desired, url)
 
 
+def controller_up(details: dict[str, Any]) -> bool:
+    """Serve's GET came from a running controller (without one it answers an empty schema)."""
+    return bool(details.get("controller_info"))
+
+
+def recovered_details(
+    serve: ServeAPI, *, timeout: float = SERVE_RECOVERY_SECONDS, interval: float = SERVE_POLL_SECONDS
+) -> dict[str, Any]:
+    """Serve's details once its controller answers (a restarted one has recovered its checkpoint by
+    then). Without a controller: at once when the GCS has none alive or restarting (Serve was shut
+    down, or its state was lost with the head), else after `timeout`. A GET that keeps failing (503
+    while the GCS or the controller recovers) raises its error at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            details = serve.details()
+            if controller_up(details) or serve.controller_state() in (None, "DEAD"):
+                return details
+        except ServeAPIError:
+            if time.monotonic() >= deadline:
+                raise
+        else:
+            if time.monotonic() >= deadline:
+                return details
+            log.info("Serve's controller is recovering: waiting for it before applying anything")
+        time.sleep(interval)
+
+
 def apply(cluster: ServeScope, desired: ServeConfig, http_port: int, *, force: bool = False) -> ServeDecision:
-    """PUT the config when Serve does not run it (or `force`); returns what was decided."""
+    """PUT the config when Serve does not run it (or `force`); returns what was decided. A controller
+    that is recovering (after a head restart) is waited for first: it may bring the applications back."""
     serve = api(cluster)
-    decision = ServeDecision(True, "asked to apply now") if force else decide(desired, serve.details())
+    decision = ServeDecision(True, "asked to apply now")
+    if not force:
+        decision = decide(desired, recovered_details(serve))
     if decision.put:
         for line in desired.overridden_settings():
             log.warning("serve config %s: %s", desired.source, line)
@@ -421,11 +462,13 @@ __all__ = [
     "apply",
     "attach",
     "canonical_app",
+    "controller_up",
     "converge_serve",
     "decide",
     "desired_serve",
     "observe",
     "observe_into",
+    "recovered_details",
     "serve_url",
     "summarize",
     "wait_settled",

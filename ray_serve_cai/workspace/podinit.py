@@ -49,6 +49,11 @@ def _serve_connection(client: socket.socket, port: int) -> None:
         client.close()
         return
     upstream.settimeout(None)
+    # A relay passes each write on as it comes: with Nagle on, a response written in two parts
+    # (head, then body) waits for the peer's delayed ACK — 40 ms per request.
+    for sock in (client, upstream):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     back = threading.Thread(target=_pump, args=(upstream, client), daemon=True)
     back.start()
     _pump(client, upstream)
