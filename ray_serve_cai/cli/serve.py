@@ -7,6 +7,7 @@ and the supervising watch keep it applied. These commands look at it and act on 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,8 @@ def deploy(
         given = load_serve_config(str(file), project_dir()) if file is not None else None  # before any call
         with open_cluster(config, local, project) as cluster:
             scope = cluster.serve_scope
+            if given is not None:
+                given = replace(given, off_head=scope.has_workers)
             named = cluster.spec.serve.config if cluster.spec.serve else None
             if given is not None and named != str(file):
                 err_console.print(
@@ -164,16 +167,18 @@ def deploy(
             port = serve_ops.head_serve_port(status)
             if port is None:
                 fail("the head has not started Ray Serve (see the head's log)")
-            decision = serve_ops.apply(scope, desired, port, force=force)
+            url = serve_ops.endpoint_for(scope, status)
+            location = serve_ops.head_serve_location(status)
+            decision = serve_ops.apply(scope, desired, port, location=location, force=force)
             err_console.print(
                 f"applied {desired.source}: {decision.reason}"
                 if decision.put
                 else f"nothing to apply: {decision.reason}"
             )
             view = (
-                serve_ops.wait_settled(scope, desired, timeout=timeout, on_view=_ViewProgress())
+                serve_ops.wait_settled(scope, desired, timeout=timeout, on_view=_ViewProgress(), url=url)
                 if wait
-                else serve_ops.observe(scope, desired)
+                else serve_ops.observe(scope, desired, url)
             )
         _print_view(view, json_out)
         _exit_for(view)

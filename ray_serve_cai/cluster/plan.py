@@ -18,8 +18,10 @@ from ray_serve_cai.config import (
     worker_index_of,
     worker_node,
 )
-from ray_serve_cai.config.node_env import CLUSTER_VARIABLE, GROUP_VARIABLE, SPEC_HASH_VARIABLE
+from ray_serve_cai.config.node_env import CLUSTER_VARIABLE, GROUP_VARIABLE, ROLE_VARIABLE, SPEC_HASH_VARIABLE
 
+# The cluster's Serve gateway (cluster.serve owns it): owned (`down` removes it) but no Ray node.
+GATEWAY_ROLE = "gateway"
 # Application statuses are CML's (`ray_serve_cai.cml.APPLICATION_*`); anything but running, stopped
 # or failed is "in progress".
 DEAD_STATUSES = frozenset({APPLICATION_STOPPED, APPLICATION_FAILED})
@@ -45,6 +47,11 @@ class ObservedApp:
 
     def owned_by(self, cluster: str) -> bool:
         return self.cluster == cluster
+
+    @property
+    def is_gateway(self) -> bool:
+        """The cluster's Serve gateway: Serve's pass keeps it, the nodes' pass leaves it alone."""
+        return self.environment.get(ROLE_VARIABLE) == GATEWAY_ROLE
 
 
 class ActionKind(str, Enum):
@@ -146,7 +153,7 @@ def plan_changes(cluster: str, desired: Sequence[NodeSpec], observed: Iterable[O
             unchanged.append(node.name)
 
     for app in owned_apps(cluster, by_name.values()):
-        if app.subdomain not in desired_names:
+        if app.subdomain not in desired_names and not app.is_gateway:
             actions.append(Action(ActionKind.DELETE, app.name, app=app, reason="not desired"))
 
     return Plan(actions=tuple(actions), unchanged=tuple(unchanged), conflicts=tuple(conflicts))

@@ -104,6 +104,9 @@ class RayCluster:
             self.spec.serve,
             Path(self.project_dir or Path.cwd()),
             self.spec.startup_timeout,
+            project_id=self.project_id,
+            runtime_identifier=self.spec.runtime_of(None),
+            has_workers=any(g.replicas or g.max_replicas for g in self.spec.worker_groups),
         )
 
     # -- observe ---------------------------------------------------------------------------

@@ -38,12 +38,34 @@ from ray_serve_cai.access.head import read_head_status
 from ray_serve_cai.access.serve import ServeAPI, ServeAPIError
 from ray_serve_cai.cluster.conditions import Condition
 from ray_serve_cai.cluster.errors import ClusterError
+from ray_serve_cai.cluster.plan import GATEWAY_ROLE
 from ray_serve_cai.cluster.status import ClusterStatus
-from ray_serve_cai.cml import CMLClient
+from ray_serve_cai.cml import (
+    APPLICATION_FAILED,
+    APPLICATION_STOPPED,
+    Application,
+    CMLClient,
+    CMLError,
+    create_application_or_find,
+)
 from ray_serve_cai.config import head_app_name
 from ray_serve_cai.config.cluster import ServeSpec
 from ray_serve_cai.config.errors import ConfigError
-from ray_serve_cai.config.serve import SERVE_PORT_KEY, SERVE_ROOT_PATH, ServeConfig, load_serve_config
+from ray_serve_cai.config.node_env import (
+    CLUSTER_VARIABLE,
+    NODE_POLLING_ENDPOINT,
+    POLLING_ENDPOINT_VARIABLE,
+    ROLE_VARIABLE,
+)
+from ray_serve_cai.config.serve import (
+    SERVE_LOCATION_KEY,
+    SERVE_PORT_KEY,
+    SERVE_PROXY_EVERY_NODE,
+    SERVE_PROXY_LOCATION,
+    SERVE_ROOT_PATH,
+    ServeConfig,
+    load_serve_config,
+)
 from ray_serve_cai.waiting import poll_until
 
 log = logging.getLogger("ray_serve_cai.cluster.serve")
@@ -53,6 +75,9 @@ FAILED_STATES = frozenset({"DEPLOY_FAILED", "UNHEALTHY"})
 NOT_DEPLOYED = "NOT_DEPLOYED"  # our word for a desired application Serve does not have
 SERVE_POLL_SECONDS = 1.0
 SERVE_RECOVERY_SECONDS = 90.0  # a restarted controller recovers its checkpoint within this
+GATEWAY_SCRIPT = "cai_integration/serve_gateway.py"
+GATEWAY_CPU = 1.0
+GATEWAY_MEMORY_GB = 1.0
 
 
 @dataclass(frozen=True)
@@ -65,10 +90,22 @@ class ServeScope:
     serve: ServeSpec | None
     project_dir: Path
     startup_timeout: float
+    project_id: str = ""
+    runtime_identifier: str | None = None  # the head's: the gateway runs on the same runtime
+    has_workers: bool = False  # replicas are then kept off the head (EveryNode only)
 
     @property
     def head(self) -> str:
         return head_app_name(self.cluster)
+
+    @property
+    def gateway(self) -> str:
+        return gateway_app_name(self.cluster)
+
+
+def gateway_app_name(cluster: str) -> str:
+    """The Serve gateway's application (= subdomain): `ray-<cluster>-serve` (no worker name has no index)."""
+    return f"ray-{cluster}-serve"
 
 
 @dataclass
@@ -271,25 +308,82 @@ def attach(status: ClusterStatus, view: ServeView | None) -> ClusterStatus:
 # --------------------------------------------------------------------------- I/O shell
 
 
-def serve_url(cluster: ServeScope) -> str:
-    """The Serve endpoint: `<head app URL>/serve/` (behind CML's login, like the dashboard)."""
-    return cluster.client.app_url(cluster.head) + SERVE_ROOT_PATH + "/"
+def serve_url(cluster: ServeScope, gateway: Application | None = None) -> str:
+    """The Serve endpoint, behind CML's login: `<gateway URL>/serve/` when the cluster has its Serve
+    gateway (proxies on every node), else `<head app URL>/serve/`."""
+    base = cluster.client.app_url(gateway) if gateway is not None else cluster.client.app_url(cluster.head)
+    return base + SERVE_ROOT_PATH + "/"
+
+
+def find_gateway(cluster: ServeScope) -> Application | None:
+    """The cluster's Serve gateway application, if there is one (one list call)."""
+    if not cluster.project_id:
+        return None
+    try:
+        apps = cluster.client.list_applications(cluster.project_id)
+    except CMLError:
+        return None
+    return next((a for a in apps if _is_our_gateway(cluster, a)), None)
+
+
+def _is_our_gateway(cluster: ServeScope, app: Application) -> bool:
+    env = app.environment or {}
+    return app.key == cluster.gateway and env.get(CLUSTER_VARIABLE) == cluster.cluster
+
+
+def gateway_fields(cluster: ServeScope) -> dict[str, Any]:
+    """The gateway application's fields: marked as the cluster's (so `down` removes it) with the
+    gateway role (so the nodes' pass leaves it alone)."""
+    fields: dict[str, Any] = {
+        "name": cluster.gateway,
+        "subdomain": cluster.gateway,
+        "description": f"Ray Serve gateway of the ray-cai cluster {cluster.cluster}",
+        "script": GATEWAY_SCRIPT,
+        "cpu": GATEWAY_CPU,
+        "memory": GATEWAY_MEMORY_GB,
+        "environment": {
+            CLUSTER_VARIABLE: cluster.cluster,
+            ROLE_VARIABLE: GATEWAY_ROLE,
+            POLLING_ENDPOINT_VARIABLE: NODE_POLLING_ENDPOINT,
+        },
+    }
+    if cluster.runtime_identifier:
+        fields["runtime_identifier"] = cluster.runtime_identifier
+    return fields
+
+
+def ensure_gateway(cluster: ServeScope) -> Application | None:
+    """The Serve gateway, created when missing and restarted when stopped or failed (one list call);
+    None without a project id (nothing to create it in)."""
+    if not cluster.project_id:
+        return None
+    found = find_gateway(cluster)
+    if found is None:
+        log.info("creating the Serve gateway %s", cluster.gateway)
+        fields, owner = gateway_fields(cluster), (CLUSTER_VARIABLE, cluster.cluster)
+        return create_application_or_find(cluster.client, cluster.project_id, fields, owner=owner)
+    if found.status in (APPLICATION_STOPPED, APPLICATION_FAILED):
+        log.info("restarting the Serve gateway %s (%s)", cluster.gateway, found.status)
+        cluster.client.restart_application(cluster.project_id, found.id)
+    return found
 
 
 def desired_serve(cluster: ServeScope) -> ServeConfig | None:
     """The validated Serve config of the cluster's spec (ConfigError, exit 2, when it is bad)."""
     if cluster.serve is None:
         return None
-    return load_serve_config(cluster.serve.config, cluster.project_dir)
+    config = load_serve_config(cluster.serve.config, cluster.project_dir)
+    return replace(config, off_head=cluster.has_workers)
 
 
 def api(cluster: ServeScope) -> ServeAPI:
     return ServeAPI(cluster.client, cluster.head)
 
 
-def observe(cluster: ServeScope, desired: ServeConfig | None = None) -> ServeView:
-    """Serve's view through the head (one GET); an unreachable Serve is reported in `error`."""
-    url = serve_url(cluster)
+def observe(cluster: ServeScope, desired: ServeConfig | None = None, url: str | None = None) -> ServeView:
+    """Serve's view through the head (one GET); an unreachable Serve is reported in `error`. `url`:
+    the endpoint when the caller knows it (else one list call finds the gateway)."""
+    url = url or serve_url(cluster, find_gateway(cluster))
     try:
         details = api(cluster).details()
     except ServeAPIError as err:
@@ -325,9 +419,17 @@ def recovered_details(
         time.sleep(interval)
 
 
-def apply(cluster: ServeScope, desired: ServeConfig, http_port: int, *, force: bool = False) -> ServeDecision:
+def apply(
+    cluster: ServeScope,
+    desired: ServeConfig,
+    http_port: int,
+    *,
+    location: str = SERVE_PROXY_LOCATION,
+    force: bool = False,
+) -> ServeDecision:
     """PUT the config when Serve does not run it (or `force`); returns what was decided. A controller
-    that is recovering (after a head restart) is waited for first: it may bring the applications back."""
+    that is recovering (after a head restart) is waited for first: it may bring the applications back.
+    `location`: where the head started Serve's proxies."""
     serve = api(cluster)
     decision = ServeDecision(True, "asked to apply now")
     if not force:
@@ -336,8 +438,13 @@ def apply(cluster: ServeScope, desired: ServeConfig, http_port: int, *, force: b
         for line in desired.overridden_settings():
             log.warning("serve config %s: %s", desired.source, line)
         log.info("applying the Serve config %s (%s)", desired.source, decision.reason)
-        serve.deploy(desired.request_body(http_port), source=desired.source)
+        serve.deploy(desired.request_body(http_port, location), source=desired.source)
     return decision
+
+
+def head_serve_location(status: ClusterStatus) -> str:
+    """Where the head started Serve's proxies (HeadOnly before heads published it)."""
+    return str(status.ray.get(SERVE_LOCATION_KEY) or SERVE_PROXY_LOCATION)
 
 
 def head_serve_port(status: ClusterStatus) -> int | None:
@@ -351,12 +458,14 @@ def wait_settled(
     *,
     timeout: float,
     on_view: Callable[[ServeView], None] | None = None,
+    url: str | None = None,
 ) -> ServeView:
     """Poll until every desired application runs its current config, or one failed with it."""
     last: list[ServeView] = []
+    url = url or serve_url(cluster, find_gateway(cluster))
 
     def check() -> ServeView | None:
-        view = observe(cluster, desired)
+        view = observe(cluster, desired, url)
         last[:] = [view]
         if on_view:
             on_view(view)
@@ -381,6 +490,16 @@ def wait_settled(
     )
 
 
+def endpoint_for(cluster: ServeScope, status: ClusterStatus) -> str:
+    """The endpoint of a ready cluster: with proxies on every node its gateway (created or restarted
+    when needed: one list call), else the head's `/serve/`."""
+    if head_serve_location(status) == SERVE_PROXY_EVERY_NODE:
+        gateway = ensure_gateway(cluster)
+        if gateway is not None:
+            return serve_url(cluster, gateway)
+    return serve_url(cluster)
+
+
 def converge_serve(
     cluster: ServeScope,
     status: ClusterStatus,
@@ -390,14 +509,16 @@ def converge_serve(
     on_progress: Callable[[ClusterStatus], None] | None = None,
 ) -> ClusterStatus:
     """The Serve part of a reconcile pass: once the nodes are ready, apply the config if Serve does
-    not run it, then (with `wait`) wait until the applications settle. Returns the status with
-    Serve's view attached. A cluster without `serve:` is returned unchanged.
+    not run it, keep the Serve gateway (proxies on every node), then (with `wait`) wait until the
+    applications settle. Returns the status with Serve's view attached. A cluster without `serve:`
+    is returned unchanged.
 
     With `wait` (up, deploy) problems raise: a bad or refused config `ConfigError` (exit 2), an
     unreachable Serve or a deadline `ClusterError`. Without it (a watch pass) they are reported in
     the view and the next pass tries again."""
     if cluster.serve is None:
         return status
+    url: str | None = None
     try:
         desired = desired_serve(cluster)
         assert desired is not None
@@ -408,25 +529,30 @@ def converge_serve(
         if port is None:
             not_yet = ServeView(url=serve_url(cluster), error="the head has not started Serve yet")
             return attach(status, not_yet)
-        apply(cluster, desired, port)
+        if head_serve_port(status) is None:  # published while we waited: where did it start Serve?
+            view, _problem = read_head_status(cluster.client, cluster.head)
+            status = replace(status, ray={**status.ray, **view})
+        url = endpoint_for(cluster, status)
+        apply(cluster, desired, port, location=head_serve_location(status))
         if not wait:
-            return attach(status, observe(cluster, desired))
+            return attach(status, observe(cluster, desired, url))
         started = time.monotonic()
 
         def progress(view: ServeView) -> None:
             if on_progress:
                 on_progress(attach(status, view))
 
-        view = wait_settled(cluster, desired, timeout=max(1.0, deadline - time.monotonic()), on_view=progress)
+        remaining = max(1.0, deadline - time.monotonic())
+        view = wait_settled(cluster, desired, timeout=remaining, on_view=progress, url=url)
         log.info("Serve settled in %.1fs", time.monotonic() - started)
         return attach(status, view)
-    except (ConfigError, ServeAPIError, TimeoutError) as err:
+    except (ConfigError, ServeAPIError, TimeoutError, CMLError) as err:
         if wait:
             if isinstance(err, ConfigError):
                 raise
             raise ClusterError(str(err)) from None
         log.warning("serve: %s", err)
-        return attach(status, ServeView(url=serve_url(cluster), error=str(err)))
+        return attach(status, ServeView(url=url or serve_url(cluster), error=str(err)))
 
 
 def observe_into(cluster: ServeScope, status: ClusterStatus) -> ClusterStatus:
@@ -466,6 +592,10 @@ __all__ = [
     "converge_serve",
     "decide",
     "desired_serve",
+    "endpoint_for",
+    "ensure_gateway",
+    "find_gateway",
+    "gateway_app_name",
     "observe",
     "observe_into",
     "recovered_details",

@@ -147,7 +147,7 @@ def _nodes(
             )
         )
     desired_names = {n.name for n in desired}
-    return nodes, sorted(name for name in mine if name not in desired_names)
+    return nodes, sorted(name for name in mine if name not in desired_names and not mine[name].is_gateway)
 
 
 def _why(items: list[str], text: str) -> str:

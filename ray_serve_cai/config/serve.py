@@ -44,11 +44,22 @@ from typing import Any
 from ray_serve_cai.config._common import is_relative_script, load_yaml
 from ray_serve_cai.config.errors import ConfigError, Problem, format_path, suggest
 
-# Serve's HTTP proxy: one, on the head's loopback, mounted under /serve of the head's app URL.
-SERVE_PROXY_LOCATION = "HeadOnly"
+# Serve's HTTP proxies. In pods (CML; the local workspace's pods) one on every node, each on its own
+# pod's loopback on SERVE_POD_PORT, reached through the node's authenticated ingress on
+# SERVE_INGRESS_PORT (pod IP) by the cluster's Serve gateway. On a shared host (the local fallback,
+# where one port per node would collide) one, on the head's loopback, mounted under /serve of the
+# head's app URL. Either way Serve's root_path is /serve.
+SERVE_PROXY_LOCATION = "HeadOnly"  # shared host
+SERVE_PROXY_EVERY_NODE = "EveryNode"  # pods
 SERVE_HOST = "127.0.0.1"
+SERVE_POD_PORT = 8000  # Serve's default, free in every pod
+SERVE_INGRESS_PORT = 8470  # the node launcher's token-checked door to its local proxy, on the pod IP
 SERVE_ROOT_PATH = "/serve"
 SERVE_PORT_KEY = "serve_http_port"  # the head's status endpoint publishes Serve's loopback port here
+SERVE_LOCATION_KEY = "serve_proxy_location"  # ... and where Serve's proxies run
+# Replicas stay off the head when there are workers (a head restart then takes none of them down):
+# deployments without a label_selector of their own get this one (the nodes carry `ray-cai.group`).
+OFF_HEAD_SELECTOR = {"ray-cai.group": "!head"}
 SERVE_OVERRIDES = ("proxy_location", "http_options.host", "http_options.port", "http_options.root_path")
 # A runtime_env with one of these brings its own code: its import path is not looked up in the project.
 _CODE_CARRYING_RUNTIME_ENV = ("working_dir", "py_modules")
@@ -65,13 +76,15 @@ class ServeConfig:
     document: dict[str, Any]
     source: str
     code_digests: dict[str, str] = field(default_factory=dict)  # application name → code digest
+    off_head: bool = False  # the cluster has workers: deployments without a selector stay off the head
 
     @property
     def application_names(self) -> list[str]:
         return [str(app.get("name", "default")) for app in self.document.get("applications", [])]
 
     def applications(self) -> list[dict[str, Any]]:
-        """The applications as they are applied: each with its code digest in runtime_env.env_vars."""
+        """The applications as they are applied: each with its code digest in runtime_env.env_vars
+        (and, with `off_head`, OFF_HEAD_SELECTOR on deployments without a label selector)."""
         applied = []
         for app in copy.deepcopy(self.document.get("applications") or []):
             digest = self.code_digests.get(str(app.get("name", "default")))
@@ -80,15 +93,17 @@ class ServeConfig:
                 runtime_env["env_vars"] = {**(runtime_env.get("env_vars") or {}), CODE_DIGEST_VAR: digest}
                 app["runtime_env"] = runtime_env
             applied.append(app)
+        if self.off_head:
+            _keep_off_head(applied)
         return applied
 
-    def request_body(self, http_port: int) -> dict[str, Any]:
-        """The `PUT /api/serve/applications/` body: the document with the platform's settings and
-        each application's code digest."""
+    def request_body(self, http_port: int, proxy_location: str = SERVE_PROXY_LOCATION) -> dict[str, Any]:
+        """The `PUT /api/serve/applications/` body: the document with the platform's settings (where
+        the proxies run is the head's word: it started Serve) and the applications as applied."""
         body = copy.deepcopy(self.document)
         if "applications" in body:
             body["applications"] = self.applications()
-        body["proxy_location"] = SERVE_PROXY_LOCATION
+        body["proxy_location"] = proxy_location
         http = dict(body.get("http_options") or {})
         http.update(host=SERVE_HOST, port=int(http_port), root_path=SERVE_ROOT_PATH)
         body["http_options"] = http
@@ -98,7 +113,6 @@ class ServeConfig:
         """One line per user setting the tool replaces (set in the file to another value)."""
         lines = []
         wanted = {
-            "proxy_location": SERVE_PROXY_LOCATION,
             "http_options.host": SERVE_HOST,
             "http_options.root_path": SERVE_ROOT_PATH,
         }
@@ -115,9 +129,21 @@ class ServeConfig:
                 continue
             if key == "http_options.port":
                 lines.append(f"{key} {value!r} is replaced by the port the head picks (loopback only)")
+            elif key == "proxy_location":
+                lines.append(f"{key} {value!r} is the platform's (EveryNode in pods, else HeadOnly)")
             elif value != wanted[key]:
                 lines.append(f"{key} {value!r} is replaced by {wanted[key]!r}")
         return lines
+
+
+def _keep_off_head(applications: list[dict[str, Any]]) -> None:
+    """Each listed deployment without a label selector gets OFF_HEAD_SELECTOR (in place)."""
+    for app in applications:
+        for deployment in app.get("deployments") or []:
+            options = dict(deployment.get("ray_actor_options") or {})
+            if not options.get("label_selector"):
+                options["label_selector"] = dict(OFF_HEAD_SELECTOR)
+                deployment["ray_actor_options"] = options
 
 
 def serve_path_problems(path: str) -> str | None:
@@ -395,9 +421,14 @@ def serve_rejection_problems(text: str) -> list[Problem]:
 
 __all__ = [
     "CODE_DIGEST_VAR",
+    "OFF_HEAD_SELECTOR",
     "SERVE_HOST",
+    "SERVE_INGRESS_PORT",
+    "SERVE_LOCATION_KEY",
     "SERVE_OVERRIDES",
+    "SERVE_POD_PORT",
     "SERVE_PORT_KEY",
+    "SERVE_PROXY_EVERY_NODE",
     "SERVE_PROXY_LOCATION",
     "SERVE_ROOT_PATH",
     "ServeConfig",

@@ -183,13 +183,13 @@ def create_app(status: NodeStatus, upstreams: Sequence[PathUpstream] = ()) -> St
         Route(HEALTHZ_PATH, healthz, methods=["GET"]),
         Route(STATUS_PATH, cluster_status, methods=["GET"]),
     ]
+    for u in upstreams:  # the head's, and a worker's own Serve proxy in a pod
+        prefix = u.prefix.rstrip("/")
+        routes.append(Mount(prefix, app=status.mount_wrapper(prefix, _mounted(u, forwarder))))
     if status.role == "head":
-        for u in upstreams:
-            prefix = u.prefix.rstrip("/")
-            routes.append(Mount(prefix, app=status.mount_wrapper(prefix, _mounted(u, forwarder))))
         routes.append(Mount("", app=dashboard))
     else:
-        routes = [route for route in routes if route.path != STATUS_PATH]
+        routes = [route for route in routes if getattr(route, "path", None) != STATUS_PATH]
         routes.append(Route("/{path:path}", worker_page))
 
     @contextlib.asynccontextmanager

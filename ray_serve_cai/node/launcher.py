@@ -45,7 +45,7 @@ from ray_serve_cai.node.files import (
 from ray_serve_cai.node.history import ProjectKeeper
 from ray_serve_cai.node.http_app import AppServer, NodeStatus
 from ray_serve_cai.node.ray_node import GCS_PROBE, NodePorts, RayNode, wait_for_gcs
-from ray_serve_cai.node.serve_proxy import serve_upstreams, start_serve_in_background
+from ray_serve_cai.node.serve_proxy import serve_upstreams, start_serve_in_background, start_serve_ingress
 from ray_serve_cai.node.settings import NodeSettings, SettingsError
 
 logger = logging.getLogger("ray_serve_cai.node")
@@ -105,6 +105,7 @@ class Launcher:
         self.hooks: HooksFactory | None = None  # autostop (#22): its CML calls, passed in by ray_head.py
         self.status.mount_wrapper = self.serve_traffic.wrap
         self.http = AppServer(self.status, settings.app_port, upstreams=serve_upstreams(self.status))
+        self.serve_ingress = start_serve_ingress(settings, token_file)  # pods: the Serve gateway's door
         # Node logs (and, on the head, job records) kept in the project as they grow.
         head = settings.role == "head"
         self.keeper = ProjectKeeper(
@@ -183,6 +184,8 @@ class Launcher:
         )
 
     def shutdown(self) -> None:
+        if self.serve_ingress is not None:
+            self.serve_ingress.stop()
         self.keeper.stop()
         self.http.stop()
         self.ports.release()

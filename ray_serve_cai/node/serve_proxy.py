@@ -1,10 +1,22 @@
-"""Serve on the head: its one HTTP proxy on the head's loopback, reached as `<head app URL>/serve/`.
+"""Serve's HTTP proxies on the nodes, and the doors to them.
 
-CML gives one URL per pod and Serve's HTTP proxy has no auth of its own, so it must stay on the
-pod's loopback; in the local workspace every node shares one host, where a proxy per node on one
-port would collide. So Serve runs `proxy_location: HeadOnly` on `127.0.0.1:<port the head picks>`
-with `http_options.root_path: /serve`, and the head's HTTP server forwards `/serve/...` to it
-(streaming both ways, WebSockets passed) behind CML's login, like the dashboard.
+Serve's HTTP proxy has no auth of its own, so it stays on its pod's loopback.
+
+* **In pods** (CML, the local workspace's pods) Serve runs `proxy_location: EveryNode` on
+  `127.0.0.1:8000` of every pod (`SERVE_POD_PORT`; each pod has its own loopback), so a proxy runs
+  where replicas run and none depends on the head. Every node's launcher mounts `/serve` on its own
+  HTTP server (like the head always did) and opens its **Serve ingress** on `<pod IP>:8470`
+  (`SERVE_INGRESS_PORT`): the same streaming proxy to the local Serve proxy, for requests that
+  carry the cluster token (`X-Ray-Authorization: Bearer <token>`, checked in constant time and never
+  passed on). The node announces its ingress in the project
+  (`.ray-cai/<cluster>/serve-ingress/<node>.json`), where the cluster's Serve gateway
+  (`node.gateway`) finds it.
+* **On a shared host** (the local fallback, where one port per node would collide) Serve runs
+  `proxy_location: HeadOnly` on `127.0.0.1:<port the head picks>`, reached through the head's
+  `/serve` mount as `<head app URL>/serve/`.
+
+Either way `http_options.root_path` is `/serve` and the mounts strip the prefix (Serve's root_path
+puts it back for the application), streaming both ways and passing WebSockets.
 
 - `start_serve` (a short-lived Ray driver, `python -m ray_serve_cai.node.serve_proxy`) starts Serve's
   controller and proxy with those options once the head's GCS is up, so whatever deploys later
@@ -19,6 +31,9 @@ with `http_options.root_path: /serve`, and the head's HTTP server forwards `/ser
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hmac
+import json
 import logging
 import os
 import subprocess
@@ -26,16 +41,38 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, MutableMapping
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ray_serve_cai.config.serve import SERVE_HOST, SERVE_PORT_KEY, SERVE_ROOT_PATH
-from ray_serve_cai.node.ports import pick_free_ports
+from ray_serve_cai.atomic import write_atomically
+from ray_serve_cai.config.serve import (
+    SERVE_HOST,
+    SERVE_INGRESS_PORT,
+    SERVE_LOCATION_KEY,
+    SERVE_POD_PORT,
+    SERVE_PORT_KEY,
+    SERVE_PROXY_EVERY_NODE,
+    SERVE_PROXY_LOCATION,
+    SERVE_ROOT_PATH,
+)
+from ray_serve_cai.node.files import cluster_state_dir
+from ray_serve_cai.node.ports import on_shared_host, pick_free_ports
 
 logger = logging.getLogger("ray_serve_cai.node")
 
 SERVE_MOUNT = SERVE_ROOT_PATH
 SERVE_START_TIMEOUT_SECONDS = 180.0
+INGRESS_DIR_NAME = "serve-ingress"
+TOKEN_HEADER = "x-ray-authorization"
+
+
+def serve_layout() -> tuple[str, int | None]:
+    """Where Serve's proxies run on this cluster and on which loopback port: EveryNode on 8000 in
+    pods; HeadOnly on a port the head picks (None here) on a shared host."""
+    if on_shared_host():
+        return SERVE_PROXY_LOCATION, None
+    return SERVE_PROXY_EVERY_NODE, SERVE_POD_PORT
 
 
 def project_pythonpath(env: Mapping[str, str], project_dir: Path | str) -> str:
@@ -46,11 +83,17 @@ def project_pythonpath(env: Mapping[str, str], project_dir: Path | str) -> str:
 
 
 def start_serve(
-    gcs_address: str, port: int, env: Mapping[str, str], *, timeout: float = SERVE_START_TIMEOUT_SECONDS
+    gcs_address: str,
+    port: int,
+    env: Mapping[str, str],
+    *,
+    location: str = SERVE_PROXY_LOCATION,
+    timeout: float = SERVE_START_TIMEOUT_SECONDS,
 ) -> str | None:
-    """Start Serve's controller and HeadOnly proxy on 127.0.0.1:`port` (root_path /serve) through a
-    short-lived driver with the node's environment (token path, never the token). None when Serve
-    runs; else why not (the launcher logs it: a later PUT of the config starts Serve the same way)."""
+    """Start Serve's controller and its proxies (`location`) on 127.0.0.1:`port` (root_path /serve)
+    through a short-lived driver with the node's environment (token path, never the token). None
+    when Serve runs; else why not (the launcher logs it: a later PUT of the config starts Serve the
+    same way). A controller that survived a head restart is kept (Serve's start finds it)."""
     command = [
         sys.executable,
         "-m",
@@ -59,6 +102,8 @@ def start_serve(
         gcs_address,
         "--port",
         str(port),
+        "--location",
+        location,
     ]
     try:
         result = subprocess.run(
@@ -81,18 +126,21 @@ def start_serve(
 def start_serve_in_background(
     published: MutableMapping[str, Any], gcs_address: str, env: Mapping[str, str]
 ) -> threading.Thread:
-    """Pick Serve's port, start Serve in a thread (the head keeps supervising Ray meanwhile) and
-    publish the port in `published` (the head's status) once Serve runs."""
-    port = pick_free_ports(1)[0]
+    """Pick Serve's layout, start Serve in a thread (the head keeps supervising Ray meanwhile) and
+    publish its port and proxy location in `published` (the head's status) once Serve runs."""
+    location, fixed = serve_layout()
+    port = fixed or pick_free_ports(1)[0]
 
     def run() -> None:
         started = time.monotonic()
-        problem = start_serve(gcs_address, port, env)
+        problem = start_serve(gcs_address, port, env, location=location)
         if problem:
             logger.warning("Ray Serve not started: %s", problem)
             return
+        published[SERVE_LOCATION_KEY] = location
         published[SERVE_PORT_KEY] = port
-        logger.info("Ray Serve's proxy runs on %s:%s (%.1fs)", SERVE_HOST, port, time.monotonic() - started)
+        logger.info("Ray Serve's proxies (%s) run on %s:%s (%.1fs)", location, SERVE_HOST, port,
+                    time.monotonic() - started)  # fmt: skip
 
     thread = threading.Thread(target=run, name="serve-start", daemon=True)
     thread.start()
@@ -100,29 +148,148 @@ def start_serve_in_background(
 
 
 def serve_upstreams(status: Any) -> list[Any]:
-    """The head's `/serve` mount: forwarded to Serve's proxy once the head's status (`status.connect`,
-    read per request) has its port, with the prefix stripped (Serve's root_path puts it back for the
-    application); none on a worker."""
+    """The node's `/serve` mount: on the head, forwarded to Serve's proxy once the head's status
+    (`status.connect`, read per request) has its port; on a worker in a pod, to the pod's own proxy
+    (EveryNode, fixed port); none on a shared-host worker. The prefix is stripped (Serve's
+    root_path puts it back for the application)."""
     from ray_serve_cai.node.http_app import PathUpstream
 
     if status.role != "head":
-        return []
+        location, fixed = serve_layout()
+        if location != SERVE_PROXY_EVERY_NODE or fixed is None:
+            return []
+        port = fixed
+        return [PathUpstream(SERVE_MOUNT, lambda: port, strip_prefix=True, name="Ray Serve")]
 
-    def port() -> int | None:
+    def published_port() -> int | None:
         value = status.connect.get(SERVE_PORT_KEY)
         return int(value) if value else None
 
-    return [PathUpstream(SERVE_MOUNT, port, strip_prefix=True, name="Ray Serve")]
+    return [PathUpstream(SERVE_MOUNT, published_port, strip_prefix=True, name="Ray Serve")]
 
 
-def _start(address: str, port: int) -> int:
+# --------------------------------------------------------------------------- the Serve ingress
+
+
+def ingress_dir(project_dir: Path | str, cluster: str) -> Path:
+    """`.ray-cai/<cluster>/serve-ingress/`: one file per node whose Serve ingress listens."""
+    return cluster_state_dir(project_dir, cluster) / INGRESS_DIR_NAME
+
+
+def token_checker(token_file: Path | None) -> Any:
+    """`check(scope) -> bool`: the request carries `X-Ray-Authorization: Bearer <cluster token>`
+    (always True for a cluster without token auth). The token is read once per new value of the file."""
+    if token_file is None:
+        return lambda _scope: True
+    expected = f"Bearer {token_file.read_text().strip()}".encode()
+
+    def check(scope: Any) -> bool:
+        for key, value in scope.get("headers", []):
+            if key == TOKEN_HEADER.encode() and hmac.compare_digest(value, expected):
+                return True
+        return False
+
+    return check
+
+
+def ingress_app(port: int, token_file: Path | None) -> Any:
+    """The ASGI app of the Serve ingress: token checked, then the streaming proxy to Serve's local
+    proxy on 127.0.0.1:`port` (the token and CML's credentials are not passed on)."""
+    from starlette.responses import JSONResponse
+
+    from ray_serve_cai._proxy import ReverseProxy, drop_and_add
+
+    allowed = token_checker(token_file)
+    proxy = ReverseProxy(
+        lambda _scope: f"http://127.0.0.1:{port}",
+        headers=drop_and_add(("authorization", TOKEN_HEADER)),
+        strip_prefix=SERVE_MOUNT,
+    )
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            message = await receive()
+            while message["type"] != "lifespan.shutdown":
+                await send({"type": message["type"] + ".complete"})
+                message = await receive()
+            await proxy.aclose()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        if not allowed(scope):
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            await JSONResponse({"error": "the cluster token is required"}, 401)(scope, receive, send)
+            return
+        await proxy(scope, receive, send)
+
+    return app
+
+
+class ServeIngress:
+    """The node's Serve ingress on `<pod IP>:SERVE_INGRESS_PORT` (uvicorn in a daemon thread), and its
+    announcement in the project; `stop` withdraws the announcement, then stops serving."""
+
+    def __init__(
+        self, project_dir: Path, cluster: str, node_name: str, role: str, ip: str, token_file: Path | None
+    ) -> None:
+        import uvicorn
+
+        self.record = ingress_dir(project_dir, cluster) / f"{node_name}.json"
+        self.announcement = {"node": node_name, "role": role, "ip": ip, "port": SERVE_INGRESS_PORT}
+        config = uvicorn.Config(
+            ingress_app(SERVE_POD_PORT, token_file),
+            host=ip,
+            port=SERVE_INGRESS_PORT,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            ws="websockets-sansio",
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self._run, name="serve-ingress", daemon=True)
+
+    def _run(self) -> None:
+        with contextlib.suppress(SystemExit):  # uvicorn exits when it cannot bind: logged below
+            self.server.run()
+        if not self.server.started:
+            logger.warning("the Serve ingress could not listen on %s:%s", self.announcement["ip"],
+                           SERVE_INGRESS_PORT)  # fmt: skip
+
+    def start(self, wait_seconds: float = 10.0) -> ServeIngress:
+        self.thread.start()
+        deadline = time.monotonic() + wait_seconds
+        while not self.server.started and self.thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if self.server.started:
+            started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            write_atomically(self.record, json.dumps({**self.announcement, "started_at": started}) + "\n")
+            logger.info("Serve ingress on %s:%s", self.announcement["ip"], SERVE_INGRESS_PORT)
+        return self
+
+    def stop(self, wait_seconds: float = 2.0) -> None:
+        with contextlib.suppress(OSError):
+            self.record.unlink()
+        self.server.should_exit = True
+        self.thread.join(timeout=wait_seconds)
+
+
+def start_serve_ingress(settings: Any, token_file: Path | None) -> ServeIngress | None:
+    """The node's Serve ingress where Serve runs on every node (pods); None on a shared host."""
+    if serve_layout()[0] != SERVE_PROXY_EVERY_NODE:
+        return None
+    node = (settings.cluster, settings.node_name, settings.role, settings.node_ip)
+    return ServeIngress(Path(settings.project_dir), *node, token_file).start()
+
+
+def _start(address: str, port: int, location: str) -> int:
     """Inside the driver: connect, start Serve with the platform's options, leave it running."""
     import ray
     from ray import serve
 
     ray.init(address=address, namespace="serve", logging_level=logging.WARNING, log_to_driver=False)
     serve.start(
-        proxy_location="HeadOnly",
+        proxy_location=location,
         http_options={"host": SERVE_HOST, "port": port, "root_path": SERVE_MOUNT},
     )
     ray.shutdown()
@@ -130,11 +297,12 @@ def _start(address: str, port: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Start Ray Serve's HeadOnly proxy on the head's loopback.")
+    parser = argparse.ArgumentParser(description="Start Ray Serve's proxies on the nodes' loopback.")
     parser.add_argument("--address", required=True, help="the head's GCS address")
     parser.add_argument("--port", required=True, type=int, help="Serve's HTTP port on 127.0.0.1")
+    parser.add_argument("--location", default=SERVE_PROXY_LOCATION, help="HeadOnly or EveryNode")
     args = parser.parse_args(argv)
-    return _start(args.address, args.port)
+    return _start(args.address, args.port, args.location)
 
 
 if __name__ == "__main__":
