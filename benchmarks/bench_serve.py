@@ -165,6 +165,11 @@ def head_app(handle: Any, project_id: str) -> dict[str, Any]:
     return next(a for a in apps if a["subdomain"] == f"ray-{CLUSTER}-head")
 
 
+def worker_app(handle: Any, project_id: str) -> dict[str, Any]:
+    apps = handle.api_ok("GET", f"/api/v2/projects/{project_id}/applications")["applications"]
+    return next(a for a in apps if a["subdomain"] == f"ray-{CLUSTER}-worker-0")
+
+
 def head_app_port(handle: Any, project_id: str) -> int:
     """The head's CDSW_APP_PORT, from its launcher's environment (the workspace runs it locally)."""
     import psutil
@@ -230,7 +235,9 @@ def main(argv: list[str] | None = None) -> int:
         head_port = head_app_port(handle, project_id)
         head_ip = head_pod_ip(handle, project_id)
         via_head = f"http://{head_ip}:{head_port}/serve/hello"
-        netns = pod_netns(handle, head["id"])  # Serve's proxy is on the head pod's loopback
+        # Straight to a Serve proxy: the worker's (where the replicas run) in pods, the head's otherwise.
+        worker = worker_app(handle, project_id)
+        netns = pod_netns(handle, worker["id"]) or pod_netns(handle, head["id"])
         result["pods"] = netns is not None
         result["endpoint"] = endpoint
         headers = {"Authorization": f"Bearer {info.api_key}"}
