@@ -317,23 +317,28 @@ def serve_url(cluster: ServeScope, gateway: Application | None = None) -> str:
 
 def find_gateway(cluster: ServeScope) -> Application | None:
     """The cluster's Serve gateway application, if there is one (one list call)."""
+    return _project_apps(cluster).get(cluster.gateway)
+
+
+def _project_apps(cluster: ServeScope) -> dict[str, Application]:
+    """The cluster's head and gateway applications by name (one list call; none without a project)."""
     if not cluster.project_id:
-        return None
+        return {}
     try:
         apps = cluster.client.list_applications(cluster.project_id)
     except CMLError:
-        return None
-    return next((a for a in apps if _is_our_gateway(cluster, a)), None)
+        return {}
+    wanted = {cluster.head, cluster.gateway}
+    return {
+        a.key: a
+        for a in apps
+        if a.key in wanted and (a.environment or {}).get(CLUSTER_VARIABLE) == cluster.cluster
+    }
 
 
-def _is_our_gateway(cluster: ServeScope, app: Application) -> bool:
-    env = app.environment or {}
-    return app.key == cluster.gateway and env.get(CLUSTER_VARIABLE) == cluster.cluster
-
-
-def gateway_fields(cluster: ServeScope) -> dict[str, Any]:
+def gateway_fields(cluster: ServeScope, runtime_identifier: str | None = None) -> dict[str, Any]:
     """The gateway application's fields: marked as the cluster's (so `down` removes it) with the
-    gateway role (so the nodes' pass leaves it alone)."""
+    gateway role (so the nodes' pass leaves it alone), on the head's runtime."""
     fields: dict[str, Any] = {
         "name": cluster.gateway,
         "subdomain": cluster.gateway,
@@ -347,8 +352,9 @@ def gateway_fields(cluster: ServeScope) -> dict[str, Any]:
             POLLING_ENDPOINT_VARIABLE: NODE_POLLING_ENDPOINT,
         },
     }
-    if cluster.runtime_identifier:
-        fields["runtime_identifier"] = cluster.runtime_identifier
+    runtime = cluster.runtime_identifier or runtime_identifier
+    if runtime:
+        fields["runtime_identifier"] = runtime
     return fields
 
 
@@ -357,10 +363,13 @@ def ensure_gateway(cluster: ServeScope) -> Application | None:
     None without a project id (nothing to create it in)."""
     if not cluster.project_id:
         return None
-    found = find_gateway(cluster)
+    apps = _project_apps(cluster)
+    found = apps.get(cluster.gateway)
     if found is None:
         log.info("creating the Serve gateway %s", cluster.gateway)
-        fields, owner = gateway_fields(cluster), (CLUSTER_VARIABLE, cluster.cluster)
+        head = apps.get(cluster.head)
+        runtime = head.runtime_identifier if head is not None else None
+        fields, owner = gateway_fields(cluster, runtime), (CLUSTER_VARIABLE, cluster.cluster)
         return create_application_or_find(cluster.client, cluster.project_id, fields, owner=owner)
     if found.status in (APPLICATION_STOPPED, APPLICATION_FAILED):
         log.info("restarting the Serve gateway %s (%s)", cluster.gateway, found.status)
