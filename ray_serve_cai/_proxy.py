@@ -10,6 +10,9 @@ and websockets only).
 * WebSocket: the upgrade is accepted with Starlette's WebSocket support (the ASGI server does the
   framing), the upstream side is opened with the ``websockets`` library, and messages are pumped both
   ways until either side closes; the close code and reason are passed on.
+* Small messages (a declared ``Content-Length`` of at most ``SMALL_BODY_BYTES``) are read whole and
+  sent in one piece, both ways: the streaming machinery (a task group per response, an async
+  iterator per request body) costs more than the copy. Everything else streams.
 * Headers: hop-by-hop headers (RFC 9110 §7.6.1, plus those named in ``Connection``) are dropped in both
   directions; ``headers`` (a :data:`HeaderHook`) drops or adds request headers, ``response_headers``
   response headers.
@@ -33,6 +36,7 @@ from websockets.asyncio.client import ClientConnection
 
 __all__ = [
     "HOP_BY_HOP",
+    "NOT_CONNECTED_KEY",
     "HeaderHook",
     "ReverseProxy",
     "drop_and_add",
@@ -40,6 +44,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+NOT_CONNECTED_KEY = "ray_cai.proxy_not_connected"  # in the scope a fallback gets: no byte was sent
+SMALL_BODY_BYTES = 64 * 1024  # at most this, with a Content-Length: read whole, sent in one piece
 
 Headers = list[tuple[str, str]]
 #: Rewrites the (lower-case name, value) pairs forwarded in one direction; gets the ASGI scope too.
@@ -222,8 +229,15 @@ class ReverseProxy:
         if target is None:
             return await self.fallback(request)
         headers = self._request_headers(request.scope, websocket=False)
-        has_body = any(k in ("content-length", "transfer-encoding") for k, _ in _lower(request.scope))
-        content = _request_body(request) if has_body else None
+        length, chunked = _declared_length(request.scope)
+        content: bytes | AsyncIterator[bytes] | None = None
+        if chunked or (length is not None and length > SMALL_BODY_BYTES):
+            content = _request_body(request)
+        elif length:
+            try:
+                content = await request.body()
+            except ClientDisconnect:
+                return Response(status_code=499)
         upstream_request = self.client.build_request(
             request.method, target.base + target.path, headers=headers, content=content
         )
@@ -233,10 +247,23 @@ class ReverseProxy:
             return Response(status_code=499)
         except httpx.HTTPError as error:
             logger.debug("upstream %s unreachable: %s", target.base, type(error).__name__)
+            # A fallback may try elsewhere only when nothing reached this upstream.
+            request.scope[NOT_CONNECTED_KEY] = isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout))
             return await self.fallback(request)
         response_headers = _without_hop_by_hop(upstream.headers.multi_items())
         if self.response_headers:
             response_headers = self.response_headers(response_headers, request.scope)
+        size = upstream.headers.get("content-length", "")
+        if size.isdigit() and int(size) <= SMALL_BODY_BYTES:
+            try:
+                body = b"".join([chunk async for chunk in upstream.aiter_raw()])
+            except httpx.HTTPError:
+                return await _bad_gateway(request)  # the request reached it: no other attempt
+            finally:
+                await upstream.aclose()
+            whole = Response(body, status_code=upstream.status_code)
+            whole.raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response_headers]
+            return whole
         return _UpstreamResponse(upstream, response_headers)
 
     # ---------------------------------------------------------------------------------- WebSocket
@@ -276,8 +303,18 @@ class ReverseProxy:
             await _pump(websocket, upstream)
 
 
-def _lower(scope: Scope) -> Headers:
-    return [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope.get("headers", [])]
+def _declared_length(scope: Scope) -> tuple[int | None, bool]:
+    """The request's Content-Length (None when absent or unreadable) and whether it is chunked."""
+    length: int | None = None
+    chunked = False
+    for key, value in scope.get("headers", []):
+        name = key.lower()
+        if name == b"content-length":
+            with contextlib.suppress(ValueError):
+                length = int(value)
+        elif name == b"transfer-encoding":
+            chunked = True
+    return length, chunked
 
 
 async def _request_body(request: Request) -> AsyncIterator[bytes]:

@@ -49,7 +49,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.types import Scope
 
-from ray_serve_cai._proxy import ReverseProxy, drop_and_add, proxy_client
+from ray_serve_cai._proxy import NOT_CONNECTED_KEY, ReverseProxy, drop_and_add, proxy_client
 from ray_serve_cai.config.serve import SERVE_ROOT_PATH
 from ray_serve_cai.node.files import token_path
 from ray_serve_cai.node.serve_proxy import TOKEN_HEADER, ingress_dir
@@ -162,9 +162,12 @@ def create_gateway(routes: Routes) -> Starlette:
         return backend.base
 
     async def next_node(request: Request) -> Response:
-        """The chosen node refused the connection (nothing was sent): the next one, or 503."""
+        """The chosen node refused the connection (nothing was sent): the next one; 502 when the
+        request may have reached it; 503 when no node is left."""
         node = request.scope.get(NODE_KEY)
         if node is not None:
+            if not request.scope.get(NOT_CONNECTED_KEY):
+                return JSONResponse({"error": f"node {node} did not answer the request"}, 502)
             routes.mark_down(str(node), "refused a connection")
             request.scope[NODE_KEY] = None
             return await proxy.forward_http(request)
