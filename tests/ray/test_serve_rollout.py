@@ -1,0 +1,209 @@
+"""End to end, in pods: the Serve example from its README after `ray-cai deploy --local`, and new code
+rolled out under steady traffic through the cluster's Serve endpoint.
+
+One module-scoped cluster (head + 1 worker, each in its own pod) deployed by `ray-cai deploy --local`
+from a clone whose `ray_cluster_config.yaml` names `examples/serve/serve_config.yaml`:
+
+- the README, as written: `ray-cai serve status --local --json` gives the URL (the Serve gateway's
+  application), `POST ${URL}iris/predict` answers — the setup job installed scikit-learn from the
+  project's `requirements.txt`;
+- a commit that changes the application's code, deployed while ~20 requests/s go through the
+  endpoint: Serve replaces the replicas (new ids) and the new code answers; failed requests are counted
+  (0 is the goal) and the p99 printed;
+- a commit whose replicas fail to start, deployed under the same load: the deploy fails, the old
+  replicas keep answering and `serve status` shows Serve's message.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from support.cli import local_env
+from support.fakes import RAY_CAI, clone_with_small_cluster, git, wait_until
+
+from ray_serve_cai.workspace.testing import WorkspaceHandle
+
+CLUSTER = "roll"
+PROJECT = "ray-cai-serve-rollout"
+SAMPLE = {"features": [5.1, 3.5, 1.4, 0.2]}  # a setosa
+IRIS = Path("examples/serve/iris.py")
+RATE_PER_SECOND = 20.0
+
+
+@dataclass
+class Deployed:
+    repo: Path
+    env: dict[str, str]
+    workspace: WorkspaceHandle
+
+    def ray_cai(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*RAY_CAI, *args], cwd=self.repo, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+
+    def serve_status(self) -> dict[str, Any]:
+        """`ray-cai serve status --local --json`, as the README runs it (exit 1 allowed: a failed app)."""
+        proc = self.ray_cai("serve", "status", "--local", "--json", timeout=120)
+        assert proc.returncode in (0, 1), proc.stderr
+        return dict(json.loads(proc.stdout))
+
+    def commit(self, message: str, edit: Any) -> None:
+        path = self.repo / IRIS
+        path.write_text(edit(path.read_text()))
+        git(self.repo, "commit", "-qam", message)
+
+
+@pytest.fixture(scope="module")
+def deployed(pods_workspace: WorkspaceHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployed]:
+    repo = clone_with_small_cluster(tmp_path_factory.mktemp("rollout") / "repo", CLUSTER, workers=1)
+    config = repo / "ray_cluster_config.yaml"
+    config.write_text(config.read_text() + "  serve: {config: examples/serve/serve_config.yaml}\n")
+    git(repo, "commit", "-qam", "e2e: a cluster with Serve")
+    env = local_env(pods_workspace, CML_PROJECT_NAME=PROJECT, FORCE_REBUILD="false")
+    cluster = Deployed(repo, env, pods_workspace)
+    try:
+        started = time.monotonic()
+        proc = cluster.ray_cai("deploy", "--local", "--json")
+        assert proc.returncode == 0, f"deploy failed:\n{proc.stderr[-3000:]}\n{proc.stdout[-2000:]}"
+        print(f"\ndeploy --local with Serve: {time.monotonic() - started:.1f}s")
+        yield cluster
+    finally:
+        cluster.ray_cai("down", "--local", timeout=300)
+
+
+class Load:
+    """Requests at a steady rate through the endpoint, in a thread; each outcome kept with its time."""
+
+    def __init__(self, url: str, api_key: str, rate: float = RATE_PER_SECOND) -> None:
+        self.url, self.rate = url + "iris/predict", rate
+        self.headers = {"Authorization": f"Bearer {api_key}"}
+        self.results: list[tuple[float, float, str]] = []  # (sent at, seconds, "ok" or what failed)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(headers=self.headers, timeout=30, trust_env=False) as client:
+            next_at = time.monotonic()
+            while not self.stop.is_set():
+                sent = time.monotonic()
+                try:
+                    response = client.post(self.url, json=SAMPLE)
+                    ok = response.status_code == 200 and response.json().get("species") == "setosa"
+                    outcome = "ok" if ok else f"HTTP {response.status_code}: {response.text[:200]}"
+                except (httpx.HTTPError, ValueError) as error:
+                    outcome = f"{type(error).__name__}: {error}"
+                self.results.append((sent, time.monotonic() - sent, outcome))
+                next_at += 1.0 / self.rate
+                self.stop.wait(max(0.0, next_at - time.monotonic()))
+
+    def __enter__(self) -> Load:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=60)
+
+    def report(self, what: str) -> list[str]:
+        """Print the window's figures; the failures (what each was)."""
+        failed = [outcome for _, _, outcome in self.results if outcome != "ok"]
+        times = sorted(seconds for _, seconds, _ in self.results)
+        p99 = times[min(len(times) - 1, round(0.99 * (len(times) - 1)))] if times else float("nan")
+        span = self.results[-1][0] - self.results[0][0] if len(self.results) > 1 else 0.0
+        rate = len(self.results) / max(span, 1)
+        print(
+            f"{what}: {len(self.results)} requests in {span:.0f}s ({rate:.1f}/s), {len(failed)} failed,"
+            f" p50 {statistics.median(times) * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms"
+        )
+        return failed
+
+
+def test_the_example_answers_as_its_readme_says_after_deploy_local(deployed: Deployed) -> None:
+    status = deployed.serve_status()
+    url = status["url"]
+    assert url.endswith("/serve/") and f"ray-{CLUSTER}-head" not in url, url
+    iris = status["applications"]["iris"]
+    assert iris["status"] == "RUNNING", iris
+    response = httpx.post(
+        url + "iris/predict",
+        json=SAMPLE,
+        headers={"Authorization": f"Bearer {deployed.workspace.api_key}", "content-type": "application/json"},
+        timeout=60,
+        trust_env=False,
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["species"] == "setosa"
+    with httpx.stream(
+        "POST",
+        url + "iris/stream",
+        json={"features": [6.7, 3.0, 5.2, 2.3]},
+        headers={"Authorization": f"Bearer {deployed.workspace.api_key}"},
+        timeout=60,
+        trust_env=False,
+    ) as streamed:
+        text = b"".join(streamed.iter_raw()).decode()
+    assert text.startswith("This flower is most likely virginica"), text
+
+
+def test_new_code_rolls_out_in_place_while_requests_keep_being_answered(deployed: Deployed) -> None:
+    status = deployed.serve_status()
+    before = status["applications"]["iris"]["last_deployed_time_s"]
+    deployed.commit(
+        "iris: answers carry a version",
+        lambda text: text.replace('"batch_size": len(samples),', '"batch_size": len(samples), "version": 2,'),
+    )
+    with Load(status["url"], deployed.workspace.api_key) as load:
+        time.sleep(3)
+        proc = deployed.ray_cai("deploy", "--local", "--json")
+        time.sleep(3)
+    failed = load.report("new code rolled out")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    after = deployed.serve_status()
+    assert after["applications"]["iris"]["status"] == "RUNNING"
+    assert after["applications"]["iris"]["last_deployed_time_s"] > before, "the new code was not applied"
+    answer = httpx.post(
+        after["url"] + "iris/predict",
+        json=SAMPLE,
+        headers={"Authorization": f"Bearer {deployed.workspace.api_key}"},
+        timeout=60,
+        trust_env=False,
+    ).json()
+    assert answer.get("version") == 2, f"the old code still answers: {answer}"
+    assert not failed, f"{len(failed)} requests failed during the rollout: {failed[:5]}"
+
+
+def test_a_rollout_whose_replicas_fail_keeps_the_old_ones_serving(deployed: Deployed) -> None:
+    status = deployed.serve_status()
+    deployed.commit(
+        "iris: a replica that cannot start",
+        lambda text: text.replace(
+            "    def __init__(self) -> None:\n",
+            '    def __init__(self) -> None:\n        raise RuntimeError("broken on purpose")\n',
+        ),
+    )
+    with Load(status["url"], deployed.workspace.api_key) as load:
+        proc = deployed.ray_cai("deploy", "--local", "--json")
+
+        def failed_in_serve() -> bool:
+            iris = deployed.serve_status()["applications"]["iris"]
+            return iris["status"] in ("DEPLOY_FAILED", "UNHEALTHY")
+
+        wait_until(failed_in_serve, timeout=300, interval=2, what="Serve to give up on the broken replicas")
+        time.sleep(3)
+    failed = load.report("failing rollout")
+    assert proc.returncode != 0, "a deploy whose Serve application failed reported success"
+    iris = deployed.serve_status()["applications"]["iris"]
+    messages = iris["message"] + " ".join(d["message"] for d in iris["deployments"].values())
+    print(f"serve status: {iris['status']}: {messages[-300:]}")
+    assert "broken on purpose" in messages, messages
+    assert not failed, f"{len(failed)} requests failed while the new replicas failed: {failed[:5]}"
