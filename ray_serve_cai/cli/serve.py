@@ -38,7 +38,7 @@ from ray_serve_cai.config.serve import load_serve_config
 from ray_serve_cai.errors import WaitTimeout
 
 app = typer.Typer(
-    no_args_is_help=True, help="The cluster's Ray Serve applications (endpoint: <head URL>/serve/)."
+    no_args_is_help=True, help="The cluster's Ray Serve applications (`serve status` prints the endpoint)."
 )
 
 
