@@ -5,6 +5,7 @@
 * `/sse?events=N&interval=S`: the same as server-sent events.
 * `/bytes?mb=M`: M MiB of data, produced 64 KiB at a time.
 * `/upload` (POST): reads the body as a stream; answers its length and the time its first chunk came.
+* `/-/healthz`: `success`, as Serve's HTTP proxy answers its health check.
 * `/ws`: WebSocket echo (text and bytes); the text `close:<code>` closes with that code.
 """
 
@@ -119,6 +120,7 @@ async def root(_: Request) -> PlainTextResponse:
 app = Starlette(
     routes=[
         Route("/", root),
+        Route("/-/healthz", lambda _request: PlainTextResponse("success")),  # as Serve's proxy answers
         Route("/echo", echo, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
         Route("/serve/echo", echo),  # as Serve with root_path /serve sees it
         Route("/stream", stream),
