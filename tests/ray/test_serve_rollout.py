@@ -10,6 +10,10 @@ from a clone whose `ray_cluster_config.yaml` names `examples/serve/serve_config.
 - a commit that changes the application's code, deployed while ~20 requests/s go through the
   endpoint: Serve replaces the replicas (new ids) and the new code answers; failed requests are counted
   (0 is the goal) and the p99 printed;
+- the head killed under the same load while `up --watch` supervises, with head fault tolerance
+  (issue 23: workers ride through a head restart; skipped while the cluster has none): the endpoint
+  keeps answering from the worker, and Serve's recovered controller is not re-applied
+  (`last_deployed_time_s` unchanged);
 - a commit whose replicas fail to start, deployed under the same load: the deploy fails, the old
   replicas keep answering and `serve status` shows Serve's message.
 """
@@ -17,6 +21,8 @@ from a clone whose `ray_cluster_config.yaml` names `examples/serve/serve_config.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import statistics
 import subprocess
 import threading
@@ -180,6 +186,49 @@ def test_new_code_rolls_out_in_place_while_requests_keep_being_answered(deployed
     ).json()
     assert answer.get("version") == 2, f"the old code still answers: {answer}"
     assert not failed, f"{len(failed)} requests failed during the rollout: {failed[:5]}"
+
+
+def test_serve_keeps_answering_while_the_head_restarts(deployed: Deployed) -> None:
+    cluster = json.loads(deployed.ray_cai("status", "--local", "--json", timeout=120).stdout or "{}")
+    fault_tolerance = (cluster.get("status") or cluster).get("head_fault_tolerance") or {}
+    if not fault_tolerance.get("enabled"):
+        pytest.skip("needs head fault tolerance (issue 23): without it every worker restarts with the head")
+    status = deployed.serve_status()
+    before = status["applications"]["iris"]["last_deployed_time_s"]
+    deployed.workspace.set_restart_policy(enabled=True, delay_seconds=2)
+    watch = subprocess.Popen(
+        [*RAY_CAI, "up", "--watch", "--interval", "2", "--local"],
+        cwd=deployed.repo,
+        env=deployed.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        with Load(status["url"], deployed.workspace.api_key) as load:
+            time.sleep(3)
+            projects = deployed.workspace.api_ok("GET", "/api/v2/projects")["projects"]
+            project = next(p for p in projects if p["name"] == PROJECT)
+            apps = deployed.workspace.api_ok("GET", f"/api/v2/projects/{project['id']}/applications")
+            head = next(a for a in apps["applications"] if a["subdomain"] == f"ray-{CLUSTER}-head")
+            for process in deployed.workspace.api_ok("GET", "/_workspace/processes")["processes"]:
+                if process["workload_id"] == head["id"]:
+                    os.kill(int(process["pid"]), signal.SIGKILL)
+
+            def recovered() -> bool:
+                ray = json.loads(deployed.ray_cai("status", "--local", "--json", timeout=120).stdout or "{}")
+                return (ray.get("status") or ray).get("state") == "ready"
+
+            wait_until(recovered, timeout=600, interval=2, what="the cluster to be ready after the head kill")
+            time.sleep(5)
+    finally:
+        watch.send_signal(signal.SIGTERM)
+        watch.wait(timeout=60)
+        deployed.workspace.set_restart_policy(enabled=False)
+    failed = load.report("head restart")
+    after = deployed.serve_status()["applications"]["iris"]
+    assert after["status"] == "RUNNING"
+    assert after["last_deployed_time_s"] == before, "Serve's config was applied again after the head restart"
+    assert not failed, f"{len(failed)} requests failed while the head restarted: {failed[:5]}"
 
 
 def test_a_rollout_whose_replicas_fail_keeps_the_old_ones_serving(deployed: Deployed) -> None:
