@@ -364,3 +364,25 @@ def test_the_code_digest_follows_the_apps_code_and_only_it(tmp_path: Path) -> No
     assert changed.code_digests["top"] == first.code_digests["top"]
     assert decide(changed, running).reason == "config changed: shop"
     assert summarize(running, changed, "u").outdated == ["shop"]
+
+
+def test_replicas_stay_off_the_head_unless_a_deployment_chooses_its_nodes() -> None:
+    from dataclasses import replace
+
+    from ray_serve_cai.config.serve import OFF_HEAD_SELECTOR
+
+    chosen = {"ray-cai.group": "gpu"}
+    app = {
+        **GOOD_APP,
+        "deployments": [
+            {"name": "A", "num_replicas": 2},
+            {"name": "B", "ray_actor_options": {"num_cpus": 0.5, "label_selector": chosen}},
+        ],
+    }
+    config = parse_serve_config({"applications": [app]}, project_dir=REPO_ROOT, source="s.yaml")
+    assert "ray_actor_options" not in config.applications()[0]["deployments"][0], "no workers: no selector"
+    body = replace(config, off_head=True).request_body(8000, "EveryNode")
+    deployments = body["applications"][0]["deployments"]
+    assert deployments[0]["ray_actor_options"] == {"label_selector": OFF_HEAD_SELECTOR}
+    assert deployments[1]["ray_actor_options"] == {"num_cpus": 0.5, "label_selector": chosen}
+    assert config.document["applications"][0]["deployments"][0] == {"name": "A", "num_replicas": 2}
