@@ -146,6 +146,21 @@ class _UpstreamResponse(StreamingResponse):
             await self._upstream.aclose()
 
 
+class _WholeResponse(Response):
+    """A small upstream answer passed on as it came: status, headers (its Content-Length
+    included) and body, in two ASGI messages."""
+
+    def __init__(self, status: int, headers: Headers, body: bytes) -> None:  # no Response.__init__ work
+        self.status_code = status
+        self.raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+        self.body = body
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        await send({"type": "http.response.body", "body": self.body})
+
+
 async def _bad_gateway(_: Request) -> Response:
     return JSONResponse({"error": "the upstream server did not answer"}, status_code=502)
 
@@ -261,9 +276,7 @@ class ReverseProxy:
                 return await _bad_gateway(request)  # the request reached it: no other attempt
             finally:
                 await upstream.aclose()
-            whole = Response(body, status_code=upstream.status_code)
-            whole.raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response_headers]
-            return whole
+            return _WholeResponse(upstream.status_code, response_headers, body)
         return _UpstreamResponse(upstream, response_headers)
 
     # ---------------------------------------------------------------------------------- WebSocket
