@@ -13,11 +13,14 @@ paths see the same machine load:
 * latency: `--requests` sequential requests per path (one keep-alive client each), p50 and p99;
 * throughput: `--concurrency` clients for `--seconds` per path, twice each, requests per second;
 
-where "URL" is `<head app URL>/serve/hello` with `Authorization: Bearer <key>` (the workspace's app
-listener → the head's HTTP server → Serve's proxy), "head" is the head's own HTTP server
+where "URL" is the endpoint `ray-cai serve status` prints + `hello`, with `Authorization: Bearer <key>`:
+in pods the Serve gateway's URL (the workspace's app listener, CML's router here → the gateway → the
+worker's Serve ingress → its Serve proxy), on a shared host `<head app URL>/serve/hello` (the
+workspace's app listener → the head's HTTP server → Serve's proxy); "gateway" (pods) is the gateway's
+own server without the workspace's listener in front; "head" is the head's own HTTP server
 (`127.0.0.1:$CDSW_APP_PORT/serve/hello`, where CML's router hands requests over; the local
 workspace's listener is the stand-in for that router) and "direct" is
-`127.0.0.1:<serve_http_port>/hello`.
+`127.0.0.1:<serve_http_port>/hello` (in pods, inside the worker's pod: its own Serve proxy).
 Targets: URL p50 <= 1.25x direct p50, URL throughput >= 0.8x direct. Finally the head is killed while
 `ray-cai up --watch --interval 2` supervises; the outage is the time until the URL answers again.
 Writes the figures as JSON (`--out`).
@@ -160,9 +163,23 @@ def pod_netns(handle: Any, workload_id: str) -> Path | None:
     return None
 
 
+def project_apps(handle: Any, project_id: str) -> list[dict[str, Any]]:
+    return list(handle.api_ok("GET", f"/api/v2/projects/{project_id}/applications")["applications"])
+
+
 def head_app(handle: Any, project_id: str) -> dict[str, Any]:
-    apps = handle.api_ok("GET", f"/api/v2/projects/{project_id}/applications")["applications"]
-    return next(a for a in apps if a["subdomain"] == f"ray-{CLUSTER}-head")
+    return next(a for a in project_apps(handle, project_id) if a["subdomain"] == f"ray-{CLUSTER}-head")
+
+
+def app_environ(handle: Any, app_id: str) -> dict[str, str]:
+    """The environment of an application's process (the workspace runs it on this machine)."""
+    import psutil
+
+    for process in handle.api_ok("GET", "/_workspace/processes")["processes"]:
+        if process["workload_id"] == app_id:
+            with contextlib.suppress(psutil.Error):
+                return dict(psutil.Process(int(process["pid"])).environ())
+    return {}
 
 
 def worker_app(handle: Any, project_id: str) -> dict[str, Any]:
@@ -253,6 +270,13 @@ def main(argv: list[str] | None = None) -> int:
             "head": (direct_client, via_head, None),
             "direct": (direct_client, direct, netns),
         }
+        gateway = next(
+            (a for a in project_apps(handle, project_id) if a["subdomain"] == f"ray-{CLUSTER}-serve"), None
+        )
+        if gateway is not None:  # the gateway's own server, without the workspace's URL listener in front
+            gateway_env = app_environ(handle, gateway["id"])
+            address = f"{gateway_env.get('CDSW_IP_ADDRESS', '127.0.0.1')}:{gateway_env.get('CDSW_APP_PORT')}"
+            paths["gateway"] = (direct_client, f"http://{address}/serve/hello", None)
         lat: dict[str, list[float]] = {name: [] for name in paths}
         clients = {name: make() for name, (make, _, _) in paths.items()}
         try:
@@ -279,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         result["rps_ratio"] = round(result["url"]["rps"] / result["direct"]["rps"], 2)
         result["head_p50_ratio"] = round(result["head"]["p50_ms"] / result["direct"]["p50_ms"], 2)
         result["head_rps_ratio"] = round(result["head"]["rps"] / result["direct"]["rps"], 2)
+        if "gateway" in result:
+            result["gateway_p50_ratio"] = round(result["gateway"]["p50_ms"] / result["direct"]["p50_ms"], 2)
+            result["gateway_rps_ratio"] = round(result["gateway"]["rps"] / result["direct"]["rps"], 2)
         result["p50_target_met"] = result["p50_ratio"] <= 1.25
         result["rps_target_met"] = result["rps_ratio"] >= 0.8
 
