@@ -37,6 +37,7 @@ from websockets.asyncio.client import ClientConnection
 __all__ = [
     "HOP_BY_HOP",
     "NOT_CONNECTED_KEY",
+    "NOT_FORWARDED_HEADER",
     "HeaderHook",
     "ReverseProxy",
     "drop_and_add",
@@ -46,6 +47,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 NOT_CONNECTED_KEY = "ray_cai.proxy_not_connected"  # in the scope a fallback gets: no byte was sent
+# A proxy in front of another ReverseProxy learns from this response header that the request went no
+# further than that proxy (its upstream refused the connection), so it may be tried elsewhere.
+NOT_FORWARDED_HEADER = "x-ray-cai-not-forwarded"
 SMALL_BODY_BYTES = 64 * 1024  # at most this, with a Content-Length: read whole, sent in one piece
 
 Headers = list[tuple[str, str]]
@@ -161,8 +165,9 @@ class _WholeResponse(Response):
         await send({"type": "http.response.body", "body": self.body})
 
 
-async def _bad_gateway(_: Request) -> Response:
-    return JSONResponse({"error": "the upstream server did not answer"}, status_code=502)
+async def _bad_gateway(request: Request) -> Response:
+    headers = {NOT_FORWARDED_HEADER: "1"} if request.scope.get(NOT_CONNECTED_KEY) else None
+    return JSONResponse({"error": "the upstream server did not answer"}, status_code=502, headers=headers)
 
 
 class ReverseProxy:
@@ -265,6 +270,10 @@ class ReverseProxy:
             # A fallback may try elsewhere only when nothing reached this upstream.
             request.scope[NOT_CONNECTED_KEY] = isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout))
             return await self.fallback(request)
+        if upstream.headers.get(NOT_FORWARDED_HEADER):  # a proxy behind us could not reach its upstream
+            await upstream.aclose()
+            request.scope[NOT_CONNECTED_KEY] = True
+            return await self.fallback(request)
         response_headers = _without_hop_by_hop(upstream.headers.multi_items())
         if self.response_headers:
             response_headers = self.response_headers(response_headers, request.scope)
@@ -273,6 +282,7 @@ class ReverseProxy:
             try:
                 body = b"".join([chunk async for chunk in upstream.aiter_raw()])
             except httpx.HTTPError:
+                request.scope[NOT_CONNECTED_KEY] = False
                 return await _bad_gateway(request)  # the request reached it: no other attempt
             finally:
                 await upstream.aclose()

@@ -94,7 +94,7 @@ def nodes(tmp_path: Path) -> Iterator[dict[str, Any]]:
             record.write_text(
                 json.dumps({"node": name, "role": role, "ip": "127.0.0.1", "port": ingress.port})
             )
-            started[name] = {"upstream": port, "ingress": ingress}
+            started[name] = {"upstream": port, "ingress": ingress, "process": process}
         gateway = Server(create_gateway(Routes(tmp_path, CLUSTER)))
         started["gateway"] = f"http://127.0.0.1:{gateway.port}"
         yield started
@@ -146,9 +146,17 @@ def test_the_gateway_routes_to_workers_streams_and_fails_over(
             ws.send("ping")
             assert ws.recv(timeout=10) == "echo:ping"
 
+        # The worker's Serve proxy goes away (its node lives): its ingress says the request went no
+        # further, and the gateway sends it to the head; none fails.
+        nodes["worker-0"]["process"].kill()
+        nodes["worker-0"]["process"].wait()
+        head_host = f"127.0.0.1:{nodes['head']['upstream']}"
+        response = client.get("/serve/echo")
+        assert response.status_code == 200, response.text
+        assert response.json()["headers"]["host"] == head_host
+
         # The worker's pod goes away: the next request goes to the head at once, none fails.
         nodes["worker-0"]["ingress"].stop()
-        head_host = f"127.0.0.1:{nodes['head']['upstream']}"
         for _ in range(5):
             response = client.get("/serve/echo")
             assert response.status_code == 200, response.text
