@@ -19,8 +19,9 @@ How it routes:
   and is not draining), with the cluster token;
 * each request goes to the next healthy worker (round robin); to the head only when no worker is
   healthy (replicas stay off the head when there are workers, so the head's restart is no event for
-  Serve's traffic); a node that refuses a connection is marked down at once and the request goes to
-  the next one (nothing was sent yet, so this is safe for every method);
+  Serve's traffic); a node that refuses a connection, or whose ingress answers that its Serve proxy
+  refused it (`X-Ray-Cai-Not-Forwarded`), is marked down at once and the request goes to the next
+  one (it reached no Serve proxy, so this is safe for every method);
 * requests stream both ways and WebSockets pass (`ray_serve_cai._proxy`, the code the nodes use);
   CML's `Authorization` is dropped, the cluster token added (`X-Ray-Authorization`).
 
