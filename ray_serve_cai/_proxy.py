@@ -1,10 +1,10 @@
 """A streaming reverse proxy for ASGI apps: HTTP bodies streamed both ways, WebSockets passed through.
 
 One module, used by the node's HTTP server (head → Ray dashboard, head → Serve) and by the local
-workspace's application listeners, so it imports nothing else of the package (stdlib, httpx, starlette
+workspace's application listeners, so it imports nothing else of the package (stdlib, aiohttp, starlette
 and websockets only).
 
-* HTTP: the request body is sent upstream as it arrives (httpx with an async iterator), the response
+* HTTP: the request body is sent upstream as it arrives (aiohttp with an async iterator), the response
   is relayed chunk by chunk as the upstream produces it (``aiter_raw``: content encodings pass
   unchanged), so server-sent events, chunked responses and large downloads never sit in memory.
 * WebSocket: the upgrade is accepted with Starlette's WebSocket support (the ASGI server does the
@@ -26,8 +26,9 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-import httpx
+import aiohttp
 import websockets
+from multidict import CIMultiDict
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -40,6 +41,7 @@ __all__ = [
     "NOT_FORWARDED_HEADER",
     "HeaderHook",
     "ReverseProxy",
+    "UpstreamClient",
     "drop_and_add",
     "proxy_client",
 ]
@@ -51,6 +53,8 @@ NOT_CONNECTED_KEY = "ray_cai.proxy_not_connected"  # in the scope a fallback get
 # further than that proxy (its upstream refused the connection), so it may be tried elsewhere.
 NOT_FORWARDED_HEADER = "x-ray-cai-not-forwarded"
 SMALL_BODY_BYTES = 64 * 1024  # at most this, with a Content-Length: read whole, sent in one piece
+# Connection failures before anything was sent (a fallback may try another upstream).
+_NOT_CONNECTED_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 
 Headers = list[tuple[str, str]]
 #: Rewrites the (lower-case name, value) pairs forwarded in one direction; gets the ASGI scope too.
@@ -72,7 +76,7 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
-# Set by the proxy itself on the upstream request (httpx from the URL) or by websockets' handshake.
+# Set by the proxy itself on the upstream request (aiohttp from the URL) or by websockets' handshake.
 _REQUEST_SET_BY_PROXY = frozenset({"host"})
 _WEBSOCKET_HANDSHAKE = frozenset(
     {
@@ -85,15 +89,42 @@ _WEBSOCKET_HANDSHAKE = frozenset(
 )
 
 
-def proxy_client(connect_timeout: float = 5.0, write_timeout: float = 60.0) -> httpx.AsyncClient:
-    """The httpx client a proxy uses: no read timeout (a stream may be quiet for long: the client
-    decides when to give up), no connection cap, never an environment proxy, never a redirect."""
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(connect=connect_timeout, read=None, write=write_timeout, pool=connect_timeout),
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
-        trust_env=False,
-        follow_redirects=False,
-    )
+class UpstreamClient:
+    """The HTTP client of a proxy: one aiohttp session, made on first use inside the serving event loop.
+
+    aiohttp, not httpx: one hop through httpx's AsyncClient cost a trivial upstream 10x its throughput
+    on this machine (benchmarks/README.md, issue 24), aiohttp's C parser and pool next to nothing.
+    No read timeout (a stream may be quiet for long: the client decides when to give up), no
+    connection cap, never an environment proxy, never a redirect, bodies passed as they are
+    (no decompression), no cookie jar; idle connections are dropped after `KEEPALIVE_SECONDS`,
+    before uvicorn's 5 s, so a reused connection is never one the upstream is closing."""
+
+    KEEPALIVE_SECONDS = 4.0
+
+    def __init__(self, connect_timeout: float = 5.0) -> None:
+        self.connect_timeout = connect_timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=self.KEEPALIVE_SECONDS),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout, sock_read=None),
+                auto_decompress=False,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                trust_env=False,
+                skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
+            )
+        return self._session
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+def proxy_client(connect_timeout: float = 5.0) -> UpstreamClient:
+    """The client a proxy uses (see `UpstreamClient`); share one among the proxies of a server."""
+    return UpstreamClient(connect_timeout)
 
 
 def drop_and_add(drop: Iterable[str] = (), add: Callable[[], Mapping[str, str]] | None = None) -> HeaderHook:
@@ -136,10 +167,10 @@ class _Target:
 
 
 class _UpstreamResponse(StreamingResponse):
-    """Relays an httpx streaming response; the upstream connection is released however it ends."""
+    """Relays an aiohttp streaming response; the upstream connection is released however it ends."""
 
-    def __init__(self, upstream: httpx.Response, headers: Headers) -> None:
-        super().__init__(upstream.aiter_raw(), status_code=upstream.status_code)
+    def __init__(self, upstream: aiohttp.ClientResponse, headers: Headers) -> None:
+        super().__init__(upstream.content.iter_any(), status_code=upstream.status)
         self.raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
         self._upstream = upstream
 
@@ -147,7 +178,10 @@ class _UpstreamResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self._upstream.aclose()
+            if self._upstream.content.at_eof():
+                self._upstream.release()  # the connection goes back to the pool
+            else:
+                self._upstream.close()  # the client left mid-stream: this connection is done
 
 
 class _WholeResponse(Response):
@@ -187,7 +221,7 @@ class ReverseProxy:
         response_headers: HeaderHook | None = None,
         fallback: FallbackResponder = _bad_gateway,
         strip_prefix: str = "",
-        client: httpx.AsyncClient | None = None,
+        client: UpstreamClient | None = None,
         forwarded_proto: str = "http",
     ) -> None:
         self.upstream = upstream
@@ -258,35 +292,38 @@ class ReverseProxy:
                 content = await request.body()
             except ClientDisconnect:
                 return Response(status_code=499)
-        upstream_request = self.client.build_request(
-            request.method, target.base + target.path, headers=headers, content=content
-        )
         try:
-            upstream = await self.client.send(upstream_request, stream=True)
+            upstream = await self.client.session().request(
+                request.method,
+                target.base + target.path,
+                headers=CIMultiDict(headers),
+                data=content,
+                allow_redirects=False,
+            )
         except ClientDisconnect:
             return Response(status_code=499)
-        except httpx.HTTPError as error:
+        except (aiohttp.ClientError, asyncio.TimeoutError) as error:
             logger.debug("upstream %s unreachable: %s", target.base, type(error).__name__)
             # A fallback may try elsewhere only when nothing reached this upstream.
-            request.scope[NOT_CONNECTED_KEY] = isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout))
+            request.scope[NOT_CONNECTED_KEY] = isinstance(error, _NOT_CONNECTED_ERRORS)
             return await self.fallback(request)
         if upstream.headers.get(NOT_FORWARDED_HEADER):  # a proxy behind us could not reach its upstream
-            await upstream.aclose()
+            upstream.release()
             request.scope[NOT_CONNECTED_KEY] = True
             return await self.fallback(request)
-        response_headers = _without_hop_by_hop(upstream.headers.multi_items())
+        response_headers = _without_hop_by_hop(upstream.raw_headers)
         if self.response_headers:
             response_headers = self.response_headers(response_headers, request.scope)
         size = upstream.headers.get("content-length", "")
         if size.isdigit() and int(size) <= SMALL_BODY_BYTES:
             try:
-                body = b"".join([chunk async for chunk in upstream.aiter_raw()])
-            except httpx.HTTPError:
+                body = await upstream.read()
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                upstream.close()
                 request.scope[NOT_CONNECTED_KEY] = False
                 return await _bad_gateway(request)  # the request reached it: no other attempt
-            finally:
-                await upstream.aclose()
-            return _WholeResponse(upstream.status_code, response_headers, body)
+            upstream.release()
+            return _WholeResponse(upstream.status, response_headers, body)
         return _UpstreamResponse(upstream, response_headers)
 
     # ---------------------------------------------------------------------------------- WebSocket

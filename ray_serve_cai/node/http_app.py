@@ -21,7 +21,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -29,7 +28,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.types import Scope
 
-from ray_serve_cai._proxy import ReverseProxy, drop_and_add, proxy_client
+from ray_serve_cai._proxy import ReverseProxy, UpstreamClient, drop_and_add, proxy_client
 from ray_serve_cai.config.node_status import HEALTH_PATH, HEALTHZ_PATH, STATUS_PATH, HeadStatus, NodeHealth
 
 logger = logging.getLogger(__name__)
@@ -200,7 +199,7 @@ def create_app(status: NodeStatus, upstreams: Sequence[PathUpstream] = ()) -> St
     return Starlette(routes=routes, lifespan=lifespan)
 
 
-def _dashboard_proxy(status: NodeStatus, client: httpx.AsyncClient) -> ReverseProxy:
+def _dashboard_proxy(status: NodeStatus, client: UpstreamClient) -> ReverseProxy:
     """The Ray dashboard behind the node's port, with the Ray token added (CML's login is the door)."""
 
     def dashboard_headers() -> dict[str, str]:
@@ -248,7 +247,7 @@ async def _head_status(status: NodeStatus) -> JSONResponse:
     return JSONResponse(HeadStatus(**body, **summarize_nodes(rows)).body())
 
 
-def _mounted(upstream: PathUpstream, client: httpx.AsyncClient) -> ReverseProxy:
+def _mounted(upstream: PathUpstream, client: UpstreamClient) -> ReverseProxy:
     def base(_: Scope) -> str | None:
         port = upstream.port()
         return None if port is None else f"http://127.0.0.1:{port}"
