@@ -416,15 +416,20 @@ def recovered_details(
     while True:
         try:
             details = serve.details()
-            if controller_up(details) or serve.controller_state() in (None, "DEAD"):
-                return details
         except ServeAPIError:
             if time.monotonic() >= deadline:
                 raise
-        else:
-            if time.monotonic() >= deadline:
-                return details
-            log.info("Serve's controller is recovering: waiting for it before applying anything")
+            time.sleep(interval)
+            continue
+        if controller_up(details):
+            return details
+        try:
+            state = serve.controller_state()
+        except ServeAPIError:
+            state = None  # Ray's state API cannot say: nothing is known to be recovering
+        if state in (None, "DEAD") or time.monotonic() >= deadline:
+            return details
+        log.info("Serve's controller is %s: waiting for it to recover before applying anything", state)
         time.sleep(interval)
 
 
