@@ -67,6 +67,8 @@ class NodeSettings(BaseModel):
     # NODE_ID_AS_RESOURCE, by which the autoscaler matches its application to its Ray node.
     autoscaler: bool = False
     node_id_resource: int | None = None
+    # Head fault tolerance (RAY_CAI_HEAD_FT=1): see ray_serve_cai.node.gcs_storage / head_lease / gcs_relay.
+    head_ft: bool = False
 
     @property
     def memory_bytes(self) -> int | None:
@@ -122,6 +124,7 @@ class NodeSettings(BaseModel):
             project_dir=project_dir.resolve(),
             autoscaler=node_env.autoscaler,
             node_id_resource=node_env.node_id_resource,
+            head_ft=node_env.head_ft,
         )
 
 
