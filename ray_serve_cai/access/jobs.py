@@ -116,6 +116,12 @@ def _non_negative(name: str, value: float | None) -> None:
         raise JobInputError(f"{name}: must be a number of 0 or more, got {value:g}")
 
 
+DRIVER_PLACES = ("auto", "workers", "head")
+HEAD_RESOURCE = "node:__internal_head__"  # every Ray head has it (1.0)
+HEAD_RESOURCE_AMOUNT = 0.001
+GROUP_LABEL = "ray-cai.group"  # the node label every ray-cai node carries (`head` on the head)
+
+
 @dataclass(frozen=True)
 class JobSubmission:
     """What `POST /api/jobs/` takes (Ray's `JobSubmitRequest`)."""
@@ -128,6 +134,10 @@ class JobSubmission:
     entrypoint_num_gpus: float | None = None
     entrypoint_memory: int | None = None
     entrypoint_resources: dict[str, float] | None = None
+    # Where the driver runs: "auto" (a worker when the cluster has one and no entrypoint resources
+    # are given, so the job outlives a head restart; else Ray's default, the head), "workers", "head".
+    driver: str = "auto"
+    entrypoint_label_selector: dict[str, str] | None = None
 
     def validate(self) -> None:
         """Raise `JobInputError` naming the field, before anything is sent."""
@@ -149,6 +159,27 @@ class JobSubmission:
         for key, value in (self.metadata or {}).items():
             if not key or not isinstance(value, str):
                 raise JobInputError(f"--metadata: {key!r}: keys must be non-empty and values strings")
+        if self.driver not in DRIVER_PLACES:
+            raise JobInputError(f"--driver-on: {self.driver!r} is not one of {', '.join(DRIVER_PLACES)}")
+
+    @property
+    def placed_by_user(self) -> bool:
+        """Entrypoint resources or a label selector place the driver (Ray then does not pin it)."""
+        return bool(
+            self.entrypoint_num_cpus or self.entrypoint_num_gpus or self.entrypoint_memory
+            or self.entrypoint_resources or self.entrypoint_label_selector
+        )  # fmt: skip
+
+    def placed(self, cluster_has_workers: bool) -> JobSubmission:
+        """The submission with its driver placed: on the head Ray's `node:__internal_head__`
+        resource pins it; on a worker a label selector keeps it off the head (group `head`)."""
+        if self.driver == "head":
+            resources = {**(self.entrypoint_resources or {}), HEAD_RESOURCE: HEAD_RESOURCE_AMOUNT}
+            return replace(self, entrypoint_resources=resources)
+        if self.driver == "workers" or (cluster_has_workers and not self.placed_by_user):
+            selector = {**(self.entrypoint_label_selector or {}), GROUP_LABEL: "!head"}
+            return replace(self, entrypoint_label_selector=selector)
+        return self
 
     def body(self) -> dict[str, Any]:
         fields = {
@@ -160,6 +191,7 @@ class JobSubmission:
             "entrypoint_num_gpus": self.entrypoint_num_gpus,
             "entrypoint_memory": self.entrypoint_memory,
             "entrypoint_resources": self.entrypoint_resources,
+            "entrypoint_label_selector": self.entrypoint_label_selector,
         }
         return {key: value for key, value in fields.items() if value is not None}
 
@@ -314,6 +346,8 @@ class JobsClient:
         if submission.submission_id is None:
             submission = replace(submission, submission_id=new_submission_id())
         assert submission.submission_id is not None
+        automatic = submission.driver == "auto" and not submission.placed_by_user
+        submission = submission.placed(automatic and self.cluster_has_workers())
         try:
             response = self._http.post("/api/jobs/", json=submission.body())
         except httpx.TransportError as err:
@@ -326,6 +360,16 @@ class JobsClient:
                 raise AccessError(f"{self.endpoint.url} refused the API key (HTTP {response.status_code})")
             raise JobsError(f"Ray refused the job (HTTP {response.status_code}): {_ray_error_text(response)}")
         return str(self._json(response).get("submission_id") or submission.submission_id)
+
+    def cluster_has_workers(self) -> bool:
+        """Whether Ray has an alive node besides the head (the head's `/ray-cai/status`); False
+        when the head cannot say (then Ray's default placement applies)."""
+        try:
+            response = self._http.get("/ray-cai/status", timeout=10)
+            nodes = response.json().get("nodes") or [] if response.is_success else []
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return False
+        return any(node.get("alive") and not node.get("is_head") for node in nodes if isinstance(node, dict))
 
     def get(self, submission_id: str) -> JobInfo:
         response = self._request("GET", self._job_path(submission_id), job=submission_id)
