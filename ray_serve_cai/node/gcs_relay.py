@@ -145,6 +145,12 @@ class GcsRelay:
         self._open.clear()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await self._forward(reader, writer)
+        except asyncio.CancelledError:  # the relay stops: end quietly (asyncio logs a cancelled handler)
+            writer.transport.abort()
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         target = self.target
         if target is None:
             writer.transport.abort()

@@ -34,6 +34,7 @@ from ray_serve_cai.node.head_lease import (
     claim_epoch,
     decide,
     fenced,
+    gcs_refuses,
     highest_claimed,
     lease_wait_seconds,
     read_lease,
@@ -68,6 +69,8 @@ class HeadGuard:
         self.taken_over: Lease | None = None  # the lease this head took from a head that did not release it
         self.fenced_reason: str | None = None
         self.last_renewed = 0.0
+        self.gcs_port = 0
+        self.is_serving = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.on_fenced: Callable[[str], None] = lambda _reason: None
@@ -85,7 +88,12 @@ class HeadGuard:
         while True:
             now = self.clock()
             current = read_lease(self.project_dir, self.cluster)
-            decision = decide(current, self.holder, now, highest_claimed(self.project_dir, self.cluster))
+            gone = (
+                current is not None and current.serving and current.holder != self.holder
+                and gcs_refuses(current.ip, current.gcs_port)
+            )  # fmt: skip
+            claimed = highest_claimed(self.project_dir, self.cluster)
+            decision = decide(current, self.holder, now, claimed, holder_gone=gone)
             if decision.action == "take" and claim_epoch(
                 self.project_dir, self.cluster, decision.epoch, self.holder
             ):
@@ -104,8 +112,19 @@ class HeadGuard:
                 on_wait(f"waiting for the head lease: {decision.reason}")
             sleep(1.0)
 
+    def serving(self, gcs_port: int | None) -> None:
+        """Say in the lease whether this head's GCS runs (on `gcs_port`; None: it does not), so a
+        new head can tell a dead holder without waiting for the lease to expire."""
+        self.gcs_port = gcs_port or 0
+        self.is_serving = gcs_port is not None
+        try:
+            self._write(self.clock())
+        except OSError as error:
+            logger.warning("head lease: cannot write: %s", error)
+
     def _write(self, now: float) -> bool:
-        lease = Lease(self.epoch, self.holder, self.node_name, self.ip, now)
+        lease = Lease(self.epoch, self.holder, self.node_name, self.ip, now, gcs_port=self.gcs_port,
+                      serving=self.is_serving)  # fmt: skip
         if write_lease(self.project_dir, self.cluster, lease):
             self.last_renewed = time.monotonic()
             return True
@@ -150,7 +169,8 @@ class HeadGuard:
         if self.epoch and self.fenced_reason is None:
             current = read_lease(self.project_dir, self.cluster)
             if current is not None and current.holder == self.holder:
-                lease = Lease(self.epoch, self.holder, self.node_name, self.ip, self.clock(), released=True)
+                lease = Lease(self.epoch, self.holder, self.node_name, self.ip, self.clock(), released=True,
+                              gcs_port=self.gcs_port)  # fmt: skip
                 try:
                     write_lease(self.project_dir, self.cluster, lease)
                 except OSError as error:

@@ -21,8 +21,10 @@ The rendezvous (`head.json`) carries the epoch; workers follow only the newest e
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -48,6 +50,8 @@ class Lease:
     ip: str
     renewed_at: float
     released: bool = False
+    gcs_port: int = 0
+    serving: bool = False  # the holder's GCS runs (False while it starts or restarts in place)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True) + "\n"
@@ -61,6 +65,8 @@ class Lease:
             ip=str(data.get("ip", "")),
             renewed_at=float(data["renewed_at"]),
             released=bool(data.get("released", False)),
+            gcs_port=int(data.get("gcs_port", 0)),
+            serving=bool(data.get("serving", False)),
         )
 
     def describe(self, now: float) -> str:
@@ -81,9 +87,11 @@ class Decision:
 
 
 def decide(current: Lease | None, holder: str, now: float, highest_claimed: int = 0,
-           ttl: float = LEASE_TTL_SECONDS) -> Decision:  # fmt: skip
+           ttl: float = LEASE_TTL_SECONDS, holder_gone: bool = False) -> Decision:  # fmt: skip
     """The lease decision of head `holder` at wall time `now`, given the lease on disk and the
-    highest epoch ever claimed (a lease may be missing while epochs exist)."""
+    highest epoch ever claimed (a lease may be missing while epochs exist). `holder_gone`: the
+    holder said its GCS runs, and its GCS port refuses connections (its pod or its GCS is gone):
+    no need to wait for the lease to expire."""
     top = max(highest_claimed, current.epoch if current is not None else 0)
     if current is None:
         return Decision("take", top + 1, "no lease")
@@ -94,6 +102,8 @@ def decide(current: Lease | None, holder: str, now: float, highest_claimed: int 
     if current.released:
         return Decision("take", top + 1, f"epoch {current.epoch} was released", current)
     age = now - current.renewed_at
+    if holder_gone and current.serving:
+        return Decision("take", top + 1, f"the GCS of epoch {current.epoch} refuses connections", current)
     if age > ttl:
         return Decision("take", top + 1, f"epoch {current.epoch} expired {age - ttl:.0f}s ago", current)
     return Decision("wait", current.epoch, current.describe(now), current)
@@ -106,6 +116,22 @@ def fenced(current: Lease | None, holder: str, epoch: int) -> str | None:
     if current.epoch > epoch or (current.epoch == epoch and current.holder != holder):
         return f"the lease moved to epoch {current.epoch}: {current.describe(current.renewed_at)}"
     return None
+
+
+def gcs_refuses(ip: str, port: int, timeout: float = 2.0) -> bool:
+    """True when nothing listens at ip:port (refused, or the address is unreachable): the GCS there
+    is gone. A timeout (e.g. a partition) is not proof: False."""
+    if not ip or not port:
+        return False
+    try:
+        with socket.create_connection((ip, port), timeout=timeout):
+            return False
+    except (ConnectionRefusedError, OSError) as error:
+        if isinstance(error, TimeoutError | socket.timeout):
+            return False
+        return isinstance(error, ConnectionRefusedError) or error.errno in (
+            errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN,
+        )  # fmt: skip
 
 
 def lease_path(project_dir: Path | str, cluster: str) -> Path:
@@ -168,6 +194,7 @@ __all__ = [
     "claim_epoch",
     "decide",
     "fenced",
+    "gcs_refuses",
     "highest_claimed",
     "lease_path",
     "lease_wait_seconds",

@@ -303,6 +303,7 @@ def _run_head(launcher: Launcher, published: list[str], guard: HeadGuard | None 
             raise NodeFailure(message + ("" if guard is None else f" ({len(restarts)} times in 10 minutes)"))
         down_since = time.time()
         logger.warning("%s: starting Ray's head processes again in this pod (same storage)", message)
+        guard.serving(None)  # before Ray restarts here: a new head must not take a GCS port that refuses
         _withdraw(launcher, published)
         launcher.end_ray()
         address = _start_head(launcher, published, guard)
@@ -333,6 +334,8 @@ def _start_head(launcher: Launcher, published: list[str], guard: HeadGuard | Non
             _withdraw(launcher, published)
         launcher.start_failed()
     launcher.node_runs()
+    if guard is not None:
+        guard.serving(launcher.ports.gcs)
     logger.info("head %s runs at %s", launcher.status.head_id, address)
     return address
 

@@ -34,6 +34,14 @@ def test_lease_decisions(current: Lease | None, claimed: int, action: str, epoch
     assert (decision.action, decision.epoch) == (action, epoch)
 
 
+def test_a_holder_whose_gcs_refuses_connections_is_taken_over_at_once() -> None:
+    serving = Lease(3, "old", "ray-c-head", "10.0.0.5", NOW - 1, serving=True, gcs_port=6379)
+    assert decide(serving, "me", NOW, 3, holder_gone=True).action == "take"
+    assert decide(serving, "me", NOW, 3, holder_gone=False).action == "wait"
+    starting = Lease(3, "old", "ray-c-head", "10.0.0.5", NOW - 1, serving=False)  # its GCS is not up yet
+    assert decide(starting, "me", NOW, 3, holder_gone=True).action == "wait"
+
+
 def test_a_waiting_head_says_who_holds_the_lease() -> None:
     decision = decide(lease(age=4), "me", NOW, 3)
     assert "ray-c-head at 10.0.0.5 holds the lease (epoch 3, renewed 4s ago)" in decision.reason
