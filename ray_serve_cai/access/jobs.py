@@ -117,6 +117,8 @@ def _non_negative(name: str, value: float | None) -> None:
 
 
 DRIVER_PLACES = ("auto", "workers", "head")
+# Ray's error type when its job monitor fails on an unexpected (e.g. transient, during failover) error.
+FAILOVER_ERROR_TYPES = frozenset({"JOB_SUPERVISOR_ACTOR_UNKNOWN_FAILURE"})
 HEAD_RESOURCE = "node:__internal_head__"  # every Ray head has it (1.0)
 HEAD_RESOURCE_AMOUNT = 0.001
 GROUP_LABEL = "ray-cai.group"  # the node label every ray-cai node carries (`head` on the head)
@@ -373,7 +375,35 @@ class JobsClient:
 
     def get(self, submission_id: str) -> JobInfo:
         response = self._request("GET", self._job_path(submission_id), job=submission_id)
-        return JobInfo.from_api(self._json(response))
+        return self._failover_checked(JobInfo.from_api(self._json(response)))
+
+    def _failover_checked(self, info: JobInfo) -> JobInfo:
+        """Ray 2.60 can mark a live job FAILED on a transient error while its head fails over
+        (ray#65025: the job monitor's "Unexpected error occurred"). When the job's supervisor actor
+        still lives, the job runs: say RUNNING, and why Ray says otherwise."""
+        if info.status != FAILED or info.raw.get("error_type") not in FAILOVER_ERROR_TYPES:
+            return info
+        if not info.submission_id or not self.supervisor_alive(info.submission_id):
+            return info
+        note = (
+            "still running: Ray marked it FAILED during a head failover (ray#65025) but its "
+            f"driver's supervisor lives; Ray said: {info.message.strip()}"
+        )
+        return replace(info, status=RUNNING, message=note, end_time=None, raw={**info.raw, "status": RUNNING,
+                       "message": note})  # fmt: skip
+
+    def supervisor_alive(self, submission_id: str) -> bool:
+        """Whether the job's supervisor actor (which runs its driver) is ALIVE (Ray's state API)."""
+        params = {
+            "filter_keys": "name", "filter_predicates": "=",
+            "filter_values": f"_ray_internal_job_actor_{submission_id}", "detail": "false",
+        }  # fmt: skip
+        try:
+            response = self._http.get("/api/v0/actors", params=params, timeout=10)
+            rows = response.json()["data"]["result"]["result"] if response.is_success else []
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return False
+        return any(isinstance(row, dict) and row.get("state") == "ALIVE" for row in rows)
 
     def list(self) -> list[JobInfo]:
         """Every job Ray knows: submitted jobs and drivers started by `ray.init` clients."""

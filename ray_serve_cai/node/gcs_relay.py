@@ -56,8 +56,12 @@ class EpochFilter:
 class GcsRelay:
     """The relay of one worker node (see the module docstring)."""
 
-    def __init__(self, host: str, port: int, find_target: Callable[[], Target | None]) -> None:
+    def __init__(self, host: str, port: int, find_target: Callable[[], Target | None],
+                 also_on: tuple[str, ...] = ()) -> None:  # fmt: skip
         self.host = host
+        # More addresses on the same port (a shared host: Ray turns a 127.0.0.1 address into the
+        # host's own IP, so the relay listens on both).
+        self.also_on = also_on
         self.port = port
         self._find_target = find_target
         self._filter = EpochFilter()
@@ -104,7 +108,13 @@ class GcsRelay:
         self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
         self.target = self._filter.accept(await asyncio.to_thread(self._find_target))
-        self._server = await asyncio.start_server(self._serve, self.host, self.port, reuse_address=True)
+        hosts = [self.host, *(h for h in self.also_on if h != self.host)]
+        if self.port == 0 and len(hosts) > 1:  # one port for every address: the first one's
+            first = await asyncio.start_server(self._serve, self.host, 0, reuse_address=True)
+            self.port = first.sockets[0].getsockname()[1]
+            first.close()
+            await first.wait_closed()
+        self._server = await asyncio.start_server(self._serve, hosts, self.port, reuse_address=True)
         self.port = self._server.sockets[0].getsockname()[1]
         self._ready.set()
         watcher = asyncio.create_task(self._watch())

@@ -424,7 +424,12 @@ def _start_relay(launcher: Launcher) -> GcsRelay:
             return None
         return Target(current.ip, current.gcs_port, current.head_id, current.epoch)
 
-    relay = GcsRelay(settings.node_ip, 0 if on_shared_host() else RELAY_PORT, newest_head)
+    if on_shared_host():  # no pod: a kernel port; Ray turns 127.0.0.1 into the host's IP, so both
+        from ray._private.services import get_node_ip_address
+
+        relay = GcsRelay(settings.node_ip, 0, newest_head, also_on=(get_node_ip_address(),))
+    else:
+        relay = GcsRelay(settings.node_ip, RELAY_PORT, newest_head)
     relay.start()
     launcher.node.extra_env.update(worker_reconnect_env())
     logger.info("GCS relay on %s (head fault tolerance: Ray rides through a head restart)", relay.address)
