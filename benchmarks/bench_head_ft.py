@@ -70,7 +70,7 @@ PROBE = textwrap.dedent(
     import os, time, ray
     ray.init()
 
-    @ray.remote(num_cpus=0)
+    @ray.remote(num_cpus=1)  # the head has no CPU: the probe lives on a worker
     class Probe:
         def ping(self):
             return 1

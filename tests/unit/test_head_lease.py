@@ -78,3 +78,25 @@ def test_head_fault_tolerance_is_on_by_default_and_reaches_every_node() -> None:
     off = parse_cluster_spec({"ray_cluster": {"name": "c", "head_fault_tolerance": False}}, env={})
     assert head_node(off).environment["RAY_CAI_HEAD_FT"] == "0"
     assert head_spec_hash(off) != head_spec_hash(spec)  # changing it replaces the nodes
+
+
+def test_status_reports_the_heads_view_else_what_the_spec_says() -> None:
+    from ray_serve_cai.cli.cluster import _fault_tolerance_line
+    from ray_serve_cai.cluster.status import ClusterStatus
+
+    spec = parse_cluster_spec({"ray_cluster": {"name": "c"}}, env={})
+    down = ClusterStatus("c", "p", "starting", [], desired=[head_node(spec)])
+    assert down.as_dict()["head_fault_tolerance"] == {"enabled": True, "storage": "rocksdb", "epoch": None}
+    failover = {"kind": "new head", "at": "2026-12-06T10:51:26+00:00", "seconds": 38.5, "epoch": 2}
+    reported = {"enabled": True, "storage": "rocksdb", "epoch": 2, "last_failover": failover}
+    up = ClusterStatus("c", "p", "ready", [], ray={"head_fault_tolerance": reported})
+    assert up.as_dict()["head_fault_tolerance"]["epoch"] == 2
+    line = _fault_tolerance_line(up.head_fault_tolerance) or ""
+    assert (
+        line.startswith("head fault tolerance: on (rocksdb, epoch 2); last failover: new head at")
+        and "38.5s" in line
+    )
+    assert (
+        _fault_tolerance_line({"enabled": False})
+        == "head fault tolerance: off (a head restart loses Ray's state)"
+    )
