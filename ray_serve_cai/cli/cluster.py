@@ -131,7 +131,8 @@ def _fault_tolerance_line(state: dict[str, Any] | None) -> str | None:
     if not state:
         return None
     if not state.get("enabled"):
-        return "head fault tolerance: off (a head restart loses Ray's state)"
+        why = state.get("reason") or "a head restart loses Ray's state"
+        return f"head fault tolerance: off ({why})"
     epoch = state.get("epoch")
     line = f"head fault tolerance: on ({state.get('storage')}" + (f", epoch {epoch})" if epoch else ")")
     failover = state.get("last_failover")

@@ -69,8 +69,8 @@ MAX_START_ATTEMPTS = 5
 # this many times within IN_PLACE_WINDOW_SECONDS; then the app fails and CML restarts it.
 MAX_IN_PLACE_RESTARTS = 5
 IN_PLACE_WINDOW_SECONDS = 600.0
-# The worker's GCS relay (ray_serve_cai.node.gcs_relay) listens here on the pod's IP; on a shared
-# host (no pods) the kernel chooses the port.
+# The worker's GCS relay (ray_serve_cai.node.gcs_relay) listens here on the pod's IP (head fault
+# tolerance is off on a shared host: see NodeSettings.head_ft).
 RELAY_PORT = 6380
 
 
@@ -245,7 +245,9 @@ def run_head(settings: NodeSettings | None = None, autostop_hooks: HooksFactory 
 
 
 def _ft_off() -> dict[str, object]:
-    return {"enabled": False}
+    if on_shared_host():
+        return {"enabled": False, "storage": "memory", "epoch": None, "reason": "shared host (no pods)"}
+    return {"enabled": False, "storage": "memory", "epoch": None}
 
 
 def _take_lease(launcher: Launcher, guard: HeadGuard) -> None:
@@ -424,12 +426,7 @@ def _start_relay(launcher: Launcher) -> GcsRelay:
             return None
         return Target(current.ip, current.gcs_port, current.head_id, current.epoch)
 
-    if on_shared_host():  # no pod: a kernel port; Ray turns 127.0.0.1 into the host's IP, so both
-        from ray._private.services import get_node_ip_address
-
-        relay = GcsRelay(settings.node_ip, 0, newest_head, also_on=(get_node_ip_address(),))
-    else:
-        relay = GcsRelay(settings.node_ip, RELAY_PORT, newest_head)
+    relay = GcsRelay(settings.node_ip, RELAY_PORT, newest_head)
     relay.start()
     launcher.node.extra_env.update(worker_reconnect_env())
     logger.info("GCS relay on %s (head fault tolerance: Ray rides through a head restart)", relay.address)
