@@ -136,8 +136,9 @@ class JobSubmission:
     entrypoint_num_gpus: float | None = None
     entrypoint_memory: int | None = None
     entrypoint_resources: dict[str, float] | None = None
-    # Where the driver runs: "auto" (a worker when the cluster has one and no entrypoint resources
-    # are given, so the job outlives a head restart; else Ray's default, the head), "workers", "head".
+    # Where the driver runs: "auto" (a worker when the head has fault tolerance on, the cluster has a
+    # worker and no entrypoint resources are given, so the job outlives a head restart; else Ray's
+    # default, the head), "workers", "head".
     driver: str = "auto"
     entrypoint_label_selector: dict[str, str] | None = None
 
@@ -172,13 +173,13 @@ class JobSubmission:
             or self.entrypoint_resources or self.entrypoint_label_selector
         )  # fmt: skip
 
-    def placed(self, cluster_has_workers: bool) -> JobSubmission:
+    def placed(self, on_workers: bool) -> JobSubmission:
         """The submission with its driver placed: on the head Ray's `node:__internal_head__`
         resource pins it; on a worker a label selector keeps it off the head (group `head`)."""
         if self.driver == "head":
             resources = {**(self.entrypoint_resources or {}), HEAD_RESOURCE: HEAD_RESOURCE_AMOUNT}
             return replace(self, entrypoint_resources=resources)
-        if self.driver == "workers" or (cluster_has_workers and not self.placed_by_user):
+        if self.driver == "workers" or (on_workers and not self.placed_by_user):
             selector = {**(self.entrypoint_label_selector or {}), GROUP_LABEL: "!head"}
             return replace(self, entrypoint_label_selector=selector)
         return self
@@ -349,7 +350,7 @@ class JobsClient:
             submission = replace(submission, submission_id=new_submission_id())
         assert submission.submission_id is not None
         automatic = submission.driver == "auto" and not submission.placed_by_user
-        submission = submission.placed(automatic and self.cluster_has_workers())
+        submission = submission.placed(automatic and self.drivers_belong_on_workers())
         try:
             response = self._http.post("/api/jobs/", json=submission.body())
         except httpx.TransportError as err:
@@ -363,15 +364,19 @@ class JobsClient:
             raise JobsError(f"Ray refused the job (HTTP {response.status_code}): {_ray_error_text(response)}")
         return str(self._json(response).get("submission_id") or submission.submission_id)
 
-    def cluster_has_workers(self) -> bool:
-        """Whether Ray has an alive node besides the head (the head's `/ray-cai/status`); False
-        when the head cannot say (then Ray's default placement applies)."""
+    def drivers_belong_on_workers(self) -> bool:
+        """Whether a driver is better off on a worker (the head's `/ray-cai/status`): the head has
+        fault tolerance on (else a head restart loses the job wherever its driver runs) and Ray has
+        an alive node besides the head. False when the head cannot say (Ray's default applies)."""
         try:
             response = self._http.get("/ray-cai/status", timeout=10)
-            nodes = response.json().get("nodes") or [] if response.is_success else []
-        except (httpx.HTTPError, ValueError, AttributeError):
+            body = response.json() if response.is_success else {}
+        except (httpx.HTTPError, ValueError):
             return False
-        return any(node.get("alive") and not node.get("is_head") for node in nodes if isinstance(node, dict))
+        if not isinstance(body, dict) or not (body.get("head_fault_tolerance") or {}).get("enabled"):
+            return False
+        nodes = body.get("nodes") or []
+        return any(isinstance(node, dict) and node.get("alive") and not node.get("is_head") for node in nodes)
 
     def get(self, submission_id: str) -> JobInfo:
         response = self._request("GET", self._job_path(submission_id), job=submission_id)

@@ -368,8 +368,9 @@ def submit(
     driver_on: str = typer.Option(
         "auto",
         "--driver-on",
-        help="Where the entrypoint runs: auto (a worker when the cluster has one and no --entrypoint-* "
-        "resources are given, so the job outlives a head restart), workers, or head.",
+        help="Where the entrypoint runs: auto (a worker when the head has fault tolerance on, the cluster "
+        "has a worker and no --entrypoint-* resources are given: the job outlives a head restart), "
+        "workers, or head.",
     ),
     max_retries: int = MaxRetriesOption,
     timeout: float | None = DeadlineOption,
