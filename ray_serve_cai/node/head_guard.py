@@ -66,7 +66,7 @@ class HeadGuard:
         self.uid = cluster_uid(project_dir, cluster)
         self.storage = storage_path(project_dir, cluster, self.uid)
         self.epoch = 0
-        self.taken_over: Lease | None = None  # the lease this head took from a head that did not release it
+        self.taken_over: Lease | None = None  # the lease of the head before this one (released or not)
         self.fenced_reason: str | None = None
         self.last_renewed = 0.0
         self.gcs_port = 0
@@ -98,8 +98,7 @@ class HeadGuard:
                 self.project_dir, self.cluster, decision.epoch, self.holder
             ):
                 self.epoch = decision.epoch
-                previous = decision.previous
-                self.taken_over = previous if previous is not None and not previous.released else None
+                self.taken_over = decision.previous
                 self._write(now)
                 logger.info("head lease: took epoch %s (%s)", self.epoch, decision.reason)
                 return self.epoch

@@ -83,7 +83,7 @@ class Decision:
     action: Literal["take", "renew", "wait"]
     epoch: int
     reason: str = ""
-    previous: Lease | None = None  # the lease taken over (a failover when it was not released)
+    previous: Lease | None = None  # the lease taken over (released: a clean restart; else a failover)
 
 
 def decide(current: Lease | None, holder: str, now: float, highest_claimed: int = 0,

@@ -284,8 +284,9 @@ def _run_head(launcher: Launcher, published: list[str], guard: HeadGuard | None 
     address = _start_head(launcher, published, guard)
     if guard is not None and had_state:
         previous = guard.taken_over
-        if previous is not None:  # the head before us did not stop cleanly: a failover to a new head
-            guard.record_failover("new head", previous.renewed_at, time.time())
+        if previous is not None:  # a head ran before this one: since its last sign of life
+            kind = "restart" if previous.released else "new head"  # stopped cleanly, or was lost
+            guard.record_failover(kind, previous.renewed_at, time.time())
     start_serve_in_background(launcher.status.connect, address, launcher.node.environment())
     # autostop (#22): the head measures idleness and, past the timeout, stops or deletes the cluster.
     start_autostop(
@@ -305,7 +306,7 @@ def _run_head(launcher: Launcher, published: list[str], guard: HeadGuard | None 
             raise NodeFailure(message + ("" if guard is None else f" ({len(restarts)} times in 10 minutes)"))
         down_since = time.time()
         logger.warning("%s: starting Ray's head processes again in this pod (same storage)", message)
-        guard.serving(None)  # before Ray restarts here: a new head must not take a GCS port that refuses
+        guard.serving(None)  # while Ray restarts here, a refusing GCS port must not look like a dead head
         _withdraw(launcher, published)
         launcher.end_ray()
         address = _start_head(launcher, published, guard)
