@@ -35,7 +35,9 @@ from support.fakes import wait_until
 from ray_serve_cai.workspace.processes import WORKLOAD_MARKER, processes_with_marker
 from ray_serve_cai.workspace.testing import WorkspaceHandle
 
-pytestmark = [pytest.mark.ray]
+# A head replacement on a loaded 2-core machine has taken over 10 minutes (Ray's agents missing their
+# start window, the head app failing and being restarted): more than the suite's per-test default.
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(1500)]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RAY_CAI = [sys.executable, "-m", "ray_serve_cai.cli.main"]
@@ -241,6 +243,7 @@ def test_head_processes_killed_in_a_live_pod_are_restarted_in_place(cluster: Clu
     before = cluster.ready()
     cluster.workspace.api_ok("DELETE", "/_workspace/restart-policy")  # CML's restart must not be needed
     ip = cluster.pod_ip(HEAD)
+    count = cluster.actor(1)["count"]
     victims = [p for p in cluster.head_processes() if p.name() in ("gcs_server", "raylet")]
     assert len(victims) == 2, victims
     killed = time.monotonic()
@@ -260,7 +263,7 @@ def test_head_processes_killed_in_a_live_pod_are_restarted_in_place(cluster: Clu
     assert worker_node_ids(after) == worker_node_ids(before)
     failover = after["head_fault_tolerance"]["last_failover"]
     assert failover["kind"] == "in place", failover
-    assert cluster.actor(1)["count"] == 7
+    assert cluster.actor(1)["count"] == count + 1
     print(f"\nGCS and raylet killed → ready again in place: {took:.1f}s (launcher: {failover['seconds']}s)")
 
 
