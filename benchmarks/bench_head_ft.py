@@ -9,8 +9,8 @@ committed (the project is a clone of it):
 A private pods workspace (temporary home; CML's automatic restart of failed applications on, with a
 `--restart-delay` of 2 s instead of CML's 300 s, which would only add itself) gets a 1 head
 (`head_ray_cpus: 0`) + 2 workers cluster. A probe job (its driver on a worker, as ray-cai places it)
-looks up a named detached actor every 0.1 s — a GCS call, through the worker's relay — calls it,
-and appends the time of each success to a file in the project. Each run:
+writes and reads the GCS's internal KV every 0.1 s — GCS calls, through the worker's relay — calls
+a detached actor on a worker, and appends the time of each success to a file in the project. Each run:
 
 * `pod`: SIGKILL every process of the head application; the workspace restarts it in a new pod
   (new IP) after the delay;
@@ -78,9 +78,15 @@ PROBE = textwrap.dedent(
     Probe.options(name="probe", namespace="bench", lifetime="detached", get_if_exists=True).remote()
     out = open(os.path.join(os.environ["BENCH_DIR"], "probe.log"), "a", buffering=1)
     end = time.time() + float(os.environ["BENCH_SECONDS"])
+    from ray.experimental import internal_kv
+
     while time.time() < end:
         try:
-            actor = ray.get_actor("probe", namespace="bench")  # a GCS lookup
+            # A write and a read of the GCS's KV: RPCs to the GCS itself (while it is down they wait
+            # for it, through this worker's relay); then a call of the detached actor on a worker.
+            internal_kv._internal_kv_put(b"bench-probe", str(time.time()).encode(), overwrite=True)
+            assert internal_kv._internal_kv_get(b"bench-probe")
+            actor = ray.get_actor("probe", namespace="bench")
             ray.get(actor.ping.remote(), timeout=5)
             out.write(f"{time.time()}\\n")
         except Exception:
