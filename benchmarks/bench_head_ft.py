@@ -175,7 +175,11 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="bench-head-ft-"))
-    info = start_workspace(home, app_restart=True, app_restart_delay=args.restart_delay, pods=True)
+    # One automatic restart per killed head, and some to spare (CML's budget is 3 per failure streak).
+    attempts = args.runs * 2 + 3
+    info = start_workspace(
+        home, app_restart=True, app_restart_attempts=attempts, app_restart_delay=args.restart_delay, pods=True
+    )
     workspace = WorkspaceHandle(info)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CML_", "CDSW_", "RAY_"))}
     env["RAY_CAI_WORKSPACE_HOME"] = str(home)
@@ -209,7 +213,10 @@ def main() -> int:
             time.sleep(1)
         for index in range(args.runs):
             for mode in modes:
+                settle = time.monotonic() + args.timeout
                 while not ready(workspace, project_id):
+                    if time.monotonic() > settle:
+                        raise SystemExit(f"the cluster was not ready {args.timeout:.0f}s after run {index}")
                     time.sleep(1)
                 time.sleep(3)
                 result = one_run(workspace, project_id, mode, probe_log, args.timeout)
