@@ -52,6 +52,7 @@ Each layer defines its own errors next to its code (module in brackets):
         ├── JobChainError            [deploy.jobs]
         ├── StepError                [deploy.steps]
         ├── NodeFailure              [node.launcher]
+        ├── LeaseRefused             [node.head_guard]  another live head holds the cluster's head lease
         ├── AutoscalingSetupError    [node.autoscaling]
         ├── TokenError               [node.files]
         ├── RendezvousNotFound       [node.files]

@@ -116,6 +116,14 @@ def _non_negative(name: str, value: float | None) -> None:
         raise JobInputError(f"{name}: must be a number of 0 or more, got {value:g}")
 
 
+DRIVER_PLACES = ("auto", "workers", "head")
+# Ray's error type when its job monitor fails on an unexpected (e.g. transient, during failover) error.
+FAILOVER_ERROR_TYPES = frozenset({"JOB_SUPERVISOR_ACTOR_UNKNOWN_FAILURE"})
+HEAD_RESOURCE = "node:__internal_head__"  # every Ray head has it (1.0)
+HEAD_RESOURCE_AMOUNT = 0.001
+GROUP_LABEL = "ray-cai.group"  # the node label every ray-cai node carries (`head` on the head)
+
+
 @dataclass(frozen=True)
 class JobSubmission:
     """What `POST /api/jobs/` takes (Ray's `JobSubmitRequest`)."""
@@ -128,6 +136,11 @@ class JobSubmission:
     entrypoint_num_gpus: float | None = None
     entrypoint_memory: int | None = None
     entrypoint_resources: dict[str, float] | None = None
+    # Where the driver runs: "auto" (a worker when the head has fault tolerance on, the cluster has a
+    # worker and no entrypoint resources are given, so the job outlives a head restart; else Ray's
+    # default, the head), "workers", "head".
+    driver: str = "auto"
+    entrypoint_label_selector: dict[str, str] | None = None
 
     def validate(self) -> None:
         """Raise `JobInputError` naming the field, before anything is sent."""
@@ -149,6 +162,27 @@ class JobSubmission:
         for key, value in (self.metadata or {}).items():
             if not key or not isinstance(value, str):
                 raise JobInputError(f"--metadata: {key!r}: keys must be non-empty and values strings")
+        if self.driver not in DRIVER_PLACES:
+            raise JobInputError(f"--driver-on: {self.driver!r} is not one of {', '.join(DRIVER_PLACES)}")
+
+    @property
+    def placed_by_user(self) -> bool:
+        """Entrypoint resources or a label selector place the driver (Ray then does not pin it)."""
+        return bool(
+            self.entrypoint_num_cpus or self.entrypoint_num_gpus or self.entrypoint_memory
+            or self.entrypoint_resources or self.entrypoint_label_selector
+        )  # fmt: skip
+
+    def placed(self, on_workers: bool) -> JobSubmission:
+        """The submission with its driver placed: on the head Ray's `node:__internal_head__`
+        resource pins it; on a worker a label selector keeps it off the head (group `head`)."""
+        if self.driver == "head":
+            resources = {**(self.entrypoint_resources or {}), HEAD_RESOURCE: HEAD_RESOURCE_AMOUNT}
+            return replace(self, entrypoint_resources=resources)
+        if self.driver == "workers" or (on_workers and not self.placed_by_user):
+            selector = {**(self.entrypoint_label_selector or {}), GROUP_LABEL: "!head"}
+            return replace(self, entrypoint_label_selector=selector)
+        return self
 
     def body(self) -> dict[str, Any]:
         fields = {
@@ -160,6 +194,7 @@ class JobSubmission:
             "entrypoint_num_gpus": self.entrypoint_num_gpus,
             "entrypoint_memory": self.entrypoint_memory,
             "entrypoint_resources": self.entrypoint_resources,
+            "entrypoint_label_selector": self.entrypoint_label_selector,
         }
         return {key: value for key, value in fields.items() if value is not None}
 
@@ -314,6 +349,8 @@ class JobsClient:
         if submission.submission_id is None:
             submission = replace(submission, submission_id=new_submission_id())
         assert submission.submission_id is not None
+        automatic = submission.driver == "auto" and not submission.placed_by_user
+        submission = submission.placed(automatic and self.drivers_belong_on_workers())
         try:
             response = self._http.post("/api/jobs/", json=submission.body())
         except httpx.TransportError as err:
@@ -327,9 +364,51 @@ class JobsClient:
             raise JobsError(f"Ray refused the job (HTTP {response.status_code}): {_ray_error_text(response)}")
         return str(self._json(response).get("submission_id") or submission.submission_id)
 
+    def drivers_belong_on_workers(self) -> bool:
+        """Whether a driver is better off on a worker (the head's `/ray-cai/status`): the head has
+        fault tolerance on (else a head restart loses the job wherever its driver runs) and Ray has
+        an alive node besides the head. False when the head cannot say (Ray's default applies)."""
+        try:
+            response = self._http.get("/ray-cai/status", timeout=10)
+            body = response.json() if response.is_success else {}
+        except (httpx.HTTPError, ValueError):
+            return False
+        if not isinstance(body, dict) or not (body.get("head_fault_tolerance") or {}).get("enabled"):
+            return False
+        nodes = body.get("nodes") or []
+        return any(isinstance(node, dict) and node.get("alive") and not node.get("is_head") for node in nodes)
+
     def get(self, submission_id: str) -> JobInfo:
         response = self._request("GET", self._job_path(submission_id), job=submission_id)
-        return JobInfo.from_api(self._json(response))
+        return self._failover_checked(JobInfo.from_api(self._json(response)))
+
+    def _failover_checked(self, info: JobInfo) -> JobInfo:
+        """Ray 2.60 can mark a live job FAILED on a transient error while its head fails over
+        (ray#65025: the job monitor's "Unexpected error occurred"). When the job's supervisor actor
+        still lives, the job runs: say RUNNING, and why Ray says otherwise."""
+        if info.status != FAILED or info.raw.get("error_type") not in FAILOVER_ERROR_TYPES:
+            return info
+        if not info.submission_id or not self.supervisor_alive(info.submission_id):
+            return info
+        note = (
+            "still running: Ray marked it FAILED during a head failover (ray#65025) but its "
+            f"driver's supervisor lives; Ray said: {info.message.strip()}"
+        )
+        return replace(info, status=RUNNING, message=note, end_time=None, raw={**info.raw, "status": RUNNING,
+                       "message": note})  # fmt: skip
+
+    def supervisor_alive(self, submission_id: str) -> bool:
+        """Whether the job's supervisor actor (which runs its driver) is ALIVE (Ray's state API)."""
+        params = {
+            "filter_keys": "name", "filter_predicates": "=",
+            "filter_values": f"_ray_internal_job_actor_{submission_id}", "detail": "false",
+        }  # fmt: skip
+        try:
+            response = self._http.get("/api/v0/actors", params=params, timeout=10)
+            rows = response.json()["data"]["result"]["result"] if response.is_success else []
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return False
+        return any(isinstance(row, dict) and row.get("state") == "ALIVE" for row in rows)
 
     def list(self) -> list[JobInfo]:
         """Every job Ray knows: submitted jobs and drivers started by `ray.init` clients."""

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.markup import escape
@@ -120,6 +121,24 @@ def _print_groups(status: ClusterStatus) -> None:
         out_console.print(escape(line))
     if status.autostop:  # autostop (#22): "idle for 12 min, stops in 18 min", what keeps it busy, or stopped
         out_console.print(escape(describe_view(status.autostop)))
+    line = _fault_tolerance_line(status.head_fault_tolerance)
+    if line:
+        out_console.print(escape(line))
+
+
+def _fault_tolerance_line(state: dict[str, Any] | None) -> str | None:
+    """`head fault tolerance: on (rocksdb, epoch 3); last failover: new head at ..., 24.1s`."""
+    if not state:
+        return None
+    if not state.get("enabled"):
+        why = state.get("reason") or "a head restart loses Ray's state"
+        return f"head fault tolerance: off ({why})"
+    epoch = state.get("epoch")
+    line = f"head fault tolerance: on ({state.get('storage')}" + (f", epoch {epoch})" if epoch else ")")
+    failover = state.get("last_failover")
+    if failover:
+        line += f"; last failover: {failover.get('kind')} at {failover.get('at')}, {failover.get('seconds')}s"
+    return line
 
 
 def _print_differences(differences: list[str]) -> None:

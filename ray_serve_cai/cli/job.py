@@ -303,6 +303,7 @@ def build_submission(
     memory: int | None = None,
     resources: str | None = None,
     metadata: list[str] | None = None,
+    driver_on: str = "auto",
 ) -> tuple[JobSubmission, dict[str, Any] | None]:
     """The submission (validated: `JobInputError` names the flag) and its runtime env."""
     env = load_runtime_env(runtime_env) if runtime_env is not None else None
@@ -315,6 +316,7 @@ def build_submission(
         entrypoint_num_gpus=num_gpus,
         entrypoint_memory=memory,
         entrypoint_resources=_parse_resources(resources),
+        driver=driver_on,
     )
     request.validate()
     check_local_packages(env or {})  # a missing working_dir, or no Ray to package it: before any call
@@ -363,6 +365,13 @@ def submit(
         None, "--entrypoint-resources", help="Other resources for the entrypoint, JSON: '{\"GPU_A100\": 1}'."
     ),
     metadata: list[str] = typer.Option([], "--metadata", help="KEY=VALUE to attach to the job (repeatable)."),
+    driver_on: str = typer.Option(
+        "auto",
+        "--driver-on",
+        help="Where the entrypoint runs: auto (a worker when the head has fault tolerance on, the cluster "
+        "has a worker and no --entrypoint-* resources are given: the job outlives a head restart), "
+        "workers, or head.",
+    ),
     max_retries: int = MaxRetriesOption,
     timeout: float | None = DeadlineOption,
     config: ConfigPath = DEFAULT_CONFIG,
@@ -391,6 +400,7 @@ def submit(
             memory=memory,
             resources=resources,
             metadata=metadata,
+            driver_on=driver_on,
         )
         with cluster_target(config, local, project, cluster) as target:
             endpoint = target.head()

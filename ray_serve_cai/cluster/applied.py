@@ -25,6 +25,7 @@ import logging
 import os
 import socket
 import subprocess
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -85,6 +86,10 @@ class AppliedRecord(BaseModel):
     origin: Origin = Origin()
     # When the cluster was first ready (KubeRay's "provisioned", latched): kept by later records.
     provisioned_at: str | None = None
+    # This cluster instance's id, created with the first record and kept by every later one: the
+    # head keys its stored GCS state by it (ray_serve_cai.node.gcs_storage), so a new cluster of
+    # the same name never opens an old cluster's state.
+    cluster_uid: str | None = None
 
     def cluster_spec(self) -> ClusterSpec:
         return ClusterSpec.model_validate_json(json.dumps(self.spec))
@@ -352,6 +357,7 @@ def new_record(
     at: str | None = None,
     commit: str | None = None,
     provisioned_at: str | None = None,
+    cluster_uid: str | None = None,
 ) -> AppliedRecord:
     """The record of a pass that applies `spec` (pure when `at` is given: a pass passes the time of
     its observation); `commit` defaults to the request's."""
@@ -368,6 +374,7 @@ def new_record(
             at=at or utc_now(),
         ),
         provisioned_at=provisioned_at,
+        cluster_uid=cluster_uid or uuid.uuid4().hex,
     )
 
 

@@ -117,8 +117,9 @@ def record_to_write(
     if provisioned_at is None and cluster_status(observation, request).ready:
         provisioned_at = observation.at  # ready already (a cluster made before records): latch now
     return new_record(
-        desired.configured, desired.runtimes, request, at=observation.at, provisioned_at=provisioned_at
-    )
+        desired.configured, desired.runtimes, request, at=observation.at, provisioned_at=provisioned_at,
+        cluster_uid=record.cluster_uid if record is not None else None,
+    )  # fmt: skip
 
 
 def provisioned_record(observation: Observation, status: ClusterStatus) -> AppliedRecord | None:

@@ -386,7 +386,26 @@ class RayCluster:
                 time.sleep(min(0.5, interval))
 
     def down(self) -> list[str]:
-        """Stop and delete every application this cluster owns (nodes copy their logs on stop)."""
+        """Stop and delete every application this cluster owns (nodes copy their logs on stop), then
+        the head's stored GCS state (head fault tolerance): a later cluster of this name starts fresh."""
+        removed = self._delete_apps()
+        self._remove_gcs_state()
+        return removed
+
+    def _remove_gcs_state(self) -> None:
+        """Delete `.ray-cai/<cluster>/gcs/` (RocksDB, lease, epochs, failover record; see
+        ray_serve_cai.node.gcs_storage) through the project files API; none there is fine."""
+        path = f".ray-cai/{self.spec.name}/gcs"
+        try:
+            self.client.delete_project_file(self.project_id, path)
+        except NotFound:
+            return
+        except CMLError as err:
+            log.warning("could not remove the stored GCS state %s: %s", path, err)
+            return
+        log.info("removed the stored GCS state %s", path)
+
+    def _delete_apps(self) -> list[str]:
         observation = self._observe_clean(ray=False)
         if not observation.owned:
             return []

@@ -15,6 +15,7 @@ from ray_serve_cai.cluster.conditions import Condition
 from ray_serve_cai.cluster.plan import ObservedApp, owned_apps
 from ray_serve_cai.cml import APPLICATION_FAILED, APPLICATION_RUNNING, Application
 from ray_serve_cai.config import NodeSpec
+from ray_serve_cai.config.node_env import HEAD_FT_VARIABLE
 
 
 @dataclass
@@ -74,6 +75,19 @@ class ClusterStatus:
         return self.ray.get("autoscaler") or None
 
     @property
+    def head_fault_tolerance(self) -> dict[str, Any] | None:
+        """The head's fault-tolerance state as it reports it (enabled, storage, epoch, the last
+        failover); while the head does not answer, what its spec says (epoch unknown)."""
+        reported = self.ray.get("head_fault_tolerance")
+        if reported:
+            return dict(reported)
+        head = next((node for node in self.desired if node.role == "head"), None)
+        if head is None:
+            return None
+        enabled = head.environment.get(HEAD_FT_VARIABLE) == "1"
+        return {"enabled": enabled, "storage": "rocksdb" if enabled else "memory", "epoch": None}
+
+    @property
     def ready(self) -> bool:
         return self.state == "ready"
 
@@ -102,6 +116,7 @@ class ClusterStatus:
             "serve": self.serve,
             "conditions": [c.as_dict() for c in self.conditions],
             "autostop": self.autostop,
+            "head_fault_tolerance": self.head_fault_tolerance,
         }
 
 

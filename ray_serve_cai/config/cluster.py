@@ -164,6 +164,9 @@ class ClusterSpec(BaseModel):
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
     serve: ServeSpec | None = None  # not part of any node's hash: Serve changes apply in place
     autostop: AutostopSpec | None = None  # None = off; not part of any node's hash either
+    # GCS state in the project, one GCS per cluster (a lease), workers riding through a head restart
+    # (ray_serve_cai.node.gcs_storage, head_lease, gcs_relay). Part of every node's hash.
+    head_fault_tolerance: bool = True
 
     @model_validator(mode="after")
     def _cross_field_rules(self, info: ValidationInfo) -> ClusterSpec:
@@ -299,8 +302,9 @@ _HEAD_VARIABLES = (
     "dashboard_port",
     "auth",
     "polling_endpoint",
+    "head_ft",
 )
-_WORKER_VARIABLES = (*_COMMON_VARIABLES, "memory_gb", "auth", "join_timeout", "polling_endpoint")
+_WORKER_VARIABLES = (*_COMMON_VARIABLES, "memory_gb", "auth", "join_timeout", "polling_endpoint", "head_ft")
 
 
 def head_app_name(cluster: str) -> str:
@@ -372,6 +376,7 @@ def head_spec_hash(spec: ClusterSpec) -> str:
             # Only present when true, so hashes of clusters without autoscaling stay as they were.
             # Bounds and idle timeout are not part of it: the autoscaler re-reads them, no restart.
             **({"autoscaler": True} if spec.autoscaled_groups else {}),
+            **({"head_ft": True} if spec.head_fault_tolerance else {}),
         }
     )
 
@@ -396,6 +401,7 @@ def worker_spec_hash(spec: ClusterSpec, group: str) -> str:
             # Every worker of a cluster with autoscaling advertises NODE_ID_AS_RESOURCE (fixed groups
             # too, so Ray's autoscaler counts their capacity); only present then, as for the head.
             **({"node_id_resource": True} if spec.autoscaled_groups else {}),
+            **({"head_ft": True} if spec.head_fault_tolerance else {}),
         }
     )
 
@@ -437,6 +443,7 @@ def head_node(spec: ClusterSpec) -> NodeSpec:
                 client_port=spec.ports.client,
                 dashboard_port=spec.ports.dashboard,
                 auth=auth,
+                head_ft=spec.head_fault_tolerance,
             ).to_env(*_HEAD_VARIABLES),
             **autoscaling,
             **spec.environment,
@@ -474,6 +481,7 @@ def worker_node(spec: ClusterSpec, group: str, index: int) -> NodeSpec:
                 memory_gb=g.memory,
                 auth=auth,
                 join_timeout=spec.join_timeout,
+                head_ft=spec.head_fault_tolerance,
             ).to_env(*_WORKER_VARIABLES),
             **autoscaling,
             **spec.environment,
@@ -765,6 +773,13 @@ class RayClusterFile(BaseModel):
     autostop: AutostopFile | None = Field(
         None, description="stop or delete the cluster when idle (default: off); `ray-cai autostop` changes it"
     )
+    head_fault_tolerance: bool = Field(
+        True,
+        description=(
+            "a head restart loses nothing: GCS state in the project (RocksDB), one GCS per cluster "
+            "(a lease), workers ride through a head restart; changing it replaces every node"
+        ),
+    )
 
 
 class ClusterFile(BaseModel):
@@ -933,6 +948,7 @@ def _normalize(file: ClusterFile, group_index: list[int]) -> tuple[dict[str, Any
         "autoscaling": rc.autoscaling.model_dump(),
         "serve": rc.serve.model_dump() if rc.serve is not None else None,
         "autostop": rc.autostop.model_dump() if rc.autostop is not None else None,
+        "head_fault_tolerance": rc.head_fault_tolerance,
     }
 
     def where(path: str) -> str:

@@ -22,6 +22,7 @@ GROUP_VARIABLE = "RAY_CAI_GROUP"
 NODE_NAME_VARIABLE = "RAY_CAI_NODE_NAME"
 AUTOSCALER_VARIABLE = "RAY_CAI_AUTOSCALER"  # "1" on the head of a cluster with autoscaled groups
 NODE_ID_RESOURCE_VARIABLE = "RAY_CAI_NODE_ID_RESOURCE"  # Ray's NODE_ID_AS_RESOURCE of the node
+HEAD_FT_VARIABLE = "RAY_CAI_HEAD_FT"  # "1": head fault tolerance (GCS state in the project, lease, relay)
 POLLING_ENDPOINT_VARIABLE = "CDSW_APP_POLLING_ENDPOINT"
 # What CML polls on every node app: fails once the node's Ray has been down past its start grace.
 NODE_POLLING_ENDPOINT = "/ray-cai/healthz"
@@ -65,6 +66,8 @@ class NodeEnvironment(BaseModel):
     autoscaler: bool = Field(False, alias=AUTOSCALER_VARIABLE)
     node_id_resource: Annotated[int, Field(ge=1)] | None = Field(None, alias=NODE_ID_RESOURCE_VARIABLE)
     polling_endpoint: str = Field(NODE_POLLING_ENDPOINT, alias=POLLING_ENDPOINT_VARIABLE)
+    # Off when unset (a node started by hand); `ray_cluster.head_fault_tolerance` (default on) sets it.
+    head_ft: bool = Field(False, alias=HEAD_FT_VARIABLE)
 
     @field_validator("*", mode="before")
     @classmethod

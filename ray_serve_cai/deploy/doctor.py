@@ -40,6 +40,7 @@ PROBE_DIR = ".ray-cai-doctor"
 RAY_PORTS = (6379, 8265, 10001, 20000)
 # An fsync slower than this makes rendezvous and the GCS's on-disk state sluggish.
 FSYNC_SLOW_MS = 100.0
+FSYNC_SLOW_P99_MS = 250.0
 APP_START_TIMEOUT = 300.0
 JOB_TIMEOUT = 300.0
 # Check names: each states the fact it establishes.
@@ -418,15 +419,20 @@ def _check_job_findings(report: DoctorReport, result: dict[str, Any], local: boo
         )
     fsync = result.get("fsync", {})
     median, worst = float(fsync.get("median_ms", 0)), float(fsync.get("max_ms", 0))
+    p99 = float(fsync.get("p99_ms", worst))
     fs_note = " (local workspace: the host's filesystem)" if local else ""
+    # Head fault tolerance keeps the GCS in RocksDB on the project filesystem: one fsync per GCS write
+    # (actor, job, placement group, KV). Upstream measured ~4 ms p50 on ext4.
+    slow = median >= FSYNC_SLOW_MS or p99 >= FSYNC_SLOW_P99_MS
     report.checks.append(
         Check(
             FSYNC,
-            "ok" if median < FSYNC_SLOW_MS else "warn",
-            f"fsync median {median:.1f} ms, max {worst:.1f} ms{fs_note}",
-            "rendezvous files are written with fsync + rename"
-            if median < FSYNC_SLOW_MS
-            else "expect slower head starts; GCS state on the project filesystem is slow",
+            "warn" if slow else "ok",
+            f"fsync median {median:.1f} ms, p99 {p99:.1f} ms, max {worst:.1f} ms{fs_note}",
+            "expect slow GCS writes with head fault tolerance (RocksDB fsyncs each one); "
+            "consider `head_fault_tolerance: false`"
+            if slow
+            else "rendezvous files and the head's GCS state (head fault tolerance, RocksDB) fsync each write",
         )
     )
     if result.get("flock_exclusive"):
@@ -435,7 +441,7 @@ def _check_job_findings(report: DoctorReport, result: dict[str, Any], local: boo
                 FLOCK,
                 "ok",
                 "a lock held in the app's pod kept the job's pod out" + fs_note,
-                "nothing relies on it: the cluster lock is an application (API), never a file lock",
+                "RocksDB's LOCK file also holds across pods; one GCS per cluster is the head lease's job",
             )
         )
     else:
@@ -444,7 +450,8 @@ def _check_job_findings(report: DoctorReport, result: dict[str, Any], local: boo
                 FLOCK,
                 "warn",
                 "the job's pod took a lock the app's pod held",
-                "the tool's cluster lock is an application (API), never a file lock",
+                "RocksDB's own lock does not hold across pods: only the head lease (epochs claimed by "
+                "exclusive create) keeps a second head's GCS off the stored state",
             )
         )
     rename = result.get("rename", {})

@@ -121,6 +121,9 @@ class Rendezvous:
     started_at: str
     auth: str = "token"
     node_name: str = ""
+    epoch: int = 0  # the head lease's epoch (head fault tolerance); workers follow only the newest
+    # Head fault tolerance: the workers' reconnect window, and where the GCS keeps its state.
+    fault_tolerant: bool = False
 
     @property
     def gcs_address(self) -> str:
@@ -146,6 +149,8 @@ class Rendezvous:
             started_at=str(data["started_at"]),
             auth=str(data.get("auth", "token")),
             node_name=str(data.get("node_name", "")),
+            epoch=int(data.get("epoch", 0)),
+            fault_tolerant=bool(data.get("fault_tolerant", False)),
         )
 
 

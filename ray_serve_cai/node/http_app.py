@@ -58,6 +58,8 @@ class NodeStatus:
     autoscaler: Callable[[], dict[str, Any] | None] = lambda: None  # the autoscaler's last decision
     # autostop (#22): the head's idle view, and a wrapper of the path mounts (counts Serve requests)
     autostop: Callable[[], dict[str, Any] | None] = lambda: None
+    # Head fault tolerance: enabled, storage, epoch, the last failover (ray_serve_cai.node.head_guard)
+    fault_tolerance: Callable[[], dict[str, Any] | None] = lambda: None
     mount_wrapper: Callable[[str, Any], Any] = lambda _prefix, app: app
     # Head only, once published: gcs_address, client_address, auth_mode, token_path (a path, never the token).
     connect: dict[str, Any] = field(default_factory=dict)
@@ -235,6 +237,8 @@ async def _head_status(status: NodeStatus) -> JSONResponse:
         body["autoscaler"] = decision
     if (idle_view := status.autostop()) is not None:  # autostop (#22)
         body["autostop"] = idle_view
+    if (fault_tolerance := status.fault_tolerance()) is not None:
+        body["head_fault_tolerance"] = fault_tolerance
     address, list_nodes = status.gcs_address, status.list_nodes
     if address is None or list_nodes is None or not status.ray_running():
         error = "ray is not running" + (f"; last error: {status.last_error}" if status.last_error else "")

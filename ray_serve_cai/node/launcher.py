@@ -42,8 +42,12 @@ from ray_serve_cai.node.files import (
     rendezvous_path,
     write_rendezvous,
 )
+from ray_serve_cai.node.gcs_relay import GcsRelay, Target
+from ray_serve_cai.node.gcs_storage import worker_reconnect_env
+from ray_serve_cai.node.head_guard import HeadGuard, LeaseRefused
 from ray_serve_cai.node.history import ProjectKeeper
 from ray_serve_cai.node.http_app import AppServer, NodeStatus
+from ray_serve_cai.node.ports import on_shared_host
 from ray_serve_cai.node.ray_node import GCS_PROBE, NodePorts, RayNode, wait_for_gcs
 from ray_serve_cai.node.serve_proxy import serve_upstreams, start_serve_in_background, start_serve_ingress
 from ray_serve_cai.node.settings import NodeSettings, SettingsError
@@ -61,6 +65,13 @@ SUPERVISE_INTERVAL_SECONDS = 2.0
 REJOIN_PAUSE_SECONDS = 1.0
 # Consecutive `ray start` attempts that fail before the node runs; then the app fails (exit 1).
 MAX_START_ATTEMPTS = 5
+# Head fault tolerance: Ray's head processes that die in a live pod are started again in it, at most
+# this many times within IN_PLACE_WINDOW_SECONDS; then the app fails and CML restarts it.
+MAX_IN_PLACE_RESTARTS = 5
+IN_PLACE_WINDOW_SECONDS = 600.0
+# The worker's GCS relay (ray_serve_cai.node.gcs_relay) listens here on the pod's IP (head fault
+# tolerance is off on a shared host: see NodeSettings.head_ft).
+RELAY_PORT = 6380
 
 
 class NodeFailure(OperationFailed):
@@ -200,22 +211,68 @@ def run_head(settings: NodeSettings | None = None, autostop_hooks: HooksFactory 
     launcher.hooks = autostop_hooks
     launcher.install_signal_handlers()
     published: list[str] = []  # head ids this launcher published (one per start that got a GCS)
-    # A head.json left by a previous head names a dead GCS: withdraw it so workers wait for us.
-    remove_rendezvous(settings.project_dir, settings.cluster)
+    guard = (
+        HeadGuard(settings.project_dir, settings.cluster, settings.node_name, settings.node_ip)
+        if settings.head_ft
+        else None
+    )
+    launcher.status.fault_tolerance = guard.status if guard is not None else _ft_off
+    if guard is None:
+        # A head.json left by a previous head names a dead GCS: withdraw it so workers wait for us.
+        remove_rendezvous(settings.project_dir, settings.cluster)
     try:
         launcher.http.begin()
-        return _run_head(launcher, published)
+        if guard is not None:
+            _take_lease(launcher, guard)
+        return _run_head(launcher, published, guard)
     except StopRequested:
         _withdraw(launcher, published)
         launcher.end_ray()
+        if guard is not None and guard.fenced_reason is not None:
+            logger.error("stopped: %s", guard.fenced_reason)
+            return EXIT_FAILED
         return EXIT_OK
+    except LeaseRefused as refused:
+        launcher.status.note_failure(str(refused))
+        logger.error("%s", refused)
+        return EXIT_FAILED
     except NodeFailure as failure:
         logger.error("%s", failure)
         _withdraw(launcher, published)
         launcher.end_ray()
         return EXIT_FAILED
     finally:
+        if guard is not None:
+            guard.release()  # after Ray ended: the next head may start its GCS at once
         launcher.shutdown()
+
+
+def _ft_off() -> dict[str, object]:
+    if on_shared_host():
+        return {"enabled": False, "storage": "memory", "epoch": None, "reason": "shared host (no pods)"}
+    return {"enabled": False, "storage": "memory", "epoch": None}
+
+
+def _take_lease(launcher: Launcher, guard: HeadGuard) -> None:
+    """Hold the lease before the GCS starts (waiting out an overlapping old head), renew it from
+    then on, and point the GCS at the cluster's stored state."""
+    said: list[str] = []
+
+    def on_wait(reason: str) -> None:
+        launcher.status.phase = reason
+        if not said or said[-1].split(" (")[0] != reason.split(" (")[0]:
+            logger.info("%s", reason)
+            said.append(reason)
+
+    guard.acquire(launcher.sleep, on_wait)
+    guard.on_fenced = lambda _reason: launcher.stop_event.set()
+    guard.start()
+    launcher.status.phase = "starting"
+    settings = launcher.settings
+    # The previous head's head.json names a GCS that is gone: withdraw it now that we hold the lease.
+    remove_rendezvous(settings.project_dir, settings.cluster)
+    launcher.node.extra_env.update(guard.env())
+    logger.info("head fault tolerance: epoch %s, GCS state in %s", guard.epoch, guard.storage)
 
 
 def _withdraw(launcher: Launcher, published: list[str]) -> None:
@@ -224,7 +281,44 @@ def _withdraw(launcher: Launcher, published: list[str]) -> None:
         remove_rendezvous(launcher.settings.project_dir, launcher.settings.cluster, head_id=head_id)
 
 
-def _run_head(launcher: Launcher, published: list[str]) -> int:
+def _run_head(launcher: Launcher, published: list[str], guard: HeadGuard | None = None) -> int:
+    settings = launcher.settings
+    had_state = guard is not None and guard.storage.is_dir()
+    address = _start_head(launcher, published, guard)
+    if guard is not None and had_state:
+        previous = guard.taken_over
+        if previous is not None:  # a head ran before this one: since its last sign of life
+            kind = "restart" if previous.released else "new head"  # stopped cleanly, or was lost
+            guard.record_failover(kind, previous.renewed_at, time.time())
+    start_serve_in_background(launcher.status.connect, address, launcher.node.environment())
+    # autostop (#22): the head measures idleness and, past the timeout, stops or deletes the cluster.
+    start_autostop(
+        launcher.status, launcher.serve_traffic, GCS_PROBE.client,
+        project_dir=settings.project_dir, env=os.environ, hooks=launcher.hooks,
+    )  # fmt: skip
+    restarts: list[float] = []
+    while True:
+        launcher.sleep(SUPERVISE_INTERVAL_SECONDS)
+        exit_code = launcher.node.exit_code()
+        if exit_code is None:
+            continue
+        message = f"ray start on head {settings.node_name} exited with code {exit_code}"
+        now = time.monotonic()
+        restarts = [at for at in restarts if now - at < IN_PLACE_WINDOW_SECONDS] + [now]
+        if guard is None or len(restarts) > MAX_IN_PLACE_RESTARTS:
+            raise NodeFailure(message + ("" if guard is None else f" ({len(restarts)} times in 10 minutes)"))
+        down_since = time.time()
+        logger.warning("%s: starting Ray's head processes again in this pod (same storage)", message)
+        guard.serving(None)  # while Ray restarts here, a refusing GCS port must not look like a dead head
+        _withdraw(launcher, published)
+        launcher.end_ray()
+        address = _start_head(launcher, published, guard)
+        guard.record_failover("in place", down_since, time.time())
+        start_serve_in_background(launcher.status.connect, address, launcher.node.environment())
+
+
+def _start_head(launcher: Launcher, published: list[str], guard: HeadGuard | None) -> str:
+    """Start Ray's head until it runs (retrying a failed start with new ports); its GCS address."""
     settings = launcher.settings
     while True:
         launcher.start_ray()
@@ -240,27 +334,19 @@ def _run_head(launcher: Launcher, published: list[str]) -> int:
             raise StopRequested
         if healthy:
             # Published as soon as the GCS is healthy: workers join while the head finishes starting.
-            published.append(_publish(launcher, address))
+            published.append(_publish(launcher, address, guard.epoch if guard is not None else 0))
             if _wait_started(launcher, deadline):
                 break
             _withdraw(launcher, published)
         launcher.start_failed()
     launcher.node_runs()
+    if guard is not None:
+        guard.serving(launcher.ports.gcs)
     logger.info("head %s runs at %s", launcher.status.head_id, address)
-    start_serve_in_background(launcher.status.connect, address, launcher.node.environment())
-    # autostop (#22): the head measures idleness and, past the timeout, stops or deletes the cluster.
-    start_autostop(
-        launcher.status, launcher.serve_traffic, GCS_PROBE.client,
-        project_dir=settings.project_dir, env=os.environ, hooks=launcher.hooks,
-    )  # fmt: skip
-    while True:
-        launcher.sleep(SUPERVISE_INTERVAL_SECONDS)
-        exit_code = launcher.node.exit_code()
-        if exit_code is not None:
-            raise NodeFailure(f"ray start on head {settings.node_name} exited with code {exit_code}")
+    return address
 
 
-def _publish(launcher: Launcher, address: str) -> str:
+def _publish(launcher: Launcher, address: str, epoch: int = 0) -> str:
     """Write the rendezvous (a new head id) and the status page's connect facts; the head id."""
     settings, ports = launcher.settings, launcher.ports
     rendezvous = Rendezvous(
@@ -274,6 +360,8 @@ def _publish(launcher: Launcher, address: str) -> str:
         started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         auth=settings.auth,
         node_name=settings.node_name,
+        epoch=epoch,
+        fault_tolerant=settings.head_ft,
     )
     launcher.status.head_id = rendezvous.head_id
     launcher.status.gcs_address = address
@@ -324,6 +412,33 @@ def run_worker(settings: NodeSettings | None = None) -> int:
 
 def _run_worker(launcher: Launcher) -> None:
     settings = launcher.settings
+    relay = _start_relay(launcher) if settings.head_ft else None
+    try:
+        _join_loop(launcher, relay)
+    finally:
+        if relay is not None:
+            relay.stop()
+
+
+def _start_relay(launcher: Launcher) -> GcsRelay:
+    """The worker's GCS relay (its Ray reaches the newest head through it) and the reconnect window."""
+    settings = launcher.settings
+
+    def newest_head() -> Target | None:
+        current = read_rendezvous(settings.project_dir, settings.cluster)
+        if current is None:
+            return None
+        return Target(current.ip, current.gcs_port, current.head_id, current.epoch)
+
+    relay = GcsRelay(settings.node_ip, RELAY_PORT, newest_head)
+    relay.start()
+    launcher.node.extra_env.update(worker_reconnect_env())
+    logger.info("GCS relay on %s (head fault tolerance: Ray rides through a head restart)", relay.address)
+    return relay
+
+
+def _join_loop(launcher: Launcher, relay: GcsRelay | None) -> None:
+    settings = launcher.settings
     while True:
         launcher.status.phase = "waiting for the head"
         rendezvous = _wait_for_rendezvous(launcher)
@@ -349,10 +464,11 @@ def _run_worker(launcher: Launcher) -> None:
                 f"worker {settings.node_name}: GCS of head {rendezvous.head_id} at {rendezvous.gcs_address} "
                 f"not healthy after {settings.join_timeout:.0f}s"
             )
-        launcher.start_ray(rendezvous.gcs_address)
+        address = relay.address if relay is not None else rendezvous.gcs_address
+        launcher.start_ray(address)
         launcher.status.head_id = rendezvous.head_id
-        logger.info("joining head %s at %s", rendezvous.head_id, rendezvous.gcs_address)
-        reason, failed = _supervise_worker(launcher, rendezvous.head_id)
+        logger.info("joining head %s at %s", rendezvous.head_id, address)
+        reason, failed = _supervise_worker(launcher, rendezvous.head_id, follow_head=relay is None)
         if failed:
             launcher.start_failed()
         else:
@@ -363,9 +479,11 @@ def _run_worker(launcher: Launcher) -> None:
         launcher.sleep(REJOIN_PAUSE_SECONDS)
 
 
-def _supervise_worker(launcher: Launcher, head_id: str) -> tuple[str, bool]:
+def _supervise_worker(launcher: Launcher, head_id: str, follow_head: bool = True) -> tuple[str, bool]:
     """Block until Ray must be restarted; return why, and whether `ray start` failed before the
-    node ran (a failed start, retried with other ports) rather than ending after it ran."""
+    node ran (a failed start, retried with other ports) rather than ending after it ran.
+    `follow_head` False (head fault tolerance): a new head is no reason to restart; Ray reconnects
+    through the relay, and only its own exit (e.g. the reconnect window passed) restarts it."""
     settings = launcher.settings
     running = False
     while True:
@@ -379,11 +497,17 @@ def _supervise_worker(launcher: Launcher, head_id: str) -> tuple[str, bool]:
         if launcher.stop_event.is_set():
             raise StopRequested
         exit_code = launcher.node.exit_code()
+        current = read_rendezvous(settings.project_dir, settings.cluster)
         if exit_code is not None:
-            current = read_rendezvous(settings.project_dir, settings.cluster)
             head_still_there = current is not None and current.head_id == head_id
             return f"ray start exited with code {exit_code}", not running and head_still_there
-        current = read_rendezvous(settings.project_dir, settings.cluster)
+        if not follow_head:
+            if current is not None and current.head_id != launcher.status.head_id:
+                logger.info(
+                    "following head %s (epoch %s) through the GCS relay", current.head_id, current.epoch
+                )
+                launcher.status.head_id = current.head_id
+            continue
         if current is None:
             return "the head withdrew its rendezvous", False
         if current.head_id != head_id:

@@ -23,6 +23,7 @@ from ray_serve_cai.config.node_env import (
     NodeEnvironment,
 )
 from ray_serve_cai.errors import BadInput
+from ray_serve_cai.node.ports import on_shared_host
 
 Role = Literal["head", "worker"]
 AuthMode = Literal["token", "disabled"]
@@ -67,6 +68,8 @@ class NodeSettings(BaseModel):
     # NODE_ID_AS_RESOURCE, by which the autoscaler matches its application to its Ray node.
     autoscaler: bool = False
     node_id_resource: int | None = None
+    # Head fault tolerance (RAY_CAI_HEAD_FT=1): see ray_serve_cai.node.gcs_storage / head_lease / gcs_relay.
+    head_ft: bool = False
 
     @property
     def memory_bytes(self) -> int | None:
@@ -122,6 +125,10 @@ class NodeSettings(BaseModel):
             project_dir=project_dir.resolve(),
             autoscaler=node_env.autoscaler,
             node_id_resource=node_env.node_id_resource,
+            # Off on a shared host (the workspace's fallback without pods): there a worker's Ray
+            # reached through the relay failed to start repeatedly on a loaded machine (its agents
+            # missed Ray's start window) where it started at once without; the relay is for pods.
+            head_ft=node_env.head_ft and not on_shared_host(env),
         )
 
 

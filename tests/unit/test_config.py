@@ -393,6 +393,7 @@ def test_desired_nodes_names_and_environment() -> None:
         "RAY_CAI_DASHBOARD_PORT": "8265",
         "RAY_CAI_AUTH": "token",
         "CDSW_APP_POLLING_ENDPOINT": "/ray-cai/healthz",
+        "RAY_CAI_HEAD_FT": "1",
     }
     assert gpu.environment == {
         "RAY_CAI_CLUSTER": "mixed",
@@ -406,6 +407,7 @@ def test_desired_nodes_names_and_environment() -> None:
         "RAY_CAI_AUTH": "token",
         "RAY_CAI_JOIN_TIMEOUT": "600",
         "CDSW_APP_POLLING_ENDPOINT": "/ray-cai/healthz",
+        "RAY_CAI_HEAD_FT": "1",
     }
     assert gpu.runtime_identifier == "img-python3.11-cuda:1"
     assert nodes[1].runtime_identifier == "img-python3.11-standard:1"

@@ -1,0 +1,296 @@
+"""Head fault tolerance with real Ray in pods (issue 23): a head restart loses nothing.
+
+One 1 + 2 cluster (`head_ray_cpus: 0`) in a pods workspace of its own, shared by the steps below in
+order: a detached named actor on a worker holds a counter and a job whose driver runs on a worker
+prints for ~70 s; then
+1. every process of the head application is SIGKILLed; the workspace's automatic restart (CML's)
+   brings it back in a new pod with a new IP → ready again, the actor answers with its counter, the
+   job ends SUCCEEDED with its whole output (its driver ran a task after the failover), the workers'
+   Ray node ids are the same (no worker restarted), `status` shows the new epoch and the failover;
+2. Ray's GCS and raylet on the head are SIGKILLed (the launcher lives) → started again in the same
+   pod, the application never FAILED;
+3. a second head of the same cluster refuses to start its GCS and says why;
+4. `down` removes the stored GCS state.
+Not gated on RAY_CAI_TEST_PODS: it makes its own pods (skipped only where pods cannot be made).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from support.fakes import wait_until
+
+from ray_serve_cai.workspace.processes import WORKLOAD_MARKER, processes_with_marker
+from ray_serve_cai.workspace.testing import WorkspaceHandle
+
+# A head replacement on a loaded 2-core machine has taken over 10 minutes (Ray's agents missing their
+# start window, the head app failing and being restarted): more than the suite's per-test default.
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(1500)]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RAY_CAI = [sys.executable, "-m", "ray_serve_cai.cli.main"]
+CLUSTER = "hft"
+PROJECT = "ray-cai-head-ft"
+HEAD, W0, W1 = "ray-hft-head", "ray-hft-worker-0", "ray-hft-worker-1"
+CONFIG = """\
+ray_cluster:
+  name: hft
+  num_workers: 2
+  head_cpu: 1
+  head_memory: 1
+  head_ray_cpus: 0
+  worker_cpu: 1
+  worker_memory: 1
+  startup_timeout: 300
+  cml_restart_wait: 0
+  join_timeout: 300
+"""
+JOB_SECONDS = 70
+# The job's driver: on a worker (ray-cai's default placement), it prints a line a second, and at the
+# end runs a task, which needs the GCS of whatever head is there then.
+JOB = textwrap.dedent(
+    f"""
+    import time, ray
+    ray.init()
+    print("driver node", ray.get_runtime_context().get_node_id(), flush=True)
+    for i in range({JOB_SECONDS}):
+        print("tick", i, flush=True)
+        time.sleep(1)
+    where = ray.remote(num_cpus=0)(lambda: ray.get_runtime_context().get_node_id())
+    print("task ran on", ray.get(where.remote()))
+    """
+)
+# In a session pod: the named detached actor (created once with 1 CPU: the head has none, so it is on
+# a worker), incremented `argv[2]` times; prints its node and the last count.
+ACTOR = textwrap.dedent(
+    """
+    import json, sys, ray
+    ray.init(sys.argv[1], logging_level="error")
+
+    @ray.remote(num_cpus=1)
+    class Counter:
+        def __init__(self):
+            self.n = 0
+        def inc(self):
+            self.n += 1
+            return self.n
+        def node(self):
+            return ray.get_runtime_context().get_node_id()
+
+    options = dict(name="counter", namespace="hft", lifetime="detached", get_if_exists=True)
+    counter = Counter.options(**options).remote()
+    count = None
+    for _ in range(int(sys.argv[2])):
+        count = ray.get(counter.inc.remote(), timeout=120)
+    print(json.dumps({"count": count, "node": ray.get(counter.node.remote(), timeout=120)}))
+    """
+)
+
+
+class Cluster:
+    def __init__(self, workspace: WorkspaceHandle, config: Path) -> None:
+        self.workspace = workspace
+        self.config = config
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("CML_", "CDSW_", "RAY_"))}
+        self.env.update(RAY_CAI_WORKSPACE_HOME=str(workspace.home), COLUMNS="200")
+        self.project_id = ""
+
+    def command(self, *args: str) -> list[str]:
+        return [*RAY_CAI, *args, "--local", "--project", PROJECT, "--config", str(self.config)]
+
+    def run(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.command(*args), cwd=REPO_ROOT, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+
+    def cli_json(self, *args: str, timeout: float = 900, ok: bool = True) -> dict[str, Any]:
+        proc = self.run(*args, "--json", timeout=timeout)
+        if ok:
+            assert proc.returncode == 0, f"{args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+        return json.loads(proc.stdout)
+
+    def apps(self) -> dict[str, dict[str, Any]]:
+        body = self.workspace.api_ok(
+            "GET", f"/api/v2/projects/{self.project_id}/applications", params={"page_size": 100}
+        )
+        return {a["subdomain"]: a for a in body["applications"]}
+
+    def pod_ip(self, name: str) -> str:
+        log = Path(self.apps()[name]["log_path"]).read_text().splitlines()
+        return [line for line in log if line.startswith("[workspace] pod ")][-1].split()[2]
+
+    def ready(self, timeout: float = 600) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.cli_json("status", ok=False)
+            if status["state"] == "ready" and status["ray"].get("alive_nodes") == 3:
+                return status
+            assert time.monotonic() < deadline, f"not ready with 3 nodes after {timeout} s: {status}"
+            time.sleep(2)
+
+    def actor(self, increments: int) -> dict[str, Any]:
+        connect = self.cli_json("connect")
+        env = {k: v for k, v in connect["env"].items() if k != "RAY_ADDRESS"}
+        args = [*RAY_CAI, "workspace", "exec", "--home", str(self.workspace.home), "--project", PROJECT]
+        for key, value in env.items():
+            args += ["--env", f"{key}={value}"]
+        for attempt in range(3):
+            proc = subprocess.run(
+                [*args, "--", "python", "-c", ACTOR, connect["address"], str(increments)],
+                cwd=REPO_ROOT, env=self.env, capture_output=True, text=True, timeout=600,
+            )  # fmt: skip
+            # Ray Client's per-client server sometimes fails to start on a loaded machine (before any
+            # call of the script ran): that attempt changed nothing, so it is made again.
+            if proc.returncode == 0 or "Starting Ray client server failed" not in proc.stderr or attempt == 2:
+                break
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+    def head_processes(self) -> list[psutil.Process]:
+        return processes_with_marker(WORKLOAD_MARKER, self.apps()[HEAD]["id"])
+
+
+def worker_node_ids(status: dict[str, Any]) -> dict[str, str]:
+    return {n["node_name"]: n["node_id"] for n in status["ray"]["nodes"] if n["alive"] and not n["is_head"]}
+
+
+def kill(processes: list[psutil.Process]) -> None:
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            process.send_signal(signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def cluster(pods_workspace: WorkspaceHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    config = tmp_path_factory.mktemp("head-ft") / "ray_cluster_config.yaml"
+    config.write_text(CONFIG)
+    env = Cluster(pods_workspace, config)
+    try:
+        result = env.cli_json("up", "--timeout", "900")
+        env.project_id = result["status"]["project_id"]
+        yield env
+    finally:
+        pods_workspace.api_ok("DELETE", "/_workspace/restart-policy")
+        env.run("down", timeout=600)
+
+
+def test_a_head_replaced_in_a_new_pod_loses_nothing(cluster: Cluster) -> None:
+    before = cluster.ready()
+    ft = before["head_fault_tolerance"]
+    assert ft["enabled"] and ft["storage"] == "rocksdb" and ft["epoch"] >= 1, ft
+    workers = worker_node_ids(before)
+    assert set(workers) == {W0, W1}
+    counted = cluster.actor(5)
+    assert counted["count"] == 5 and counted["node"] in workers.values()
+
+    submit = [*cluster.command("job", "submit", "--no-wait", "--json"), "--", "python", "-c", JOB]
+    proc = subprocess.run(submit, cwd=REPO_ROOT, env=cluster.env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    submitted = json.loads(proc.stdout)
+    job_id = submitted["submission_id"]
+    wait_until(
+        lambda: "tick 3" in cluster.run("job", "logs", job_id).stdout, timeout=180, interval=2,
+        what="the job to print",
+    )  # fmt: skip
+
+    old_ip = cluster.pod_ip(HEAD)
+    cluster.workspace.set_restart_policy(enabled=True, max_attempts=3, delay_seconds=1)
+    victims = cluster.head_processes()
+    assert victims
+    killed = time.monotonic()
+    kill(victims)
+    after = cluster.ready(timeout=600)
+    took = time.monotonic() - killed
+    new_ip = cluster.pod_ip(HEAD)
+    assert new_ip != old_ip  # a new pod, as CML restarts a failed application
+
+    assert worker_node_ids(after) == workers  # no worker restarted: same Ray nodes
+    again = cluster.actor(1)
+    assert again["count"] == 6 and again["node"] == counted["node"]
+    ft_after = after["head_fault_tolerance"]
+    assert ft_after["epoch"] > ft["epoch"], ft_after
+    assert ft_after["last_failover"]["kind"] == "new head", ft_after
+
+    def job_ended() -> bool:
+        return cluster.cli_json("job", "status", job_id, ok=False).get("status") in (
+            "SUCCEEDED", "FAILED", "STOPPED",
+        )  # fmt: skip
+
+    wait_until(job_ended, timeout=JOB_SECONDS + 300, interval=3, what="the job to end")
+    status = cluster.cli_json("job", "status", job_id, ok=False)
+    logs = cluster.run("job", "logs", job_id).stdout
+    assert status["status"] == "SUCCEEDED", (status, logs[-2000:])
+    assert all(f"tick {i}\n" in logs for i in range(JOB_SECONDS)), logs[-2000:]
+    driver_node = logs.split("driver node ", 1)[1].split()[0]
+    assert driver_node in workers.values()  # the driver ran on a worker, and lived through it
+    assert "task ran on" in logs
+    print(f"\nhead killed → ready again in a new pod: {took:.1f}s")
+
+
+def test_head_processes_killed_in_a_live_pod_are_restarted_in_place(cluster: Cluster) -> None:
+    before = cluster.ready()
+    cluster.workspace.api_ok("DELETE", "/_workspace/restart-policy")  # CML's restart must not be needed
+    ip = cluster.pod_ip(HEAD)
+    count = cluster.actor(1)["count"]
+    victims = [p for p in cluster.head_processes() if p.name() in ("gcs_server", "raylet")]
+    assert len(victims) == 2, victims
+    killed = time.monotonic()
+    kill(victims)
+    seen: set[str] = set()
+
+    def back() -> bool:
+        seen.add(cluster.apps()[HEAD]["status"])
+        status = cluster.cli_json("status", ok=False)
+        return status["state"] == "ready" and status["ray"].get("alive_nodes") == 3
+
+    wait_until(back, timeout=300, interval=1, what="the head to be ready again")
+    took = time.monotonic() - killed
+    after = cluster.ready()
+    assert not any("FAILED" in s for s in seen), seen
+    assert cluster.pod_ip(HEAD) == ip  # the same pod
+    assert worker_node_ids(after) == worker_node_ids(before)
+    failover = after["head_fault_tolerance"]["last_failover"]
+    assert failover["kind"] == "in place", failover
+    assert cluster.actor(1)["count"] == count + 1
+    print(f"\nGCS and raylet killed → ready again in place: {took:.1f}s (launcher: {failover['seconds']}s)")
+
+
+def test_a_second_head_of_the_cluster_refuses_to_start_a_gcs(cluster: Cluster) -> None:
+    head = cluster.apps()[HEAD]
+    raw = head["environment"]
+    environment = dict(raw if isinstance(raw, dict) else json.loads(raw))
+    environment.update(RAY_CAI_NODE_NAME="ray-hft-stray", RAY_CAI_HEAD_LEASE_WAIT="3")
+    body = {
+        "name": "ray-hft-stray", "subdomain": "ray-hft-stray", "script": head["script"],
+        "cpu": 1, "memory": 1, "environment": environment, "runtime_identifier": head["runtime_identifier"],
+    }  # fmt: skip
+    stray = cluster.workspace.api_ok("POST", f"/api/v2/projects/{cluster.project_id}/applications", json=body)
+    try:
+        cluster.workspace.wait_for_app(cluster.project_id, stray["id"], ["APPLICATION_FAILED"], timeout=180)
+        log = Path(cluster.apps()["ray-hft-stray"]["log_path"]).read_text()
+        assert "refusing to start a second GCS for cluster 'hft'" in log, log[-3000:]
+        assert "holds the lease" in log
+    finally:
+        cluster.workspace.api("DELETE", f"/api/v2/projects/{cluster.project_id}/applications/{stray['id']}")
+    status = cluster.ready()
+    assert status["head_fault_tolerance"]["epoch"] >= 2
+
+
+def test_down_removes_the_stored_gcs_state(cluster: Cluster) -> None:
+    gcs = cluster.workspace.project_dir(cluster.project_id) / ".ray-cai" / CLUSTER / "gcs"
+    assert gcs.is_dir() and any(p.is_dir() and p.name != "epochs" for p in gcs.iterdir())
+    down = cluster.run("down", timeout=600)
+    assert down.returncode == 0, down.stderr[-3000:]
+    assert not gcs.exists()
