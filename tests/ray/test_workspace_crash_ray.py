@@ -10,12 +10,16 @@ import subprocess
 from pathlib import Path
 
 import psutil
+import pytest
 from support.fakes import RAY_CAI, SMALL_CLUSTER_YAML, wait_until
 
 from ray_serve_cai.workspace.daemon import stop_workspace, workspace_info
 from ray_serve_cai.workspace.processes import WORKSPACE_MARKER
 from ray_serve_cai.workspace.statefile import read_state
 from ray_serve_cai.workspace.testing import WorkspaceHandle
+
+# The second real-Ray group: a worker of its own beside the shared cluster (tests/conftest.py).
+pytestmark = pytest.mark.xdist_group("ray-2")
 
 
 def _alive(pid: int) -> bool:
