@@ -29,7 +29,8 @@ def _alive(pid: int) -> bool:
         return False
 
 
-RAY_CONFIG = SMALL_CLUSTER_YAML.format(name="crashray", workers=2)
+WORKERS = 1  # a head and a worker: what survives holds for more workers too (each node is a raylet to start)
+RAY_CONFIG = SMALL_CLUSTER_YAML.format(name="crashray", workers=WORKERS)
 
 
 def _raylets(tag: str) -> set[int]:
@@ -56,8 +57,8 @@ def _tagged(tag: str) -> list[int]:
 
 
 def test_a_ready_ray_cluster_survives_a_crash_of_the_workspace(tmp_path: Path) -> None:
-    """`kill -9` of the server under a ready 1 head + 2 workers cluster: after `ray-cai workspace
-    start`, status shows the same ready cluster with the same apps, still 3 raylets; down leaves
+    """`kill -9` of the server under a ready 1 head + 1 worker cluster: after `ray-cai workspace
+    start`, status shows the same ready cluster with the same apps, the same raylets; down leaves
     no Ray process."""
     home, config = tmp_path / "home", tmp_path / "ray_cluster_config.yaml"
     config.write_text(RAY_CONFIG)
@@ -81,7 +82,7 @@ def test_a_ready_ray_cluster_survives_a_crash_of_the_workspace(tmp_path: Path) -
         before = {a["subdomain"]: a["id"] for a in ws.api_ok("GET", apps_path)["applications"]}
         tag = read_state(home)["workspace_tag"]
         raylets = _raylets(tag)
-        assert len(raylets) == 3, raylets
+        assert len(raylets) == 1 + WORKERS, raylets
 
         os.kill(info.pid, signal.SIGKILL)
         wait_until(lambda: not _alive(info.pid), timeout=10, what="the killed server to be gone")
@@ -95,7 +96,7 @@ def test_a_ready_ray_cluster_survives_a_crash_of_the_workspace(tmp_path: Path) -
         status = cli("status")
         assert status.returncode == 0, f"{status.stderr}\n{status.stdout}"
         described = json.loads(status.stdout)
-        assert described["state"] == "ready" and described["ray"]["alive_nodes"] == 3, described
+        assert described["state"] == "ready" and described["ray"]["alive_nodes"] == 1 + WORKERS, described
         ws = WorkspaceHandle(workspace_info(home) or info)
         after = {a["subdomain"]: a["id"] for a in ws.api_ok("GET", apps_path)["applications"]}
         assert after == before
