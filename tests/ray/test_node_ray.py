@@ -341,6 +341,9 @@ def test_a_port_taken_before_ray_binds_it_does_not_keep_the_node_out(cluster: Cl
     polled: list[tuple[int, dict[str, Any]]] = []
 
     def joined() -> dict[str, Any] | None:
+        if node.process.poll() is not None:  # it gave up (MAX_START_ATTEMPTS failed starts): say why
+            tail = node.output.read_text(errors="replace")[-3000:]
+            raise AssertionError(f"{name} exited with code {node.process.returncode}:\n{tail}")
         with contextlib.suppress(httpx.HTTPError):
             answer = httpx.get(f"{node.url}/ray-cai/healthz", timeout=5)
             polled.append((answer.status_code, answer.json()))
