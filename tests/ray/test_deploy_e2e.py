@@ -21,9 +21,6 @@ from support.fakes import SMALL_CLUSTER_YAML, clone_with_small_cluster, git
 
 from ray_serve_cai.workspace.testing import WorkspaceHandle
 
-# The second real-Ray group: a worker of its own beside the shared cluster (tests/conftest.py).
-pytestmark = pytest.mark.xdist_group("ray-2")
-
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RAY_CAI = [sys.executable, "-m", "ray_serve_cai.cli.main"]
 RUNS_ROUTE = "POST /api/v2/projects/{project_id}/jobs/{job_id}/runs"

@@ -39,8 +39,7 @@ from ray_serve_cai.config import parse_deploy_spec
 from ray_serve_cai.deploy.schedules import ensure_scheduled_runs
 from ray_serve_cai.workspace.testing import WorkspaceHandle
 
-# The second real-Ray group: a worker of its own beside the shared cluster (tests/conftest.py).
-pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray-2")]
+pytestmark = pytest.mark.ray
 
 CLUSTER = "rj"
 PROJECT = "ray-cai-e2e-run-jobs"
