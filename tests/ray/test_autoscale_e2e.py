@@ -1,7 +1,7 @@
 """End to end: Ray's own autoscaler adds and removes worker applications (real Ray, local workspace).
 
 A cluster whose only group is autoscaled (min 0 / max 2, 1 CPU per worker), a head that runs no
-tasks (`head_ray_cpus: 0`) and `idle_timeout: 10`; the head's `AUTOSCALER_UPDATE_INTERVAL_S` is 1.
+tasks (`head_ray_cpus: 0`) and `idle_timeout: 20`; the head's `AUTOSCALER_UPDATE_INTERVAL_S` is 1.
 `up` creates only the head; a Ray client asking for 4 one-CPU tasks (demand above max) gets exactly
 2 worker apps that run them; an `up` meanwhile changes nothing; after the tasks and the idle
 timeout the group is back to 0 apps and none of their Ray processes is left. Then the same with 20 %
@@ -49,7 +49,7 @@ ray_cluster:
   ports: {gcs: 0, client: 0, dashboard: 0}
   startup_timeout: 300
   join_timeout: 300
-  autoscaling: {idle_timeout: 10}
+  autoscaling: {idle_timeout: 20}
   environment: {AUTOSCALER_UPDATE_INTERVAL_S: "1"}
 """
 
