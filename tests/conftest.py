@@ -45,21 +45,67 @@ def tier_of(path: Path) -> str | None:
     return tier if tier in TIERS else None
 
 
+# The workspace modules that take longest, handed out first so that none of them is left for the end.
+SLOW_WORKSPACE_MODULES = (
+    "test_workspace_crash.py",
+    "test_bad_input.py",
+    "test_serve_config.py",
+    "test_crash_resume.py",
+    "test_pods.py",
+    "test_workspace_cli.py",
+    "test_run_history.py",
+    "test_watch.py",
+)
+
+
+def xdist_group_of(item: pytest.Item, tier: str) -> str:
+    """The unit tier is one group, each workspace module one, the real-Ray tier `ray` — or the group a
+    real-Ray module names itself (`pytestmark = pytest.mark.xdist_group("ray-2")`)."""
+    marker = item.get_closest_marker("xdist_group")
+    if marker is not None:
+        return str(marker.args[0] if marker.args else marker.kwargs.get("name", "default"))
+    return str(item.path.relative_to(TESTS_DIR)) if tier == "workspace" else tier
+
+
+def _schedule_rank(item: pytest.Item, tier: str, group: str) -> tuple[int, int, str]:
+    if tier == "unit":
+        return (0, 0, "")
+    if tier == "ray":
+        return (1, 0 if group == "ray" else 1, group)
+    name = item.path.name
+    known = SLOW_WORKSPACE_MODULES
+    slow = known.index(name) if name in known else len(known)
+    return (2, slow, group)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # xdist hands out the groups in the order of the collection (set below), not by their test count.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark each test with its tier, and group the tests for `pytest -n 2 --dist loadgroup`
-    (pytest-xdist): the real-Ray tier is one group, so it runs in one worker, in order, one cluster at a
-    time, while the other worker takes the unit tier and then the workspace tier module by module (a
-    module's fixtures are set up once). xdist hands out the biggest groups first, so the unit tier and
-    the real-Ray tier start at once."""
+    (pytest-xdist): a group runs whole in one worker, in order. Without xdist the tiers run in the
+    order of `testpaths` (cheapest first). With it, the unit tier is one group and goes first; the
+    real-Ray tier is two groups (`ray`, which holds every test of the shared `ray_cluster`, and
+    `ray-2`, modules that bring up clusters of their own), handed out next, so each worker runs one
+    of them from the start (each worker has its own session workspace); then each workspace module
+    is a group (its module fixtures set up once), the slowest first, to whichever worker is free."""
+    ranks: dict[int, tuple[int, int, str]] = {}
     for item in items:
         tier = tier_of(item.path)
         if tier is None:
             continue
         item.add_marker(getattr(pytest.mark, tier))
+        group = xdist_group_of(item, tier)
         if item.get_closest_marker("xdist_group") is None:
-            group = str(item.path.relative_to(TESTS_DIR)) if tier == "workspace" else tier
             item.add_marker(pytest.mark.xdist_group(group))
+        ranks[id(item)] = _schedule_rank(item, tier, group)
+    if hasattr(config, "workerinput"):  # an xdist worker: its collection order is the hand-out order
+        # A stable sort: within a group (and a module) the collection order stays.
+        items.sort(key=lambda item: ranks.get(id(item), (3, 0, "")))
 
 
 @dataclass

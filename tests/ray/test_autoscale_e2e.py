@@ -67,6 +67,9 @@ CLIENT_SCRIPT = textwrap.dedent(
     """
 )
 
+# The second real-Ray group: a worker of its own beside the shared cluster (tests/conftest.py).
+pytestmark = pytest.mark.xdist_group("ray-2")
+
 
 class Env(LocalCluster):
     """The autoscaled cluster: its app list read through injected faults, its worker apps by name."""

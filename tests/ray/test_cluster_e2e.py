@@ -25,6 +25,9 @@ from support.fakes import SMALL_CLUSTER_YAML
 from ray_serve_cai.cml import CMLClient, CMLSettings
 from ray_serve_cai.workspace.testing import WorkspaceHandle
 
+# The second real-Ray group: a worker of its own beside the shared cluster (tests/conftest.py).
+pytestmark = pytest.mark.xdist_group("ray-2")
+
 CLUSTER = "e2e"
 PROJECT = "ray-cai-e2e-cluster"
 HEAD, W0, W1 = "ray-e2e-head", "ray-e2e-worker-0", "ray-e2e-worker-1"

@@ -31,6 +31,7 @@ from ray_serve_cai.workspace.testing import WorkspaceHandle
 # links) come with the switch that runs the whole suite in pods, `RAY_CAI_TEST_PODS=1`.
 pytestmark = [
     pytest.mark.ray,
+    pytest.mark.xdist_group("ray-2"),  # the second real-Ray group (tests/conftest.py)
     pytest.mark.skipif(
         os.environ.get("RAY_CAI_TEST_PODS", "").strip() != "1",
         reason="real Ray in pods: set RAY_CAI_TEST_PODS=1 (the suite's workspace is shared-host by default)",

@@ -1,11 +1,16 @@
 """Secrets stay secret through the whole local flow: `deploy --local`, `status`, `connect`, `dashboard`,
-`job ...`, `logs`, `down`.
+`job ...`, `logs`, a crash of the workspace under the ready cluster, `down`.
 
 A workspace in its own home with a recognisable API key (set in its state file before it starts), a
 recognisable GH_PAT in the environment, and the Ray token read from `.ray-cai/<cluster>/auth_token`.
 Login codes (printed by `dashboard` only) are secrets too. None may appear in any (other)
 stdout/stderr, any file under the workspace's logs, `ray_cluster_info.json`, any job or application
 `environment` the API returns, or an error message; the token file is 0600.
+
+The same run (its workspace is its own, so it may die) is where the ready real-Ray cluster survives a
+crash of the workspace: `kill -9` of the server, then `ray-cai workspace start`: `status` shows the same
+ready cluster with the same apps and the same raylets, and `down` leaves no process of the workspace's.
+The workspace-only crash cases are in tests/workspace/test_workspace_crash.py.
 """
 
 from __future__ import annotations
@@ -13,15 +18,19 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import stat
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from support.fakes import RAY_CAI, clone_with_small_cluster
+import psutil
+from support.fakes import RAY_CAI, clone_with_small_cluster, wait_until
 
-from ray_serve_cai.workspace.daemon import start_workspace, stop_workspace
-from ray_serve_cai.workspace.statefile import write_state
+from ray_serve_cai.workspace.daemon import start_workspace, stop_workspace, workspace_info
+from ray_serve_cai.workspace.processes import WORKSPACE_MARKER
+from ray_serve_cai.workspace.statefile import read_state, write_state
 from ray_serve_cai.workspace.testing import WorkspaceHandle
 
 CLUSTER = "secretsc"
@@ -38,7 +47,73 @@ def environments(handle: WorkspaceHandle, project_id: str) -> list[str]:
     return found
 
 
-def test_no_secret_leaks_through_the_local_flow(tmp_path: Path) -> None:
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _raylets(tag: str) -> set[int]:
+    """Raylet processes started by the workspace with this tag."""
+    found = set()
+    for process in psutil.process_iter(["name"]):
+        try:
+            if process.info["name"] == "raylet" and process.environ().get(WORKSPACE_MARKER) == tag:
+                found.add(process.pid)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def _tagged(tag: str) -> list[int]:
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get(WORKSPACE_MARKER) == tag and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process.pid)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def survive_a_crash(
+    handle: WorkspaceHandle,
+    home: Path,
+    project_id: str,
+    ray_cai: Callable[..., subprocess.CompletedProcess[str]],
+    target: tuple[str, ...],
+) -> WorkspaceHandle:
+    """`kill -9` of the workspace server under the ready cluster (1 head + 1 worker), then `ray-cai
+    workspace start`: the same ready cluster, the same apps, the same raylets. Returns the handle of
+    the restarted workspace. (Was tests/ray/test_workspace_crash_ray.py, with its own cluster.)"""
+    apps_path = f"/api/v2/projects/{project_id}/applications"
+    before = {a["subdomain"]: a["id"] for a in handle.api_ok("GET", apps_path)["applications"]}
+    tag = read_state(home)["workspace_tag"]
+    raylets = _raylets(tag)
+    assert len(raylets) == 2, raylets
+    pid = handle.info.pid
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not _alive(pid), timeout=10, what="the killed server to be gone")
+    handle.close()
+    assert _raylets(tag) == raylets  # the cluster does not notice
+
+    started = ray_cai("workspace", "start", timeout=60)
+    assert started.returncode == 0, started.stderr
+    status = ray_cai("status", *target, "--json")
+    assert status.returncode == 0, f"{status.stderr}\n{status.stdout}"
+    described = json.loads(status.stdout)
+    assert described["state"] == "ready" and described["ray"]["alive_nodes"] == 2, described
+    info = workspace_info(home)
+    assert info is not None and info.pid != pid
+    handle = WorkspaceHandle(info)
+    after = {a["subdomain"]: a["id"] for a in handle.api_ok("GET", apps_path)["applications"]}
+    assert after == before
+    assert _raylets(tag) == raylets
+    return handle
+
+
+def test_no_secret_leaks_through_the_local_flow_nor_a_workspace_crash(tmp_path: Path) -> None:
     api_key = f"APIKEY-{secrets.token_hex(12)}-MARK"
     gh_pat = f"ghp_PATMARK{secrets.token_hex(12)}"
     home = tmp_path / "ws-home"
@@ -130,8 +205,13 @@ def test_no_secret_leaks_through_the_local_flow(tmp_path: Path) -> None:
         env_texts = environments(handle, project["id"])
         bad = ray_cai("up", "--local", "-p", PROJECT, "-c", "missing.yaml")  # an error message too
         assert bad.returncode == 2
-        down = ray_cai("down", "--local", "-p", PROJECT, "-c", "ray_cluster_config.yaml")
+
+        handle = survive_a_crash(handle, home, project["id"], ray_cai, target)
+        tag = read_state(home)["workspace_tag"]
+        down = ray_cai("down", *target)
         assert down.returncode == 0, down.stderr
+        wait_until(lambda: not _tagged(tag), timeout=30, what="every process of the cluster to end")
+        assert _raylets(tag) == set()
         env_texts += environments(handle, project["id"])
 
         places: dict[str, str] = {f"output {i}": text for i, text in enumerate(outputs)}

@@ -31,6 +31,9 @@ from support.fakes import clone_with_small_cluster, git, wait_until
 
 from ray_serve_cai.workspace.testing import WorkspaceHandle
 
+# The second real-Ray group: a worker of its own beside the shared cluster (tests/conftest.py).
+pytestmark = pytest.mark.xdist_group("ray-2")
+
 CLUSTER = "srv"
 PROJECT = "ray-cai-serve-e2e"
 HEAD = f"ray-{CLUSTER}-head"
