@@ -37,7 +37,7 @@ from ray_serve_cai.workspace.testing import WorkspaceHandle
 
 # A head replacement on a loaded 2-core machine has taken over 10 minutes (Ray's agents missing their
 # start window, the head app failing and being restarted): more than the suite's per-test default.
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(1500)]
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(1500), pytest.mark.xdist_group("ray-2")]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RAY_CAI = [sys.executable, "-m", "ray_serve_cai.cli.main"]
