@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
-import subprocess
-import sys
 import textwrap
 import time
 from collections.abc import Iterator
@@ -30,6 +27,7 @@ from typing import Any
 
 import psutil
 import pytest
+from support.cli import PodsCluster
 from support.fakes import wait_until
 
 from ray_serve_cai.workspace.processes import WORKLOAD_MARKER, processes_with_marker
@@ -39,8 +37,6 @@ from ray_serve_cai.workspace.testing import WorkspaceHandle
 # start window, the head app failing and being restarted): more than the suite's per-test default.
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(1500), pytest.mark.xdist_group("ray-2")]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-RAY_CAI = [sys.executable, "-m", "ray_serve_cai.cli.main"]
 CLUSTER = "hft"
 PROJECT = "ray-cai-head-ft"
 HEAD, W0, W1 = "ray-hft-head", "ray-hft-worker-0", "ray-hft-worker-1"
@@ -99,58 +95,12 @@ ACTOR = textwrap.dedent(
 )
 
 
-class Cluster:
-    def __init__(self, workspace: WorkspaceHandle, config: Path) -> None:
-        self.workspace = workspace
-        self.config = config
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("CML_", "CDSW_", "RAY_"))}
-        self.env.update(RAY_CAI_WORKSPACE_HOME=str(workspace.home), COLUMNS="200")
-        self.project_id = ""
-
-    def command(self, *args: str) -> list[str]:
-        return [*RAY_CAI, *args, "--local", "--project", PROJECT, "--config", str(self.config)]
-
-    def run(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            self.command(*args), cwd=REPO_ROOT, env=self.env, capture_output=True, text=True, timeout=timeout
-        )
-
-    def cli_json(self, *args: str, timeout: float = 900, ok: bool = True) -> dict[str, Any]:
-        proc = self.run(*args, "--json", timeout=timeout)
-        if ok:
-            assert proc.returncode == 0, f"{args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
-        return json.loads(proc.stdout)
-
-    def apps(self) -> dict[str, dict[str, Any]]:
-        body = self.workspace.api_ok(
-            "GET", f"/api/v2/projects/{self.project_id}/applications", params={"page_size": 100}
-        )
-        return {a["subdomain"]: a for a in body["applications"]}
-
-    def pod_ip(self, name: str) -> str:
-        log = Path(self.apps()[name]["log_path"]).read_text().splitlines()
-        return [line for line in log if line.startswith("[workspace] pod ")][-1].split()[2]
-
-    def ready(self, timeout: float = 600) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            status = self.cli_json("status", ok=False)
-            if status["state"] == "ready" and status["ray"].get("alive_nodes") == 3:
-                return status
-            assert time.monotonic() < deadline, f"not ready with 3 nodes after {timeout} s: {status}"
-            time.sleep(2)
-
+class Cluster(PodsCluster):
     def actor(self, increments: int) -> dict[str, Any]:
         connect = self.cli_json("connect")
         env = {k: v for k, v in connect["env"].items() if k != "RAY_ADDRESS"}
-        args = [*RAY_CAI, "workspace", "exec", "--home", str(self.workspace.home), "--project", PROJECT]
-        for key, value in env.items():
-            args += ["--env", f"{key}={value}"]
         for attempt in range(3):
-            proc = subprocess.run(
-                [*args, "--", "python", "-c", ACTOR, connect["address"], str(increments)],
-                cwd=REPO_ROOT, env=self.env, capture_output=True, text=True, timeout=600,
-            )  # fmt: skip
+            proc = self.in_session("python", "-c", ACTOR, connect["address"], str(increments), env=env)
             # Ray Client's per-client server sometimes fails to start on a loaded machine (before any
             # call of the script ran): that attempt changed nothing, so it is made again.
             if proc.returncode == 0 or "Starting Ray client server failed" not in proc.stderr or attempt == 2:
@@ -176,14 +126,13 @@ def kill(processes: list[psutil.Process]) -> None:
 def cluster(pods_workspace: WorkspaceHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     config = tmp_path_factory.mktemp("head-ft") / "ray_cluster_config.yaml"
     config.write_text(CONFIG)
-    env = Cluster(pods_workspace, config)
+    env = Cluster(pods_workspace, PROJECT, config=config, nodes=3)
     try:
-        result = env.cli_json("up", "--timeout", "900")
-        env.project_id = result["status"]["project_id"]
+        env.up("--timeout", "900", timeout=900)
         yield env
     finally:
         pods_workspace.api_ok("DELETE", "/_workspace/restart-policy")
-        env.run("down", timeout=600)
+        env.down(timeout=600)
 
 
 def test_a_head_replaced_in_a_new_pod_loses_nothing(cluster: Cluster) -> None:
@@ -195,13 +144,12 @@ def test_a_head_replaced_in_a_new_pod_loses_nothing(cluster: Cluster) -> None:
     counted = cluster.actor(5)
     assert counted["count"] == 5 and counted["node"] in workers.values()
 
-    submit = [*cluster.command("job", "submit", "--no-wait", "--json"), "--", "python", "-c", JOB]
-    proc = subprocess.run(submit, cwd=REPO_ROOT, env=cluster.env, capture_output=True, text=True, timeout=300)
+    proc = cluster.cli("job", "submit", "--no-wait", "--json", "--", "python", "-c", JOB, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     submitted = json.loads(proc.stdout)
     job_id = submitted["submission_id"]
     wait_until(
-        lambda: "tick 3" in cluster.run("job", "logs", job_id).stdout, timeout=180, interval=2,
+        lambda: "tick 3" in cluster.cli("job", "logs", job_id).stdout, timeout=180, interval=2,
         what="the job to print",
     )  # fmt: skip
 
@@ -224,13 +172,13 @@ def test_a_head_replaced_in_a_new_pod_loses_nothing(cluster: Cluster) -> None:
     assert ft_after["last_failover"]["kind"] == "new head", ft_after
 
     def job_ended() -> bool:
-        return cluster.cli_json("job", "status", job_id, ok=False).get("status") in (
+        return cluster.cli_json("job", "status", job_id, code=None).get("status") in (
             "SUCCEEDED", "FAILED", "STOPPED",
         )  # fmt: skip
 
     wait_until(job_ended, timeout=JOB_SECONDS + 300, interval=3, what="the job to end")
-    status = cluster.cli_json("job", "status", job_id, ok=False)
-    logs = cluster.run("job", "logs", job_id).stdout
+    status = cluster.cli_json("job", "status", job_id, code=None)
+    logs = cluster.cli("job", "logs", job_id).stdout
     assert status["status"] == "SUCCEEDED", (status, logs[-2000:])
     assert all(f"tick {i}\n" in logs for i in range(JOB_SECONDS)), logs[-2000:]
     driver_node = logs.split("driver node ", 1)[1].split()[0]
@@ -252,7 +200,7 @@ def test_head_processes_killed_in_a_live_pod_are_restarted_in_place(cluster: Clu
 
     def back() -> bool:
         seen.add(cluster.apps()[HEAD]["status"])
-        status = cluster.cli_json("status", ok=False)
+        status = cluster.cli_json("status", code=None)
         return status["state"] == "ready" and status["ray"].get("alive_nodes") == 3
 
     wait_until(back, timeout=300, interval=1, what="the head to be ready again")
@@ -291,6 +239,6 @@ def test_a_second_head_of_the_cluster_refuses_to_start_a_gcs(cluster: Cluster) -
 def test_down_removes_the_stored_gcs_state(cluster: Cluster) -> None:
     gcs = cluster.workspace.project_dir(cluster.project_id) / ".ray-cai" / CLUSTER / "gcs"
     assert gcs.is_dir() and any(p.is_dir() and p.name != "epochs" for p in gcs.iterdir())
-    down = cluster.run("down", timeout=600)
+    down = cluster.down(timeout=600)
     assert down.returncode == 0, down.stderr[-3000:]
     assert not gcs.exists()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,43 @@ class LocalCluster:
     @property
     def project_dir(self) -> Path:
         return self.workspace.project_dir(self.project_id)
+
+
+class PodsCluster(LocalCluster):
+    """A `LocalCluster` in a pods workspace: each node's pod IP, readiness with every node alive in
+    Ray, and commands run in a fresh session pod of the project (`ray-cai workspace exec`)."""
+
+    def __init__(self, workspace: WorkspaceHandle, project: str, *, config: Path, nodes: int) -> None:
+        super().__init__(workspace, project, config=config, timeout=900)
+        self.nodes = nodes
+
+    def pod_ip(self, subdomain: str) -> str:
+        """The address of the pod the application runs in now (the workspace logs each new pod)."""
+        log = Path(self.apps()[subdomain]["log_path"]).read_text().splitlines()
+        return [line for line in log if line.startswith("[workspace] pod ")][-1].split()[2]
+
+    def ready(self, timeout: float = 600, interval: float = 2) -> dict[str, Any]:
+        """`status --json` once it says ready with every node alive in Ray."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.cli_json("status", code=None)
+            if status["state"] == "ready" and status["ray"].get("alive_nodes") == self.nodes:
+                return status
+            assert time.monotonic() < deadline, (
+                f"not ready with {self.nodes} nodes after {timeout} s: {status}"
+            )
+            time.sleep(interval)
+
+    def in_session(
+        self, *command: str, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """COMMAND in a fresh session pod of the project, with these `--env` variables."""
+        args = [*RAY_CAI, "workspace", "exec", "--home", str(self.workspace.home), "--project", self.project]
+        for key, value in (env or {}).items():
+            args += ["--env", f"{key}={value}"]
+        return subprocess.run(
+            [*args, "--", *command], cwd=self.cwd, env=self.env, capture_output=True, text=True, timeout=600
+        )
 
 
 def ray_processes(project_dir: Path, cluster: str, names: list[str]) -> list[psutil.Process]:
