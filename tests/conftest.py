@@ -60,7 +60,7 @@ SLOW_WORKSPACE_MODULES = (
 
 def xdist_group_of(item: pytest.Item, tier: str) -> str:
     """The unit tier is one group, each workspace module one, the real-Ray tier `ray` — or the group a
-    real-Ray module names itself (`pytestmark = pytest.mark.xdist_group("ray-2")`)."""
+    real-Ray module names itself (`pytestmark = pytest.mark.xdist_group("ray-2")`, or `ray-3`)."""
     marker = item.get_closest_marker("xdist_group")
     if marker is not None:
         return str(marker.args[0] if marker.args else marker.kwargs.get("name", "default"))
@@ -86,13 +86,14 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark each test with its tier, and group the tests for `pytest -n 2 --dist loadgroup`
+    """Mark each test with its tier, and group the tests for `pytest -n 3 --dist loadgroup`
     (pytest-xdist): a group runs whole in one worker, in order. Without xdist the tiers run in the
     order of `testpaths` (cheapest first). With it, the unit tier is one group and goes first; the
-    real-Ray tier is two groups (`ray`, which holds every test of the shared `ray_cluster`, and
-    `ray-2`, modules that bring up clusters of their own), handed out next, so each worker runs one
-    of them from the start (each worker has its own session workspace); then each workspace module
-    is a group (its module fixtures set up once), the slowest first, to whichever worker is free."""
+    real-Ray tier is three groups (`ray`, which holds every test of the shared `ray_cluster`, and
+    `ray-2`, `ray-3`, modules that bring up clusters of their own), handed out next, one to each
+    worker (xdist gives every worker one group, then a second to each: the worker of the short unit
+    tier gets `ray-3`; each worker has its own session workspace); then each workspace module is a
+    group (its module fixtures set up once), the slowest first, to whichever worker is free."""
     ranks: dict[int, tuple[int, int, str]] = {}
     for item in items:
         tier = tier_of(item.path)

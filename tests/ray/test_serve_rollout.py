@@ -45,6 +45,8 @@ SAMPLE = {"features": [5.1, 3.5, 1.4, 0.2]}  # a setosa
 IRIS = Path("examples/serve/iris.py")
 RATE_PER_SECOND = 20.0
 
+pytestmark = pytest.mark.xdist_group("ray-3")  # the pods-heavy real-Ray group (tests/ray/conftest.py)
+
 
 @dataclass
 class Deployed:
