@@ -117,6 +117,7 @@ class _Tier:
 
 
 _tiers: dict[str, _Tier] = {}
+_ray_groups: dict[str, _Tier] = {}  # under xdist: the real-Ray tier's groups, to balance them
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
@@ -124,7 +125,12 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     tier = tier_of(TESTS_DIR.parent / report.nodeid.split("::", 1)[0])
     if tier is None:
         return
-    record = _tiers.setdefault(tier, _Tier())
+    _record(_tiers.setdefault(tier, _Tier()), report)
+    if tier == "ray" and "@" in report.nodeid:  # xdist's loadgroup names the group after an @
+        _record(_ray_groups.setdefault(report.nodeid.rsplit("@", 1)[1], _Tier()), report)
+
+
+def _record(record: _Tier, report: pytest.TestReport) -> None:
     now = time.monotonic()
     if report.when == "setup" and record.started is None:
         record.started = now - report.duration
@@ -139,20 +145,26 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """One line per tier: its counts and its wall-clock time (first setup to last teardown)."""
+    """One line per tier: its counts and its wall-clock time (first setup to last teardown); under
+    xdist, one more per real-Ray group."""
     if not _tiers:
         return
     terminalreporter.section("tiers", bold=True)
-    order = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
     for tier in TIERS:
-        record = _tiers.get(tier)
-        if record is None:
-            continue
-        counts = ", ".join(f"{record.outcomes[o]} {o}" for o in order if record.outcomes[o])
-        seconds = record.ended - (record.started if record.started is not None else record.ended)
-        terminalreporter.write_line(
-            f"{tier:<10} {counts or 'nothing run':<40} {seconds:7.1f} s   (pytest tests/{tier})"
-        )
+        if tier in _tiers:
+            terminalreporter.write_line(f"{_summary(tier, _tiers[tier])}   (pytest tests/{tier})")
+            if tier == "ray" and len(_ray_groups) > 1:
+                for group in sorted(_ray_groups):
+                    terminalreporter.write_line(
+                        f"  {_summary(group, _ray_groups[group], width=8)}   (xdist group)"
+                    )
+
+
+def _summary(name: str, record: _Tier, width: int = 10) -> str:
+    order = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
+    counts = ", ".join(f"{record.outcomes[o]} {o}" for o in order if record.outcomes[o])
+    seconds = record.ended - (record.started if record.started is not None else record.ended)
+    return f"{name:<{width}} {counts or 'nothing run':<40} {seconds:7.1f} s"
 
 
 # Every workspace the suite starts checks its answers against CML's spec; a deviation fails the test.
