@@ -17,9 +17,9 @@ after the last test that takes it. Under `pytest -n 3 --dist loadgroup` the tier
 groups, one a worker (tests/conftest.py): `ray` — every module that takes `ray_cluster` (a session
 fixture is one per worker: its users must share a worker) and, by default, any other — and `ray-2` and
 `ray-3`, modules that bring up their own cluster and say so with
-`pytestmark = pytest.mark.xdist_group("ray-2")` (`ray-3`: the pods-heavy modules: head fault tolerance,
-network faults, Serve rollouts). So three clusters may run at once, each in its worker's own workspace
-(names never collide). Balance the groups by their durations (`pytest tests/ray --durations=0`).
+`pytestmark = pytest.mark.xdist_group("ray-2")` (`ray-3`: head fault tolerance and network faults on
+one cluster, Serve rollouts, the guided setup). So three clusters may run at once, each in its
+worker's own workspace (names never collide). Balance the groups by their durations (`pytest tests/ray --durations=0`).
 """
 
 from __future__ import annotations
