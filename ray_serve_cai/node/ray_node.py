@@ -8,7 +8,6 @@ import ctypes
 import hashlib
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -417,24 +416,6 @@ class RayNode:
             return latest.resolve(strict=True)
         except OSError:
             return None
-
-    def copy_logs(self, destination: Path) -> Path | None:
-        """Copy the current session's `logs/` into `destination` (merged with earlier copies)."""
-        session = self.current_session_dir()
-        if session is None or not (session / "logs").is_dir():
-            return None
-        destination.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(shutil.Error, OSError):
-            shutil.copytree(
-                session / "logs",
-                destination,
-                dirs_exist_ok=True,
-                symlinks=False,
-                ignore_dangling_symlinks=True,
-                ignore=shutil.ignore_patterns("*.sock", "*.socket"),
-            )
-        (destination / "SESSION").write_text(f"{session.name}\n")
-        return destination
 
 
 def _looks_like_ray(process: psutil.Process) -> bool:
