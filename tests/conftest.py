@@ -155,7 +155,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
 
 # Every workspace the suite starts checks its answers against CML's spec; a deviation fails the test.
-pytest_plugins = ["support.conformance"]
+# support.pods_cluster: the real-Ray tier's 1 + 2 pods cluster (`pods_ray_cluster`).
+pytest_plugins = ["support.conformance", "support.pods_cluster"]
 
 
 @pytest.fixture(scope="session")
@@ -164,9 +165,10 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkspaceHan
     # CML's automatic restart of failed apps is off here, so an app a test leaves failed is not
     # started again minutes later under another test; a test of it turns it on with
     # `workspace.set_restart_policy(enabled=True, delay_seconds=...)` (`controls` resets it).
-    # The default of `ray-cai workspace start` (shared-host for now); RAY_CAI_TEST_PODS=1 runs the
-    # whole suite with pods (root on Linux), =0 forces shared-host. tests/*/test_pods.py make pods
-    # of their own when this one has none (`pods_workspace`).
+    # The default of `ray-cai workspace start`: pods where they can be made (root on Linux: CI and
+    # this machine), so the whole suite runs in pods; RAY_CAI_TEST_PODS=0 forces shared-host for a
+    # local run, =1 requires pods. The pods tests make pods of their own when this one has none
+    # (`pods_workspace`); the tests about shared-host mode make a shared-host one (`shared_host_workspace`).
     wanted = os.environ.get("RAY_CAI_TEST_PODS", "").strip()
     pods = {"0": False, "1": True}.get(wanted)
     info = start_workspace(home, app_restart=False, pods=pods)

@@ -52,8 +52,9 @@ from ray_serve_cai.errors import BadInput, OperationFailed
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Pods where possible when neither --pods nor --no-pods is given. Off for now: see choose_network.
-PODS_BY_DEFAULT = False
+# Pods where possible when neither --pods nor --no-pods is given (shared-host, with the reason, where
+# they cannot be made).
+PODS_BY_DEFAULT = True
 # CML gives every pod the same application ports; these are ours (below Ray's ranges).
 POD_APP_PORT = 8100
 POD_READONLY_PORT = 8101
@@ -90,11 +91,11 @@ def pods_possible() -> tuple[bool, str]:
 def choose_network(home: Path, pods: bool | None, pod_cidr: str | None) -> tuple[PodNetwork | None, str]:
     """The workspace's pod network (its bridge set up) and why; (None, why) for shared-host.
 
-    `pods` None: the default (`PODS_BY_DEFAULT`: for now shared-host; pods are opt-in while the whole
-    suite is not yet proven green with them); True: pods or an error; False: shared-host."""
+    `pods` None: the default (`PODS_BY_DEFAULT`): pods where this process can make them, else
+    shared-host with the reason; True: pods or an error; False: shared-host."""
     if pods is None:
-        pods = PODS_BY_DEFAULT or bool(pod_cidr) or None  # a pod CIDR asks for pods
-        if pods is None:
+        pods = True if pod_cidr else (None if PODS_BY_DEFAULT else False)  # a pod CIDR asks for pods
+        if pods is False:
             return None, "shared-host by default (ray-cai workspace start --pods gives every workload a pod)"
     if pods is False:
         return None, "shared-host asked for (--no-pods)"
@@ -102,7 +103,7 @@ def choose_network(home: Path, pods: bool | None, pod_cidr: str | None) -> tuple
     if not possible:
         if pods:
             raise PodError(f"--pods: {why}")
-        return None, why
+        return None, f"{why}: every workload on the host"
     try:
         cidr = parse_pod_cidr(pod_cidr) if pod_cidr else None
     except ValueError as exc:
