@@ -96,9 +96,9 @@ def choose_network(home: Path, pods: bool | None, pod_cidr: str | None) -> tuple
     if pods is None:
         pods = True if pod_cidr else (None if PODS_BY_DEFAULT else False)  # a pod CIDR asks for pods
         if pods is False:
-            return None, "shared-host by default (ray-cai workspace start --pods gives every workload a pod)"
+            return None, "the default here (PODS_BY_DEFAULT is off; --pods gives every workload a pod)"
     if pods is False:
-        return None, "shared-host asked for (--no-pods)"
+        return None, "asked for with --no-pods"
     possible, why = pods_possible()
     if not possible:
         if pods:
