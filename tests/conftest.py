@@ -15,6 +15,12 @@ Fixtures:
   `.counters()`, `.reset_counters()`, `.set_faults(**kw)`, `.clear_faults()`, `.set_latency(**kw)` and
   waiting helpers. Tests stop every workload they start and reset the controls they change.
 * `workspace_env` (function): `CML_HOST` / `CML_API_KEY` pointing at that workspace.
+* `pods_workspace` (session): a workspace with pods — the session one (pods by default where they can
+  be made: root on Linux, as in CI), else one of its own; skipped where pods cannot be made.
+* `pods_ray_cluster` (session, `support.pods_cluster`): the 1 + 2 real Ray cluster in pods that the
+  head-FT and pods modules of the real-Ray tier share.
+
+The session workspace runs every workload in a pod where it can (`RAY_CAI_TEST_PODS=0`: shared-host).
 """
 
 from __future__ import annotations
