@@ -93,10 +93,10 @@ def choose_network(home: Path, pods: bool | None, pod_cidr: str | None) -> tuple
 
     `pods` None: the default (`PODS_BY_DEFAULT`): pods where this process can make them, else
     shared-host with the reason; True: pods or an error; False: shared-host."""
-    if pods is None:
-        pods = True if pod_cidr else (None if PODS_BY_DEFAULT else False)  # a pod CIDR asks for pods
-        if pods is False:
-            return None, "the default here (PODS_BY_DEFAULT is off; --pods gives every workload a pod)"
+    if pods is None and pod_cidr:
+        pods = True  # a pod CIDR asks for pods
+    if pods is None and not PODS_BY_DEFAULT:
+        return None, "the default here (PODS_BY_DEFAULT is off; --pods gives every workload a pod)"
     if pods is False:
         return None, "asked for with --no-pods"
     possible, why = pods_possible()
