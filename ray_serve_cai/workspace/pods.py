@@ -905,6 +905,13 @@ def leftovers_of(home: Path) -> tuple[list[str], list[str]]:
     return PodNetwork(home).own_leftovers()
 
 
+def pod_names(home: Path, cidr: str, ip: str) -> tuple[str, str]:
+    """(namespace, link) of the pod at `ip` of the workspace at `home` with pod CIDR `cidr` (for checks)."""
+    network = PodNetwork(home, ipaddress.IPv4Network(cidr))
+    pod = network._pod_at(int(ipaddress.IPv4Address(ip)) - int(network.cidr.network_address))
+    return pod.netns, pod.veth
+
+
 def remove_leftovers(home: Path) -> None:
     """Delete every pod and the bridge of `home` (a `workspace stop` after the server was killed)."""
     if pods_possible()[0]:

@@ -24,8 +24,6 @@ from support.cli import PodsCluster
 from support.fakes import wait_until
 from support.pods_cluster import HEAD, W0, W1, down_and_check, up_unless_running
 
-from ray_serve_cai.workspace.pods import leftovers_of
-
 pytestmark = [
     pytest.mark.ray,
     pytest.mark.xdist_group("ray-2"),  # the second real-Ray group (tests/conftest.py)
@@ -144,7 +142,4 @@ def test_up_on_slow_lossy_links_ends_ready_and_down_leaves_no_pod(cluster: PodsC
         print(f"up on 200±20 ms, 2 % loss links: {time.monotonic() - started:.0f} s")
     finally:
         cluster.workspace.heal_network()
-    cluster.cli_json("down")
-    wait_until(lambda: not cluster.workspace.network()["pods"], timeout=120, what="every pod to be removed")
-    names, links = leftovers_of(cluster.workspace.home)
-    assert names == [] and links == [cluster.workspace.network()["bridge"]]
+    down_and_check(cluster)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from ray_serve_cai.workspace.pods import leftovers_of, pod_names
 from ray_serve_cai.workspace.testing import WorkspaceHandle
 from support.cli import PodsCluster
 from support.fakes import wait_until
@@ -54,13 +55,25 @@ def gcs_state_dir(cluster: PodsCluster) -> Path:
 
 
 def down_and_check(cluster: PodsCluster) -> None:
-    """`down` of a cluster that has run: it exits 0, the stored GCS state goes with it, no pod is left."""
+    """`down` of a cluster that has run: it exits 0, the stored GCS state goes with it, and no pod of
+    the cluster is left (namespace, link, address); the workspace's bridge stays. Other modules of the
+    session workspace may have pods of their own: only this cluster's are looked at."""
     gcs = gcs_state_dir(cluster)
     assert gcs.is_dir() and any(p.is_dir() and p.name != "epochs" for p in gcs.iterdir())
+    ips = {cluster.pod_ip(name) for name in (HEAD, W0, W1)}
+    workspace = cluster.workspace
+    network = workspace.network()
+    names = {pod_names(workspace.home, network["pod_cidr"], ip) for ip in ips}
     down = cluster.down(timeout=600)
     assert down.returncode == 0, down.stderr[-3000:]
     assert not gcs.exists()
-    wait_until(lambda: not cluster.workspace.network()["pods"], timeout=120, what="every pod to be removed")
+    wait_until(
+        lambda: not ips & set(workspace.network()["pods"]), timeout=120, what=f"the pods {sorted(ips)} to go"
+    )
+    namespaces, links = leftovers_of(workspace.home)
+    assert not {netns for netns, _ in names} & set(namespaces), (names, namespaces)
+    assert not {veth for _, veth in names} & set(links), (names, links)
+    assert network["bridge"] in links
 
 
 def up_unless_running(cluster: PodsCluster) -> PodsCluster:
