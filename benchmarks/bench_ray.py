@@ -6,12 +6,13 @@ Run by hand (not collected by pytest), from a checkout whose node layer is commi
 
 For each size (1 head + N workers), in the same run:
 
-* ray-cai: a local workspace (temporary home; pods where the machine allows, see
-  `--shared-host` for the other mode) with a project created from git (`git_url` = this
-  repository, so the committed `cai_integration/ray_head.py` / `ray_worker.py` run); `up` runs in a
-  child process so its own peak RSS (`ru_maxrss`) is measured alone; the time is from the call of
-  `RayCluster.up()` to its return, i.e. until the head's `/ray-cai/status` reports every node alive.
-  Then `down`.
+* ray-cai: a local workspace (temporary home; pods where the machine allows — the workspace's
+  default — and then, with `--shared-host` (on by default), the same runs in a shared-host workspace,
+  reported beside them as `ray-cai-shared-host`: "ray-cai up by workspace mode"), with a project
+  created from git (`git_url` = this repository, so the committed `cai_integration/ray_head.py` /
+  `ray_worker.py` run); `up` runs in a child process so its own peak RSS (`ru_maxrss`) is measured
+  alone; the time is from the call of `RayCluster.up()` to its return, i.e. until the head's
+  `/ray-cai/status` reports every node alive. Then `down`.
 * by hand: `ray start --head` then one `ray start --address …` per worker, one after another (each
   returns once its node runs), every node with its own free ports, then the dashboard polled every
   0.25 s until it lists every node ALIVE. Same token authentication as ray-cai. Every `ray start`
@@ -424,6 +425,27 @@ def print_table(runs: list[Run]) -> list[dict[str, Any]]:
     return targets
 
 
+def print_modes(runs: list[Run], network: str) -> dict[str, dict[str, float]]:
+    """ray-cai's medians per size in each workspace mode (pods: the main runs where the machine makes
+    pods; shared-host: the `--shared-host` runs), side by side; the medians as JSON."""
+    main_mode = "pods" if network == "pods" else "shared-host"
+    modes = {main_mode: "ray-cai", **({"shared-host": "ray-cai-shared-host"} if main_mode == "pods" else {})}
+    table: dict[str, dict[str, float]] = {}
+    for mode, tool in modes.items():
+        for workers in sorted({r.workers for r in runs if r.tool == tool}):
+            chosen = [r for r in runs if r.tool == tool and r.workers == workers]
+            figures = table.setdefault(mode, {})
+            figures[f"1+{workers}"] = round(statistics.median(r.seconds for r in chosen), 2)
+            cpu = statistics.median(r.extra["cluster_cpu_s"] for r in chosen)
+            figures[f"1+{workers} cpu_s"] = round(cpu, 1)
+    print("\nray-cai up by workspace mode (medians, s to ready / cluster CPU s):")
+    for mode, figures in table.items():
+        sizes = [k for k in figures if not k.endswith("cpu_s")]
+        cells = ", ".join(f"{k}: {figures[k]:.2f} s / {figures[k + ' cpu_s']:.1f}" for k in sizes)
+        print(f"  {mode:<12} {cells}")
+    return table
+
+
 def _target(name: str, value: float, limit: float) -> dict[str, Any]:
     return {"target": name, "value": round(value, 3), "limit": limit, "passed": value <= limit}
 
@@ -593,12 +615,14 @@ def main(argv: list[str] | None = None) -> int:
         targets.append(_target("up/down rounds of 1 + 4 that failed", len(rounds["failures"]), 0))
     for target in targets:
         print(f"  {'PASS' if target['passed'] else 'FAIL'}  {target['target']}: {target['value']}")
+    modes = print_modes([*runs, *diagnostics], info.network)
     print("\nray-cai timeline, s after the call of up (apps created / head RUNNING / rendezvous / returned):")
     for run in [*diagnostics, *runs, *([cml_like] if cml_like else [])]:
         if run.tool.startswith("ray-cai"):
             t = run.extra.get("timeline", {})
             print(
-                f"  1 + {run.workers} poll {run.extra['poll_interval_s']} s: {t.get('apps_created_by_s')} / "
+                f"  {run.tool:<20} 1 + {run.workers} poll {run.extra['poll_interval_s']} s: "
+                f"{t.get('apps_created_by_s')} / "
                 f"{t.get('head_app_running_s')} / {t.get('rendezvous_published_s')} / {run.seconds:.2f}"
                 f"  ({run.extra['polls']} polls, {run.extra['api_calls']} API calls)"
             )
@@ -620,6 +644,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "load_average_start": load_at_start,
         "load_average_end": os.getloadavg(),
+        "modes": modes,
         "runs": [asdict(r) for r in runs],
         "diagnostics": [asdict(r) for r in diagnostics],
         "cml_like": asdict(cml_like) if cml_like else None,

@@ -15,6 +15,12 @@ Fixtures:
   `.counters()`, `.reset_counters()`, `.set_faults(**kw)`, `.clear_faults()`, `.set_latency(**kw)` and
   waiting helpers. Tests stop every workload they start and reset the controls they change.
 * `workspace_env` (function): `CML_HOST` / `CML_API_KEY` pointing at that workspace.
+* `pods_workspace` (session): a workspace with pods — the session one (pods by default where they can
+  be made: root on Linux, as in CI), else one of its own; skipped where pods cannot be made.
+* `pods_ray_cluster` (session, `support.pods_cluster`): the 1 + 2 real Ray cluster in pods that the
+  head-FT and pods modules of the real-Ray tier share.
+
+The session workspace runs every workload in a pod where it can (`RAY_CAI_TEST_PODS=0`: shared-host).
 """
 
 from __future__ import annotations
@@ -168,7 +174,8 @@ def _summary(name: str, record: _Tier, width: int = 10) -> str:
 
 
 # Every workspace the suite starts checks its answers against CML's spec; a deviation fails the test.
-pytest_plugins = ["support.conformance"]
+# support.pods_cluster: the real-Ray tier's 1 + 2 pods cluster (`pods_ray_cluster`).
+pytest_plugins = ["support.conformance", "support.pods_cluster"]
 
 
 @pytest.fixture(scope="session")
@@ -177,9 +184,10 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkspaceHan
     # CML's automatic restart of failed apps is off here, so an app a test leaves failed is not
     # started again minutes later under another test; a test of it turns it on with
     # `workspace.set_restart_policy(enabled=True, delay_seconds=...)` (`controls` resets it).
-    # The default of `ray-cai workspace start` (shared-host for now); RAY_CAI_TEST_PODS=1 runs the
-    # whole suite with pods (root on Linux), =0 forces shared-host. tests/*/test_pods.py make pods
-    # of their own when this one has none (`pods_workspace`).
+    # The default of `ray-cai workspace start`: pods where they can be made (root on Linux: CI and
+    # this machine), so the whole suite runs in pods; RAY_CAI_TEST_PODS=0 forces shared-host for a
+    # local run, =1 requires pods. The pods tests make pods of their own when this one has none
+    # (`pods_workspace`); the tests about shared-host mode make a shared-host one (`shared_host_workspace`).
     wanted = os.environ.get("RAY_CAI_TEST_PODS", "").strip()
     pods = {"0": False, "1": True}.get(wanted)
     info = start_workspace(home, app_restart=False, pods=pods)

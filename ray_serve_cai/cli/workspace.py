@@ -90,8 +90,8 @@ def start(
         typer.Option(
             "--pods/--no-pods",
             help="Run every job run and application in its own pod (network and process namespaces, "
-            "its own IP), as CML does; needs root on Linux. Default: shared-host (every workload on the "
-            "host), for now.",
+            "its own IP), as CML does; needs root on Linux. Default: pods where they can be made, else "
+            "shared-host (every workload on the host; `workspace status` says why).",
             show_default=False,
         ),
     ] = None,

@@ -41,6 +41,12 @@ CLUSTER_LABEL = "ray-cai.cluster"
 RAY_CLI = (sys.executable, "-m", "ray.scripts.scripts")
 # Variables that must not leak into Ray processes: the token itself, and addresses of other clusters.
 SCRUBBED_VARIABLES = ("RAY_AUTH_TOKEN", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
+# gRPC's fork handlers off in Ray's processes (unless the app's environment sets it): Ray Client's
+# proxy forks each connection's server with a `preexec_fn` while its gRPC threads are busy, and with
+# the handlers on such a child can die by SIGSEGV/SIGABRT before it execs ("Starting Ray client server
+# failed"; seen on the head's first client after a start; reproduced with grpcio 1.85 alone: 14 of 447
+# such forks died, none of 301 with the handlers off). Every child here execs at once.
+GRPC_FORK_VARIABLE = "GRPC_ENABLE_FORK_SUPPORT"
 
 _PR_SET_PDEATHSIG = 1
 try:
@@ -266,6 +272,7 @@ class RayNode:
         env.update(self.auth_env)
         env[NODE_TAG_VARIABLE] = self.tag
         env["RAY_USAGE_STATS_ENABLED"] = "0"
+        env.setdefault(GRPC_FORK_VARIABLE, "false")
         env.update(self.extra_env)
         env["PYTHONPATH"] = project_pythonpath(env, self.settings.project_dir)  # Serve imports project code
         return env

@@ -52,8 +52,9 @@ from ray_serve_cai.errors import BadInput, OperationFailed
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Pods where possible when neither --pods nor --no-pods is given. Off for now: see choose_network.
-PODS_BY_DEFAULT = False
+# Pods where possible when neither --pods nor --no-pods is given (shared-host, with the reason, where
+# they cannot be made).
+PODS_BY_DEFAULT = True
 # CML gives every pod the same application ports; these are ours (below Ray's ranges).
 POD_APP_PORT = 8100
 POD_READONLY_PORT = 8101
@@ -90,19 +91,19 @@ def pods_possible() -> tuple[bool, str]:
 def choose_network(home: Path, pods: bool | None, pod_cidr: str | None) -> tuple[PodNetwork | None, str]:
     """The workspace's pod network (its bridge set up) and why; (None, why) for shared-host.
 
-    `pods` None: the default (`PODS_BY_DEFAULT`: for now shared-host; pods are opt-in while the whole
-    suite is not yet proven green with them); True: pods or an error; False: shared-host."""
-    if pods is None:
-        pods = PODS_BY_DEFAULT or bool(pod_cidr) or None  # a pod CIDR asks for pods
-        if pods is None:
-            return None, "shared-host by default (ray-cai workspace start --pods gives every workload a pod)"
+    `pods` None: the default (`PODS_BY_DEFAULT`): pods where this process can make them, else
+    shared-host with the reason; True: pods or an error; False: shared-host."""
+    if pods is None and pod_cidr:
+        pods = True  # a pod CIDR asks for pods
+    if pods is None and not PODS_BY_DEFAULT:
+        return None, "the default here (PODS_BY_DEFAULT is off; --pods gives every workload a pod)"
     if pods is False:
-        return None, "shared-host asked for (--no-pods)"
+        return None, "asked for with --no-pods"
     possible, why = pods_possible()
     if not possible:
         if pods:
             raise PodError(f"--pods: {why}")
-        return None, why
+        return None, f"{why}: every workload on the host"
     try:
         cidr = parse_pod_cidr(pod_cidr) if pod_cidr else None
     except ValueError as exc:
@@ -902,6 +903,13 @@ class LoopbackRelays:
 def leftovers_of(home: Path) -> tuple[list[str], list[str]]:
     """(namespaces, links) this workspace home's pods left on the machine (for checks and stop)."""
     return PodNetwork(home).own_leftovers()
+
+
+def pod_names(home: Path, cidr: str, ip: str) -> tuple[str, str]:
+    """(namespace, link) of the pod at `ip` of the workspace at `home` with pod CIDR `cidr` (for checks)."""
+    network = PodNetwork(home, ipaddress.IPv4Network(cidr))
+    pod = network._pod_at(int(ipaddress.IPv4Address(ip)) - int(network.cidr.network_address))
+    return pod.netns, pod.veth
 
 
 def remove_leftovers(home: Path) -> None:

@@ -1,8 +1,8 @@
 """Head fault tolerance with real Ray in pods (issue 23): a head restart loses nothing.
 
-One 1 + 2 cluster (`head_ray_cpus: 0`) in a pods workspace of its own, shared by the steps below in
-order: a detached named actor on a worker holds a counter and a job whose driver runs on a worker
-prints for ~70 s; then
+The suite's 1 + 2 pods cluster (`head_ray_cpus: 0`; `support.pods_cluster`, shared with
+test_pods_ray.py, whose steps run after these), in order: a detached named actor on a worker holds a
+counter and a job whose driver runs on a worker prints for ~70 s; then
 1. every process of the head application is SIGKILLed; the workspace's automatic restart (CML's)
    brings it back in a new pod with a new IP → ready again, the actor answers with its counter, the
    job ends SUCCEEDED with its whole output (its driver ran a task after the failover), the workers'
@@ -10,8 +10,9 @@ prints for ~70 s; then
 2. Ray's GCS and raylet on the head are SIGKILLed (the launcher lives) → started again in the same
    pod, the application never FAILED;
 3. a second head of the same cluster refuses to start its GCS and says why;
-4. `down` removes the stored GCS state.
-Not gated on RAY_CAI_TEST_PODS: it makes its own pods (skipped only where pods cannot be made).
+4. `down` removes the stored GCS state: the shared cluster's `down_and_check`, which the last of the
+   pods steps runs (here, when this module runs without that one).
+Each step leaves the cluster ready with the same two workers. Skipped only where pods cannot be made.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import json
 import signal
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,30 +29,14 @@ import psutil
 import pytest
 from support.cli import PodsCluster
 from support.fakes import wait_until
+from support.pods_cluster import HEAD, W0, W1, down_and_check, up_unless_running
 
 from ray_serve_cai.workspace.processes import WORKLOAD_MARKER, processes_with_marker
-from ray_serve_cai.workspace.testing import WorkspaceHandle
 
 # A head replacement on a loaded 2-core machine has taken over 10 minutes (Ray's agents missing their
 # start window, the head app failing and being restarted): more than the suite's per-test default.
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(1500), pytest.mark.xdist_group("ray-2")]
 
-CLUSTER = "hft"
-PROJECT = "ray-cai-head-ft"
-HEAD, W0, W1 = "ray-hft-head", "ray-hft-worker-0", "ray-hft-worker-1"
-CONFIG = """\
-ray_cluster:
-  name: hft
-  num_workers: 2
-  head_cpu: 1
-  head_memory: 1
-  head_ray_cpus: 0
-  worker_cpu: 1
-  worker_memory: 1
-  startup_timeout: 300
-  cml_restart_wait: 0
-  join_timeout: 300
-"""
 JOB_SECONDS = 70
 # The job's driver: on a worker (ray-cai's default placement), it prints a line a second, and at the
 # end runs a task, which needs the GCS of whatever head is there then.
@@ -74,6 +58,7 @@ ACTOR = textwrap.dedent(
     """
     import json, sys, ray
     ray.init(sys.argv[1], logging_level="error")
+    print("ray.init() done", flush=True)  # CLIENT_CONNECTED (support.cli)
 
     @ray.remote(num_cpus=1)
     class Counter:
@@ -85,7 +70,7 @@ ACTOR = textwrap.dedent(
         def node(self):
             return ray.get_runtime_context().get_node_id()
 
-    options = dict(name="counter", namespace="hft", lifetime="detached", get_if_exists=True)
+    options = dict(name="counter", namespace="head-ft", lifetime="detached", get_if_exists=True)
     counter = Counter.options(**options).remote()
     count = None
     for _ in range(int(sys.argv[2])):
@@ -95,21 +80,15 @@ ACTOR = textwrap.dedent(
 )
 
 
-class Cluster(PodsCluster):
-    def actor(self, increments: int) -> dict[str, Any]:
-        connect = self.cli_json("connect")
-        env = {k: v for k, v in connect["env"].items() if k != "RAY_ADDRESS"}
-        for attempt in range(3):
-            proc = self.in_session("python", "-c", ACTOR, connect["address"], str(increments), env=env)
-            # Ray Client's per-client server sometimes fails to start on a loaded machine (before any
-            # call of the script ran): that attempt changed nothing, so it is made again.
-            if proc.returncode == 0 or "Starting Ray client server failed" not in proc.stderr or attempt == 2:
-                break
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+def actor(cluster: PodsCluster, increments: int) -> dict[str, Any]:
+    """Run ACTOR in a fresh session pod; what it printed last."""
+    proc = cluster.ray_client(ACTOR, str(increments))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
 
-    def head_processes(self) -> list[psutil.Process]:
-        return processes_with_marker(WORKLOAD_MARKER, self.apps()[HEAD]["id"])
+
+def head_processes(cluster: PodsCluster) -> list[psutil.Process]:
+    return processes_with_marker(WORKLOAD_MARKER, cluster.apps()[HEAD]["id"])
 
 
 def worker_node_ids(status: dict[str, Any]) -> dict[str, str]:
@@ -123,25 +102,17 @@ def kill(processes: list[psutil.Process]) -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster(pods_workspace: WorkspaceHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    config = tmp_path_factory.mktemp("head-ft") / "ray_cluster_config.yaml"
-    config.write_text(CONFIG)
-    env = Cluster(pods_workspace, PROJECT, config=config, nodes=3)
-    try:
-        env.up("--timeout", "900", timeout=900)
-        yield env
-    finally:
-        pods_workspace.api_ok("DELETE", "/_workspace/restart-policy")
-        env.down(timeout=600)
+def cluster(pods_ray_cluster: PodsCluster) -> PodsCluster:
+    return up_unless_running(pods_ray_cluster)
 
 
-def test_a_head_replaced_in_a_new_pod_loses_nothing(cluster: Cluster) -> None:
+def test_a_head_replaced_in_a_new_pod_loses_nothing(cluster: PodsCluster) -> None:
     before = cluster.ready()
     ft = before["head_fault_tolerance"]
     assert ft["enabled"] and ft["storage"] == "rocksdb" and ft["epoch"] >= 1, ft
     workers = worker_node_ids(before)
     assert set(workers) == {W0, W1}
-    counted = cluster.actor(5)
+    counted = actor(cluster, 5)
     assert counted["count"] == 5 and counted["node"] in workers.values()
 
     proc = cluster.cli("job", "submit", "--no-wait", "--json", "--", "python", "-c", JOB, timeout=300)
@@ -155,7 +126,7 @@ def test_a_head_replaced_in_a_new_pod_loses_nothing(cluster: Cluster) -> None:
 
     old_ip = cluster.pod_ip(HEAD)
     cluster.workspace.set_restart_policy(enabled=True, max_attempts=3, delay_seconds=1)
-    victims = cluster.head_processes()
+    victims = head_processes(cluster)
     assert victims
     killed = time.monotonic()
     kill(victims)
@@ -165,7 +136,7 @@ def test_a_head_replaced_in_a_new_pod_loses_nothing(cluster: Cluster) -> None:
     assert new_ip != old_ip  # a new pod, as CML restarts a failed application
 
     assert worker_node_ids(after) == workers  # no worker restarted: same Ray nodes
-    again = cluster.actor(1)
+    again = actor(cluster, 1)
     assert again["count"] == 6 and again["node"] == counted["node"]
     ft_after = after["head_fault_tolerance"]
     assert ft_after["epoch"] > ft["epoch"], ft_after
@@ -187,12 +158,12 @@ def test_a_head_replaced_in_a_new_pod_loses_nothing(cluster: Cluster) -> None:
     print(f"\nhead killed → ready again in a new pod: {took:.1f}s")
 
 
-def test_head_processes_killed_in_a_live_pod_are_restarted_in_place(cluster: Cluster) -> None:
+def test_head_processes_killed_in_a_live_pod_are_restarted_in_place(cluster: PodsCluster) -> None:
     before = cluster.ready()
     cluster.workspace.api_ok("DELETE", "/_workspace/restart-policy")  # CML's restart must not be needed
     ip = cluster.pod_ip(HEAD)
-    count = cluster.actor(1)["count"]
-    victims = [p for p in cluster.head_processes() if p.name() in ("gcs_server", "raylet")]
+    count = actor(cluster, 1)["count"]
+    victims = [p for p in head_processes(cluster) if p.name() in ("gcs_server", "raylet")]
     assert len(victims) == 2, victims
     killed = time.monotonic()
     kill(victims)
@@ -211,24 +182,24 @@ def test_head_processes_killed_in_a_live_pod_are_restarted_in_place(cluster: Clu
     assert worker_node_ids(after) == worker_node_ids(before)
     failover = after["head_fault_tolerance"]["last_failover"]
     assert failover["kind"] == "in place", failover
-    assert cluster.actor(1)["count"] == count + 1
+    assert actor(cluster, 1)["count"] == count + 1
     print(f"\nGCS and raylet killed → ready again in place: {took:.1f}s (launcher: {failover['seconds']}s)")
 
 
-def test_a_second_head_of_the_cluster_refuses_to_start_a_gcs(cluster: Cluster) -> None:
+def test_a_second_head_of_the_cluster_refuses_to_start_a_gcs(cluster: PodsCluster) -> None:
     head = cluster.apps()[HEAD]
     raw = head["environment"]
     environment = dict(raw if isinstance(raw, dict) else json.loads(raw))
-    environment.update(RAY_CAI_NODE_NAME="ray-hft-stray", RAY_CAI_HEAD_LEASE_WAIT="3")
+    environment.update(RAY_CAI_NODE_NAME="ray-pods-stray", RAY_CAI_HEAD_LEASE_WAIT="3")
     body = {
-        "name": "ray-hft-stray", "subdomain": "ray-hft-stray", "script": head["script"],
+        "name": "ray-pods-stray", "subdomain": "ray-pods-stray", "script": head["script"],
         "cpu": 1, "memory": 1, "environment": environment, "runtime_identifier": head["runtime_identifier"],
     }  # fmt: skip
     stray = cluster.workspace.api_ok("POST", f"/api/v2/projects/{cluster.project_id}/applications", json=body)
     try:
         cluster.workspace.wait_for_app(cluster.project_id, stray["id"], ["APPLICATION_FAILED"], timeout=180)
-        log = Path(cluster.apps()["ray-hft-stray"]["log_path"]).read_text()
-        assert "refusing to start a second GCS for cluster 'hft'" in log, log[-3000:]
+        log = Path(cluster.apps()["ray-pods-stray"]["log_path"]).read_text()
+        assert "refusing to start a second GCS for cluster 'pods'" in log, log[-3000:]
         assert "holds the lease" in log
     finally:
         cluster.workspace.api("DELETE", f"/api/v2/projects/{cluster.project_id}/applications/{stray['id']}")
@@ -236,9 +207,9 @@ def test_a_second_head_of_the_cluster_refuses_to_start_a_gcs(cluster: Cluster) -
     assert status["head_fault_tolerance"]["epoch"] >= 2
 
 
-def test_down_removes_the_stored_gcs_state(cluster: Cluster) -> None:
-    gcs = cluster.workspace.project_dir(cluster.project_id) / ".ray-cai" / CLUSTER / "gcs"
-    assert gcs.is_dir() and any(p.is_dir() and p.name != "epochs" for p in gcs.iterdir())
-    down = cluster.down(timeout=600)
-    assert down.returncode == 0, down.stderr[-3000:]
-    assert not gcs.exists()
+def test_down_removes_the_stored_gcs_state(cluster: PodsCluster, request: pytest.FixtureRequest) -> None:
+    """Only when the pods steps do not run after this module: their last test takes the shared
+    cluster down with the same check (`down_and_check`), then brings it up again on lossy links."""
+    if any(item.path.name == "test_pods_ray.py" for item in request.session.items):
+        pytest.skip("the shared cluster's last test (test_pods_ray.py) runs down_and_check")
+    down_and_check(cluster)

@@ -1,58 +1,33 @@
-"""Real Ray in pods, as on CML: one module-scoped 1 + 2 cluster, every node in its own pod.
+"""Real Ray in pods, as on CML: the suite's 1 + 2 pods cluster, every node in its own pod.
 
 Three distinct pod IPs in `ray.nodes()` (none loopback, none the host's); a session pod connects with
 `ray://<head pod IP>:10001` and runs a task on every node; a worker partitioned for 25 s is back
-with the same three applications; a worker partitioned for good is replaced by the watch; `up` with
-200 ms ± 20 ms and 2 % loss on every pod link ends ready; after `down` no pod is left.
+with the same three applications; a worker partitioned for good is replaced by the watch; `down`
+removes every pod (and the stored GCS state), and `up` with 200 ms ± 20 ms and 2 % loss on every pod
+link ends ready; after `down` no pod is left.
+
+The cluster (`support.pods_cluster`) is shared with test_head_ft_ray.py, whose steps run first and
+leave it ready with the same workers; the last test here takes it down.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import socket
 import subprocess
 import textwrap
 import time
-from collections.abc import Iterator
 
 import pytest
 from support.cli import PodsCluster
 from support.fakes import wait_until
+from support.pods_cluster import HEAD, W0, W1, down_and_check, up_unless_running
 
-from ray_serve_cai.workspace.pods import leftovers_of
-from ray_serve_cai.workspace.testing import WorkspaceHandle
-
-# Pods are opt-in while the suite's default workspace is shared-host (issue 20 is open): this module's
-# four long runs (a 25 s partition, a partition past the startup timeout, `up` on 200 ms / 2 % loss
-# links) come with the switch that runs the whole suite in pods, `RAY_CAI_TEST_PODS=1`.
 pytestmark = [
     pytest.mark.ray,
     pytest.mark.xdist_group("ray-2"),  # the second real-Ray group (tests/conftest.py)
-    pytest.mark.skipif(
-        os.environ.get("RAY_CAI_TEST_PODS", "").strip() != "1",
-        reason="real Ray in pods: set RAY_CAI_TEST_PODS=1 (the suite's workspace is shared-host by default)",
-    ),
 ]
-
-CLUSTER = "pods"
-PROJECT = "ray-cai-pods"
-HEAD, W0, W1 = "ray-pods-head", "ray-pods-worker-0", "ray-pods-worker-1"
-# Ray's default ports (no `ports:`), as on CML. `startup_timeout` is also how long the watch lets a
-# running worker stay outside Ray before it replaces it.
-CONFIG = """\
-ray_cluster:
-  name: pods
-  num_workers: 2
-  head_cpu: 1
-  head_memory: 1
-  worker_cpu: 1
-  worker_memory: 1
-  startup_timeout: 90
-  cml_restart_wait: 0
-  join_timeout: 240
-"""
 
 # Run in a session pod: what Ray sees, and one task pinned to every node.
 CLIENT = textwrap.dedent(
@@ -60,6 +35,7 @@ CLIENT = textwrap.dedent(
     import json, os, sys, ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     ray.init(sys.argv[1], logging_level="error")
+    print("ray.init() done", flush=True)  # CLIENT_CONNECTED (support.cli)
     nodes = [n for n in ray.nodes() if n["Alive"]]
 
     @ray.remote(num_cpus=0)
@@ -87,19 +63,8 @@ def host_addresses() -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def cluster(
-    pods_workspace: WorkspaceHandle, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[PodsCluster]:
-    workspace = pods_workspace
-    config = tmp_path_factory.mktemp("pods-cluster") / "ray_cluster_config.yaml"
-    config.write_text(CONFIG)
-    env = PodsCluster(workspace, PROJECT, config=config, nodes=3)
-    try:
-        env.up("--timeout", "900", timeout=900)
-        yield env
-    finally:
-        workspace.heal_network()
-        env.down(timeout=600)
+def cluster(pods_ray_cluster: PodsCluster) -> PodsCluster:
+    return up_unless_running(pods_ray_cluster)
 
 
 def test_three_pods_three_ips_and_a_session_pod_runs_tasks_on_every_node(cluster: PodsCluster) -> None:
@@ -109,8 +74,7 @@ def test_three_pods_three_ips_and_a_session_pod_runs_tasks_on_every_node(cluster
     connect = cluster.cli_json("connect")
     assert connect["address"] == f"ray://{ips[HEAD]}:10001"
 
-    session_env = {k: v for k, v in connect["env"].items() if k != "RAY_ADDRESS"}
-    run = cluster.in_session("python", "-c", CLIENT, connect["address"], env=session_env)
+    run = cluster.ray_client(CLIENT)
     assert run.returncode == 0, run.stderr[-3000:]
     seen = json.loads(run.stdout.strip().splitlines()[-1])
     assert seen["nodes"] == {ips[HEAD]: HEAD, ips[W0]: W0, ips[W1]: W1}
@@ -167,8 +131,7 @@ def test_a_worker_partitioned_for_good_is_replaced_by_the_watch(cluster: PodsClu
 
 
 def test_up_on_slow_lossy_links_ends_ready_and_down_leaves_no_pod(cluster: PodsCluster) -> None:
-    cluster.cli_json("down")
-    wait_until(lambda: not cluster.workspace.network()["pods"], timeout=120, what="every pod to be removed")
+    down_and_check(cluster)  # the stored GCS state goes too (head fault tolerance)
     cluster.workspace.shape_network(["*"], delay_ms=200, jitter_ms=20, loss_percent=2)
     try:
         started = time.monotonic()
@@ -179,7 +142,4 @@ def test_up_on_slow_lossy_links_ends_ready_and_down_leaves_no_pod(cluster: PodsC
         print(f"up on 200±20 ms, 2 % loss links: {time.monotonic() - started:.0f} s")
     finally:
         cluster.workspace.heal_network()
-    cluster.cli_json("down")
-    wait_until(lambda: not cluster.workspace.network()["pods"], timeout=120, what="every pod to be removed")
-    names, links = leftovers_of(cluster.workspace.home)
-    assert names == [] and links == [cluster.workspace.network()["bridge"]]
+    down_and_check(cluster)

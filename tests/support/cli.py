@@ -150,6 +150,10 @@ class LocalCluster:
         return self.workspace.project_dir(self.project_id)
 
 
+# What a `PodsCluster.ray_client` script prints once `ray.init()` returned.
+CLIENT_CONNECTED = "ray.init() done"
+
+
 class PodsCluster(LocalCluster):
     """A `LocalCluster` in a pods workspace: each node's pod IP, readiness with every node alive in
     Ray, and commands run in a fresh session pod of the project (`ray-cai workspace exec`)."""
@@ -185,6 +189,21 @@ class PodsCluster(LocalCluster):
         return subprocess.run(
             [*args, "--", *command], cwd=self.cwd, env=self.env, capture_output=True, text=True, timeout=600
         )
+
+    def ray_client(self, script: str, *args: str, attempts: int = 3) -> subprocess.CompletedProcess[str]:
+        """`python -c SCRIPT ray://<head>:10001 ARGS` in a fresh session pod with the variables `connect`
+        gives. SCRIPT prints CLIENT_CONNECTED right after `ray.init()`: an attempt that failed before
+        it (inside `ray.init()`: Ray Client's proxy could not start the connection's own server, seen
+        on a loaded machine) ran nothing on the cluster, so it is made again, up to `attempts` times."""
+        connect = self.cli_json("connect")
+        env = {k: v for k, v in connect["env"].items() if k != "RAY_ADDRESS"}
+        for attempt in range(1, attempts):
+            proc = self.in_session("python", "-c", script, connect["address"], *args, env=env)
+            if proc.returncode == 0 or CLIENT_CONNECTED in proc.stdout:
+                return proc
+            last = proc.stderr.strip().splitlines()[-1:]
+            print(f"ray.init() failed in a session pod (attempt {attempt} of {attempts}): {last}")
+        return self.in_session("python", "-c", script, connect["address"], *args, env=env)
 
 
 def ray_processes(project_dir: Path, cluster: str, names: list[str]) -> list[psutil.Process]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ray_serve_cai.node.ports import SHARED_HOST_VARIABLE, on_shared_host
-from ray_serve_cai.node.ray_node import NodePorts, RayNode
+from ray_serve_cai.node.ray_node import GRPC_FORK_VARIABLE, NodePorts, RayNode
 from ray_serve_cai.node.settings import NodeSettings
 from ray_serve_cai.workspace.pods import PodNetwork, parse_pod_cidr
 
@@ -56,3 +56,13 @@ def test_in_a_pod_ray_uses_its_default_ports(tmp_path: Path, monkeypatch: pytest
     command = RayNode(pod_settings(tmp_path, "worker"), worker, {}).start_command("100.64.0.3:6379")
     assert "--address=100.64.0.3:6379" in command
     assert not [arg for arg in command if "port" in arg]
+
+
+def test_ray_runs_without_grpc_fork_handlers_unless_the_app_sets_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(GRPC_FORK_VARIABLE, raising=False)
+    head = RayNode(pod_settings(tmp_path, "head"), NodePorts.choose(pod_settings(tmp_path, "head")), {})
+    assert head.environment()[GRPC_FORK_VARIABLE] == "false"
+    monkeypatch.setenv(GRPC_FORK_VARIABLE, "true")  # the app's environment says otherwise: kept
+    assert head.environment()[GRPC_FORK_VARIABLE] == "true"

@@ -18,7 +18,11 @@ from ray_serve_cai.cluster import ClusterError, RayCluster
 from ray_serve_cai.workspace.testing import WorkspaceHandle
 
 RESTART_ROUTE = "POST /api/v2/projects/{project_id}/applications/{application_id}:restart"
-STARTUP_TIMEOUT = 6.0
+# `up` replaces a node that runs outside Ray for half its wait, so within the wait the apps must start,
+# the stuck node stay outside Ray for half of it, and its replacement start again (a new pod, a node
+# process importing our config models): seen at 2-4 s each on a loaded 2-core machine. With 6 s the
+# replacement had under a second left and was still STARTING at the deadline; 16 s leaves it ~5 s.
+STARTUP_TIMEOUT = 16.0
 
 
 def test_a_node_that_never_joins_fails_up_by_name_and_the_watch_replaces_it(

@@ -27,7 +27,7 @@ import websockets
 from support.fakes import RAY_CAI, wait_until
 
 from ray_serve_cai.workspace.daemon import start_workspace, stop_workspace, workspace_info
-from ray_serve_cai.workspace.pods import leftovers_of
+from ray_serve_cai.workspace.pods import leftovers_of, pods_possible
 from ray_serve_cai.workspace.testing import WorkspaceHandle
 
 # A probe run inside a pod: GET each URL, print {url: status or error}.
@@ -351,3 +351,43 @@ def test_status_says_pods_or_shared_host(pods: WorkspaceHandle) -> None:
     status = json.loads(done.stdout)
     assert status["network"] == "pods" and status["pod_cidr"] == pods.network()["pod_cidr"]
     assert httpx.get(f"{pods.url}/_workspace/network").status_code == 401  # behind the API key
+
+
+def test_start_makes_pods_by_default_and_no_pods_is_shared_host(tmp_path: Path) -> None:
+    """`workspace start` without a choice makes pods where it can (root on Linux, as in CI), else runs
+    shared-host and says why; with `--no-pods` every workload is on the host, status says so and why,
+    and network faults are refused."""
+    default, shared = tmp_path / "default", tmp_path / "shared"
+    possible, why = pods_possible()
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run([*RAY_CAI, "workspace", *args], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done
+
+    try:
+        cli("start", "--home", str(default), "--no-app-restart")
+        status = json.loads(cli("status", "--home", str(default), "--json").stdout)
+        if possible:
+            assert status["network"] == "pods" and status["pod_cidr"], status
+        else:
+            assert status["network"] == "shared-host" and why in status["network_reason"], status
+        cli("start", "--home", str(shared), "--no-pods", "--no-app-restart")
+        status = json.loads(cli("status", "--home", str(shared), "--json").stdout)
+        assert status["network"] == "shared-host" and status["pod_cidr"] is None, status
+        assert "--no-pods" in status["network_reason"]
+        said = cli("status", "--home", str(shared)).stdout
+        assert "network: shared-host (asked for with --no-pods)" in said
+        info = workspace_info(shared)
+        assert info is not None
+        ws = WorkspaceHandle(info)
+        try:
+            cut = ws.api("POST", "/_workspace/network/partition", json={"applications": ["x"], "seconds": 1})
+            assert cut.status_code == 400 and "network faults need pods" in cut.text, cut.text
+        finally:
+            ws.close()
+    finally:
+        for home in (default, shared):
+            stop = [*RAY_CAI, "workspace", "stop", "--home", str(home)]
+            subprocess.run(stop, capture_output=True, timeout=120, check=False)
+    assert leftovers_of(default) == ([], [])

@@ -127,6 +127,20 @@ def workload_pids(ws: WorkspaceHandle) -> dict[str, set[int]]:
     return found
 
 
+def wait_for_script(ws: WorkspaceHandle, workload_id: str, script: str) -> None:
+    """Until a process of the workload runs `script`. A job run is ENGINE_RUNNING once its workload is
+    spawned; in a pod its script is started a moment later by the pod's init."""
+
+    def runs_script() -> bool:
+        for pid in workload_pids(ws).get(workload_id, set()):
+            with contextlib.suppress(psutil.Error):
+                if any(script in arg for arg in psutil.Process(pid).cmdline()):
+                    return True
+        return False
+
+    wait_until(runs_script, timeout=60, interval=0.1, what=f"{workload_id} to run {script}")
+
+
 def kill_pids(pids: set[int]) -> None:
     for pid in pids:
         with contextlib.suppress(psutil.NoSuchProcess):
@@ -252,6 +266,7 @@ def test_a_job_run_is_readopted_or_marked_failed_never_running_forever(
     victim_run = ws.api_ok("POST", f"{jobs_path}/{victim['id']}/runs", json={})
     for item, run in ((survivor, survivor_run), (victim, victim_run)):
         ws.wait_for_run(project["id"], item["id"], run["id"], {"ENGINE_RUNNING"})
+        wait_for_script(ws, run["id"], "job_sleep.py")  # its whole process tree is there
     pids = workload_pids(ws)
     survivor_pids = pids[survivor_run["id"]]
 
