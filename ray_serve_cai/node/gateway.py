@@ -14,16 +14,20 @@ front of the workers' Serve proxies, here with what CML offers (pods, one URL pe
 How it routes:
 
 * the nodes announce their Serve ingress in the project (`.ray-cai/<cluster>/serve-ingress/<node>.json`:
-  pod IP and port, `node.serve_proxy`); every `HEALTH_INTERVAL_SECONDS` the gateway reads them and asks
-  each ingress for Serve's own proxy health (`/serve/-/healthz`: 200 only while the node's proxy runs
-  and is not draining), with the cluster token;
+  pod IP and port, `node.serve_proxy`); the gateway talks to each through tunnels it opens with the
+  cluster token and keeps for request after request (`node.serve_tunnel`: the ingress checks the token
+  once per connection, then relays bytes to the node's Serve proxy); every `HEALTH_INTERVAL_SECONDS`
+  it reads the announcements and asks each node's Serve proxy for its health (`/-/healthz`: 200 only
+  while the proxy runs and is not draining);
 * each request goes to the next healthy worker (round robin); to the head only when no worker is
   healthy (replicas stay off the head when there are workers, so the head's restart is no event for
-  Serve's traffic); a node that refuses a connection, or whose ingress answers that its Serve proxy
-  refused it (`X-Ray-Cai-Not-Forwarded`), is marked down at once and the request goes to the next
-  one (it reached no Serve proxy, so this is safe for every method);
-* requests stream both ways and WebSockets pass (`ray_serve_cai._proxy`, the code the nodes use);
-  CML's `Authorization` is dropped, the cluster token added (`X-Ray-Authorization`).
+  Serve's traffic); a node whose tunnel does not open (its ingress refuses the connection, or its
+  Serve proxy refused the ingress's) is marked down at once and the request goes to the next one
+  (it reached no Serve proxy, so this is safe for every method);
+* requests stream both ways and WebSockets pass (`ray_serve_cai._proxy`, the code the nodes use),
+  `/serve` stripped (Serve's `root_path` puts it back for the application); CML's `Authorization`
+  never goes on, and the cluster token is in no request (only in each tunnel's CONNECT).
+* `/serve/...` goes straight to the proxy (no router, no middleware on the hot path).
 
 `/ray-cai/healthz` answers 200 (CML's polling endpoint), `/ray-cai/gateway` the routing table.
 """
@@ -43,23 +47,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Mount, Route
-from starlette.types import Scope
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ray_serve_cai._proxy import NOT_CONNECTED_KEY, ReverseProxy, drop_and_add, proxy_client
+from ray_serve_cai._proxy import NOT_CONNECTED_KEY, ReverseProxy, UpstreamClient, drop_and_add, proxy_client
 from ray_serve_cai.config.serve import SERVE_ROOT_PATH
 from ray_serve_cai.node.files import token_path
-from ray_serve_cai.node.serve_proxy import TOKEN_HEADER, ingress_dir
+from ray_serve_cai.node.serve_proxy import ingress_dir
+from ray_serve_cai.node.serve_tunnel import TOKEN_HEADER, tunnel_opener
 
 logger = logging.getLogger("ray_serve_cai.node.gateway")
 
 HEALTH_INTERVAL_SECONDS = 1.0
 HEALTH_TIMEOUT_SECONDS = 2.0
-HEALTH_PATH = SERVE_ROOT_PATH + "/-/healthz"  # Serve's proxy health, through the node's ingress
+HEALTH_PATH = "/-/healthz"  # Serve's proxy health (its own path, outside root_path), through the tunnel
 ATTEMPTS_KEY = "ray_cai.gateway_attempts"
 NODE_KEY = "ray_cai.gateway_node"
 
@@ -84,9 +89,6 @@ class Routes:
     backends: dict[str, Backend] = field(default_factory=dict)
     token: str | None = None
     _turn: itertools.count[int] = field(default_factory=itertools.count)
-
-    def headers(self) -> dict[str, str]:
-        return {TOKEN_HEADER: f"Bearer {self.token}"} if self.token else {}
 
     def choose(self, avoid: set[str] = frozenset()) -> Backend | None:  # type: ignore[assignment]
         """The next healthy worker, else the head, else None (none in `avoid`)."""
@@ -120,17 +122,17 @@ class Routes:
             with contextlib.suppress(OSError):
                 self.token = token_path(self.project_dir, self.cluster).read_text().strip() or None
 
-    async def check(self, client: httpx.AsyncClient) -> None:
-        """One round: every announced node's Serve proxy health, in parallel."""
+    async def check(self, client: UpstreamClient) -> None:
+        """One round: every announced node's Serve proxy health, in parallel (through the tunnels)."""
         self.read_announcements()
+        timeout = aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_SECONDS)
 
         async def one(backend: Backend) -> None:
             try:
-                response = await client.get(
-                    backend.base + HEALTH_PATH, headers=self.headers(), timeout=HEALTH_TIMEOUT_SECONDS
-                )
-                healthy, detail = response.status_code == 200, f"HTTP {response.status_code}"
-            except httpx.HTTPError as error:
+                async with client.session().get(backend.base + HEALTH_PATH, timeout=timeout) as response:
+                    await response.read()
+                    healthy, detail = response.status == 200, f"HTTP {response.status}"
+            except (aiohttp.ClientError, asyncio.TimeoutError) as error:
                 healthy, detail = False, type(error).__name__
             if healthy != backend.healthy:
                 logger.info("node %s: %s", backend.node, "healthy" if healthy else f"unhealthy ({detail})")
@@ -148,10 +150,47 @@ class Routes:
         }
 
 
-def create_gateway(routes: Routes) -> Starlette:
+def _pages(routes: Routes, client: UpstreamClient) -> Starlette:
+    """The gateway's own pages (CML's polling endpoint, the routing table) and its lifespan: the health
+    loop, and the proxy's client closed at the end."""
+
+    async def healthz(_: Request) -> Response:
+        return JSONResponse({"ok": True})
+
+    async def table(_: Request) -> Response:
+        return JSONResponse(routes.table())
+
+    async def home(_: Request) -> Response:
+        return JSONResponse({"serve": SERVE_ROOT_PATH + "/", **routes.table()})
+
+    async def health_loop() -> None:
+        while True:
+            started = time.monotonic()
+            with contextlib.suppress(Exception):
+                await routes.check(client)
+            await asyncio.sleep(max(0.1, HEALTH_INTERVAL_SECONDS - (time.monotonic() - started)))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        await routes.check(client)
+        task = asyncio.create_task(health_loop())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await client.aclose()
+
+    return Starlette(
+        routes=[Route("/ray-cai/healthz", healthz), Route("/ray-cai/gateway", table), Route("/", home)],
+        lifespan=lifespan,
+    )
+
+
+def create_gateway(routes: Routes) -> ASGIApp:
     """The gateway's ASGI app over `routes` (its health loop runs in the app's lifespan)."""
-    client = proxy_client()
-    health_client = httpx.AsyncClient(trust_env=False, timeout=HEALTH_TIMEOUT_SECONDS)
+    client = proxy_client(open_socket=tunnel_opener(lambda: routes.token))
 
     def upstream(scope: Scope) -> str | None:
         tried = scope.setdefault(ATTEMPTS_KEY, set())
@@ -176,49 +215,23 @@ def create_gateway(routes: Routes) -> Starlette:
 
     proxy = ReverseProxy(
         upstream,
-        headers=drop_and_add(("authorization", TOKEN_HEADER), routes.headers),
+        headers=drop_and_add(("authorization", TOKEN_HEADER)),
         fallback=next_node,
+        strip_prefix=SERVE_ROOT_PATH,
         client=client,
     )
 
-    async def healthz(_: Request) -> Response:
-        return JSONResponse({"ok": True})
+    pages = _pages(routes, client)
+    mount = SERVE_ROOT_PATH + "/"
 
-    async def table(_: Request) -> Response:
-        return JSONResponse(routes.table())
+    async def gateway(scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "lifespan" and (path.startswith(mount) or path == SERVE_ROOT_PATH):
+            await proxy(scope, receive, send)
+        else:
+            await pages(scope, receive, send)
 
-    async def home(_: Request) -> Response:
-        return JSONResponse({"serve": SERVE_ROOT_PATH + "/", **routes.table()})
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        async def health_loop() -> None:
-            while True:
-                started = time.monotonic()
-                with contextlib.suppress(Exception):
-                    await routes.check(health_client)
-                await asyncio.sleep(max(0.1, HEALTH_INTERVAL_SECONDS - (time.monotonic() - started)))
-
-        await routes.check(health_client)
-        task = asyncio.create_task(health_loop())
-        try:
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            await client.aclose()
-            await health_client.aclose()
-
-    return Starlette(
-        routes=[
-            Route("/ray-cai/healthz", healthz),
-            Route("/ray-cai/gateway", table),
-            Route("/", home),
-            Mount(SERVE_ROOT_PATH, app=proxy),
-        ],
-        lifespan=lifespan,
-    )
+    return gateway
 
 
 def main() -> int:
@@ -228,7 +241,6 @@ def main() -> int:
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s ray-cai gateway %(levelname)s %(message)s"
     )
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     cluster = os.environ.get("RAY_CAI_CLUSTER", "").strip()
     port = os.environ.get("CDSW_APP_PORT", "").strip()
     if not cluster or not port.isdigit():
