@@ -141,7 +141,10 @@ def component_processes(handle: Any, project_id: str, workspace_pid: int) -> dic
     proxy and replicas) and this process (the benchmark's clients)."""
     import psutil
 
-    parts: dict[str, list[Any]] = {"workspace": [psutil.Process(workspace_pid)], "client": [psutil.Process()]}
+    found: dict[str, dict[int, Any]] = {
+        "workspace": {workspace_pid: psutil.Process(workspace_pid)},
+        "client": {os.getpid(): psutil.Process()},
+    }
     apps = project_apps(handle, project_id)
     names = {a["id"]: a["subdomain"].removeprefix(f"ray-{CLUSTER}-") for a in apps}
     for process in handle.api_ok("GET", "/_workspace/processes")["processes"]:
@@ -150,8 +153,13 @@ def component_processes(handle: Any, project_id: str, workspace_pid: int) -> dic
             continue
         with contextlib.suppress(psutil.Error):
             root = psutil.Process(int(process["pid"]))
-            parts.setdefault(name, []).extend([root, *root.children(recursive=True)])
-    return parts
+            for member in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):  # the pod's init: CML's per-pod proxy stand-in
+                    if any(arg.endswith("podinit.py") for arg in member.cmdline()):
+                        found.setdefault(f"{name} pod relay", {})[member.pid] = member
+                        continue
+                found.setdefault(name, {})[member.pid] = member  # each process once
+    return {name: list(members.values()) for name, members in found.items()}
 
 
 def cpu_seconds(parts: dict[str, list[Any]]) -> dict[str, float]:
