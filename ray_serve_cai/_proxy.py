@@ -23,10 +23,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
 import websockets
@@ -42,7 +40,6 @@ __all__ = [
     "NOT_CONNECTED_KEY",
     "NOT_FORWARDED_HEADER",
     "HeaderHook",
-    "OpenSocket",
     "ReverseProxy",
     "UpstreamClient",
     "drop_and_add",
@@ -92,43 +89,6 @@ _WEBSOCKET_HANDSHAKE = frozenset(
 )
 
 
-#: Opens a connected socket to (host, port) that is ready for HTTP (e.g. after a tunnel's handshake);
-#: raises OSError when it cannot, which the proxy treats as "nothing was sent".
-OpenSocket = Callable[[str, int], Awaitable[socket.socket]]
-
-
-class _SocketConnector(aiohttp.TCPConnector):
-    """A connector whose new connections come from an `OpenSocket` (pooled and reused as usual).
-
-    aiohttp has no public hook between "connected" and "speaks HTTP"; this overrides the one
-    method (`TCPConnector._wrap_create_connection`, the same signature since aiohttp 3.10) that
-    turns an address into a transport, and keeps aiohttp's error types: an OSError becomes a
-    ClientConnectorError, as a refused TCP connection does."""
-
-    def __init__(self, open_socket: OpenSocket, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._open_socket = open_socket
-
-    async def _wrap_create_connection(  # type: ignore[override]
-        self,
-        *args: Any,
-        req: Any,
-        timeout: aiohttp.ClientTimeout,
-        client_error: type[Exception] = aiohttp.ClientConnectorError,
-        **kwargs: Any,
-    ) -> tuple[asyncio.Transport, Any]:
-        kwargs = {k: v for k, v in kwargs.items() if k in ("ssl", "server_hostname") and v}
-        try:
-            sock = await asyncio.wait_for(self._open_socket(req.url.raw_host, req.port), timeout.sock_connect)
-            try:
-                return await self._loop.create_connection(*args, sock=sock, **kwargs)  # type: ignore[return-value]
-            except BaseException:
-                sock.close()
-                raise
-        except OSError as error:
-            raise client_error(req.connection_key, error) from error
-
-
 class UpstreamClient:
     """The HTTP client of a proxy: one aiohttp session, made on first use inside the serving event loop.
 
@@ -137,27 +97,18 @@ class UpstreamClient:
     No read timeout (a stream may be quiet for long: the client decides when to give up), no
     connection cap, never an environment proxy, never a redirect, bodies passed as they are
     (no decompression), no cookie jar; idle connections are dropped after `KEEPALIVE_SECONDS`,
-    before uvicorn's 5 s, so a reused connection is never one the upstream is closing.
-    With `open_socket`, every upstream connection (HTTP and WebSocket) is opened by it instead of a
-    plain TCP connect: the Serve gateway's authenticated tunnels to the nodes' ingress."""
+    before uvicorn's 5 s, so a reused connection is never one the upstream is closing."""
 
     KEEPALIVE_SECONDS = 4.0
 
-    def __init__(self, connect_timeout: float = 5.0, open_socket: OpenSocket | None = None) -> None:
+    def __init__(self, connect_timeout: float = 5.0) -> None:
         self.connect_timeout = connect_timeout
-        self.open_socket = open_socket
         self._session: aiohttp.ClientSession | None = None
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            options: dict[str, Any] = {"limit": 0, "keepalive_timeout": self.KEEPALIVE_SECONDS}
-            connector = (
-                aiohttp.TCPConnector(**options)
-                if self.open_socket is None
-                else _SocketConnector(self.open_socket, **options)
-            )
             self._session = aiohttp.ClientSession(
-                connector=connector,
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=self.KEEPALIVE_SECONDS),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout, sock_read=None),
                 auto_decompress=False,
                 cookie_jar=aiohttp.DummyCookieJar(),
@@ -171,9 +122,9 @@ class UpstreamClient:
             await self._session.close()
 
 
-def proxy_client(connect_timeout: float = 5.0, open_socket: OpenSocket | None = None) -> UpstreamClient:
+def proxy_client(connect_timeout: float = 5.0) -> UpstreamClient:
     """The client a proxy uses (see `UpstreamClient`); share one among the proxies of a server."""
-    return UpstreamClient(connect_timeout, open_socket)
+    return UpstreamClient(connect_timeout)
 
 
 def drop_and_add(drop: Iterable[str] = (), add: Callable[[], Mapping[str, str]] | None = None) -> HeaderHook:
@@ -389,13 +340,8 @@ class ReverseProxy:
             p.strip() for p in websocket.headers.get("sec-websocket-protocol", "").split(",") if p.strip()
         ]
         try:
-            sock = None
-            if self.client.open_socket is not None:
-                host, _, port = target.base.removeprefix("http://").rpartition(":")
-                sock = await asyncio.wait_for(self.client.open_socket(host, int(port)), 10)
             upstream = await websockets.connect(
                 url,
-                sock=sock,
                 additional_headers=self._request_headers(websocket.scope, websocket=True),
                 subprotocols=offered or None,  # type: ignore[arg-type]
                 user_agent_header=None,

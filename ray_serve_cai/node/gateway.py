@@ -40,33 +40,25 @@ import itertools
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
-
-from ray_serve_cai._proxy import NOT_CONNECTED_KEY, ReverseProxy, UpstreamClient, drop_and_add, proxy_client
 from ray_serve_cai.config.serve import SERVE_ROOT_PATH
 from ray_serve_cai.node.files import token_path
+from ray_serve_cai.node.gateway_relay import ClientConnection, GatewayRelay, TunnelPool, get_status
 from ray_serve_cai.node.serve_proxy import ingress_dir
-from ray_serve_cai.node.serve_tunnel import TOKEN_HEADER, tunnel_opener
+from ray_serve_cai.node.serve_tunnel import TOKEN_HEADER, new_event_loop, tunnel_opener
 
 logger = logging.getLogger("ray_serve_cai.node.gateway")
 
 HEALTH_INTERVAL_SECONDS = 1.0
 HEALTH_TIMEOUT_SECONDS = 2.0
 HEALTH_PATH = "/-/healthz"  # Serve's proxy health (its own path, outside root_path), through the tunnel
-ATTEMPTS_KEY = "ray_cai.gateway_attempts"
-NODE_KEY = "ray_cai.gateway_node"
 
 
 @dataclass
@@ -75,9 +67,14 @@ class Backend:
 
     node: str
     role: str
-    base: str  # http://<pod IP>:<port>
+    ip: str
+    port: int
     healthy: bool = False
     detail: str = "not checked yet"
+
+    @property
+    def base(self) -> str:
+        return f"http://{self.ip}:{self.port}"
 
 
 @dataclass
@@ -110,29 +107,29 @@ class Routes:
         for path in sorted(ingress_dir(self.project_dir, self.cluster).glob("*.json")):
             try:
                 record = json.loads(path.read_text())
-                node, base = str(record["node"]), f"http://{record['ip']}:{int(record['port'])}"
+                node, ip, port = str(record["node"]), str(record["ip"]), int(record["port"])
             except (OSError, ValueError, KeyError, TypeError):
                 continue
             known = self.backends.get(node)
-            found[node] = known if known is not None and known.base == base else Backend(
-                node, str(record.get("role", "worker")), base
+            found[node] = known if known is not None and (known.ip, known.port) == (ip, port) else Backend(
+                node, str(record.get("role", "worker")), ip, port
             )  # fmt: skip
         self.backends = found
         if self.token is None:
             with contextlib.suppress(OSError):
                 self.token = token_path(self.project_dir, self.cluster).read_text().strip() or None
 
-    async def check(self, client: UpstreamClient) -> None:
+    async def check(self, pool: TunnelPool) -> None:
         """One round: every announced node's Serve proxy health, in parallel (through the tunnels)."""
         self.read_announcements()
-        timeout = aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_SECONDS)
+        pool.prune()
 
         async def one(backend: Backend) -> None:
             try:
-                async with client.session().get(backend.base + HEALTH_PATH, timeout=timeout) as response:
-                    await response.read()
-                    healthy, detail = response.status == 200, f"HTTP {response.status}"
-            except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+                probe = get_status(pool, backend.ip, backend.port, HEALTH_PATH)
+                status = await asyncio.wait_for(probe, HEALTH_TIMEOUT_SECONDS)
+                healthy, detail = status == 200, f"HTTP {status}"
+            except (OSError, asyncio.TimeoutError) as error:
                 healthy, detail = False, type(error).__name__
             if healthy != backend.healthy:
                 logger.info("node %s: %s", backend.node, "healthy" if healthy else f"unhealthy ({detail})")
@@ -150,94 +147,106 @@ class Routes:
         }
 
 
-def _pages(routes: Routes, client: UpstreamClient) -> Starlette:
-    """The gateway's own pages (CML's polling endpoint, the routing table) and its lifespan: the health
-    loop, and the proxy's client closed at the end."""
+class Gateway:
+    """The gateway's server on `host:port` over `routes`: the relay (`node.gateway_relay`) and the
+    health loop, on one event loop. `run()` in the calling thread until SIGTERM/SIGINT; `start()` /
+    `stop()` in a daemon thread (tests)."""
 
-    async def healthz(_: Request) -> Response:
-        return JSONResponse({"ok": True})
+    def __init__(self, routes: Routes, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.routes, self.host, self.requested_port = routes, host, port
+        self.port: int | None = None
+        self.pool = TunnelPool(tunnel_opener(lambda: routes.token))
+        self.relay = GatewayRelay(
+            self.pool,
+            self._choose,
+            lambda node: routes.mark_down(node, "refused a connection"),
+            self._page,
+            lambda: {"error": "no Serve proxy of the cluster answers (yet)", **routes.table()},
+            mount=SERVE_ROOT_PATH,
+            drop=frozenset({b"authorization", TOKEN_HEADER.encode()}),
+        )
+        self._loop = new_event_loop()
+        self._stopped: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
 
-    async def table(_: Request) -> Response:
-        return JSONResponse(routes.table())
+    def _choose(self, avoid: set[str]) -> tuple[str, str, int] | None:
+        backend = self.routes.choose(avoid)
+        return None if backend is None else (backend.node, backend.ip, backend.port)
 
-    async def home(_: Request) -> Response:
-        return JSONResponse({"serve": SERVE_ROOT_PATH + "/", **routes.table()})
+    def _page(self, path: str) -> tuple[int, Any]:
+        if path == "/ray-cai/healthz":
+            return 200, {"ok": True}
+        if path == "/ray-cai/gateway":
+            return 200, self.routes.table()
+        if path == "/":
+            return 200, {"serve": SERVE_ROOT_PATH + "/", **self.routes.table()}
+        return 404, {"error": "not found", "serve": SERVE_ROOT_PATH + "/"}
 
-    async def health_loop() -> None:
+    async def _health_loop(self) -> None:
         while True:
             started = time.monotonic()
             with contextlib.suppress(Exception):
-                await routes.check(client)
+                await self.routes.check(self.pool)
             await asyncio.sleep(max(0.1, HEALTH_INTERVAL_SECONDS - (time.monotonic() - started)))
 
-    @contextlib.asynccontextmanager
-    async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        await routes.check(client)
-        task = asyncio.create_task(health_loop())
+    async def serve(self) -> None:
+        """Listen, check the nodes once, then serve until `stop()` (or a signal in `run()`)."""
+        self._stopped = asyncio.Event()
+        server = await asyncio.get_running_loop().create_server(
+            lambda: ClientConnection(self.relay), self.host, self.requested_port, reuse_address=True
+        )
+        self.port = int(server.sockets[0].getsockname()[1])
+        await self.routes.check(self.pool)
+        health = asyncio.create_task(self._health_loop())
+        self._ready.set()
         try:
-            yield
+            await self._stopped.wait()
         finally:
-            task.cancel()
+            health.cancel()
+            server.close()
+            self.relay.close()
             with contextlib.suppress(asyncio.CancelledError):
-                await task
-            await client.aclose()
+                await health
 
-    return Starlette(
-        routes=[Route("/ray-cai/healthz", healthz), Route("/ray-cai/gateway", table), Route("/", home)],
-        lifespan=lifespan,
-    )
+    def run(self) -> None:
+        """Serve in this thread until SIGTERM or SIGINT."""
+        loop = self._loop
+        asyncio.set_event_loop(loop)
 
+        async def main() -> None:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, self.stop_soon)
+            await self.serve()
 
-def create_gateway(routes: Routes) -> ASGIApp:
-    """The gateway's ASGI app over `routes` (its health loop runs in the app's lifespan)."""
-    client = proxy_client(open_socket=tunnel_opener(lambda: routes.token))
+        try:
+            loop.run_until_complete(main())
+        finally:
+            loop.close()
 
-    def upstream(scope: Scope) -> str | None:
-        tried = scope.setdefault(ATTEMPTS_KEY, set())
-        backend = routes.choose(avoid=tried)
-        if backend is None:
-            return None
-        tried.add(backend.node)
-        scope[NODE_KEY] = backend.node
-        return backend.base
+    def stop_soon(self) -> None:
+        if self._stopped is not None:
+            self._stopped.set()
 
-    async def next_node(request: Request) -> Response:
-        """The chosen node refused the connection (nothing was sent): the next one; 502 when the
-        request may have reached it; 503 when no node is left."""
-        node = request.scope.get(NODE_KEY)
-        if node is not None:
-            if not request.scope.get(NOT_CONNECTED_KEY):
-                return JSONResponse({"error": f"node {node} did not answer the request"}, 502)
-            routes.mark_down(str(node), "refused a connection")
-            request.scope[NODE_KEY] = None
-            return await proxy.forward_http(request)
-        return JSONResponse({"error": "no Serve proxy of the cluster answers (yet)", **routes.table()}, 503)
+    def start(self, wait_seconds: float = 20.0) -> Gateway:
+        """Serve in a daemon thread; returns once listening (`port`)."""
+        self._thread = threading.Thread(
+            target=lambda: self._loop.run_until_complete(self.serve()), name="serve-gateway", daemon=True
+        )
+        self._thread.start()
+        if not self._ready.wait(wait_seconds):
+            raise RuntimeError(f"the gateway did not listen within {wait_seconds:.0f}s")
+        return self
 
-    proxy = ReverseProxy(
-        upstream,
-        headers=drop_and_add(("authorization", TOKEN_HEADER)),
-        fallback=next_node,
-        strip_prefix=SERVE_ROOT_PATH,
-        client=client,
-    )
-
-    pages = _pages(routes, client)
-    mount = SERVE_ROOT_PATH + "/"
-
-    async def gateway(scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if scope["type"] != "lifespan" and (path.startswith(mount) or path == SERVE_ROOT_PATH):
-            await proxy(scope, receive, send)
-        else:
-            await pages(scope, receive, send)
-
-    return gateway
+    def stop(self, wait_seconds: float = 5.0) -> None:
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self.stop_soon)
+        if self._thread is not None:
+            self._thread.join(timeout=wait_seconds)
 
 
 def main() -> int:
     """`python -m ray_serve_cai.node.gateway`: serve on 127.0.0.1:$CDSW_APP_PORT until stopped."""
-    import uvicorn
-
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s ray-cai gateway %(levelname)s %(message)s"
     )
@@ -250,15 +259,7 @@ def main() -> int:
     routes = Routes(project, cluster)
     logger.info("Serve gateway of cluster %s on 127.0.0.1:%s (nodes from %s)", cluster, port,
                 ingress_dir(project, cluster))  # fmt: skip
-    uvicorn.run(
-        create_gateway(routes),
-        host="127.0.0.1",
-        port=int(port),
-        log_level="warning",
-        access_log=False,
-        lifespan="on",
-        ws="websockets-sansio",
-    )
+    Gateway(routes, "127.0.0.1", int(port)).run()
     return 0
 
 

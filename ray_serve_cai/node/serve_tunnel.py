@@ -11,7 +11,7 @@ fixed destination:
 
 The request line's target is never used: the ingress opens nothing but its own pod's Serve proxy.
 The gateway keeps its tunnels open and reuses them request after request (its aiohttp pool,
-`_proxy.UpstreamClient(open_socket=tunnel_opener(...))`), so a request costs the ingress a read and a
+`node.gateway_relay`), so a request costs the ingress a read and a
 write each way — no HTTP parse, no header rewrite, no per-request object. A second HTTP proxy per
 request was a third of the endpoint's own CPU (benchmarks/README.md, issue 24).
 
@@ -34,9 +34,8 @@ import json
 import logging
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
-from ray_serve_cai._proxy import OpenSocket
 from ray_serve_cai.config.serve import SERVE_HOST, SERVE_POD_PORT
 
 logger = logging.getLogger("ray_serve_cai.node")
@@ -45,6 +44,9 @@ TOKEN_HEADER = "x-ray-authorization"
 HEAD_LIMIT_BYTES = 8192
 HANDSHAKE_SECONDS = 10.0
 ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
+#: Opens a socket to (host, port) ready for HTTP (a tunnel whose CONNECT was answered 200); raises
+#: OSError when it cannot, which means nothing was sent.
+OpenSocket = Callable[[str, int], Awaitable[socket.socket]]
 _REASONS = {400: "Bad Request", 401: "Unauthorized", 405: "Method Not Allowed", 502: "Bad Gateway"}
 
 
@@ -201,7 +203,8 @@ class _Handshake(asyncio.Protocol):
             self.ingress.connections.discard(self.transport)
 
 
-def _new_loop() -> asyncio.AbstractEventLoop:
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's event loop when installed (the relays' hot path), else asyncio's."""
     try:
         import uvloop
     except ImportError:
@@ -219,7 +222,7 @@ class TunnelIngress:
         self.connections: set[asyncio.BaseTransport] = set()
         self.port: int | None = None
         self.problem: str | None = None
-        self._loop = _new_loop()
+        self._loop = new_event_loop()
         self._server: asyncio.AbstractServer | None = None
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="serve-ingress", daemon=True)
@@ -276,7 +279,7 @@ class TunnelIngress:
 
 
 def tunnel_opener(token: Callable[[], str | None]) -> OpenSocket:
-    """An `_proxy.OpenSocket` for the gateway: a socket to a node's ingress at (host, port) with its
+    """An `OpenSocket` for the gateway: a socket to a node's ingress at (host, port) with its
     tunnel open (the cluster token from `token()` at each new connection). Raises `TunnelRefused`
     (an OSError: the caller's request reached nobody) when the ingress does not open it."""
 
@@ -311,4 +314,12 @@ def tunnel_opener(token: Callable[[], str | None]) -> OpenSocket:
     return open_tunnel
 
 
-__all__ = ["TOKEN_HEADER", "TunnelIngress", "TunnelRefused", "judge", "tunnel_opener"]
+__all__ = [
+    "TOKEN_HEADER",
+    "OpenSocket",
+    "TunnelIngress",
+    "TunnelRefused",
+    "judge",
+    "new_event_loop",
+    "tunnel_opener",
+]

@@ -1,10 +1,10 @@
-"""The Serve gateway and the nodes' Serve ingress, without Ray: real uvicorn servers on loopback.
+"""The Serve gateway and the nodes' Serve ingress, without Ray: real servers on loopback.
 
 Two stand-ins for Serve's HTTP proxy (`tests/support/apps/stream_app.py`, which answers `/-/healthz`
 as Serve's proxy does), each behind a real Serve ingress (`node.serve_tunnel.TunnelIngress`: the
 cluster token once per connection, then bytes relayed), announced in a project directory as a worker
 and a head; the real gateway
-(`node.gateway.create_gateway`) in front. Through the gateway: requests reach a worker's proxy with the
+(`node.gateway.Gateway`) in front. Through the gateway: requests reach a worker's proxy with the
 `/serve` prefix stripped, without CML's credential and without the cluster token; streams arrive as
 produced; WebSockets pass; the head's proxy is used only when no worker answers, and a node whose
 ingress goes away is left without a failed request. The ingress answers a connection without the
@@ -26,38 +26,15 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from websockets.sync.client import connect
 
-from ray_serve_cai.node.gateway import Routes, create_gateway
+from ray_serve_cai.node.gateway import Gateway, Routes
 from ray_serve_cai.node.serve_proxy import ingress_dir
 from ray_serve_cai.node.serve_tunnel import TunnelIngress
 
 SUPPORT_APPS = Path(__file__).resolve().parents[1] / "support" / "apps"
 CLUSTER = "gw"
 TOKEN = "gateway-test-token-" + uuid.uuid4().hex
-
-
-class Server:
-    """uvicorn serving `app` on a free loopback port, in a thread."""
-
-    def __init__(self, app: Any) -> None:
-        self.server = uvicorn.Server(
-            uvicorn.Config(
-                app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", ws="websockets-sansio"
-            )
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-        self.port = int(self.server.servers[0].sockets[0].getsockname()[1])
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 def free_port() -> int:
@@ -100,7 +77,7 @@ def nodes(tmp_path: Path) -> Iterator[dict[str, Any]]:
                 json.dumps({"node": name, "role": role, "ip": "127.0.0.1", "port": ingress.port})
             )
             started[name] = {"upstream": port, "ingress": ingress, "process": process}
-        gateway = Server(create_gateway(Routes(tmp_path, CLUSTER)))
+        gateway = Gateway(Routes(tmp_path, CLUSTER)).start()
         started["gateway"] = f"http://127.0.0.1:{gateway.port}"
         yield started
         gateway.stop()
