@@ -26,6 +26,7 @@ from typing import Any
 
 import httpx
 import pytest
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from ray_serve_cai.node.gateway import Gateway, Routes
@@ -145,6 +146,46 @@ def test_the_gateway_routes_to_workers_streams_and_fails_over(
             assert response.status_code == 200, response.text
             assert response.json()["headers"]["host"] == head_host
         wait_healthy(gateway, {"worker-0": False, "head": True})
+
+
+def test_the_gateway_relays_bodies_both_ways_and_answers_its_own_pages(nodes: dict[str, Any]) -> None:
+    """A streamed (chunked) upload arrives whole, a 5 MiB download arrives whole (flow control over
+    the relay), HEAD gets no body, a WebSocket passes bytes and its close code; the client's
+    connection is reused; the gateway's pages answer outside /serve."""
+    import hashlib
+
+    gateway = nodes["gateway"]
+    wait_healthy(gateway, {"worker-0": True, "head": True})
+    with httpx.Client(base_url=gateway, trust_env=False, timeout=30) as client:
+        pieces = [bytes([i]) * 100_000 for i in range(7)]
+        upload = client.post("/serve/upload", content=iter(pieces)).json()  # no length: chunked
+        assert upload["length"] == 700_000
+        assert upload["sha256"] == hashlib.sha256(b"".join(pieces)).hexdigest()
+
+        download = client.get("/serve/bytes?mb=5")
+        assert download.status_code == 200 and len(download.content) == 5 * 1024 * 1024
+
+        head = client.head("/serve/echo")
+        assert head.status_code == 200 and head.content == b""
+        echo = client.get("/serve/echo", params={"q": "a b"}).json()  # the same connection, after HEAD
+        assert (echo["path"], echo["query"]) == ("/echo", "q=a+b")
+        assert echo["headers"]["x-forwarded-proto"] == "http"
+        assert echo["headers"]["x-forwarded-host"] == gateway.removeprefix("http://")
+        assert echo["headers"]["x-forwarded-for"] == "127.0.0.1"
+        assert client.get("/serve").text == "stream app"  # the mount itself: Serve's root
+
+        assert client.get("/ray-cai/healthz").json() == {"ok": True}
+        assert client.get("/elsewhere").status_code == 404
+
+    ws_url = gateway.replace("http://", "ws://") + "/serve/ws"
+    with connect(ws_url, subprotocols=["chat"], open_timeout=10) as ws:  # type: ignore[list-item]
+        assert ws.subprotocol == "chat"
+        ws.send(b"\x00\x01" * 40_000)
+        assert ws.recv(timeout=10) == b"\x00\x01" * 40_000
+        ws.send("close:4001")
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=10)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4001
 
 
 class CountingListener:
