@@ -48,9 +48,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ray_serve_cai._relay import (
+    ClientConnection,
+    ConnectionPool,
+    Exchange,
+    Headers,
+    Relay,
+    forwarded_headers,
+    get_status,
+    json_answer,
+)
 from ray_serve_cai.config.serve import SERVE_ROOT_PATH
 from ray_serve_cai.node.files import token_path
-from ray_serve_cai.node.gateway_relay import ClientConnection, GatewayRelay, TunnelPool, get_status
 from ray_serve_cai.node.serve_proxy import ingress_dir
 from ray_serve_cai.node.serve_tunnel import TOKEN_HEADER, new_event_loop, tunnel_opener
 
@@ -119,7 +128,7 @@ class Routes:
             with contextlib.suppress(OSError):
                 self.token = token_path(self.project_dir, self.cluster).read_text().strip() or None
 
-    async def check(self, pool: TunnelPool) -> None:
+    async def check(self, pool: ConnectionPool) -> None:
         """One round: every announced node's Serve proxy health, in parallel (through the tunnels)."""
         self.read_announcements()
         pool.prune()
@@ -147,34 +156,35 @@ class Routes:
         }
 
 
-class Gateway:
-    """The gateway's server on `host:port` over `routes`: the relay (`node.gateway_relay`) and the
-    health loop, on one event loop. `run()` in the calling thread until SIGTERM/SIGINT; `start()` /
-    `stop()` in a daemon thread (tests)."""
+class GatewayRelay(Relay):
+    """Requests under `/serve` go to a healthy node (the next one when a node's tunnel does not open:
+    nothing reached it), `/serve` stripped; everything else is one of the gateway's pages."""
 
-    def __init__(self, routes: Routes, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.routes, self.host, self.requested_port = routes, host, port
-        self.port: int | None = None
-        self.pool = TunnelPool(tunnel_opener(lambda: routes.token))
-        self.relay = GatewayRelay(
-            self.pool,
-            self._choose,
-            lambda node: routes.mark_down(node, "refused a connection"),
-            self._page,
-            lambda: {"error": "no Serve proxy of the cluster answers (yet)", **routes.table()},
-            mount=SERVE_ROOT_PATH,
-            drop=frozenset({b"authorization", TOKEN_HEADER.encode()}),
+    MOUNT = SERVE_ROOT_PATH.encode()
+    DROP = frozenset({b"authorization", TOKEN_HEADER.encode()})  # CML's credential, a forged token
+
+    def __init__(self, routes: Routes, pool: ConnectionPool) -> None:
+        super().__init__(pool)
+        self.routes = routes
+
+    def request(
+        self, client: ClientConnection, method: bytes, url: bytes, headers: Headers, upgrade: bool
+    ) -> Exchange | bytes | None:
+        path = url.split(b"?", 1)[0]
+        if path != self.MOUNT and not path.startswith(self.MOUNT + b"/"):
+            status, body = self.page(path.decode("latin-1"))
+            return json_answer(status, body)
+        rest = url[len(self.MOUNT) :]  # "" → "/", "?q=1" → "/?q=1"
+        return Exchange(
+            method=method,
+            path=rest if rest.startswith(b"/") else b"/" + rest,
+            headers=forwarded_headers(headers, client.peer, drop=self.DROP, upgrade=upgrade),
+            sink=client,
+            upgrade=upgrade,
+            chunked=any(n == b"transfer-encoding" and b"chunked" in v.lower() for n, v in headers),
         )
-        self._loop = new_event_loop()
-        self._stopped: asyncio.Event | None = None
-        self._ready = threading.Event()
-        self._thread: threading.Thread | None = None
 
-    def _choose(self, avoid: set[str]) -> tuple[str, str, int] | None:
-        backend = self.routes.choose(avoid)
-        return None if backend is None else (backend.node, backend.ip, backend.port)
-
-    def _page(self, path: str) -> tuple[int, Any]:
+    def page(self, path: str) -> tuple[int, Any]:
         if path == "/ray-cai/healthz":
             return 200, {"ok": True}
         if path == "/ray-cai/gateway":
@@ -182,6 +192,43 @@ class Gateway:
         if path == "/":
             return 200, {"serve": SERVE_ROOT_PATH + "/", **self.routes.table()}
         return 404, {"error": "not found", "serve": SERVE_ROOT_PATH + "/"}
+
+    async def connect(self, exchange: Exchange) -> None:
+        """The next healthy node whose tunnel opens gets the request; 503 when none is left."""
+        while True:
+            backend = self.routes.choose(exchange.tried)
+            if backend is None:
+                table = self.routes.table()
+                exchange.sink.fail(503, {"error": "no Serve proxy of the cluster answers (yet)", **table})
+                return
+            exchange.tried.add(backend.node)
+            exchange.node = backend.node
+            try:
+                upstream = await self.pool.acquire((backend.ip, backend.port))
+            except (OSError, asyncio.TimeoutError):
+                self.routes.mark_down(backend.node, "refused a connection")
+                continue
+            if getattr(exchange.sink, "closed", False):
+                self.pool.release(upstream)  # the client left while the tunnel opened: unused
+                return
+            exchange.attach(upstream, f"{backend.ip}:{backend.port}")
+            return
+
+
+class Gateway:
+    """The gateway's server on `host:port` over `routes`: the relay (`GatewayRelay` on `_relay`) and the
+    health loop, on one event loop. `run()` in the calling thread until SIGTERM/SIGINT; `start()` /
+    `stop()` in a daemon thread (tests)."""
+
+    def __init__(self, routes: Routes, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.routes, self.host, self.requested_port = routes, host, port
+        self.port: int | None = None
+        self.pool = ConnectionPool(tunnel_opener(lambda: routes.token))
+        self.relay = GatewayRelay(routes, self.pool)
+        self._loop = new_event_loop()
+        self._stopped: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
 
     async def _health_loop(self) -> None:
         while True:

@@ -11,7 +11,7 @@ fixed destination:
 
 The request line's target is never used: the ingress opens nothing but its own pod's Serve proxy.
 The gateway keeps its tunnels open and reuses them request after request (its aiohttp pool,
-`node.gateway_relay`), so a request costs the ingress a read and a
+`_relay.ConnectionPool`), so a request costs the ingress a read and a
 write each way — no HTTP parse, no header rewrite, no per-request object. A second HTTP proxy per
 request was a third of the endpoint's own CPU (benchmarks/README.md, issue 24).
 
@@ -34,8 +34,9 @@ import json
 import logging
 import socket
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
+from ray_serve_cai._relay import OpenSocket
 from ray_serve_cai.config.serve import SERVE_HOST, SERVE_POD_PORT
 
 logger = logging.getLogger("ray_serve_cai.node")
@@ -44,9 +45,6 @@ TOKEN_HEADER = "x-ray-authorization"
 HEAD_LIMIT_BYTES = 8192
 HANDSHAKE_SECONDS = 10.0
 ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
-#: Opens a socket to (host, port) ready for HTTP (a tunnel whose CONNECT was answered 200); raises
-#: OSError when it cannot, which means nothing was sent.
-OpenSocket = Callable[[str, int], Awaitable[socket.socket]]
 _REASONS = {400: "Bad Request", 401: "Unauthorized", 405: "Method Not Allowed", 502: "Bad Gateway"}
 
 
@@ -316,7 +314,6 @@ def tunnel_opener(token: Callable[[], str | None]) -> OpenSocket:
 
 __all__ = [
     "TOKEN_HEADER",
-    "OpenSocket",
     "TunnelIngress",
     "TunnelRefused",
     "judge",

@@ -1,25 +1,27 @@
-"""The Serve gateway's HTTP/1.1 server: each request head is parsed and rewritten, everything else
-is relayed as bytes over the gateway's tunnels to the nodes' Serve ingress.
+"""An HTTP/1.1 relay: each request head is parsed and rewritten, everything else passes as bytes.
 
-Why not an ASGI server and an HTTP client (uvicorn → `_proxy.ReverseProxy` → aiohttp, what the
-gateway was): that hop cost ~330 µs of CPU per request on this machine (half of it aiohttp's client,
-most of the rest uvicorn's ASGI cycle), a tenth of what Serve's own proxy and a replica cost; on 2
-shared cores throughput follows the sum. Here a request costs one C parse of its head (httptools,
-llhttp), one header rewrite, and raw writes:
+One module, used by the cluster's Serve gateway (`node.gateway`: to the nodes' Serve ingress through
+authenticated tunnels) and by the local workspace's application URLs (`workspace.app_urls`: its fast
+path), so it imports nothing else of the package (stdlib and httptools only).
 
-* **requests**: the head is rebuilt with `/serve` stripped from the path, `Host` set to the node's
-  ingress, CML's `Authorization` and the hop-by-hop headers dropped, `X-Forwarded-For/-Proto/-Host`
-  added; the body follows as it arrives (a chunked body re-chunked as it is decoded);
-* **responses** go back byte for byte as the node sends them (parsed only to see where each ends:
-  streams, server-sent events and large downloads pass as produced, nothing is held);
-* **WebSockets**: after the upgrade request and Serve's `101`, both ways are relayed as bytes;
-* **tunnels** (`node.serve_tunnel`) are kept per node and reused (idle ones closed after
-  `KEEPALIVE_SECONDS`, before Serve's proxy drops them at 5 s); a node whose tunnel does not open
-  reached nobody, so the request goes to the next node (`on_refused`), whatever its method;
+Why not an ASGI server and an HTTP client (uvicorn → `_proxy.ReverseProxy` → aiohttp): such a hop
+cost ~330 µs of CPU per request on this machine (half of it aiohttp's client, most of the rest
+uvicorn's ASGI cycle) and about a millisecond of latency; on 2 shared cores throughput follows the sum
+of the hops' CPU (benchmarks/README.md, issue 24). Here a request costs one C parse of its head
+(httptools, llhttp), one header rewrite, and raw writes:
+
+* **requests**: the `Relay` decides per head — forward it (an `Exchange` with the rewritten path and
+  headers: see `forwarded_headers`), answer it here (bytes), or hand the connection to a `fallback`
+  protocol (e.g. uvicorn with the full ASGI app) with every byte received so far; the body follows
+  as it arrives (a chunked body re-chunked as it is decoded);
+* **responses** go back byte for byte as the upstream sends them (parsed only to see where each
+  ends: streams, server-sent events and large downloads pass as produced, nothing is held); an
+  exchange's `head_hook` may rewrite the response head (e.g. add a request id);
+* **WebSockets**: after the upgrade request and the upstream's `101`, both ways are relayed as bytes;
+* upstream connections are pooled per (host, port) and reused (idle ones closed after
+  `KEEPALIVE_SECONDS`, before uvicorn drops them at 5 s); one that does not open reached nobody;
 * one request at a time per client connection (no pipelining: no browser or proxy sends it); an
   idle client connection is closed after `CLIENT_IDLE_SECONDS`, as uvicorn does.
-
-Requests outside `/serve` are answered by `pages(path) -> (status, JSON-able)`.
 """
 
 from __future__ import annotations
@@ -27,17 +29,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import httptools
 
-from ray_serve_cai.node.serve_tunnel import OpenSocket
+logger = logging.getLogger(__name__)
 
-logger = logging.getLogger("ray_serve_cai.node.gateway")
+#: Opens a socket to (host, port) ready for HTTP (e.g. a tunnel whose CONNECT was answered 200);
+#: raises OSError when it cannot, which means nothing was sent.
+OpenSocket = Callable[[str, int], Awaitable[socket.socket]]
 
+Headers = Sequence[tuple[bytes, bytes]]
 KEEPALIVE_SECONDS = 4.0
 CLIENT_IDLE_SECONDS = 5.0
 CONNECT_SECONDS = 5.0
@@ -61,13 +67,47 @@ _REASONS = {400: "Bad Request", 404: "Not Found", 431: "Request Header Fields To
             503: "Service Unavailable"}  # fmt: skip
 
 
-def json_answer(status: int, body: Any, *, close: bool = False) -> bytes:
+def json_answer(status: int, body: Any, *, close: bool = False, headers: Headers = ()) -> bytes:
+    """A whole HTTP/1.1 answer with a JSON body."""
     data = json.dumps(body).encode()
-    head = (
-        f"HTTP/1.1 {status} {_REASONS.get(status, 'OK')}\r\ncontent-type: application/json\r\n"
-        f"content-length: {len(data)}\r\n{'connection: close' + chr(13) + chr(10) if close else ''}\r\n"
-    )
-    return head.encode("latin-1") + data
+    lines = [
+        f"HTTP/1.1 {status} {_REASONS.get(status, 'OK')}".encode(),
+        b"content-type: application/json",
+        b"content-length: %d" % len(data),
+        *(name + b": " + value for name, value in headers),
+    ]
+    if close:
+        lines.append(b"connection: close")
+    return b"\r\n".join(lines) + b"\r\n\r\n" + data
+
+
+def forwarded_headers(
+    headers: Headers, peer: str, *, drop: frozenset[bytes] = frozenset(), upgrade: bool = False
+) -> list[tuple[bytes, bytes]]:
+    """A request's headers as the upstream gets them: hop-by-hop ones (RFC 9110 §7.6.1, and those
+    named in `Connection`; a WebSocket handshake keeps `Connection` and `Upgrade`) and `drop` removed,
+    `Host` left to the relay, `X-Forwarded-Proto/-Host/-For` set (`peer` appended to the chain), a
+    chunked body announced again (the relay re-chunks it)."""
+    named = {
+        token.strip().lower()
+        for name, value in headers
+        if name == b"connection"
+        for token in value.split(b",")
+    }
+    dropped = drop | _SET_HERE | _HOP_BY_HOP | named
+    if upgrade:
+        dropped -= {b"connection", b"upgrade"}
+    kept = [(n, v) for n, v in headers if n not in dropped]
+    if any(n == b"transfer-encoding" and b"chunked" in v.lower() for n, v in headers):
+        kept.append((b"transfer-encoding", b"chunked"))
+    host = next((v for n, v in headers if n == b"host"), b"")
+    earlier = next((v for n, v in headers if n == b"x-forwarded-for"), b"")
+    client = peer.encode("latin-1")
+    kept.append((b"x-forwarded-proto", b"http"))
+    if host:
+        kept.append((b"x-forwarded-host", host))
+    kept.append((b"x-forwarded-for", earlier + b", " + client if earlier else client))
+    return kept
 
 
 # ------------------------------------------------------------------------------------ upstream side
@@ -76,7 +116,7 @@ def json_answer(status: int, body: Any, *, close: bool = False) -> bytes:
 class Upstream(asyncio.Protocol):
     """One tunnel to a node's Serve proxy: carries one exchange at a time, relays its response."""
 
-    def __init__(self, pool: TunnelPool, key: tuple[str, int]) -> None:
+    def __init__(self, pool: ConnectionPool, key: tuple[str, int]) -> None:
         self.pool, self.key = pool, key
         self.transport: asyncio.Transport | None = None
         self.exchange: Exchange | None = None
@@ -106,7 +146,12 @@ class Upstream(asyncio.Protocol):
             self.close()
             return
         exchange.responded = True
-        exchange.sink.write(data)
+        if exchange.head_hook is not None and not self.spliced:
+            out = exchange.rewrite_heads(data)
+            if out:
+                exchange.sink.write(out)
+        else:
+            exchange.sink.write(data)
         if self.spliced:
             return
         try:
@@ -157,15 +202,30 @@ class Upstream(asyncio.Protocol):
             self.exchange.sink.resume_reading()
 
 
-class TunnelPool:
-    """Idle tunnels per node ingress (host, port), most recently used first."""
+async def open_tcp(host: str, port: int) -> socket.socket:
+    """A plain TCP connection (TCP_NODELAY: a relay passes each write on as it comes)."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await loop.sock_connect(sock, (host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
-    def __init__(self, open_socket: OpenSocket) -> None:
+
+class ConnectionPool:
+    """Idle upstream connections per (host, port), most recently used first; new ones come from
+    `open_socket` (plain TCP by default)."""
+
+    def __init__(self, open_socket: OpenSocket = open_tcp) -> None:
         self.open_socket = open_socket
         self.idle: dict[tuple[str, int], list[Upstream]] = {}
 
     async def acquire(self, key: tuple[str, int]) -> Upstream:
-        """An idle tunnel to `key`, or a new one (OSError: it did not open; nothing was sent)."""
+        """An idle connection to `key`, or a new one (OSError: it did not open; nothing was sent)."""
         idle = self.idle.get(key, [])
         now = time.monotonic()
         while idle:
@@ -192,7 +252,7 @@ class TunnelPool:
             idle.remove(upstream)
 
     def prune(self) -> None:
-        """Close tunnels idle for `KEEPALIVE_SECONDS` (called now and then)."""
+        """Close connections idle for `KEEPALIVE_SECONDS` (called now and then)."""
         now = time.monotonic()
         for idle in self.idle.values():
             for upstream in [u for u in idle if now - u.idle_since >= KEEPALIVE_SECONDS]:
@@ -236,6 +296,27 @@ class Exchange:
     tried: set[str] = field(default_factory=set)
     node: str | None = None
     on_upgrade: Callable[[Upstream], None] | None = None
+    head_hook: Callable[[bytes], bytes] | None = None  # rewrites each response head (status line on)
+    _head: bytes = b""  # a response head not complete yet (only with head_hook)
+    _heads_done: bool = False
+
+    def rewrite_heads(self, data: bytes) -> bytes:
+        """What goes to the client of `data`: each response head passed through `head_hook` once it
+        is complete (interim 1xx heads too, until the final one), the body as it is."""
+        if self._heads_done or self.head_hook is None:
+            return data
+        buffer, out = self._head + data, b""
+        while True:
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                self._head = buffer
+                return out
+            head, buffer = buffer[: end + 4], buffer[end + 4 :]
+            out += self.head_hook(head)
+            status = head[9:12]
+            if not (status.startswith(b"1") and status != b"101"):
+                self._heads_done, self._head = True, b""
+                return out + buffer
 
     def head(self, host: str) -> bytes:
         lines = [self.method, b" ", self.path, b" HTTP/1.1\r\nhost: ", host.encode("latin-1"), b"\r\n"]
@@ -283,19 +364,23 @@ class Exchange:
 
 
 class ClientConnection(asyncio.Protocol, Sink):
-    """One connection of a client of the gateway (CML's router): parses request heads, hands each
-    request to the relay, writes what comes back."""
+    """One client connection: parses request heads, asks the `Relay` what to do with each, writes
+    what comes back. With `fallback`, a request the relay declines (`Relay.request` → None) takes
+    the whole connection to a new `fallback()` protocol, with every byte of that request so far."""
 
-    def __init__(self, relay: GatewayRelay) -> None:
+    def __init__(self, relay: Relay, fallback: Callable[[], asyncio.Protocol] | None = None) -> None:
         self.relay = relay
+        self.fallback = fallback
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.peer = ""
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_bytes = 0
+        self.raw = bytearray()  # the bytes of the request being read (for a hand-over)
         self.exchange: Exchange | None = None
         self.local: bytes | None = None
+        self.handover = False
         self.spliced_to: Upstream | None = None
         self.keep_alive = True
         self.idle_timer: asyncio.TimerHandle | None = None
@@ -314,21 +399,28 @@ class ClientConnection(asyncio.Protocol, Sink):
         if self.spliced_to is not None:
             self.spliced_to.write(data)
             return
-        if self.exchange is None and self.local is None:
-            self.head_bytes += len(data)
-            if self.head_bytes > HEAD_LIMIT_BYTES:
-                self.fail(431, {"error": "the request head is too large"})
-                return
+        between = self.exchange is None and self.local is None
+        if between:
+            self.head_bytes += len(data)  # reset when a head is complete
+            if self.fallback is not None:
+                self.raw += data
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             offset = upgrade.args[0] if upgrade.args and isinstance(upgrade.args[0], int) else len(data)
-            if self.exchange is not None:
+            if self.exchange is not None and not self.handover:
                 self.exchange.request_done = True
                 if data[offset:]:
                     self.exchange.body(data[offset:])
         except httptools.HttpParserError:
-            self.fail(400, {"error": "not a valid HTTP/1.1 request"})
+            if not self.handover:
+                self.fail(400, {"error": "not a valid HTTP/1.1 request"})
+                return
+        if self.handover:
+            self._hand_over()
+            return
+        if self.exchange is None and self.local is None and self.head_bytes > HEAD_LIMIT_BYTES:
+            self.fail(431, {"error": "the request head is too large"})
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -337,7 +429,7 @@ class ClientConnection(asyncio.Protocol, Sink):
             self.idle_timer.cancel()
         upstream = self.exchange.upstream if self.exchange is not None else self.spliced_to
         self.exchange = None
-        if upstream is not None:  # the client left mid-exchange: that tunnel is done
+        if upstream is not None:  # the client left mid-exchange: that connection is done
             upstream.exchange = None
             upstream.close()
 
@@ -365,69 +457,42 @@ class ClientConnection(asyncio.Protocol, Sink):
         self.headers.append((name.lower(), value.strip()))
 
     def on_headers_complete(self) -> None:
+        if self.handover:
+            return
         if self.exchange is not None or self.local is not None:
             self.fail(400, {"error": "pipelined requests are not supported"})
             return
         self.head_bytes = 0
         self.keep_alive = self.parser.should_keep_alive()
-        path = self.url.split(b"?", 1)[0]
-        mount = self.relay.mount
-        if path != mount and not path.startswith(mount + b"/"):
-            self.local = path
-            return
         upgrade = self.parser.should_upgrade()
-        rest = self.url[len(mount) :]  # "" → "/", "?q=1" → "/?q=1"
-        exchange = Exchange(
-            method=self.parser.get_method(),
-            path=rest if rest.startswith(b"/") else b"/" + rest,
-            headers=self._forwarded(upgrade),
-            sink=self,
-            upgrade=upgrade,
-            chunked=any(n == b"transfer-encoding" and b"chunked" in v.lower() for n, v in self.headers),
-            on_upgrade=self._splice,
-        )
-        self.exchange = exchange
-        self.relay.start(exchange)
+        decision = self.relay.request(self, self.parser.get_method(), self.url, self.headers, upgrade)
+        if decision is None and self.fallback is not None:
+            self.handover = True
+        elif isinstance(decision, Exchange):
+            self.raw = bytearray()
+            decision.on_upgrade = self._splice
+            self.exchange = decision
+            self.relay.start(decision)
+        else:
+            self.raw = bytearray()
+            self.local = decision or json_answer(404, {"error": "not found"})
 
     def on_body(self, body: bytes) -> None:
-        if self.exchange is not None:
+        if self.exchange is not None and not self.handover:
             self.exchange.body(body)
 
     def on_message_complete(self) -> None:
+        if self.handover:
+            return
         if self.local is not None:
-            status, body = self.relay.pages(self.local.decode("latin-1"))
-            self.local = None
-            self.write(json_answer(status, body, close=not self.keep_alive))
-            self.finish(keep_alive=True)
+            answer, self.local = self.local, None
+            self.write(answer)
+            self.finish(keep_alive=b"connection: close" not in answer.split(b"\r\n\r\n", 1)[0])
             return
         if self.exchange is not None:
             self.exchange.request_complete()
             if self.transport is not None:
                 self.transport.pause_reading()  # the next request waits for this answer
-
-    # ---- the request's headers as the node gets them
-
-    def _forwarded(self, upgrade: bool) -> list[tuple[bytes, bytes]]:
-        named = {
-            token.strip().lower()
-            for name, value in self.headers
-            if name == b"connection"
-            for token in value.split(b",")
-        }
-        dropped = self.relay.drop | _SET_HERE | _HOP_BY_HOP | named
-        if upgrade:  # a WebSocket handshake keeps `Connection: upgrade` and `Upgrade`
-            dropped -= {b"connection", b"upgrade"}
-        kept = [(n, v) for n, v in self.headers if n not in dropped]
-        if any(n == b"transfer-encoding" and b"chunked" in v.lower() for n, v in self.headers):
-            kept.append((b"transfer-encoding", b"chunked"))
-        host = next((v for n, v in self.headers if n == b"host"), b"")
-        earlier = next((v for n, v in self.headers if n == b"x-forwarded-for"), b"")
-        peer = self.peer.encode("latin-1")
-        kept.append((b"x-forwarded-proto", b"http"))
-        if host:
-            kept.append((b"x-forwarded-host", host))
-        kept.append((b"x-forwarded-for", earlier + b", " + peer if earlier else peer))
-        return kept
 
     # ---- Sink
 
@@ -437,6 +502,7 @@ class ClientConnection(asyncio.Protocol, Sink):
 
     def finish(self, *, keep_alive: bool) -> None:
         self.exchange = None
+        self.raw = bytearray()
         if self.transport is None or self.closed:
             return
         if not (keep_alive and self.keep_alive):
@@ -445,8 +511,8 @@ class ClientConnection(asyncio.Protocol, Sink):
         self.transport.resume_reading()
         self._idle()
 
-    def fail(self, status: int, body: Any) -> None:
-        self.write(json_answer(status, body, close=True))
+    def fail(self, status: int, body: Any, headers: Headers = ()) -> None:
+        self.write(json_answer(status, body, close=True, headers=headers))
         self.exchange = None
         if self.transport is not None:
             self.transport.close()
@@ -465,6 +531,19 @@ class ClientConnection(asyncio.Protocol, Sink):
         if self.transport is not None:
             self.transport.resume_reading()
 
+    def _hand_over(self) -> None:
+        """The rest of this connection is the fallback protocol's, from this request's first byte."""
+        assert self.fallback is not None and self.transport is not None
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+        self.relay.clients.discard(self)
+        protocol = self.fallback()
+        transport, raw = self.transport, bytes(self.raw)
+        self.transport, self.raw = None, bytearray()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        protocol.data_received(raw)
+
     def _idle(self) -> None:
         if self.transport is not None:
             loop = asyncio.get_running_loop()
@@ -478,53 +557,29 @@ class ClientConnection(asyncio.Protocol, Sink):
 # ------------------------------------------------------------------------------------ the relay
 
 
-class GatewayRelay:
-    """Routes exchanges to nodes: `choose(avoid) -> (node, host, port) | None`, `on_refused(node)`
-    when a node's tunnel did not open; `pages(path)` answers everything outside `mount`."""
+class Relay:
+    """Decides for a `ClientConnection` what each request becomes and where it goes."""
 
-    def __init__(
-        self,
-        pool: TunnelPool,
-        choose: Callable[[set[str]], tuple[str, str, int] | None],
-        on_refused: Callable[[str], None],
-        pages: Callable[[str], tuple[int, Any]],
-        unavailable: Callable[[], Any],
-        *,
-        mount: str,
-        drop: frozenset[bytes] = frozenset(),
-    ) -> None:
-        self.pool, self.choose, self.on_refused, self.pages = pool, choose, on_refused, pages
-        self.unavailable = unavailable
-        self.mount = mount.rstrip("/").encode()
-        self.drop = frozenset(name.lower() for name in drop)
+    def __init__(self, pool: ConnectionPool) -> None:
+        self.pool = pool
         self.clients: set[ClientConnection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
 
+    def request(
+        self, client: ClientConnection, method: bytes, url: bytes, headers: Headers, upgrade: bool
+    ) -> Exchange | bytes | None:
+        """An `Exchange` to send upstream (`start`), an answer to give here (bytes, once the request
+        has been read), or None: the connection's fallback takes it."""
+        raise NotImplementedError
+
+    async def connect(self, exchange: Exchange) -> None:
+        """Attach `exchange` to an upstream connection (`Exchange.attach`), or fail its sink."""
+        raise NotImplementedError
+
     def start(self, exchange: Exchange) -> None:
-        task = asyncio.get_running_loop().create_task(self.route(exchange))
+        task = asyncio.get_running_loop().create_task(self.connect(exchange))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-
-    async def route(self, exchange: Exchange) -> None:
-        """The next healthy node whose tunnel opens gets the request; 503 when none is left."""
-        while True:
-            chosen = self.choose(exchange.tried)
-            if chosen is None:
-                exchange.sink.fail(503, self.unavailable())
-                return
-            node, host, port = chosen
-            exchange.tried.add(node)
-            exchange.node = node
-            try:
-                upstream = await self.pool.acquire((host, port))
-            except (OSError, asyncio.TimeoutError):
-                self.on_refused(node)
-                continue
-            if exchange.sink is not None and getattr(exchange.sink, "closed", False):
-                self.pool.release(upstream)  # the client left while the tunnel opened: unused
-                return
-            exchange.attach(upstream, f"{host}:{port}")
-            return
 
     def close(self) -> None:
         for client in list(self.clients):
@@ -556,7 +611,7 @@ class _Status(Sink):
             self.done.set_exception(ConnectionError(f"HTTP {status}"))
 
 
-async def get_status(pool: TunnelPool, host: str, port: int, path: str) -> int:
+async def get_status(pool: ConnectionPool, host: str, port: int, path: str) -> int:
     """`GET path` through a tunnel to (host, port): the answer's status (OSError: no tunnel)."""
     sink = _Status()
     exchange = Exchange(method=b"GET", path=path.encode(), headers=[], sink=sink, request_done=True)
@@ -571,4 +626,14 @@ async def get_status(pool: TunnelPool, host: str, port: int, path: str) -> int:
             upstream.close()
 
 
-__all__ = ["GatewayRelay", "TunnelPool", "get_status", "json_answer"]
+__all__ = [
+    "ClientConnection",
+    "ConnectionPool",
+    "Exchange",
+    "OpenSocket",
+    "Relay",
+    "forwarded_headers",
+    "get_status",
+    "json_answer",
+    "open_tcp",
+]
