@@ -295,6 +295,7 @@ class Exchange:
     pending: list[bytes] = field(default_factory=list)
     tried: set[str] = field(default_factory=set)
     node: str | None = None
+    target: tuple[str, int] | None = None  # where the relay sends it, when it knows at once
     on_upgrade: Callable[[Upstream], None] | None = None
     head_hook: Callable[[bytes], bytes] | None = None  # rewrites each response head (status line on)
     _head: bytes = b""  # a response head not complete yet (only with head_hook)
@@ -357,7 +358,7 @@ class Exchange:
         if self.responded:
             self.sink.finish(keep_alive=False)
         else:
-            self.sink.fail(502, {"error": f"node {self.node} did not answer the request"})
+            self.sink.fail(502, {"error": f"{self.node or 'the upstream'} did not answer the request"})
 
 
 # --------------------------------------------------------------------------------------- clients
@@ -581,12 +582,16 @@ class Relay:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    def close(self) -> None:
+    def close_clients(self) -> None:
+        """Close every client connection and stop every request on its way."""
         for client in list(self.clients):
             if client.transport is not None:
                 client.transport.close()
         for task in self.tasks:
             task.cancel()
+
+    def close(self) -> None:
+        self.close_clients()
         self.pool.close()
 
 

@@ -202,7 +202,7 @@ class GatewayRelay(Relay):
                 exchange.sink.fail(503, {"error": "no Serve proxy of the cluster answers (yet)", **table})
                 return
             exchange.tried.add(backend.node)
-            exchange.node = backend.node
+            exchange.node = f"node {backend.node}"
             try:
                 upstream = await self.pool.acquire((backend.ip, backend.port))
             except (OSError, asyncio.TimeoutError):
