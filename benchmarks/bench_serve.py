@@ -14,14 +14,20 @@ paths see the same machine load:
 * throughput: `--concurrency` clients for `--seconds` per path, twice each, requests per second;
 
 where "URL" is the endpoint `ray-cai serve status` prints + `hello`, with `Authorization: Bearer <key>`:
-in pods the Serve gateway's URL (the workspace's app listener, CML's router here → the gateway → the
-worker's Serve ingress → its Serve proxy), on a shared host `<head app URL>/serve/hello` (the
-workspace's app listener → the head's HTTP server → Serve's proxy); "gateway" (pods) is the gateway's
-own server without the workspace's listener in front; "head" is the head's own HTTP server
+in pods the Serve gateway's URL (the workspace's app listener, the stand-in for CML's router → the
+gateway pod's init relay, the stand-in for CML's per-pod proxy → the gateway → its tunnel through the
+worker's Serve ingress → the worker's Serve proxy), on a shared host `<head app URL>/serve/hello` (the
+workspace's app listener → the head's HTTP server → Serve's proxy); "gateway" (pods) is the gateway
+pod's address without the workspace's listener in front (pod relay → gateway → ingress tunnel →
+Serve's proxy); "head" is the head's own HTTP server
 (`127.0.0.1:$CDSW_APP_PORT/serve/hello`, where CML's router hands requests over; the local
 workspace's listener is the stand-in for that router) and "direct" is
 `127.0.0.1:<serve_http_port>/hello` (in pods, inside the worker's pod: its own Serve proxy).
-Targets: URL p50 <= 1.25x direct p50, URL throughput >= 0.8x direct. Finally the head is killed while
+Targets: URL p50 <= 1.25x direct p50, URL throughput >= 0.8x direct. During each throughput round the
+CPU time of each part is read (`cpu_ms_per_request`: the workspace's server, where the app listeners
+run; each application's pod, its init relay apart; this process, the clients): on a saturated machine
+the throughput of a path follows the sum, and the figures hold up better under other load than the
+rates do. Finally the head is killed while
 `ray-cai up --watch --interval 2` supervises; the outage is the time until the URL answers again.
 Writes the figures as JSON (`--out`).
 """

@@ -159,7 +159,8 @@ class Upstream(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self.spliced = True  # Serve's 101: from here on, bytes both ways
             exchange.upgraded(self)
-        except httptools.HttpParserError:
+        except httptools.HttpParserError:  # not HTTP: pass on what came, end both connections
+            self.exchange = None
             self.close()
             exchange.sink.finish(keep_alive=False)
         if self.renew_parser:
@@ -274,7 +275,7 @@ class Sink:
 
     def write(self, data: bytes) -> None: ...
     def finish(self, *, keep_alive: bool) -> None: ...
-    def fail(self, status: int, body: Any) -> None: ...
+    def fail(self, status: int, body: Any, headers: Headers = ()) -> None: ...
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
 
@@ -611,7 +612,7 @@ class _Status(Sink):
             parts = self.head.split(b" ", 2)
             self.done.set_result(int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0)
 
-    def fail(self, status: int, body: Any) -> None:
+    def fail(self, status: int, body: Any, headers: Headers = ()) -> None:
         if not self.done.done():
             self.done.set_exception(ConnectionError(f"HTTP {status}"))
 
