@@ -24,10 +24,12 @@ How it routes:
   Serve's traffic); a node whose tunnel does not open (its ingress refuses the connection, or its
   Serve proxy refused the ingress's) is marked down at once and the request goes to the next one
   (it reached no Serve proxy, so this is safe for every method);
-* requests stream both ways and WebSockets pass (`ray_serve_cai._proxy`, the code the nodes use),
-  `/serve` stripped (Serve's `root_path` puts it back for the application); CML's `Authorization`
-  never goes on, and the cluster token is in no request (only in each tunnel's CONNECT).
-* `/serve/...` goes straight to the proxy (no router, no middleware on the hot path).
+* the gateway is its own HTTP/1.1 relay (`ray_serve_cai._relay`, `GatewayRelay`): each request head
+  is parsed and rewritten — `/serve` stripped (Serve's `root_path` puts it back for the application),
+  CML's `Authorization` dropped, `X-Forwarded-*` added — and everything else (bodies both ways,
+  streams, WebSockets after Serve's 101) passes as bytes; the cluster token is in no request (only
+  in each tunnel's CONNECT). An ASGI server in front of an HTTP client cost three times the CPU per
+  request (benchmarks/README.md, issue 24).
 
 `/ray-cai/healthz` answers 200 (CML's polling endpoint), `/ray-cai/gateway` the routing table.
 """
