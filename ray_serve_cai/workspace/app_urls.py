@@ -16,8 +16,8 @@ The credential is stripped before the request reaches the app. Everything else s
 
 Two paths behind each listener. **Programs** (`Authorization: Bearer <key>`, plain HTTP, the app
 running) take the fast path: `ray_serve_cai._relay` parses the request head, rewrites its headers
-and relays everything else as bytes over pooled connections — about a third of the CPU and latency
-of an ASGI hop, which matters as it sits in front of every application (issue 24: the Serve
+and relays everything else as bytes over pooled connections — about a quarter of the CPU
+of an ASGI hop here, which matters as it sits in front of every application (issue 24: the Serve
 endpoint's throughput and latency targets are measured through it). **Everything else** (login
 links and cookies, refusals, WebSocket upgrades, an app that is not running) takes the connection
 over to uvicorn with `AppListener` (the ASGI app), whose proxy is `ray_serve_cai._proxy`. Both add
