@@ -14,14 +14,20 @@ paths see the same machine load:
 * throughput: `--concurrency` clients for `--seconds` per path, twice each, requests per second;
 
 where "URL" is the endpoint `ray-cai serve status` prints + `hello`, with `Authorization: Bearer <key>`:
-in pods the Serve gateway's URL (the workspace's app listener, CML's router here → the gateway → the
-worker's Serve ingress → its Serve proxy), on a shared host `<head app URL>/serve/hello` (the
-workspace's app listener → the head's HTTP server → Serve's proxy); "gateway" (pods) is the gateway's
-own server without the workspace's listener in front; "head" is the head's own HTTP server
+in pods the Serve gateway's URL (the workspace's app listener, the stand-in for CML's router → the
+gateway pod's init relay, the stand-in for CML's per-pod proxy → the gateway → its tunnel through the
+worker's Serve ingress → the worker's Serve proxy), on a shared host `<head app URL>/serve/hello` (the
+workspace's app listener → the head's HTTP server → Serve's proxy); "gateway" (pods) is the gateway
+pod's address without the workspace's listener in front (pod relay → gateway → ingress tunnel →
+Serve's proxy); "head" is the head's own HTTP server
 (`127.0.0.1:$CDSW_APP_PORT/serve/hello`, where CML's router hands requests over; the local
 workspace's listener is the stand-in for that router) and "direct" is
 `127.0.0.1:<serve_http_port>/hello` (in pods, inside the worker's pod: its own Serve proxy).
-Targets: URL p50 <= 1.25x direct p50, URL throughput >= 0.8x direct. Finally the head is killed while
+Targets: URL p50 <= 1.25x direct p50, URL throughput >= 0.8x direct. During each throughput round the
+CPU time of each part is read (`cpu_ms_per_request`: the workspace's server, where the app listeners
+run; each application's pod, its init relay apart; this process, the clients): on a saturated machine
+the throughput of a path follows the sum, and the figures hold up better under other load than the
+rates do. Finally the head is killed while
 `ray-cai up --watch --interval 2` supervises; the outage is the time until the URL answers again.
 Writes the figures as JSON (`--out`).
 """
@@ -98,7 +104,18 @@ def inside(netns: Path | None, work: Any) -> Any:
     return in_netns(netns, work)
 
 
-def throughput(make: Any, url: str, concurrency: int, seconds: float, netns: Path | None = None) -> float:
+def throughput(
+    make: Any,
+    url: str,
+    concurrency: int,
+    seconds: float,
+    netns: Path | None = None,
+    parts: dict[str, list[Any]] | None = None,
+    cpu_ms: dict[str, list[float]] | None = None,
+) -> float:
+    """Requests per second of `concurrency` clients for `seconds`; with `parts`, the CPU ms per
+    request each part spent meanwhile is appended to `cpu_ms[part]`."""
+    before = cpu_seconds(parts) if parts else {}
     deadline = time.monotonic() + seconds
     counts = [0] * concurrency
 
@@ -115,7 +132,55 @@ def throughput(make: Any, url: str, concurrency: int, seconds: float, netns: Pat
     started = time.monotonic()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         list(pool.map(worker, range(concurrency)))
-    return sum(counts) / (time.monotonic() - started)
+    elapsed = time.monotonic() - started
+    if parts and cpu_ms is not None and sum(counts):
+        after = cpu_seconds(parts)
+        for name in parts:
+            cpu_ms.setdefault(name, []).append((after[name] - before[name]) * 1000 / sum(counts))
+    return sum(counts) / elapsed
+
+
+def component_processes(handle: Any, project_id: str, workspace_pid: int) -> dict[str, list[Any]]:
+    """The processes of each part on the path, by name: the workspace (its app listeners run in its
+    server process; its children are the workloads' pods, counted apart), each application's process
+    tree (its pod: the gateway's pod init relay and server; a node's launcher, ingress, Ray and Serve's
+    proxy and replicas) and this process (the benchmark's clients)."""
+    import psutil
+
+    found: dict[str, dict[int, Any]] = {
+        "workspace": {workspace_pid: psutil.Process(workspace_pid)},
+        "client": {os.getpid(): psutil.Process()},
+    }
+    apps = project_apps(handle, project_id)
+    names = {a["id"]: a["subdomain"].removeprefix(f"ray-{CLUSTER}-") for a in apps}
+    for process in handle.api_ok("GET", "/_workspace/processes")["processes"]:
+        name = names.get(process["workload_id"])
+        if name is None:
+            continue
+        with contextlib.suppress(psutil.Error):
+            root = psutil.Process(int(process["pid"]))
+            for member in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):  # the pod's init: CML's per-pod proxy stand-in
+                    if any(arg.endswith("podinit.py") for arg in member.cmdline()):
+                        found.setdefault(f"{name} pod relay", {})[member.pid] = member
+                        continue
+                found.setdefault(name, {})[member.pid] = member  # each process once
+    return {name: list(members.values()) for name, members in found.items()}
+
+
+def cpu_seconds(parts: dict[str, list[Any]]) -> dict[str, float]:
+    """User + system CPU seconds of each part so far (processes that ended since count as 0)."""
+    import psutil
+
+    out: dict[str, float] = {}
+    for name, processes in parts.items():
+        total = 0.0
+        for process in processes:
+            with contextlib.suppress(psutil.Error):
+                times = process.cpu_times()
+                total += times.user + times.system
+        out[name] = total
+    return out
 
 
 def serve_port(repo: Path, env: dict[str, str], deadline: float) -> int:
@@ -289,15 +354,24 @@ def main(argv: list[str] | None = None) -> int:
             for client in clients.values():
                 client.close()
         rps: dict[str, list[float]] = {name: [] for name in paths}
+        parts = component_processes(handle, project_id, info.pid)
+        cpu: dict[str, dict[str, list[float]]] = {name: {} for name in paths}
+        result["load_before"] = os.getloadavg()[0]
         for _ in range(2):
             for name, (make, target, ns) in paths.items():
-                rps[name].append(throughput(make, target, args.concurrency, args.seconds, ns))
+                rps[name].append(
+                    throughput(make, target, args.concurrency, args.seconds, ns, parts, cpu[name])
+                )
+        result["load_after"] = os.getloadavg()[0]
         for path in paths:
             result[path] = {
                 "p50_ms": round(statistics.median(lat[path]) * 1000, 2),
                 "p99_ms": round(percentile(lat[path], 0.99) * 1000, 2),
                 "rps": round(statistics.mean(rps[path]), 1),
                 "rps_rounds": [round(r, 1) for r in rps[path]],
+                # CPU ms per request of each part during this path's throughput rounds (mean of the
+                # rounds): on a saturated machine, throughput follows their sum.
+                "cpu_ms_per_request": {k: round(statistics.mean(v), 3) for k, v in cpu[path].items()},
             }
         result["p50_ratio"] = round(result["url"]["p50_ms"] / result["direct"]["p50_ms"], 2)
         result["rps_ratio"] = round(result["url"]["rps"] / result["direct"]["rps"], 2)
@@ -348,7 +422,8 @@ def head_restart_outage(
         killed = time.monotonic()
         for process in processes:
             if process["workload_id"] == head["id"]:
-                os.kill(int(process["pid"]), signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):  # the pod's init took it along
+                    os.kill(int(process["pid"]), signal.SIGKILL)
         with httpx.Client(headers=headers, timeout=5, trust_env=False) as client:
             while True:
                 assert time.monotonic() - killed < 600, "Serve did not come back within 600 s"

@@ -14,16 +14,22 @@ front of the workers' Serve proxies, here with what CML offers (pods, one URL pe
 How it routes:
 
 * the nodes announce their Serve ingress in the project (`.ray-cai/<cluster>/serve-ingress/<node>.json`:
-  pod IP and port, `node.serve_proxy`); every `HEALTH_INTERVAL_SECONDS` the gateway reads them and asks
-  each ingress for Serve's own proxy health (`/serve/-/healthz`: 200 only while the node's proxy runs
-  and is not draining), with the cluster token;
+  pod IP and port, `node.serve_proxy`); the gateway talks to each through tunnels it opens with the
+  cluster token and keeps for request after request (`node.serve_tunnel`: the ingress checks the token
+  once per connection, then relays bytes to the node's Serve proxy); every `HEALTH_INTERVAL_SECONDS`
+  it reads the announcements and asks each node's Serve proxy for its health (`/-/healthz`: 200 only
+  while the proxy runs and is not draining);
 * each request goes to the next healthy worker (round robin); to the head only when no worker is
   healthy (replicas stay off the head when there are workers, so the head's restart is no event for
-  Serve's traffic); a node that refuses a connection, or whose ingress answers that its Serve proxy
-  refused it (`X-Ray-Cai-Not-Forwarded`), is marked down at once and the request goes to the next
-  one (it reached no Serve proxy, so this is safe for every method);
-* requests stream both ways and WebSockets pass (`ray_serve_cai._proxy`, the code the nodes use);
-  CML's `Authorization` is dropped, the cluster token added (`X-Ray-Authorization`).
+  Serve's traffic); a node whose tunnel does not open (its ingress refuses the connection, or its
+  Serve proxy refused the ingress's) is marked down at once and the request goes to the next one
+  (it reached no Serve proxy, so this is safe for every method);
+* the gateway is its own HTTP/1.1 relay (`ray_serve_cai._relay`, `GatewayRelay`): each request head
+  is parsed and rewritten — `/serve` stripped (Serve's `root_path` puts it back for the application),
+  CML's `Authorization` dropped, `X-Forwarded-*` added — and everything else (bodies both ways,
+  streams, WebSockets after Serve's 101) passes as bytes; the cluster token is in no request (only
+  in each tunnel's CONNECT). An ASGI server in front of an HTTP client cost three times the CPU per
+  request (benchmarks/README.md, issue 24).
 
 `/ray-cai/healthz` answers 200 (CML's polling endpoint), `/ray-cai/gateway` the routing table.
 """
@@ -36,32 +42,34 @@ import itertools
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Mount, Route
-from starlette.types import Scope
-
-from ray_serve_cai._proxy import NOT_CONNECTED_KEY, ReverseProxy, drop_and_add, proxy_client
+from ray_serve_cai._relay import (
+    ClientConnection,
+    ConnectionPool,
+    Exchange,
+    Headers,
+    Relay,
+    forwarded_headers,
+    get_status,
+    json_answer,
+)
 from ray_serve_cai.config.serve import SERVE_ROOT_PATH
 from ray_serve_cai.node.files import token_path
-from ray_serve_cai.node.serve_proxy import TOKEN_HEADER, ingress_dir
+from ray_serve_cai.node.serve_proxy import ingress_dir
+from ray_serve_cai.node.serve_tunnel import TOKEN_HEADER, new_event_loop, tunnel_opener
 
 logger = logging.getLogger("ray_serve_cai.node.gateway")
 
 HEALTH_INTERVAL_SECONDS = 1.0
 HEALTH_TIMEOUT_SECONDS = 2.0
-HEALTH_PATH = SERVE_ROOT_PATH + "/-/healthz"  # Serve's proxy health, through the node's ingress
-ATTEMPTS_KEY = "ray_cai.gateway_attempts"
-NODE_KEY = "ray_cai.gateway_node"
+HEALTH_PATH = "/-/healthz"  # Serve's proxy health (its own path, outside root_path), through the tunnel
 
 
 @dataclass
@@ -70,9 +78,14 @@ class Backend:
 
     node: str
     role: str
-    base: str  # http://<pod IP>:<port>
+    ip: str
+    port: int
     healthy: bool = False
     detail: str = "not checked yet"
+
+    @property
+    def base(self) -> str:
+        return f"http://{self.ip}:{self.port}"
 
 
 @dataclass
@@ -84,9 +97,6 @@ class Routes:
     backends: dict[str, Backend] = field(default_factory=dict)
     token: str | None = None
     _turn: itertools.count[int] = field(default_factory=itertools.count)
-
-    def headers(self) -> dict[str, str]:
-        return {TOKEN_HEADER: f"Bearer {self.token}"} if self.token else {}
 
     def choose(self, avoid: set[str] = frozenset()) -> Backend | None:  # type: ignore[assignment]
         """The next healthy worker, else the head, else None (none in `avoid`)."""
@@ -108,29 +118,29 @@ class Routes:
         for path in sorted(ingress_dir(self.project_dir, self.cluster).glob("*.json")):
             try:
                 record = json.loads(path.read_text())
-                node, base = str(record["node"]), f"http://{record['ip']}:{int(record['port'])}"
+                node, ip, port = str(record["node"]), str(record["ip"]), int(record["port"])
             except (OSError, ValueError, KeyError, TypeError):
                 continue
             known = self.backends.get(node)
-            found[node] = known if known is not None and known.base == base else Backend(
-                node, str(record.get("role", "worker")), base
+            found[node] = known if known is not None and (known.ip, known.port) == (ip, port) else Backend(
+                node, str(record.get("role", "worker")), ip, port
             )  # fmt: skip
         self.backends = found
         if self.token is None:
             with contextlib.suppress(OSError):
                 self.token = token_path(self.project_dir, self.cluster).read_text().strip() or None
 
-    async def check(self, client: httpx.AsyncClient) -> None:
-        """One round: every announced node's Serve proxy health, in parallel."""
+    async def check(self, pool: ConnectionPool) -> None:
+        """One round: every announced node's Serve proxy health, in parallel (through the tunnels)."""
         self.read_announcements()
+        pool.prune()
 
         async def one(backend: Backend) -> None:
             try:
-                response = await client.get(
-                    backend.base + HEALTH_PATH, headers=self.headers(), timeout=HEALTH_TIMEOUT_SECONDS
-                )
-                healthy, detail = response.status_code == 200, f"HTTP {response.status_code}"
-            except httpx.HTTPError as error:
+                probe = get_status(pool, backend.ip, backend.port, HEALTH_PATH)
+                status = await asyncio.wait_for(probe, HEALTH_TIMEOUT_SECONDS)
+                healthy, detail = status == 200, f"HTTP {status}"
+            except (OSError, asyncio.TimeoutError) as error:
                 healthy, detail = False, type(error).__name__
             if healthy != backend.healthy:
                 logger.info("node %s: %s", backend.node, "healthy" if healthy else f"unhealthy ({detail})")
@@ -148,87 +158,147 @@ class Routes:
         }
 
 
-def create_gateway(routes: Routes) -> Starlette:
-    """The gateway's ASGI app over `routes` (its health loop runs in the app's lifespan)."""
-    client = proxy_client()
-    health_client = httpx.AsyncClient(trust_env=False, timeout=HEALTH_TIMEOUT_SECONDS)
+class GatewayRelay(Relay):
+    """Requests under `/serve` go to a healthy node (the next one when a node's tunnel does not open:
+    nothing reached it), `/serve` stripped; everything else is one of the gateway's pages."""
 
-    def upstream(scope: Scope) -> str | None:
-        tried = scope.setdefault(ATTEMPTS_KEY, set())
-        backend = routes.choose(avoid=tried)
-        if backend is None:
-            return None
-        tried.add(backend.node)
-        scope[NODE_KEY] = backend.node
-        return backend.base
+    MOUNT = SERVE_ROOT_PATH.encode()
+    DROP = frozenset({b"authorization", TOKEN_HEADER.encode()})  # CML's credential, a forged token
 
-    async def next_node(request: Request) -> Response:
-        """The chosen node refused the connection (nothing was sent): the next one; 502 when the
-        request may have reached it; 503 when no node is left."""
-        node = request.scope.get(NODE_KEY)
-        if node is not None:
-            if not request.scope.get(NOT_CONNECTED_KEY):
-                return JSONResponse({"error": f"node {node} did not answer the request"}, 502)
-            routes.mark_down(str(node), "refused a connection")
-            request.scope[NODE_KEY] = None
-            return await proxy.forward_http(request)
-        return JSONResponse({"error": "no Serve proxy of the cluster answers (yet)", **routes.table()}, 503)
+    def __init__(self, routes: Routes, pool: ConnectionPool) -> None:
+        super().__init__(pool)
+        self.routes = routes
 
-    proxy = ReverseProxy(
-        upstream,
-        headers=drop_and_add(("authorization", TOKEN_HEADER), routes.headers),
-        fallback=next_node,
-        client=client,
-    )
+    def request(
+        self, client: ClientConnection, method: bytes, url: bytes, headers: Headers, upgrade: bool
+    ) -> Exchange | bytes | None:
+        path = url.split(b"?", 1)[0]
+        if path != self.MOUNT and not path.startswith(self.MOUNT + b"/"):
+            status, body = self.page(path.decode("latin-1"))
+            return json_answer(status, body)
+        rest = url[len(self.MOUNT) :]  # "" → "/", "?q=1" → "/?q=1"
+        return Exchange(
+            method=method,
+            path=rest if rest.startswith(b"/") else b"/" + rest,
+            headers=forwarded_headers(headers, client.peer, drop=self.DROP, upgrade=upgrade),
+            sink=client,
+            upgrade=upgrade,
+            chunked=any(n == b"transfer-encoding" and b"chunked" in v.lower() for n, v in headers),
+        )
 
-    async def healthz(_: Request) -> Response:
-        return JSONResponse({"ok": True})
+    def page(self, path: str) -> tuple[int, Any]:
+        if path == "/ray-cai/healthz":
+            return 200, {"ok": True}
+        if path == "/ray-cai/gateway":
+            return 200, self.routes.table()
+        if path == "/":
+            return 200, {"serve": SERVE_ROOT_PATH + "/", **self.routes.table()}
+        return 404, {"error": "not found", "serve": SERVE_ROOT_PATH + "/"}
 
-    async def table(_: Request) -> Response:
-        return JSONResponse(routes.table())
+    async def connect(self, exchange: Exchange) -> None:
+        """The next healthy node whose tunnel opens gets the request; 503 when none is left."""
+        while True:
+            backend = self.routes.choose(exchange.tried)
+            if backend is None:
+                table = self.routes.table()
+                exchange.sink.fail(503, {"error": "no Serve proxy of the cluster answers (yet)", **table})
+                return
+            exchange.tried.add(backend.node)
+            exchange.node = f"node {backend.node}"
+            try:
+                upstream = await self.pool.acquire((backend.ip, backend.port))
+            except (OSError, asyncio.TimeoutError):
+                self.routes.mark_down(backend.node, "refused a connection")
+                continue
+            if getattr(exchange.sink, "closed", False):
+                self.pool.release(upstream)  # the client left while the tunnel opened: unused
+                return
+            exchange.attach(upstream, f"{backend.ip}:{backend.port}")
+            return
 
-    async def home(_: Request) -> Response:
-        return JSONResponse({"serve": SERVE_ROOT_PATH + "/", **routes.table()})
 
-    @contextlib.asynccontextmanager
-    async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        async def health_loop() -> None:
-            while True:
-                started = time.monotonic()
-                with contextlib.suppress(Exception):
-                    await routes.check(health_client)
-                await asyncio.sleep(max(0.1, HEALTH_INTERVAL_SECONDS - (time.monotonic() - started)))
+class Gateway:
+    """The gateway's server on `host:port` over `routes`: the relay (`GatewayRelay` on `_relay`) and the
+    health loop, on one event loop. `run()` in the calling thread until SIGTERM/SIGINT; `start()` /
+    `stop()` in a daemon thread (tests)."""
 
-        await routes.check(health_client)
-        task = asyncio.create_task(health_loop())
+    def __init__(self, routes: Routes, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.routes, self.host, self.requested_port = routes, host, port
+        self.port: int | None = None
+        self.pool = ConnectionPool(tunnel_opener(lambda: routes.token))
+        self.relay = GatewayRelay(routes, self.pool)
+        self._loop = new_event_loop()
+        self._stopped: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    async def _health_loop(self) -> None:
+        while True:
+            started = time.monotonic()
+            with contextlib.suppress(Exception):
+                await self.routes.check(self.pool)
+            await asyncio.sleep(max(0.1, HEALTH_INTERVAL_SECONDS - (time.monotonic() - started)))
+
+    async def serve(self) -> None:
+        """Listen, check the nodes once, then serve until `stop()` (or a signal in `run()`)."""
+        self._stopped = asyncio.Event()
+        server = await asyncio.get_running_loop().create_server(
+            lambda: ClientConnection(self.relay), self.host, self.requested_port, reuse_address=True
+        )
+        self.port = int(server.sockets[0].getsockname()[1])
+        await self.routes.check(self.pool)
+        health = asyncio.create_task(self._health_loop())
+        self._ready.set()
         try:
-            yield
+            await self._stopped.wait()
         finally:
-            task.cancel()
+            health.cancel()
+            server.close()
+            self.relay.close()
             with contextlib.suppress(asyncio.CancelledError):
-                await task
-            await client.aclose()
-            await health_client.aclose()
+                await health
 
-    return Starlette(
-        routes=[
-            Route("/ray-cai/healthz", healthz),
-            Route("/ray-cai/gateway", table),
-            Route("/", home),
-            Mount(SERVE_ROOT_PATH, app=proxy),
-        ],
-        lifespan=lifespan,
-    )
+    def run(self) -> None:
+        """Serve in this thread until SIGTERM or SIGINT."""
+        loop = self._loop
+        asyncio.set_event_loop(loop)
+
+        async def main() -> None:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, self.stop_soon)
+            await self.serve()
+
+        try:
+            loop.run_until_complete(main())
+        finally:
+            loop.close()
+
+    def stop_soon(self) -> None:
+        if self._stopped is not None:
+            self._stopped.set()
+
+    def start(self, wait_seconds: float = 20.0) -> Gateway:
+        """Serve in a daemon thread; returns once listening (`port`)."""
+        self._thread = threading.Thread(
+            target=lambda: self._loop.run_until_complete(self.serve()), name="serve-gateway", daemon=True
+        )
+        self._thread.start()
+        if not self._ready.wait(wait_seconds):
+            raise RuntimeError(f"the gateway did not listen within {wait_seconds:.0f}s")
+        return self
+
+    def stop(self, wait_seconds: float = 5.0) -> None:
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self.stop_soon)
+        if self._thread is not None:
+            self._thread.join(timeout=wait_seconds)
 
 
 def main() -> int:
     """`python -m ray_serve_cai.node.gateway`: serve on 127.0.0.1:$CDSW_APP_PORT until stopped."""
-    import uvicorn
-
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s ray-cai gateway %(levelname)s %(message)s"
     )
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     cluster = os.environ.get("RAY_CAI_CLUSTER", "").strip()
     port = os.environ.get("CDSW_APP_PORT", "").strip()
     if not cluster or not port.isdigit():
@@ -238,15 +308,7 @@ def main() -> int:
     routes = Routes(project, cluster)
     logger.info("Serve gateway of cluster %s on 127.0.0.1:%s (nodes from %s)", cluster, port,
                 ingress_dir(project, cluster))  # fmt: skip
-    uvicorn.run(
-        create_gateway(routes),
-        host="127.0.0.1",
-        port=int(port),
-        log_level="warning",
-        access_log=False,
-        lifespan="on",
-        ws="websockets-sansio",
-    )
+    Gateway(routes, "127.0.0.1", int(port)).run()
     return 0
 
 

@@ -6,9 +6,10 @@ Serve's HTTP proxy has no auth of its own, so it stays on its pod's loopback.
   `127.0.0.1:8000` of every pod (`SERVE_POD_PORT`; each pod has its own loopback), so a proxy runs
   where replicas run and none depends on the head. Every node's launcher mounts `/serve` on its own
   HTTP server (like the head always did) and opens its **Serve ingress** on `<pod IP>:8470`
-  (`SERVE_INGRESS_PORT`): the same streaming proxy to the local Serve proxy, for requests that
-  carry the cluster token (`X-Ray-Authorization: Bearer <token>`, checked in constant time and never
-  passed on). The node announces its ingress in the project
+  (`SERVE_INGRESS_PORT`): a tunnel to the local Serve proxy for connections that present the
+  cluster token once (`node.serve_tunnel`: HTTP CONNECT with `X-Ray-Authorization: Bearer <token>`,
+  checked in constant time; then bytes are relayed, no per-request work). The node announces its
+  ingress in the project
   (`.ray-cai/<cluster>/serve-ingress/<node>.json`), where the cluster's Serve gateway
   (`node.gateway`) finds it.
 * **On a shared host** (the local fallback, where one port per node would collide) Serve runs
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hmac
 import json
 import logging
 import os
@@ -64,7 +64,6 @@ logger = logging.getLogger("ray_serve_cai.node")
 SERVE_MOUNT = SERVE_ROOT_PATH
 SERVE_START_TIMEOUT_SECONDS = 180.0
 INGRESS_DIR_NAME = "serve-ingress"
-TOKEN_HEADER = "x-ray-authorization"
 
 
 def serve_layout() -> tuple[str, int | None]:
@@ -176,102 +175,36 @@ def ingress_dir(project_dir: Path | str, cluster: str) -> Path:
     return cluster_state_dir(project_dir, cluster) / INGRESS_DIR_NAME
 
 
-def token_checker(token_file: Path | None) -> Any:
-    """`check(scope) -> bool`: the request carries `X-Ray-Authorization: Bearer <cluster token>`
-    (always True for a cluster without token auth). The token is read once per new value of the file."""
-    if token_file is None:
-        return lambda _scope: True
-    expected = f"Bearer {token_file.read_text().strip()}".encode()
-
-    def check(scope: Any) -> bool:
-        for key, value in scope.get("headers", []):
-            if key == TOKEN_HEADER.encode() and hmac.compare_digest(value, expected):
-                return True
-        return False
-
-    return check
-
-
-def ingress_app(port: int, token_file: Path | None) -> Any:
-    """The ASGI app of the Serve ingress: token checked, then the streaming proxy to Serve's local
-    proxy on 127.0.0.1:`port` (the token and CML's credentials are not passed on)."""
-    from starlette.responses import JSONResponse
-
-    from ray_serve_cai._proxy import ReverseProxy, drop_and_add
-
-    allowed = token_checker(token_file)
-    proxy = ReverseProxy(
-        lambda _scope: f"http://127.0.0.1:{port}",
-        headers=drop_and_add(("authorization", TOKEN_HEADER)),
-        strip_prefix=SERVE_MOUNT,
-    )
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            message = await receive()
-            while message["type"] != "lifespan.shutdown":
-                await send({"type": message["type"] + ".complete"})
-                message = await receive()
-            await proxy.aclose()
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-        if not allowed(scope):
-            if scope["type"] == "websocket":
-                await send({"type": "websocket.close", "code": 1008})
-                return
-            await JSONResponse({"error": "the cluster token is required"}, 401)(scope, receive, send)
-            return
-        await proxy(scope, receive, send)
-
-    return app
-
-
 class ServeIngress:
-    """The node's Serve ingress on `<pod IP>:SERVE_INGRESS_PORT` (uvicorn in a daemon thread), and its
-    announcement in the project; `stop` withdraws the announcement, then stops serving."""
+    """The node's Serve ingress on `<pod IP>:SERVE_INGRESS_PORT` (`node.serve_tunnel`: the cluster
+    token once per connection, then bytes relayed to Serve's proxy on the pod's loopback) and its
+    announcement in the project; `stop` withdraws the announcement, then closes the ingress."""
 
     def __init__(
         self, project_dir: Path, cluster: str, node_name: str, role: str, ip: str, token_file: Path | None
     ) -> None:
-        import uvicorn
+        from ray_serve_cai.node.serve_tunnel import TunnelIngress
 
         self.record = ingress_dir(project_dir, cluster) / f"{node_name}.json"
         self.announcement = {"node": node_name, "role": role, "ip": ip, "port": SERVE_INGRESS_PORT}
-        config = uvicorn.Config(
-            ingress_app(SERVE_POD_PORT, token_file),
-            host=ip,
-            port=SERVE_INGRESS_PORT,
-            log_level="warning",
-            access_log=False,
-            lifespan="on",
-            ws="websockets-sansio",
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self._run, name="serve-ingress", daemon=True)
-
-    def _run(self) -> None:
-        with contextlib.suppress(SystemExit):  # uvicorn exits when it cannot bind: logged below
-            self.server.run()
-        if not self.server.started:
-            logger.warning("the Serve ingress could not listen on %s:%s", self.announcement["ip"],
-                           SERVE_INGRESS_PORT)  # fmt: skip
+        token = token_file.read_text().strip() if token_file is not None else None
+        self.tunnel = TunnelIngress(ip, SERVE_INGRESS_PORT, token, upstream_port=SERVE_POD_PORT)
 
     def start(self, wait_seconds: float = 10.0) -> ServeIngress:
-        self.thread.start()
-        deadline = time.monotonic() + wait_seconds
-        while not self.server.started and self.thread.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if self.server.started:
+        self.tunnel.start(wait_seconds)
+        if self.tunnel.listening:
             started = datetime.now(timezone.utc).isoformat(timespec="seconds")
             write_atomically(self.record, json.dumps({**self.announcement, "started_at": started}) + "\n")
             logger.info("Serve ingress on %s:%s", self.announcement["ip"], SERVE_INGRESS_PORT)
+        else:
+            logger.warning("the Serve ingress could not listen on %s:%s: %s", self.announcement["ip"],
+                           SERVE_INGRESS_PORT, self.tunnel.problem)  # fmt: skip
         return self
 
     def stop(self, wait_seconds: float = 2.0) -> None:
         with contextlib.suppress(OSError):
             self.record.unlink()
-        self.server.should_exit = True
-        self.thread.join(timeout=wait_seconds)
+        self.tunnel.stop(wait_seconds)
 
 
 def start_serve_ingress(settings: Any, token_file: Path | None) -> ServeIngress | None:

@@ -12,8 +12,16 @@ Ray's job CLI/SDK all use them unchanged. A request gets through to the app's `C
   application only (its name carries the port, its value is signed for the app's id) and redirects to
   `/`. The API listener never looks at cookies.
 
-The credential is stripped before the request reaches the app. Everything else streams through
-`ray_serve_cai._proxy` (HTTP bodies both ways, WebSockets).
+The credential is stripped before the request reaches the app. Everything else streams through.
+
+Two paths behind each listener. **Programs** (`Authorization: Bearer <key>`, plain HTTP, the app
+running) take the fast path: `ray_serve_cai._relay` parses the request head, rewrites its headers
+and relays everything else as bytes over pooled connections — about a quarter of the CPU
+of an ASGI hop here, which matters as it sits in front of every application (issue 24: the Serve
+endpoint's throughput and latency targets are measured through it). **Everything else** (login
+links and cookies, refusals, WebSocket upgrades, an app that is not running) takes the connection
+over to uvicorn with `AppListener` (the ASGI app), whose proxy is `ray_serve_cai._proxy`. Both add
+`X-Request-Id` to every answer and `X-Forwarded-Host/Proto/For` to every request.
 """
 
 from __future__ import annotations
@@ -28,13 +36,15 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import uvicorn
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.types import Message, Receive, Scope, Send
 
-from ray_serve_cai._proxy import ReverseProxy, proxy_client
+from ray_serve_cai._proxy import NOT_FORWARDED_HEADER, ReverseProxy, proxy_client
+from ray_serve_cai._relay import ClientConnection, ConnectionPool, Exchange, Headers, Relay, forwarded_headers
 from ray_serve_cai.workspace.controls import AppUrlPolicy
 from ray_serve_cai.workspace.errors import error_body
 from ray_serve_cai.workspace.model import Application
@@ -139,6 +149,7 @@ class AppListener:
         self._key = api_key.encode()
         self.cookie = cookie_name(url_port)
         self.proxy = proxy or ReverseProxy(self._upstream, headers=self._forwarded_headers)
+        self.fast: FastPath | None = None  # set when its server runs (`_front`)
 
     def __repr__(self) -> str:
         return f"AppListener(app_id={self.app_id!r}, port={self.url_port})"
@@ -264,6 +275,101 @@ def _refusal_page(message: str) -> HTMLResponse:
     return HTMLResponse(body, status_code=401, headers={"cache-control": "no-store"})
 
 
+class FastPath(Relay):
+    """The listener's fast path (`ray_serve_cai._relay`): plain HTTP requests with the workspace
+    API key as `Authorization: Bearer` to a running application; every other request goes to the
+    listener's uvicorn (None from `request`)."""
+
+    def __init__(self, listener: AppListener, pool: ConnectionPool) -> None:
+        super().__init__(pool)
+        self.listener = listener
+        self.login_path = LOGIN_PATH.encode()
+        self.cookie_prefix = (listener.cookie + "=").encode()
+
+    def request(
+        self, client: ClientConnection, method: bytes, url: bytes, headers: Headers, upgrade: bool
+    ) -> Exchange | bytes | None:
+        if upgrade or url.split(b"?", 1)[0] == self.login_path or not self._bearer(headers):
+            return None
+        app = self.listener.lookup(self.listener.app_id)
+        if app is None or app.status != "APPLICATION_RUNNING" or app.app_port is None:
+            return None
+        request_id = uuid.uuid4().hex.encode()
+        exchange = Exchange(
+            method=method,
+            path=url,
+            headers=forwarded_headers(self._without_login_cookie(headers), client.peer, drop=_DROP),
+            sink=client,
+            chunked=any(n == b"transfer-encoding" and b"chunked" in v.lower() for n, v in headers),
+            head_hook=lambda head: _with_request_id(head, request_id),
+            node=app.subdomain,
+            target=(app.pod_ip or "127.0.0.1", app.app_port),
+        )
+        return exchange
+
+    async def connect(self, exchange: Exchange) -> None:
+        assert exchange.target is not None
+        host, port = exchange.target
+        try:
+            upstream = await self.pool.acquire(exchange.target)
+        except (OSError, asyncio.TimeoutError):
+            answer_id = uuid.uuid4().hex.encode()
+            headers = [(NOT_FORWARDED_HEADER.encode(), b"1"), (b"x-request-id", answer_id)]
+            exchange.sink.fail(502, {"error": "the upstream server did not answer"}, headers)
+            return
+        if getattr(exchange.sink, "closed", False):
+            self.pool.release(upstream)
+            return
+        exchange.attach(upstream, f"{host}:{port}")
+
+    def _bearer(self, headers: Headers) -> bool:
+        for name, value in headers:
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.listener._key):
+                    return True
+        return False
+
+    def _without_login_cookie(self, headers: Headers) -> Headers:
+        """The app never sees the login cookie (other cookies pass)."""
+        if not any(name == b"cookie" for name, _ in headers):
+            return headers
+        kept: list[tuple[bytes, bytes]] = []
+        for name, value in headers:
+            if name == b"cookie":
+                parts = [part.strip() for part in value.split(b";")]
+                others = [part for part in parts if part and not part.startswith(self.cookie_prefix)]
+                if not others:
+                    continue
+                value = b"; ".join(others)
+            kept.append((name, value))
+        return kept
+
+
+_DROP = frozenset({b"authorization"})
+
+
+def _with_request_id(head: bytes, request_id: bytes) -> bytes:
+    """A response head with the listener's `X-Request-Id` (the app's own, if any, replaced)."""
+    lines = head[:-4].split(b"\r\n")
+    kept = [lines[0], *(line for line in lines[1:] if not line.lower().startswith(b"x-request-id:"))]
+    return b"\r\n".join([*kept, b"x-request-id: " + request_id]) + b"\r\n\r\n"
+
+
+def _front(listener: AppListener, pool: ConnectionPool) -> Callable[..., asyncio.Protocol]:
+    """uvicorn's protocol factory for a listener: the fast path first, uvicorn's own HTTP protocol
+    (with the ASGI `AppListener`) for the requests the fast path leaves (`ClientConnection.fallback`)."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    relay = FastPath(listener, pool)
+    listener.fast = relay
+
+    def protocol(**kwargs: Any) -> asyncio.Protocol:
+        return ClientConnection(relay, fallback=lambda: AutoHTTPProtocol(**kwargs))
+
+    return protocol
+
+
 class _ListenerServer(uvicorn.Server):
     """A uvicorn server started on an already bound socket inside the running event loop (no
     signal handlers of its own: the workspace's main server owns them)."""
@@ -317,6 +423,7 @@ class AppListeners:
         self._open: dict[str, _Open] = {}
         self._lock = asyncio.Lock()
         self._client = proxy_client()
+        self._pool = ConnectionPool()  # the fast path's connections to the apps
         # Told the open URL ports after every change (pods relay them on their own loopback).
         self.on_ports: Callable[[set[int]], Awaitable[None]] | None = None
 
@@ -345,6 +452,7 @@ class AppListeners:
                 *(self._close(app_id) for app_id in list(self._open)), return_exceptions=True
             )
         await self._client.aclose()
+        self._pool.close()
 
     async def _start(self, app: Application) -> None:
         try:
@@ -365,6 +473,7 @@ class AppListeners:
         listener.proxy.client = self._client
         config = uvicorn.Config(
             listener,
+            http=_front(listener, self._pool),  # type: ignore[arg-type]
             log_level="warning",
             log_config=None,  # the workspace configured logging once; do not reconfigure per app
             access_log=False,
@@ -385,6 +494,8 @@ class AppListeners:
             await entry.server.close()
         finally:
             entry.sock.close()
+            if entry.listener.fast is not None:
+                entry.listener.fast.close_clients()
 
 
 def login_code_answer(app: Application, logins: AppLogins) -> dict[str, object]:

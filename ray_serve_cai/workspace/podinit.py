@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import selectors
 import signal
 import socket
 import subprocess
@@ -32,34 +33,132 @@ def _connects(host: str, port: int) -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
-def _pump(source: socket.socket, target: socket.socket) -> None:
-    try:
-        while data := source.recv(BUFFER):
-            target.sendall(data)
-        target.shutdown(socket.SHUT_WR)
-    except OSError:
-        with contextlib.suppress(OSError):
-            target.shutdown(socket.SHUT_RDWR)
+class _Side:
+    """One socket of a relayed connection: bytes waiting to be written to it, and whether its
+    peer has ended (then, once `pending` is written, its write side is shut)."""
+
+    __slots__ = ("peer", "peer_ended", "pending", "reading", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.peer: _Side | None = None
+        self.pending = bytearray()
+        self.peer_ended = False
+        self.reading = True
 
 
-def _serve_connection(client: socket.socket, port: int) -> None:
-    try:
-        upstream = socket.create_connection(("127.0.0.1", port), timeout=10)
-    except OSError:
-        client.close()
-        return
-    upstream.settimeout(None)
-    # A relay passes each write on as it comes: with Nagle on, a response written in two parts
-    # (head, then body) waits for the peer's delayed ACK — 40 ms per request.
-    for sock in (client, upstream):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    back = threading.Thread(target=_pump, args=(upstream, client), daemon=True)
-    back.start()
-    _pump(client, upstream)
-    back.join()
-    client.close()
-    upstream.close()
+class _Relay:
+    """Every forwarded connection in one thread around one selector: a request costs a wake-up, a
+    `recv` and a `send` per direction (no thread per direction, no lock hand-over per chunk).
+    Reading from a side stops while its peer has more than `BUFFER` bytes not yet written."""
+
+    def __init__(self, listener: socket.socket, port: int) -> None:
+        self.listener, self.port = listener, port
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(listener, selectors.EVENT_READ, None)
+
+    def run(self) -> None:
+        while True:
+            for key, events in self.selector.select():
+                side = key.data
+                if side is None:
+                    self._accept()
+                    continue
+                if events & selectors.EVENT_WRITE:
+                    self._flush(side)
+                if events & selectors.EVENT_READ and side.reading:
+                    self._read(side)
+
+    def _accept(self) -> None:
+        try:
+            client, _ = self.listener.accept()
+        except OSError:
+            return
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        except OSError:
+            client.close()
+            return
+        one, other = _Side(client), _Side(upstream)
+        one.peer, other.peer = other, one
+        for side in (one, other):
+            side.sock.setblocking(False)
+            # A relay passes each write on as it comes: with Nagle on, a response written in two
+            # parts (head, then body) waits for the peer's delayed ACK — 40 ms per request.
+            with contextlib.suppress(OSError):
+                side.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.selector.register(side.sock, selectors.EVENT_READ, side)
+
+    def _read(self, side: _Side) -> None:
+        peer = side.peer
+        assert peer is not None
+        try:
+            data = side.sock.recv(BUFFER)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._close(side)
+            return
+        if not data:  # this side ended: pass it on once what is pending for the peer is written
+            side.reading = False
+            peer.peer_ended = True
+            if not side.peer_ended or peer.pending:
+                self._flush(peer)
+                self._watch(side)
+            else:
+                self._close(side)
+            return
+        peer.pending += data
+        self._flush(peer)
+
+    def _flush(self, side: _Side) -> None:
+        try:
+            while side.pending:
+                sent = side.sock.send(side.pending)
+                del side.pending[:sent]
+        except BlockingIOError:
+            pass
+        except OSError:
+            self._close(side)
+            return
+        if not side.pending and side.peer_ended:
+            with contextlib.suppress(OSError):
+                side.sock.shutdown(socket.SHUT_WR)
+            if not side.reading:
+                self._close(side)
+                return
+        self._watch(side)
+        if side.peer is not None:
+            self._watch(side.peer)
+
+    def _watch(self, side: _Side) -> None:
+        """Select a side for reading while it reads and its peer has room, for writing while it has
+        bytes pending; unregistered when neither."""
+        peer = side.peer
+        reading = side.reading and (peer is None or len(peer.pending) <= BUFFER)
+        events = (selectors.EVENT_READ if reading else 0) | (selectors.EVENT_WRITE if side.pending else 0)
+        try:
+            current = self.selector.get_key(side.sock).events
+        except (KeyError, ValueError):
+            current = 0
+        if events == current:
+            return
+        if not events:
+            self.selector.unregister(side.sock)
+        elif not current:
+            self.selector.register(side.sock, events, side)
+        else:
+            self.selector.modify(side.sock, events, side)
+
+    def _close(self, side: _Side) -> None:
+        for each in (side, side.peer):
+            if each is None:
+                continue
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(each.sock)
+            each.sock.close()
+            each.pending.clear()
+            each.reading = False
 
 
 def _forward(ip: str, port: int) -> None:
@@ -75,9 +174,8 @@ def _forward(ip: str, port: int) -> None:
         print(f"[pod] cannot forward {ip}:{port}: {exc.strerror}", file=sys.stderr, flush=True)
         return
     listener.listen(128)
-    while True:
-        client, _ = listener.accept()
-        threading.Thread(target=_serve_connection, args=(client, port), daemon=True).start()
+    listener.setblocking(False)
+    _Relay(listener, port).run()
 
 
 def main() -> None:

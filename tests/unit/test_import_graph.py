@@ -15,8 +15,9 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "ray_serve_cai"
 NAME = "ray_serve_cai"
 
-# Standard-library-only modules every layer may use (the root package imports nothing eagerly).
-SHARED = {NAME, f"{NAME}.errors", f"{NAME}.waiting", f"{NAME}.atomic", f"{NAME}._proxy"}
+# Modules every layer may use: they import nothing else of the package (the root package imports
+# nothing eagerly; `_proxy` and `_relay` are the proxies shared by the nodes and the workspace).
+SHARED = {NAME, f"{NAME}.errors", f"{NAME}.waiting", f"{NAME}.atomic", f"{NAME}._proxy", f"{NAME}._relay"}
 
 # DESIGN.md's layer table: layer → the layers it may use (besides itself and SHARED).
 ALLOWED: dict[str, set[str]] = {

@@ -154,6 +154,24 @@ def test_workspace_listener_strips_its_credentials(workspace: WorkspaceHandle, a
     assert workspace.api_key not in json.dumps(seen)
 
 
+def test_a_program_request_carrying_the_login_cookie_reaches_the_app_without_it(
+    workspace: WorkspaceHandle, app: dict[str, Any]
+) -> None:
+    """The fast path (Bearer key) strips the listener's login cookie as the ASGI path does, keeps the
+    app's own cookies, and answers with the listener's request id."""
+    login_cookie = cookie_name(int(app["url"].rsplit(":", 1)[1]))
+    for _ in range(3):  # the second and third reuse the listener's pooled connection to the app
+        response = httpx.get(
+            f"{app['url']}/echo?x=1",
+            headers={"Authorization": f"Bearer {workspace.api_key}", "Cookie": f"a=1; {login_cookie}=v; b=2"},
+            trust_env=False,
+        )
+        seen = response.json()
+        assert response.status_code == 200 and len(response.headers["x-request-id"]) == 32
+        assert seen["headers"]["cookie"] == "a=1; b=2" and seen["query"] == "x=1"
+        assert seen["headers"]["x-forwarded-host"] == app["url"].removeprefix("http://")
+
+
 # ---------------------------------------------------------------------------------- streaming
 
 

@@ -1,17 +1,20 @@
-"""The Serve gateway and the nodes' Serve ingress, without Ray: real uvicorn servers on loopback.
+"""The Serve gateway and the nodes' Serve ingress, without Ray: real servers on loopback.
 
 Two stand-ins for Serve's HTTP proxy (`tests/support/apps/stream_app.py`, which answers `/-/healthz`
-as Serve's proxy does), each behind a real Serve ingress (`node.serve_proxy.ingress_app`, token
-checked), announced in a project directory as a worker and a head; the real gateway
-(`node.gateway.create_gateway`) in front. Through the gateway: requests reach a worker's proxy with the
+as Serve's proxy does), each behind a real Serve ingress (`node.serve_tunnel.TunnelIngress`: the
+cluster token once per connection, then bytes relayed), announced in a project directory as a worker
+and a head; the real gateway
+(`node.gateway.Gateway`) in front. Through the gateway: requests reach a worker's proxy with the
 `/serve` prefix stripped, without CML's credential and without the cluster token; streams arrive as
 produced; WebSockets pass; the head's proxy is used only when no worker answers, and a node whose
-ingress goes away is left without a failed request. The ingress refuses requests without the token.
+ingress goes away is left without a failed request. The ingress answers a connection without the
+token, or with a wrong one, with 401 and closes it without ever connecting to Serve's proxy.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -23,37 +26,16 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from ray_serve_cai.node.gateway import Routes, create_gateway
-from ray_serve_cai.node.serve_proxy import ingress_app, ingress_dir
+from ray_serve_cai.node.gateway import Gateway, Routes
+from ray_serve_cai.node.serve_proxy import ingress_dir
+from ray_serve_cai.node.serve_tunnel import TunnelIngress
 
 SUPPORT_APPS = Path(__file__).resolve().parents[1] / "support" / "apps"
 CLUSTER = "gw"
 TOKEN = "gateway-test-token-" + uuid.uuid4().hex
-
-
-class Server:
-    """uvicorn serving `app` on a free loopback port, in a thread."""
-
-    def __init__(self, app: Any) -> None:
-        self.server = uvicorn.Server(
-            uvicorn.Config(
-                app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", ws="websockets-sansio"
-            )
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-        self.port = int(self.server.servers[0].sockets[0].getsockname()[1])
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 def free_port() -> int:
@@ -88,14 +70,15 @@ def nodes(tmp_path: Path) -> Iterator[dict[str, Any]]:
         for name, role in (("worker-0", "worker"), ("head", "head")):
             process, port = start_upstream()
             processes.append(process)
-            ingress = Server(ingress_app(port, token_file))
+            ingress = TunnelIngress("127.0.0.1", 0, TOKEN, upstream_port=port).start()
+            assert ingress.listening, ingress.problem
             record = ingress_dir(tmp_path, CLUSTER) / f"{name}.json"
             record.parent.mkdir(parents=True, exist_ok=True)
             record.write_text(
                 json.dumps({"node": name, "role": role, "ip": "127.0.0.1", "port": ingress.port})
             )
             started[name] = {"upstream": port, "ingress": ingress, "process": process}
-        gateway = Server(create_gateway(Routes(tmp_path, CLUSTER)))
+        gateway = Gateway(Routes(tmp_path, CLUSTER)).start()
         started["gateway"] = f"http://127.0.0.1:{gateway.port}"
         yield started
         gateway.stop()
@@ -123,7 +106,8 @@ def test_the_gateway_routes_to_workers_streams_and_fails_over(
 ) -> None:
     gateway = nodes["gateway"]
     wait_healthy(gateway, {"worker-0": True, "head": True})
-    worker_host = f"127.0.0.1:{nodes['worker-0']['upstream']}"
+    # Serve's proxy sees the Host the gateway addressed: the node's ingress.
+    worker_host = f"127.0.0.1:{nodes['worker-0']['ingress'].port}"
     with httpx.Client(
         base_url=gateway, headers={"Authorization": "Bearer cml-key"}, trust_env=False
     ) as client:
@@ -146,11 +130,11 @@ def test_the_gateway_routes_to_workers_streams_and_fails_over(
             ws.send("ping")
             assert ws.recv(timeout=10) == "echo:ping"
 
-        # The worker's Serve proxy goes away (its node lives): its ingress says the request went no
-        # further, and the gateway sends it to the head; none fails.
+        # The worker's Serve proxy goes away (its node lives): its ingress cannot open a tunnel to it,
+        # so the request went nowhere, and the gateway sends it to the head; none fails.
         nodes["worker-0"]["process"].kill()
         nodes["worker-0"]["process"].wait()
-        head_host = f"127.0.0.1:{nodes['head']['upstream']}"
+        head_host = f"127.0.0.1:{nodes['head']['ingress'].port}"
         response = client.get("/serve/echo")
         assert response.status_code == 200, response.text
         assert response.json()["headers"]["host"] == head_host
@@ -164,10 +148,125 @@ def test_the_gateway_routes_to_workers_streams_and_fails_over(
         wait_healthy(gateway, {"worker-0": False, "head": True})
 
 
-def test_the_serve_ingress_refuses_requests_without_the_cluster_token(nodes: dict[str, Any]) -> None:
-    ingress = f"http://127.0.0.1:{nodes['worker-0']['ingress'].port}"
-    assert httpx.get(ingress + "/serve/echo", trust_env=False).status_code == 401
-    wrong = {"X-Ray-Authorization": "Bearer nope"}
-    assert httpx.get(ingress + "/serve/echo", headers=wrong, trust_env=False).status_code == 401
-    right = {"X-Ray-Authorization": f"Bearer {TOKEN}"}
-    assert httpx.get(ingress + "/serve/echo", headers=right, trust_env=False).status_code == 200
+def test_the_gateway_relays_bodies_both_ways_and_answers_its_own_pages(nodes: dict[str, Any]) -> None:
+    """A streamed (chunked) upload arrives whole, a 5 MiB download arrives whole (flow control over
+    the relay), HEAD gets no body, a WebSocket passes bytes and its close code; the client's
+    connection is reused; the gateway's pages answer outside /serve."""
+    import hashlib
+
+    gateway = nodes["gateway"]
+    wait_healthy(gateway, {"worker-0": True, "head": True})
+    with httpx.Client(base_url=gateway, trust_env=False, timeout=30) as client:
+        pieces = [bytes([i]) * 100_000 for i in range(7)]
+        upload = client.post("/serve/upload", content=iter(pieces)).json()  # no length: chunked
+        assert upload["length"] == 700_000
+        assert upload["sha256"] == hashlib.sha256(b"".join(pieces)).hexdigest()
+
+        download = client.get("/serve/bytes?mb=5")
+        assert download.status_code == 200 and len(download.content) == 5 * 1024 * 1024
+
+        head = client.head("/serve/echo")
+        assert head.status_code == 200 and head.content == b""
+        echo = client.get("/serve/echo", params={"q": "a b"}).json()  # the same connection, after HEAD
+        assert (echo["path"], echo["query"]) == ("/echo", "q=a+b")
+        assert echo["headers"]["x-forwarded-proto"] == "http"
+        assert echo["headers"]["x-forwarded-host"] == gateway.removeprefix("http://")
+        assert echo["headers"]["x-forwarded-for"] == "127.0.0.1"
+        assert client.get("/serve").text == "stream app"  # the mount itself: Serve's root
+
+        assert client.get("/ray-cai/healthz").json() == {"ok": True}
+        assert client.get("/elsewhere").status_code == 404
+
+    ws_url = gateway.replace("http://", "ws://") + "/serve/ws"
+    with connect(ws_url, subprotocols=["chat"], open_timeout=10) as ws:  # type: ignore[list-item]
+        assert ws.subprotocol == "chat"
+        ws.send(b"\x00\x01" * 40_000)
+        assert ws.recv(timeout=10) == b"\x00\x01" * 40_000
+        ws.send("close:4001")
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=10)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4001
+
+
+class CountingListener:
+    """A TCP listener on loopback that counts the connections it accepts (and answers nothing)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
+        self.accepted: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted.append(connection)
+
+    def close(self) -> None:
+        self.sock.close()
+        for connection in self.accepted:
+            connection.close()
+
+
+def exchange(port: int, data: bytes) -> bytes:
+    """Send `data` on a new connection to 127.0.0.1:`port`; everything it answers until it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        return answer
+
+
+def test_the_serve_ingress_refuses_connections_without_the_cluster_token() -> None:
+    serve = CountingListener()
+    ingress = TunnelIngress("127.0.0.1", 0, TOKEN, upstream_port=serve.port).start()
+    try:
+        refused = {
+            "plain HTTP": b"GET /serve/echo HTTP/1.1\r\nhost: x\r\n\r\n",
+            "no token": b"CONNECT 127.0.0.1:8000 HTTP/1.1\r\nhost: x\r\n\r\n",
+            "wrong token": b"CONNECT 127.0.0.1:8000 HTTP/1.1\r\nx-ray-authorization: Bearer nope\r\n\r\n"
+            b"GET /echo HTTP/1.1\r\nhost: x\r\n\r\n",
+        }
+        for what, data in refused.items():
+            answer = exchange(ingress.port, data)
+            assert answer.startswith(b"HTTP/1.1 401 "), (what, answer)
+            assert TOKEN.encode() not in answer
+        right = f"x-ray-authorization: Bearer {TOKEN}\r\n".encode()
+        # The token without CONNECT opens nothing either: the ingress relays tunnels only.
+        assert exchange(ingress.port, b"GET /echo HTTP/1.1\r\n" + right + b"\r\n").startswith(
+            b"HTTP/1.1 405 "
+        )
+        assert serve.accepted == [], "a connection without a valid CONNECT reached Serve's proxy"
+
+        with socket.create_connection(("127.0.0.1", ingress.port), timeout=10) as sock:
+            sock.sendall(b"CONNECT 127.0.0.1:8000 HTTP/1.1\r\n" + right + b"\r\n")
+            assert sock.recv(1024) == b"HTTP/1.1 200 Connection established\r\n\r\n"
+            sock.sendall(b"bytes for Serve")
+            deadline = time.monotonic() + 10
+            while not serve.accepted:
+                assert time.monotonic() < deadline, "the tunnel did not reach Serve's proxy"
+                time.sleep(0.02)
+            serve.accepted[0].settimeout(10)
+            assert serve.accepted[0].recv(1024) == b"bytes for Serve"
+            serve.accepted[0].sendall(b"and back")
+            assert sock.recv(1024) == b"and back"
+    finally:
+        ingress.stop()
+        serve.close()
+
+
+def test_the_serve_ingress_answers_502_when_serve_is_not_there() -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = int(unused.getsockname()[1])  # bound, never listening: connections are refused
+        ingress = TunnelIngress("127.0.0.1", 0, TOKEN, upstream_port=port).start()
+        try:
+            connect = f"CONNECT 127.0.0.1:8000 HTTP/1.1\r\nx-ray-authorization: Bearer {TOKEN}\r\n\r\n"
+            assert exchange(ingress.port, connect.encode()).startswith(b"HTTP/1.1 502 ")
+        finally:
+            ingress.stop()
