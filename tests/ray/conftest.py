@@ -19,7 +19,8 @@ fixture is one per worker: its users must share a worker) and, by default, any o
 `ray-3`, modules that bring up their own cluster and say so with
 `pytestmark = pytest.mark.xdist_group("ray-2")` (`ray-3`: head fault tolerance and network faults on
 one cluster, Serve rollouts, the guided setup). So three clusters may run at once, each in its
-worker's own workspace (names never collide). Balance the groups by their durations (`pytest tests/ray --durations=0`).
+worker's own workspace (names never collide). Balance the groups by the times the run's `tiers`
+section gives each of them.
 """
 
 from __future__ import annotations
