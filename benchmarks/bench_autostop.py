@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         handle = WorkspaceHandle(info)
         try:
             project = handle.create_project(
-                "bench-autostop", template="git", git_url=str(args.repo), timeout=300
+                "bench-autostop", git_url=str(args.repo), timeout=300
             )
             if project["creation_status"] != "success":
                 raise RuntimeError(f"project from git: {project.get('error_message')}")
