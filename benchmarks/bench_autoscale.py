@@ -201,9 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         info = start_workspace(home / "workspace")
         handle = WorkspaceHandle(info)
         try:
-            project = handle.create_project(
-                "bench-autoscale", template="git", git_url=str(args.repo), timeout=300
-            )
+            project = handle.create_project("bench-autoscale", git_url=str(args.repo), timeout=300)
             if project["creation_status"] != "success":
                 raise RuntimeError(f"project from git: {project.get('error_message')}")
             spec = parse_cluster_spec(cluster_data(args.interval, args.idle), env={})

@@ -115,9 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         info = start_workspace(home / "workspace", app_restart=False)
         handle = WorkspaceHandle(info)
         try:
-            project = handle.create_project(
-                "bench-autostop", template="git", git_url=str(args.repo), timeout=300
-            )
+            project = handle.create_project("bench-autostop", git_url=str(args.repo), timeout=300)
             if project["creation_status"] != "success":
                 raise RuntimeError(f"project from git: {project.get('error_message')}")
             pid = project["id"]

@@ -533,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"workspace network: {info.network} ({info.network_reason})", flush=True)
         handle = WorkspaceHandle(info)
         try:
-            project = handle.create_project("bench-ray", template="git", git_url=str(args.repo), timeout=300)
+            project = handle.create_project("bench-ray", git_url=str(args.repo), timeout=300)
             if project["creation_status"] != "success":
                 raise RuntimeError(f"project from git: {project.get('error_message')}")
             for workers in sizes if args.diagnostic_poll else []:
@@ -582,9 +582,7 @@ def main(argv: list[str] | None = None) -> int:
             # The other mode, for comparison: every node on the host (free ports, port blocks).
             shared = WorkspaceHandle(start_workspace(home / "workspace-shared", pods=False))
             try:
-                project = shared.create_project(
-                    "bench-ray", template="git", git_url=str(args.repo), timeout=300
-                )
+                project = shared.create_project("bench-ray", git_url=str(args.repo), timeout=300)
                 for _ in range(args.repeat):
                     for workers in sizes:
                         run = run_ray_cai(shared, project["id"], workers, args.poll_interval)

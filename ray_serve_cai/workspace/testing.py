@@ -167,8 +167,9 @@ class WorkspaceHandle:
     def create_project(
         self, name: str, *, files_from: Path | None = None, timeout: float = 30.0, **fields: Any
     ) -> dict[str, Any]:
-        """Create a `local` project (unless `fields` say otherwise), wait for success, copy files in."""
-        body = {"name": name, "template": "local", **fields}
+        """Create a project — from `git_url` when the fields give one (the spec's way: no template), else
+        a `local` one (unless `fields` say otherwise) — wait for success, copy files in."""
+        body = {"name": name, **({} if "git_url" in fields else {"template": "local"}), **fields}
         project = self.api_ok("POST", "/api/v2/projects", json=body)
         project = self.wait_for(
             lambda: self.api_ok("GET", f"/api/v2/projects/{project['id']}"),
