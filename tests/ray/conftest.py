@@ -18,9 +18,22 @@ groups, one a worker (tests/conftest.py): `ray` — every module that takes `ray
 fixture is one per worker: its users must share a worker) and, by default, any other — and `ray-2` and
 `ray-3`, modules that bring up their own cluster and say so with
 `pytestmark = pytest.mark.xdist_group("ray-2")` (`ray-3`: head fault tolerance and network faults on
-one cluster, Serve rollouts, the guided setup). So three clusters may run at once, each in its
+one cluster, Serve rollouts). So three clusters may run at once, each in its
 worker's own workspace (names never collide). Balance the groups by the times the run's `tiers`
 section gives each of them.
+
+Every cluster runs in pods (the session workspace's default, as on CML) except those of the modules
+that still fail there, which take `shared_host_workspace` until they are fixed (each is a finding of
+issue 20, not a choice):
+
+* the shared cluster (`test_jobs_e2e.py`, `test_dashboard_browser.py`): following the job driver's
+  node log shows only "Runtime env is setting up" — in pods the driver runs on a worker (head fault
+  tolerance places it there);
+* `test_run_jobs.py`: the reattach case deletes the worker, where the driver runs in pods ("Job
+  supervisor actor died");
+* `test_serve_e2e.py`: the endpoint of `serve status` is not the Serve gateway's URL read at setup;
+* `test_autostop_ray.py`: after autostop stopped the cluster, `up` never gets Serve running again
+  (with head fault tolerance the head starts from the kept GCS state).
 """
 
 from __future__ import annotations
@@ -69,9 +82,10 @@ _shared: _Shared | None = None
 
 @pytest.fixture(scope="session")
 def ray_cluster(
-    workspace: WorkspaceHandle, tmp_path_factory: pytest.TempPathFactory
+    shared_host_workspace: WorkspaceHandle, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LocalCluster]:
     """A ready real Ray cluster of 1 head + 1 worker, shared by every test that does not change it."""
+    workspace = shared_host_workspace  # not yet green in pods (tests/ray/conftest.py)
     global _shared
     config = tmp_path_factory.mktemp("shared-cluster") / "ray_cluster_config.yaml"
     config.write_text(SMALL_CLUSTER_YAML.format(name=SHARED_CLUSTER, workers=1))

@@ -18,8 +18,6 @@ from pathlib import Path
 import pytest
 from support.cli import LocalCluster
 
-from ray_serve_cai.workspace.testing import WorkspaceHandle
-
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless",
@@ -73,9 +71,7 @@ def test_the_dashboard_link_opens_the_cluster_page_in_a_browser_and_nothing_else
             browser.close()
 
 
-def test_the_dashboard_rest_api_answers_curl_with_the_api_key(
-    ray_cluster: LocalCluster, workspace: WorkspaceHandle
-) -> None:
+def test_the_dashboard_rest_api_answers_curl_with_the_api_key(ray_cluster: LocalCluster) -> None:
     """README's example: the key goes to curl on stdin (`--config -`), never on a command line."""
     status = ray_cluster.cli("status", "--json")
     url = json.loads(status.stdout)["dashboard_url"]
@@ -83,7 +79,7 @@ def test_the_dashboard_rest_api_answers_curl_with_the_api_key(
         'printf \'header = "Authorization: Bearer %s"\\n\' "$CML_API_KEY"'
         ' | curl -sf --config - "${url}api/version"'
     )
-    env = {**os.environ, "CML_API_KEY": workspace.api_key, "url": url}
+    env = {**os.environ, "CML_API_KEY": ray_cluster.workspace.api_key, "url": url}
     answer = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=30)
     assert answer.returncode == 0, answer.stderr
     assert json.loads(answer.stdout)["ray_version"].startswith("2.60")

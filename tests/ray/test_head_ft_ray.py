@@ -35,7 +35,7 @@ from ray_serve_cai.workspace.processes import WORKLOAD_MARKER, processes_with_ma
 
 # A head replacement on a loaded 2-core machine has taken over 10 minutes (Ray's agents missing their
 # start window, the head app failing and being restarted): more than the suite's per-test default.
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(1500), pytest.mark.xdist_group("ray-2")]
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(1500), pytest.mark.xdist_group("ray-3")]
 
 JOB_SECONDS = 70
 # The job's driver: on a worker (ray-cai's default placement), it prints a line a second, and at the

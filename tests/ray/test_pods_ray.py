@@ -26,7 +26,7 @@ from support.pods_cluster import HEAD, W0, W1, down_and_check, up_unless_running
 
 pytestmark = [
     pytest.mark.ray,
-    pytest.mark.xdist_group("ray-2"),  # the second real-Ray group (tests/conftest.py)
+    pytest.mark.xdist_group("ray-3"),  # with the head-FT module: one cluster (tests/ray/conftest.py)
 ]
 
 # Run in a session pod: what Ray sees, and one task pinned to every node.

@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import subprocess
 
-import pytest
 from support.cli import quick_start_env, run_quick_start
 from support.fakes import REPO_ROOT
 
 from ray_serve_cai.workspace.testing import WorkspaceHandle
-
-pytestmark = pytest.mark.xdist_group("ray-3")  # a head of its own (tests/ray/conftest.py)
 
 
 def test_local_answers_deploy_a_cluster(workspace: WorkspaceHandle) -> None:

@@ -142,7 +142,8 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def env(workspace: WorkspaceHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+def env(shared_host_workspace: WorkspaceHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    workspace = shared_host_workspace  # not yet green in pods (tests/ray/conftest.py)
     config = tmp_path_factory.mktemp("run-jobs") / "ray_cluster_config.yaml"
     config.write_text(SMALL_CLUSTER_YAML.format(name=CLUSTER, workers=1))
     base = {k: v for k, v in os.environ.items() if not k.startswith(("CML_", "CDSW_", "RAY_"))}

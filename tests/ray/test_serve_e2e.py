@@ -78,7 +78,10 @@ class ServeCluster(LocalCluster):
 
 
 @pytest.fixture(scope="module")
-def cluster(workspace: WorkspaceHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeCluster]:
+def cluster(
+    shared_host_workspace: WorkspaceHandle, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServeCluster]:
+    workspace = shared_host_workspace  # not yet green in pods (tests/ray/conftest.py)
     repo = clone_with_small_cluster(tmp_path_factory.mktemp("serve") / "repo", CLUSTER, workers=1)
     config = repo / "ray_cluster_config.yaml"
     config.write_text(config.read_text() + "  serve: {config: examples/serve/serve_config.yaml}\n")

@@ -2,7 +2,7 @@
 tests/ray/test_head_ft_ray.py (head fault tolerance) and tests/ray/test_pods_ray.py (pod IPs, a session
 pod, partitions, lossy links). A bring-up costs about a minute of the suite, so they share one.
 
-Both modules are in the `ray-2` xdist group (one worker, so one session fixture) and run in this order
+Both modules are in the `ray-3` xdist group (one worker, so one session fixture) and run in this order
 (collection order): the head-FT steps first — a head replaced in a new pod, head processes restarted
 in place, a second head refused; each leaves the cluster ready with the same workers — then the
 pods steps — three pod IPs and a session pod, a worker partitioned for 25 s (back in the same pod), a
