@@ -7,7 +7,8 @@ is visible to every caller through the one list call they already make:
   rewrites only that field: `set_autostop`), so `status`, `plan` and the next `up` agree;
 - a cluster the head stopped carries the *stopped mark* `RAY_CAI_STOPPED` (JSON: when, why, which
   action) in the head application's environment. A stop is not a failure: the watch leaves a
-  marked cluster alone, `up` or a deploy clears the mark and starts it (`clear_stopped_mark`);
+  marked cluster alone, `up` or a deploy clears the mark and starts it (`clear_stopped_mark`) —
+  fresh: the head's stored GCS state of before the stop is removed first (head fault tolerance);
 - the head also writes its last action to `.ray-cai/<cluster>/autostop.json` in the project, so a
   watch in the project does not re-create a cluster autostop deleted (`deleted_by_autostop`).
 
@@ -239,6 +240,12 @@ def _patch_head_env(
         raise ClusterError(f"could not update the environment of {_name(head)!r}: {err}") from None
 
 
+def head_is_down(apps: Iterable[Application], cluster: str) -> bool:
+    """True when the cluster has no head application that may still run (none, stopped or failed)."""
+    head = head_of(apps, cluster)
+    return head is None or head.status in (STOPPED, FAILED)
+
+
 def clear_stopped_mark(client: CMLClient, project_id: str, cluster: str, apps: Sequence[Application]) -> bool:
     """Remove the stopped mark (a deliberate start: `up`, deploy); True when there was one."""
     head = head_of(apps, cluster)
@@ -436,6 +443,7 @@ __all__ = [
     "describe_view",
     "event_path",
     "head_hooks",
+    "head_is_down",
     "read_recorded",
     "run_action",
     "set_autostop",

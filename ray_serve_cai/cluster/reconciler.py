@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ray_serve_cai.access.head import read_head_status, read_node_error
 from ray_serve_cai.cluster.applied import APPLIED_SPEC_VAR, AppliedRecord, ClusterRequest, utc_now
-from ray_serve_cai.cluster.autostop import clear_stopped_mark, deleted_by_autostop, stopped_mark
+from ray_serve_cai.cluster.autostop import clear_stopped_mark, deleted_by_autostop, head_is_down, stopped_mark
 from ray_serve_cai.cluster.errors import ClusterError
 from ray_serve_cai.cluster.lock import cluster_lock, remove_stale_lock
 from ray_serve_cai.cluster.nodes import create_node_app, delete_app, run_parallel
@@ -248,6 +248,10 @@ class RayCluster:
         if not deployed and clear_stopped_mark(
             self.client, self.project_id, self.spec.name, observation.apps
         ):
+            if head_is_down(observation.apps, self.spec.name):
+                # Nothing of Ray ran while it was stopped: the cluster starts fresh, not from the GCS
+                # state of before the stop (head fault tolerance), and Serve from its config again.
+                self._remove_gcs_state()
             observation = self.observe(ray=ray, runtimes=observation.runtimes)
         plan = plan_pass(observation, self.request, deployed=deployed, extra=extra, defer=defer)
         if plan.is_noop:

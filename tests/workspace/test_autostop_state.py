@@ -119,9 +119,14 @@ def test_setting_stop_status_watch_and_up(
         shown = run_cli(["autostop", "--project", pid, "--json"], cwd=tmp_path, env=env)
         assert shown.returncode == 0 and '"state": "stopped"' in shown.stdout, shown.stderr
 
-        # `up` is a deliberate start: the mark goes, every application runs again.
+        # `up` is a deliberate start: the mark goes, every application runs again, and the GCS state
+        # stored before the stop (head fault tolerance) is not resumed: the cluster starts fresh.
+        stored = project_dir / ".ray-cai" / CLUSTER / "gcs" / "c0ffee" / "CURRENT"
+        stored.parent.mkdir(parents=True)
+        stored.write_text("MANIFEST-000001\n")
         plan, status = RayCluster(client, pid, ClusterRequest(spec), poll_interval=0.2).up(timeout=60)
         assert status.ready, status.progress_line()
+        assert not stored.parent.parent.exists()  # .ray-cai/<cluster>/gcs
         assert len(plan.actions) == 3 and {a.kind.value for a in plan.actions} == {"restart"}
         assert stopped_mark(client.list_applications(pid), CLUSTER) is None
         assert status.autostop["stopped"] is None and status.autostop["idle_timeout"] == 1800
