@@ -1,8 +1,9 @@
-"""End to end: Ray Serve on a real local cluster, reached through the head's application URL.
+"""End to end: Ray Serve on a real local cluster, reached through its Serve endpoint.
 
 One module-scoped cluster (head + 1 worker) deployed by `ray-cai up` from a clone whose
 `ray_cluster_config.yaml` names `examples/serve/serve_config.yaml`:
-- the endpoint `<head app URL>/serve/` answers the example correctly, also under 20 concurrent
+- the endpoint (`<gateway app URL>/serve/` in pods, `<head app URL>/serve/` on a shared host; what
+  `serve status` says) answers the example correctly, also under 20 concurrent
   requests (batched by `@serve.batch`), streams token by token, passes WebSockets;
 - a second `up` makes no Serve PUT (Serve's own `last_deployed_time_s` does not move);
 - a `num_replicas`/`user_config` change is applied in place: no application created or deleted, the
@@ -37,6 +38,7 @@ pytestmark = pytest.mark.xdist_group("ray-2")
 CLUSTER = "srv"
 PROJECT = "ray-cai-serve-e2e"
 HEAD = f"ray-{CLUSTER}-head"
+GATEWAY = f"ray-{CLUSTER}-serve"  # the Serve gateway application (clusters in pods)
 SAMPLE = {"features": [5.1, 3.5, 1.4, 0.2]}  # a setosa
 VIRGINICA = {"features": [6.7, 3.0, 5.2, 2.3]}
 
@@ -55,7 +57,10 @@ class ServeCluster(LocalCluster):
 
     @property
     def serve_url(self) -> str:
-        return self.head()["url"] + "/serve"
+        """The Serve endpoint: `<gateway app URL>/serve` where the cluster has its Serve gateway (in
+        pods: proxies on every node), else `<head app URL>/serve`."""
+        apps = self.apps()
+        return str(apps.get(GATEWAY, apps[HEAD])["url"]) + "/serve"
 
     def http(self) -> httpx.Client:
         return httpx.Client(
