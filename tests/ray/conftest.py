@@ -30,10 +30,7 @@ issue 20, not a choice):
   node log shows only "Runtime env is setting up" — in pods the driver runs on a worker (head fault
   tolerance places it there);
 * `test_run_jobs.py`: the reattach case deletes the worker, where the driver runs in pods ("Job
-  supervisor actor died");
-* `test_serve_e2e.py`: the endpoint of `serve status` is not the Serve gateway's URL read at setup;
-* `test_autostop_ray.py`: after autostop stopped the cluster, `up` never gets Serve running again
-  (with head fault tolerance the head starts from the kept GCS state).
+  supervisor actor died").
 """
 
 from __future__ import annotations

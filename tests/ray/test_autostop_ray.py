@@ -100,10 +100,7 @@ def cluster_processes() -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def cluster(
-    shared_host_workspace: WorkspaceHandle, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Cluster]:
-    workspace = shared_host_workspace  # not yet green in pods (tests/ray/conftest.py)
+def cluster(workspace: WorkspaceHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     repo = clone_with_small_cluster(tmp_path_factory.mktemp("autostop") / "repo", CLUSTER, workers=1)
     config = repo / "ray_cluster_config.yaml"
     config.write_text(
