@@ -25,6 +25,7 @@ The session workspace runs every workload in a pod where it can (`RAY_CAI_TEST_P
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections import Counter
@@ -180,7 +181,6 @@ pytest_plugins = ["support.conformance", "support.pods_cluster"]
 
 @pytest.fixture(scope="session")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkspaceHandle]:
-    home = tmp_path_factory.mktemp("workspace-home")
     # CML's automatic restart of failed apps is off here, so an app a test leaves failed is not
     # started again minutes later under another test; a test of it turns it on with
     # `workspace.set_restart_policy(enabled=True, delay_seconds=...)` (`controls` resets it).
@@ -189,9 +189,19 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkspaceHan
     # local run, =1 requires pods. The pods tests make pods of their own when this one has none
     # (`pods_workspace`); the real-Ray modules not yet green in pods take `shared_host_workspace`.
     wanted = os.environ.get("RAY_CAI_TEST_PODS", "").strip()
-    pods = {"0": False, "1": True}.get(wanted)
-    info = start_workspace(home, app_restart=False, pods=pods)
-    handle = WorkspaceHandle(info)
+    with _own_workspace(
+        tmp_path_factory, "workspace-home", pods={"0": False, "1": True}.get(wanted)
+    ) as handle:
+        yield handle
+
+
+@contextlib.contextmanager
+def _own_workspace(
+    tmp_path_factory: pytest.TempPathFactory, name: str, *, pods: bool | None
+) -> Iterator[WorkspaceHandle]:
+    """A workspace in a fresh home (CML's automatic restart of failed apps off), stopped afterwards."""
+    home = tmp_path_factory.mktemp(name)
+    handle = WorkspaceHandle(start_workspace(home, app_restart=False, pods=pods))
     try:
         yield handle
     finally:
@@ -213,13 +223,8 @@ def pods_workspace(
     possible, why = pods_possible()
     if not possible:
         pytest.skip(f"pods cannot be made here: {why}")
-    home = tmp_path_factory.mktemp("pods-workspace-home")
-    handle = WorkspaceHandle(start_workspace(home, app_restart=False, pods=True))
-    try:
+    with _own_workspace(tmp_path_factory, "pods-workspace-home", pods=True) as handle:
         yield handle
-    finally:
-        handle.close()
-        stop_workspace(home)
 
 
 @pytest.fixture(scope="session")
@@ -232,13 +237,8 @@ def shared_host_workspace(
     if not workspace.pods:
         yield workspace
         return
-    home = tmp_path_factory.mktemp("shared-host-workspace-home")
-    handle = WorkspaceHandle(start_workspace(home, app_restart=False, pods=False))
-    try:
+    with _own_workspace(tmp_path_factory, "shared-host-workspace-home", pods=False) as handle:
         yield handle
-    finally:
-        handle.close()
-        stop_workspace(home)
 
 
 @pytest.fixture
