@@ -305,7 +305,7 @@ def test_every_python_client_works_with_the_app_url(workspace: WorkspaceHandle, 
     auth = {"Authorization": f"Bearer {workspace.api_key}"}
     answers: dict[str, dict[str, Any]] = {}
 
-    answers["httpx"] = httpx.get(url, headers=auth).json()
+    answers["httpx"] = httpx.get(url, headers=auth, timeout=10).json()  # as the others below
     with urllib.request.urlopen(urllib.request.Request(url, headers=auth), timeout=10) as response:
         answers["urllib"] = json.loads(response.read())
     requests = pytest.importorskip("requests")

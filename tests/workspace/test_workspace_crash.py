@@ -44,6 +44,7 @@ from ray_serve_cai.workspace.daemon import (
 from ray_serve_cai.workspace.processes import WORKLOAD_MARKER, WORKSPACE_MARKER
 from ray_serve_cai.workspace.statefile import read_state
 from ray_serve_cai.workspace.store import SCHEMA_VERSION, db_path
+from ray_serve_cai.workspace.supervisor import LOST_REASON
 from ray_serve_cai.workspace.testing import WorkspaceHandle
 
 STOP_GRACE = 2.0
@@ -275,12 +276,15 @@ def test_a_job_run_is_readopted_or_marked_failed_never_running_forever(
     ws = crashable.start()
 
     lost = ws.wait_for_run(project["id"], victim["id"], victim_run["id"], timeout=10)
-    assert lost["status"] == "ENGINE_FAILED" and "workspace server was down" in lost["failure_reason"]
+    # Its exit code is unknown — or, in a pod whose init recorded it before it was killed too, SIGKILL's.
+    assert lost["status"] == "ENGINE_FAILED"
+    assert lost["failure_reason"] in (LOST_REASON, "script exited with code 137 while the workspace was down")
     # The survivor is still running in the same process, then ends with its real exit code, and its
     # dependent job runs as after any success.
     adopted = ws.api_ok("GET", f"{jobs_path}/{survivor['id']}/runs/{survivor_run['id']}")
     assert adopted["status"] == "ENGINE_RUNNING"
-    assert workload_pids(ws)[survivor_run["id"]] == survivor_pids
+    # The same processes, not restarted (in a pod its script may have started after the snapshot).
+    assert survivor_pids <= workload_pids(ws)[survivor_run["id"]]
     (ws.project_dir(project["id"]) / "survivor.done").write_text("")
     done = ws.wait_for_run(project["id"], survivor["id"], survivor_run["id"], timeout=30)
     assert done["status"] == "ENGINE_SUCCEEDED" and done["exit_code"] == 0
