@@ -33,6 +33,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
 import httptools
@@ -63,15 +64,13 @@ _HOP_BY_HOP = frozenset(
     }
 )
 _SET_HERE = frozenset({b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
-_REASONS = {400: "Bad Request", 404: "Not Found", 431: "Request Header Fields Too Large", 502: "Bad Gateway",
-            503: "Service Unavailable"}  # fmt: skip
 
 
 def json_answer(status: int, body: Any, *, close: bool = False, headers: Headers = ()) -> bytes:
     """A whole HTTP/1.1 answer with a JSON body."""
     data = json.dumps(body).encode()
     lines = [
-        f"HTTP/1.1 {status} {_REASONS.get(status, 'OK')}".encode(),
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}".encode(),
         b"content-type: application/json",
         b"content-length: %d" % len(data),
         *(name + b": " + value for name, value in headers),

@@ -30,13 +30,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import socket
 import threading
 from collections.abc import Callable
 
-from ray_serve_cai._relay import OpenSocket
+from ray_serve_cai._relay import OpenSocket, json_answer
 from ray_serve_cai.config.serve import SERVE_HOST, SERVE_POD_PORT
 
 logger = logging.getLogger("ray_serve_cai.node")
@@ -45,20 +44,10 @@ TOKEN_HEADER = "x-ray-authorization"
 HEAD_LIMIT_BYTES = 8192
 HANDSHAKE_SECONDS = 10.0
 ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
-_REASONS = {400: "Bad Request", 401: "Unauthorized", 405: "Method Not Allowed", 502: "Bad Gateway"}
 
 
 class TunnelRefused(ConnectionError):
     """The ingress did not open the tunnel (its status line says why; never the token)."""
-
-
-def _refusal(status: int, message: str) -> bytes:
-    body = json.dumps({"error": message}).encode()
-    head = (
-        f"HTTP/1.1 {status} {_REASONS[status]}\r\ncontent-type: application/json\r\n"
-        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
-    )
-    return head.encode("latin-1") + body
 
 
 def judge(head: bytes, expected: bytes | None) -> tuple[int, str] | None:
@@ -186,7 +175,7 @@ class _Handshake(asyncio.Protocol):
 
     def refuse(self, status: int, message: str) -> None:
         if self.transport is not None and not self.closed:
-            self.transport.write(_refusal(status, message))
+            self.transport.write(json_answer(status, {"error": message}, close=True))
             self.transport.close()
 
     def eof_received(self) -> bool:
