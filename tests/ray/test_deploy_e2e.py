@@ -22,6 +22,7 @@ in tests/workspace/test_workspace_crash.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -40,7 +41,7 @@ import pytest
 from support.fakes import SMALL_CLUSTER_YAML, clone_with_small_cluster, git, wait_until
 
 from ray_serve_cai.workspace.daemon import start_workspace, stop_workspace, workspace_info
-from ray_serve_cai.workspace.processes import WORKSPACE_MARKER
+from ray_serve_cai.workspace.processes import WORKSPACE_MARKER, processes_with_marker
 from ray_serve_cai.workspace.statefile import read_state, write_state
 from ray_serve_cai.workspace.testing import WorkspaceHandle
 
@@ -263,14 +264,10 @@ def _alive(pid: int) -> bool:
 def _tagged(tag: str, name: str | None = None) -> set[int]:
     """Live processes started by the workspace with this tag (only those called `name`, if given)."""
     found = set()
-    for process in psutil.process_iter(["name"]):
-        try:
-            if name is not None and process.info["name"] != name:
-                continue
-            if process.environ().get(WORKSPACE_MARKER) == tag and process.status() != psutil.STATUS_ZOMBIE:
+    for process in processes_with_marker(WORKSPACE_MARKER, tag):
+        with contextlib.suppress(psutil.Error):
+            if (name is None or process.name() == name) and process.status() != psutil.STATUS_ZOMBIE:
                 found.add(process.pid)
-        except (psutil.Error, OSError):
-            continue
     return found
 
 
