@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -37,6 +39,16 @@ import pytest
 
 from ray_serve_cai.workspace.daemon import start_workspace, stop_workspace
 from ray_serve_cai.workspace.testing import WorkspaceHandle
+
+# Every Python process of the session (the CLI, the workspace, the nodes' launchers: hundreds of
+# processes) reads compiled bytecode instead of compiling each module again, even where the
+# environment says PYTHONDONTWRITEBYTECODE (CI's does): the .pyc files go to a cache of their own
+# under the temp directory, not next to the sources. The processes inherit both from here.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.pycache_prefix = os.environ.setdefault(
+    "PYTHONPYCACHEPREFIX", str(Path(tempfile.gettempdir()) / f"ray-cai-pycache-{os.getuid()}")
+)
+sys.dont_write_bytecode = False
 
 TESTS_DIR = Path(__file__).parent
 TEST_APPS_DIR = TESTS_DIR / "support" / "apps"
