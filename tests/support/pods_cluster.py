@@ -43,7 +43,7 @@ ray_cluster:
   head_ray_cpus: 0
   worker_cpu: 1
   worker_memory: 1
-  startup_timeout: 90
+  startup_timeout: 45
   cml_restart_wait: 0
   join_timeout: 300
 """
