@@ -61,8 +61,8 @@ class AppEndpoint:
     def is_loopback(self) -> bool:
         return is_loopback_name(urlsplit(self.url).hostname or "")
 
-    def ssl_context(self) -> ssl.SSLContext | bool:
-        """The package's one TLS setting (`cml.ssl_context`): a CA bundle file or directory, or a bool."""
+    def ssl_context(self) -> ssl.SSLContext:
+        """The package's one TLS context (`cml.ssl_context`) for this endpoint's setting."""
         return ssl_context(self.verify)
 
     def http_client(self, *, read_timeout: float | str | None = "default") -> httpx.Client:
@@ -95,12 +95,7 @@ class AppEndpoint:
             "user_agent_header": USER_AGENT,
         }
         if url.startswith("wss://"):
-            context = self.ssl_context()
-            if context is False:
-                context = ssl.create_default_context()
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
-            options["ssl"] = context if isinstance(context, ssl.SSLContext) else ssl.create_default_context()
+            options["ssl"] = self.ssl_context()
         if self.is_loopback:
             options["proxy"] = None
         return connect(url, **options)

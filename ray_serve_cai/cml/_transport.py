@@ -8,6 +8,7 @@ the local workspace adds ``url`` (``http://127.0.0.1:<port>``, one loopback list
 
 from __future__ import annotations
 
+import functools
 import os
 import ssl
 from typing import Any
@@ -22,11 +23,14 @@ __all__ = ["LoopbackTransport", "application_url", "http_client", "ssl_context"]
 LOOPBACK_PATTERNS = ("all://localhost", "all://127.0.0.1")
 
 
-def ssl_context(verify: bool | str) -> ssl.SSLContext | bool:
-    """The one TLS setting of every HTTPS client of the package (the API, application URLs,
-    WebSockets): True/False as given, or a context trusting a CA bundle file or directory."""
+@functools.cache
+def ssl_context(verify: bool | str) -> ssl.SSLContext:
+    """The one TLS context of every HTTPS client of the package (the API, application URLs,
+    WebSockets), made once per process and setting — loading a CA bundle costs tens of milliseconds,
+    and a command opens several clients: httpx's default trust (certifi) for True, no verification
+    for False, else a CA bundle file or directory."""
     if isinstance(verify, bool):
-        return verify
+        return httpx.create_ssl_context(verify=verify)
     if os.path.isdir(verify):
         return ssl.create_default_context(capath=verify)
     if os.path.isfile(verify):

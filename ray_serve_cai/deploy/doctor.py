@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import ssl
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from ray_serve_cai.cml import (
     Job,
     JobRun,
     Project,
+    ssl_context,
 )
 from ray_serve_cai.deploy.project import wait_for_project, with_token
 from ray_serve_cai.errors import OperationFailed
@@ -335,12 +335,7 @@ def _websocket(client: CMLClient, app: Application, path: str) -> Any:
         "compression": None,
     }
     if scheme == "https":
-        verify = client.settings.verify
-        options["ssl"] = (
-            ssl.create_default_context(cafile=verify)
-            if isinstance(verify, str)
-            else (ssl.create_default_context())
-        )
+        options["ssl"] = ssl_context(client.settings.verify)
     if rest.startswith(("127.0.0.1", "localhost")):
         options["proxy"] = None
     return connect(f"{'wss' if scheme == 'https' else 'ws'}://{rest}{path}", **options)
