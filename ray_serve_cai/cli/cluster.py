@@ -312,17 +312,44 @@ def scale(
     _converge(config, local, project, json_out, wait, timeout, info_file, replicas, group)
 
 
+STATUS_WAIT_INTERVAL = 2.0  # seconds between observations of `status --wait`
+
+
+def _status_until_ready(cluster: RayCluster, wait: float, json_out: bool) -> ClusterStatus:
+    """The cluster's status, observed every `STATUS_WAIT_INTERVAL` until it is ready or `wait`
+    seconds have passed (the last one seen then); progress on stderr. Acts on nothing."""
+    progress = Progress(enabled=wait > 0 and not json_out)
+    deadline = time.monotonic() + wait
+    while True:
+        result = observe_into(cluster.serve_scope, cluster.status())
+        progress(result)
+        remaining = deadline - time.monotonic()
+        if result.ready or remaining <= 0:
+            if not result.ready and wait > 0:
+                err_console.print(f"[yellow]not ready after waiting {wait:g}s[/]")
+            return result
+        time.sleep(min(STATUS_WAIT_INTERVAL, remaining))
+
+
 def status(
     config: ConfigPath = DEFAULT_CONFIG,
     local: LocalFlag = False,
     project: ProjectName = None,
     json_out: JsonFlag = False,
+    wait: float = typer.Option(
+        0,
+        "--wait",
+        metavar="SECONDS",
+        min=0,
+        help="Wait up to SECONDS for the cluster to be ready (after a restart, in a script), observing it "
+        "every 2 s; then report as without it. Changes nothing.",
+    ),
 ) -> None:
     """Apps plus Ray's own view. Exit 0 only when the cluster is ready."""
 
     def run() -> None:
         with open_cluster(config, local, project) as cluster:
-            result = observe_into(cluster.serve_scope, cluster.status())
+            result = _status_until_ready(cluster, wait, json_out)
         if json_out:
             print_json(result.as_dict())
         else:

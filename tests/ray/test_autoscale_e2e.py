@@ -67,7 +67,7 @@ CLIENT_SCRIPT = textwrap.dedent(
     """
 )
 
-# The second real-Ray group: a worker of its own beside the shared cluster (tests/conftest.py).
+# A real-Ray group of its own, with a cluster of its own (tests/ray/conftest.py).
 pytestmark = pytest.mark.xdist_group("ray-2")
 
 

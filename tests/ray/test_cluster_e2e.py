@@ -25,7 +25,7 @@ from support.fakes import SMALL_CLUSTER_YAML
 from ray_serve_cai.cml import CMLClient, CMLSettings
 from ray_serve_cai.workspace.testing import WorkspaceHandle
 
-# The second real-Ray group: a worker of its own beside the shared cluster (tests/conftest.py).
+# A real-Ray group of its own, with a cluster of its own (tests/ray/conftest.py).
 pytestmark = pytest.mark.xdist_group("ray-2")
 
 CLUSTER = "e2e"
@@ -173,16 +173,10 @@ def test_workers_rejoin_a_restarted_head_without_being_recreated(cluster: LocalC
         cluster.workspace.wait_for_app(cluster.project_id, apps[HEAD]["id"], ["APPLICATION_STOPPED"], 60)
         client.restart_application(cluster.project_id, apps[HEAD]["id"])
 
-    def rejoined() -> dict[str, Any] | None:
-        status = cluster.cli_json("status", code=None)
-        return status if status["state"] == "ready" and status["ray"]["alive_nodes"] == 3 else None
-
-    deadline = time.monotonic() + 240
-    status = rejoined()
-    while status is None and time.monotonic() < deadline:
-        time.sleep(3)
-        status = rejoined()
-    assert status is not None, "the workers did not rejoin the restarted head"
+    status = cluster.cli_json("status", "--wait", "240", code=None)
+    assert status["state"] == "ready" and status["ray"]["alive_nodes"] == 3, (
+        f"the workers did not rejoin the restarted head: {status}"
+    )
     assert status["ray"]["head_id"] != head_id_before
     apps = cluster.apps()
     assert {n: (apps[n]["id"], apps[n]["starting_at"]) for n in (W0, W1)} == workers_before

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
 from support.cli import quick_start_env, run_quick_start
 from support.fakes import REPO_ROOT
 
 from ray_serve_cai.workspace.testing import WorkspaceHandle
+
+pytestmark = pytest.mark.xdist_group("ray-2")  # with the cluster and autoscaler modules
 
 
 def test_local_answers_deploy_a_cluster(workspace: WorkspaceHandle) -> None:

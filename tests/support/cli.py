@@ -167,17 +167,19 @@ class PodsCluster(LocalCluster):
         log = Path(self.apps()[subdomain]["log_path"]).read_text().splitlines()
         return [line for line in log if line.startswith("[workspace] pod ")][-1].split()[2]
 
-    def ready(self, timeout: float = 600, interval: float = 2) -> dict[str, Any]:
-        """`status --json` once it says ready with every node alive in Ray."""
+    def ready(self, timeout: float = 600) -> dict[str, Any]:
+        """`status --json` once it says ready with every node alive in Ray: `status --wait` (one
+        process observing every 2 s, not a process per poll)."""
         deadline = time.monotonic() + timeout
         while True:
-            status = self.cli_json("status", code=None)
+            left = max(1.0, deadline - time.monotonic())
+            status = self.cli_json("status", "--wait", f"{left:.0f}", code=None, timeout=left + 120)
             if status["state"] == "ready" and status["ray"].get("alive_nodes") == self.nodes:
                 return status
             assert time.monotonic() < deadline, (
                 f"not ready with {self.nodes} nodes after {timeout} s: {status}"
             )
-            time.sleep(interval)
+            time.sleep(2)
 
     def in_session(
         self, *command: str, env: dict[str, str] | None = None

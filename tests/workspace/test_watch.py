@@ -4,6 +4,7 @@ app stuck in STARTING past `startup_timeout`, within about one interval."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -270,6 +271,41 @@ def test_up_watch_cli_heals_a_killed_worker_and_stops_on_sigterm(
         assert process.returncode == 0, stderr
         assert "healed" in stderr and "stopped watching" in stderr
         assert "Traceback" not in stderr
+
+
+def test_status_wait_reports_once_ready_and_gives_up_at_its_deadline(
+    controls: WorkspaceHandle, project_files: Path, tmp_path: Path
+) -> None:
+    """`status --wait SECONDS` observes until the cluster is ready and then reports as `status` does
+    (exit 0); a cluster that stays not ready gets the last status at the deadline (exit 1, said on
+    stderr). It changes nothing: no application route is called."""
+    (tmp_path / "c.yaml").write_text(fake_cluster_yaml("wait", 1))
+    with fake_project(controls, "status-wait", project_files) as project:
+        target = ["--project", project["name"], "-c", "c.yaml"]
+
+        def ray_cai(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [*RAY_CAI, *args, *target], cwd=tmp_path, env=cli_env(controls), capture_output=True,
+                text=True, timeout=120,
+            )  # fmt: skip
+
+        controls.set_latency(app_start_seconds=3)  # not ready at the first observation
+        assert ray_cai("up", "--no-wait").returncode == 0
+        controls.reset_counters()
+        waited = ray_cai("status", "--wait", "60", "--json")
+        assert waited.returncode == 0, waited.stderr
+        assert json.loads(waited.stdout)["state"] == "ready"
+        counts = controls.counters()["counts"]
+        assert counts.get("GET /api/v2/projects/{project_id}/applications", 0) >= 2, counts  # it waited
+        assert not [route for route in counts if route.startswith(("POST", "PATCH", "DELETE"))], counts
+
+        worker = app_by_name(controls, project["id"], "ray-wait-worker-0")
+        controls.api_ok("POST", f"/api/v2/projects/{project['id']}/applications/{worker['id']}:stop")
+        controls.wait_for_app(project["id"], worker["id"], ["APPLICATION_STOPPED"], timeout=30)
+        late = ray_cai("status", "--wait", "3")
+        assert late.returncode == 1, late.stdout
+        assert "not ready after waiting 3s" in late.stderr, late.stderr
+        assert ray_cai("down").returncode == 0
 
 
 def test_a_launch_job_with_watch_keeps_supervising(
