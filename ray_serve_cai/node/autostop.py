@@ -23,6 +23,7 @@ without a restart. What the head measures is in `/ray-cai/status` under `autosto
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -44,6 +45,9 @@ OWN_DRIVER_MARKERS = ("ray_serve_cai.node",)
 RAY_CLIENT_MARKER = "ray.util.client.server"
 PROBE_TIMEOUT_SECONDS = 10.0
 SERVE_BUSY_STATUSES = frozenset({"DEPLOYING", "DELETING"})
+# The Serve gateway's note (`node.gateway.TrafficNote`) is rewritten at least every 10 s while a request
+# is open: an older note's open requests are those of a gateway that is gone.
+GATEWAY_NOTE_FRESH_SECONDS = 30.0
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -149,13 +153,17 @@ def _short(text: str, limit: int = 60) -> str:
 @dataclass
 class ServeTraffic:
     """Counts requests through the head's `/serve` mount, per application (by route prefix, the
-    first path segment under the mount; `/` apps are named by the longest known route prefix)."""
+    first path segment under the mount; `/` apps are named by the longest known route prefix) — and,
+    with `gateway`, the requests the cluster's Serve gateway relays (its note in the project,
+    `node.gateway.TrafficNote`): in pods, Serve's endpoint is the gateway, not the head."""
 
     clock: Callable[[], float] = time.monotonic
     last_answered: dict[str, float] = field(default_factory=dict)
     in_flight: dict[str, int] = field(default_factory=dict)
     routes: dict[str, str] = field(default_factory=dict)  # route prefix -> application name
     lock: threading.Lock = field(default_factory=threading.Lock)
+    gateway: Path | None = None
+    wall: Callable[[], float] = time.time  # the gateway's note is in wall-clock time (another pod)
 
     def application_of(self, path: str) -> str:
         """The Serve application a path (under the mount, prefix stripped) goes to, else its prefix."""
@@ -192,8 +200,31 @@ class ServeTraffic:
         return counted
 
     def snapshot(self) -> tuple[dict[str, int], dict[str, float]]:
+        """Requests in flight and when each application last answered (this clock), the gateway's
+        included."""
         with self.lock:
-            return dict(self.in_flight), dict(self.last_answered)
+            in_flight, answered = dict(self.in_flight), dict(self.last_answered)
+        note = self._gateway_note()
+        if note:
+            now, wall = self.clock(), self.wall()
+            fresh = wall - float(note.get("at") or 0) <= GATEWAY_NOTE_FRESH_SECONDS
+            for path, at in (note.get("last_request") or {}).items():
+                name = self.application_of(str(path))
+                seen = now - max(0.0, wall - float(at))
+                answered[name] = max(answered.get(name, seen), seen)
+            for path, count in (note.get("open") or {}).items() if fresh else ():
+                name = self.application_of(str(path))
+                in_flight[name] = in_flight.get(name, 0) + int(count)
+        return in_flight, answered
+
+    def _gateway_note(self) -> dict[str, Any] | None:
+        if self.gateway is None:
+            return None
+        try:
+            note = json.loads(self.gateway.read_text())
+        except (OSError, ValueError):
+            return None  # no gateway (a shared host, no Serve) or a note being replaced
+        return note if isinstance(note, dict) else None
 
 
 # ------------------------------------------------------------------------------------ Ray probes

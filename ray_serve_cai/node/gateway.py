@@ -32,6 +32,10 @@ How it routes:
   request (benchmarks/README.md, issue 24).
 
 `/ray-cai/healthz` answers 200 (CML's polling endpoint), `/ray-cai/gateway` the routing table.
+
+The head's autostop sees only requests through the head's own `/serve`, so the gateway notes what it
+relays (`TrafficNote`) in the project, where the head reads it: per application path, when the last
+request came and how many are open now (answers not finished, WebSockets not closed).
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ import signal
 import sys
 import threading
 import time
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,9 +66,10 @@ from ray_serve_cai._relay import (
     get_status,
     json_answer,
 )
+from ray_serve_cai.atomic import write_json_atomically
 from ray_serve_cai.config.serve import SERVE_ROOT_PATH
 from ray_serve_cai.node.files import token_path
-from ray_serve_cai.node.serve_proxy import ingress_dir
+from ray_serve_cai.node.serve_proxy import gateway_traffic_path, ingress_dir
 from ray_serve_cai.node.serve_tunnel import TOKEN_HEADER, new_event_loop, tunnel_opener
 
 logger = logging.getLogger("ray_serve_cai.node.gateway")
@@ -70,6 +77,7 @@ logger = logging.getLogger("ray_serve_cai.node.gateway")
 HEALTH_INTERVAL_SECONDS = 1.0
 HEALTH_TIMEOUT_SECONDS = 2.0
 HEALTH_PATH = "/-/healthz"  # Serve's proxy health (its own path, outside root_path), through the tunnel
+TRAFFIC_HEARTBEAT_SECONDS = 10.0  # the note is rewritten at least this often while a request is open
 
 
 @dataclass
@@ -158,6 +166,48 @@ class Routes:
         }
 
 
+def application_path(path: bytes) -> str:
+    """The first segment of a request's path under the mount (`/iris/predict?x=1` → `/iris`): how the
+    head's autostop tells Serve applications apart (by route prefix)."""
+    first = path.split(b"?", 1)[0].lstrip(b"/").split(b"/", 1)[0]
+    return "/" + first.decode("latin-1")
+
+
+class TrafficNote:
+    """The Serve requests the gateway relays, for the head's autostop: per application path, when the
+    last request came (wall clock: another pod reads it) and how many are open now. `write()` (the
+    health loop, once a second) puts it in the project when it changed — and every
+    `TRAFFIC_HEARTBEAT_SECONDS` while a request is open, so that a reader can tell an open request
+    from a gateway that died with one (`at`: when it was written)."""
+
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
+        self.path, self.clock = path, clock
+        self.last_request: dict[str, float] = {}
+        self.connections: weakref.WeakKeyDictionary[ClientConnection, str] = weakref.WeakKeyDictionary()
+        self._written: tuple[dict[str, float], dict[str, int]] | None = None
+        self._written_at = 0.0
+
+    def seen(self, client: ClientConnection, key: str) -> None:
+        self.last_request[key] = self.clock()
+        self.connections[client] = key
+
+    def open_now(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for client, key in list(self.connections.items()):
+            if not client.closed and (client.exchange is not None or client.spliced_to is not None):
+                counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def write(self) -> None:
+        state = (dict(self.last_request), self.open_now())
+        now = self.clock()
+        heartbeat = any(state[1].values()) and now - self._written_at >= TRAFFIC_HEARTBEAT_SECONDS
+        if state == self._written and not heartbeat:
+            return
+        write_json_atomically(self.path, {"at": now, "last_request": state[0], "open": state[1]})
+        self._written, self._written_at = state, now
+
+
 class GatewayRelay(Relay):
     """Requests under `/serve` go to a healthy node (the next one when a node's tunnel does not open:
     nothing reached it), `/serve` stripped; everything else is one of the gateway's pages."""
@@ -165,9 +215,9 @@ class GatewayRelay(Relay):
     MOUNT = SERVE_ROOT_PATH.encode()
     DROP = frozenset({b"authorization", TOKEN_HEADER.encode()})  # CML's credential, a forged token
 
-    def __init__(self, routes: Routes, pool: ConnectionPool) -> None:
+    def __init__(self, routes: Routes, pool: ConnectionPool, traffic: TrafficNote | None = None) -> None:
         super().__init__(pool)
-        self.routes = routes
+        self.routes, self.traffic = routes, traffic
 
     def request(
         self, client: ClientConnection, method: bytes, url: bytes, headers: Headers, upgrade: bool
@@ -177,9 +227,12 @@ class GatewayRelay(Relay):
             status, body = self.page(path.decode("latin-1"))
             return json_answer(status, body)
         rest = url[len(self.MOUNT) :]  # "" → "/", "?q=1" → "/?q=1"
+        path = rest if rest.startswith(b"/") else b"/" + rest
+        if self.traffic is not None:
+            self.traffic.seen(client, application_path(path))
         return Exchange(
             method=method,
-            path=rest if rest.startswith(b"/") else b"/" + rest,
+            path=path,
             headers=forwarded_headers(headers, client.peer, drop=self.DROP, upgrade=upgrade),
             sink=client,
             upgrade=upgrade,
@@ -226,7 +279,8 @@ class Gateway:
         self.routes, self.host, self.requested_port = routes, host, port
         self.port: int | None = None
         self.pool = ConnectionPool(tunnel_opener(lambda: routes.token))
-        self.relay = GatewayRelay(routes, self.pool)
+        self.traffic = TrafficNote(gateway_traffic_path(routes.project_dir, routes.cluster))
+        self.relay = GatewayRelay(routes, self.pool, self.traffic)
         self._loop = new_event_loop()
         self._stopped: asyncio.Event | None = None
         self._ready = threading.Event()
@@ -237,6 +291,8 @@ class Gateway:
             started = time.monotonic()
             with contextlib.suppress(Exception):
                 await self.routes.check(self.pool)
+            with contextlib.suppress(OSError):
+                self.traffic.write()
             await asyncio.sleep(max(0.1, HEALTH_INTERVAL_SECONDS - (time.monotonic() - started)))
 
     async def serve(self) -> None:

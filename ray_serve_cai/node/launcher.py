@@ -49,7 +49,12 @@ from ray_serve_cai.node.history import ProjectKeeper
 from ray_serve_cai.node.http_app import AppServer, NodeStatus
 from ray_serve_cai.node.ports import on_shared_host
 from ray_serve_cai.node.ray_node import GCS_PROBE, NodePorts, RayNode, wait_for_gcs
-from ray_serve_cai.node.serve_proxy import serve_upstreams, start_serve_in_background, start_serve_ingress
+from ray_serve_cai.node.serve_proxy import (
+    gateway_traffic_path,
+    serve_upstreams,
+    start_serve_in_background,
+    start_serve_ingress,
+)
 from ray_serve_cai.node.settings import NodeSettings, SettingsError
 
 logger = logging.getLogger("ray_serve_cai.node")
@@ -112,7 +117,9 @@ class Launcher:
             list_nodes=GCS_PROBE.alive_nodes,
             autoscaler=lambda: autoscaler_state(settings),
         )
-        self.serve_traffic = ServeTraffic()  # autostop (#22): Serve requests through `/serve` are activity
+        # autostop (#22): Serve requests through the head's `/serve` and through the gateway are activity
+        gateway_note = gateway_traffic_path(settings.project_dir, settings.cluster)
+        self.serve_traffic = ServeTraffic(gateway=gateway_note)
         self.hooks: HooksFactory | None = None  # autostop (#22): its CML calls, passed in by ray_head.py
         self.status.mount_wrapper = self.serve_traffic.wrap
         self.http = AppServer(self.status, settings.app_port, upstreams=serve_upstreams(self.status))

@@ -64,6 +64,7 @@ logger = logging.getLogger("ray_serve_cai.node")
 SERVE_MOUNT = SERVE_ROOT_PATH
 SERVE_START_TIMEOUT_SECONDS = 180.0
 INGRESS_DIR_NAME = "serve-ingress"
+GATEWAY_TRAFFIC_FILE = "serve-gateway-traffic.json"
 
 
 def serve_layout() -> tuple[str, int | None]:
@@ -173,6 +174,12 @@ def serve_upstreams(status: Any) -> list[Any]:
 def ingress_dir(project_dir: Path | str, cluster: str) -> Path:
     """`.ray-cai/<cluster>/serve-ingress/`: one file per node whose Serve ingress listens."""
     return cluster_state_dir(project_dir, cluster) / INGRESS_DIR_NAME
+
+
+def gateway_traffic_path(project_dir: Path | str, cluster: str) -> Path:
+    """`.ray-cai/<cluster>/serve-gateway-traffic.json`: the Serve requests the cluster's gateway
+    relayed (`node.gateway.TrafficNote`), which the head's autostop counts as activity."""
+    return cluster_state_dir(project_dir, cluster) / GATEWAY_TRAFFIC_FILE
 
 
 class ServeIngress:

@@ -272,6 +272,29 @@ def test_serve_traffic_counts_per_application_by_route_prefix() -> None:
     assert traffic.snapshot() == ({"iris": 0}, {"iris": 7.0})
 
 
+def test_serve_traffic_counts_what_the_gateway_relays(tmp_path: Path) -> None:
+    """In pods Serve's endpoint is the gateway: its note (wall clock, another pod) counts as requests
+    answered (on this clock) and, while fresh, as requests in flight."""
+    note = tmp_path / "serve-gateway-traffic.json"
+    traffic = ServeTraffic(clock=lambda: 100.0, gateway=note, wall=lambda: 5000.0)
+    traffic.routes = {"/iris": "iris"}
+    assert traffic.snapshot() == ({}, {})  # no gateway (yet)
+    note.write_text(
+        json.dumps({"at": 4995.0, "last_request": {"/iris": 4990.0, "/llm": 4999.0}, "open": {"/iris": 2}})
+    )
+    assert traffic.snapshot() == ({"iris": 2}, {"iris": 90.0, "/llm": 99.0})
+    assert serve_reasons(*traffic.snapshot(), now=100.0) == [
+        "Serve application iris has 2 request(s) in flight",
+        "Serve application /llm answered a request 1 s ago",
+    ]
+    # A note not rewritten for longer than its heartbeat allows: its gateway is gone, its open
+    # requests with it; when they came still counts.
+    note.write_text(json.dumps({"at": 4900.0, "last_request": {"/iris": 4899.0}, "open": {"/iris": 1}}))
+    assert traffic.snapshot() == ({}, {"iris": -1.0})
+    note.write_text("{not json")  # being replaced: as if absent
+    assert traffic.snapshot() == ({}, {})
+
+
 # ------------------------------------------------------------------------------------ cluster side
 
 MARK = StoppedMark(at="2026-12-06T08:00:00+00:00", action="stop", idle_seconds=1830, reason="idle for 31 min")

@@ -26,11 +26,12 @@ from typing import Any
 
 import httpx
 import pytest
+from support.fakes import wait_until
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from ray_serve_cai.node.gateway import Gateway, Routes
-from ray_serve_cai.node.serve_proxy import ingress_dir
+from ray_serve_cai.node.serve_proxy import gateway_traffic_path, ingress_dir
 from ray_serve_cai.node.serve_tunnel import TunnelIngress
 
 SUPPORT_APPS = Path(__file__).resolve().parents[1] / "support" / "apps"
@@ -186,6 +187,47 @@ def test_the_gateway_relays_bodies_both_ways_and_answers_its_own_pages(nodes: di
         with pytest.raises(ConnectionClosed) as closed:
             ws.recv(timeout=10)
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 4001
+
+
+def test_the_gateway_notes_its_serve_traffic_for_the_heads_autostop(
+    nodes: dict[str, Any], tmp_path: Path
+) -> None:
+    """The head's autostop sees only its own `/serve`: the gateway writes what it relays to the
+    project — when each application path last had a request, and how many are open (a stream until
+    its end, a WebSocket until it closes)."""
+    gateway = nodes["gateway"]
+    wait_healthy(gateway, {"worker-0": True, "head": True})
+    path = gateway_traffic_path(tmp_path, CLUSTER)
+
+    def note() -> dict[str, Any]:
+        try:
+            return dict(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            return {}
+
+    def is_open() -> dict[str, int]:
+        return {k: v for k, v in (note().get("open") or {}).items() if v}
+
+    before = time.time()
+    with httpx.Client(
+        base_url=gateway, headers={"Authorization": "Bearer cml-key"}, trust_env=False
+    ) as client:
+        assert client.get("/serve/echo").status_code == 200
+        wait_until(lambda: note().get("last_request", {}).get("/echo", 0) >= before, 10, 0.1, "the note")
+        assert is_open() == {}
+        with client.stream("GET", "/serve/stream?chunks=8&interval=0.5") as response:
+            wait_until(lambda: is_open() == {"/stream": 1}, 10, 0.1, "the stream to be noted open")
+            lines = list(response.iter_lines())
+        assert len(lines) == 8
+        wait_until(lambda: is_open() == {}, 10, 0.1, "the stream's end to be noted")
+
+    ws_url = gateway.replace("http://", "ws://") + "/serve/ws"
+    with connect(ws_url, additional_headers={"Authorization": "Bearer cml-key"}, open_timeout=10) as ws:
+        ws.send("ping")
+        assert ws.recv(timeout=10) == "echo:ping"
+        wait_until(lambda: is_open() == {"/ws": 1}, 10, 0.1, "the WebSocket to be noted open")
+    wait_until(lambda: is_open() == {}, 10, 0.1, "the WebSocket's close to be noted")
+    assert set(note()["last_request"]) == {"/echo", "/stream", "/ws"}
 
 
 class CountingListener:
