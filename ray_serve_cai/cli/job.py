@@ -733,13 +733,13 @@ def node_logs(
     def run() -> None:
         check_log_options(file, tail)
         with cluster_target(config, local, project, cluster) as target:
-            live = _live_node(target, node, file, wait=(timeout or JOB_START_WAIT) if follow else 0)
-            if live is None:
+            logs, found = _live_node(target, node, file, wait=(timeout or JOB_START_WAIT) if follow else 0)
+            if logs is None or found is None:
+                name = found.name if found is not None else node
                 if follow:
-                    fail(f"--follow: node {node or 'head'!r} is not running; its kept logs have no new lines")
-                _kept_node_logs(target, node, file, tail, list_files, json_out)
+                    fail(f"--follow: node {name or 'head'!r} is not running; its kept logs have no new lines")
+                _kept_node_logs(target, name, file, tail, list_files, json_out)
                 return
-            logs, found = live
             with logs:
                 try:
                     _live_node_logs(logs, found, file, tail, list_files, follow, timeout, json_out)
@@ -760,24 +760,25 @@ JOB_START_WAIT = 16 * 60.0
 
 def _live_node(
     target: ClusterTarget, node: str | None, file: str, *, wait: float
-) -> tuple[NodeLogs, Any] | None:
-    """The node's live log API, or None (with a note) when the head or the node is gone."""
+) -> tuple[NodeLogs | None, LoggedNode | None]:
+    """The node's live log API and the node; no API (with a note) when the head or the node is gone,
+    and then the node when it was found (its logs kept in the project are read)."""
     try:
         endpoint = target.head()
     except AccessError as err:
         _from_history_note(target.cluster, str(err))
-        return None
+        return None, None
     logs = NodeLogs(endpoint)
     try:
         found = _log_node(logs, target.cluster, node, file, wait=wait)
     except (NodeLogsError, AccessError) as err:
         logs.__exit__()
         _from_history_note(target.cluster, str(err))
-        return None
+        return None, None
     if not found.alive:
         logs.__exit__()
         _from_history_note(target.cluster, f"node {found.name} is not alive in Ray")
-        return None
+        return None, found
     return logs, found
 
 
@@ -790,11 +791,17 @@ def _log_node(logs: NodeLogs, cluster: str, node: str | None, file: str, *, wait
         return logs.find_node(node, cluster)
     if node is None and wait > 0:
         err_console.print(f"[dim]finding the node of job {escape(job_id)}'s driver (Ray's job info)[/]")
-    driver = logs.driver_node(job_id, cluster, wait=wait if node is None else 0)
-    if node is None and driver is not None:
-        err_console.print(f"job {escape(job_id)}'s driver runs on {escape(driver.name)}")
-        return driver
+    if node is None:
+        driver = logs.driver_node(job_id, cluster, wait=wait)
+        if driver is not None:
+            err_console.print(f"job {escape(job_id)}'s driver runs on {escape(driver.name)}")
+            return driver
+        return logs.find_node(None, cluster)  # Ray does not know the job, or it never started
     found = logs.find_node(node, cluster)
+    try:
+        driver = logs.driver_node(job_id, cluster)
+    except RayCaiError:
+        return found  # the note is a hint: the node asked for is read without it
     if driver is not None and driver.node_id != found.node_id:
         notice(
             f"job {job_id}'s driver runs on {driver.name}, not on {found.name}: this node's {file} has only "
@@ -827,7 +834,7 @@ def _kept_node_logs(
 
 def _live_node_logs(
     logs: NodeLogs,
-    found: Any,
+    found: LoggedNode,
     file: str,
     tail: int,
     list_files: bool,
@@ -854,7 +861,7 @@ def _live_node_logs(
         sys.stdout.flush()
 
 
-def _follow_node(logs: NodeLogs, node: Any, file: str, tail: int, timeout: float | None) -> None:
+def _follow_node(logs: NodeLogs, node: LoggedNode, file: str, tail: int, timeout: float | None) -> None:
     err_console.print(f"following {file} of {node.name} (Ctrl-C to stop)")
     try:
         for chunk in logs.follow(node, file, tail=tail, timeout=timeout):
