@@ -789,9 +789,9 @@ def _log_node(logs: NodeLogs, cluster: str, node: str | None, file: str, *, wait
     job_id = driver_log_job(file)
     if job_id is None:
         return logs.find_node(node, cluster)
-    if node is None and wait > 0:
-        err_console.print(f"[dim]finding the node of job {escape(job_id)}'s driver (Ray's job info)[/]")
     if node is None:
+        if wait > 0:  # a PENDING job is waited for: say what is happening meanwhile
+            err_console.print(f"[dim]finding the node of job {escape(job_id)}'s driver (Ray's job info)[/]")
         driver = logs.driver_node(job_id, cluster, wait=wait)
         if driver is not None:
             err_console.print(f"job {escape(job_id)}'s driver runs on {escape(driver.name)}")
