@@ -349,6 +349,7 @@ def test_node_logs_list_read_and_follow(cluster: LocalCluster) -> None:
     driver = node_names[ray_job["driver_node_id"]]
     assert driver == (WORKER if (cluster_status["head_fault_tolerance"] or {}).get("enabled") else HEAD)
     assert f"job logs-ticks's driver runs on {driver}" in followed, followed
+    print(f"\nlogs --file {driver_log} --follow: the driver's node {driver}, {last - first:.1f}s of ticks")
 
     # Asked for the head's file of that name: what Ray wrote there (the driver's lines when it ran
     # there), with a note naming the driver's node when it ran elsewhere.
