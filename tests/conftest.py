@@ -199,7 +199,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkspaceHan
     # The default of `ray-cai workspace start`: pods where they can be made (root on Linux: CI and
     # this machine), so the whole suite runs in pods; RAY_CAI_TEST_PODS=0 forces shared-host for a
     # local run, =1 requires pods. The pods tests make pods of their own when this one has none
-    # (`pods_workspace`); the real-Ray modules not yet green in pods take `shared_host_workspace`.
+    # (`pods_workspace`).
     wanted = os.environ.get("RAY_CAI_TEST_PODS", "").strip()
     with _own_workspace(
         tmp_path_factory, "workspace-home", pods={"0": False, "1": True}.get(wanted)
@@ -236,20 +236,6 @@ def pods_workspace(
     if not possible:
         pytest.skip(f"pods cannot be made here: {why}")
     with _own_workspace(tmp_path_factory, "pods-workspace-home", pods=True) as handle:
-        yield handle
-
-
-@pytest.fixture(scope="session")
-def shared_host_workspace(
-    workspace: WorkspaceHandle, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[WorkspaceHandle]:
-    """A workspace whose workloads share the host (no pods): the session one when it has no pods, else
-    one of its own. For the real-Ray modules not yet green in pods (tests/ray/conftest.py says which
-    and why); every other test runs in the session workspace."""
-    if not workspace.pods:
-        yield workspace
-        return
-    with _own_workspace(tmp_path_factory, "shared-host-workspace-home", pods=False) as handle:
         yield handle
 
 

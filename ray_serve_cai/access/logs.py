@@ -5,10 +5,16 @@
 keeps the response open and sends new lines as the file grows (a chunked HTTP response). Nodes are
 named as the cluster names them (`ray-<cluster>-head`, `ray-<cluster>-<group>-<index>`, or just
 `head`, `worker-0`); the head's status endpoint maps the names onto Ray node ids.
+
+A job's driver writes `job-driver-<submission id>.log` on the node it runs on, which Ray's job info
+names (`driver_node_id`); the head's file of that name holds only what Ray's job manager wrote there
+before the driver started ("Runtime env is setting up."). With head fault tolerance the driver runs on
+a worker (`ray-cai job submit --driver-on`), so `driver_node` finds it.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -16,11 +22,20 @@ from typing import Any
 import httpx
 
 from ray_serve_cai.access.head import AccessError, AppEndpoint
-from ray_serve_cai.access.jobs import JobInputError
+from ray_serve_cai.access.jobs import (
+    PENDING,
+    RUNNING,
+    TERMINAL_STATUSES,
+    JobInputError,
+    JobNotFound,
+    JobsClient,
+)
 from ray_serve_cai.errors import OperationFailed, WaitTimeout
 
 STATUS_PATH = "/ray-cai/status"
 DEFAULT_FILE = "raylet.out"
+# Ray's JOB_LOGS_PATH_TEMPLATE, `job-driver-{submission_id}.log`, with an id as `job submit` takes one.
+DRIVER_LOG = re.compile(r"^job-driver-(?P<job>[A-Za-z0-9][A-Za-z0-9._:-]{0,127})\.log$")
 
 
 class NodeLogsError(OperationFailed):
@@ -50,6 +65,12 @@ def check_log_options(filename: str | None, tail: int) -> None:
         raise JobInputError(
             f"--tail: must be a number of lines above 0 (or -1 for the whole file), got {tail}"
         )
+
+
+def driver_log_job(filename: str) -> str | None:
+    """The submission id a job driver's log file is named after (`job-driver-<id>.log`), else None."""
+    found = DRIVER_LOG.match(filename)
+    return found.group("job") if found else None
 
 
 class NodeLogs:
@@ -116,6 +137,22 @@ class NodeLogs:
             known = ", ".join(sorted({n.name for n in nodes})) or "none"
             raise NodeLogsError(f"no node {wanted or 'head'!r} in cluster {cluster!r} (nodes: {known})")
         return found[0]
+
+    def driver_node(self, submission_id: str, cluster: str, *, wait: float = 0) -> LoggedNode | None:
+        """The node job `submission_id`'s driver runs (or ran) on, from Ray's job info. None when Ray
+        does not know the job or its driver has not started (PENDING: the runtime env is being set
+        up). With `wait` above 0, a PENDING job is waited for up to that many seconds, until it
+        runs or ends (`WaitTimeout` names the job and its last status)."""
+        with JobsClient(self.endpoint) as jobs:
+            try:
+                info = jobs.get(submission_id)
+                if wait > 0 and info.status == PENDING:
+                    started = frozenset({RUNNING}) | TERMINAL_STATUSES
+                    info = jobs.wait(submission_id, timeout=wait, until=started)
+            except JobNotFound:
+                return None
+        node_id = info.raw.get("driver_node_id")
+        return self.find_node(str(node_id), cluster) if node_id else None
 
     def list_files(self, node: LoggedNode, glob: str = "*") -> dict[str, list[str]]:
         """The node's log files by kind (`raylet`, `gcs_server`, `worker_out`, ...)."""
@@ -187,4 +224,4 @@ class NodeLogs:
             ) from None
 
 
-__all__ = ["DEFAULT_FILE", "LoggedNode", "NodeLogs", "NodeLogsError", "check_log_options"]
+__all__ = ["DEFAULT_FILE", "LoggedNode", "NodeLogs", "NodeLogsError", "check_log_options", "driver_log_job"]

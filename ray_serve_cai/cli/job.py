@@ -43,7 +43,14 @@ from ray_serve_cai.access.jobs import (
     load_runtime_env,
     upload_local_packages,
 )
-from ray_serve_cai.access.logs import DEFAULT_FILE, NodeLogs, NodeLogsError, check_log_options
+from ray_serve_cai.access.logs import (
+    DEFAULT_FILE,
+    LoggedNode,
+    NodeLogs,
+    NodeLogsError,
+    check_log_options,
+    driver_log_job,
+)
 from ray_serve_cai.access.records import ProjectHistory, records_from_ray
 from ray_serve_cai.cli.common import (
     DEFAULT_CONFIG,
@@ -292,6 +299,14 @@ DeadlineOption = typer.Option(
     "FAILED with the deadline as the reason (the head enforces it even when this client is gone).",
 )
 
+DriverOnOption = typer.Option(
+    "auto",
+    "--driver-on",
+    help="Where the entrypoint (the job's driver) runs: auto (a worker when the head has fault tolerance "
+    "on, the cluster has a worker and no --entrypoint-* resources are given: the job outlives a head "
+    "restart, not the loss of that worker), workers, or head.",
+)
+
 
 def build_submission(
     entrypoint: list[str],
@@ -365,13 +380,7 @@ def submit(
         None, "--entrypoint-resources", help="Other resources for the entrypoint, JSON: '{\"GPU_A100\": 1}'."
     ),
     metadata: list[str] = typer.Option([], "--metadata", help="KEY=VALUE to attach to the job (repeatable)."),
-    driver_on: str = typer.Option(
-        "auto",
-        "--driver-on",
-        help="Where the entrypoint runs: auto (a worker when the head has fault tolerance on, the cluster "
-        "has a worker and no --entrypoint-* resources are given: the job outlives a head restart), "
-        "workers, or head.",
-    ),
+    driver_on: str = DriverOnOption,
     max_retries: int = MaxRetriesOption,
     timeout: float | None = DeadlineOption,
     config: ConfigPath = DEFAULT_CONFIG,
@@ -693,10 +702,14 @@ def node_logs(
         None,
         metavar="NODE",
         help="ray-<cluster>-head, ray-<cluster>-<group>-<i>, the short form (head, worker-0) or a Ray "
-        "node id (default: the head).",
+        "node id (default: the head; for a job's driver log, job-driver-<id>.log, the node its driver "
+        "runs on).",
     ),
     file: str = typer.Option(
-        DEFAULT_FILE, "--file", help="Log file, relative to the node's Ray log directory."
+        DEFAULT_FILE,
+        "--file",
+        help="Log file, relative to the node's Ray log directory; job-driver-<id>.log is what job <id>'s "
+        "driver printed, on the node it runs on.",
     ),
     list_files: bool = typer.Option(False, "--list", "-l", help="List the node's log files instead."),
     tail: int = typer.Option(1000, "--tail", "-n", help="Lines from the end of the file (-1: all)."),
@@ -710,7 +723,9 @@ def node_logs(
 ) -> None:
     """A node's Ray logs (raylet.out by default; --list shows the files) through the head's app URL;
     for a node that failed, was replaced or autoscaled away (or a cluster that is gone), the copy the
-    node kept in the project (.ray-cai/<cluster>/logs/<node>/)."""
+    node kept in the project (.ray-cai/<cluster>/logs/<node>/). Without NODE, a job's driver log
+    (--file job-driver-<id>.log) is read on the node Ray ran the driver on (a worker when the head has
+    fault tolerance on); --follow of a job still PENDING waits for its driver to start."""
     _positive_timeout(timeout)
     if follow and (list_files or json_out):
         fail("--follow: cannot be combined with --list or --json", EXIT_BAD_INPUT)
@@ -718,13 +733,13 @@ def node_logs(
     def run() -> None:
         check_log_options(file, tail)
         with cluster_target(config, local, project, cluster) as target:
-            live = _live_node(target, node)
-            if live is None:
+            logs, found = _live_node(target, node, file, wait=(timeout or JOB_START_WAIT) if follow else 0)
+            if logs is None or found is None:
+                name = found.name if found is not None else node
                 if follow:
-                    fail(f"--follow: node {node or 'head'!r} is not running; its kept logs have no new lines")
-                _kept_node_logs(target, node, file, tail, list_files, json_out)
+                    fail(f"--follow: node {name or 'head'!r} is not running; its kept logs have no new lines")
+                _kept_node_logs(target, name, file, tail, list_files, json_out)
                 return
-            logs, found = live
             with logs:
                 try:
                     _live_node_logs(logs, found, file, tail, list_files, follow, timeout, json_out)
@@ -738,25 +753,62 @@ def node_logs(
     run_command(run)
 
 
-def _live_node(target: ClusterTarget, node: str | None) -> tuple[NodeLogs, Any] | None:
-    """The node's live log API, or None (with a note) when the head or the node is gone."""
+# How long `logs --follow` of a PENDING job's driver log waits for the driver to start: Ray's own
+# limit on a job's start (RAY_JOB_START_TIMEOUT_SECONDS, 15 minutes by default) and a minute more.
+JOB_START_WAIT = 16 * 60.0
+
+
+def _live_node(
+    target: ClusterTarget, node: str | None, file: str, *, wait: float
+) -> tuple[NodeLogs | None, LoggedNode | None]:
+    """The node's live log API and the node; no API (with a note) when the head or the node is gone,
+    and then the node when it was found (its logs kept in the project are read)."""
     try:
         endpoint = target.head()
     except AccessError as err:
         _from_history_note(target.cluster, str(err))
-        return None
+        return None, None
     logs = NodeLogs(endpoint)
     try:
-        found = logs.find_node(node, target.cluster)
+        found = _log_node(logs, target.cluster, node, file, wait=wait)
     except (NodeLogsError, AccessError) as err:
         logs.__exit__()
         _from_history_note(target.cluster, str(err))
-        return None
+        return None, None
     if not found.alive:
         logs.__exit__()
         _from_history_note(target.cluster, f"node {found.name} is not alive in Ray")
-        return None
+        return None, found
     return logs, found
+
+
+def _log_node(logs: NodeLogs, cluster: str, node: str | None, file: str, *, wait: float) -> LoggedNode:
+    """NODE as given (the head by default); for a job's driver log without NODE, the node Ray ran the
+    driver on (waiting up to `wait` seconds for a PENDING job to start). NODE given for a driver log
+    that is elsewhere: that node, with a note naming the driver's."""
+    job_id = driver_log_job(file)
+    if job_id is None:
+        return logs.find_node(node, cluster)
+    if node is None:
+        if wait > 0:  # a PENDING job is waited for: say what is happening meanwhile
+            err_console.print(f"[dim]finding the node of job {escape(job_id)}'s driver (Ray's job info)[/]")
+        driver = logs.driver_node(job_id, cluster, wait=wait)
+        if driver is not None:
+            err_console.print(f"job {escape(job_id)}'s driver runs on {escape(driver.name)}")
+            return driver
+        return logs.find_node(None, cluster)  # Ray does not know the job, or it never started
+    found = logs.find_node(node, cluster)
+    try:
+        driver = logs.driver_node(job_id, cluster)
+    except RayCaiError:
+        return found  # the note is a hint: the node asked for is read without it
+    if driver is not None and driver.node_id != found.node_id:
+        notice(
+            f"job {job_id}'s driver runs on {driver.name}, not on {found.name}: this node's {file} has only "
+            f"what Ray wrote there before the driver started (`ray-cai logs --file {file}` reads the "
+            f"driver's, `ray-cai job logs {job_id}` what it printed)"
+        )
+    return found
 
 
 def _kept_node_logs(
@@ -782,7 +834,7 @@ def _kept_node_logs(
 
 def _live_node_logs(
     logs: NodeLogs,
-    found: Any,
+    found: LoggedNode,
     file: str,
     tail: int,
     list_files: bool,
@@ -809,7 +861,7 @@ def _live_node_logs(
         sys.stdout.flush()
 
 
-def _follow_node(logs: NodeLogs, node: Any, file: str, tail: int, timeout: float | None) -> None:
+def _follow_node(logs: NodeLogs, node: LoggedNode, file: str, tail: int, timeout: float | None) -> None:
     err_console.print(f"following {file} of {node.name} (Ctrl-C to stop)")
     try:
         for chunk in logs.follow(node, file, tail=tail, timeout=timeout):
@@ -832,6 +884,9 @@ def register(main_app: typer.Typer) -> None:
 __all__ = [
     "ClusterName",
     "ClusterTarget",
+    "DeadlineOption",
+    "DriverOnOption",
+    "MaxRetriesOption",
     "app",
     "build_submission",
     "cluster_name",

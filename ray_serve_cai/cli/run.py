@@ -61,6 +61,7 @@ from ray_serve_cai.cli.common import (
 )
 from ray_serve_cai.cli.job import (
     DeadlineOption,
+    DriverOnOption,
     MaxRetriesOption,
     build_submission,
     cluster_name,
@@ -179,6 +180,7 @@ def run(
     runtime_env: Path | None = typer.Option(
         None, "--runtime-env", help="YAML or JSON file with Ray's runtime_env (as `job submit`)."
     ),
+    driver_on: str = DriverOnOption,
     json_out: bool = typer.Option(
         False, "--json", help="The outcome as JSON on stdout (the job's output then goes to stderr)."
     ),
@@ -192,7 +194,7 @@ def run(
     def go() -> None:
         policy = JobPolicy(max_retries=max_retries, timeout=timeout)
         policy.validate()
-        request, env = build_submission(command, runtime_env=runtime_env)
+        request, env = build_submission(command, runtime_env=runtime_env, driver_on=driver_on)
         name = cluster_name(config, cluster)
         overrides = {"RAY_CLUSTER_NAME": name} if cluster else {}
         cluster_request = load_cluster_request(config, env={**os.environ, **overrides}, source="up")

@@ -22,15 +22,11 @@ modules, `ray-3` head fault tolerance and network faults (one pods cluster), `ra
 deploy and autostop. So five clusters may run at once, each in its worker's own workspace (names
 never collide). Balance the groups by the times the run's `tiers` section gives each of them.
 
-Every cluster runs in pods (the session workspace's default, as on CML) except those of the modules
-that still fail there, which take `shared_host_workspace` until they are fixed (each is a finding of
-issue 20, not a choice):
-
-* the shared cluster (`test_jobs_e2e.py`, `test_dashboard_browser.py`): following the job driver's
-  node log shows only "Runtime env is setting up" — in pods the driver runs on a worker (head fault
-  tolerance places it there);
-* `test_run_jobs.py`: the reattach case deletes the worker, where the driver runs in pods ("Job
-  supervisor actor died").
+Every cluster runs in the session workspace, in pods where they can be made (its default, as on CML;
+`RAY_CAI_TEST_PODS=0` runs the tier shared-host). In pods the head has fault tolerance, so a job's
+driver runs on a worker by default (`--driver-on auto`): a test that follows a driver's log finds it
+there (`ray-cai logs --file job-driver-<id>.log`), and a test that deletes a worker while a job runs
+puts that job's driver on the head (`--driver-on head`).
 """
 
 from __future__ import annotations
@@ -79,10 +75,9 @@ _shared: _Shared | None = None
 
 @pytest.fixture(scope="session")
 def ray_cluster(
-    shared_host_workspace: WorkspaceHandle, tmp_path_factory: pytest.TempPathFactory
+    workspace: WorkspaceHandle, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LocalCluster]:
     """A ready real Ray cluster of 1 head + 1 worker, shared by every test that does not change it."""
-    workspace = shared_host_workspace  # not yet green in pods (tests/ray/conftest.py)
     global _shared
     config = tmp_path_factory.mktemp("shared-cluster") / "ray_cluster_config.yaml"
     config.write_text(SMALL_CLUSTER_YAML.format(name=SHARED_CLUSTER, workers=1))

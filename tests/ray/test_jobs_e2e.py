@@ -5,7 +5,8 @@ URL, with the workspace API key as CML wants it (`Authorization: Bearer`): Ray's
 follows a job's logs live; `ray-cai job submit` exits 0 / 1 for a succeeding / failing job, Ctrl-C
 stops following and not the job, `job stop` stops a running job, `job list --json` lists them;
 uncommitted code ships with a local `working_dir`; the workflow's smoke step reaches every node; Ray's
-Python SDK and curl work; `ray-cai logs` reads and follows a node's Ray logs.
+Python SDK and curl work; `ray-cai logs` reads and follows a node's Ray logs, and a job's driver log on
+the node its driver runs on (a worker in pods, where the head has fault tolerance).
 """
 
 from __future__ import annotations
@@ -303,7 +304,9 @@ def test_ray_python_sdk_and_curl_through_the_app_url(
 
 
 def test_node_logs_list_read_and_follow(cluster: LocalCluster) -> None:
-    worker_id = next(n["node_id"] for n in status(cluster)["ray"]["nodes"] if n["node_name"] == WORKER)
+    cluster_status = status(cluster)
+    node_names = {n["node_id"]: n["node_name"] for n in cluster_status["ray"]["nodes"]}
+    worker_id = next(node_id for node_id, name in node_names.items() if name == WORKER)
     listed = cluster.cli("logs", "worker-0", "--list", "--json")
     assert listed.returncode == 0, listed.stderr
     listing = json.loads(listed.stdout)
@@ -318,16 +321,16 @@ def test_node_logs_list_read_and_follow(cluster: LocalCluster) -> None:
     assert whole.returncode == 0, whole.stderr
     assert worker_id in whole.stdout and "(raylet)" in whole.stdout  # the worker's own raylet log
 
-    # Follow the head's driver log of a job that prints a tick a second: the ticks arrive one by one.
-    # The follower starts after the job (a CLI process start, seconds on a loaded machine) and gets
-    # what was written before it at once: 12 ticks leave several seconds of them to stream.
+    # Follow the driver log of a job that prints a tick a second, naming no node: `logs` reads it on
+    # the node Ray runs the driver on, and the ticks arrive one by one. The follower starts after the
+    # job (a CLI process start, seconds on a loaded machine; a job still PENDING is waited for) and
+    # gets what was written before it at once: 12 ticks leave several seconds of them to stream.
+    driver_log = "job-driver-logs-ticks.log"
     submitted = submit(
         cluster, "--no-wait", "--submission-id", "logs-ticks", "--", "python", "-c", TICKS.format(n=12)
     )
     assert submitted.returncode == 0, submitted.stderr
-    follower = cluster.popen(
-        "logs", "head", "--file", "job-driver-logs-ticks.log", "--follow", "--tail", "-1"
-    )
+    follower = cluster.popen("logs", "--file", driver_log, "--follow", "--tail", "-1")
     lines: list[tuple[float, str]] = []
     reader = read_lines(follower.stdout, lines)
     try:
@@ -335,10 +338,28 @@ def test_node_logs_list_read_and_follow(cluster: LocalCluster) -> None:
         last = wait_for_line(lines, "tick 11", timeout=60)
         follower.send_signal(signal.SIGINT)
         assert follower.wait(timeout=30) == 0
+        followed = follower.stderr.read() if follower.stderr else ""
     finally:
         follower.kill()
     reader.join(5)
     assert last - first >= 3, "the lines arrived together: the log was not streamed"
+    # The node Ray's job info names; with head fault tolerance on (pods) a worker, as `job submit`
+    # places drivers there, else the head.
+    ray_job = cluster.workspace.app_request(cluster.apps()[HEAD], "GET", "/api/jobs/logs-ticks").json()
+    driver = node_names[ray_job["driver_node_id"]]
+    assert driver == (WORKER if (cluster_status["head_fault_tolerance"] or {}).get("enabled") else HEAD)
+    assert f"job logs-ticks's driver runs on {driver}" in followed, followed
+    print(f"\nlogs --file {driver_log} --follow: the driver's node {driver}, {last - first:.1f}s of ticks")
+
+    # Asked for the head's file of that name: what Ray wrote there (the driver's lines when it ran
+    # there), with a note naming the driver's node when it ran elsewhere.
+    on_head = cluster.cli("logs", "head", "--file", driver_log, "--tail", "-1")
+    assert on_head.returncode == 0, on_head.stderr
+    if driver == HEAD:
+        assert "tick 11" in on_head.stdout and "driver runs on" not in on_head.stderr, on_head.stderr
+    else:
+        assert "Runtime env is setting up" in on_head.stdout and "tick 0" not in on_head.stdout
+        assert f"driver runs on {driver}, not on {HEAD}" in on_head.stderr, on_head.stderr
 
 
 def documented_blocks() -> list[tuple[str, str]]:

@@ -1,5 +1,5 @@
 """Pure logic of jobs that outlive their cluster: records, attempts, deadlines, log bounds, run ids,
-scheduled runs in the jobs config, cron times of the local workspace."""
+scheduled runs in the jobs config, cron times of the local workspace, driver log names."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from ray_serve_cai.access.jobs import JobInputError, JobPolicy
+from ray_serve_cai.access.logs import driver_log_job
 from ray_serve_cai.cli.run import run_id_of
 from ray_serve_cai.config import ConfigError, parse_deploy_spec
 from ray_serve_cai.config.history import (
@@ -223,3 +224,21 @@ def test_cron_times_follow_the_timezone() -> None:
     for schedule, zone in (("61 * * * *", ""), ("* * * *", ""), ("* * * * *", "Mars/Olympus")):
         with pytest.raises(ScheduleError):
             next_time(schedule, zone, noon_utc)
+
+
+@pytest.mark.parametrize(
+    ("filename", "job"),
+    [
+        ("job-driver-raysubmit_0a1b2c3d4e5f6a7b.log", "raysubmit_0a1b2c3d4e5f6a7b"),
+        ("job-driver-run-1a2b3c4d5e6f-abc123-retry1.log", "run-1a2b3c4d5e6f-abc123-retry1"),
+        ("job-driver-logs.ticks.log", "logs.ticks"),
+        ("job-driver-.log", None),
+        ("job-driver-a/b.log", None),
+        ("job-driver-x.log.1", None),
+        ("logs/job-driver-x.log", None),
+        ("raylet.out", None),
+    ],
+)
+def test_a_job_driver_log_names_its_job(filename: str, job: str | None) -> None:
+    """`ray-cai logs --file job-driver-<id>.log` looks for the node of job <id>'s driver."""
+    assert driver_log_job(filename) == job

@@ -209,6 +209,7 @@ BAD_INPUT = [
     (["run"], ["--", " "], "ENTRYPOINT: the command to run is empty"),
     (["run"], ["--runtime-env", "missing.yaml", "--", "true"], "--runtime-env: missing.yaml: file not found"),
     (["run"], ["--config", "absent.yaml", "--", "true"], "absent.yaml"),
+    (["run"], ["--driver-on", "anywhere", "--", "true"], "--driver-on: 'anywhere' is not one of"),
     (["job", "submit"], ["--no-wait", "--max-retries", "1", "--", "true"], "retries need a follower"),
     (["job", "submit"], ["--metadata", "ray_cai_record=x", "--", "true"], "the tool's own"),
     (["job", "submit"], ["--timeout", "-5", "--", "true"], "--timeout: must be more than 0 seconds"),
