@@ -2,6 +2,10 @@
 stand-in for Ray's dashboard run as the cluster's head application (`support/apps/ray_dashboard_standin.py`)
 and reached as every client reaches a head: through its application URL, with the API key.
 
+- `job submit` (JobsClient.submit): with head fault tolerance on and a worker alive, the driver is
+  kept off the head (a label selector) unless the user placed it (entrypoint resources) or pinned it
+  to the head (`--driver-on head`: Ray's head resource); without fault tolerance or workers, Ray's
+  default placement;
 - `job status` (JobsClient.get): a job Ray marked FAILED on a transient error during a failover
   (ray#65025: `JOB_SUPERVISOR_ACTOR_UNKNOWN_FAILURE`) while its supervisor actor lives reads RUNNING,
   with why; with its supervisor dead, or failed for another reason, it stays FAILED.
@@ -25,7 +29,7 @@ import pytest
 from support.fakes import client_for, delete_project
 
 from ray_serve_cai.access.head import AppEndpoint
-from ray_serve_cai.access.jobs import JobsClient
+from ray_serve_cai.access.jobs import GROUP_LABEL, HEAD_RESOURCE, JobsClient, JobSubmission
 from ray_serve_cai.access.serve import APPLICATIONS_PATH, SERVE_CONTROLLER_ACTOR
 from ray_serve_cai.cluster.serve import ServeScope, apply
 from ray_serve_cai.config.serve import ServeConfig
@@ -99,6 +103,35 @@ def head(workspace: WorkspaceHandle, test_apps_dir: Path) -> Iterator[Head]:
         yield Head(workspace, project["id"], app)
     finally:
         delete_project(workspace, project["id"])
+
+
+def test_drivers_go_to_workers_when_the_head_has_fault_tolerance_unless_placed(head: Head) -> None:
+    nodes = [
+        {"node_name": HEAD, "is_head": True, "alive": True},
+        {"node_name": "w0", "is_head": False, "alive": True},
+    ]
+    on = {"head_fault_tolerance": {"enabled": True, "storage": "rocksdb", "epoch": 1}, "nodes": nodes}
+    endpoint = AppEndpoint(head.app["url"], head.workspace.api_key)
+    off_head = {GROUP_LABEL: "!head"}
+
+    def placements(status: dict[str, Any], *submissions: JobSubmission) -> list[tuple[Any, Any]]:
+        head.scene(status=status)
+        with JobsClient(endpoint) as jobs:
+            for submission in submissions:
+                jobs.submit(submission)
+        sent = head.seen()["submitted"]
+        return [(body.get("entrypoint_label_selector"), body.get("entrypoint_resources")) for body in sent]
+
+    auto, pinned = JobSubmission("python train.py"), JobSubmission("python train.py", driver="head")
+    placed = JobSubmission("python train.py", entrypoint_resources={"GPU_A100": 1})
+    always = JobSubmission("python train.py", driver="workers")
+    assert placements(on, auto, pinned, placed, always) == [
+        (off_head, None), (None, {HEAD_RESOURCE: 0.001}), (None, {"GPU_A100": 1}), (off_head, None),
+    ]  # fmt: skip
+    no_ft = {**on, "head_fault_tolerance": {"enabled": False, "storage": "memory", "epoch": None}}
+    head_only = {**on, "nodes": nodes[:1]}
+    assert placements(no_ft, auto) == [(None, None)]  # a head restart loses the job wherever it runs
+    assert placements(head_only, auto) == [(None, None)]  # no worker: Ray's default, the head
 
 
 def test_a_live_job_ray_marked_failed_during_a_failover_reads_running(head: Head) -> None:

@@ -2,14 +2,16 @@
 
 Serves on 127.0.0.1:$CDSW_APP_PORT the answers ray-cai reads from a head, as Ray 2.60 gives them:
 - `GET /api/jobs/<submission id>`: the job (Ray's `JobDetails`), as the test set it (else 404);
+  `POST /api/jobs/`: a submission, kept (its body) and answered with its id;
+- `GET /ray-cai/status`: the head's status page (ray-cai's own), as the test set it;
 - `GET /api/v0/actors?filter_values=<name>`: the actors of that name (Ray's state API list), one row
   per state the test set (none: an empty list);
 - `GET /api/serve/applications/`: Serve's details; the test sets a list of answers given in turn (the
   last repeats), e.g. a controller that is back after two GETs; `PUT` is answered 200 and counted;
 - `/`: 200 (the workspace's polling).
 Test controls: `PUT /_standin` sets the scene (`{"jobs": {id: details}, "actors": {name: [states]},
-"serve": [details, ...]}`) and resets the counts; `GET /_standin` returns the counts (`"<METHOD> <path>"`:
-n) and the bodies of Serve PUTs. Stdlib only.
+"serve": [details, ...], "status": {...}}`) and resets the counts; `GET /_standin` returns the counts
+(`"<METHOD> <path>"`: n), the bodies of Serve PUTs and of job submissions. Stdlib only.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 LOCK = threading.Lock()
-SCENE: dict[str, Any] = {"jobs": {}, "actors": {}, "serve": []}
+SCENE: dict[str, Any] = {"jobs": {}, "actors": {}, "serve": [], "status": {}}
 COUNTS: Counter[str] = Counter()
 PUTS: list[Any] = []
+SUBMITTED: list[Any] = []
 SERVE_PATH = "/api/serve/applications/"
 
 
@@ -49,8 +52,10 @@ class Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         with LOCK:
             if url.path == "/_standin":
-                return self.answer(200, {"counts": dict(COUNTS), "puts": PUTS})
+                return self.answer(200, {"counts": dict(COUNTS), "puts": PUTS, "submitted": SUBMITTED})
             COUNTS[f"GET {url.path}"] += 1
+            if url.path == "/ray-cai/status":
+                return self.answer(200, SCENE["status"])
             if url.path.startswith("/api/jobs/"):
                 job = SCENE["jobs"].get(url.path.removeprefix("/api/jobs/").strip("/"))
                 return (
@@ -73,14 +78,25 @@ class Handler(BaseHTTPRequestHandler):
         body = self.body()
         with LOCK:
             if url.path == "/_standin":
-                SCENE.update({"jobs": {}, "actors": {}, "serve": [], **body})
+                SCENE.update({"jobs": {}, "actors": {}, "serve": [], "status": {}, **body})
                 COUNTS.clear()
                 PUTS.clear()
+                SUBMITTED.clear()
                 return self.answer(200, SCENE)
             COUNTS[f"PUT {url.path}"] += 1
             if url.path == SERVE_PATH:
                 PUTS.append(body)
                 return self.answer(200, {})
+        return self.answer(404, {"error": "not here"})
+
+    def do_POST(self) -> None:
+        url = urlsplit(self.path)
+        body = self.body()
+        with LOCK:
+            COUNTS[f"POST {url.path}"] += 1
+            if url.path == "/api/jobs/":
+                SUBMITTED.append(body)
+                return self.answer(200, {"submission_id": body.get("submission_id"), "job_id": None})
         return self.answer(404, {"error": "not here"})
 
 
