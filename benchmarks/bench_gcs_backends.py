@@ -258,7 +258,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--writes", type=int, default=300, help="internal-KV puts per run")
-    parser.add_argument("--actors", type=int, default=20, help="detached actors created per run")
+    parser.add_argument("--actors", type=int, default=10, help="detached actors created per run")
     parser.add_argument("--backends", default=",".join(BACKENDS))
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="where the stores live (the project fs)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
