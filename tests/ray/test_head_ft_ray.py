@@ -238,7 +238,7 @@ def test_a_restart_of_the_head_application_loses_nothing(cluster: PodsCluster) -
         seen.update(status)
         return (
             status["state"] == "ready" and status["ray"].get("alive_nodes") == 3
-            and (status.get("head_fault_tolerance") or {}).get("epoch", 0) > epoch
+            and ((status.get("head_fault_tolerance") or {}).get("epoch") or 0) > epoch
         )  # fmt: skip
 
     wait_until(
