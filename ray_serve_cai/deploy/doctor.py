@@ -416,6 +416,8 @@ def _check_job_findings(report: DoctorReport, result: dict[str, Any], local: boo
     median, worst = float(fsync.get("median_ms", 0)), float(fsync.get("max_ms", 0))
     p99 = float(fsync.get("p99_ms", worst))
     fs_note = " (local workspace: the host's filesystem)" if local else ""
+    filesystem = result.get("filesystem") or {}
+    on = f" on {filesystem.get('type', '?')} at {filesystem.get('mount') or '?'}" if filesystem else ""
     # Head fault tolerance keeps the GCS in RocksDB on the project filesystem: one fsync per GCS write
     # (actor, job, placement group, KV). Upstream measured ~4 ms p50 on ext4.
     slow = median >= FSYNC_SLOW_MS or p99 >= FSYNC_SLOW_P99_MS
@@ -423,7 +425,7 @@ def _check_job_findings(report: DoctorReport, result: dict[str, Any], local: boo
         Check(
             FSYNC,
             "warn" if slow else "ok",
-            f"fsync median {median:.1f} ms, p99 {p99:.1f} ms, max {worst:.1f} ms{fs_note}",
+            f"fsync median {median:.1f} ms, p99 {p99:.1f} ms, max {worst:.1f} ms{on}{fs_note}",
             "expect slow GCS writes with head fault tolerance (RocksDB fsyncs each one); "
             "consider `head_fault_tolerance: false`"
             if slow

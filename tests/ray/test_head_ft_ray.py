@@ -2,17 +2,22 @@
 
 The suite's 1 + 2 pods cluster (`head_ray_cpus: 0`; `support.pods_cluster`, shared with
 test_pods_ray.py, whose steps run after these), in order: a detached named actor on a worker holds a
-counter and a job whose driver runs on a worker prints for ~70 s; then
+counter and a job whose driver runs on a worker prints a line a second until the test releases it; then
 1. every process of the head application is SIGKILLed; the workspace's automatic restart (CML's)
    brings it back in a new pod with a new IP → ready again, the actor answers with its counter, the
-   job ends SUCCEEDED with its whole output (its driver ran a task after the failover), the workers'
-   Ray node ids are the same (no worker restarted), `status` shows the new epoch and the failover;
+   job is still RUNNING (not FAILED by the failover, ray#65025) and, released, ends SUCCEEDED with its
+   whole output (its driver ran a task after the failover), the workers' Ray node ids are the same (no
+   worker restarted), `status` shows the new epoch and the failover;
 2. Ray's GCS and raylet on the head are SIGKILLed (the launcher lives) → started again in the same
    pod, the application never FAILED;
-3. a second head of the same cluster refuses to start its GCS and says why;
-4. `down` removes the stored GCS state: the shared cluster's `down_and_check`, which the last of the
+3. a `:restart` of the head application (a user's, or the watch's): the head stops cleanly and
+   releases its lease, the new pod takes the next epoch at once → the actor's counter, the same
+   workers, the failover recorded as a restart;
+4. a second head of the same cluster refuses to start its GCS and says why;
+5. `down` removes the stored GCS state: the shared cluster's `down_and_check`, which the last of the
    pods steps runs (here, when this module runs without that one).
 Each step leaves the cluster ready with the same two workers. Skipped only where pods cannot be made.
+Serve through a head replacement (RUNNING, not applied again) is tests/ray/test_serve_rollout.py's.
 """
 
 from __future__ import annotations
@@ -37,21 +42,26 @@ from ray_serve_cai.workspace.processes import WORKLOAD_MARKER, processes_with_ma
 # start window, the head app failing and being restarted): more than the suite's per-test default.
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(1500), pytest.mark.xdist_group("ray-3")]
 
-JOB_SECONDS = 70
-# The job's driver: on a worker (ray-cai's default placement), it prints a line a second, and at the
-# end runs a task, which needs the GCS of whatever head is there then.
+# The job's driver: on a worker (ray-cai's default placement), it prints a line a second until the
+# release file exists (the test writes it once the head was replaced; at most MAX_TICKS lines), then
+# runs a task, which needs the GCS of whatever head is there then.
+RELEASE_FILE = "head-ft-release"
+MAX_TICKS = 900
 JOB = textwrap.dedent(
-    f"""
-    import time, ray
+    """
+    import pathlib, sys, time, ray
     ray.init()
     print("driver node", ray.get_runtime_context().get_node_id(), flush=True)
-    for i in range({JOB_SECONDS}):
-        print("tick", i, flush=True)
+    release, ticks = pathlib.Path(sys.argv[1]), 0
+    while not release.exists() and ticks < MAX_TICKS:
+        print("tick", ticks, flush=True)
+        ticks += 1
         time.sleep(1)
+    print("ticks", ticks, "released", release.exists(), flush=True)
     where = ray.remote(num_cpus=0)(lambda: ray.get_runtime_context().get_node_id())
     print("task ran on", ray.get(where.remote()))
     """
-)
+).replace("MAX_TICKS", str(MAX_TICKS))
 # In a session pod: the named detached actor (created once with 1 CPU: the head has none, so it is on
 # a worker), incremented `argv[2]` times; prints its node and the last count.
 ACTOR = textwrap.dedent(
@@ -115,47 +125,70 @@ def test_a_head_replaced_in_a_new_pod_loses_nothing(cluster: PodsCluster) -> Non
     counted = actor(cluster, 5)
     assert counted["count"] == 5 and counted["node"] in workers.values()
 
-    proc = cluster.cli("job", "submit", "--no-wait", "--json", "--", "python", "-c", JOB, timeout=300)
+    release = cluster.project_dir / RELEASE_FILE
+    release.unlink(missing_ok=True)
+    try:
+        job_id = submit_job(cluster, release)
+        wait_until(
+            lambda: "tick 3" in cluster.cli("job", "logs", job_id).stdout, timeout=180, interval=2,
+            what="the job to print",
+        )  # fmt: skip
+
+        old_ip = cluster.pod_ip(HEAD)
+        cluster.workspace.set_restart_policy(enabled=True, max_attempts=3, delay_seconds=1)
+        victims = head_processes(cluster)
+        assert victims
+        killed = time.monotonic()
+        kill(victims)
+        after = cluster.ready(timeout=600)
+        took = time.monotonic() - killed
+        new_ip = cluster.pod_ip(HEAD)
+        assert new_ip != old_ip  # a new pod, as CML restarts a failed application
+
+        assert worker_node_ids(after) == workers  # no worker restarted: same Ray nodes
+        again = actor(cluster, 1)
+        assert again["count"] == 6 and again["node"] == counted["node"]
+        ft_after = after["head_fault_tolerance"]
+        assert ft_after["epoch"] > ft["epoch"], ft_after
+        failover = ft_after["last_failover"]
+        assert failover["kind"] == "new head" and failover["epoch"] == ft_after["epoch"], ft_after
+        assert failover["seconds"] > 0, failover
+        # The job lives through the failover, and `job status` says so (not FAILED: ray#65025).
+        running = cluster.cli_json("job", "status", job_id, code=None)
+        assert running.get("status") == "RUNNING", running
+        release.write_text("go\n")
+        status, logs = wait_for_job_end(cluster, job_id)
+    finally:
+        release.unlink(missing_ok=True)
+    assert status["status"] == "SUCCEEDED", (status, logs[-2000:])
+    ticks = int(logs.split("\nticks ", 1)[1].split()[0])
+    assert "released True" in logs, logs[-2000:]  # it ended because the test released it
+    assert all(f"tick {i}\n" in logs for i in range(ticks)), logs[-2000:]  # its whole output
+    driver_node = logs.split("driver node ", 1)[1].split()[0]
+    assert driver_node in workers.values()  # the driver ran on a worker, and lived through it
+    assert "task ran on" in logs
+    print(f"\nhead killed → ready again in a new pod: {took:.1f}s (head: {failover['seconds']}s)")
+
+
+def submit_job(cluster: PodsCluster, release: Path) -> str:
+    """Submit JOB (ray-cai's default driver placement), released by `release`; its submission id."""
+    proc = cluster.cli(
+        "job", "submit", "--no-wait", "--json", "--", "python", "-c", JOB, str(release), timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    submitted = json.loads(proc.stdout)
-    job_id = submitted["submission_id"]
-    wait_until(
-        lambda: "tick 3" in cluster.cli("job", "logs", job_id).stdout, timeout=180, interval=2,
-        what="the job to print",
-    )  # fmt: skip
+    return str(json.loads(proc.stdout)["submission_id"])
 
-    old_ip = cluster.pod_ip(HEAD)
-    cluster.workspace.set_restart_policy(enabled=True, max_attempts=3, delay_seconds=1)
-    victims = head_processes(cluster)
-    assert victims
-    killed = time.monotonic()
-    kill(victims)
-    after = cluster.ready(timeout=600)
-    took = time.monotonic() - killed
-    new_ip = cluster.pod_ip(HEAD)
-    assert new_ip != old_ip  # a new pod, as CML restarts a failed application
 
-    assert worker_node_ids(after) == workers  # no worker restarted: same Ray nodes
-    again = actor(cluster, 1)
-    assert again["count"] == 6 and again["node"] == counted["node"]
-    ft_after = after["head_fault_tolerance"]
-    assert ft_after["epoch"] > ft["epoch"], ft_after
-    assert ft_after["last_failover"]["kind"] == "new head", ft_after
+def wait_for_job_end(cluster: PodsCluster, job_id: str) -> tuple[dict[str, Any], str]:
+    """The job's last status and its logs, once it ended."""
 
-    def job_ended() -> bool:
+    def ended() -> bool:
         return cluster.cli_json("job", "status", job_id, code=None).get("status") in (
             "SUCCEEDED", "FAILED", "STOPPED",
         )  # fmt: skip
 
-    wait_until(job_ended, timeout=JOB_SECONDS + 300, interval=3, what="the job to end")
-    status = cluster.cli_json("job", "status", job_id, code=None)
-    logs = cluster.cli("job", "logs", job_id).stdout
-    assert status["status"] == "SUCCEEDED", (status, logs[-2000:])
-    assert all(f"tick {i}\n" in logs for i in range(JOB_SECONDS)), logs[-2000:]
-    driver_node = logs.split("driver node ", 1)[1].split()[0]
-    assert driver_node in workers.values()  # the driver ran on a worker, and lived through it
-    assert "task ran on" in logs
-    print(f"\nhead killed → ready again in a new pod: {took:.1f}s")
+    wait_until(ended, timeout=300, interval=2, what=f"the job {job_id} to end")
+    return cluster.cli_json("job", "status", job_id, code=None), cluster.cli("job", "logs", job_id).stdout
 
 
 def test_head_processes_killed_in_a_live_pod_are_restarted_in_place(cluster: PodsCluster) -> None:
@@ -184,6 +217,40 @@ def test_head_processes_killed_in_a_live_pod_are_restarted_in_place(cluster: Pod
     assert failover["kind"] == "in place", failover
     assert actor(cluster, 1)["count"] == count + 1
     print(f"\nGCS and raylet killed → ready again in place: {took:.1f}s (launcher: {failover['seconds']}s)")
+
+
+def test_a_restart_of_the_head_application_loses_nothing(cluster: PodsCluster) -> None:
+    """`:restart` (a user's, or the watch's): the head stops cleanly and releases its lease; its new
+    pod takes the next epoch at once, with the same store."""
+    before = cluster.ready()
+    epoch = before["head_fault_tolerance"]["epoch"]
+    ip = cluster.pod_ip(HEAD)
+    count = actor(cluster, 1)["count"]
+    head = cluster.apps()[HEAD]
+    cluster.workspace.api_ok(
+        "POST", f"/api/v2/projects/{cluster.project_id}/applications/{head['id']}:restart"
+    )
+    restarted = time.monotonic()
+    seen: dict[str, Any] = {}
+
+    def back_in_a_new_epoch() -> bool:
+        status = cluster.cli_json("status", code=None)
+        seen.update(status)
+        return (
+            status["state"] == "ready" and status["ray"].get("alive_nodes") == 3
+            and ((status.get("head_fault_tolerance") or {}).get("epoch") or 0) > epoch
+        )  # fmt: skip
+
+    wait_until(
+        back_in_a_new_epoch, timeout=600, interval=1, what="the restarted head to be ready in a new epoch"
+    )
+    took = time.monotonic() - restarted
+    assert cluster.pod_ip(HEAD) != ip  # a restart is a new pod
+    assert worker_node_ids(seen) == worker_node_ids(before)
+    failover = seen["head_fault_tolerance"]["last_failover"]
+    assert failover["kind"] == "restart" and failover["epoch"] == epoch + 1, failover
+    assert actor(cluster, 1)["count"] == count + 1
+    print(f"\n:restart of the head → ready again: {took:.1f}s (head: {failover['seconds']}s)")
 
 
 def test_a_second_head_of_the_cluster_refuses_to_start_a_gcs(cluster: PodsCluster) -> None:

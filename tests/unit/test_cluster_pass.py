@@ -134,6 +134,9 @@ def test_a_new_cluster_plans_every_node_with_the_record_and_the_runtime_from_the
     assert plan.record is not None and plan.record.origin.commit == request().commit
     assert plan.record.origin.at == LATER and plan.record.provisioned_at is None  # the observation's time
     assert plan.head_runtime == RUNTIME
+    # A new cluster instance: a uid of its own (its head's GCS store is keyed by it), never an old one's.
+    again = plan_pass(observe([], catalog=True), request()).record
+    assert plan.record.cluster_uid and again is not None and again.cluster_uid != plan.record.cluster_uid
 
 
 def test_a_ready_cluster_as_recorded_plans_nothing_and_needs_no_catalog() -> None:
@@ -149,15 +152,15 @@ def test_a_ready_cluster_as_recorded_plans_nothing_and_needs_no_catalog() -> Non
 
 def test_an_explicit_size_changes_only_the_new_worker_and_records_it() -> None:
     deployed = request(1)
-    obs = observe(
-        cluster_apps(deployed, record=record_for(deployed, provisioned_at=AT)), ray=ray_view(HEAD, WORKER0)
-    )
+    recorded = record_for(deployed, provisioned_at=AT)
+    obs = observe(cluster_apps(deployed, record=recorded), ray=ray_view(HEAD, WORKER0))
     bigger = request(1)
     bigger = bigger.with_replicas(2, None)
     plan = plan_pass(obs, bigger)
     assert [(a.kind, a.name) for a in plan.actions] == [(ActionKind.CREATE, WORKER1)]
     assert plan.record is not None and plan.record.spec["worker_groups"][0]["replicas"] == 2
     assert plan.record.provisioned_at == AT  # the latch survives a new record
+    assert plan.record.cluster_uid == recorded.cluster_uid  # the instance's (its head keeps its GCS store)
     assert plan.record.origin.source == "scale"
     # Healing (a watch's later pass) keeps what is recorded: nothing to do, nothing to write.
     assert plan_pass(obs, bigger, deployed=True).is_noop

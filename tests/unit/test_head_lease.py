@@ -1,13 +1,17 @@
 """The head lease's decisions (pure): who may start a GCS, and when a running head is fenced;
-the relay's epoch filter; the config field that turns head fault tolerance on."""
+the relay's epoch filter; the config field that turns head fault tolerance on; where the store is."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 
 from ray_serve_cai.config import head_node, worker_node
 from ray_serve_cai.config.cluster import head_spec_hash, parse_cluster_spec
 from ray_serve_cai.node.gcs_relay import EpochFilter, Target
+from ray_serve_cai.node.gcs_storage import APPLIED_SPEC_VARIABLE, cluster_uid, storage_path
 from ray_serve_cai.node.head_lease import LEASE_TTL_SECONDS, Lease, decide, fenced
 
 NOW = 1_000_000.0
@@ -100,3 +104,14 @@ def test_status_reports_the_heads_view_else_what_the_spec_says() -> None:
         _fault_tolerance_line({"enabled": False})
         == "head fault tolerance: off (a head restart loses Ray's state)"
     )
+
+
+def test_the_store_is_keyed_by_the_applied_records_uid(tmp_path: Path) -> None:
+    """The head's GCS store: `.ray-cai/<cluster>/gcs/<uid>`, the uid from the applied record on the
+    head (a new cluster of the same name has a new one); without a record, one created once."""
+    record = json.dumps({"spec": {}, "cluster_uid": "0123abcd"})
+    assert cluster_uid(tmp_path, "c", {APPLIED_SPEC_VARIABLE: record}) == "0123abcd"
+    assert storage_path(tmp_path, "c", "0123abcd") == tmp_path / ".ray-cai" / "c" / "gcs" / "0123abcd"
+    made = cluster_uid(tmp_path, "c", {})
+    assert made.isalnum() and made != "0123abcd" and cluster_uid(tmp_path, "c", {}) == made
+    assert cluster_uid(tmp_path, "other", {}) != made  # never shared between clusters

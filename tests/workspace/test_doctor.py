@@ -7,9 +7,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import psutil
 from support.fakes import cli_env, run_cli
 
-from ray_serve_cai.deploy.doctor import ALL_CHECKS, WEBSOCKET
+from ray_serve_cai.deploy.doctor import ALL_CHECKS, FSYNC, WEBSOCKET
 from ray_serve_cai.workspace.testing import WorkspaceHandle
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # a git checkout: the probe project is cloned from it
@@ -29,7 +30,21 @@ def test_doctor_local_passes_every_check(workspace: WorkspaceHandle) -> None:
     not_ok = [c for c in report["checks"] if c["status"] != "ok"]
     assert not not_ok, not_ok
     assert all("local workspace" in c["detail"] or c["name"] == "api-key-is-valid" for c in report["checks"])
+    # The fsync check names the project's filesystem (RocksDB, head fault tolerance's store: ext4 upstream).
+    fsync = next(c for c in report["checks"] if c["name"] == FSYNC)
+    assert f" on {filesystem_of(workspace.home)} at /" in fsync["detail"], fsync
     assert doctor_projects(workspace) == []
+
+
+def filesystem_of(path: Path) -> str:
+    """The type of the filesystem `path` is on (the longest mount point that holds it)."""
+    here = str(path.resolve())
+    mounts = [
+        p
+        for p in psutil.disk_partitions(all=True)
+        if here == p.mountpoint or here.startswith(p.mountpoint.rstrip("/") + "/")
+    ]
+    return max(mounts, key=lambda p: len(p.mountpoint)).fstype
 
 
 def test_doctor_warns_when_app_urls_refuse_websockets(controls: WorkspaceHandle) -> None:

@@ -1,7 +1,7 @@
 """`ray-cai doctor`'s probe job (stdlib only): from its own pod it checks what the probe application
 offers — TCP to the app's pod IP on Ray's ports, `flock` across pods, atomic rename across pods —
-and times fsync on the project filesystem. Writes `.ray-cai-doctor/job-result.json`; the doctor
-downloads it through CML's file API.
+and times fsync on the project filesystem, saying which filesystem that is. Writes
+`.ray-cai-doctor/job-result.json`; the doctor downloads it through CML's file API.
 """
 
 from __future__ import annotations
@@ -92,6 +92,26 @@ def fsync_latency(rounds: int = 50) -> dict[str, float]:
     }
 
 
+def project_filesystem() -> dict[str, str]:
+    """The filesystem the project directory (the working directory) is on: its mount point, type
+    (RocksDB, the GCS store of head fault tolerance, is tested upstream on ext4 only) and options."""
+    here = os.path.realpath(".")
+    found = {"mount": "", "type": "?", "options": ""}
+    try:
+        with open("/proc/self/mounts") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if len(fields) < 4:
+                    continue
+                point = fields[1].replace("\\040", " ")
+                inside = here == point or here.startswith(point.rstrip("/") + "/")
+                if inside and len(point) >= len(found["mount"]):
+                    found = {"mount": point, "type": fields[2], "options": fields[3]}
+    except OSError:
+        pass
+    return found
+
+
 def main() -> None:
     app = wait_for_app()
     result = {
@@ -102,6 +122,7 @@ def main() -> None:
         "flock_exclusive": flock_is_exclusive(),
         "rename": rename_reads(),
         "fsync": fsync_latency(),
+        "filesystem": project_filesystem(),
     }
     temporary = STATE / ".job-result.json.tmp"
     temporary.write_text(json.dumps(result))
