@@ -26,7 +26,9 @@ import contextlib
 import json
 import signal
 import textwrap
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +118,42 @@ def cluster(pods_ray_cluster: PodsCluster) -> PodsCluster:
     return up_unless_running(pods_ray_cluster)
 
 
+def ready_once(
+    cluster: PodsCluster, changed: Callable[[dict[str, Any]], bool], timeout: float
+) -> dict[str, Any]:
+    """`cluster.ready()` — one `status --wait` process, not one per poll — until `changed(status)`
+    too (a status read before the head went down may still say ready)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = cluster.ready(timeout=max(1.0, deadline - time.monotonic()))
+        if changed(status):
+            return status
+        assert time.monotonic() < deadline, f"ready, but not as expected within {timeout}s: {status}"
+        time.sleep(2)
+
+
+class AppStatuses:
+    """Every status the head application shows while it runs (the workspace API twice a second)."""
+
+    def __init__(self, cluster: PodsCluster) -> None:
+        self.cluster, self.seen = cluster, set[str]()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.5):
+            with contextlib.suppress(Exception):
+                self.seen.add(self.cluster.apps()[HEAD]["status"])
+
+    def __enter__(self) -> AppStatuses:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=30)
+
+
 def test_a_head_replaced_in_a_new_pod_loses_nothing(cluster: PodsCluster) -> None:
     before = cluster.ready()
     ft = before["head_fault_tolerance"]
@@ -198,19 +236,13 @@ def test_head_processes_killed_in_a_live_pod_are_restarted_in_place(cluster: Pod
     count = actor(cluster, 1)["count"]
     victims = [p for p in head_processes(cluster) if p.name() in ("gcs_server", "raylet")]
     assert len(victims) == 2, victims
+    last = before["head_fault_tolerance"].get("last_failover")
     killed = time.monotonic()
-    kill(victims)
-    seen: set[str] = set()
-
-    def back() -> bool:
-        seen.add(cluster.apps()[HEAD]["status"])
-        status = cluster.cli_json("status", code=None)
-        return status["state"] == "ready" and status["ray"].get("alive_nodes") == 3
-
-    wait_until(back, timeout=300, interval=1, what="the head to be ready again")
+    with AppStatuses(cluster) as statuses:
+        kill(victims)
+        after = ready_once(cluster, lambda s: s["head_fault_tolerance"].get("last_failover") != last, 300)
     took = time.monotonic() - killed
-    after = cluster.ready()
-    assert not any("FAILED" in s for s in seen), seen
+    assert not any("FAILED" in s for s in statuses.seen), statuses.seen
     assert cluster.pod_ip(HEAD) == ip  # the same pod
     assert worker_node_ids(after) == worker_node_ids(before)
     failover = after["head_fault_tolerance"]["last_failover"]
@@ -231,18 +263,8 @@ def test_a_restart_of_the_head_application_loses_nothing(cluster: PodsCluster) -
         "POST", f"/api/v2/projects/{cluster.project_id}/applications/{head['id']}:restart"
     )
     restarted = time.monotonic()
-    seen: dict[str, Any] = {}
-
-    def back_in_a_new_epoch() -> bool:
-        status = cluster.cli_json("status", code=None)
-        seen.update(status)
-        return (
-            status["state"] == "ready" and status["ray"].get("alive_nodes") == 3
-            and ((status.get("head_fault_tolerance") or {}).get("epoch") or 0) > epoch
-        )  # fmt: skip
-
-    wait_until(
-        back_in_a_new_epoch, timeout=600, interval=1, what="the restarted head to be ready in a new epoch"
+    seen = ready_once(
+        cluster, lambda s: ((s.get("head_fault_tolerance") or {}).get("epoch") or 0) > epoch, 600
     )
     took = time.monotonic() - restarted
     assert cluster.pod_ip(HEAD) != ip  # a restart is a new pod
