@@ -105,13 +105,13 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark each test with its tier, and group the tests for `pytest -n 5 --dist loadgroup`
+    """Mark each test with its tier, and group the tests for `pytest -n 3 --dist loadgroup`
     (pytest-xdist): a group runs whole in one worker, in order. Without xdist the tiers run in the
     order of `testpaths` (cheapest first). With it, the unit tier is one group and goes first; the
-    real-Ray tier is five groups (`ray`, which holds every test of the shared `ray_cluster`, and
-    `ray-2` … `ray-5`, modules that bring up clusters of their own), handed out next, one to each
+    real-Ray tier is three groups (`ray`, which holds every test of the shared `ray_cluster`, and
+    `ray-2`, `ray-3`, modules that bring up clusters of their own), handed out next, one to each
     worker (xdist gives every worker one group, then a second to each: the worker of the short unit
-    tier gets `ray-5`; each worker has its own session workspace); then each workspace module is a
+    tier gets `ray-3`; each worker has its own session workspace); then each workspace module is a
     group (its module fixtures set up once), the slowest first, to whichever worker is free."""
     ranks: dict[int, tuple[int, int, str]] = {}
     for item in items:

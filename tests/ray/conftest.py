@@ -13,14 +13,15 @@ A real cluster is the expensive part of the suite (a minute or more to come up o
   modules few and rich.
 
 The modules that take `ray_cluster` run first in this tier, and the shared cluster comes down right
-after the last test that takes it. Under `pytest -n 5 --dist loadgroup` the tier is five xdist
+after the last test that takes it. Under `pytest -n 3 --dist loadgroup` the tier is three xdist
 groups, one a worker (tests/conftest.py): `ray` — every module that takes `ray_cluster` (a session
-fixture is one per worker: its users must share a worker) and, by default, any other — and
-`ray-2` … `ray-5`, modules that bring up their own cluster and say so with
-`pytestmark = pytest.mark.xdist_group("ray-2")`: `ray-2` the cluster, autoscaler and guided-setup
-modules, `ray-3` head fault tolerance and network faults (one pods cluster), `ray-4` Serve, `ray-5`
-deploy and autostop. So five clusters may run at once, each in its worker's own workspace (names
-never collide). Balance the groups by the times the run's `tiers` section gives each of them.
+fixture is one per worker: its users must share a worker) and, by default, any other (node, run,
+deploy) — and `ray-2`, `ray-3`, modules that bring up their own cluster and say so with
+`pytestmark = pytest.mark.xdist_group("ray-2")`: `ray-2` the cluster, autoscaler, autostop and
+guided-setup modules, `ray-3` head fault tolerance and network faults (one pods cluster) and Serve.
+So three clusters may run at once, each in its worker's own workspace (names never collide). The
+tier is CPU-bound on 2 cores (Ray's processes starting; more workers only made it slower, with Ray
+nodes timing out during startup): balance the groups by the times the run's `tiers` section gives.
 
 Every cluster runs in the session workspace, in pods where they can be made (its default, as on CML;
 `RAY_CAI_TEST_PODS=0` runs the tier shared-host). In pods the head has fault tolerance, so a job's

@@ -67,7 +67,7 @@ CLIENT_SCRIPT = textwrap.dedent(
     """
 )
 
-# A real-Ray group of its own, with a cluster of its own (tests/ray/conftest.py).
+# A real-Ray group beside the shared cluster's; the module brings up its own (tests/ray/conftest.py).
 pytestmark = pytest.mark.xdist_group("ray-2")
 
 

@@ -33,8 +33,8 @@ from support.fakes import RAY_CAI, cli_env, clone_with_small_cluster, git, wait_
 
 from ray_serve_cai.workspace.testing import WorkspaceHandle
 
-# A real-Ray group of its own, with the deploy module (tests/ray/conftest.py).
-pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray-5")]
+# A real-Ray group beside the shared cluster's, with the cluster module (tests/ray/conftest.py).
+pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray-2")]
 
 CLUSTER = "idle"
 PROJECT = "ray-cai-autostop-e2e"

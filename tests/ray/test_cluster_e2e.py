@@ -25,7 +25,7 @@ from support.fakes import SMALL_CLUSTER_YAML
 from ray_serve_cai.cml import CMLClient, CMLSettings
 from ray_serve_cai.workspace.testing import WorkspaceHandle
 
-# A real-Ray group of its own, with a cluster of its own (tests/ray/conftest.py).
+# A real-Ray group beside the shared cluster's; the module brings up its own (tests/ray/conftest.py).
 pytestmark = pytest.mark.xdist_group("ray-2")
 
 CLUSTER = "e2e"

@@ -52,8 +52,6 @@ CLUSTER = "e2edeploy"
 PROJECT = "ray-cai-e2e-deploy"
 TARGET = ("--local", "-p", PROJECT, "-c", "ray_cluster_config.yaml")
 
-pytestmark = pytest.mark.xdist_group("ray-5")  # with autostop (tests/ray/conftest.py)
-
 
 def make_repo(tmp: Path, name: str, cluster: str, workers: int) -> Path:
     return clone_with_small_cluster(tmp / name, cluster, workers)

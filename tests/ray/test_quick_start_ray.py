@@ -11,7 +11,7 @@ from support.fakes import REPO_ROOT
 
 from ray_serve_cai.workspace.testing import WorkspaceHandle
 
-pytestmark = pytest.mark.xdist_group("ray-2")  # with the cluster and autoscaler modules
+pytestmark = pytest.mark.xdist_group("ray-2")  # with the cluster, autoscaler and autostop modules
 
 
 def test_local_answers_deploy_a_cluster(workspace: WorkspaceHandle) -> None:

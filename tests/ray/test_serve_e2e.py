@@ -55,7 +55,7 @@ VIRGINICA = {"features": [6.7, 3.0, 5.2, 2.3]}
 IRIS = Path("examples/serve/iris.py")
 RATE_PER_SECOND = 20.0
 
-pytestmark = pytest.mark.xdist_group("ray-4")  # a real-Ray group of its own (tests/ray/conftest.py)
+pytestmark = pytest.mark.xdist_group("ray-3")  # with the head-FT and pods modules (tests/ray/conftest.py)
 
 
 @dataclass
