@@ -531,7 +531,9 @@ class Supervisor:
             self._finish_run(run, "ENGINE_SUCCEEDED", "")
         elif exit_code is not None:
             self._finish_run(
-                run, "ENGINE_FAILED", f"script exited with code {exit_code} while the workspace was down"
+                run,
+                "ENGINE_FAILED",
+                f"script exited with code {exit_code} while the workspace server was down",
             )
         else:
             self._finish_run(run, "ENGINE_FAILED", LOST_REASON)
@@ -686,7 +688,9 @@ class Supervisor:
         else:
             app.status = "APPLICATION_FAILED"
         detail = (
-            LOST_REASON if exit_code is None else f"exited with code {exit_code} while the workspace was down"
+            LOST_REASON
+            if exit_code is None
+            else f"exited with code {exit_code} while the workspace server was down"
         )
         self._append_app_log(app, f"[workspace] application {app.id} {app.status}: {detail}")
         runtime = self._app_runtime(app)

@@ -278,7 +278,10 @@ def test_a_job_run_is_readopted_or_marked_failed_never_running_forever(
     lost = ws.wait_for_run(project["id"], victim["id"], victim_run["id"], timeout=10)
     # Its exit code is unknown — or, in a pod whose init recorded it before it was killed too, SIGKILL's.
     assert lost["status"] == "ENGINE_FAILED"
-    assert lost["failure_reason"] in (LOST_REASON, "script exited with code 137 while the workspace was down")
+    assert lost["failure_reason"] in (
+        LOST_REASON,
+        "script exited with code 137 while the workspace server was down",
+    )
     # The survivor is still running in the same process, then ends with its real exit code, and its
     # dependent job runs as after any success.
     adopted = ws.api_ok("GET", f"{jobs_path}/{survivor['id']}/runs/{survivor_run['id']}")
