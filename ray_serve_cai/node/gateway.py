@@ -175,10 +175,11 @@ def application_path(path: bytes) -> str:
 
 class TrafficNote:
     """The Serve requests the gateway relays, for the head's autostop: per application path, when the
-    last request came (wall clock: another pod reads it) and how many are open now. `write()` (the
-    health loop, once a second) puts it in the project when it changed — and every
+    last request came (wall clock: another pod reads it) and how many are open now. The health loop
+    asks once a second for the note that is `due()` — when it changed, and every
     `TRAFFIC_HEARTBEAT_SECONDS` while a request is open, so that a reader can tell an open request
-    from a gateway that died with one (`at`: when it was written)."""
+    from a gateway that died with one (`at`: when it was written) — and writes it off the relay's
+    event loop (an fsync on the project filesystem, NFS on CML), then marks it `written()`."""
 
     def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
         self.path, self.clock = path, clock
@@ -198,14 +199,17 @@ class TrafficNote:
                 counts[key] = counts.get(key, 0) + 1
         return counts
 
-    def write(self) -> None:
+    def due(self) -> dict[str, Any] | None:
+        """The note to write now, else None (on the relay's loop: it reads the connections)."""
         state = (dict(self.last_request), self.open_now())
         now = self.clock()
         heartbeat = any(state[1].values()) and now - self._written_at >= TRAFFIC_HEARTBEAT_SECONDS
         if state == self._written and not heartbeat:
-            return
-        write_json_atomically(self.path, {"at": now, "last_request": state[0], "open": state[1]})
-        self._written, self._written_at = state, now
+            return None
+        return {"at": now, "last_request": state[0], "open": state[1]}
+
+    def written(self, note: dict[str, Any]) -> None:
+        self._written, self._written_at = (note["last_request"], note["open"]), note["at"]
 
 
 class GatewayRelay(Relay):
@@ -291,8 +295,11 @@ class Gateway:
             started = time.monotonic()
             with contextlib.suppress(Exception):
                 await self.routes.check(self.pool)
-            with contextlib.suppress(OSError):
-                self.traffic.write()
+            note = self.traffic.due()
+            if note is not None:
+                with contextlib.suppress(OSError):
+                    await asyncio.to_thread(write_json_atomically, self.traffic.path, note)
+                    self.traffic.written(note)
             await asyncio.sleep(max(0.1, HEALTH_INTERVAL_SECONDS - (time.monotonic() - started)))
 
     async def serve(self) -> None:
