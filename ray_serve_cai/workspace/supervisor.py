@@ -59,6 +59,12 @@ APP_PROBE_INTERVAL_SECONDS = 0.2
 LOST_REASON = "its process ended while the workspace server was down (exit code unknown)"
 
 
+def ended_while_down(exit_code: int) -> str:
+    """Why a workload that ended with `exit_code` while the server was down (its pod's init recorded
+    the code) is over; LOST_REASON when the code is unknown."""
+    return f"exited with code {exit_code} while the workspace server was down"
+
+
 def _seconds_since(timestamp: str | None) -> float:
     if not timestamp:
         return 0.0
@@ -530,11 +536,7 @@ class Supervisor:
         if exit_code == 0:
             self._finish_run(run, "ENGINE_SUCCEEDED", "")
         elif exit_code is not None:
-            self._finish_run(
-                run,
-                "ENGINE_FAILED",
-                f"script exited with code {exit_code} while the workspace server was down",
-            )
+            self._finish_run(run, "ENGINE_FAILED", f"script {ended_while_down(exit_code)}")
         else:
             self._finish_run(run, "ENGINE_FAILED", LOST_REASON)
 
@@ -687,11 +689,7 @@ class Supervisor:
             app.status = "APPLICATION_STOPPED"
         else:
             app.status = "APPLICATION_FAILED"
-        detail = (
-            LOST_REASON
-            if exit_code is None
-            else f"exited with code {exit_code} while the workspace server was down"
-        )
+        detail = LOST_REASON if exit_code is None else ended_while_down(exit_code)
         self._append_app_log(app, f"[workspace] application {app.id} {app.status}: {detail}")
         runtime = self._app_runtime(app)
         runtime.context = context
