@@ -20,6 +20,9 @@ of the hops' CPU (benchmarks/README.md, issue 24). Here a request costs one C pa
 * **WebSockets**: after the upgrade request and the upstream's `101`, both ways are relayed as bytes;
 * upstream connections are pooled per (host, port) and reused (idle ones closed after
   `KEEPALIVE_SECONDS`, before uvicorn drops them at 5 s); one that does not open reached nobody;
+  a request whose reused connection closes before any byte of an answer is sent again, once, on a
+  new connection (the upstream closed it as idle as the request went out: on a loaded machine the
+  margin can run out), as browsers do — when its body so far is at most `REPLAY_LIMIT_BYTES`;
 * one request at a time per client connection (no pipelining: no browser or proxy sends it); an
   idle client connection is closed after `CLIENT_IDLE_SECONDS`, as uvicorn does.
 """
@@ -49,6 +52,7 @@ KEEPALIVE_SECONDS = 4.0
 CLIENT_IDLE_SECONDS = 5.0
 CONNECT_SECONDS = 5.0
 HEAD_LIMIT_BYTES = 64 * 1024
+REPLAY_LIMIT_BYTES = 64 * 1024
 _HOP_BY_HOP = frozenset(
     {
         b"connection",
@@ -126,6 +130,7 @@ class Upstream(asyncio.Protocol):
         self.spliced = False
         self.closed = False
         self.idle_since = 0.0
+        self.reused = False  # taken from the pool's idle connections (not opened for this exchange)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -191,7 +196,7 @@ class Upstream(asyncio.Protocol):
         self.pool.forget(self)
         exchange, self.exchange = self.exchange, None
         if exchange is not None:
-            exchange.upstream_lost()
+            exchange.upstream_lost(self)
 
     def pause_writing(self) -> None:
         if self.exchange is not None:
@@ -224,13 +229,15 @@ class ConnectionPool:
         self.open_socket = open_socket
         self.idle: dict[tuple[str, int], list[Upstream]] = {}
 
-    async def acquire(self, key: tuple[str, int]) -> Upstream:
-        """An idle connection to `key`, or a new one (OSError: it did not open; nothing was sent)."""
-        idle = self.idle.get(key, [])
+    async def acquire(self, key: tuple[str, int], fresh: bool = False) -> Upstream:
+        """An idle connection to `key`, or a new one (`fresh`: always; OSError: it did not open,
+        nothing was sent)."""
+        idle = [] if fresh else self.idle.get(key, [])
         now = time.monotonic()
         while idle:
             upstream = idle.pop()
             if not upstream.closed and now - upstream.idle_since < KEEPALIVE_SECONDS:
+                upstream.reused = True
                 return upstream
             upstream.close()
         loop = asyncio.get_running_loop()
@@ -268,6 +275,8 @@ class ConnectionPool:
 
 # ------------------------------------------------------------------------------------- exchanges
 
+_replays: set[asyncio.Task[None]] = set()  # exchanges on their way again (a reference keeps each)
+
 
 class Sink:
     """Where an exchange's response goes (a client connection, or a health check)."""
@@ -295,9 +304,12 @@ class Exchange:
     pending: list[bytes] = field(default_factory=list)
     tried: set[str] = field(default_factory=set)
     node: str | None = None
+    host: str = ""  # the Host header it went upstream with
     target: tuple[str, int] | None = None  # where the relay sends it, when it knows at once
     on_upgrade: Callable[[Upstream], None] | None = None
     head_hook: Callable[[bytes], bytes] | None = None  # rewrites each response head (status line on)
+    sent: bytearray | None = field(default_factory=bytearray)  # the body so far, to send it again
+    replayed: bool = False
     _head: bytes = b""  # a response head not complete yet (only with head_hook)
     _heads_done: bool = False
 
@@ -329,6 +341,7 @@ class Exchange:
     def body(self, data: bytes) -> None:
         if self.chunked:
             data = b"%x\r\n%b\r\n" % (len(data), data)
+        self._keep(data)
         if self.upstream is None:
             self.pending.append(data)
         else:
@@ -338,13 +351,14 @@ class Exchange:
         self.request_done = True
         if self.chunked:
             last = b"0\r\n\r\n"
+            self._keep(last)
             if self.upstream is None:
                 self.pending.append(last)
             else:
                 self.upstream.write(last)
 
     def attach(self, upstream: Upstream, host: str) -> None:
-        self.upstream = upstream
+        self.upstream, self.host = upstream, host
         upstream.exchange = self
         upstream.status, upstream.keep_alive = 0, True
         upstream.write(self.head(host) + b"".join(self.pending))
@@ -354,11 +368,32 @@ class Exchange:
         if self.on_upgrade is not None:
             self.on_upgrade(upstream)
 
-    def upstream_lost(self) -> None:
+    def _keep(self, data: bytes) -> None:
+        if self.sent is not None:
+            self.sent += data
+            if len(self.sent) > REPLAY_LIMIT_BYTES:
+                self.sent = None  # too large to keep: this one is not sent again
+
+    def upstream_lost(self, upstream: Upstream) -> None:
         if self.responded:
             self.sink.finish(keep_alive=False)
+        elif upstream.reused and self.sent is not None and not self.upgrade and not self.replayed:
+            self.replayed, self.upstream = True, None
+            task = asyncio.get_running_loop().create_task(self._again(upstream.pool, upstream.key))
+            _replays.add(task)
+            task.add_done_callback(_replays.discard)
         else:
             self.sink.fail(502, {"error": f"{self.node or 'the upstream'} did not answer the request"})
+
+    async def _again(self, pool: ConnectionPool, key: tuple[str, int]) -> None:
+        """Send this exchange again on a new connection to the same upstream."""
+        try:
+            upstream = await pool.acquire(key, fresh=True)
+        except (OSError, TimeoutError):
+            self.sink.fail(502, {"error": f"{self.node or 'the upstream'} did not answer the request"})
+            return
+        self.pending = [bytes(self.sent or b"")]
+        self.attach(upstream, self.host)
 
 
 # --------------------------------------------------------------------------------------- clients

@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timezone
 from types import FrameType
 
@@ -187,14 +188,22 @@ class Launcher:
         """The last lines of the node's logs into the project (the keeper has kept the rest)."""
         self.keeper.sync_logs()
 
-    def end_ray(self, collect_logs: bool = True, grace_seconds: float = 4.0) -> None:
-        """End the node's processes first (their logs are then complete), then copy the logs."""
+    def end_ray(
+        self,
+        collect_logs: bool = True,
+        grace_seconds: float = 4.0,
+        ended: Callable[[], None] | None = None,
+    ) -> None:
+        """End the node's processes first (their logs are then complete), call `ended`, then copy the
+        logs (the last step: the one a stop that runs out of grace can lose)."""
         if self.status.ray_down_since is None:
             self.status.note_stopped()
         self.keeper.sync_jobs()  # the job records' last state, while the dashboard still answers
         started = time.monotonic()
         self.node.stop(grace_seconds=grace_seconds)
         stopped = time.monotonic()
+        if ended is not None:
+            ended()
         if collect_logs:
             self.collect_logs()
         logger.info(
@@ -234,7 +243,9 @@ def run_head(settings: NodeSettings | None = None, autostop_hooks: HooksFactory 
         return _run_head(launcher, published, guard)
     except StopRequested:
         _withdraw(launcher, published)
-        launcher.end_ray()
+        # The lease goes as soon as the GCS is gone, before the logs are copied: a stop that runs out
+        # of grace (SIGKILL) must not turn a clean restart into a failover the next head waits out.
+        launcher.end_ray(ended=guard.release if guard is not None else None)
         if guard is not None and guard.fenced_reason is not None:
             logger.error("stopped: %s", guard.fenced_reason)
             return EXIT_FAILED
@@ -246,11 +257,11 @@ def run_head(settings: NodeSettings | None = None, autostop_hooks: HooksFactory 
     except NodeFailure as failure:
         logger.error("%s", failure)
         _withdraw(launcher, published)
-        launcher.end_ray()
+        launcher.end_ray(ended=guard.release if guard is not None else None)
         return EXIT_FAILED
     finally:
         if guard is not None:
-            guard.release()  # after Ray ended: the next head may start its GCS at once
+            guard.release()  # after Ray ended (again if end_ray did): the next head may start at once
         launcher.shutdown()
 
 
