@@ -20,9 +20,9 @@ of the hops' CPU (benchmarks/README.md, issue 24). Here a request costs one C pa
 * **WebSockets**: after the upgrade request and the upstream's `101`, both ways are relayed as bytes;
 * upstream connections are pooled per (host, port) and reused (idle ones closed after
   `KEEPALIVE_SECONDS`, before uvicorn drops them at 5 s); one that does not open reached nobody;
-  a request whose reused connection closes before any byte of an answer is sent again, once, on a
-  new connection (the upstream closed it as idle as the request went out: on a loaded machine the
-  margin can run out), as browsers do — when its body so far is at most `REPLAY_LIMIT_BYTES`;
+  a request whose reused connection closes before any byte of an answer is started again, once,
+  on a new connection (the upstream closed it as idle as the request went out: on a loaded machine
+  the margin can run out), as browsers do — when its body so far is at most `REPLAY_LIMIT_BYTES`;
 * one request at a time per client connection (no pipelining: no browser or proxy sends it); an
   idle client connection is closed after `CLIENT_IDLE_SECONDS`, as uvicorn does.
 """
@@ -275,8 +275,6 @@ class ConnectionPool:
 
 # ------------------------------------------------------------------------------------- exchanges
 
-_replays: set[asyncio.Task[None]] = set()  # exchanges on their way again (a reference keeps each)
-
 
 class Sink:
     """Where an exchange's response goes (a client connection, or a health check)."""
@@ -304,12 +302,12 @@ class Exchange:
     pending: list[bytes] = field(default_factory=list)
     tried: set[str] = field(default_factory=set)
     node: str | None = None
-    host: str = ""  # the Host header it went upstream with
     target: tuple[str, int] | None = None  # where the relay sends it, when it knows at once
     on_upgrade: Callable[[Upstream], None] | None = None
     head_hook: Callable[[bytes], bytes] | None = None  # rewrites each response head (status line on)
     sent: bytearray | None = field(default_factory=bytearray)  # the body so far, to send it again
-    replayed: bool = False
+    replayed: bool = False  # started again: `Relay.connect` then takes a new connection (`fresh`)
+    again: Callable[[Exchange], None] | None = None  # `Relay.start`, set when it started
     _head: bytes = b""  # a response head not complete yet (only with head_hook)
     _heads_done: bool = False
 
@@ -358,7 +356,7 @@ class Exchange:
                 self.upstream.write(last)
 
     def attach(self, upstream: Upstream, host: str) -> None:
-        self.upstream, self.host = upstream, host
+        self.upstream = upstream
         upstream.exchange = self
         upstream.status, upstream.keep_alive = 0, True
         upstream.write(self.head(host) + b"".join(self.pending))
@@ -377,23 +375,14 @@ class Exchange:
     def upstream_lost(self, upstream: Upstream) -> None:
         if self.responded:
             self.sink.finish(keep_alive=False)
-        elif upstream.reused and self.sent is not None and not self.upgrade and not self.replayed:
-            self.replayed, self.upstream = True, None
-            task = asyncio.get_running_loop().create_task(self._again(upstream.pool, upstream.key))
-            _replays.add(task)
-            task.add_done_callback(_replays.discard)
+        elif upstream.reused and self.sent is not None and self.again is not None and not self.replayed:
+            # Started again from the choice of an upstream: the same one on a new connection, or
+            # another when that one does not open (the gateway's nodes).
+            self.replayed, self.upstream, self.pending = True, None, [bytes(self.sent)]
+            self.tried.clear()
+            self.again(self)
         else:
             self.sink.fail(502, {"error": f"{self.node or 'the upstream'} did not answer the request"})
-
-    async def _again(self, pool: ConnectionPool, key: tuple[str, int]) -> None:
-        """Send this exchange again on a new connection to the same upstream."""
-        try:
-            upstream = await pool.acquire(key, fresh=True)
-        except (OSError, TimeoutError):
-            self.sink.fail(502, {"error": f"{self.node or 'the upstream'} did not answer the request"})
-            return
-        self.pending = [bytes(self.sent or b"")]
-        self.attach(upstream, self.host)
 
 
 # --------------------------------------------------------------------------------------- clients
@@ -609,10 +598,12 @@ class Relay:
         raise NotImplementedError
 
     async def connect(self, exchange: Exchange) -> None:
-        """Attach `exchange` to an upstream connection (`Exchange.attach`), or fail its sink."""
+        """Attach `exchange` to an upstream connection (`Exchange.attach`; a new one when it is
+        `replayed`: `ConnectionPool.acquire(..., fresh=True)`), or fail its sink."""
         raise NotImplementedError
 
     def start(self, exchange: Exchange) -> None:
+        exchange.again = self.start
         task = asyncio.get_running_loop().create_task(self.connect(exchange))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)

@@ -263,7 +263,7 @@ class GatewayRelay(Relay):
             exchange.tried.add(backend.node)
             exchange.node = f"node {backend.node}"
             try:
-                upstream = await self.pool.acquire((backend.ip, backend.port))
+                upstream = await self.pool.acquire((backend.ip, backend.port), fresh=exchange.replayed)
             except (OSError, asyncio.TimeoutError):
                 self.routes.mark_down(backend.node, "refused a connection")
                 continue

@@ -311,7 +311,7 @@ class FastPath(Relay):
         assert exchange.target is not None
         host, port = exchange.target
         try:
-            upstream = await self.pool.acquire(exchange.target)
+            upstream = await self.pool.acquire(exchange.target, fresh=exchange.replayed)
         except (OSError, asyncio.TimeoutError):
             answer_id = uuid.uuid4().hex.encode()
             headers = [(NOT_FORWARDED_HEADER.encode(), b"1"), (b"x-request-id", answer_id)]

@@ -38,7 +38,7 @@ class OneUpstream(Relay):
 
     async def connect(self, exchange: Exchange) -> None:
         try:
-            upstream = await self.pool.acquire(("127.0.0.1", self.port))
+            upstream = await self.pool.acquire(("127.0.0.1", self.port), fresh=exchange.replayed)
         except OSError:
             exchange.sink.fail(502, {"error": "no upstream"})
             return
