@@ -101,6 +101,19 @@ def _venv_python(project: Path) -> Path:
     return project / VENV_DIR / "bin" / "python"
 
 
+def _install_editable(pip: list[str], project: Path) -> None:
+    """`pip install -e .[ray]`, first without build isolation: when the runtime already has the
+    project's build backend (the local workspace's has hatchling), pip builds in place instead of
+    installing the backend into a throwaway environment first (4 s instead of 9 on 2 cores). When it
+    has not (pip refuses: a module is missing), the usual isolated build."""
+    editable = [*pip, "-e", ".[ray]"]
+    in_place = [*pip, "--no-build-isolation", "-e", ".[ray]"]
+    if subprocess.run(in_place, cwd=project, capture_output=True, text=True).returncode == 0:
+        print(f"$ {' '.join(editable)} (built in place: the runtime has the build backend)", flush=True)
+        return
+    _run(editable, cwd=project)
+
+
 def setup_environment() -> bool:
     """Create `.venv` with this package and its `ray` extra, plus the project's own
     `requirements.txt` when there is one (what Serve applications and job scripts import); skip when
@@ -124,7 +137,7 @@ def setup_environment() -> bool:
         # System site packages: a runtime that already ships Ray (or the local workspace) is reused.
         _run([sys.executable, "-m", "venv", "--system-site-packages", VENV_DIR], cwd=project)
     pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    _run([*pip, "-e", ".[ray]"], cwd=project)
+    _install_editable(pip, project)
     if (project / PROJECT_REQUIREMENTS).is_file():
         _run([*pip, "-r", PROJECT_REQUIREMENTS], cwd=project)
     version = _run([str(python), "-c", f"{check}; print(ray.__version__)"], cwd=project)

@@ -165,6 +165,13 @@ def test_first_deploy_creates_project_jobs_and_a_ready_cluster(deployed: Deploym
     assert not by_name["Git Sync"]["parent_id"]
     assert by_name["Setup Environment"]["parent_id"] == by_name["Git Sync"]["id"]
     assert by_name["Launch Ray Cluster"]["parent_id"] == by_name["Setup Environment"]["id"]
+    # The workspace's runtime has this package's build backend: the editable install is built in place.
+    setup = by_name["Setup Environment"]["id"]
+    runs = workspace.api_ok("GET", f"/api/v2/projects/{project_id}/jobs/{setup}/runs")["job_runs"]
+    setup_log = Path(
+        workspace.wait_for_run(project_id, setup, runs[0]["id"], timeout=60)["log_path"]
+    ).read_text()
+    assert "built in place" in setup_log, setup_log[-2000:]
 
     cluster = result["cluster"]
     assert cluster["state"] == "ready"
