@@ -86,21 +86,15 @@ def xdist_group_of(item: pytest.Item, tier: str) -> str:
     return str(item.path.relative_to(TESTS_DIR)) if tier == "workspace" else tier
 
 
-# Modules of a second or less: xdist queues one behind each real-Ray group (see below).
-QUICK_WORKSPACE_MODULES = ("test_head_guard.py", "test_relay_replay.py", "test_deploy_workflow.py")
-
-
 def _schedule_rank(item: pytest.Item, tier: str, group: str) -> tuple[int, int, str]:
     if tier == "unit":
         return (0, 0, "")
     if tier == "ray":
         return (1, 0 if group == "ray" else 1, group)
     name = item.path.name
-    if name in QUICK_WORKSPACE_MODULES:
-        return (2, 1, group)
     known = SLOW_WORKSPACE_MODULES
     slow = known.index(name) if name in known else len(known)
-    return (2, 0 if slow == 0 else slow + 2, group)
+    return (2, slow, group)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -111,17 +105,14 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark each test with its tier, and group the tests for `pytest -n 4 --dist loadgroup`
+    """Mark each test with its tier, and group the tests for `pytest -n 3 --dist loadgroup`
     (pytest-xdist): a group runs whole in one worker, in order. Without xdist the tiers run in the
     order of `testpaths` (cheapest first). With it, the unit tier is one group and goes first; the
     real-Ray tier is three groups (`ray`, which holds every test of the shared `ray_cluster`, and
-    `ray-2`, `ray-3`, modules that bring up clusters of their own), one to each of the other three
-    workers (each worker has its own session workspace); each workspace module is a group (its
-    module fixtures set up once). xdist gives every worker one group, then queues a second behind
-    each: the worker of the short unit tier gets the slowest workspace module, and each real-Ray
-    worker one of the `QUICK_WORKSPACE_MODULES` (it waits for the Ray group). So the workspace tier,
-    which mostly waits (about half the CPU of two cores), runs beside the real-Ray tier, which is
-    CPU-bound; the rest of its modules go, slowest first, to whichever worker is free."""
+    `ray-2`, `ray-3`, modules that bring up clusters of their own), handed out next, one to each
+    worker (xdist gives every worker one group, then a second to each: the worker of the short unit
+    tier gets `ray-3`; each worker has its own session workspace); then each workspace module is a
+    group (its module fixtures set up once), the slowest first, to whichever worker is free."""
     ranks: dict[int, tuple[int, int, str]] = {}
     for item in items:
         tier = tier_of(item.path)

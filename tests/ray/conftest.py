@@ -13,7 +13,7 @@ A real cluster is the expensive part of the suite (a minute or more to come up o
   modules few and rich.
 
 The modules that take `ray_cluster` run first in this tier, and the shared cluster comes down right
-after the last test that takes it. Under `pytest -n 4 --dist loadgroup` the tier is three xdist
+after the last test that takes it. Under `pytest -n 3 --dist loadgroup` the tier is three xdist
 groups, one a worker (tests/conftest.py): `ray` — every module that takes `ray_cluster` (a session
 fixture is one per worker: its users must share a worker) and, by default, any other (node, run,
 deploy) — and `ray-2`, `ray-3`, modules that bring up their own cluster and say so with
