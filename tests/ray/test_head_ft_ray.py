@@ -178,7 +178,11 @@ def test_a_head_replaced_in_a_new_pod_loses_nothing(cluster: PodsCluster) -> Non
         assert victims
         killed = time.monotonic()
         kill(victims)
-        after = cluster.ready(timeout=600)
+        # Ready with the new head's failover recorded: the head writes it once its own start
+        # returns, which a loaded machine can put just after the workers are back in Ray.
+        after = ready_once(
+            cluster, lambda s: bool((s.get("head_fault_tolerance") or {}).get("last_failover")), 600
+        )
         took = time.monotonic() - killed
         new_ip = cluster.pod_ip(HEAD)
         assert new_ip != old_ip  # a new pod, as CML restarts a failed application
