@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from ray_serve_cai.cluster.conditions import Condition
@@ -165,6 +166,25 @@ def _nodes(
     return nodes, sorted(name for name in mine if name not in desired_names and not mine[name].is_gateway)
 
 
+# A node is in Ray when Ray has an alive node of its name that started no earlier than this before
+# the node's application did (CML's `starting_at`): an older one is a previous incarnation's raylet,
+# which Ray counts alive until its health checks give up on it (seconds after its pod is gone). The
+# margin covers clock skew between CML and the pods.
+INCARNATION_SKEW_SECONDS = 10.0
+
+
+def alive_in_ray(ray_view: dict[str, Any], name: str, app_started: datetime | str | None) -> bool:
+    """Whether Ray has an alive node `name` of this incarnation of its application (any, when either
+    start time is unknown: a head of an older version does not give Ray's)."""
+    since = app_started.timestamp() - INCARNATION_SKEW_SECONDS if isinstance(app_started, datetime) else None
+    for node in ray_view.get("nodes", []):
+        if node.get("alive") and node.get("node_name") == name:
+            started = node.get("started_at")
+            if since is None or not isinstance(started, (int, float)) or started >= since:
+                return True
+    return False
+
+
 def _why(items: list[str], text: str) -> str:
     return f"{text}: {', '.join(items)}" if items else ""
 
@@ -186,9 +206,10 @@ def derive_status(
     ready), HeadReady (the head runs and answers with Ray's view), RayNodesAlive (Ray sees every
     node), Ready (all of it now)."""
     nodes, surplus = _nodes(cluster, desired, apps)
-    alive_names = {n.get("node_name") for n in ray_view.get("nodes", []) if n.get("alive")}
+    started = {a.key: a.starting_at for a in apps}
     for node_status in nodes:
-        node_status.in_ray = node_status.name in alive_names
+        app_started = started.get(node_status.name) if node_status.app_id else None
+        node_status.in_ray = alive_in_ray(ray_view, node_status.name, app_started)
 
     problems = [ray_problem] if ray_problem else []
     problems += [
@@ -236,7 +257,7 @@ def derive_status(
             "RayNodesAlive",
             all_alive,
             "" if all_alive else "NotInRay",
-            _why(not_in_ray, f"{len(alive_names)}/{len(nodes)} alive in Ray; not yet"),
+            _why(not_in_ray, f"{len(nodes) - len(not_in_ray)}/{len(nodes)} alive in Ray; not yet"),
         ),
         Condition(
             "Ready",

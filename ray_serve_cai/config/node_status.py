@@ -26,6 +26,7 @@ class RayNodeView(BaseModel):
     alive: bool = False
     is_head: bool = False
     resources: dict[str, float] = Field(default_factory=dict)
+    started_at: float | None = None  # when its raylet started (wall clock, s): tells incarnations apart
 
 
 class HeadStatus(BaseModel):

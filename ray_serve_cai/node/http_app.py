@@ -134,6 +134,9 @@ def summarize_nodes(raw_nodes: list[dict[str, Any]]) -> dict[str, Any]:
                 "node_name": labels.get(NODE_NAME_LABEL) or row.get("node_name"),
                 "ip": row.get("node_ip"),
                 "alive": alive,
+                # When this Ray node started (wall clock): a previous incarnation's raylet of the same
+                # name is older than its application's start (`cluster.status.alive_in_ray`).
+                "started_at": (row.get("start_time_ms") or 0) / 1000 or None,
                 "is_head": bool(row.get("is_head_node")),
                 "resources": resources,
             }

@@ -522,6 +522,7 @@ class GcsProbe:
                     "is_head_node": bool(info.is_head_node),
                     "labels": dict(info.labels),
                     "resources_total": dict(info.resources_total),
+                    "start_time_ms": int(info.start_time_ms) or None,
                 }
             )
         return rows

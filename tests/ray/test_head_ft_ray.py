@@ -118,6 +118,14 @@ def cluster(pods_ray_cluster: PodsCluster) -> PodsCluster:
     return up_unless_running(pods_ray_cluster)
 
 
+def failover_recorded(status: dict[str, Any], epoch: int) -> bool:
+    """The status shows a head of an epoch after `epoch` and that head's failover record. The head
+    writes the record once its own start returns, which load can put after the workers are back in
+    Ray and the status is ready: until then the new epoch shows with the previous record."""
+    ft = status.get("head_fault_tolerance") or {}
+    return (ft.get("epoch") or 0) > epoch and (ft.get("last_failover") or {}).get("epoch") == ft["epoch"]
+
+
 def ready_once(
     cluster: PodsCluster, changed: Callable[[dict[str, Any]], bool], timeout: float
 ) -> dict[str, Any]:
@@ -178,11 +186,7 @@ def test_a_head_replaced_in_a_new_pod_loses_nothing(cluster: PodsCluster) -> Non
         assert victims
         killed = time.monotonic()
         kill(victims)
-        # Ready with the new head's failover recorded: the head writes it once its own start
-        # returns, which a loaded machine can put just after the workers are back in Ray.
-        after = ready_once(
-            cluster, lambda s: bool((s.get("head_fault_tolerance") or {}).get("last_failover")), 600
-        )
+        after = ready_once(cluster, lambda s: failover_recorded(s, ft["epoch"]), 600)
         took = time.monotonic() - killed
         new_ip = cluster.pod_ip(HEAD)
         assert new_ip != old_ip  # a new pod, as CML restarts a failed application
@@ -267,9 +271,7 @@ def test_a_restart_of_the_head_application_loses_nothing(cluster: PodsCluster) -
         "POST", f"/api/v2/projects/{cluster.project_id}/applications/{head['id']}:restart"
     )
     restarted = time.monotonic()
-    seen = ready_once(
-        cluster, lambda s: ((s.get("head_fault_tolerance") or {}).get("epoch") or 0) > epoch, 600
-    )
+    seen = ready_once(cluster, lambda s: failover_recorded(s, epoch), 600)
     took = time.monotonic() - restarted
     assert cluster.pod_ip(HEAD) != ip  # a restart is a new pod
     assert worker_node_ids(seen) == worker_node_ids(before)

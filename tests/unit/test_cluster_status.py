@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Any
 
 import pytest
@@ -118,3 +119,24 @@ def test_messages_name_what_is_missing() -> None:
     messages = {c.type: c.message for c in status.conditions}
     assert WORKER in messages["AppsProvisioned"] and WORKER in messages["RayNodesAlive"]
     assert "1/2 alive in Ray" in messages["RayNodesAlive"]
+
+
+def test_a_previous_incarnations_raylet_does_not_count_for_a_restarted_worker() -> None:
+    """Right after a worker's application started again, Ray may still count its old raylet alive
+    under the same node name (until its health checks fail): that node started before the app did."""
+    started = datetime(2026, 12, 6, 20, 0, 0, tzinfo=timezone.utc)
+    worker = app(WORKER).model_copy(update={"starting_at": started})
+    at = started.timestamp()
+
+    def view(worker_started: float | None) -> dict[str, Any]:
+        nodes = [{"node_name": HEAD, "alive": True, "started_at": at - 600},
+                 {"node_name": WORKER, "alive": True, "started_at": worker_started}]  # fmt: skip
+        return {"alive_nodes": 2, "nodes": nodes}
+
+    old = derive_status("st", DESIRED, [app(HEAD), worker], view(at - 120))
+    assert old.state == "pending" and not next(n for n in old.nodes if n.name == WORKER).in_ray
+    assert conditions(old)["RayNodesAlive"] == (False, "NotInRay")
+    # This incarnation's raylet (its start a little before CML's `starting_at` is clock skew), or a
+    # head that does not give start times: counted.
+    for worker_started in (at + 5, at - 3, None):
+        assert derive_status("st", DESIRED, [app(HEAD), worker], view(worker_started)).state == "ready"
