@@ -166,9 +166,9 @@ def test_up_heals_a_worker_whose_process_was_killed(cluster: LocalCluster) -> No
 
 def test_workers_rejoin_a_restarted_head_without_being_recreated(cluster: LocalCluster) -> None:
     apps = cluster.apps()
-    # From a ready cluster: right after the heal above, Ray can still count the killed worker's old
-    # raylet alive under the same node name for a few seconds (its health checks have not failed
-    # yet), and then the new one not yet — `status` said pending there once under load.
+    # From a ready cluster (`--wait`). The heal above once ended "ready" on the killed worker's old
+    # raylet, which Ray still counted alive under its name, and a status read here said pending; the
+    # status now counts only a Ray node as new as the app (`cluster.status.alive_in_ray`).
     head_id_before = cluster.cli_json("status", "--wait", "240")["ray"]["head_id"]
     workers_before = {n: (apps[n]["id"], apps[n]["starting_at"]) for n in (W0, W1)}
     with CMLClient(CMLSettings(host=cluster.workspace.url, api_key=cluster.workspace.api_key)) as client:
