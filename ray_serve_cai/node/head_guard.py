@@ -161,7 +161,10 @@ class HeadGuard:
         return None
 
     def release(self) -> None:
-        """Stop renewing; mark the lease released so the next head takes it at once."""
+        """Stop renewing; mark the lease released so the next head takes it at once (once: a later
+        call does nothing)."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)

@@ -261,7 +261,7 @@ def run_head(settings: NodeSettings | None = None, autostop_hooks: HooksFactory 
         return EXIT_FAILED
     finally:
         if guard is not None:
-            guard.release()  # after Ray ended (again if end_ray did): the next head may start at once
+            guard.release()  # if end_ray did not (no Ray started): the next head may start at once
         launcher.shutdown()
 
 

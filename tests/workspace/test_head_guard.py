@@ -65,6 +65,9 @@ def test_a_released_lease_is_taken_at_once_in_the_next_epoch(tmp_path: Path, lis
     first.acquire(no_sleep, lambda _: None, wait_seconds=0)
     first.serving(listening)
     first.release()  # SIGTERM: Ray ended, the lease released
+    released = read_lease(tmp_path, CLUSTER)
+    first.release()  # the launcher's `finally` after `end_ray` released it: nothing more is written
+    assert read_lease(tmp_path, CLUSTER) == released
     second = guard(tmp_path, "ray-g-head")
     assert second.acquire(no_sleep, lambda _: None, wait_seconds=0) == 2
     assert second.taken_over is not None and second.taken_over.released  # a `restart`, not a failover
