@@ -84,6 +84,11 @@ def json_answer(status: int, body: Any, *, close: bool = False, headers: Headers
     return b"\r\n".join(lines) + b"\r\n\r\n" + data
 
 
+def is_chunked(headers: Headers) -> bool:
+    """Whether a request's body comes chunked (`Transfer-Encoding: chunked`)."""
+    return any(n == b"transfer-encoding" and b"chunked" in v.lower() for n, v in headers)
+
+
 def forwarded_headers(
     headers: Headers, peer: str, *, drop: frozenset[bytes] = frozenset(), upgrade: bool = False
 ) -> list[tuple[bytes, bytes]]:
@@ -101,7 +106,7 @@ def forwarded_headers(
     if upgrade:
         dropped -= {b"connection", b"upgrade"}
     kept = [(n, v) for n, v in headers if n not in dropped]
-    if any(n == b"transfer-encoding" and b"chunked" in v.lower() for n, v in headers):
+    if is_chunked(headers):
         kept.append((b"transfer-encoding", b"chunked"))
     host = next((v for n, v in headers if n == b"host"), b"")
     earlier = next((v for n, v in headers if n == b"x-forwarded-for"), b"")
@@ -665,6 +670,7 @@ __all__ = [
     "Relay",
     "forwarded_headers",
     "get_status",
+    "is_chunked",
     "json_answer",
     "open_tcp",
 ]

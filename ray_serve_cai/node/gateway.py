@@ -64,6 +64,7 @@ from ray_serve_cai._relay import (
     Relay,
     forwarded_headers,
     get_status,
+    is_chunked,
     json_answer,
 )
 from ray_serve_cai.atomic import write_json_atomically
@@ -240,7 +241,7 @@ class GatewayRelay(Relay):
             headers=forwarded_headers(headers, client.peer, drop=self.DROP, upgrade=upgrade),
             sink=client,
             upgrade=upgrade,
-            chunked=any(n == b"transfer-encoding" and b"chunked" in v.lower() for n, v in headers),
+            chunked=is_chunked(headers),
         )
 
     def page(self, path: str) -> tuple[int, Any]:

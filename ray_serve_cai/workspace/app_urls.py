@@ -44,7 +44,15 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.types import Message, Receive, Scope, Send
 
 from ray_serve_cai._proxy import NOT_FORWARDED_HEADER, ReverseProxy, proxy_client
-from ray_serve_cai._relay import ClientConnection, ConnectionPool, Exchange, Headers, Relay, forwarded_headers
+from ray_serve_cai._relay import (
+    ClientConnection,
+    ConnectionPool,
+    Exchange,
+    Headers,
+    Relay,
+    forwarded_headers,
+    is_chunked,
+)
 from ray_serve_cai.workspace.controls import AppUrlPolicy
 from ray_serve_cai.workspace.errors import error_body
 from ray_serve_cai.workspace.model import Application
@@ -300,7 +308,7 @@ class FastPath(Relay):
             path=url,
             headers=forwarded_headers(self._without_login_cookie(headers), client.peer, drop=_DROP),
             sink=client,
-            chunked=any(n == b"transfer-encoding" and b"chunked" in v.lower() for n, v in headers),
+            chunked=is_chunked(headers),
             head_hook=lambda head: _with_request_id(head, request_id),
             node=app.subdomain,
             target=(app.pod_ip or "127.0.0.1", app.app_port),

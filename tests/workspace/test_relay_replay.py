@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from ray_serve_cai._relay import ClientConnection, ConnectionPool, Exchange, Headers, Relay
+from ray_serve_cai._relay import ClientConnection, ConnectionPool, Exchange, Headers, Relay, is_chunked
 
 
 class OneUpstream(Relay):
@@ -32,9 +32,10 @@ class OneUpstream(Relay):
     def request(
         self, client: ClientConnection, method: bytes, url: bytes, headers: Headers, upgrade: bool
     ) -> Exchange:
-        chunked = any(n == b"transfer-encoding" and b"chunked" in v.lower() for n, v in headers)
         kept = [(n, v) for n, v in headers if n != b"host"]
-        return Exchange(method=method, path=url, headers=kept, sink=client, chunked=chunked, node="upstream")
+        return Exchange(
+            method=method, path=url, headers=kept, sink=client, chunked=is_chunked(headers), node="upstream"
+        )
 
     async def connect(self, exchange: Exchange) -> None:
         try:
