@@ -69,7 +69,8 @@ def classify(command: str) -> str:
 def busy_ticks() -> int:
     with open("/proc/stat") as stat:
         fields = [int(v) for v in stat.readline().split()[1:]]
-    return sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+    # user nice system, then irq softirq steal: not idle, iowait, nor guest time (counted in user)
+    return sum(fields[0:3]) + sum(fields[5:8])
 
 
 class Sampler:

@@ -106,12 +106,11 @@ def _install_editable(pip: list[str], project: Path) -> None:
     project's build backend (the local workspace's has hatchling), pip builds in place instead of
     installing the backend into a throwaway environment first (4 s instead of 9 on 2 cores). When it
     has not (pip refuses: a module is missing), the usual isolated build."""
-    editable = [*pip, "-e", ".[ray]"]
     in_place = [*pip, "--no-build-isolation", "-e", ".[ray]"]
     if subprocess.run(in_place, cwd=project, capture_output=True, text=True).returncode == 0:
-        print(f"$ {' '.join(editable)} (built in place: the runtime has the build backend)", flush=True)
+        print(f"$ {' '.join(in_place)} (built in place: the runtime has the build backend)", flush=True)
         return
-    _run(editable, cwd=project)
+    _run([*pip, "-e", ".[ray]"], cwd=project)
 
 
 def setup_environment() -> bool:
