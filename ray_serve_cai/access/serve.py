@@ -24,6 +24,11 @@ class ServeAPIError(OperationFailed):
     """Serve's REST API could not be reached or failed (exit code 1)."""
 
 
+# Serve starts on demand: the first PUT answers once Serve's controller and proxies run (seconds; on a
+# loaded node, a minute or more).
+SERVE_START_SECONDS = 180.0
+
+
 class ServeRejected(ConfigError):
     """Serve refused the config (HTTP 400); the problems name its fields like the local check (exit 2)."""
 
@@ -36,9 +41,13 @@ class ServeAPI:
         self.head = head
         self.timeout = timeout
 
-    def _request(self, method: str, path: str = APPLICATIONS_PATH, **kwargs: Any) -> Any:
+    def _request(
+        self, method: str, path: str = APPLICATIONS_PATH, *, timeout: float | None = None, **kwargs: Any
+    ) -> Any:
         try:
-            response = self.client.app_request(self.head, method, path, timeout=self.timeout, **kwargs)
+            response = self.client.app_request(
+                self.head, method, path, timeout=timeout or self.timeout, **kwargs
+            )
         except CMLError as err:
             raise ServeAPIError(f"Serve's REST API on {self.head} is unreachable: {err}") from None
         if response.status_code == 501:
@@ -81,8 +90,9 @@ class ServeAPI:
         return next((s for s in states if s != "DEAD"), states[0] if states else None)
 
     def deploy(self, body: dict[str, Any], *, source: str = "serve config") -> None:
-        """`PUT` the whole config; a 400 raises `ServeRejected` with Serve's problems and field paths."""
-        response = self._request("PUT", json=body)
+        """`PUT` the whole config; a 400 raises `ServeRejected` with Serve's problems and field paths.
+        The first PUT of a cluster starts Serve (its controller, then its proxies) before it answers."""
+        response = self._request("PUT", json=body, timeout=max(self.timeout, SERVE_START_SECONDS))
         if response.status_code == 400:
             raise ServeRejected(serve_rejection_problems(response.text), f"{source} (refused by Serve)")
         if response.status_code != 200:

@@ -4,8 +4,8 @@ The head is the one part of a cluster that always runs, so it decides (as SkyPil
 Every `check_interval` seconds it asks Ray, in the head's pod:
 
 - the Jobs API (`GET /api/jobs/` of the local dashboard, with the cluster's token): busy while a
-  submitted job is PENDING or RUNNING, or a driver other than the cluster's own is connected (a
-  Ray Client connection is a driver too; the head's own short-lived Serve starter is not counted);
+  submitted job is PENDING or RUNNING, or a driver is connected (a Ray Client connection is a
+  driver too; Ray's own, such as the dashboard's that starts Serve on demand, are not listed);
 - the GCS (`GetClusterStatus`, what `ray status` shows): busy while tasks, actors or placement
   groups wait for resources;
 - Serve: every request to Serve goes through the head's `/serve` mount (Serve runs HeadOnly on the
@@ -40,8 +40,6 @@ from ray_serve_cai.config.cluster import AUTOSTOP_DEFAULT_CHECK_INTERVAL
 logger = logging.getLogger("ray_serve_cai.node")
 
 ACTIVE_JOB_STATUSES = frozenset({"PENDING", "RUNNING"})
-# Entrypoints of the drivers the cluster runs itself (the head's Serve starter), never user activity.
-OWN_DRIVER_MARKERS = ("ray_serve_cai.node",)
 RAY_CLIENT_MARKER = "ray.util.client.server"
 PROBE_TIMEOUT_SECONDS = 10.0
 SERVE_BUSY_STATUSES = frozenset({"DEPLOYING", "DELETING"})
@@ -60,7 +58,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 def job_reasons(jobs: Iterable[Mapping[str, Any]]) -> list[str]:
     """What keeps the cluster busy in the Jobs API's list (`GET /api/jobs/`): submitted jobs that
-    are pending or running, and drivers still connected that are not the cluster's own."""
+    are pending or running, and drivers still connected."""
     reasons = []
     for job in jobs:
         status = str(job.get("status") or "")
@@ -69,8 +67,6 @@ def job_reasons(jobs: Iterable[Mapping[str, Any]]) -> list[str]:
         entrypoint = str(job.get("entrypoint") or "")
         if job.get("type") == "SUBMISSION" or job.get("submission_id"):
             reasons.append(f"job {job.get('submission_id') or job.get('job_id')} {status.lower()}")
-        elif any(marker in entrypoint for marker in OWN_DRIVER_MARKERS):
-            continue
         elif RAY_CLIENT_MARKER in entrypoint:
             reasons.append(f"a Ray client is connected (job {job.get('job_id')})")
         else:

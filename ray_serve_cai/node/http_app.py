@@ -153,12 +153,14 @@ class PathUpstream:
     """Another local server mounted under a path prefix of the head's HTTP server (e.g. Serve's HTTP
     proxy under `/serve`). `port()` is asked per request (None: not up yet → 503). With
     `strip_prefix` the upstream sees paths without the prefix; without it (Serve with
-    `root_path: /serve`) it sees them as the client sent them."""
+    `root_path: /serve`) it sees them as the client sent them. `unavailable`: the 503's message when
+    the upstream does not answer (default: "<name> is not reachable yet")."""
 
     prefix: str
     port: Callable[[], int | None]
     strip_prefix: bool = False
     name: str = "upstream"
+    unavailable: str | None = None
 
 
 def create_app(status: NodeStatus, upstreams: Sequence[PathUpstream] = ()) -> Starlette:
@@ -260,7 +262,7 @@ def _mounted(upstream: PathUpstream, client: UpstreamClient) -> ReverseProxy:
         return None if port is None else f"http://127.0.0.1:{port}"
 
     async def not_up(_: Request) -> Response:
-        return JSONResponse({"error": f"{upstream.name} is not reachable yet"}, 503)
+        return JSONResponse({"error": upstream.unavailable or f"{upstream.name} is not reachable yet"}, 503)
 
     return ReverseProxy(
         base,

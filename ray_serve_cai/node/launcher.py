@@ -52,8 +52,8 @@ from ray_serve_cai.node.ports import on_shared_host
 from ray_serve_cai.node.ray_node import GCS_PROBE, NodePorts, RayNode, wait_for_gcs
 from ray_serve_cai.node.serve_proxy import (
     gateway_traffic_path,
+    serve_publication,
     serve_upstreams,
-    start_serve_in_background,
     start_serve_ingress,
 )
 from ray_serve_cai.node.settings import NodeSettings, SettingsError
@@ -125,6 +125,8 @@ class Launcher:
         self.status.mount_wrapper = self.serve_traffic.wrap
         self.http = AppServer(self.status, settings.app_port, upstreams=serve_upstreams(self.status))
         self.serve_ingress = start_serve_ingress(settings, token_file)  # pods: the Serve gateway's door
+        # The head's Serve layout, published with its status; Serve itself starts on demand.
+        self.serve_layout = serve_publication() if settings.role == "head" else {}
         # Node logs (and, on the head, job records) kept in the project as they grow.
         head = settings.role == "head"
         self.keeper = ProjectKeeper(
@@ -302,13 +304,12 @@ def _withdraw(launcher: Launcher, published: list[str]) -> None:
 def _run_head(launcher: Launcher, published: list[str], guard: HeadGuard | None = None) -> int:
     settings = launcher.settings
     had_state = guard is not None and guard.storage.is_dir()
-    address = _start_head(launcher, published, guard)
+    _start_head(launcher, published, guard)
     if guard is not None and had_state:
         previous = guard.taken_over
         if previous is not None:  # a head ran before this one: since its last sign of life
             kind = "restart" if previous.released else "new head"  # stopped cleanly, or was lost
             guard.record_failover(kind, previous.renewed_at, time.time())
-    start_serve_in_background(launcher.status.connect, address, launcher.node.environment())
     # autostop (#22): the head measures idleness and, past the timeout, stops or deletes the cluster.
     start_autostop(
         launcher.status, launcher.serve_traffic, GCS_PROBE.client,
@@ -330,13 +331,12 @@ def _run_head(launcher: Launcher, published: list[str], guard: HeadGuard | None 
         guard.serving(None)  # while Ray restarts here, a refusing GCS port must not look like a dead head
         _withdraw(launcher, published)
         launcher.end_ray()
-        address = _start_head(launcher, published, guard)
+        _start_head(launcher, published, guard)
         guard.record_failover("in place", down_since, time.time())
-        start_serve_in_background(launcher.status.connect, address, launcher.node.environment())
 
 
-def _start_head(launcher: Launcher, published: list[str], guard: HeadGuard | None) -> str:
-    """Start Ray's head until it runs (retrying a failed start with new ports); its GCS address."""
+def _start_head(launcher: Launcher, published: list[str], guard: HeadGuard | None) -> None:
+    """Start Ray's head until it runs (retrying a failed start with new ports)."""
     settings = launcher.settings
     while True:
         launcher.start_ray()
@@ -361,7 +361,6 @@ def _start_head(launcher: Launcher, published: list[str], guard: HeadGuard | Non
     if guard is not None:
         guard.serving(launcher.ports.gcs)
     logger.info("head %s runs at %s", launcher.status.head_id, address)
-    return address
 
 
 def _publish(launcher: Launcher, address: str, epoch: int = 0) -> str:
@@ -393,6 +392,7 @@ def _publish(launcher: Launcher, address: str, epoch: int = 0) -> str:
             if "RAY_AUTH_TOKEN_PATH" in launcher.auth_env
             else {}
         ),
+        **launcher.serve_layout,
     }
     logger.info("head %s: GCS healthy at %s; rendezvous %s", rendezvous.head_id, address, path)
     return rendezvous.head_id

@@ -19,35 +19,34 @@ Serve's HTTP proxy has no auth of its own, so it stays on its pod's loopback.
 Either way `http_options.root_path` is `/serve` and the mounts strip the prefix (Serve's root_path
 puts it back for the application), streaming both ways and passing WebSockets.
 
-- `start_serve` (a short-lived Ray driver, `python -m ray_serve_cai.node.serve_proxy`) starts Serve's
-  controller and proxy with those options once the head's GCS is up, so whatever deploys later
-  (the REST API, `serve.run` from a notebook) finds Serve where the design puts it.
+Serve starts on demand, as it does on any Ray cluster: an idle cluster that never serves runs no
+controller and no proxies (measured on 1 head + 2 workers: 2.7 of 13 idle core-seconds a minute,
+  and their memory). The head picks
+the layout at start and publishes it in its status (`serve_proxy_location`, `serve_http_port`); the
+tool's `PUT` of a Serve config carries those options, and Ray's REST API starts Serve with them when
+it does not run yet. A `serve.run` from a driver starts Serve with Ray's defaults: in pods that is
+the same layout (EveryNode on 127.0.0.1:8000) without the `/serve` root path (routes answer the
+same; only URLs the application builds itself lack the prefix).
 - `serve_upstreams` mounts it under `/serve` of the head's HTTP server (the streaming proxy of
-  `ray_serve_cai._proxy`); its port is published in the head's status (`serve_http_port`) once Serve
-  answers, which is when the tool applies the Serve config.
+  `ray_serve_cai._proxy`), on the published port; until Serve runs the mount answers 503 saying how
+  Serve starts.
 - `project_pythonpath` puts the project directory on every node's PYTHONPATH, so Serve replicas
   import an application committed in the project without a `runtime_env`.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
 import os
-import subprocess
-import sys
-import threading
-import time
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from ray_serve_cai.atomic import write_atomically
 from ray_serve_cai.config.serve import (
-    SERVE_HOST,
     SERVE_INGRESS_PORT,
     SERVE_LOCATION_KEY,
     SERVE_POD_PORT,
@@ -62,8 +61,12 @@ from ray_serve_cai.node.ports import on_shared_host, pick_free_ports
 logger = logging.getLogger("ray_serve_cai.node")
 
 SERVE_MOUNT = SERVE_ROOT_PATH
-SERVE_START_TIMEOUT_SECONDS = 180.0
 INGRESS_DIR_NAME = "serve-ingress"
+# What `/serve` answers (503) while Serve does not run: it starts with the cluster's first application.
+SERVE_NOT_RUNNING = (
+    "Ray Serve is not running on this cluster: it starts with the first Serve application "
+    "(`serve: {config: ...}` in the cluster config, `ray-cai serve deploy`, or serve.run)"
+)
 GATEWAY_TRAFFIC_FILE = "serve-gateway-traffic.json"
 
 
@@ -82,69 +85,11 @@ def project_pythonpath(env: Mapping[str, str], project_dir: Path | str) -> str:
     return os.pathsep.join([project, *parts])
 
 
-def start_serve(
-    gcs_address: str,
-    port: int,
-    env: Mapping[str, str],
-    *,
-    location: str = SERVE_PROXY_LOCATION,
-    timeout: float = SERVE_START_TIMEOUT_SECONDS,
-) -> str | None:
-    """Start Serve's controller and its proxies (`location`) on 127.0.0.1:`port` (root_path /serve)
-    through a short-lived driver with the node's environment (token path, never the token). None
-    when Serve runs; else why not (the launcher logs it: a later PUT of the config starts Serve the
-    same way). A controller that survived a head restart is kept (Serve's start finds it)."""
-    command = [
-        sys.executable,
-        "-m",
-        "ray_serve_cai.node.serve_proxy",
-        "--address",
-        gcs_address,
-        "--port",
-        str(port),
-        "--location",
-        location,
-    ]
-    try:
-        result = subprocess.run(
-            command,
-            env=dict(env),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        return f"Serve did not start within {timeout:.0f}s"
-    if result.returncode != 0:
-        tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
-        return f"starting Serve exited with code {result.returncode}: {' | '.join(tail)}"
-    return None
-
-
-def start_serve_in_background(
-    published: MutableMapping[str, Any], gcs_address: str, env: Mapping[str, str]
-) -> threading.Thread:
-    """Pick Serve's layout, start Serve in a thread (the head keeps supervising Ray meanwhile) and
-    publish its port and proxy location in `published` (the head's status) once Serve runs."""
+def serve_publication() -> dict[str, Any]:
+    """The head's Serve layout for its status: where Serve's proxies run (or will, once Serve starts)
+    and on which loopback port (picked here on a shared host)."""
     location, fixed = serve_layout()
-    port = fixed or pick_free_ports(1)[0]
-
-    def run() -> None:
-        started = time.monotonic()
-        problem = start_serve(gcs_address, port, env, location=location)
-        if problem:
-            logger.warning("Ray Serve not started: %s", problem)
-            return
-        published[SERVE_LOCATION_KEY] = location
-        published[SERVE_PORT_KEY] = port
-        logger.info("Ray Serve's proxies (%s) run on %s:%s (%.1fs)", location, SERVE_HOST, port,
-                    time.monotonic() - started)  # fmt: skip
-
-    thread = threading.Thread(target=run, name="serve-start", daemon=True)
-    thread.start()
-    return thread
+    return {SERVE_LOCATION_KEY: location, SERVE_PORT_KEY: fixed or pick_free_ports(1)[0]}
 
 
 def serve_upstreams(status: Any) -> list[Any]:
@@ -152,20 +97,24 @@ def serve_upstreams(status: Any) -> list[Any]:
     (`status.connect`, read per request) has its port; on a worker in a pod, to the pod's own proxy
     (EveryNode, fixed port); none on a shared-host worker. The prefix is stripped (Serve's
     root_path puts it back for the application)."""
-    from ray_serve_cai.node.http_app import PathUpstream
-
     if status.role != "head":
         location, fixed = serve_layout()
         if location != SERVE_PROXY_EVERY_NODE or fixed is None:
             return []
         port = fixed
-        return [PathUpstream(SERVE_MOUNT, lambda: port, strip_prefix=True, name="Ray Serve")]
+        return [_serve_mount(lambda: port)]
 
     def published_port() -> int | None:
         value = status.connect.get(SERVE_PORT_KEY)
         return int(value) if value else None
 
-    return [PathUpstream(SERVE_MOUNT, published_port, strip_prefix=True, name="Ray Serve")]
+    return [_serve_mount(published_port)]
+
+
+def _serve_mount(port: Callable[[], int | None]) -> Any:
+    from ray_serve_cai.node.http_app import PathUpstream
+
+    return PathUpstream(SERVE_MOUNT, port, strip_prefix=True, name="Ray Serve", unavailable=SERVE_NOT_RUNNING)
 
 
 # --------------------------------------------------------------------------- the Serve ingress
@@ -220,30 +169,3 @@ def start_serve_ingress(settings: Any, token_file: Path | None) -> ServeIngress 
         return None
     node = (settings.cluster, settings.node_name, settings.role, settings.node_ip)
     return ServeIngress(Path(settings.project_dir), *node, token_file).start()
-
-
-def _start(address: str, port: int, location: str) -> int:
-    """Inside the driver: connect, start Serve with the platform's options, leave it running."""
-    import ray
-    from ray import serve
-
-    ray.init(address=address, namespace="serve", logging_level=logging.WARNING, log_to_driver=False)
-    serve.start(
-        proxy_location=location,
-        http_options={"host": SERVE_HOST, "port": port, "root_path": SERVE_MOUNT},
-    )
-    ray.shutdown()
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Start Ray Serve's proxies on the nodes' loopback.")
-    parser.add_argument("--address", required=True, help="the head's GCS address")
-    parser.add_argument("--port", required=True, type=int, help="Serve's HTTP port on 127.0.0.1")
-    parser.add_argument("--location", default=SERVE_PROXY_LOCATION, help="HeadOnly or EveryNode")
-    args = parser.parse_args(argv)
-    return _start(args.address, args.port, args.location)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

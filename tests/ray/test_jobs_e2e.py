@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from ruamel.yaml import YAML
 from support.cli import SHARED_HEAD, SHARED_PROJECT, SHARED_WORKER, LocalCluster
@@ -301,6 +302,20 @@ def test_ray_python_sdk_and_curl_through_the_app_url(
         timeout=60,
     )
     assert refused.stdout in ("401", "403"), refused.stdout
+
+
+def test_a_cluster_that_never_served_runs_no_serve(cluster: LocalCluster, head_url: str) -> None:
+    """Serve starts on demand: the shared cluster has no `serve:`, so no Serve controller runs (nor
+    its proxies), the head still publishes where Serve would run, and `/serve/` says how it starts."""
+    ray_view = cluster.cli_json("status")["ray"]
+    assert ray_view["serve_proxy_location"] in ("EveryNode", "HeadOnly") and ray_view["serve_http_port"]
+    auth = {"Authorization": f"Bearer {cluster.workspace.api_key}"}
+    query = "filter_keys=name&filter_predicates=%3D&filter_values=SERVE_CONTROLLER_ACTOR&detail=false"
+    actors = httpx.get(f"{head_url}/api/v0/actors?{query}", headers=auth, timeout=60, trust_env=False)
+    assert actors.status_code == 200, actors.text
+    assert actors.json()["data"]["result"]["result"] == []
+    answer = httpx.get(f"{head_url}/serve/", headers=auth, timeout=60, trust_env=False)
+    assert answer.status_code == 503 and "Ray Serve is not running" in answer.json()["error"], answer.text
 
 
 def test_node_logs_list_read_and_follow(cluster: LocalCluster) -> None:

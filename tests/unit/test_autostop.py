@@ -90,17 +90,6 @@ RUNNING, STOPPED, STOPPING, FAILED = (
             ],
             ["a Ray client is connected (job 05000000)"],
         ),
-        (  # the head's own Serve starter is not user activity
-            [
-                {
-                    "type": "DRIVER",
-                    "job_id": "01000000",
-                    "status": "RUNNING",
-                    "entrypoint": "/venv/bin/python -m ray_serve_cai.node.serve_proxy --address a --port 1",
-                }
-            ],
-            [],
-        ),
     ],
 )
 def test_job_reasons(jobs: list[dict[str, Any]], expected: list[str]) -> None:
