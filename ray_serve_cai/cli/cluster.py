@@ -1,4 +1,5 @@
-"""`ray-cai plan / up / status / scale / down / connect`: thin commands over `RayCluster`."""
+"""`ray-cai plan / up / status / scale / down / connect`: thin commands over `RayCluster` (`check` is
+`cli/check.py`)."""
 
 from __future__ import annotations
 
@@ -30,13 +31,11 @@ from ray_serve_cai.cli.common import (
     out_console,
     print_json,
     run_command,
-    settings_for,
 )
 from ray_serve_cai.cli.serve import print_serve
 from ray_serve_cai.cluster import ClusterStatus, Plan, RayCluster, connect_info, write_cluster_info
 from ray_serve_cai.cluster.autostop import describe_view
 from ray_serve_cai.cluster.serve import observe_into
-from ray_serve_cai.cml import CMLClient
 from ray_serve_cai.config.edit import save_replicas
 
 
@@ -424,28 +423,8 @@ def connect(
 
 
 def register(app: typer.Typer) -> None:
-    for fn in (plan, up, status, scale, down, connect, check):
+    for fn in (plan, up, status, scale, down, connect):
         app.command(fn.__name__)(fn)
 
 
 __all__ = ["open_cluster", "register"]
-
-
-def check(local: LocalFlag = False, json_out: JsonFlag = False) -> None:
-    """Test the connection and the API key with one API call (lists the runtimes)."""
-
-    def run() -> None:
-        settings = settings_for(local)
-        with CMLClient(settings) as client:
-            runtimes = client.list_runtimes()
-        enabled = [r for r in runtimes if r.is_enabled]
-        if json_out:
-            print_json(
-                {"host": settings.host, "ok": True, "runtimes": len(runtimes), "enabled": len(enabled)}
-            )
-        else:
-            out_console.print(
-                f"connected to {settings.host}: API key accepted, {len(enabled)} runtimes enabled"
-            )
-
-    run_command(run)

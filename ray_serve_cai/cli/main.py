@@ -33,6 +33,12 @@ def _cluster() -> None:
     cluster_cmds.register(app)
 
 
+def _check() -> None:
+    from ray_serve_cai.cli.check import check_command
+
+    app.command("check")(check_command)
+
+
 def _deploy() -> None:
     from ray_serve_cai.cli.deploy import deploy_command
 
@@ -89,10 +95,11 @@ def _workspace() -> None:
 
 # In the order `--help` lists them. Each layer's commands live in their own module.
 _REGISTRARS: tuple[Callable[[], None], ...] = (
-    _cluster, _deploy, _dashboard, _doctor, _autostop, _config, _job, _run, _serve, _workspace,
+    _cluster, _check, _deploy, _dashboard, _doctor, _autostop, _config, _job, _run, _serve, _workspace,
 )  # fmt: skip
 _COMMANDS: dict[str, Callable[[], None]] = {
-    **dict.fromkeys(("plan", "up", "status", "scale", "down", "connect", "check"), _cluster),
+    **dict.fromkeys(("plan", "up", "status", "scale", "down", "connect"), _cluster),
+    "check": _check,
     "deploy": _deploy,
     "dashboard": _dashboard,
     "doctor": _doctor,

@@ -24,7 +24,6 @@ from ray_serve_cai.workspace.daemon import (
     stop_workspace,
     workspace_info,
 )
-from ray_serve_cai.workspace.pods import parse_pod_cidr
 from ray_serve_cai.workspace.processes import DEFAULT_STOP_GRACE_SECONDS
 from ray_serve_cai.workspace.statefile import resolve_home
 
@@ -106,6 +105,8 @@ def start(
     server left running are re-adopted, the ones that died meanwhile are marked failed. Port 0 reuses
     the previous server's port."""
     if pod_cidr is not None:
+        from ray_serve_cai.workspace.pods import parse_pod_cidr  # the server's module: only for this check
+
         try:
             parse_pod_cidr(pod_cidr)
         except ValueError as exc:

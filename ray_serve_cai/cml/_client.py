@@ -150,7 +150,9 @@ class CMLClient:
             )
 
         self._http = make(self.settings.api_url)
-        self._apps = make("")
+        # Application URLs are absolute; the workspace's scheme as the base sets their TLS (none for
+        # a plain-HTTP workspace, whose applications are plain HTTP too: `app_url`).
+        self._apps = make(self.settings.host)
         # Application URLs the workspace gave (the local workspace's `url` field), by subdomain and
         # name, so `app_url(name)` is right after any call that returned the application.
         self._app_urls: dict[str, str] = {}

@@ -31,11 +31,16 @@ def ssl_context(verify: bool | str) -> ssl.SSLContext:
     for False, else a CA bundle file or directory."""
     if isinstance(verify, bool):
         return httpx.create_ssl_context(verify=verify)
+    _require_bundle(verify)
     if os.path.isdir(verify):
         return ssl.create_default_context(capath=verify)
-    if os.path.isfile(verify):
-        return ssl.create_default_context(cafile=verify)
-    raise CMLSettingsError(f"CA bundle {verify!r} does not exist; fix CML_CA_BUNDLE / REQUESTS_CA_BUNDLE")
+    return ssl.create_default_context(cafile=verify)
+
+
+def _require_bundle(verify: bool | str) -> None:
+    """A CA bundle that is set must exist, whether or not this client ever uses it."""
+    if isinstance(verify, str) and not (os.path.isdir(verify) or os.path.isfile(verify)):
+        raise CMLSettingsError(f"CA bundle {verify!r} does not exist; fix CML_CA_BUNDLE / REQUESTS_CA_BUNDLE")
 
 
 def application_url(app: Any) -> str | None:
@@ -65,6 +70,14 @@ class LoopbackTransport(httpx.BaseTransport):
         self._inner.close()
 
 
+@functools.cache
+def _no_tls_expected() -> ssl.SSLContext:
+    """The TLS context of a client whose base URL is plain ``http://`` (the local workspace): it has
+    nothing to verify, so no CA bundle is loaded for it; verification stays on with nothing trusted,
+    so an ``https://`` URL sent through such a client fails instead of going unverified."""
+    return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+
+
 def http_client(
     base_url: str,
     *,
@@ -75,10 +88,15 @@ def http_client(
     transport: httpx.BaseTransport | None = None,
 ) -> httpx.Client:
     """The one way the package opens HTTP to CML: its API and every application URL (requests,
-    streams). `Authorization: Bearer <key>`, the TLS setting of `ssl_context`, loopback dialled
-    directly (no environment proxy; `localhost` at 127.0.0.1), everything else through httpx's
-    default transport, which honours HTTP(S)_PROXY. A `transport` passed in (tests) is used for all."""
-    context = ssl_context(verify)
+    streams). `Authorization: Bearer <key>`, the TLS setting of `ssl_context` (none for a plain
+    ``http://`` base URL, which never needs one), loopback dialled directly (no environment proxy;
+    `localhost` at 127.0.0.1), everything else through httpx's default transport, which honours
+    HTTP(S)_PROXY. A `transport` passed in (tests) is used for all."""
+    if base_url.lower().startswith("http://"):
+        _require_bundle(verify)
+        context = _no_tls_expected()
+    else:
+        context = ssl_context(verify)
     loopback = LoopbackTransport(transport or httpx.HTTPTransport(verify=context))
     return httpx.Client(
         base_url=base_url,

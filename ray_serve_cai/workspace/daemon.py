@@ -31,11 +31,11 @@ import psutil
 from ray_serve_cai.errors import OperationFailed, WaitTimeout
 from ray_serve_cai.waiting import poll_until
 from ray_serve_cai.workspace.controls import DEFAULT_RESTART_ATTEMPTS, DEFAULT_RESTART_DELAY_SECONDS
-from ray_serve_cai.workspace.model import APP_ACTIVE_STATUSES, Application, JobRun, now_timestamp
-from ray_serve_cai.workspace.pods import remove_leftovers
 from ray_serve_cai.workspace.processes import DEFAULT_STOP_GRACE_SECONDS, WORKSPACE_MARKER, end_process_tree
 from ray_serve_cai.workspace.statefile import ensure_api_key, read_state, resolve_home, write_state
-from ray_serve_cai.workspace.store import DB_FILE_NAME, Store, StoreError, db_path
+
+# The server's own modules (pods, the records, the store) are imported by the functions that stop or
+# reset it: finding the running workspace (every `--local` command) needs only its state file.
 
 START_TIMEOUT_SECONDS = 30.0
 SERVER_LOG_NAME = "server.log"
@@ -226,7 +226,12 @@ def run_in_session(
     body = {"project": project, "environment": environment or {}, "owner_pid": os.getpid()}
     try:
         response = httpx.post(
-            f"{info.url}/_workspace/sessions", json=body, headers=headers, timeout=60.0, trust_env=False
+            f"{info.url}/_workspace/sessions",
+            json=body,
+            headers=headers,
+            timeout=60.0,
+            trust_env=False,
+            verify=False,  # plain HTTP on loopback, as in `_answers`
         )
     except httpx.HTTPError as exc:
         raise SessionError(f"cannot reach the workspace at {info.url}: {exc}") from None
@@ -258,6 +263,7 @@ def run_in_session(
                 headers=headers,
                 timeout=60.0,
                 trust_env=False,
+                verify=False,
             )
 
 
@@ -268,6 +274,8 @@ def ensure_workspace(home: Path | str | None = None) -> WorkspaceInfo:
 
 def stop_workspace(home: Path | str | None = None, *, timeout: float = 60.0) -> bool:
     """Stop every workload of the workspace, then its server. False when none was running."""
+    from ray_serve_cai.workspace.pods import remove_leftovers
+
     resolved = resolve_home(home)
     with _home_lock(resolved):
         state = read_state(resolved)
@@ -298,6 +306,9 @@ def stop_workspace(home: Path | str | None = None, *, timeout: float = 60.0) -> 
 
 def _mark_stopped_offline(home: Path) -> None:
     """With no server (it was killed), `stop` ended the workloads itself: record them as stopped."""
+    from ray_serve_cai.workspace.model import APP_ACTIVE_STATUSES, Application, JobRun, now_timestamp
+    from ray_serve_cai.workspace.store import Store, StoreError, db_path
+
     if not db_path(home).is_file():
         return
     try:
@@ -330,6 +341,8 @@ def _mark_stopped_offline(home: Path) -> None:
 def reset_workspace(home: Path | str | None = None) -> Path:
     """Stop the workspace, then delete its state: the database, the projects' files and the logs.
     The API key and the port are kept (`ray-cai workspace env` stays valid). Returns the home."""
+    from ray_serve_cai.workspace.store import DB_FILE_NAME
+
     resolved = resolve_home(home)
     stop_workspace(resolved)
     with _home_lock(resolved):

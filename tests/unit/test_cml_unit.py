@@ -40,7 +40,7 @@ from ray_serve_cai.cml import (
 )
 from ray_serve_cai.cml._errors import error_from_response
 from ray_serve_cai.cml._retry import is_action_path, parse_retry_after
-from ray_serve_cai.cml._transport import LoopbackTransport
+from ray_serve_cai.cml._transport import LoopbackTransport, ssl_context
 
 KEY = "sk-unit-test-0123456789abcdef"
 
@@ -151,6 +151,18 @@ def test_missing_ca_bundle_is_a_settings_error(tmp_path: pytest.TempPathFactory)
     s = CMLSettings(host="https://h.example", api_key=KEY, verify="/nonexistent/ca.pem")
     with pytest.raises(CMLSettingsError, match="CML_CA_BUNDLE"):
         CMLClient(s)
+
+
+def test_plain_http_client_loads_no_ca_bundle() -> None:
+    """A client of a plain-HTTP workspace (the local one) reads no CA bundle (tens of ms per command);
+    a bundle that is set must still exist."""
+    ssl_context.cache_clear()
+    CMLClient(CMLSettings(host="http://127.0.0.1:9", api_key=KEY)).close()
+    assert ssl_context.cache_info().currsize == 0
+    with pytest.raises(CMLSettingsError, match="CML_CA_BUNDLE"):
+        CMLClient(CMLSettings(host="http://127.0.0.1:9", api_key=KEY, verify="/nonexistent/ca.pem"))
+    CMLClient(CMLSettings(host="https://h.example", api_key=KEY)).close()
+    assert ssl_context.cache_info().currsize == 1
 
 
 # -- error mapping -------------------------------------------------------------------------------
