@@ -102,7 +102,9 @@ def test_ray_job_submit_through_the_app_url_follows_the_logs_live(
     as --headers, kept out of argv), following the logs over Ray's WebSocket tail."""
     job_id = "ray-cli-live"
     argv = ["ray", "job", "submit", "--address", head_url, "--submission-id", job_id]
-    argv += ["--", "python", "-c", TICKS.format(n=8)]
+    # 12 ticks a second apart, the first and the last ≥ 5 s apart: live, with room for a loaded
+    # machine's log monitor to hand over a few lines at once at either end.
+    argv += ["--", "python", "-c", TICKS.format(n=12)]
     started = time.monotonic()
     proc = subprocess.Popen(
         argv, env=client_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -116,7 +118,7 @@ def test_ray_job_submit_through_the_app_url_follows_the_logs_live(
     finally:
         proc.kill()
     reader.join(5)
-    last = wait_for_line(lines, "tick 7", timeout=1)
+    last = wait_for_line(lines, "tick 11", timeout=1)
     print(f"\nray job submit: first line {first - started:.1f}s after start, last {last - first:.1f}s later")
     assert status_at_first_line == "RUNNING"
     assert last - first >= 5, "the lines arrived together: the logs were not followed live"
