@@ -30,9 +30,14 @@ from pathlib import Path
 TICKS = os.sysconf("SC_CLK_TCK")
 DEFAULT_COMMAND = ["pytest", "-n", "3", "--dist", "loadgroup", "-q", "-p", "no:cacheprovider"]
 
+CLI_CLASS = "ray-cai CLI"
+CLI_ENTRY = re.compile(r"(?:ray_serve_cai\.cli\.main|bin/ray-cai)\s+(.*)")
+TWO_WORD = ("serve", "job", "workspace", "config")  # commands with subcommands
+
+
 # (class, pattern on the command line), first match wins; Ray's own processes by what they run.
 CLASSES: list[tuple[str, str]] = [
-    ("ray-cai CLI", r"ray_serve_cai\.cli\.main|bin/ray-cai"),
+    (CLI_CLASS, r"ray_serve_cai\.cli\.main|bin/ray-cai"),
     ("workspace server", r"ray_serve_cai\.workspace serve"),
     ("pod init", r"podinit\.py"),
     ("node launcher", r"ray_(head|worker)\.py|launch_ray_cluster|ray_serve_cai\.node\b"),
@@ -59,6 +64,15 @@ CLASSES: list[tuple[str, str]] = [
 ]
 
 
+def cli_command(command: str) -> str:
+    """`ray-cai status --json ...` → `status`; `... job submit ...` → `job submit`."""
+    match = CLI_ENTRY.search(command)
+    words = [w for w in (match.group(1).split() if match else []) if not w.startswith("-")]
+    if not words:
+        return "(no command)"
+    return " ".join(words[:2]) if words[0] in TWO_WORD and len(words) > 1 else words[0]
+
+
 def classify(command: str) -> str:
     for name, pattern in CLASSES:
         if re.search(pattern, command):
@@ -80,6 +94,8 @@ class Sampler:
         self.interval = interval
         self.seen: dict[tuple[str, str], int] = {}
         self.totals: Counter[str] = Counter()
+        self.cli_ticks: Counter[str] = Counter()  # the CLI's ticks by command
+        self.cli_calls: dict[str, set[tuple[str, str]]] = {}  # ... and its processes
         self.stop = threading.Event()
         self.first = True
 
@@ -97,9 +113,11 @@ class Sampler:
                 if ticks > before:
                     with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
                         command = cmdline.read().replace(b"\0", b" ").decode(errors="replace")
-                    self.totals[classify(command or text[text.index("(") + 1 : text.rindex(")")])] += (
-                        ticks - before
-                    )
+                    kind = classify(command or text[text.index("(") + 1 : text.rindex(")")])
+                    self.totals[kind] += ticks - before
+                    if kind == CLI_CLASS:
+                        self.cli_ticks[cli_command(command)] += ticks - before
+                        self.cli_calls.setdefault(cli_command(command), set()).add(key)
             except (OSError, ValueError, IndexError):
                 continue  # the process ended meanwhile
         self.first = False
@@ -134,10 +152,17 @@ def main() -> int:
           f"{sum(classes.values()):.0f} in the classes below")  # fmt: skip
     for name, seconds in classes.items():
         print(f"  {seconds:8.1f}  {seconds / machine:5.1%}  {name}")
+    cli = {name: {"core_s": round(ticks / TICKS, 1), "processes": len(sampler.cli_calls[name])}
+           for name, ticks in sampler.cli_ticks.most_common()}  # fmt: skip
+    if cli:
+        print(f"\n{CLI_CLASS} by command (core-s, processes that used CPU while sampled, core-s each):")
+        for name, row in list(cli.items())[:15]:
+            each = row["core_s"] / max(1, row["processes"])
+            print(f"  {row['core_s']:8.1f}  {row['processes']:5d}  {each:5.2f}  {name}")
     if args.out:
         figures = {"command": command, "exit": code, "wall_s": round(wall, 1),
                    "busy_core_s": round(machine, 1), "cores": os.cpu_count(),
-                   "classes_core_s": classes}  # fmt: skip
+                   "classes_core_s": classes, "cli_by_command": cli}  # fmt: skip
         args.out.write_text(json.dumps(figures, indent=2) + "\n")
     return code
 
