@@ -125,8 +125,9 @@ class Launcher:
         self.status.mount_wrapper = self.serve_traffic.wrap
         self.http = AppServer(self.status, settings.app_port, upstreams=serve_upstreams(self.status))
         self.serve_ingress = start_serve_ingress(settings, token_file)  # pods: the Serve gateway's door
-        # The head's Serve layout, published with its status; Serve itself starts on demand.
-        self.serve_layout = serve_publication() if settings.role == "head" else {}
+        # The head's Serve layout, published with its status (chosen at the first publication, once
+        # Ray's ports are bound); Serve itself starts on demand.
+        self.serve_layout: dict[str, object] = {}
         # Node logs (and, on the head, job records) kept in the project as they grow.
         head = settings.role == "head"
         self.keeper = ProjectKeeper(
@@ -382,6 +383,9 @@ def _publish(launcher: Launcher, address: str, epoch: int = 0) -> str:
     )
     launcher.status.head_id = rendezvous.head_id
     launcher.status.gcs_address = address
+    if not launcher.serve_layout:
+        rays = {*ports.picked(settings), ports.gcs, ports.client, ports.dashboard}
+        launcher.serve_layout = serve_publication(rays)
     path = write_rendezvous(settings.project_dir, settings.cluster, rendezvous)
     launcher.status.connect = {
         "gcs_address": rendezvous.gcs_address,

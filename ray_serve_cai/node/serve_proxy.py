@@ -85,11 +85,11 @@ def project_pythonpath(env: Mapping[str, str], project_dir: Path | str) -> str:
     return os.pathsep.join([project, *parts])
 
 
-def serve_publication() -> dict[str, Any]:
+def serve_publication(exclude: set[int]) -> dict[str, Any]:
     """The head's Serve layout for its status: where Serve's proxies run (or will, once Serve starts)
-    and on which loopback port (picked here on a shared host)."""
+    and on which loopback port (on a shared host picked here, never one of `exclude`: Ray's)."""
     location, fixed = serve_layout()
-    return {SERVE_LOCATION_KEY: location, SERVE_PORT_KEY: fixed or pick_free_ports(1)[0]}
+    return {SERVE_LOCATION_KEY: location, SERVE_PORT_KEY: fixed or pick_free_ports(1, exclude=exclude)[0]}
 
 
 def serve_upstreams(status: Any) -> list[Any]:

@@ -188,6 +188,11 @@ def test_cluster_forms_and_the_token_stays_secret(cluster: Cluster) -> None:
     rendezvous = read_rendezvous(cluster.project, CLUSTER)
     assert rendezvous is not None and status["head_id"] == rendezvous.head_id
     assert status["resources"]["CPU"] == 2.0 and status["python_version"] == rendezvous.python_version
+    # Where Serve will run once something deploys (it starts on demand): on this shared host the head's
+    # loopback, on a port of its own, none of Ray's.
+    assert status["serve_proxy_location"] == "HeadOnly", status
+    assert status["serve_http_port"] not in (rendezvous.gcs_port, rendezvous.client_port, head.app_port)
+    assert httpx.get(f"{head.url}/serve/", timeout=10).status_code == 503  # no Serve yet
     health = get_json(f"{worker.url}/ray-cai/health")
     assert health["role"] == "worker" and health["ray_running"] and health["head_id"] == rendezvous.head_id
     assert get_json(f"{head.url}/ray-cai/health")["node_name"] == HEAD_NAME
