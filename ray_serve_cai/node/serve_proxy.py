@@ -21,12 +21,12 @@ puts it back for the application), streaming both ways and passing WebSockets.
 
 Serve starts on demand, as it does on any Ray cluster: an idle cluster that never serves runs no
 controller and no proxies (measured on 1 head + 2 workers: 2.7 of 13 idle core-seconds a minute,
-  and their memory). The head picks
-the layout at start and publishes it in its status (`serve_proxy_location`, `serve_http_port`); the
-tool's `PUT` of a Serve config carries those options, and Ray's REST API starts Serve with them when
-it does not run yet. A `serve.run` from a driver starts Serve with Ray's defaults: in pods that is
-the same layout (EveryNode on 127.0.0.1:8000) without the `/serve` root path (routes answer the
-same; only URLs the application builds itself lack the prefix).
+and their memory). The head picks the layout when it first publishes its rendezvous and shows it in
+its status (`serve_proxy_location`, `serve_http_port`); the tool's `PUT` of a Serve config carries
+those options, and Ray's REST API starts Serve with them when it does not run yet. A `serve.run`
+from a driver starts Serve with Ray's defaults: in pods that is the same layout (EveryNode on
+127.0.0.1:8000) without the `/serve` root path (routes answer the same; only URLs the application
+builds itself lack the prefix).
 - `serve_upstreams` mounts it under `/serve` of the head's HTTP server (the streaming proxy of
   `ray_serve_cai._proxy`), on the published port; until Serve runs the mount answers 503 saying how
   Serve starts.
