@@ -541,9 +541,9 @@ def converge_serve(
         deadline = time.monotonic() + (timeout if timeout is not None else cluster.startup_timeout)
         port = head_serve_port(status) or (_wait_for_serve_port(cluster, deadline) if wait else None)
         if port is None:
-            not_yet = ServeView(url=serve_url(cluster), error="the head has not started Serve yet")
+            not_yet = ServeView(url=serve_url(cluster), error="the head has not published Serve's port yet")
             return attach(status, not_yet)
-        if head_serve_port(status) is None:  # published while we waited: where did it start Serve?
+        if head_serve_port(status) is None:  # published while we waited: where does Serve run?
             view, _problem = read_head_status(cluster.client, cluster.head)
             status = replace(status, ray={**status.ray, **view})
         url = endpoint_for(cluster, status)
@@ -577,7 +577,8 @@ def observe_into(cluster: ServeScope, status: ClusterStatus) -> ClusterStatus:
 
 
 def _wait_for_serve_port(cluster: ServeScope, deadline: float) -> int | None:
-    """The head publishes Serve's port once its Serve start finished (a few seconds after Ray)."""
+    """Serve's port from the head's status. A head publishes it with its rendezvous (Serve starts on
+    demand); one of an earlier version did once its own Serve start finished, a few seconds later."""
     head = cluster.head
 
     def published() -> int | None:
@@ -589,8 +590,8 @@ def _wait_for_serve_port(cluster: ServeScope, deadline: float) -> int | None:
         published,
         timeout=max(1.0, deadline - time.monotonic()),
         interval=0.5,
-        what=f"the head {head} to start Ray Serve (its status publishes {SERVE_PORT_KEY})",
-        describe_last=lambda: "see the head's log: `Ray Serve not started: ...` says why",
+        what=f"the head {head} to publish Serve's port ({SERVE_PORT_KEY} in its status)",
+        describe_last=lambda: "an older head publishes it once Serve started (its log says why not)",
     )
 
 
