@@ -35,7 +35,7 @@ from ray_serve_cai.cluster.passes import (
 )
 from ray_serve_cai.cluster.plan import Action, ActionKind, Plan
 from ray_serve_cai.cluster.serve import ServeScope, converge_serve
-from ray_serve_cai.cluster.status import ClusterStatus, describe_failure
+from ray_serve_cai.cluster.status import ClusterStatus, alive_in_ray, describe_failure
 from ray_serve_cai.cluster.watch import Healer, OutsideRay, restarts_outside_ray
 from ray_serve_cai.cml import APPLICATION_RUNNING, CMLClient, CMLError, NotFound, Runtime
 from ray_serve_cai.config import ClusterSpec, head_app_name
@@ -320,15 +320,15 @@ class RayCluster:
                 replaced |= set(late)
                 actions = restarts_outside_ray(current, status, late, self._node_error)
                 _plan, next_observation = self.converge(current, deployed=True, extra=actions, ray=True)
-            current = next_observation or self._next_poll(status, deadline)
+            current = next_observation or self._next_poll(current, status, deadline)
 
-    def _next_poll(self, status: ClusterStatus, deadline: float) -> Observation:
+    def _next_poll(self, current: Observation, status: ClusterStatus, deadline: float) -> Observation:
         """Wait for the next poll and observe; earlier when Ray sees every node."""
         next_list = min(deadline, time.monotonic() + self.poll_interval)
         all_created = not status.surplus and all(n.app_id and n.spec_current for n in status.nodes)
         while time.monotonic() < next_list:
             time.sleep(min(RAY_POLL_SECONDS, max(0.0, next_list - time.monotonic())))
-            if all_created and self._ray_reports_all(status):
+            if all_created and self._ray_reports_all(current, status):
                 break  # Ray sees every node: confirm with one list call now instead of at the next poll
         return self.observe()
 
@@ -350,10 +350,15 @@ class RayCluster:
             )
         return problems
 
-    def _ray_reports_all(self, status: ClusterStatus) -> bool:
+    def _ray_reports_all(self, current: Observation, status: ClusterStatus) -> bool:
+        """Whether the head's Ray view has every node of `status` alive, by the status's own rule
+        (`alive_in_ray`: a Ray node of the application's current start, not a previous raylet)."""
         view, _problem = read_head_status(self.client, head_app_name(self.spec.name))
-        alive = {n.get("node_name") for n in view.get("nodes", []) if n.get("alive")}
-        return all(n.name in alive for n in status.nodes)
+        apps = current.by_key
+        return all(
+            alive_in_ray(view, n.name, apps[n.name].starting_at if n.name in apps else None)
+            for n in status.nodes
+        )
 
     def watch(
         self,
