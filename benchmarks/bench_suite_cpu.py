@@ -38,6 +38,8 @@ TWO_WORD = ("serve", "job", "workspace", "config")  # commands with subcommands
 # (class, pattern on the command line), first match wins; Ray's own processes by what they run.
 CLASSES: list[tuple[str, str]] = [
     (CLI_CLASS, r"ray_serve_cai\.cli\.main|bin/ray-cai"),
+    # The tests' zygote and the commands it forks (tests/support/cli_fork.py): its command line only.
+    (f"{CLI_CLASS} (forked by the tests)", r"support\.cli_fork"),
     ("workspace server", r"ray_serve_cai\.workspace serve"),
     ("pod init", r"podinit\.py"),
     ("node launcher", r"ray_(head|worker)\.py|launch_ray_cluster|ray_serve_cai\.node\b"),

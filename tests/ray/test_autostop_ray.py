@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from support.fakes import RAY_CAI, cli_env, clone_with_small_cluster, git, wait_until
+from support.fakes import cli_env, clone_with_small_cluster, git, run_cli, wait_until
 
 from ray_serve_cai.workspace.testing import WorkspaceHandle
 
@@ -54,14 +54,10 @@ class Cluster:
 
     def cli(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         cut = args.index("--") if "--" in args else len(args)  # options go before a job's command
-        return subprocess.run(
-            [*RAY_CAI, *args[:cut], "--local", "--project", PROJECT, *args[cut:]],
-            cwd=self.repo,
-            env=self.env,
-            capture_output=True,
-            text=True,
+        return run_cli(
+            [*args[:cut], "--local", "--project", PROJECT, *args[cut:]], cwd=self.repo, env=self.env,
             timeout=timeout,
-        )
+        )  # fmt: skip
 
     def cli_json(self, *args: str, code: int | None = 0) -> dict[str, Any]:
         proc = self.cli(*args, "--json")

@@ -29,7 +29,6 @@ import secrets
 import signal
 import stat
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from typing import Any
 
 import psutil
 import pytest
-from support.fakes import SMALL_CLUSTER_YAML, clone_with_small_cluster, git, wait_until
+from support.fakes import SMALL_CLUSTER_YAML, clone_with_small_cluster, git, run_cli, wait_until
 
 from ray_serve_cai.workspace.daemon import start_workspace, stop_workspace, workspace_info
 from ray_serve_cai.workspace.processes import WORKSPACE_MARKER, processes_with_marker
@@ -46,7 +45,6 @@ from ray_serve_cai.workspace.statefile import read_state, write_state
 from ray_serve_cai.workspace.testing import WorkspaceHandle
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-RAY_CAI = [sys.executable, "-m", "ray_serve_cai.cli.main"]
 RUNS_ROUTE = "POST /api/v2/projects/{project_id}/jobs/{job_id}/runs"
 CLUSTER = "e2edeploy"
 PROJECT = "ray-cai-e2e-deploy"
@@ -72,14 +70,7 @@ def clean_env(workspace: WorkspaceHandle, project: str) -> dict[str, str]:
 def deploy(
     repo: Path, env: dict[str, str], *args: str, timeout: float = 900
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*RAY_CAI, "deploy", "--local", "--json", *args],
-        cwd=repo,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_cli(["deploy", "--local", "--json", *args], cwd=repo, env=env, timeout=timeout)
 
 
 def actions(result: dict[str, Any]) -> dict[str, str]:
@@ -108,10 +99,7 @@ class Deployment:
         self, *args: str, timeout: float = 900, record: bool = True, **extra: str
     ) -> subprocess.CompletedProcess[str]:
         """`ray-cai ARGS...` in the repository; its output kept for the scan unless `record` is False."""
-        proc = subprocess.run(
-            [*RAY_CAI, *args], cwd=self.repo, env={**self.env, **extra}, capture_output=True, text=True,
-            timeout=timeout,
-        )  # fmt: skip
+        proc = run_cli(list(args), cwd=self.repo, env={**self.env, **extra}, timeout=timeout)
         if record:
             self.outputs.extend([proc.stdout, proc.stderr])
         return proc
@@ -403,9 +391,7 @@ def test_failing_setup_job_stops_the_chain_and_names_the_job(
 def test_missing_api_key_is_bad_input_in_one_line(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CML_", "CDSW_"))}
     env["CML_HOST"] = "https://ml.example.invalid"
-    proc = subprocess.run(
-        [*RAY_CAI, "deploy"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60
-    )
+    proc = run_cli(["deploy"], cwd=REPO_ROOT, env=env, timeout=60)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "CML_API_KEY" in lines[0]
@@ -416,9 +402,7 @@ def test_unreachable_host_fails_clearly_within_the_deadline() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CML_", "CDSW_"))}
     env.update(CML_HOST="http://127.0.0.1:9", CML_API_KEY="not-a-real-key-123")
     # How soon it gives up is measured by benchmarks/bench_deadlines.py; here: that it does, clearly.
-    proc = subprocess.run(
-        [*RAY_CAI, "deploy"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180
-    )
+    proc = run_cli(["deploy"], cwd=REPO_ROOT, env=env, timeout=180)
     assert proc.returncode == 1
     assert "127.0.0.1:9" in proc.stderr and "Traceback" not in proc.stderr
     assert "not-a-real-key-123" not in proc.stderr + proc.stdout

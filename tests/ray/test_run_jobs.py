@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.fakes import RAY_CAI, REPO_ROOT, SMALL_CLUSTER_YAML, wait_until
+from support.fakes import RAY_CAI, REPO_ROOT, SMALL_CLUSTER_YAML, run_cli, wait_until
 
 from ray_serve_cai.cluster.runtimes import choose_runtime
 from ray_serve_cai.cml import CMLClient, CMLSettings
@@ -99,30 +99,22 @@ class Env:
     scheduled_job_id: str = ""
     facts: dict[str, Any] = field(default_factory=dict)
 
-    def argv(self, args: list[str], *, target: bool = True) -> list[str]:
-        """`ray-cai ARGS` with the target flags before a `--` in ARGS."""
+    def args(self, args: list[str]) -> list[str]:
+        """ARGS with the target flags before a `--` in ARGS."""
         split = args.index("--") if "--" in args else len(args)
-        flags = ["--local", "--project", PROJECT, "--config", str(self.config)] if target else []
-        return [*RAY_CAI, *args[:split], *flags, *args[split:]]
+        return [*args[:split], "--local", "--project", PROJECT, "--config", str(self.config), *args[split:]]
 
     def cli(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            self.argv(list(args)),
-            cwd=REPO_ROOT,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        return run_cli(self.args(list(args)), cwd=REPO_ROOT, env=self.env, timeout=timeout)
 
     def by_name(self, *args: str) -> subprocess.CompletedProcess[str]:
         """A history command that names the cluster only (no config file needed)."""
-        argv = [*RAY_CAI, *args, "--local", "--project", PROJECT, "--cluster", CLUSTER]
-        return subprocess.run(argv, cwd=REPO_ROOT, env=self.env, capture_output=True, text=True, timeout=120)
+        args_ = [*args, "--local", "--project", PROJECT, "--cluster", CLUSTER]
+        return run_cli(args_, cwd=REPO_ROOT, env=self.env, timeout=120)
 
     def popen(self, *args: str) -> tuple[subprocess.Popen[str], Lines, Lines]:
         proc = subprocess.Popen(
-            self.argv(list(args)), cwd=REPO_ROOT, env=self.env, stdout=subprocess.PIPE,
+            [*RAY_CAI, *self.args(list(args))], cwd=REPO_ROOT, env=self.env, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True, start_new_session=True,
         )  # fmt: skip
         return proc, Lines(proc.stdout), Lines(proc.stderr)

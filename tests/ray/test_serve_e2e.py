@@ -43,7 +43,7 @@ from typing import Any
 import httpx
 import pytest
 from support.cli import APP_CREATE_DELETE_ROUTES, local_env
-from support.fakes import RAY_CAI, clone_with_small_cluster, git, wait_until
+from support.fakes import RAY_CAI, clone_with_small_cluster, git, run_cli, wait_until
 
 from ray_serve_cai.workspace.testing import WorkspaceHandle
 
@@ -65,9 +65,7 @@ class Deployed:
     workspace: WorkspaceHandle
 
     def ray_cai(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*RAY_CAI, *args], cwd=self.repo, env=self.env, capture_output=True, text=True, timeout=timeout
-        )
+        return run_cli(list(args), cwd=self.repo, env=self.env, timeout=timeout)
 
     def serve_status(self) -> dict[str, Any]:
         """`ray-cai serve status --local --json`, as the README runs it (exit 1 allowed: a failed app)."""

@@ -30,7 +30,7 @@ import psutil
 from ray_serve_cai.cml import CMLClient, CMLSettings
 from ray_serve_cai.node.ray_node import node_tag, node_temp_dir
 from ray_serve_cai.workspace.testing import WorkspaceHandle
-from support.fakes import RAY_CAI, REPO_ROOT
+from support.fakes import RAY_CAI, REPO_ROOT, run_cli
 
 # The routes that create, delete, stop, restart or change an application: a pass that changes
 # nothing calls none of them.
@@ -89,22 +89,19 @@ class LocalCluster:
         config = ["--config", str(self.config)] if self.config is not None else []
         return ["--local", "--project", self.project, *config]
 
-    def argv(self, *args: str) -> list[str]:
-        """`ray-cai ARGS` with the target flags before a `--` in ARGS (what follows is an entrypoint)."""
+    def args(self, *args: str) -> list[str]:
+        """ARGS with the target flags before a `--` in ARGS (what follows is an entrypoint)."""
         split = args.index("--") if "--" in args else len(args)
         writes_info = self.info_file is not None and args and args[0] in ("up", "scale")
         info = ["--info-file", str(self.info_file)] if writes_info else []
-        return [*RAY_CAI, *args[:split], *info, *self.target(), *args[split:]]
+        return [*args[:split], *info, *self.target(), *args[split:]]
+
+    def argv(self, *args: str) -> list[str]:
+        """`ray-cai ARGS` with the target flags (see `args`)."""
+        return [*RAY_CAI, *self.args(*args)]
 
     def cli(self, *args: str, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            self.argv(*args),
-            cwd=self.cwd,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout or self.timeout,
-        )
+        return run_cli(self.args(*args), cwd=self.cwd, env=self.env, timeout=timeout or self.timeout)
 
     def cli_json(self, *args: str, code: int | None = 0, timeout: float | None = None) -> dict[str, Any]:
         """`ray-cai ARGS --json`, its exit code asserted (unless `code` is None), its output parsed."""

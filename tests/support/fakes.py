@@ -23,6 +23,7 @@ from ray_serve_cai.cluster.lock import LOCK_MARKER, lock_app_name
 from ray_serve_cai.cml import CMLClient, CMLSettings
 from ray_serve_cai.config import ClusterSpec, desired_nodes, validate_cluster_spec
 from ray_serve_cai.workspace.testing import WorkspaceHandle
+from support import cli_fork
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TEST_APPS = Path(__file__).parent / "apps"
@@ -219,11 +220,11 @@ def cli_env(workspace: WorkspaceHandle, **extra: str) -> dict[str, str]:
 
 
 def run_cli(
-    args: list[str], *, cwd: Path, env: dict[str, str], timeout: float = 120
+    args: list[str], *, cwd: Path | str, env: dict[str, str], timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*RAY_CAI, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    """`ray-cai ARGS` run to its end, its output captured as text (a process forked from the
+    pytest process's zygote: `support.cli_fork`)."""
+    return cli_fork.run(args, cwd=cwd, env=env, timeout=timeout)
 
 
 def wait_until(predicate: Any, timeout: float, interval: float = 0.05, what: str = "condition") -> None:

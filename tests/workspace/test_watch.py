@@ -21,6 +21,7 @@ from support.fakes import (
     fake_cluster_yaml,
     fake_project,
     list_apps,
+    run_cli,
     wait_until,
 )
 
@@ -284,10 +285,7 @@ def test_status_wait_reports_once_ready_and_gives_up_at_its_deadline(
         target = ["--project", project["name"], "-c", "c.yaml"]
 
         def ray_cai(*args: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run(
-                [*RAY_CAI, *args, *target], cwd=tmp_path, env=cli_env(controls), capture_output=True,
-                text=True, timeout=120,
-            )  # fmt: skip
+            return run_cli([*args, *target], cwd=tmp_path, env=cli_env(controls), timeout=120)
 
         controls.set_latency(app_start_seconds=3)  # not ready at the first observation
         assert ray_cai("up", "--no-wait").returncode == 0

@@ -6,11 +6,11 @@ import json
 import os
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import psutil
+from support.fakes import run_cli
 
 from ray_serve_cai.workspace.daemon import WorkspaceInfo, workspace_info
 from ray_serve_cai.workspace.testing import WorkspaceHandle
@@ -19,13 +19,7 @@ from ray_serve_cai.workspace.testing import WorkspaceHandle
 def ray_cai(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "RAY_CAI_WORKSPACE_HOME": str(home)}
     env.pop("CML_API_KEY", None)
-    return subprocess.run(
-        [sys.executable, "-m", "ray_serve_cai.cli.main", "workspace", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=90,
-    )
+    return run_cli(["workspace", *args], cwd=os.getcwd(), env=env, timeout=90)
 
 
 def test_start_env_status_stop(tmp_path: Path, test_apps_dir: Path) -> None:
