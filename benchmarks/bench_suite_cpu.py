@@ -96,6 +96,7 @@ class Sampler:
         self.interval = interval
         self.seen: dict[tuple[str, str], int] = {}
         self.totals: Counter[str] = Counter()
+        self.processes: dict[str, set[tuple[str, str]]] = {}  # each class's processes that used CPU
         self.cli_ticks: Counter[str] = Counter()  # the CLI's ticks by command
         self.cli_calls: dict[str, set[tuple[str, str]]] = {}  # ... and its processes
         self.stop = threading.Event()
@@ -117,6 +118,7 @@ class Sampler:
                         command = cmdline.read().replace(b"\0", b" ").decode(errors="replace")
                     kind = classify(command or text[text.index("(") + 1 : text.rindex(")")])
                     self.totals[kind] += ticks - before
+                    self.processes.setdefault(kind, set()).add(key)
                     if kind == CLI_CLASS:
                         self.cli_ticks[cli_command(command)] += ticks - before
                         self.cli_calls.setdefault(cli_command(command), set()).add(key)
@@ -152,8 +154,9 @@ def main() -> int:
     print(f"\n{' '.join(command)}: exit {code}, {wall:.0f} s wall, {machine:.0f} busy core-seconds "
           f"({machine / wall / (os.cpu_count() or 1):.0%} of {os.cpu_count()} cores), "
           f"{sum(classes.values()):.0f} in the classes below")  # fmt: skip
+    print("  core-s  share   processes  class")
     for name, seconds in classes.items():
-        print(f"  {seconds:8.1f}  {seconds / machine:5.1%}  {name}")
+        print(f"  {seconds:8.1f}  {seconds / machine:5.1%}  {len(sampler.processes[name]):6d}  {name}")
     cli = {name: {"core_s": round(ticks / TICKS, 1), "processes": len(sampler.cli_calls[name])}
            for name, ticks in sampler.cli_ticks.most_common()}  # fmt: skip
     if cli:
@@ -164,7 +167,8 @@ def main() -> int:
     if args.out:
         figures = {"command": command, "exit": code, "wall_s": round(wall, 1),
                    "busy_core_s": round(machine, 1), "cores": os.cpu_count(),
-                   "classes_core_s": classes, "cli_by_command": cli}  # fmt: skip
+                   "classes_core_s": classes, "cli_by_command": cli,
+                   "class_processes": {name: len(sampler.processes[name]) for name in classes}}  # fmt: skip
         args.out.write_text(json.dumps(figures, indent=2) + "\n")
     return code
 

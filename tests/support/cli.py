@@ -182,12 +182,10 @@ class PodsCluster(LocalCluster):
         self, *command: str, env: dict[str, str] | None = None
     ) -> subprocess.CompletedProcess[str]:
         """COMMAND in a fresh session pod of the project, with these `--env` variables."""
-        args = [*RAY_CAI, "workspace", "exec", "--home", str(self.workspace.home), "--project", self.project]
+        args = ["workspace", "exec", "--home", str(self.workspace.home), "--project", self.project]
         for key, value in (env or {}).items():
             args += ["--env", f"{key}={value}"]
-        return subprocess.run(
-            [*args, "--", *command], cwd=self.cwd, env=self.env, capture_output=True, text=True, timeout=600
-        )
+        return run_cli([*args, "--", *command], cwd=self.cwd, env=self.env, timeout=600)
 
     def ray_client(self, script: str, *args: str, attempts: int = 3) -> subprocess.CompletedProcess[str]:
         """`python -c SCRIPT ray://<head>:10001 ARGS` in a fresh session pod with the variables `connect`

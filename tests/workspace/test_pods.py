@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 import websockets
-from support.fakes import RAY_CAI, wait_until
+from support.fakes import RAY_CAI, run_cli, wait_until
 
 from ray_serve_cai.workspace.daemon import start_workspace, stop_workspace, workspace_info
 from ray_serve_cai.workspace.pods import leftovers_of, pods_possible
@@ -86,10 +86,10 @@ def pod_ip_of(ws: WorkspaceHandle, project: dict[str, Any], app: dict[str, Any])
 
 def exec_in_pod(ws: WorkspaceHandle, project: dict[str, Any], *command: str, env: str = "") -> Any:
     """`ray-cai workspace exec` with a Python snippet; its stdout as JSON."""
-    args = [*RAY_CAI, "workspace", "exec", "--home", str(ws.home), "--project", project["name"]]
+    args = ["workspace", "exec", "--home", str(ws.home), "--project", project["name"]]
     if env:
         args += ["--env", env]
-    done = subprocess.run([*args, "--", *command], capture_output=True, text=True, timeout=120)
+    done = run_cli([*args, "--", *command], cwd=os.getcwd(), env=dict(os.environ), timeout=120)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -198,28 +198,20 @@ def test_job_runs_are_pods_too(pods: WorkspaceHandle, project: dict[str, Any]) -
 def test_exec_streams_exits_with_the_code_and_checks_its_input(
     pods: WorkspaceHandle, project: dict[str, Any]
 ) -> None:
-    base = [*RAY_CAI, "workspace", "exec", "--home", str(pods.home), "--project", project["id"]]
-    done = subprocess.run(
-        [*base, "--", "sh", "-c", "echo out; echo err >&2; exit 7"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    base = ["workspace", "exec", "--home", str(pods.home), "--project", project["id"]]
+
+    def ray_cai(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return run_cli(list(args), cwd=os.getcwd(), env=dict(os.environ), timeout=timeout)
+
+    done = ray_cai(*base, "--", "sh", "-c", "echo out; echo err >&2; exit 7")
     assert (done.returncode, done.stdout, done.stderr) == (7, "out\n", "err\n")
-    bad = subprocess.run(
-        [*base, "--env", "NOEQUALS", "--", "true"], capture_output=True, text=True, timeout=60
-    )
+    bad = ray_cai(*base, "--env", "NOEQUALS", "--", "true", timeout=60)
     assert bad.returncode == 2 and "--env" in bad.stderr and "Traceback" not in bad.stderr
-    unknown = subprocess.run(
-        [*RAY_CAI, "workspace", "exec", "--home", str(pods.home), "--project", "no-such", "--", "true"],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    unknown = ray_cai(
+        "workspace", "exec", "--home", str(pods.home), "--project", "no-such", "--", "true", timeout=60
     )
     assert unknown.returncode == 2 and "no-such" in unknown.stderr
-    where = subprocess.run(
-        [*base, "--", "sh", "-c", "echo $CDSW_IP_ADDRESS"], capture_output=True, text=True, timeout=120
-    )
+    where = ray_cai(*base, "--", "sh", "-c", "echo $CDSW_IP_ADDRESS")
     ip = where.stdout.strip()
     assert where.returncode == 0 and ip  # the pod is gone once exec returns
     assert ip not in pods.network()["pods"] and netns_of(pods, ip) not in namespaces()
@@ -341,13 +333,8 @@ def _group_of(app: dict[str, Any], home: Path) -> int:
 
 
 def test_status_says_pods_or_shared_host(pods: WorkspaceHandle) -> None:
-    done = subprocess.run(
-        [*RAY_CAI, "workspace", "status", "--home", str(pods.home), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ},
-    )
+    args = ["workspace", "status", "--home", str(pods.home), "--json"]
+    done = run_cli(args, cwd=os.getcwd(), env=dict(os.environ), timeout=60)
     status = json.loads(done.stdout)
     assert status["network"] == "pods" and status["pod_cidr"] == pods.network()["pod_cidr"]
     assert httpx.get(f"{pods.url}/_workspace/network").status_code == 401  # behind the API key
@@ -361,7 +348,7 @@ def test_start_makes_pods_by_default_and_no_pods_is_shared_host(tmp_path: Path) 
     possible, why = pods_possible()
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run([*RAY_CAI, "workspace", *args], capture_output=True, text=True, timeout=120)
+        done = run_cli(["workspace", *args], cwd=os.getcwd(), env=dict(os.environ), timeout=120)
         assert done.returncode == 0, done.stderr[-2000:]
         return done
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support.fakes import cli_env, fake_cluster_yaml
+from support.fakes import cli_env, fake_cluster_yaml, run_cli
 
 from ray_serve_cai.cluster.serve import attach, decide, summarize
 from ray_serve_cai.config import ConfigError
@@ -113,11 +113,9 @@ def write_project(root: Path, case: Case) -> Path:
 
 
 def run(args: list[str], cwd: Path, env: dict[str, str], *, light: bool) -> subprocess.CompletedProcess[str]:
-    command = (
-        [sys.executable, "-c", NO_RAY_CLI, *args]
-        if light
-        else [sys.executable, "-m", "ray_serve_cai.cli.main", *args]
-    )
+    if not light:
+        return run_cli(args, cwd=cwd, env=env, timeout=60)
+    command = [sys.executable, "-c", NO_RAY_CLI, *args]  # a process of its own: no Ray importable
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
 
 

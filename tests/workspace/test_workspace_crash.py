@@ -67,12 +67,8 @@ class Crashable:
         self.handle.close()
 
     def start(self) -> WorkspaceHandle:
-        started = subprocess.run(
-            [*RAY_CAI, "workspace", "start", "--home", str(self.home), *self.options],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        args = ["workspace", "start", "--home", str(self.home), *self.options]
+        started = run_cli(args, cwd=os.getcwd(), env=dict(os.environ), timeout=60)
         assert started.returncode == 0, started.stderr
         info = workspace_info(self.home)
         assert info is not None
@@ -305,8 +301,7 @@ def test_stop_keeps_the_state_and_reset_deletes_it(crashable: Crashable, test_ap
     ws.wait_for_app(project["id"], app["id"], {"APPLICATION_RUNNING"})
     pids = workload_pids(ws)[app["id"]]
     env = {**os.environ, "RAY_CAI_WORKSPACE_HOME": str(crashable.home)}
-    workspace_cli = [sys.executable, "-m", "ray_serve_cai.cli.main", "workspace"]
-    stopped = subprocess.run([*workspace_cli, "stop"], env=env, capture_output=True, text=True, timeout=60)
+    stopped = run_cli(["workspace", "stop"], cwd=os.getcwd(), env=env, timeout=60)
     assert stopped.returncode == 0, stopped.stderr
     assert not any(_alive(pid) for pid in pids)
 
@@ -320,14 +315,16 @@ def test_stop_keeps_the_state_and_reset_deletes_it(crashable: Crashable, test_ap
     crashable.kill()
     pids = {int(p) for p in psutil.pids() if _has_marker(p, app["id"])}
     assert pids
-    assert subprocess.run([*workspace_cli, "stop"], env=env, capture_output=True, timeout=60).returncode == 0
+    assert run_cli(["workspace", "stop"], cwd=os.getcwd(), env=env, timeout=60).returncode == 0
     assert not any(_alive(pid) for pid in pids)
     ws = crashable.start()
     assert ws.api_ok("GET", app_path(project, app))["status"] == "APPLICATION_STOPPED"
 
-    refused = subprocess.run([*workspace_cli, "reset"], env=env, input="n\n", capture_output=True, text=True)
+    refused = subprocess.run(  # an answer on stdin: a process of its own
+        [*RAY_CAI, "workspace", "reset"], env=env, input="n\n", capture_output=True, text=True, timeout=60
+    )
     assert refused.returncode == 1 and workspace_info(crashable.home) is not None
-    reset = subprocess.run([*workspace_cli, "reset", "--yes"], env=env, capture_output=True, text=True)
+    reset = run_cli(["workspace", "reset", "--yes"], cwd=os.getcwd(), env=env, timeout=60)
     assert reset.returncode == 0, reset.stderr
     assert workspace_info(crashable.home) is None
     ws = crashable.start()
