@@ -60,6 +60,7 @@ PRELOAD = (
     "ray.serve.schema",
 )
 START_SECONDS = 30.0
+PARENT_CHECK_SECONDS = 5.0
 
 
 def _exit_code(error: SystemExit) -> int:
@@ -113,13 +114,21 @@ def serve(path: str) -> None:
     for name in PRELOAD:
         with contextlib.suppress(ImportError):
             __import__(name)
+    parent = os.getppid()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(64)
+    listener.settimeout(PARENT_CHECK_SECONDS)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the per-command supervisors reap themselves
     print("ready", flush=True)
     while True:
-        conn, _ = listener.accept()
+        try:
+            conn, _ = listener.accept()
+        except TimeoutError:
+            if os.getppid() != parent:  # the pytest process is gone without closing us: so are we
+                return
+            continue
+        conn.settimeout(None)
         with conn:
             message, fds, _flags, _address = socket.recv_fds(conn, 1 << 16, 3)
             chunks = [message]
