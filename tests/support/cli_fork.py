@@ -255,13 +255,19 @@ def _shared() -> Zygote | None:
         return _zygote
 
 
+def zygote_for(env: dict[str, str]) -> Zygote | None:
+    """The zygote that runs a command with this environment, or None: executed instead."""
+    zygote = _shared() if os.environ.get("RAY_CAI_TEST_FORK", "1") != "0" else None
+    return zygote if zygote is not None and _interpreter_settings(env) == zygote.interpreter else None
+
+
 def run(
     args: list[str], *, cwd: Path | str, env: dict[str, str], timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
     """`python -m ray_serve_cai.cli.main ARGS`, its output captured as text: forked from the zygote,
-    or (`RAY_CAI_TEST_FORK=0`, or no zygote) executed."""
-    zygote = _shared() if os.environ.get("RAY_CAI_TEST_FORK", "1") != "0" else None
-    if zygote is None or _interpreter_settings(env) != zygote.interpreter:
+    or (`RAY_CAI_TEST_FORK=0`, a `PYTHON*` setting of its own, or no zygote) executed."""
+    zygote = zygote_for(env)
+    if zygote is None:
         return subprocess.run(
             [sys.executable, "-m", CLI_MODULE, *args],
             cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
