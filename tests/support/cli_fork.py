@@ -63,6 +63,7 @@ PRELOAD = (
 )
 START_SECONDS = 30.0
 PARENT_CHECK_SECONDS = 5.0
+ANSWER_SECONDS = 30.0  # the longest the zygote may take to answer a request (a socket timeout)
 
 
 def _exit_code(error: SystemExit) -> int:
@@ -190,11 +191,18 @@ class Zygote:
         err_read, err_write = os.pipe()
         stdin = os.open(os.devnull, os.O_RDONLY)
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # The zygote answers the pid at once, the exit code once the command's pipes are closed.
+        conn.settimeout(ANSWER_SECONDS)
         try:
             conn.connect(self.path)
             request = json.dumps({"args": args, "cwd": str(cwd), "env": env}).encode()
             socket.send_fds(conn, [request], [stdin, out_write, err_write])
             conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            conn.close()
+            os.close(out_read)
+            os.close(err_read)
+            raise
         finally:
             for fd in (stdin, out_write, err_write):
                 os.close(fd)
