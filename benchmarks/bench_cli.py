@@ -40,7 +40,6 @@ import os
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -120,10 +119,7 @@ def _run_once(
             raise RuntimeError("no zygote forks with this environment (RAY_CAI_TEST_FORK=0?)")
         done = zygote.run(args, cwd=cwd, env=env, timeout=120)
     else:
-        done = subprocess.run(
-            [sys.executable, "-m", "ray_serve_cai.cli.main", *args],
-            cwd=cwd, env=env, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+        done = cli_fork.execute(args, cwd=cwd, env=env, timeout=120)
     wall, cpu = time.perf_counter() - started, _cpu_children() - cpu_before
     busy = _busy() - busy_before
     if done.returncode not in expected:

@@ -120,8 +120,9 @@ class Sampler:
                     self.totals[kind] += ticks - before
                     self.processes.setdefault(kind, set()).add(key)
                     if kind == CLI_CLASS:
-                        self.cli_ticks[cli_command(command)] += ticks - before
-                        self.cli_calls.setdefault(cli_command(command), set()).add(key)
+                        name = cli_command(command)
+                        self.cli_ticks[name] += ticks - before
+                        self.cli_calls.setdefault(name, set()).add(key)
             except (OSError, ValueError, IndexError):
                 continue  # the process ended meanwhile
         self.first = False

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 CLI_MODULE = "ray_serve_cai.cli.main"
+EXECUTABLE = [sys.executable, "-m", CLI_MODULE]  # `ray-cai` as the tests execute it
 # What `ray-cai` processes import before any of their own code runs (third-party only: the project's
 # modules are imported by each child, from wherever its working directory says).
 PRELOAD = (
@@ -214,7 +215,7 @@ class Zygote:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             code = int(reply.readline() or "-9")
-        argv = [sys.executable, "-m", CLI_MODULE, *args]
+        argv = [*EXECUTABLE, *args]
         text_out, text_err = stdout.decode(errors="replace"), stderr.decode(errors="replace")
         if timed_out:
             raise subprocess.TimeoutExpired(argv, timeout, text_out, text_err)
@@ -271,15 +272,27 @@ def zygote_for(env: dict[str, str]) -> Zygote | None:
     return zygote if zygote is not None and _interpreter_settings(env) == zygote.interpreter else None
 
 
-def run(
+def execute(
     args: list[str], *, cwd: Path | str, env: dict[str, str], timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
+    """`python -m ray_serve_cai.cli.main ARGS` executed (a fresh interpreter), output captured as text."""
+    return subprocess.run(
+        [*EXECUTABLE, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def run(
+    args: list[str],
+    *,
+    cwd: Path | str | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess[str]:
     """`python -m ray_serve_cai.cli.main ARGS`, its output captured as text: forked from the zygote,
-    or (`RAY_CAI_TEST_FORK=0`, a `PYTHON*` setting of its own, or no zygote) executed."""
+    or (`RAY_CAI_TEST_FORK=0`, a `PYTHON*` setting of its own, or no zygote) executed. As with
+    `subprocess.run`, `cwd` and `env` default to this process's."""
+    cwd, env = cwd if cwd is not None else os.getcwd(), env if env is not None else dict(os.environ)
     zygote = zygote_for(env)
     if zygote is None:
-        return subprocess.run(
-            [sys.executable, "-m", CLI_MODULE, *args],
-            cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-        )  # fmt: skip
+        return execute(args, cwd=cwd, env=env, timeout=timeout)
     return zygote.run(args, cwd=cwd, env=env, timeout=timeout)

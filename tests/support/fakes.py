@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -28,7 +27,7 @@ from support import cli_fork
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TEST_APPS = Path(__file__).parent / "apps"
 FAKE_NODE_SCRIPT = "fake_ray_node.py"
-RAY_CAI = [sys.executable, "-m", "ray_serve_cai.cli.main"]
+RAY_CAI = cli_fork.EXECUTABLE
 
 # Faults of the brief: 20% of API requests fail (500/502/503/429 or a reset connection), 10% of
 # create responses are lost after the create took effect.
@@ -220,10 +219,14 @@ def cli_env(workspace: WorkspaceHandle, **extra: str) -> dict[str, str]:
 
 
 def run_cli(
-    args: list[str], *, cwd: Path | str, env: dict[str, str], timeout: float = 120
+    args: list[str],
+    *,
+    cwd: Path | str | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
 ) -> subprocess.CompletedProcess[str]:
     """`ray-cai ARGS` run to its end, its output captured as text (a process forked from the
-    pytest process's zygote: `support.cli_fork`)."""
+    pytest process's zygote: `support.cli_fork`); `cwd` and `env` default to this process's."""
     return cli_fork.run(args, cwd=cwd, env=env, timeout=timeout)
 
 

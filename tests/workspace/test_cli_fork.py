@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import psutil
@@ -15,13 +14,6 @@ from support import cli_fork
 from support.fakes import REPO_ROOT, cli_env, wait_until
 
 from ray_serve_cai.workspace.testing import WorkspaceHandle
-
-
-def executed(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", cli_fork.CLI_MODULE, *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
 
 
 def test_forked_commands_answer_as_executed_ones(workspace: WorkspaceHandle, tmp_path: Path) -> None:
@@ -36,7 +28,10 @@ def test_forked_commands_answer_as_executed_ones(workspace: WorkspaceHandle, tmp
     ]
     codes = set()
     for args, cwd in cases:
-        forked, reference = cli_fork.run(args, cwd=cwd, env=env, timeout=120), executed(args, cwd, env)
+        forked, reference = (
+            cli_fork.run(args, cwd=cwd, env=env, timeout=120),
+            cli_fork.execute(args, cwd=cwd, env=env),
+        )
         codes.add(reference.returncode)
         assert (forked.returncode, forked.stdout, forked.stderr) == (
             reference.returncode,

@@ -89,7 +89,7 @@ def exec_in_pod(ws: WorkspaceHandle, project: dict[str, Any], *command: str, env
     args = ["workspace", "exec", "--home", str(ws.home), "--project", project["name"]]
     if env:
         args += ["--env", env]
-    done = run_cli([*args, "--", *command], cwd=os.getcwd(), env=dict(os.environ), timeout=120)
+    done = run_cli([*args, "--", *command], timeout=120)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -201,7 +201,7 @@ def test_exec_streams_exits_with_the_code_and_checks_its_input(
     base = ["workspace", "exec", "--home", str(pods.home), "--project", project["id"]]
 
     def ray_cai(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return run_cli(list(args), cwd=os.getcwd(), env=dict(os.environ), timeout=timeout)
+        return run_cli(list(args), timeout=timeout)
 
     done = ray_cai(*base, "--", "sh", "-c", "echo out; echo err >&2; exit 7")
     assert (done.returncode, done.stdout, done.stderr) == (7, "out\n", "err\n")
@@ -334,7 +334,7 @@ def _group_of(app: dict[str, Any], home: Path) -> int:
 
 def test_status_says_pods_or_shared_host(pods: WorkspaceHandle) -> None:
     args = ["workspace", "status", "--home", str(pods.home), "--json"]
-    done = run_cli(args, cwd=os.getcwd(), env=dict(os.environ), timeout=60)
+    done = run_cli(args, timeout=60)
     status = json.loads(done.stdout)
     assert status["network"] == "pods" and status["pod_cidr"] == pods.network()["pod_cidr"]
     assert httpx.get(f"{pods.url}/_workspace/network").status_code == 401  # behind the API key
@@ -348,7 +348,7 @@ def test_start_makes_pods_by_default_and_no_pods_is_shared_host(tmp_path: Path) 
     possible, why = pods_possible()
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        done = run_cli(["workspace", *args], cwd=os.getcwd(), env=dict(os.environ), timeout=120)
+        done = run_cli(["workspace", *args], timeout=120)
         assert done.returncode == 0, done.stderr[-2000:]
         return done
 

@@ -19,7 +19,7 @@ from ray_serve_cai.workspace.testing import WorkspaceHandle
 def ray_cai(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "RAY_CAI_WORKSPACE_HOME": str(home)}
     env.pop("CML_API_KEY", None)
-    return run_cli(["workspace", *args], cwd=os.getcwd(), env=env, timeout=90)
+    return run_cli(["workspace", *args], env=env, timeout=90)
 
 
 def test_start_env_status_stop(tmp_path: Path, test_apps_dir: Path) -> None:

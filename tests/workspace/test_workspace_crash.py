@@ -68,7 +68,7 @@ class Crashable:
 
     def start(self) -> WorkspaceHandle:
         args = ["workspace", "start", "--home", str(self.home), *self.options]
-        started = run_cli(args, cwd=os.getcwd(), env=dict(os.environ), timeout=60)
+        started = run_cli(args, timeout=60)
         assert started.returncode == 0, started.stderr
         info = workspace_info(self.home)
         assert info is not None
@@ -301,7 +301,7 @@ def test_stop_keeps_the_state_and_reset_deletes_it(crashable: Crashable, test_ap
     ws.wait_for_app(project["id"], app["id"], {"APPLICATION_RUNNING"})
     pids = workload_pids(ws)[app["id"]]
     env = {**os.environ, "RAY_CAI_WORKSPACE_HOME": str(crashable.home)}
-    stopped = run_cli(["workspace", "stop"], cwd=os.getcwd(), env=env, timeout=60)
+    stopped = run_cli(["workspace", "stop"], env=env, timeout=60)
     assert stopped.returncode == 0, stopped.stderr
     assert not any(_alive(pid) for pid in pids)
 
@@ -315,7 +315,7 @@ def test_stop_keeps_the_state_and_reset_deletes_it(crashable: Crashable, test_ap
     crashable.kill()
     pids = {int(p) for p in psutil.pids() if _has_marker(p, app["id"])}
     assert pids
-    assert run_cli(["workspace", "stop"], cwd=os.getcwd(), env=env, timeout=60).returncode == 0
+    assert run_cli(["workspace", "stop"], env=env, timeout=60).returncode == 0
     assert not any(_alive(pid) for pid in pids)
     ws = crashable.start()
     assert ws.api_ok("GET", app_path(project, app))["status"] == "APPLICATION_STOPPED"
@@ -324,7 +324,7 @@ def test_stop_keeps_the_state_and_reset_deletes_it(crashable: Crashable, test_ap
         [*RAY_CAI, "workspace", "reset"], env=env, input="n\n", capture_output=True, text=True, timeout=60
     )
     assert refused.returncode == 1 and workspace_info(crashable.home) is not None
-    reset = run_cli(["workspace", "reset", "--yes"], cwd=os.getcwd(), env=env, timeout=60)
+    reset = run_cli(["workspace", "reset", "--yes"], env=env, timeout=60)
     assert reset.returncode == 0, reset.stderr
     assert workspace_info(crashable.home) is None
     ws = crashable.start()
