@@ -50,12 +50,16 @@ def measure(name: str, modules: list[Path], out_dir: Path) -> dict[str, Any]:
     command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",
                *(str(m.relative_to(ROOT)) for m in modules)]  # fmt: skip
     started = time.monotonic()
-    subprocess.run(
+    run = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_suite_cpu.py"), "--out", str(out), "--", *command],
         cwd=ROOT,
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         check=False,
     )
+    if run.returncode != 0:  # what failed, as pytest said it
+        print(f"{name}: exit {run.returncode}\n" + "\n".join(run.stdout.splitlines()[-80:]), file=sys.stderr)
     if not out.exists():
         return {"set": name, "modules": [m.name for m in modules], "error": "no figures written"}
     figures = json.loads(out.read_text())

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -49,6 +50,12 @@ sys.pycache_prefix = os.environ.setdefault(
     "PYTHONPYCACHEPREFIX", str(Path(tempfile.gettempdir()) / f"ray-cai-pycache-{os.getuid()}")
 )
 sys.dont_write_bytecode = False
+
+# A shell without job control starts a background command (`pytest ... &`, `nohup`) with SIGINT
+# ignored, and every process inherits that: the tests that stop a `ray-cai ... --follow` with Ctrl-C
+# (SIGINT) would find it ignored. A handler of our own is reset to the default in each child.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 TESTS_DIR = Path(__file__).parent
 TEST_APPS_DIR = TESTS_DIR / "support" / "apps"
