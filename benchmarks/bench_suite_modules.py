@@ -8,7 +8,7 @@ a set's wall time is close to its uncontended floor (its waits: idle timeouts, p
 and its core-seconds are what it adds to the suite's sum, which on 2 cores sets the suite's time
 (issue 18).
 
-    python benchmarks/bench_suite_modules.py                     # every set (~35 min)
+    python benchmarks/bench_suite_modules.py                     # every set (~25 min)
     python benchmarks/bench_suite_modules.py --only serve,autostop   # sets: shared, pods, node, serve, ...
     python benchmarks/bench_suite_modules.py --out benchmarks/results/bench_suite_modules.json
 
@@ -94,7 +94,8 @@ def main() -> int:
         for name in chosen:
             row = measure(name, sets[name], Path(out_dir))
             rows.append(row)
-            print(f"{name}: {row}", file=sys.stderr, flush=True)
+            figures = {key: row.get(key) for key in ("exit", "wall_s", "busy_core_s", "ray_starts", "error")}
+            print(f"{name}: {figures}", file=sys.stderr, flush=True)  # progress
     print(f"\n{'set':<18} {'exit':>4} {'wall s':>7} {'core-s':>7} {'nodes':>5} {'heads':>5}  modules")
     for row in rows:
         if "error" in row:
