@@ -136,7 +136,11 @@ def _fault_tolerance_line(state: dict[str, Any] | None) -> str | None:
     line = f"head fault tolerance: on ({state.get('storage')}" + (f", epoch {epoch})" if epoch else ")")
     failover = state.get("last_failover")
     if failover:
-        line += f"; last failover: {failover.get('kind')} at {failover.get('at')}, {failover.get('seconds')}s"
+        # A record of an earlier epoch says so: a head that took over but is not ready yet has not
+        # written its own record, and a clean restart writes none.
+        earlier = failover.get("epoch") not in (None, epoch)
+        line += "; last failover" + (f" (epoch {failover['epoch']})" if earlier else "")
+        line += f": {failover.get('kind')} at {failover.get('at')}, {failover.get('seconds')}s"
     return line
 
 
