@@ -136,8 +136,8 @@ def _fault_tolerance_line(state: dict[str, Any] | None) -> str | None:
     line = f"head fault tolerance: on ({state.get('storage')}" + (f", epoch {epoch})" if epoch else ")")
     failover = state.get("last_failover")
     if failover:
-        # A record of an earlier epoch says so: a head that took over but is not ready yet has not
-        # written its own record, and a clean restart writes none.
+        # A record of an earlier epoch says so: the head that took over has not written its own yet
+        # (it writes it once Ray runs).
         earlier = failover.get("epoch") not in (None, epoch)
         line += "; last failover" + (f" (epoch {failover['epoch']})" if earlier else "")
         line += f": {failover.get('kind')} at {failover.get('at')}, {failover.get('seconds')}s"

@@ -100,8 +100,8 @@ def test_status_reports_the_heads_view_else_what_the_spec_says() -> None:
         line.startswith("head fault tolerance: on (rocksdb, epoch 2); last failover: new head at")
         and "38.5s" in line
     )
-    # A head of a later epoch that has not recorded a failover (taking over, or a clean restart):
-    # the last record is named by its epoch, not shown as this epoch's.
+    # The head of a later epoch, taking over, has not written its record yet: the last one is named
+    # by its epoch, not shown as this epoch's.
     later = _fault_tolerance_line({**reported, "epoch": 3}) or ""
     assert "(rocksdb, epoch 3); last failover (epoch 2): new head at" in later, later
     assert (
