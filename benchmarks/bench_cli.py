@@ -51,6 +51,7 @@ sys.path.insert(0, str(REPO))
 
 sys.path.insert(0, str(REPO / "tests"))
 
+from bench_suite_cpu import TICKS, busy_ticks  # noqa: E402  (this script's own folder)
 from support import cli_fork  # noqa: E402
 
 from ray_serve_cai.workspace.daemon import start_workspace, stop_workspace  # noqa: E402
@@ -81,10 +82,8 @@ COMMANDS: list[tuple[str, list[str], bool, set[int]]] = [
 
 
 def _busy() -> float:
-    """Busy CPU seconds of the whole machine so far (user, nice, system, irq, softirq, steal)."""
-    with open("/proc/stat") as stat:
-        fields = [int(v) for v in stat.readline().split()[1:]]
-    return (sum(fields[0:3]) + sum(fields[5:8])) / os.sysconf("SC_CLK_TCK")
+    """Busy CPU seconds of the whole machine so far (bench_suite_cpu's count of /proc/stat)."""
+    return busy_ticks() / TICKS
 
 
 def _cpu_children() -> float:
